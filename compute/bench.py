@@ -1,0 +1,5 @@
+"""Benchmarks (placeholder until implemented)."""
+
+
+def add_parser(sub):
+    pass

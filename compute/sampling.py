@@ -1,0 +1,35 @@
+"""Choosing the next token from logits: greedy, or temperature with top-k / top-p."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 0.8   # 0: greedy
+    top_k: int = 40            # 0: off
+    top_p: float = 0.95        # 1.0: off
+    seed: int | None = None
+
+
+class Sampler:
+    def __init__(self, opts: SamplingOptions):
+        self.opts = opts
+        self.rng = np.random.default_rng(opts.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        o = self.opts
+        if o.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / o.temperature
+        idx = np.argsort(-z)                       # candidates, best first
+        if o.top_k > 0:
+            idx = idx[:o.top_k]
+        p = np.exp(z[idx] - z[idx[0]])
+        p /= p.sum()
+        if o.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), o.top_p)) + 1  # smallest set with mass >= top_p
+            idx, p = idx[:keep], p[:keep] / p[:keep].sum()
+        return int(self.rng.choice(idx, p=p))

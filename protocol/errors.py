@@ -1,0 +1,19 @@
+"""Typed errors. Library code raises these; only the CLI turns them into exit codes.
+
+Each error's str() is one line that names the thing and the reason, fit to print as is.
+`code` is the stable name carried on the wire when the daemon reports an error.
+"""
+
+
+class HobbitError(Exception):
+    code = "error"
+
+
+class ModelError(HobbitError):
+    """A model file is missing, not a GGUF, truncated, or of an unsupported kind."""
+    code = "bad_model"
+
+
+class InputError(HobbitError):
+    """A request is out of range: a prompt longer than the context, a bad flag value."""
+    code = "bad_input"
