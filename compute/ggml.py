@@ -56,6 +56,21 @@ class Tensor(ctypes.Structure):
     ]
 
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64)
+
+
+class TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", c_char_p),
+        ("blck_size", c_int64),
+        ("blck_size_interleave", c_int64),
+        ("type_size", c_size_t),
+        ("is_quantized", c_bool),
+        ("to_float", c_void_p),
+        ("from_float_ref", c_void_p),
+    ]
+
+
 class InitParams(ctypes.Structure):
     _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
 
@@ -120,6 +135,7 @@ _SIGNATURES = {
     # quantisation
     "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
     "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
+    "ggml_get_type_traits": (POINTER(TypeTraits), [c_int]),
     # allocation and the CPU backend
     "ggml_gallocr_new": (c_void_p, [c_void_p]),
     "ggml_gallocr_free": (None, [c_void_p]),
@@ -204,6 +220,22 @@ def quantize(t: int, src, n_per_row: int) -> bytes:
     out = np.empty(row_size(t, n_per_row) * nrows, dtype=np.uint8)
     n = lib.ggml_quantize_chunk(t, src.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
     return out[:n]
+
+
+def dequantize(t: int, raw, n: int):
+    """n float32 values from raw bytes of ggml type t, through ggml's own to_float."""
+    import numpy as np
+
+    raw = np.ascontiguousarray(raw)
+    out = np.empty(n, dtype=np.float32)
+    if t == F32:
+        out[:] = raw.view(np.float32)[:n]
+        return out
+    fn = lib.ggml_get_type_traits(t).contents.to_float
+    if not fn:
+        raise ValueError(f"ggml cannot convert {type_name(t)} to float")
+    _TO_FLOAT(fn)(raw.ctypes.data, out.ctypes.data, n)
+    return out
 
 
 class Context:

@@ -17,3 +17,19 @@ class ModelError(HobbitError):
 class InputError(HobbitError):
     """A request is out of range: a prompt longer than the context, a bad flag value."""
     code = "bad_input"
+
+
+class ProtocolError(HobbitError):
+    """A message that breaks the wire format; `code` is sent back in an ERROR."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonError(HobbitError):
+    """The daemon answered a request with an ERROR, or could not be reached."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code

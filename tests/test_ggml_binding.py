@@ -81,3 +81,13 @@ def test_tensor_struct_layout_matches_c():
     assert c.name.decode() == "probe" and c.type == ggml.Q8_0
     assert lib.ggml_nbytes(x) == c.nb[1] * 15
     ctx.free()
+
+
+@pytest.mark.parametrize("name", ["F16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q2_K"])
+def test_dequantize_matches_gguf_numpy(name):
+    t = ggml.TYPES_BY_NAME[name]
+    x = _rand((4, 256), 3)
+    raw = x.astype(np.float16).view(np.uint8) if t == ggml.F16 else ggml.quantize(t, x, 256)
+    ours = ggml.dequantize(t, raw, x.size)
+    ref = quants.dequantize(raw.reshape(4, -1), Q[name]).reshape(-1)
+    np.testing.assert_array_equal(ours, ref)

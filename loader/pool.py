@@ -1,0 +1,88 @@
+"""The cache pool: slots in one shared-memory segment, which expert each holds, and pins.
+
+The segment is cut into regions, one per (model, precision); every slot of a region has
+that precision's SlotFormat. A slot is `loading` while the I/O engine fills it and `ready`
+after. A slot handed to a client is pinned by that client until released; a pinned or
+loading slot is never chosen for eviction, so it is never overwritten while in use.
+Eviction is asked of a pluggable policy (loader/policy.py). Not thread-safe: the daemon
+touches it from its event loop only.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .layout import PAGE, SlotFormat, align
+
+
+@dataclass(eq=False)
+class Slot:
+    region: "Region"
+    index: int
+    key: tuple | None = None            # (layer, expert) held, None when empty
+    state: str = "free"                 # free, loading, ready
+    pins: Counter = field(default_factory=Counter)   # owner -> count
+    last_use: int = 0                   # policy bookkeeping (token clock)
+    uses: int = 0
+    protected: bool = False             # predicted by a hint: not evicted until used
+
+    @property
+    def evictable(self) -> bool:
+        return self.state != "loading" and not self.pins and not self.protected
+
+    @property
+    def offset(self) -> int:
+        return self.region.offset + self.index * self.region.format.slot_bytes
+
+
+class Region:
+    def __init__(self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int):
+        self.model, self.precision, self.format = model, precision, fmt
+        self.offset, self.n_slots = offset, n_slots
+        self.slots = [Slot(self, i) for i in range(n_slots)]
+        self.by_key: dict[tuple, Slot] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.format.slot_bytes
+
+    def lookup(self, key: tuple) -> Slot | None:
+        return self.by_key.get(key)
+
+    def take(self, key: tuple, policy) -> Slot | None:
+        """A slot to load `key` into: an empty one, else the policy's victim among the
+        evictable ones. None when every slot is pinned or loading."""
+        slot = next((s for s in self.slots if s.key is None and s.state == "free"), None)
+        if slot is None:
+            candidates = [s for s in self.slots if s.evictable]
+            if not candidates:
+                return None
+            slot = policy.victim(candidates)
+            del self.by_key[slot.key]
+        slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
+        self.by_key[key] = slot
+        return slot
+
+    def drop(self, slot: Slot) -> None:
+        """Forget what a slot holds (its load failed)."""
+        if slot.key is not None and self.by_key.get(slot.key) is slot:
+            del self.by_key[slot.key]
+        slot.key, slot.state, slot.protected = None, "free", False
+
+    def counts(self) -> dict:
+        ready = sum(s.state == "ready" for s in self.slots)
+        return {"slots": self.n_slots, "ready": ready,
+                "loading": sum(s.state == "loading" for s in self.slots),
+                "pinned": sum(bool(s.pins) for s in self.slots),
+                "slot_bytes": self.format.slot_bytes}
+
+
+def plan_regions(specs, total_bytes: int) -> list[tuple]:
+    """Split total_bytes among specs [(model, precision, SlotFormat, share)] (shares sum
+    to 1 per model count) into (model, precision, fmt, offset, n_slots), page-aligned."""
+    out, at = [], 0
+    for model, precision, fmt, share in specs:
+        n = max(1, int(total_bytes * share) // fmt.slot_bytes)
+        out.append((model, precision, fmt, at, n))
+        at = align(at + n * fmt.slot_bytes, PAGE)
+    return out

@@ -1,0 +1,106 @@
+"""The wire format between compute clients (ZeroMQ DEALER) and hobbitd (ROUTER).
+
+Every message is two frames: the protocol frame b"HOBBIT" + u16 version, then a msgpack
+map whose "cmd" is a Cmd. Commands are append-only: a number once given is never reused.
+
+| cmd | direction | fields | reply |
+|---|---|---|---|
+| HELLO | client→daemon | version, pid, name | WELCOME |
+| WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s | — |
+| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.), seq (opt.) | SLOTS |
+| SLOTS | daemon→client | id, slots [[precision, index] or None per expert] (pinned for the client) | — |
+| HINT | client→daemon | model, layer, experts [int], scores [float] (opt.) | none |
+| RELEASE | client→daemon | model, slots [[precision, index]] | none |
+| STATS | client→daemon | — | STATS_REPLY |
+| STATS_REPLY | daemon→client | stats {...} | — |
+| HEARTBEAT | client→daemon | — | none (any message counts as a heartbeat) |
+| ERROR | daemon→client | code, message, id (of the request, if any) | — |
+| BYE | client→daemon | — | none: the session's pins are released |
+
+model info: {path, n_layer, n_expert, regions {precision: {offset, n_slots, format}}}, where
+format is loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model starts at
+shm offset regions[precision].offset + i * format.slot_bytes.
+
+Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
+unknown_model, bad_request, cache_full, io, checksum, shutting_down.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+MAGIC = b"HOBBIT"
+VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
+MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous
+
+
+class Cmd(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REQUEST = 3
+    SLOTS = 4
+    HINT = 5
+    RELEASE = 6
+    STATS = 7
+    STATS_REPLY = 8
+    HEARTBEAT = 9
+    ERROR = 10
+    BYE = 11
+
+
+# required fields and their types, checked on decode (the daemon never trusts input)
+_FIELDS = {
+    Cmd.HELLO: {"version": int},
+    Cmd.REQUEST: {"id": int, "model": str, "layer": int, "experts": list},
+    Cmd.HINT: {"model": str, "layer": int, "experts": list},
+    Cmd.RELEASE: {"model": str, "slots": list},
+    Cmd.SLOTS: {"id": int, "slots": list},
+    Cmd.WELCOME: {"version": int, "shm": str, "models": dict},
+    Cmd.ERROR: {"code": str, "message": str},
+    Cmd.STATS_REPLY: {"stats": dict},
+}
+
+
+def encode(cmd: Cmd, **fields) -> list[bytes]:
+    return [VERSION_FRAME, msgpack.packb({"cmd": int(cmd), **fields}, use_bin_type=True)]
+
+
+def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
+    """(cmd, fields) from received frames; ProtocolError (with a wire code) when invalid."""
+    if len(frames) != 2:
+        raise ProtocolError("malformed", f"expected 2 frames, got {len(frames)}")
+    head, body = frames
+    if head[:len(MAGIC)] != MAGIC or len(head) != len(VERSION_FRAME):
+        raise ProtocolError("malformed", "first frame is not a hobbit protocol frame")
+    version = struct.unpack("<H", head[len(MAGIC):])[0]
+    if version != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version}; this side speaks {VERSION}")
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError("too_large", f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError("malformed", f"undecodable msgpack ({type(e).__name__})") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("cmd"), int):
+        raise ProtocolError("malformed", "message is not a map with an integer 'cmd'")
+    try:
+        cmd = Cmd(msg.pop("cmd"))
+    except ValueError:
+        raise ProtocolError("unknown_command", "unknown command number") from None
+    for name, typ in _FIELDS.get(cmd, {}).items():
+        if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
+            raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
+    for name in ("experts",):
+        if name in msg and not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[name]):
+            raise ProtocolError("malformed", f"{cmd.name}: {name} must be integers")
+    if "scores" in msg and msg["scores"] is not None:
+        s = msg["scores"]
+        if not isinstance(s, list) or not all(isinstance(x, (int, float)) for x in s) \
+                or len(s) != len(msg.get("experts", s)):
+            raise ProtocolError("malformed", f"{cmd.name}: scores must be numbers, one per expert")
+    return cmd, msg
