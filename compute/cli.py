@@ -20,6 +20,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: number of physical cores)")
 
 
+def _socket(args) -> str:
+    from ..hobbitd.config import default_socket
+
+    return args.socket or default_socket()
+
+
+def _expert_client(args, weights):
+    """An ExpertClient for a MoE run through hobbitd, or None to compute in-process
+    (--no-daemon, or a dense model: it has no experts to offload)."""
+    if getattr(args, "no_daemon", False) or not weights.args.is_moe:
+        return None
+    from .expert_client import ExpertClient
+
+    return ExpertClient(_socket(args), weights.path)
+
+
 def cmd_generate(args) -> int:
     from .generate import TextStream, generate_tokens
     from .model import Model, RunOptions
@@ -37,7 +53,8 @@ def cmd_generate(args) -> int:
     if len(prompt) >= args.ctx:
         raise InputError(f"the prompt has {len(prompt)} tokens; the context holds {args.ctx} "
                          "(raise --ctx or shorten the prompt)")
-    model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads))
+    model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
+                  experts=_expert_client(args, weights))
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
     stream = TextStream(tok)
     out = sys.stdout
@@ -71,12 +88,77 @@ def cmd_chat(args) -> int:
     from .weights import open_model
 
     path = args.model or default_model()
-    model = Model(open_model(path), RunOptions(n_ctx=args.ctx, n_threads=args.threads))
+    weights = open_model(path)
+    experts = _expert_client(args, weights)
+    model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads), experts=experts)
     tok = Tokenizer(path)
     tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
-    print(f"hobbit chat: {path} (in-process)", file=sys.stderr)
+    where = f"through hobbitd at {experts.socket_path}" if experts else "in-process"
+    print(f"hobbit chat: {path} ({where})", file=sys.stderr)
     return run_chat(ChatSession(model, tok, sampler, args.n_predict))
+
+
+def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-daemon", action="store_true",
+                   help="compute in this process, reading experts from the mmapped GGUF "
+                        "instead of asking hobbitd")
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
+
+
+def cmd_convert(args) -> int:
+    import os
+    import time
+
+    from . import ggml
+    from .weights import open_model
+    from ..loader.companion import convert, default_low_type
+    from ..loader.layout import gguf_experts
+    from ..protocol.errors import InputError, ModelError
+
+    weights = open_model(args.model)
+    if not weights.args.is_moe:
+        raise ModelError(f"{args.model}: a dense model has no experts to convert")
+    high = gguf_experts(weights)
+    if args.low:
+        low = ggml.TYPES_BY_NAME.get(args.low.upper())
+        if low is None:
+            raise InputError(f"--low {args.low}: unknown type (try Q4_0, Q4_K, Q3_K, Q2_K)")
+    else:
+        low = default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+    t0 = time.perf_counter()
+    path = convert(weights, low, out=args.out, progress=not args.quiet)
+    size = os.path.getsize(path)
+    print(f"{path}: {ggml.type_name(low)} experts, {size / 2**20:.1f} MiB "
+          f"({size / (high.expert_bytes * high.n_layer * high.n_expert):.0%} of the high-precision "
+          f"experts), {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    import json
+
+    from .expert_client import ExpertClient
+
+    client = ExpertClient(_socket(args), None, timeout=5, retries=0)
+    try:
+        st = client.stats()
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"hobbitd: up {st.get('uptime_s', 0):.0f} s, {st.get('clients', 0)} clients")
+    for name, ms in st.get("models", {}).items():
+        total = ms.get("hits", 0) + ms.get("misses", 0)
+        rate = ms.get("hits", 0) / total if total else 0.0
+        print(f"  {name}: hits {ms.get('hits', 0)}  misses {ms.get('misses', 0)}  hit ratio {rate:.1%}  "
+              f"read {ms.get('bytes_read', 0) / 2**20:.1f} MiB at {ms.get('read_MBps', 0):.0f} MB/s")
+        for prec, r in ms.get("regions", {}).items():
+            print(f"    {prec:5s} slots {r['ready']}/{r['slots']} filled, {r['pinned']} pinned, "
+                  f"{r['slot_bytes'] / 2**20:.2f} MiB each")
+    return 0
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
@@ -102,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="the prompt text")
     _add_sampling_options(p, 128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--no-daemon", action="store_true",
-                   help="compute in this process, reading experts from the mmapped GGUF "
-                        "(currently the only mode)")
+    _add_daemon_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -113,8 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "using its own chat template. " + "Type /reset, /stats or /quit.")
     p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF model")
     _add_sampling_options(p, 512)
+    _add_daemon_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="make the low-precision companion file of a MoE model",
+                       description="Re-quantise every expert of MODEL to a smaller type and write "
+                                   "the companion file hobbitd reads on low-precision misses "
+                                   "(next to the model, or under ~/.cache/hobbit).")
+    p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
+    p.add_argument("--low", metavar="TYPE", default=None,
+                   help="ggml type of the low-precision experts (default: Q4_0 for 8/16-bit "
+                        "experts, Q2_K for 4-bit ones)")
+    p.add_argument("--out", metavar="PATH", default=None, help="where to write it")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("stats", help="what the running hobbitd has cached and read",
+                       description="Per model: cache occupancy by precision, hits, misses, bytes "
+                                   "read and read bandwidth; connected clients.")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
+    p.set_defaults(func=cmd_stats)
 
     synth.add_parser(sub)
     bench.add_parser(sub)

@@ -5,14 +5,22 @@ Legend of dimensions (ggml order, contiguous axis first):
   E experts               K experts used per token
   H query heads           Hkv KV heads  Dh head dim           N KV slots visible (n_kv)
 
-A graph is built once per shape (T, N, all_logits) and reused for every later call with
-that shape: only its input tensors (tokens, positions, KV slots, mask) are rewritten.
+Two ways to run, one set of layer functions:
+- in-process: experts are the stacked tensors of the mmapped GGUF and routing happens
+  inside the graph; one graph per forward.
+- through hobbitd: the forward is cut into segments at each router. Segment l runs layer
+  l-1's experts (from shared-memory slots the daemon pinned) and layer l's attention and
+  router; between segments Python picks the experts, asks the daemon for them, and
+  releases the previous layer's slots.
+A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
+its input tensors are rewritten.
 """
 from __future__ import annotations
 
+import ctypes
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-import ctypes
 
 import numpy as np
 
@@ -23,7 +31,8 @@ from .weights import ModelArgs, Weights
 
 GRAPH_SIZE = 8192        # max nodes per graph
 KV_PAD = 256             # N is rounded up to this, so decode graphs are reused for 256 tokens
-MAX_GRAPHS = 12          # graphs kept per model (each owns its activation buffer)
+MAX_PLANS = 12           # shapes kept per model (each owns its activation buffers)
+PARTS = ("gate", "up", "down")
 
 
 @dataclass
@@ -38,9 +47,9 @@ class RunOptions:
 class _Graph:
     ctx: ggml.Context
     graph: int
-    galloc: int
+    galloc: int = None
     inputs: dict = field(default_factory=dict)
-    logits: object = None
+    outputs: dict = field(default_factory=dict)
 
     def free(self) -> None:
         if self.galloc:
@@ -54,20 +63,27 @@ def _write(tensor, array: np.ndarray) -> None:
     ctypes.memmove(tensor.contents.data, array.ctypes.data, array.nbytes)
 
 
-def _read_f32(tensor, shape) -> np.ndarray:
-    n = int(np.prod(shape))
-    buf = (ctypes.c_float * n).from_address(tensor.contents.data)
-    return np.ctypeslib.as_array(buf).reshape(shape).copy()
+def _read(tensor, shape, dtype=np.float32) -> np.ndarray:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(ctypes.string_at(tensor.contents.data, n), dtype=dtype).reshape(shape)
+
+
+@dataclass
+class Timing:
+    """Seconds spent, summed over forwards: computing, and waiting for the daemon."""
+    compute_s: float = 0.0
+    expert_wait_s: float = 0.0
 
 
 class Model:
     """One sequence's forward pass: weights (shared mmap), a KV cache, cached graphs.
 
     forward(tokens) appends tokens at position n_past and returns float32 logits:
-    shape (V,) for the last token, or (T, V) with all_logits=True.
+    shape (V,) for the last token, or (T, V) with all_logits=True. With `experts` (an
+    ExpertClient) the routed experts come from hobbitd's shared memory.
     """
 
-    def __init__(self, weights: Weights, opts: RunOptions | None = None):
+    def __init__(self, weights: Weights, opts: RunOptions | None = None, experts=None):
         self.w = weights
         self.args: ModelArgs = weights.args
         self.opts = opts or RunOptions()
@@ -76,26 +92,49 @@ class Model:
             raise InputError(f"context size {self.opts.n_ctx} must be positive")
         self.n_ctx = self.opts.n_ctx
         self.n_past = 0
+        self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
         lib.ggml_backend_cpu_set_n_threads(self.backend, self.opts.n_threads or ggml.physical_cores())
         self.buft = lib.ggml_backend_cpu_buffer_type()
 
         # Weight tensors point straight into the mmapped GGUF.
-        self.wctx = ggml.Context(len(weights.tensors) + 2 * a.n_layer + 4)
+        self.wctx = ggml.Context(len(weights.tensors) + 2 * a.n_layer + 16)
         self.t = {}
         for name, info in weights.tensors.items():
             self.t[name] = self.wctx.tensor(info.type, info.shape, name, weights.address(name))
         if "output.weight" not in self.t:  # tied embeddings
             self.t["output.weight"] = self.t["token_embd.weight"]
 
-        # KV cache: per layer, N slots of Hkv*Dh F16 values; slot i holds position i.
+        # KV cache: per layer, n_ctx slots of Hkv*Dh F16 values; slot i holds position i.
         self.k_cache = [np.zeros((self.n_ctx, a.n_embd_kv), np.float16) for _ in range(a.n_layer)]
         self.v_cache = [np.zeros((self.n_ctx, a.n_embd_kv), np.float16) for _ in range(a.n_layer)]
         self.tk = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, self.n_ctx), f"cache_k_l{i}", c.ctypes.data)
                    for i, c in enumerate(self.k_cache)]
         self.tv = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, self.n_ctx), f"cache_v_l{i}", c.ctypes.data)
                    for i, c in enumerate(self.v_cache)]
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.plans: OrderedDict[tuple, list[_Graph]] = OrderedDict()
+
+        self.experts = experts
+        if experts is not None:
+            # Per precision and part: all slots of the region as one stacked tensor [.., .., slots].
+            self.pool = {}
+            for prec, r in experts.regions.items():
+                f = r["format"]
+                views = []
+                for p in range(3):
+                    t = self.wctx.tensor(f.types[p], (*f.shapes[p], r["n_slots"]), f"pool_{prec}_{PARTS[p]}")
+                    t.contents.nb[2] = f.slot_bytes
+                    t.contents.nb[3] = f.slot_bytes * r["n_slots"]
+                    views.append(t)
+                self.pool[prec] = views
+            self._point_pool(experts)
+            experts.on_remap(self._point_pool)
+
+    def _point_pool(self, client) -> None:
+        for prec, views in self.pool.items():
+            base = client.region_address(prec)
+            for p, t in enumerate(views):
+                t.contents.data = base + client.regions[prec]["format"].part_offsets[p]
 
     # ---- public -------------------------------------------------------------------------
 
@@ -122,9 +161,10 @@ class Model:
         return np.concatenate(outs) if all_logits else out[-1]
 
     def close(self) -> None:
-        for g in self.graphs.values():
-            g.free()
-        self.graphs.clear()
+        for plan in self.plans.values():
+            for g in plan:
+                g.free()
+        self.plans.clear()
         if self.backend:
             lib.ggml_backend_free(self.backend)
             self.backend = None
@@ -133,45 +173,84 @@ class Model:
     # ---- one chunk ------------------------------------------------------------------------
 
     def _forward_chunk(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
-        n_tokens = tokens.size
-        pos = np.arange(self.n_past, self.n_past + n_tokens, dtype=np.int32)
-        n_kv = min(self.n_ctx, -(-(self.n_past + n_tokens) // KV_PAD) * KV_PAD)
-        g = self._graph(n_tokens, n_kv, all_logits)
-
+        T = tokens.size
+        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int32)
+        N = min(self.n_ctx, -(-(self.n_past + T) // KV_PAD) * KV_PAD)
         # mask[t, j] = 0 where slot j holds a position <= pos[t], else -inf (causal, no gaps)
-        mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)
-        _write(g.inputs["tokens"], tokens)
-        _write(g.inputs["pos"], pos)
-        _write(g.inputs["kv_idx"], pos.astype(np.int64))
-        _write(g.inputs["mask"], mask)
+        mask = np.where(np.arange(N)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)
+        feed = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64), "mask": mask}
+        plan = self._plan(T, N, all_logits)
+        if self.experts is None:
+            logits = self._run(plan[0], feed)["logits"]
+        else:
+            logits = self._run_segments(plan, feed)
+        self.n_past += T
+        return logits
+
+    def _run(self, g: _Graph, feed: dict) -> dict:
+        for name, x in g.inputs.items():
+            if name in feed:
+                _write(x, feed[name])
+        t0 = time.perf_counter()
         status = lib.ggml_backend_graph_compute(self.backend, g.graph)
+        self.timing.compute_s += time.perf_counter() - t0
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
-        self.n_past += n_tokens
-        n_out = n_tokens if all_logits else 1
-        return _read_f32(g.logits, (n_out, self.args.n_vocab))
+        # outputs are [X, T'] in ggml order: (T', X) in numpy
+        return {name: _read(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in g.outputs.items()}
 
-    def _graph(self, n_tokens: int, n_kv: int, all_logits: bool) -> _Graph:
-        key = (n_tokens, n_kv, all_logits)
-        g = self.graphs.get(key)
-        if g is not None:
-            self.graphs.move_to_end(key)
-            return g
-        if len(self.graphs) >= MAX_GRAPHS:
-            self.graphs.popitem(last=False)[1].free()
-        g = self._build(n_tokens, n_kv, all_logits)
-        self.graphs[key] = g
-        return g
+    def _run_segments(self, plan: list[_Graph], feed: dict) -> np.ndarray:
+        """Segment by segment; between them, route and fetch the experts of one layer."""
+        a, client = self.args, self.experts
+        held = []
+        try:
+            for il, g in enumerate(plan):
+                out = self._run(g, feed)
+                client.release(held)          # the previous layer's experts are done with
+                held = []
+                if il == a.n_layer:
+                    return out["logits"]
+                probs = out["probs"]                                          # (T', E)
+                sel = np.argsort(-probs, axis=1, kind="stable")[:, :a.n_expert_used]  # (T', K)
+                w = np.take_along_axis(probs, sel, axis=1)
+                w = w / np.maximum(w.sum(axis=1, keepdims=True, dtype=np.float32), np.float32(6.103515625e-5))
+                wanted = np.unique(sel)
+                t0 = time.perf_counter()
+                slots = client.request(il, wanted.tolist())
+                self.timing.expert_wait_s += time.perf_counter() - t0
+                held = slots
+                slot_of = {int(e): s[1] for e, s in zip(wanted, slots)}
+                ids = np.vectorize(slot_of.__getitem__, otypes=[np.int32])(sel)
+                feed = {**feed, "x": out["x"], "ids": ids, "w": w.astype(np.float32)}
+        finally:
+            client.release(held)
+
+    def _plan(self, T: int, N: int, all_logits: bool) -> list[_Graph]:
+        key = (T, N, all_logits)
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.plans.move_to_end(key)
+            return plan
+        if len(self.plans) >= MAX_PLANS:
+            for g in self.plans.popitem(last=False)[1]:
+                g.free()
+        if self.experts is None:
+            plan = [self._build(T, N, all_logits, None)]
+        else:
+            plan = [self._build(T, N, all_logits, il) for il in range(self.args.n_layer + 1)]
+        self.plans[key] = plan
+        return plan
 
     # ---- graph construction -------------------------------------------------------------
 
-    def _build(self, n_tokens: int, n_kv: int, all_logits: bool) -> _Graph:
+    def _build(self, T: int, N: int, all_logits: bool, segment: int | None) -> _Graph:
+        """The whole forward (segment None), or segment l: layer l-1's experts (l > 0),
+        then layer l's attention and router (l < n_layer), or the output head (l = n_layer)."""
         a = self.args
-        T, N = n_tokens, n_kv
+        L = a.n_layer
         ctx = ggml.Context(GRAPH_SIZE, GRAPH_SIZE)
         c = ctx.ptr
-        gf = lib.ggml_new_graph_custom(c, GRAPH_SIZE, False)
-        g = _Graph(ctx, gf, None)
+        g = _Graph(ctx, lib.ggml_new_graph_custom(c, GRAPH_SIZE, False))
 
         def inp(name, t, shape):
             x = ctx.tensor(t, shape, name)
@@ -179,39 +258,52 @@ class Model:
             g.inputs[name] = x
             return x
 
-        tokens = inp("tokens", ggml.I32, (T,))
-        pos = inp("pos", ggml.I32, (T,))
-        kv_idx = inp("kv_idx", ggml.I64, (T,))
-        mask = inp("mask", ggml.F16, (N, T))
-        W = lambda n: self.t[n]  # noqa: E731
+        def out(name, x):
+            lib.ggml_set_output(x)
+            lib.ggml_build_forward_expand(g.graph, x)
+            g.outputs[name] = x
 
-        x = lib.ggml_get_rows(c, W("token_embd.weight"), tokens)            # [D, T]
-        for il in range(a.n_layer):
+        W = self.t.__getitem__
+        first = segment or 0
+        layers = range(0, L) if segment is None else range(segment, min(segment + 1, L))
+        T_in = T if all_logits or first < L else 1     # the head sees only the last row
+        if first == 0:
+            x = lib.ggml_get_rows(c, W("token_embd.weight"), inp("tokens", ggml.I32, (T,)))  # [D, T]
+        else:
+            x = inp("x", ggml.F32, (a.n_embd, T_in))
+            h = self._norm(c, x, W(f"blk.{first - 1}.ffn_norm.weight"))
+            K = a.n_expert_used
+            ids = inp("ids", ggml.I32, (K, T_in))
+            wts = inp("w", ggml.F32, (1, K, T_in))
+            x = lib.ggml_add(c, moe_ffn(c, h, self.pool["high"], K, sel=ids, weights=wts), x)
+        if first < L:
+            pos = inp("pos", ggml.I32, (T,))
+            kv_idx = inp("kv_idx", ggml.I64, (T,))
+            mask = inp("mask", ggml.F16, (N, T))
+        for il in layers:
             p = f"blk.{il}."
-            h = self._norm(c, x, W(p + "attn_norm.weight"))                   # [D, T]
-            att = self._attention(c, h, il, pos, kv_idx, mask, T, N)         # [D, T]
-            if il == a.n_layer - 1 and not all_logits:
+            att = self._attention(c, self._norm(c, x, W(p + "attn_norm.weight")), il, pos, kv_idx, mask, T, N)
+            if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
-                att = _last_row(c, att, T)
-                x = _last_row(c, x, T)
-            x = lib.ggml_add(c, att, x)
+                att, x = _last_row(c, att, T), _last_row(c, x, T)
+            x = lib.ggml_add(c, att, x)                                       # [D, T']
             h = self._norm(c, x, W(p + "ffn_norm.weight"))
+            if segment is not None:   # stop at the router: Python fetches the experts
+                out("x", x)
+                out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
+                break
             if a.is_moe:
-                f = moe_ffn(c, h, W(p + "ffn_gate_inp.weight"), W(p + "ffn_gate_exps.weight"),
-                            W(p + "ffn_up_exps.weight"), W(p + "ffn_down_exps.weight"),
-                            a.n_expert_used)
+                f = moe_ffn(c, h, [W(p + f"ffn_{n}_exps.weight") for n in PARTS], a.n_expert_used,
+                            gate_inp=W(p + "ffn_gate_inp.weight"))
             else:
-                f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"),
-                              W(p + "ffn_down.weight"))
+                f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
             x = lib.ggml_add(c, f, x)                                        # [D, T']
-        x = self._norm(c, x, W("output_norm.weight"))
-        logits = lib.ggml_mul_mat(c, W("output.weight"), x)                  # [V, T']
-        lib.ggml_set_output(logits)
-        lib.ggml_build_forward_expand(gf, logits)
-        g.logits = logits
+        if segment is None or segment == L:
+            x = self._norm(c, x, W("output_norm.weight"))
+            out("logits", lib.ggml_mul_mat(c, W("output.weight"), x))       # [V, T']
 
         g.galloc = lib.ggml_gallocr_new(self.buft)
-        if not lib.ggml_gallocr_alloc_graph(g.galloc, gf):
+        if not lib.ggml_gallocr_alloc_graph(g.galloc, g.graph):
             g.free()
             raise MemoryError(f"could not allocate activations for a {T}-token graph")
         return g
@@ -260,27 +352,32 @@ def dense_ffn(c, h, gate, up, down):
     return lib.ggml_mul_mat(c, down, lib.ggml_swiglu_split(c, g, u))         # [D, T]
 
 
-def moe_ffn(c, h, gate_inp, gate_exps, up_exps, down_exps, n_used, *, norm_weights=True):
+def moe_ffn(c, h, experts, n_used, *, gate_inp=None, sel=None, weights=None, norm_weights=True):
     """Mixture of SwiGLU experts. h: [D, T] -> [D, T].
 
-    Router: softmax over E logits, top-K, weights renormalised to sum 1 (Mixtral).
-    Experts are stacked [D, F, E] / [F, D, E] tensors and run quantised via mul_mat_id.
+    experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
+    their quantised form by mul_mat_id; S is E for a GGUF's own tensors or the number of
+    cache slots for a shared-memory pool view.
+    Routing in the graph (gate_inp given): softmax over E logits, top-K, weights renormalised
+    to sum 1 (Mixtral). Or given: sel [K, T] i32 (indices into S) and weights [1, K, T].
     """
     D, T = h.contents.ne[0], h.contents.ne[1]
-    E = gate_inp.contents.ne[1]
     K = n_used
-    probs = lib.ggml_soft_max(c, lib.ggml_mul_mat(c, gate_inp, h))           # [E, T]
-    sel = lib.ggml_argsort_top_k(c, probs, K)                                # [K, T] i32
-    w = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)    # [1, K, T]
-    if norm_weights:
-        w = lib.ggml_reshape_2d(c, w, K, T)
-        s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
-        w = lib.ggml_reshape_3d(c, lib.ggml_div(c, w, s), 1, K, T)
+    if sel is None:
+        E = gate_inp.contents.ne[1]
+        probs = lib.ggml_soft_max(c, lib.ggml_mul_mat(c, gate_inp, h))       # [E, T]
+        sel = lib.ggml_argsort_top_k(c, probs, K)                            # [K, T] i32
+        weights = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)  # [1, K, T]
+        if norm_weights:
+            w = lib.ggml_reshape_2d(c, weights, K, T)
+            s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
+            weights = lib.ggml_reshape_3d(c, lib.ggml_div(c, w, s), 1, K, T)
+    gate_exps, up_exps, down_exps = experts
     hx = lib.ggml_reshape_3d(c, h, D, 1, T)                                  # [D, 1, T]
     up = lib.ggml_mul_mat_id(c, up_exps, hx, sel)                            # [F, K, T]
     gate = lib.ggml_mul_mat_id(c, gate_exps, hx, sel)                        # [F, K, T]
     y = lib.ggml_mul_mat_id(c, down_exps, lib.ggml_swiglu_split(c, gate, up), sel)  # [D, K, T]
-    y = lib.ggml_mul(c, y, w)                                                # [D, K, T]
+    y = lib.ggml_mul(c, y, weights)                                          # [D, K, T]
     nb1, nb2 = y.contents.nb[1], y.contents.nb[2]
     out = lib.ggml_view_2d(c, y, D, T, nb2, 0)
     for i in range(1, K):

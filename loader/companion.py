@@ -187,3 +187,13 @@ def _unlink(path: str) -> None:
     except FileNotFoundError:
         pass
 
+
+
+def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address: int) -> None:
+    """Raise ChecksumError unless the slot image at `address` matches the stored crc32."""
+    import ctypes
+
+    got = zlib.crc32((ctypes.c_char * src.format.slot_bytes).from_address(address))
+    if got != crcs[layer][expert]:
+        raise ChecksumError(f"{src.path}: checksum mismatch for layer {layer} expert {expert}: "
+                            "the companion file is corrupt (run hobbit-cli convert again)")

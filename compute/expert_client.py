@@ -1,0 +1,158 @@
+"""The compute side of the daemon protocol: ask hobbitd for experts, get pinned slots in
+shared memory, release them after use.
+
+One client per compute process, used from one thread. Requests block until the daemon
+answers; a daemon that does not answer within `timeout` seconds is reconnected to (new
+socket, HELLO again) up to `retries` times, after which DaemonError says so. A daemon that
+restarted answers no_session: the client says HELLO again and remaps the new shared memory
+(listeners registered with on_remap are told, so tensors can be re-pointed).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import zmq
+
+from ..loader.layout import SlotFormat
+from ..loader.shm import Segment
+from ..protocol import messages as m
+from ..protocol.errors import DaemonError, ProtocolError
+
+
+class ExpertClient:
+    def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
+                 retries: int = 2):
+        """model_path None: a client for stats only (no model, no shared memory)."""
+        self.socket_path = socket_path
+        self.model_path = model_path and os.path.realpath(model_path)
+        self.timeout, self.retries = timeout, retries
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+        self.shm: Segment | None = None
+        self.model = None            # name the daemon knows our model by
+        self.regions: dict = {}      # precision -> {"offset", "n_slots", "format": SlotFormat}
+        self._ids = itertools.count(1)
+        self._remap = []
+        self.round_trips = 0
+        self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
+        self._connect()
+
+    # ---- connection ------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if not os.path.exists(self.socket_path):
+            raise DaemonError("no_daemon", f"no hobbitd socket at {self.socket_path} "
+                                           "(start hobbitd, or use --no-daemon)")
+        self._open_socket()
+        self._hello()
+
+    def _open_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"ipc://{self.socket_path}")
+
+    def _hello(self) -> None:
+        welcome = self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION, pid=os.getpid(),
+                             name="hobbit-compute", _hello=True)
+        if self.model_path is None:
+            return
+        for name, info in welcome["models"].items():
+            if os.path.realpath(info["path"]) == self.model_path:
+                break
+        else:
+            served = ", ".join(welcome["models"]) or "none"
+            raise DaemonError("unknown_model", f"hobbitd at {self.socket_path} does not serve "
+                                               f"{self.model_path} (it serves: {served})")
+        self.model = name
+        self.regions = {p: {**r, "format": SlotFormat.from_wire(r["format"])}
+                        for p, r in info["regions"].items()}
+        if self.shm is None or self.shm.name != welcome["shm"]:
+            old = self.shm
+            self.shm = Segment(welcome["shm"], welcome["shm_size"])
+            for fn in self._remap:
+                fn(self)
+            if old is not None:
+                old.close()
+
+    def on_remap(self, fn) -> None:
+        """fn(client) is called whenever the shared memory is (re)mapped."""
+        self._remap.append(fn)
+
+    def region_address(self, precision: str) -> int:
+        return self.shm.address + self.regions[precision]["offset"]
+
+    # ---- requests --------------------------------------------------------------------
+
+    def _send(self, cmd, **fields) -> None:
+        self.sock.send_multipart(m.encode(cmd, **fields))
+
+    def _call(self, cmd, expect, _hello=False, **fields) -> dict:
+        """Send and wait for the matching answer, reconnecting on silence."""
+        for attempt in range(self.retries + 1):
+            self._send(cmd, **fields)
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + self.timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000)):
+                    break   # silence: reconnect and try again
+                try:
+                    got, msg = m.decode(self.sock.recv_multipart())
+                except ProtocolError as e:
+                    raise DaemonError(e.code, f"hobbitd sent a bad message: {e}") from None
+                if "id" in fields and msg.get("id") not in (None, fields["id"]):
+                    continue   # a stale answer to a request we gave up on
+                self.round_trips += 1
+                self.wait_seconds += time.perf_counter() - t0
+                if got == expect:
+                    return msg
+                if got == m.Cmd.ERROR:
+                    if msg["code"] == "no_session" and not _hello:
+                        self._hello()      # the daemon restarted: introduce ourselves again
+                        break
+                    raise DaemonError(msg["code"], f"hobbitd: {msg['message']}")
+            if attempt < self.retries:
+                self._open_socket()
+                if not _hello and not os.path.exists(self.socket_path):
+                    continue
+        raise DaemonError("timeout", f"hobbitd at {self.socket_path} did not answer within "
+                                     f"{self.timeout:g} s ({self.retries + 1} tries)")
+
+    def request(self, layer: int, experts, scores=None) -> list:
+        """Pinned slots [(precision, index) or None if skipped] for `experts` of `layer`."""
+        fields = {"id": next(self._ids), "model": self.model, "layer": int(layer),
+                  "experts": [int(e) for e in experts]}
+        if scores is not None:
+            fields["scores"] = [float(s) for s in scores]
+        reply = self._call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)
+        return [tuple(s) if s is not None else None for s in reply["slots"]]
+
+    def release(self, slots) -> None:
+        slots = [list(s) for s in slots if s is not None]
+        if slots:
+            self._send(m.Cmd.RELEASE, model=self.model, slots=slots)
+
+    def hint(self, layer: int, experts, scores=None) -> None:
+        fields = {"model": self.model, "layer": int(layer), "experts": [int(e) for e in experts]}
+        if scores is not None:
+            fields["scores"] = [float(s) for s in scores]
+        self._send(m.Cmd.HINT, **fields)
+
+    def stats(self) -> dict:
+        return self._call(m.Cmd.STATS, m.Cmd.STATS_REPLY)["stats"]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self._send(m.Cmd.BYE)
+            except zmq.ZMQError:
+                pass
+            self.sock.close(linger=100)
+            self.sock = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None

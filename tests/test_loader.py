@@ -1,0 +1,174 @@
+"""Expert store, companion file and I/O engine on real files."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from hobbit.compute import ggml
+from hobbit.compute.weights import open_model
+from hobbit.loader import companion
+from hobbit.loader.io_engine import DEMAND, PREFETCH, IOEngine
+from hobbit.loader.layout import PAGE, gguf_experts
+from hobbit.loader.shm import Segment, new_name
+
+SMALL = dict(layers=2, d_model=256, d_ff=512, experts=4, top_k=2, heads=4, kv_heads=2, type="Q8_0")
+
+
+def _buffer(nbytes):
+    """Page-aligned scratch memory (an anonymous shm segment, as the daemon uses)."""
+    seg = Segment(new_name("hobbit-test"), nbytes, create=True)
+    return seg
+
+
+def _read_all(engine, segments, verify=None):
+    done = threading.Event()
+    result = {}
+
+    def finish(job, err):
+        result["err"] = err
+        done.set()
+
+    engine.submit(("k", id(segments)), segments, DEMAND, finish, verify)
+    assert done.wait(30)
+    return result["err"]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_io_engine_reads_expert_parts_into_slots_exactly(synth, direct):
+    w = open_model(synth(**SMALL))
+    src = gguf_experts(w)
+    fmt = src.format
+    seg = _buffer(fmt.slot_bytes)
+    engine = IOEngine(2, direct=direct)
+    try:
+        for layer, e in [(0, 0), (1, 3), (0, 2)]:
+            segs = [(src.path, off, n, seg.address + fmt.part_offsets[p])
+                    for p, (off, n) in enumerate(src.ranges(layer, e))]
+            assert _read_all(engine, segs) is None
+            for p, (off, n) in enumerate(src.ranges(layer, e)):
+                o = fmt.part_offsets[p]
+                assert seg.array[o:o + n].tobytes() == bytes(w.reader.data[off:off + n])
+        if direct:
+            assert engine.direct_reads > 0 or not os.path.exists("/proc")  # tmpfs may refuse
+    finally:
+        engine.close()
+        seg.close()
+
+
+def test_io_engine_serves_demand_before_prefetch(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(PAGE * 64))
+    seg = _buffer(PAGE * 64 * 2)
+    engine = IOEngine(1, bytes_per_s=PAGE * 64 * 20, direct=False)   # slow enough to queue
+    order = []
+    lock = threading.Lock()
+    all_done = threading.Event()
+
+    def finish(job, err):
+        with lock:
+            order.append(job.key)
+            if len(order) == 6:
+                all_done.set()
+
+    try:
+        for i in range(5):
+            engine.submit(f"prefetch{i}", [(str(path), 0, PAGE * 8, seg.address + i * PAGE * 9)],
+                          PREFETCH, finish)
+        engine.submit("demand", [(str(path), 0, PAGE * 8, seg.address + 5 * PAGE * 9)], DEMAND, finish)
+        assert all_done.wait(30)
+        # the first prefetch may already be running; the demand overtakes all queued ones
+        assert order.index("demand") <= 1
+    finally:
+        engine.close()
+        seg.close()
+
+
+def test_companion_holds_requantised_experts(synth, tmp_path):
+    w = open_model(synth(**SMALL))
+    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    src, crcs = companion.open_companion(w, out)
+    high = gguf_experts(w)
+    data = np.fromfile(out, dtype=np.uint8)
+    for layer, e in [(0, 0), (1, 3)]:
+        for p, (off, n) in enumerate(high.ranges(layer, e)):
+            shape = high.format.shapes[p]
+            x = ggml.dequantize(high.format.types[p], w.reader.data[off:off + n], shape[0] * shape[1])
+            want = ggml.quantize(ggml.Q4_0, x, shape[0])
+            loff, ln = src.ranges(layer, e)[p]
+            assert ln == want.size and data[loff:loff + ln].tobytes() == want.tobytes()
+            assert loff % PAGE == 0
+
+
+def test_companion_checksum_catches_a_flipped_byte(synth, tmp_path):
+    w = open_model(synth(**SMALL))
+    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    src, crcs = companion.open_companion(w, out)
+    off = companion.slot_image_offset(src, 1, 2)
+    with open(out, "r+b") as f:
+        f.seek(off + 100)
+        b = f.read(1)
+        f.seek(off + 100)
+        f.write(bytes([b[0] ^ 0x40]))
+    seg = _buffer(src.format.slot_bytes)
+    engine = IOEngine(1)
+    try:
+        good = companion.slot_image_offset(src, 0, 0)
+        ok = _read_all(engine, [(out, good, src.format.slot_bytes, seg.address)],
+                       lambda job: companion.check_image(src, crcs, 0, 0, seg.address))
+        assert ok is None
+        err = _read_all(engine, [(out, off, src.format.slot_bytes, seg.address)],
+                        lambda job: companion.check_image(src, crcs, 1, 2, seg.address))
+        assert isinstance(err, companion.ChecksumError) and "layer 1 expert 2" in str(err)
+    finally:
+        engine.close()
+        seg.close()
+
+
+def test_companion_of_a_changed_gguf_is_refused_as_stale(synth, tmp_path):
+    import shutil
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(synth(**SMALL), model)
+    out = companion.convert(open_model(str(model)), ggml.Q4_0, progress=False)
+    assert out.startswith(str(tmp_path))
+    companion.open_companion(open_model(str(model)), out)       # fresh: accepted
+    os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))
+    with pytest.raises(companion.StaleCompanionError, match="stale"):
+        companion.open_companion(open_model(str(model)), out)
+
+
+def test_companion_truncated_or_foreign_is_refused(synth, tmp_path):
+    w = open_model(synth(**SMALL))
+    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    with open(out, "r+b") as f:
+        f.truncate(os.path.getsize(out) - PAGE)
+    with pytest.raises(companion.CompanionError, match="truncated"):
+        companion.open_companion(w, out)
+    foreign = tmp_path / "foreign.hobbit"
+    foreign.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(companion.CompanionError, match="not a hobbit companion"):
+        companion.open_companion(w, str(foreign))
+
+
+def test_convert_on_a_full_disk_fails_cleanly(synth, tmp_path):
+    """ENOSPC mid-write: one clear error, and neither a partial nor a temp file is left."""
+    import subprocess
+
+    from hobbit.protocol.errors import HobbitError
+
+    w = open_model(synth(**SMALL))
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs",
+                                            str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tiny tmpfs as a full disk")
+    try:
+        with pytest.raises(HobbitError, match="could not write the companion file"):
+            companion.convert(w, ggml.Q4_0, out=str(disk / "c.hobbit"), progress=False)
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
