@@ -41,6 +41,7 @@ class RunOptions:
     n_ctx: int = 2048
     n_batch: int = 512
     n_threads: int = 0   # 0: physical cores
+    taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN input)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Model:
             raise InputError(f"context size {self.opts.n_ctx} must be positive")
         self.n_ctx = self.opts.n_ctx
         self.n_past = 0
+        self.taps: dict = {}     # name -> (T', X) array from the last forward (RunOptions.taps)
         self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
         lib.ggml_backend_cpu_set_n_threads(self.backend, self.opts.n_threads or ggml.physical_cores())
@@ -181,7 +183,9 @@ class Model:
         feed = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64), "mask": mask}
         plan = self._plan(T, N, all_logits)
         if self.experts is None:
-            logits = self._run(plan[0], feed)["logits"]
+            outs = self._run(plan[0], feed)
+            logits = outs.pop("logits")
+            self.taps = outs
         else:
             logits = self._run_segments(plan, feed)
         self.n_past += T
@@ -288,6 +292,8 @@ class Model:
                 att, x = _last_row(c, att, T), _last_row(c, x, T)
             x = lib.ggml_add(c, att, x)                                       # [D, T']
             h = self._norm(c, x, W(p + "ffn_norm.weight"))
+            if "ffn_in" in self.opts.taps:
+                out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
             if segment is not None:   # stop at the router: Python fetches the experts
                 out("x", x)
                 out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
