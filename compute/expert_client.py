@@ -91,36 +91,43 @@ class ExpertClient:
         self.sock.send_multipart(m.encode(cmd, **fields))
 
     def _call(self, cmd, expect, _hello=False, **fields) -> dict:
-        """Send and wait for the matching answer, reconnecting on silence."""
-        for attempt in range(self.retries + 1):
+        """Send and wait for the matching answer. Silence: reconnect (a new socket) and try
+        again; no_session (the daemon restarted or forgot us): HELLO again and retry."""
+        for _ in range(self.retries + 1):
             self._send(cmd, **fields)
-            t0 = time.perf_counter()
-            deadline = time.monotonic() + self.timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(int(left * 1000)):
-                    break   # silence: reconnect and try again
-                try:
-                    got, msg = m.decode(self.sock.recv_multipart())
-                except ProtocolError as e:
-                    raise DaemonError(e.code, f"hobbitd sent a bad message: {e}") from None
-                if "id" in fields and msg.get("id") not in (None, fields["id"]):
-                    continue   # a stale answer to a request we gave up on
-                self.round_trips += 1
-                self.wait_seconds += time.perf_counter() - t0
-                if got == expect:
-                    return msg
-                if got == m.Cmd.ERROR:
-                    if msg["code"] == "no_session" and not _hello:
-                        self._hello()      # the daemon restarted: introduce ourselves again
-                        break
-                    raise DaemonError(msg["code"], f"hobbitd: {msg['message']}")
-            if attempt < self.retries:
+            reply = self._receive(fields.get("id"))
+            if reply is None:
                 self._open_socket()
-                if not _hello and not os.path.exists(self.socket_path):
-                    continue
+                continue
+            got, msg = reply
+            if got == expect:
+                return msg
+            if got == m.Cmd.ERROR and msg["code"] == "no_session" and not _hello:
+                self._hello()
+                continue
+            if got == m.Cmd.ERROR:
+                raise DaemonError(msg["code"], f"hobbitd: {msg['message']}")
+            raise DaemonError("malformed", f"hobbitd answered {got.name} to {cmd.name}")
         raise DaemonError("timeout", f"hobbitd at {self.socket_path} did not answer within "
                                      f"{self.timeout:g} s ({self.retries + 1} tries)")
+
+    def _receive(self, request_id):
+        """The next answer (skipping stale answers to requests given up on), or None."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                return None
+            try:
+                got, msg = m.decode(self.sock.recv_multipart())
+            except ProtocolError as e:
+                raise DaemonError(e.code, f"hobbitd sent a bad message: {e}") from None
+            if request_id is not None and msg.get("id") not in (None, request_id):
+                continue
+            self.round_trips += 1
+            self.wait_seconds += time.perf_counter() - t0
+            return got, msg
 
     def request(self, layer: int, experts, scores=None) -> list:
         """Pinned slots [(precision, index) or None if skipped] for `experts` of `layer`."""

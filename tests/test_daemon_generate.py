@@ -1,0 +1,99 @@
+"""Generation through the real hobbitd: same text as in-process, shared warm cache,
+concurrent clients, and a daemon that restarts under a client."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from daemon_util import connect, hello, run_daemon, stats
+from hobbit.compute.expert_client import ExpertClient
+from hobbit.compute.weights import open_model
+from hobbit.loader.layout import gguf_experts
+from hobbit.protocol.errors import DaemonError
+
+MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
+PROMPT = "The quick brown fox jumps over the lazy dog. Then"
+CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+
+
+def generate(model, *flags, n=24):
+    r = subprocess.run([*CLI, "generate", model, "-p", PROMPT, "-n", str(n), "--temperature", "0", *flags],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def model_stats(socket) -> dict:
+    s = connect(socket)
+    try:
+        hello(s)
+        return next(iter(stats(s)["models"].values()))
+    finally:
+        s.close(linger=0)
+
+
+def cache_bytes(model, fraction):
+    src = gguf_experts(open_model(model))
+    return int(fraction * src.n_layer * src.n_expert * src.format.slot_bytes)
+
+
+@pytest.fixture(scope="module")
+def model(synth):
+    return synth(**MODEL)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return generate(model, "--no-daemon")
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_generate_through_daemon_prints_what_in_process_prints(model, reference, tmp_path, fraction):
+    with run_daemon([model], cache_bytes(model, fraction), tmp_path) as d:
+        assert generate(model, "--socket", d.socket) == reference
+        if fraction < 1:
+            m = model_stats(d.socket)
+            assert m["misses"] > m["regions"]["high"]["slots"], "a small cache must evict"
+
+
+def test_second_process_finds_the_experts_warm(model, reference, tmp_path):
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path) as d:
+        generate(model, "--socket", d.socket)
+        before = model_stats(d.socket)
+        assert generate(model, "--socket", d.socket) == reference
+        after = model_stats(d.socket)
+    hits = after["hits"] - before["hits"]
+    misses = after["misses"] - before["misses"]
+    assert hits / (hits + misses) >= 0.9, (hits, misses)
+
+
+def test_four_clients_at_once_all_correct(model, reference, tmp_path):
+    with run_daemon([model], cache_bytes(model, 0.5), tmp_path) as d:
+        procs = [subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature", "0",
+                                   "--socket", d.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out == reference
+
+
+def test_client_survives_a_daemon_restart(model, tmp_path):
+    size = cache_bytes(model, 1.0)
+    with run_daemon([model], size, tmp_path) as d:
+        client = ExpertClient(d.socket, model, timeout=5, retries=2)
+        first = client.request(0, [1, 2])
+        client.release(first)
+        old_shm = client.shm.name
+    # the daemon is gone: an idle client's next request fails clearly, it never hangs
+    with pytest.raises(DaemonError, match="did not answer|no hobbitd"):
+        client.timeout = 1
+        client.request(0, [1, 2])
+    with run_daemon([model], size, tmp_path) as d:
+        client.timeout = 10
+        slots = client.request(0, [3, 4])       # reconnects, says HELLO again, remaps
+        assert client.shm.name != old_shm and len(slots) == 2
+        client.release(slots)
+        client.close()
