@@ -41,18 +41,31 @@ def synth(tmp_path_factory):
 
 def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
-    (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, and
-    the same thread count (attention splits its sums across threads)."""
+    (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, the
+    same thread count (attention splits its sums across threads), and no weight repacking
+    (llama.cpp's --no-repack: repacked Q4_0/Q4_K/Q2_K use other kernels whose rounding
+    differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout)."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low
     from hobbit.compute.ggml import physical_cores
     from hobbit.compute.tokenizer import _quiet_stderr
 
     n = physical_cores()
     kw = {"n_threads": n, "n_threads_batch": n, **kw}
+    default_params = low.llama_model_default_params
 
-    with _quiet_stderr():
-        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True,
-                               flash_attn=True, verbose=False, seed=0, **kw)
+    def no_repack():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = no_repack   # Llama() has no keyword for it
+    try:
+        with _quiet_stderr():
+            return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True,
+                                   flash_attn=True, verbose=False, seed=0, **kw)
+    finally:
+        low.llama_model_default_params = default_params
 
 
 def rel_l2(a, b) -> float:

@@ -1,0 +1,143 @@
+"""The synthetic model maker: valid GGUFs that llama.cpp loads, deterministic per seed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hobbit.compute import ggml
+from hobbit.compute.synth import SynthOptions, make_synthetic, smollm2_path
+from hobbit.compute.weights import open_model
+from hobbit.protocol.errors import InputError, ModelError
+
+SMALL = dict(layers=2, d_model=128, d_ff=256, experts=4, top_k=2, heads=4, kv_heads=2)
+CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+
+
+def make(tmp_path, name="m.gguf", **kw) -> str:
+    path = str(tmp_path / name)
+    make_synthetic(path, SynthOptions(**{**SMALL, **kw}))
+    return path
+
+
+def test_smollm2_path_exists():
+    assert os.path.isfile(smollm2_path())
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(experts=0),                                   # dense llama
+    dict(head_dim=48, heads=4, kv_heads=1, ctx=512),   # head_dim != d_model / heads
+    dict(experts=8, top_k=1, type="Q4_0"),
+])
+def test_file_opens_and_args_match(tmp_path, kw):
+    o = SynthOptions(**{**SMALL, **kw})
+    w = open_model(make(tmp_path, **kw))
+    a = w.args
+    dh = o.head_dim or o.d_model // o.heads
+    assert (a.arch, a.n_vocab, a.n_layer, a.n_embd, a.n_ff) == \
+        ("llama", 49152, o.layers, o.d_model, o.d_ff)
+    assert (a.n_head, a.n_head_kv, a.head_dim, a.rope_dim, a.n_ctx_train) == \
+        (o.heads, o.kv_heads, dh, dh, o.ctx)
+    assert (a.n_expert, a.n_expert_used) == (o.experts, o.top_k if o.experts else 0)
+    assert w.field("tokenizer.ggml.model") == "gpt2"
+    assert w.field("general.name").startswith("hobbit-synth-")
+    D, F, E = o.d_model, o.d_ff, o.experts
+    t = w.tensors
+    assert t["token_embd.weight"].shape == (D, 49152)
+    assert t["blk.1.attn_q.weight"].shape == (D, o.heads * dh)
+    assert t["blk.1.attn_output.weight"].shape == (o.heads * dh, D)
+    assert t["blk.0.attn_norm.weight"].type == ggml.F32
+    if E:
+        assert t["blk.0.ffn_gate_inp.weight"].type == ggml.F32
+        assert t["blk.0.ffn_gate_exps.weight"].shape == (D, F, E)
+        assert t["blk.0.ffn_down_exps.weight"].shape == (F, D, E)
+        assert t["blk.0.ffn_up_exps.weight"].type == ggml.TYPES_BY_NAME[o.type]
+    else:
+        assert t["blk.0.ffn_down.weight"].shape == (F, D)
+
+
+def test_rows_that_do_not_fit_the_block_fall_back(tmp_path):
+    # Q4_K needs rows of 256: D=128 rows fall back to Q8_0, D=48 rows (not /32) to F16
+    w = open_model(make(tmp_path, d_model=128, d_ff=256, type="Q4_K"))
+    assert w.tensors["blk.0.ffn_down_exps.weight"].type == ggml.Q4_K  # rows of F=256
+    assert w.tensors["blk.0.ffn_up_exps.weight"].type == ggml.Q8_0   # rows of D=128
+    w = open_model(make(tmp_path, "f.gguf", d_model=48, heads=2, kv_heads=2, type="Q8_0"))
+    assert w.tensors["token_embd.weight"].type == ggml.F16
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(experts=0, type="F16")])
+def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
+    import llama_cpp
+    from hobbit.compute.tokenizer import _quiet_stderr
+
+    path = make(tmp_path, **kw)
+    with _quiet_stderr():
+        llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False, flash_attn=True)
+        prompt = llm.tokenize(b"Once upon a time")
+        tokens = []
+        for t in llm.generate(prompt, temp=0.0):
+            tokens.append(t)
+            if len(tokens) == 32:
+                break
+    assert len(set(tokens)) > 8, tokens
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(heads=3), "--heads"),
+    (dict(kv_heads=3), "--kv-heads"),
+    (dict(top_k=5), "--top-k"),
+    (dict(top_k=0), "--top-k"),
+    (dict(type="Q7_0"), "--type"),
+    (dict(layers=0), "--layers"),
+    (dict(head_dim=33), "--head-dim"),
+])
+def test_bad_options_raise_input_error(tmp_path, kw, flag):
+    with pytest.raises(InputError, match=flag):
+        make(tmp_path, **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_vocab_source_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        make(tmp_path, vocab_from=str(tmp_path / "nope.gguf"))
+
+
+def test_unwritable_path_leaves_nothing(tmp_path):
+    with pytest.raises(InputError, match="cannot write"):
+        make(tmp_path, "missing-dir/m.gguf")
+    assert os.listdir(tmp_path) == []
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    read = lambda p: open(p, "rb").read()  # noqa: E731
+    a = read(make(tmp_path, "a.gguf", seed=7))
+    b = read(make(tmp_path, "b.gguf", seed=7))
+    c = read(make(tmp_path, "c.gguf", seed=8))
+    assert a == b
+    assert len(a) == len(c) and a != c
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "c.gguf"]  # no temp files
+
+
+def test_cli_writes_the_file(tmp_path):
+    path = tmp_path / "cli.gguf"
+    flags = ("--layers 1 --d-model 64 --d-ff 64 --experts 2 --top-k 1 --heads 2 --kv-heads 1 "
+             "--type q8_0 --seed 3 --ctx 128").split()
+    r = subprocess.run([*CLI, "synth", str(path), *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert str(path) in r.stdout and "MB" in r.stdout
+    a = open_model(str(path)).args
+    assert (a.n_layer, a.n_embd, a.n_expert, a.n_expert_used, a.n_ctx_train) == (1, 64, 2, 1, 128)
+
+
+def test_cli_bad_flag_is_one_line(tmp_path):
+    path = tmp_path / "bad.gguf"
+    r = subprocess.run([*CLI, "synth", str(path), "--heads", "6"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--heads" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not path.exists()
