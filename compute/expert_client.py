@@ -4,8 +4,8 @@ shared memory, release them after use.
 One client per compute process, used from one thread. Requests block until the daemon
 answers; a daemon that does not answer within `timeout` seconds is reconnected to (new
 socket, HELLO again) up to `retries` times, after which DaemonError says so. A daemon that
-restarted answers no_session: the client says HELLO again and remaps the new shared memory
-(listeners registered with on_remap are told, so tensors can be re-pointed).
+restarted answers no_session: the client says HELLO again and maps the new shared memory
+(the forward re-points its tensors at part_bases() before every layer, so it follows).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ class ExpertClient:
         self.model = None            # name the daemon knows our model by
         self.regions: dict = {}      # precision -> {"offset", "n_slots", "format": SlotFormat}
         self._ids = itertools.count(1)
-        self._remap = []
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
         self._connect()
@@ -73,17 +72,24 @@ class ExpertClient:
         if self.shm is None or self.shm.name != welcome["shm"]:
             old = self.shm
             self.shm = Segment(welcome["shm"], welcome["shm_size"])
-            for fn in self._remap:
-                fn(self)
             if old is not None:
                 old.close()
 
-    def on_remap(self, fn) -> None:
-        """fn(client) is called whenever the shared memory is (re)mapped."""
-        self._remap.append(fn)
-
     def region_address(self, precision: str) -> int:
         return self.shm.address + self.regions[precision]["offset"]
+
+    # the expert-provider interface the segmented forward uses (compute/model.py)
+
+    def part_bases(self, precision: str, layer: int) -> tuple:
+        """Addresses of slot 0's gate/up/down in our mapping (the same for every layer)."""
+        base = self.region_address(precision)
+        return tuple(base + o for o in self.regions[precision]["format"].part_offsets)
+
+    def part_strides(self, precision: str) -> tuple:
+        return (self.regions[precision]["format"].slot_bytes,) * 3
+
+    def fetch(self, layer: int, experts, scores) -> list:
+        return self.request(layer, experts, scores)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -143,11 +149,14 @@ class ExpertClient:
         if slots:
             self._send(m.Cmd.RELEASE, model=self.model, slots=slots)
 
-    def hint(self, layer: int, experts, scores=None) -> None:
-        fields = {"model": self.model, "layer": int(layer), "experts": [int(e) for e in experts]}
-        if scores is not None:
-            fields["scores"] = [float(s) for s in scores]
-        self._send(m.Cmd.HINT, **fields)
+    def hint(self, layer: int, predictions) -> None:
+        """Lookahead from `layer`: predictions [(target layer, experts, scores)], nearest
+        first. No answer; the daemon prefetches up to the first predicted miss."""
+        if predictions:
+            self._send(m.Cmd.HINT, model=self.model, layer=int(layer),
+                       layers=[int(t) for t, _, _ in predictions],
+                       experts=[[int(e) for e in ex] for _, ex, _ in predictions],
+                       scores=[[float(x) for x in sc] for _, _, sc in predictions])
 
     def stats(self) -> dict:
         return self._call(m.Cmd.STATS, m.Cmd.STATS_REPLY)["stats"]

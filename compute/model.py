@@ -8,10 +8,16 @@ Legend of dimensions (ggml order, contiguous axis first):
 Two ways to run, one set of layer functions:
 - in-process: experts are the stacked tensors of the mmapped GGUF and routing happens
   inside the graph; one graph per forward.
-- through hobbitd: the forward is cut into segments at each router. Segment l runs layer
-  l-1's experts (from shared-memory slots the daemon pinned) and layer l's attention and
-  router; between segments Python picks the experts, asks the daemon for them, and
-  releases the previous layer's slots.
+- with an expert provider (ExpertClient: hobbitd's shared memory; LocalExperts: the
+  model's own files in two precisions): the forward is cut into segments at each router.
+  Segment l runs layer l-1's experts and layer l's attention and router; between segments
+  Python picks the experts, scores their importance, fetches them (each in the precision
+  the provider chose, or skipped), hints the coming layers' predicted experts, and
+  releases the previous layer's experts.
+
+An expert provider has: regions {precision: {"n_slots", "format"}}, part_strides(prec),
+part_bases(prec, layer) (addresses of index 0 of gate/up/down), fetch(layer, experts,
+scores) -> [(precision, index) or None], release(handles), hint(layer, predictions).
 A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
 its input tensors are rewritten.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..loader.precision import unimportance
 from ..protocol.errors import InputError
 from . import ggml
 from .ggml import lib
@@ -42,6 +49,7 @@ class RunOptions:
     n_batch: int = 512
     n_threads: int = 0   # 0: physical cores
     taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN input)
+    lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
 
 
 @dataclass
@@ -117,26 +125,28 @@ class Model:
         self.plans: OrderedDict[tuple, list[_Graph]] = OrderedDict()
 
         self.experts = experts
+        self.prefetch = PrefetchStats()
         if experts is not None:
-            # Per precision and part: all slots of the region as one stacked tensor [.., .., slots].
+            # Per precision and part: every slot of that precision as one stacked tensor
+            # [.., .., S] whose stride is the provider's; re-pointed per layer before use.
             self.pool = {}
             for prec, r in experts.regions.items():
-                f = r["format"]
+                f, strides = r["format"], experts.part_strides(prec)
                 views = []
                 for p in range(3):
                     t = self.wctx.tensor(f.types[p], (*f.shapes[p], r["n_slots"]), f"pool_{prec}_{PARTS[p]}")
-                    t.contents.nb[2] = f.slot_bytes
-                    t.contents.nb[3] = f.slot_bytes * r["n_slots"]
+                    t.contents.nb[2] = strides[p]
+                    t.contents.nb[3] = strides[p] * r["n_slots"]
                     views.append(t)
                 self.pool[prec] = views
-            self._point_pool(experts)
-            experts.on_remap(self._point_pool)
+            # routers of every layer, stacked for the lookahead prediction: (L, E, D)
+            self.routers = np.stack([_f32(weights, f"blk.{il}.ffn_gate_inp.weight")
+                                     for il in range(a.n_layer)])
 
-    def _point_pool(self, client) -> None:
+    def _point_pool(self, layer: int) -> None:
         for prec, views in self.pool.items():
-            base = client.region_address(prec)
-            for p, t in enumerate(views):
-                t.contents.data = base + client.regions[prec]["format"].part_offsets[p]
+            for t, base in zip(views, self.experts.part_bases(prec, layer)):
+                t.contents.data = base
 
     # ---- public -------------------------------------------------------------------------
 
@@ -203,14 +213,16 @@ class Model:
         # outputs are [X, T'] in ggml order: (T', X) in numpy
         return {name: _read(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in g.outputs.items()}
 
-    def _run_segments(self, plan: list[_Graph], feed: dict) -> np.ndarray:
+    def _run_segments(self, plan: list, feed: dict) -> np.ndarray:
         """Segment by segment; between them, route and fetch the experts of one layer."""
-        a, client = self.args, self.experts
-        held = []
+        a, provider = self.args, self.experts
+        held, variant = [], None
         try:
-            for il, g in enumerate(plan):
-                out = self._run(g, feed)
-                client.release(held)          # the previous layer's experts are done with
+            for il, variants in enumerate(plan):
+                if il > 0:
+                    self._point_pool(il - 1)
+                out = self._run(variants(variant), feed)
+                provider.release(held)          # the previous layer's experts are done with
                 held = []
                 if il == a.n_layer:
                     return out["logits"]
@@ -218,16 +230,34 @@ class Model:
                 sel = np.argsort(-probs, axis=1, kind="stable")[:, :a.n_expert_used]  # (T', K)
                 w = np.take_along_axis(probs, sel, axis=1)
                 w = w / np.maximum(w.sum(axis=1, keepdims=True, dtype=np.float32), np.float32(6.103515625e-5))
+                scores = unimportance(w)                                     # (T', K)
+                self.prefetch.observe(il, sel)
+                if probs.shape[0] == 1 and self.opts.lookahead > 0 and il + 1 < a.n_layer:
+                    self._hint(il, out["h"])
                 wanted = np.unique(sel)
+                best = [float(scores[sel == e].min()) for e in wanted]       # most important use
                 t0 = time.perf_counter()
-                slots = client.request(il, wanted.tolist())
+                held = provider.fetch(il, wanted.tolist(), best)
                 self.timing.expert_wait_s += time.perf_counter() - t0
-                held = slots
-                slot_of = {int(e): s[1] for e, s in zip(wanted, slots)}
-                ids = np.vectorize(slot_of.__getitem__, otypes=[np.int32])(sel)
-                feed = {**feed, "x": out["x"], "ids": ids, "w": w.astype(np.float32)}
+                feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, wanted, held)}
+                variant = (feed["has_high"], feed["has_low"])
         finally:
-            client.release(held)
+            provider.release(held)
+
+    def _hint(self, il: int, h: np.ndarray) -> None:
+        """Predict layers il+1..il+p from layer il's gate input (one stacked matmul) and
+        hint them; the daemon walks them and prefetches at the first predicted miss."""
+        a = self.args
+        last = min(a.n_layer, il + 1 + self.opts.lookahead)
+        logits = np.einsum("led,d->le", self.routers[il + 1:last], h[0])     # (p, E)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        sel = np.argsort(-probs, axis=1, kind="stable")[:, :a.n_expert_used]
+        w = np.take_along_axis(probs, sel, axis=1)
+        scores = unimportance(w)
+        preds = [(il + 1 + d, sel[d].tolist(), scores[d].tolist()) for d in range(len(sel))]
+        self.prefetch.predict(il, preds)
+        self.experts.hint(il, preds)
 
     def _plan(self, T: int, N: int, all_logits: bool) -> list[_Graph]:
         key = (T, N, all_logits)
@@ -241,15 +271,16 @@ class Model:
         if self.experts is None:
             plan = [self._build(T, N, all_logits, None)]
         else:
-            plan = [self._build(T, N, all_logits, il) for il in range(self.args.n_layer + 1)]
+            plan = [_Variants(self, T, N, all_logits, il) for il in range(self.args.n_layer + 1)]
         self.plans[key] = plan
         return plan
 
     # ---- graph construction -------------------------------------------------------------
 
-    def _build(self, T: int, N: int, all_logits: bool, segment: int | None) -> _Graph:
-        """The whole forward (segment None), or segment l: layer l-1's experts (l > 0),
-        then layer l's attention and router (l < n_layer), or the output head (l = n_layer)."""
+    def _build(self, T: int, N: int, all_logits: bool, segment: int | None, variant=None) -> _Graph:
+        """The whole forward (segment None), or segment l: layer l-1's experts (l > 0; in
+        high and/or low precision per variant = (has_high, has_low)), then layer l's
+        attention and router (l < n_layer), or the output head (l = n_layer)."""
         a = self.args
         L = a.n_layer
         ctx = ggml.Context(GRAPH_SIZE, GRAPH_SIZE)
@@ -277,9 +308,14 @@ class Model:
             x = inp("x", ggml.F32, (a.n_embd, T_in))
             h = self._norm(c, x, W(f"blk.{first - 1}.ffn_norm.weight"))
             K = a.n_expert_used
-            ids = inp("ids", ggml.I32, (K, T_in))
-            wts = inp("w", ggml.F32, (1, K, T_in))
-            x = lib.ggml_add(c, moe_ffn(c, h, self.pool["high"], K, sel=ids, weights=wts), x)
+            y = None
+            for prec, present in zip(("high", "low"), variant):
+                if present:
+                    ids = inp(f"ids_{prec}", ggml.I32, (K, T_in))
+                    wts = inp(f"w_{prec}", ggml.F32, (1, K, T_in))
+                    f = moe_ffn(c, h, self.pool[prec], K, sel=ids, weights=wts)
+                    y = f if y is None else lib.ggml_add(c, y, f)
+            x = lib.ggml_add(c, y, x)
         if first < L:
             pos = inp("pos", ggml.I32, (T,))
             kv_idx = inp("kv_idx", ggml.I64, (T,))
@@ -296,6 +332,7 @@ class Model:
                 out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
             if segment is not None:   # stop at the router: Python fetches the experts
                 out("x", x)
+                out("h", h)
                 out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
                 break
             if a.is_moe:
@@ -344,6 +381,85 @@ class Model:
         a = self.args
         return lib.ggml_rope_ext(c, x, pos, None, a.rope_dim, ggml.ROPE_NORMAL, a.n_ctx_train,
                                  a.rope_base, 1.0, 0.0, 1.0, 32.0, 1.0)
+
+
+class _Variants:
+    """The graphs of one segment, built on first use per variant (has_high, has_low)."""
+
+    def __init__(self, model, T, N, all_logits, segment):
+        self.model, self.args, self.graphs = model, (T, N, all_logits, segment), {}
+
+    def __call__(self, variant) -> _Graph:
+        if variant not in self.graphs:
+            self.graphs[variant] = self.model._build(*self.args, variant)
+        return self.graphs[variant]
+
+    def free(self) -> None:
+        for g in self.graphs.values():
+            g.free()
+        self.graphs.clear()
+
+
+def _expert_inputs(sel, w, wanted, handles) -> dict:
+    """Per precision: ids [K, T'] (slot indices) and weights [1, K, T'] for the segment.
+    An expert used in the other precision or skipped contributes weight 0 here; its id
+    repeats an index already read for that token or batch, so no extra weights are read."""
+    handle = dict(zip(wanted.tolist(), handles))
+    out = {}
+    for prec in ("high", "low"):
+        ids = np.zeros(sel.shape, np.int32)
+        wts = np.zeros(sel.shape, np.float32)
+        mine = np.zeros(sel.shape, bool)
+        for (t, k), e in np.ndenumerate(sel):
+            hd = handle[int(e)]
+            if hd is not None and hd[0] == prec:
+                ids[t, k], wts[t, k], mine[t, k] = hd[1], w[t, k], True
+        present = bool(mine.any())
+        if present:
+            fill = ids[mine][0]
+            for t in range(sel.shape[0]):
+                row = ids[t][mine[t]]
+                ids[t][~mine[t]] = row[0] if row.size else fill
+        out[f"ids_{prec}"], out[f"w_{prec}"], out[f"has_{prec}"] = ids, wts, present
+    return out
+
+
+def _f32(weights, name: str) -> np.ndarray:
+    """A small tensor (a router) as float32 (rows, cols) in numpy order."""
+    info = weights.tensors[name]
+    raw = weights.reader.data[info.offset:info.offset + info.nbytes]
+    n = info.shape[0] * info.shape[1]
+    return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
+
+
+class PrefetchStats:
+    """How well the lookahead predicted each layer's experts, per distance d (layers
+    ahead): top-1 hits (the actual top expert was predicted) and expert recall."""
+
+    def __init__(self):
+        self.pending: dict = {}      # target layer -> [(distance, predicted set, predicted top1)]
+        self.top1: dict = {}         # distance -> [hits, total]
+        self.recall: dict = {}       # distance -> [experts predicted and used, experts used]
+
+    def predict(self, layer: int, preds) -> None:
+        for target, experts, _ in preds:
+            self.pending.setdefault(target, []).append((target - layer, set(experts), experts[0]))
+
+    def observe(self, layer: int, sel) -> None:
+        if sel.shape[0] != 1:
+            return
+        actual = sel[0].tolist()
+        for d, predicted, top1 in self.pending.pop(layer, []):
+            t = self.top1.setdefault(d, [0, 0])
+            t[0] += top1 == actual[0]
+            t[1] += 1
+            r = self.recall.setdefault(d, [0, 0])
+            r[0] += len(predicted & set(actual))
+            r[1] += len(actual)
+
+    def summary(self) -> dict:
+        return {d: {"top1": h / n if n else 0.0, "recall": self.recall[d][0] / max(self.recall[d][1], 1),
+                    "n": n} for d, (h, n) in sorted(self.top1.items())}
 
 
 def _last_row(c, x, T):

@@ -9,7 +9,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s | — |
 | REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.), seq (opt.) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert] (pinned for the client) | — |
-| HINT | client→daemon | model, layer, experts [int], scores [float] (opt.) | none |
+| HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first) | none |
 | RELEASE | client→daemon | model, slots [[precision, index]] | none |
 | STATS | client→daemon | — | STATS_REPLY |
 | STATS_REPLY | daemon→client | stats {...} | — |
@@ -57,7 +57,7 @@ class Cmd(enum.IntEnum):
 _FIELDS = {
     Cmd.HELLO: {"version": int},
     Cmd.REQUEST: {"id": int, "model": str, "layer": int, "experts": list},
-    Cmd.HINT: {"model": str, "layer": int, "experts": list},
+    Cmd.HINT: {"model": str, "layer": int, "layers": list, "experts": list, "scores": list},
     Cmd.RELEASE: {"model": str, "slots": list},
     Cmd.SLOTS: {"id": int, "slots": list},
     Cmd.WELCOME: {"version": int, "shm": str, "models": dict},
@@ -95,12 +95,26 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
     for name, typ in _FIELDS.get(cmd, {}).items():
         if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
-    for name in ("experts",):
-        if name in msg and not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[name]):
-            raise ProtocolError("malformed", f"{cmd.name}: {name} must be integers")
-    if "scores" in msg and msg["scores"] is not None:
+    if cmd == Cmd.HINT:
+        rows = (msg["layers"], msg["experts"], msg["scores"])
+        if not (len(rows[0]) == len(rows[1]) == len(rows[2])) or not _ints(rows[0]) \
+                or not all(isinstance(e, list) and _ints(e) for e in rows[1]) \
+                or not all(isinstance(s, list) and _numbers(s) and len(s) == len(e)
+                           for e, s in zip(rows[1], rows[2])):
+            raise ProtocolError("malformed", "HINT: layers, experts and scores must line up")
+        return cmd, msg
+    if "experts" in msg and not _ints(msg["experts"]):
+        raise ProtocolError("malformed", f"{cmd.name}: experts must be integers")
+    if msg.get("scores") is not None:
         s = msg["scores"]
-        if not isinstance(s, list) or not all(isinstance(x, (int, float)) for x in s) \
-                or len(s) != len(msg.get("experts", s)):
+        if not isinstance(s, list) or not _numbers(s) or len(s) != len(msg.get("experts", s)):
             raise ProtocolError("malformed", f"{cmd.name}: scores must be numbers, one per expert")
     return cmd, msg
+
+
+def _ints(xs) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+
+def _numbers(xs) -> bool:
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
