@@ -1,8 +1,133 @@
-"""hobbitd entry point. The daemon itself is issue #3; until it lands this says so."""
+"""`hobbitd`: the loader daemon, in the foreground (systemd runs it the same way).
+
+Exit codes: 0 after SIGTERM/SIGINT (shared memory and socket removed), 1 when it cannot
+start (one line `hobbitd: error: ...` on stderr), 130 when a second SIGINT forces it out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+
+from ..protocol.errors import HobbitError
+from .config import DaemonConfig, load_config, parse_size
+
+log = logging.getLogger("hobbitd")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except HobbitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hobbitd", description="The hobbit loader daemon: owns "
+                                "flash reads and the shared expert cache of MoE models.")
+    p.add_argument("--model", action="append", metavar="GGUF",
+                   help="a MoE GGUF to serve (repeat for several; replaces the config's list)")
+    p.add_argument("--cache-size", type=_size, metavar="SIZE",
+                   help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)")
+    p.add_argument("--socket", metavar="PATH", help="where to listen (default: $HOBBIT_SOCKET, "
+                   "/run/hobbitd/hobbitd.sock as a service or root, else the user runtime dir)")
+    p.add_argument("--config", metavar="FILE", help="TOML config; flags override it")
+    p.add_argument("--io-threads", type=_positive(int), metavar="N", help="reader threads (4)")
+    p.add_argument("--io-limit", type=_size, metavar="BYTES_PER_S",
+                   help="cap flash reads, e.g. 400M, to emulate slower flash (default: none)")
+    p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
+    p.add_argument("--client-timeout", type=_positive(float), metavar="S",
+                   help="seconds of silence after which a client loses its pins (5)")
+    p.add_argument("--slot-wait", type=_positive(float), metavar="S",
+                   help="seconds a miss waits for a free slot before cache_full (30)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args) -> DaemonConfig:
+    cfg = load_config(args.config) if args.config else DaemonConfig()
+    if args.model:
+        cfg.models = args.model
+    for flag, key in (("cache_size", "cache_size"), ("socket", "socket"),
+                      ("io_threads", "io_threads"), ("io_limit", "io_limit"),
+                      ("client_timeout", "client_timeout"), ("slot_wait", "slot_wait")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    if args.no_direct_io:
+        cfg.direct_io = False
+    return cfg
+
+
+async def run(cfg: DaemonConfig) -> int:
+    """Start, serve until SIGTERM/SIGINT, shut down. HobbitError if it cannot start."""
+    from .server import Daemon   # deferred: keeps `hobbitd --help` fast
+
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(cfg)
+
+    caught = []
+
+    def on_signal(sig):
+        caught.append(sig)
+        if caught.count(signal.SIGINT) > 1:   # a second Ctrl-C: the user will not wait
+            log.warning("second interrupt: exiting now")
+            daemon.abandon()
+            os._exit(130)
+        if len(caught) == 1:
+            log.info("%s: shutting down", signal.Signals(sig).name)
+        daemon.stop()
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    saved = {sig: signal.getsignal(sig) for sig in sigs}
+    for sig in sigs:   # before startup: a signal during startup still cleans up
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await daemon.startup()
+        await daemon.serve()
+    finally:
+        try:
+            await daemon.shutdown()
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, saved[sig])
+    return 0
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
+        return f"hobbitd: {level}{super().format(record)}"
 
 
 def main(argv=None) -> int:
-    print("hobbitd: the loader daemon is not implemented yet (issue #3); "
-          "use `hobbit-cli generate --no-daemon`", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.propagate = False
+    try:
+        import uvloop
+        return uvloop.run(run(config_from_args(args)))
+    except HobbitError as e:
+        print(f"hobbitd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:   # interrupted before the handlers were in place
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ class Slot:
     last_use: int = 0                   # policy bookkeeping (token clock)
     uses: int = 0
     protected: bool = False             # predicted by a hint: not evicted until used
+    counters: dict = field(default_factory=dict)     # HobbitPolicy: sid -> [gen, R, F, H]
 
     @property
     def evictable(self) -> bool:
@@ -60,6 +61,7 @@ class Region:
             slot = policy.victim(candidates)
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
+        slot.counters = {}
         self.by_key[key] = slot
         return slot
 

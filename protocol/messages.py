@@ -22,7 +22,7 @@ format is loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model s
 shm offset regions[precision].offset + i * format.slot_bytes.
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
-unknown_model, bad_request, cache_full, io, checksum, shutting_down.
+unknown_model, bad_request, cache_full, io, checksum, shutting_down, internal (a daemon bug).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
                            for e, s in zip(rows[1], rows[2])):
             raise ProtocolError("malformed", "HINT: layers, experts and scores must line up")
         return cmd, msg
-    if "experts" in msg and not _ints(msg["experts"]):
+    if "experts" in msg and not (isinstance(msg["experts"], list) and _ints(msg["experts"])):
         raise ProtocolError("malformed", f"{cmd.name}: experts must be integers")
     if msg.get("scores") is not None:
         s = msg["scores"]

@@ -1,0 +1,115 @@
+"""The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
+
+TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
+direct_io, client_timeout, slot_wait); sizes may be integers (bytes) or strings such as
+"400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from ..protocol.errors import InputError
+
+SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
+
+
+@dataclass
+class DaemonConfig:
+    models: list[str] = field(default_factory=list)   # GGUF paths
+    cache_size: int = 0          # bytes of shared memory for expert slots; 0 = 50% of available
+    socket: str = ""             # "" = default_socket()
+    io_threads: int = 4          # reader threads
+    io_limit: int = 0            # bytes/s cap on flash reads (emulates slow flash); 0 = none
+    direct_io: bool = True       # O_DIRECT reads (bypass the page cache) where supported
+    client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
+    slot_wait: float = 30.0      # seconds a miss waits for an unpinned slot before cache_full
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+def parse_size(text) -> int:
+    """Bytes from 123, "123", "400M", "2G", "1.5GiB". Suffixes are powers of 1024 with or
+    without "iB"/"B" (as in systemd's MemoryMax=), so "1G" == "1GiB" == 2**30."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise InputError(f"size {text} is negative")
+        return text
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise InputError(f"size {text!r} is not a number of bytes with an optional K/M/G/T suffix "
+                         "(e.g. 400M, 2G, 1.5GiB)")
+    scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * scale)
+
+
+def default_socket() -> str:
+    """Where the daemon listens and clients connect, when no --socket is given:
+    $HOBBIT_SOCKET; else the system socket when running as a system service ($RUNTIME_DIRECTORY
+    set by systemd), as root, or when a system daemon's socket exists (one daemon per
+    machine: a user in the hobbitd group finds it); else $XDG_RUNTIME_DIR/hobbitd.sock;
+    else /tmp/hobbitd-$UID.sock."""
+    if os.environ.get("HOBBIT_SOCKET"):
+        return os.environ["HOBBIT_SOCKET"]
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        # systemd may list several directories, colon-separated; ours is the first
+        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "hobbitd.sock")
+    if os.geteuid() == 0 or os.path.exists(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "hobbitd.sock")
+    return f"/tmp/hobbitd-{os.getuid()}.sock"
+
+
+def load_config(path: str) -> DaemonConfig:
+    """A DaemonConfig from one TOML file; InputError naming the file and the bad key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"{path}: unreadable config ({e})") from None
+    known = {f.name: f for f in fields(DaemonConfig)}
+    cfg = DaemonConfig()
+    for key, value in data.items():
+        if key not in known:
+            raise InputError(f"{path}: unknown key {key!r} (known: {', '.join(known)})")
+        setattr(cfg, key, _coerce(path, key, value))
+    base = os.path.dirname(os.path.abspath(path))
+    cfg.models = [os.path.join(base, os.path.expanduser(m)) for m in cfg.models]
+    return cfg
+
+
+def _coerce(path: str, key: str, value):
+    """A TOML value checked against the field's type (TOML has no sizes: strings allowed)."""
+    def bad(want):
+        return InputError(f"{path}: {key} must be {want}, not {value!r}")
+
+    if key == "models":
+        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+            raise bad("a list of GGUF paths")
+        return list(value)
+    if key in ("cache_size", "io_limit"):
+        try:
+            return parse_size(value)
+        except InputError as e:
+            raise InputError(f"{path}: {key}: {e}") from None
+    if key == "socket":
+        if not isinstance(value, str):
+            raise bad("a path")
+        return os.path.expanduser(value)
+    if key == "io_threads":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad("a positive integer")
+        return value
+    if key == "direct_io":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise bad("a positive number of seconds")
+    return float(value)

@@ -1,0 +1,641 @@
+"""hobbitd's server: the ZeroMQ ROUTER, client sessions, and the cache of expert slots.
+
+Lifecycle: startup() (open models, plan the cache, claim the socket, create the shared
+memory and the I/O engine) → serve() until stop() → shutdown() (answer or drain what is in
+flight, close, unlink the shared memory, remove the socket). Everything runs on one asyncio
+loop; disk reads happen on the IOEngine's threads, which hand completions back with
+loop.call_soon_threadsafe, so the loop never blocks on flash.
+
+Pins. A slot named in a SLOTS reply is pinned once for the requesting session: it is never
+evicted or overwritten until that session RELEASEs it, says BYE, or goes silent for longer
+than client_timeout with no request in flight. A miss pins its slot as soon as it is taken
+(before the read), so the slot cannot be given away between the read and the reply.
+
+Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a little over
+MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
+disconnects that peer without an answer (the daemon never buffers a huge message).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psutil
+import zmq
+import zmq.asyncio
+
+from ..loader.io_engine import DEMAND, IOEngine
+from ..loader.layout import ExpertSource
+from ..loader.policy import LRUPolicy
+from ..loader.pool import Region, Slot, plan_regions
+from ..loader.shm import SHM_DIR, Segment, new_name
+from ..protocol import messages as m
+from ..protocol.errors import DaemonError, HobbitError, InputError, ModelError, ProtocolError
+from .config import DaemonConfig, default_socket
+from .notify import sd_notify
+
+log = logging.getLogger("hobbitd")
+
+MiB = 1 << 20
+PROBE_S = 0.5          # how long a live daemon on our socket has to answer a HELLO
+DRAIN_S = 2.0          # shutdown: how long in-flight requests may run before shutting_down
+REAP_EVERY_S = 0.5
+STATUS_EVERY_S = 10.0
+CLOSE_LINGER_MS = 100  # not 0: the shutting_down answers just queued should still go out
+SUN_PATH_MAX = 107     # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
+
+
+class RequestError(HobbitError):
+    """A request answered with ERROR `code` (a protocol error code)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class Session:
+    """One client (a ROUTER identity) between HELLO and BYE or its timeout."""
+    sid: int                  # pin owner; unique for the daemon's life (identities are reused)
+    ident: bytes
+    pid: int | None
+    name: str
+    last_seen: float          # time.monotonic() of its last message
+    inflight: int = 0         # requests being served: never reaped while > 0
+    alive: bool = True
+    pins: Counter = field(default_factory=Counter)   # Slot -> pins this session holds
+
+
+@dataclass(eq=False)
+class Model:
+    name: str
+    path: str                 # realpath of the GGUF
+    n_layer: int
+    n_expert: int
+    source: ExpertSource
+    regions: dict = field(default_factory=dict)      # precision -> Region
+    policy: LRUPolicy = field(default_factory=LRUPolicy)
+    loads: dict = field(default_factory=dict)        # (layer, expert) -> Future of its read
+    # hits + waits + misses = experts requested; waits are hits on a read already in flight
+    hits: int = 0
+    misses: int = 0
+    waits: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
+
+    def info(self) -> dict:
+        return {"path": self.path, "n_layer": self.n_layer, "n_expert": self.n_expert,
+                "regions": {p: {"offset": r.offset, "n_slots": r.n_slots,
+                                "format": r.format.to_wire()} for p, r in self.regions.items()}}
+
+    def stats(self) -> dict:
+        mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
+        return {"hits": self.hits, "misses": self.misses, "waits": self.waits,
+                "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 6),
+                "read_MBps": round(mbps, 1),
+                "regions": {p: r.counts() for p, r in self.regions.items()}}
+
+
+class Signal:
+    """Wake every waiter. Unlike asyncio.Condition, fire() needs no lock, so plain callbacks
+    (a RELEASE, a read completion) can call it."""
+
+    def __init__(self):
+        self._fut: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+        self._fut = None
+
+    async def wait(self, timeout: float) -> bool:
+        """True when fired within timeout seconds."""
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig):
+        self.cfg = cfg
+        self.socket_path = os.path.abspath(cfg.socket or default_socket())
+        self.models: dict[str, Model] = {}
+        self.sessions: dict[bytes, Session] = {}
+        self.shm: Segment | None = None
+        self.io: IOEngine | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.router = None
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._freed = Signal()       # a slot may have become takeable (release, read done)
+        self._sids = itertools.count(1)
+        self._requests: set[asyncio.Task] = set()
+        self._jobs: dict = {}        # (model, key) -> ReadJob submitted, not yet completed
+        self._bound = False
+        self.started = time.monotonic()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Raise HobbitError (nothing left behind) if the daemon cannot serve."""
+        self.loop = asyncio.get_running_loop()
+        self._open_models()
+        plan, total = self._plan()
+        self.ctx = zmq.asyncio.Context()
+        await self._claim_socket()
+        free = _shm_free()
+        if free is not None and total > free:
+            raise InputError(f"the cache needs {total / MiB:.0f} MiB of shared memory but "
+                             f"{SHM_DIR} has {free / MiB:.0f} MiB free; lower --cache-size "
+                             f"or enlarge {SHM_DIR}")
+        self.shm = Segment(new_name(), total, create=True)
+        for name, precision, fmt, offset, n in plan:
+            self.models[name].regions[precision] = Region(name, precision, fmt, offset, n)
+        self.io = IOEngine(self.cfg.io_threads, self.cfg.io_limit or None, self.cfg.direct_io)
+        self._bind()
+        for mo in self.models.values():
+            r = mo.regions["high"]
+            log.info("model %s: %d layers x %d experts, %d slots of %.2f MiB (%s)", mo.name,
+                     mo.n_layer, mo.n_expert, r.n_slots, r.format.slot_bytes / MiB, mo.path)
+        log.info("listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
+                 self.socket_path, self.shm.path, total / MiB, self.cfg.io_threads,
+                 f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "")
+
+    async def serve(self) -> None:
+        """Receive and answer until stop(). Raises if a service task dies (a bug)."""
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.models)} models, "
+                  f"cache {self.shm.size / MiB:.0f} MiB")
+        services = [self._receive(), self._reap()]
+        if os.environ.get("NOTIFY_SOCKET"):
+            services.append(self._status())
+        tasks = [asyncio.create_task(c) for c in services]
+        stopped = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopped:
+                    t.result()      # re-raise what killed a service task
+        finally:
+            for t in [stopped, *tasks]:
+                t.cancel()
+            await asyncio.gather(stopped, *tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Ask serve() to return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def shutdown(self, drain: float = DRAIN_S) -> None:
+        """Release everything startup() made; safe after a failed or partial startup."""
+        self.stopping = True
+        if self.router is not None:
+            sd_notify("STOPPING=1")
+        self._freed.fire()               # requests waiting for a slot answer shutting_down
+        if self._requests:
+            _, pending = await asyncio.wait(self._requests, timeout=drain)
+            for t in pending:
+                t.cancel()               # each answers ERROR shutting_down
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.router is not None:
+            self.router.close(linger=CLOSE_LINGER_MS)
+        if self.io is not None:
+            await asyncio.to_thread(self.io.close)
+            await asyncio.sleep(0)       # run the completions the readers just scheduled
+        if self.shm is not None:
+            if any(j.state == "running" for j in self._jobs.values()):
+                # a reader is stuck mid-read into the mapping: unlink, keep it mapped till exit
+                log.warning("a read is still running; leaving it to the process exit")
+                os.unlink(self.shm.path)
+            else:
+                self.shm.close()         # unmaps and unlinks
+        if self._bound:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        if self.ctx is not None:
+            self.ctx.term()
+        if self._bound:
+            log.info("stopped")
+
+    def abandon(self) -> None:
+        """A forced exit: remove the shared memory and socket files now, wait for nothing."""
+        for path, ours in ((self.shm and self.shm.path, self.shm is not None),
+                           (self.socket_path, self._bound)):
+            if ours:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    # ---- startup pieces ------------------------------------------------------------------
+
+    def _open_models(self) -> None:
+        from ..compute.weights import open_model   # deferred: pulls in numpy/gguf
+        from ..loader.layout import gguf_experts
+
+        if not self.cfg.models:
+            raise InputError("no model to serve: give --model GGUF (or models in the config)")
+        names = [_model_name(p) for p in self.cfg.models]
+        for name in set(names):
+            if names.count(name) > 1:
+                raise InputError(f"two models named {name!r}; a model's name is its file name "
+                                 "without .gguf, so rename one")
+        for path, name in zip(self.cfg.models, names):
+            try:
+                w = open_model(path)
+            except OSError as e:
+                raise ModelError(f"{path}: {e.strerror or e}") from None
+            if not w.args.is_moe:
+                raise ModelError(f"{path}: not a mixture-of-experts model (expert_count is 0); "
+                                 "hobbitd serves MoE models only")
+            self.models[name] = Model(name, os.path.realpath(path), w.args.n_layer,
+                                      w.args.n_expert, gguf_experts(w))
+
+    def _plan(self) -> tuple[list, int]:
+        """Regions [(model, precision, fmt, offset, n_slots)] and the segment size. The cache
+        is split among models in proportion to their expert bytes; a model gets at least
+        one layer's experts (else InputError naming the minimum) and at most all of them."""
+        size = self.cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
+        full = {n: mo.n_layer * mo.n_expert * mo.source.expert_bytes
+                for n, mo in self.models.items()}
+        shares = {n: b / sum(full.values()) for n, b in full.items()}
+        plan = plan_regions([(n, "high", mo.source.format, shares[n])
+                             for n, mo in self.models.items()], size)
+        for name, _, fmt, _, n in plan:
+            mo = self.models[name]
+            if n < mo.n_expert:
+                need = max(o.n_expert * o.source.format.slot_bytes / shares[k]
+                           for k, o in self.models.items())
+                raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {name} "
+                                 f"would get {n} slots but needs {mo.n_expert} (one layer's "
+                                 f"experts); the minimum cache size is {int(need // MiB) + 1}M")
+        # a region never needs more slots than the model has experts; the offsets stay, the
+        # unused tail of a region is never touched so it costs no memory
+        plan = [(name, p, fmt, off, min(n, self.models[name].n_layer * self.models[name].n_expert))
+                for name, p, fmt, off, n in plan]
+        total = max(off + n * fmt.slot_bytes for _, _, fmt, off, n in plan)
+        return plan, total
+
+    async def _claim_socket(self) -> None:
+        """Refuse if a live daemon answers on our socket; remove a stale socket file."""
+        path = self.socket_path
+        if len(path.encode()) > SUN_PATH_MAX:
+            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes; "
+                             "choose a shorter --socket")
+        if not os.path.lexists(path):
+            return
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise InputError(f"{path} exists and is not a socket; refusing to replace it")
+        if await self._probe(path):
+            raise DaemonError("socket_in_use", f"another hobbitd is serving on {path}")
+        try:
+            os.unlink(path)
+        except OSError as e:
+            raise DaemonError("socket_in_use", f"cannot remove stale socket {path}: "
+                                               f"{e.strerror}") from None
+        log.info("removed stale socket %s", path)
+
+    async def _probe(self, path: str) -> bool:
+        """True if something answers a HELLO on ipc://path within PROBE_S."""
+        s = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        try:
+            s.connect(f"ipc://{path}")
+            await s.send_multipart(m.encode(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(),
+                                            name="hobbitd-probe"))
+            if not await s.poll(PROBE_S * 1000):
+                return False
+            await s.send_multipart(m.encode(m.Cmd.BYE))   # do not leave a session behind
+            await asyncio.sleep(0.01)                     # give the BYE a moment to leave
+            return True
+        finally:
+            s.close(linger=0)
+
+    def _bind(self) -> None:
+        path = self.socket_path
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
+        old = os.umask(0o117)            # the socket file is born 0660: no window of 0777
+        try:
+            self.router.bind(f"ipc://{path}")
+        except zmq.ZMQError as e:
+            raise DaemonError("socket_in_use", f"cannot listen on {path}: {e}") from None
+        finally:
+            os.umask(old)
+        self._bound = True
+        os.chmod(path, 0o660)
+
+    # ---- receiving -----------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            try:
+                self._dispatch(frames[0], frames[1:])
+            except Exception as e:     # a bug: tell the client, keep serving
+                log.exception("internal error handling a message")
+                self._send(frames[0], m.Cmd.ERROR, code="internal", message=f"hobbitd: {e!r}")
+
+    def _dispatch(self, ident: bytes, frames: list) -> None:
+        s = self.sessions.get(ident)
+        if s is not None:
+            s.last_seen = time.monotonic()   # any message counts as a heartbeat
+        try:
+            cmd, msg = m.decode(frames)
+        except ProtocolError as e:
+            self._send(ident, m.Cmd.ERROR, code=e.code, message=str(e))
+            return
+        if cmd == m.Cmd.HELLO:
+            return self._hello(ident, msg)
+        if cmd == m.Cmd.BYE:
+            if s is not None:
+                self._drop(s, "said BYE")
+            return
+        if s is None:
+            rid = msg.get("id") if isinstance(msg.get("id"), int) else None
+            return self._error(ident, "no_session", "no session: say HELLO first", rid)
+        handler = {m.Cmd.REQUEST: self._on_request, m.Cmd.HINT: self._on_hint,
+                   m.Cmd.RELEASE: self._on_release, m.Cmd.STATS: self._on_stats,
+                   m.Cmd.HEARTBEAT: lambda s, msg: None}.get(cmd)
+        if handler is None:
+            return self._error(ident, "unknown_command", f"{cmd.name} is not a client command")
+        handler(s, msg)
+
+    def _send(self, ident: bytes, cmd: m.Cmd, **fields) -> None:
+        # ROUTER sends never block: a reply to a vanished client is dropped by ZeroMQ
+        fut = self.router.send_multipart([ident, *m.encode(cmd, **fields)])
+        fut.add_done_callback(_log_send_error)
+
+    def _error(self, ident: bytes, code: str, message: str, rid: int | None = None) -> None:
+        extra = {} if rid is None else {"id": rid}
+        self._send(ident, m.Cmd.ERROR, code=code, message=message, **extra)
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def _hello(self, ident: bytes, msg: dict) -> None:
+        if msg["version"] != m.VERSION:
+            return self._error(ident, "bad_version", f"protocol version {msg['version']}; "
+                                                     f"hobbitd speaks {m.VERSION}")
+        old = self.sessions.get(ident)
+        if old is not None:
+            self._drop(old, "said HELLO again")
+        pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
+        s = Session(next(self._sids), ident, pid, str(msg.get("name", ""))[:64], time.monotonic())
+        self.sessions[ident] = s
+        if s.name != "hobbitd-probe":
+            log.info("client %s (pid %s) connected", s.name or "?", pid)
+        self._send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=self.shm.name,
+                   shm_size=self.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
+                   models={n: mo.info() for n, mo in self.models.items()})
+
+    def _drop(self, s: Session, why: str) -> None:
+        """End a session and release every pin it holds."""
+        s.alive = False
+        if self.sessions.get(s.ident) is s:
+            del self.sessions[s.ident]
+        n = sum(s.pins.values())
+        for slot in s.pins:
+            slot.pins.pop(s.sid, None)
+        s.pins.clear()
+        self._freed.fire()
+        if s.name != "hobbitd-probe":
+            log.info("client %s (pid %s) %s; released %d pins", s.name or "?", s.pid, why, n)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if s.inflight == 0 and now - s.last_seen > self.cfg.client_timeout:
+                    self._drop(s, f"silent for {now - s.last_seen:.1f} s")
+
+    async def _status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            hits = sum(mo.hits + mo.waits for mo in self.models.values())
+            misses = sum(mo.misses for mo in self.models.values())
+            sd_notify(f"STATUS=serving {len(self.models)} models to {len(self.sessions)} "
+                      f"clients; {hits} hits, {misses} misses")
+
+    # ---- pins ----------------------------------------------------------------------------
+
+    def _pin(self, s: Session, slot: Slot) -> None:
+        if s.alive:                  # a dead session would never release it
+            slot.pins[s.sid] += 1
+            s.pins[slot] += 1
+
+    def _unpin(self, s: Session, slot: Slot) -> None:
+        """Drop one of s's pins on slot; nothing if s holds none (never negative)."""
+        if s.pins[slot] <= 0:
+            s.pins.pop(slot, None)
+            return
+        s.pins[slot] -= 1
+        if not s.pins[slot]:
+            del s.pins[slot]
+        slot.pins[s.sid] -= 1
+        if slot.pins[s.sid] <= 0:
+            del slot.pins[s.sid]     # a zero count would still read as pinned
+
+    # ---- commands ------------------------------------------------------------------------
+
+    def _validate(self, msg: dict) -> tuple[Model, int, list]:
+        """(model, layer, experts) of a REQUEST; RequestError naming what is wrong. Field
+        types were checked by decode(); ranges and duplicates are checked here."""
+        mo = self._model(msg)
+        self._check(mo, msg["layer"], msg["experts"])
+        return mo, msg["layer"], msg["experts"]
+
+    def _model(self, msg: dict) -> Model:
+        mo = self.models.get(msg["model"])
+        if mo is None:
+            raise RequestError("unknown_model", f"no model {msg['model']!r} "
+                                                f"(serving: {', '.join(self.models)})")
+        return mo
+
+    @staticmethod
+    def _check(mo: Model, layer: int, experts: list) -> None:
+        if not 0 <= layer < mo.n_layer:
+            raise RequestError("bad_request", f"layer {layer} is out of range 0..{mo.n_layer - 1}")
+        for e in experts:
+            if not 0 <= e < mo.n_expert:
+                raise RequestError("bad_request",
+                                   f"expert {e} is out of range 0..{mo.n_expert - 1}")
+        if len(set(experts)) != len(experts):
+            raise RequestError("bad_request", f"duplicate experts in {experts}")
+
+    def _on_request(self, s: Session, msg: dict) -> None:
+        try:
+            mo, layer, experts = self._validate(msg)
+        except RequestError as e:
+            return self._error(s.ident, e.code, str(e), msg["id"])
+        s.inflight += 1              # before the task starts: the reaper must not drop s
+        t = asyncio.create_task(self._serve_request(s, mo, layer, experts, msg["id"]))
+        self._requests.add(t)
+        t.add_done_callback(self._requests.discard)
+
+    async def _serve_request(self, s: Session, mo: Model, layer: int, experts: list,
+                             rid: int) -> None:
+        """Acquire all experts concurrently (each pinned as soon as it is held), reply
+        SLOTS; on any failure unpin what was acquired and reply ERROR."""
+        try:
+            got = await asyncio.gather(*(self._acquire(s, mo, (layer, e)) for e in experts),
+                                       return_exceptions=True)
+            failed = [g for g in got if isinstance(g, BaseException)]
+            if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
+                return self._error(s.ident, "no_session", "the session ended during the "
+                                   "request; say HELLO again", rid)
+            if failed:
+                for g in got:
+                    if isinstance(g, Slot):
+                        self._unpin(s, g)
+                self._freed.fire()
+                e = failed[0]
+                if not isinstance(e, RequestError):
+                    log.error("request %s failed", rid, exc_info=e)
+                    e = RequestError("internal", f"hobbitd: {e!r}")
+                return self._error(s.ident, e.code, str(e), rid)
+            self._send(s.ident, m.Cmd.SLOTS, id=rid,
+                       slots=[[g.region.precision, g.index] for g in got])
+        except asyncio.CancelledError:
+            self._error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
+            raise
+        finally:
+            s.inflight -= 1
+            s.last_seen = max(s.last_seen, time.monotonic())   # it was waiting on us
+
+    async def _acquire(self, s: Session, mo: Model, key: tuple) -> Slot:
+        """The slot holding `key` in mo's high region, ready and pinned once for s."""
+        region = mo.regions["high"]
+        waited, deadline = False, None
+        while True:
+            slot = region.lookup(key)
+            if slot is not None and slot.state == "ready":
+                self._pin(s, slot)
+                mo.policy.touch(slot)
+                if waited:
+                    mo.waits += 1
+                else:
+                    mo.hits += 1
+                return slot
+            if slot is not None:      # loading for someone else: share that read
+                waited = True
+                await asyncio.shield(mo.loads[key])
+                continue
+            if self.stopping:         # hits still count while draining; no new reads or waits
+                raise RequestError("shutting_down", "hobbitd is shutting down")
+            slot = region.take(key, mo.policy)
+            if slot is None:          # every slot pinned or loading: wait for a release
+                deadline = deadline or time.monotonic() + self.cfg.slot_wait
+                if not await self._freed.wait(deadline - time.monotonic()):
+                    raise RequestError("cache_full", f"no free slot for {mo.name} within "
+                                       f"{self.cfg.slot_wait:g} s: all {region.n_slots} are pinned")
+                continue
+            mo.misses += 1
+            self._pin(s, slot)        # pinned before the read: nobody can take it meanwhile
+            try:
+                await asyncio.shield(self._load(mo, slot, key))
+            except BaseException:
+                self._unpin(s, slot)
+                raise
+            mo.policy.touch(slot)
+            return slot
+
+    def _load(self, mo: Model, slot: Slot, key: tuple) -> asyncio.Future:
+        """Read expert `key` into `slot` (state loading) on the I/O threads. The returned
+        future resolves when the slot is ready; the slot's state is settled by _loaded,
+        whoever is (still) waiting."""
+        fut = self.loop.create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        mo.loads[key] = fut
+        fmt = mo.source.format
+        base = self.shm.address + slot.offset
+        segments = [(mo.source.path, off, n, base + fmt.part_offsets[p])
+                    for p, (off, n) in enumerate(mo.source.ranges(*key))]
+        t0 = time.monotonic()
+
+        def done(job, error):          # on a reader thread
+            try:
+                self.loop.call_soon_threadsafe(self._loaded, mo, slot, key, fut, t0, error)
+            except RuntimeError:
+                pass                   # the loop is closed: the daemon is exiting
+
+        self._jobs[mo.name, key] = self.io.submit((mo.name, "high", key), segments, DEMAND, done)
+        return fut
+
+    def _loaded(self, mo, slot, key, fut, t0, error) -> None:
+        self._jobs.pop((mo.name, key), None)
+        if mo.loads.get(key) is fut:
+            del mo.loads[key]
+        if error is not None:
+            mo.regions["high"].drop(slot)
+            fut.set_exception(RequestError("io", f"reading {mo.name} layer {key[0]} expert "
+                                                 f"{key[1]}: {error}"))
+        else:
+            slot.state = "ready"
+            mo.bytes_read += mo.source.expert_bytes
+            mo.read_seconds += time.monotonic() - t0
+            fut.set_result(slot)
+        self._freed.fire()
+
+    def _on_hint(self, s: Session, msg: dict) -> None:
+        # validated so a client bug shows (an ERROR, which is otherwise never sent for a
+        # HINT); prefetching comes with issue 5. decode() checked that the rows line up.
+        try:
+            mo = self._model(msg)
+            self._check(mo, msg["layer"], [])
+            for layer, experts in zip(msg["layers"], msg["experts"]):
+                self._check(mo, layer, experts)
+        except RequestError as e:
+            self._error(s.ident, e.code, f"HINT: {e}")
+
+    def _on_release(self, s: Session, msg: dict) -> None:
+        mo = self.models.get(msg["model"])
+        if mo is None:
+            return self._error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
+        for item in msg["slots"]:
+            # slots it does not hold (released twice, lost with a timed-out session) are ignored
+            if isinstance(item, list) and len(item) == 2 and item[0] in mo.regions \
+                    and isinstance(item[1], int) and 0 <= item[1] < mo.regions[item[0]].n_slots:
+                self._unpin(s, mo.regions[item[0]].slots[item[1]])
+        self._freed.fire()
+
+    def _on_stats(self, s: Session, msg: dict) -> None:
+        self._send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats())
+
+    def stats(self) -> dict:
+        io = self.io
+        return {"uptime_s": round(time.monotonic() - self.started, 3),
+                "clients": len(self.sessions),
+                "models": {n: mo.stats() for n, mo in self.models.items()},
+                "io": {"bytes_read": io.bytes_read, "reads": io.reads,
+                       "direct_reads": io.direct_reads, "pending": io.pending(),
+                       "read_seconds": round(io.read_seconds, 6)}}
+
+
+def _model_name(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _shm_free() -> int | None:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _log_send_error(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("send failed: %s", fut.exception())

@@ -1,0 +1,211 @@
+"""Helpers for daemon tests: run the real hobbitd as a subprocess, talk to it raw.
+
+run_daemon(models, cache_size, tmp_path, **flags) starts `python -m hobbit.hobbitd.main`
+with --socket in tmp_path and yields once it answers a HELLO; flags become --flag-name
+value (True: a bare flag). The raw client is a ZeroMQ DEALER speaking protocol.messages,
+with no retries or reconnects, so tests see exactly what the daemon sends.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from hobbit.protocol import messages as m
+
+DAEMON = [sys.executable, "-m", "hobbit.hobbitd.main"]
+START_TIMEOUT = 60.0   # seconds; opening a GGUF parses its whole vocabulary (a few s)
+
+
+class RunningDaemon:
+    def __init__(self, proc: subprocess.Popen, socket: str, stderr_path: str):
+        self.proc, self.socket, self.stderr_path = proc, socket, stderr_path
+
+    @property
+    def stderr(self) -> str:
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the daemon, wait for it, assert it exited 0; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"hobbitd did not stop within {timeout} s:\n{self.stderr}")
+        assert rc == 0, f"hobbitd exited {rc}:\n{self.stderr}"
+        assert "Traceback" not in self.stderr, self.stderr
+        return rc
+
+
+def daemon_args(models, cache_size, socket, **flags) -> list[str]:
+    args = [*DAEMON, "--socket", socket, "--cache-size", str(cache_size)]
+    for path in models:
+        args += ["--model", str(path)]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    return args
+
+
+@contextlib.contextmanager
+def run_daemon(models, cache_size, tmp_path, env=None, **flags):
+    """Yield a RunningDaemon serving `models`; stopped (and checked for exit 0) after."""
+    socket = str(tmp_path / "hobbitd.sock")
+    stderr_path = str(tmp_path / "hobbitd.stderr")
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(daemon_args(models, cache_size, socket, **flags),
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, **(env or {})})
+    d = RunningDaemon(proc, socket, stderr_path)
+    try:
+        wait_ready(d)
+        yield d
+    finally:
+        if proc.poll() is None:
+            d.stop()
+
+
+def wait_ready(d: RunningDaemon) -> None:
+    sock = connect(d.socket)
+    try:
+        send(sock, m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name="test-probe")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if d.proc.poll() is not None:
+                pytest.fail(f"hobbitd exited {d.proc.returncode} at startup:\n{d.stderr}")
+            if recv(sock, 0.2) is not None:
+                send(sock, m.Cmd.BYE)
+                time.sleep(0.05)       # let the BYE leave before the socket closes
+                return
+        pytest.fail(f"hobbitd did not answer HELLO within {START_TIMEOUT} s:\n{d.stderr}")
+    finally:
+        sock.close(linger=0)
+
+
+# ---- raw client ----------------------------------------------------------------------------
+
+class Dealer(zmq.Socket):
+    welcome: dict | None = None     # the WELCOME fields, once hello() succeeded
+
+
+def connect(socket_path: str) -> Dealer:
+    sock = zmq.Context.instance().socket(zmq.DEALER, socket_class=Dealer)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{socket_path}")
+    return sock
+
+
+def send(sock: zmq.Socket, cmd, **fields) -> None:
+    sock.send_multipart(m.encode(cmd, **fields))
+
+
+def recv(sock: zmq.Socket, timeout: float = 5.0):
+    """(Cmd, fields) of the next message, or None after `timeout` seconds of silence."""
+    if not sock.poll(int(timeout * 1000)):
+        return None
+    return m.decode(sock.recv_multipart())
+
+
+def call(sock: zmq.Socket, cmd, timeout: float = 5.0, **fields):
+    send(sock, cmd, **fields)
+    got = recv(sock, timeout)
+    assert got is not None, f"no answer to {cmd.name} within {timeout} s"
+    return got
+
+
+def hello(sock: zmq.Socket, name: str = "test") -> dict:
+    cmd, msg = call(sock, m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name=name)
+    assert cmd == m.Cmd.WELCOME, msg
+    sock.welcome = msg
+    return msg
+
+
+def stats(sock: zmq.Socket) -> dict:
+    cmd, msg = call(sock, m.Cmd.STATS)
+    assert cmd == m.Cmd.STATS_REPLY, msg
+    return msg["stats"]
+
+
+def request(sock: zmq.Socket, model: str, layer: int, experts, rid: int = 1,
+            timeout: float = 10.0) -> list:
+    """Pinned slots [[precision, index]] for `experts`; fails the test on any other answer."""
+    cmd, msg = call(sock, m.Cmd.REQUEST, timeout=timeout, id=rid, model=model, layer=layer,
+                    experts=list(experts))
+    assert cmd == m.Cmd.SLOTS and msg["id"] == rid, msg
+    return msg["slots"]
+
+
+def release(sock: zmq.Socket, model: str, slots) -> None:
+    send(sock, m.Cmd.RELEASE, model=model, slots=[list(s) for s in slots])
+
+
+# ---- checking slot contents ----------------------------------------------------------------
+
+_sources: dict = {}
+
+
+def expert_source(gguf_path: str):
+    """The GGUF's ExpertSource (cached: opening a GGUF takes seconds)."""
+    from hobbit.compute.weights import open_model
+    from hobbit.loader.layout import gguf_experts
+
+    if gguf_path not in _sources:
+        _sources[gguf_path] = gguf_experts(open_model(gguf_path))
+    return _sources[gguf_path]
+
+
+class SlotView:
+    """The daemon's shared memory mapped read-only (as a compute client maps it), next to
+    the GGUF, to compare what a slot holds with the expert's bytes in the file."""
+
+    def __init__(self, welcome: dict, model: str, gguf_path: str):
+        from hobbit.loader.layout import SlotFormat
+        from hobbit.loader.shm import Segment
+
+        self.seg = Segment(welcome["shm"], welcome["shm_size"])
+        self.region = welcome["models"][model]["regions"]["high"]
+        self.fmt = SlotFormat.from_wire(self.region["format"])
+        self.source = expert_source(gguf_path)
+        self.path = gguf_path
+
+    def slot_parts(self, index: int) -> list[bytes]:
+        base = self.region["offset"] + index * self.fmt.slot_bytes
+        return [self.seg.array[base + off: base + off + n].tobytes()
+                for off, n in zip(self.fmt.part_offsets, self.fmt.part_nbytes)]
+
+    def file_parts(self, layer: int, expert: int) -> list[bytes]:
+        with open(self.path, "rb") as f:
+            parts = []
+            for off, n in self.source.ranges(layer, expert):
+                f.seek(off)
+                parts.append(f.read(n))
+            return parts
+
+    def check(self, slot, layer: int, expert: int) -> None:
+        precision, index = slot
+        assert precision == "high"
+        got, want = self.slot_parts(index), self.file_parts(layer, expert)
+        for p, (g, w) in enumerate(zip(got, want)):
+            assert g == w, f"slot {index}: part {p} of layer {layer} expert {expert} differs"
+
+    def close(self) -> None:
+        self.seg.close()
+
+
+# the small synthetic Mixtral-layout MoE every daemon test serves: 4 layers x 8 experts,
+# 417792 bytes (0.4 MiB) per expert, 430080-byte slots, so "4M" is the minimum cache (9 slots)
+SYNTH = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4,
+             type="Q8_0", seed=0)

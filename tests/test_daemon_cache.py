@@ -1,0 +1,134 @@
+"""hobbitd's cache when the model does not fit: eviction, pins that survive it, cache_full,
+and reads shared by concurrent requests."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from daemon_util import (SYNTH, SlotView, call, connect, hello, recv, release, request,
+                         run_daemon, send, stats)
+from hobbit.protocol import messages as m
+
+LAYERS, EXPERTS = SYNTH["layers"], SYNTH["experts"]
+
+
+@pytest.fixture(scope="module")
+def daemon(synth, tmp_path_factory):
+    """The minimum cache (9 slots for 32 experts), buffered reads, a short slot wait."""
+    path = synth(**SYNTH)
+    with run_daemon([path], "4M", tmp_path_factory.mktemp("daemon"), no_direct_io=True,
+                    slot_wait=0.5) as d:
+        d.model_path = path
+        d.model = os.path.basename(path)[:-len(".gguf")]
+        yield d
+
+
+@pytest.fixture
+def client(daemon):
+    sock = connect(daemon.socket)
+    hello(sock)
+    yield sock
+    send(sock, m.Cmd.BYE)
+    sock.close(linger=100)
+
+
+@pytest.fixture
+def view(daemon, client):
+    v = SlotView(client.welcome, daemon.model, daemon.model_path)
+    yield v
+    v.close()
+
+
+def model_stats(sock, model):
+    return stats(sock)["models"][model]
+
+
+def test_churn_evicts_and_every_slot_is_right(daemon, client, view):
+    n_slots = client.welcome["models"][daemon.model]["regions"]["high"]["n_slots"]
+    assert n_slots == 9
+    before = model_stats(client, daemon.model)
+    for _ in range(2):
+        for layer in range(LAYERS):
+            for e in range(EXPERTS):
+                slot = request(client, daemon.model, layer, [e])
+                view.check(slot[0], layer, e)
+                release(client, daemon.model, slot)
+    after = model_stats(client, daemon.model)
+    assert after["misses"] - before["misses"] >= 2 * (LAYERS * EXPERTS - n_slots)
+    assert after["regions"]["high"]["ready"] <= n_slots
+    assert after["regions"]["high"]["pinned"] == 0
+    st = stats(client)["io"]
+    assert st["direct_reads"] == 0 and st["reads"] > 0          # --no-direct-io
+
+
+def test_pinned_slot_survives_churn(daemon, client, view):
+    held = request(client, daemon.model, 0, [0])[0]
+    snapshot = view.slot_parts(held[1])
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            if (layer, e) == (0, 0):
+                continue
+            slot = request(client, daemon.model, layer, [e])[0]
+            assert slot != held
+            release(client, daemon.model, [slot])
+    assert view.slot_parts(held[1]) == snapshot
+    view.check(held, 0, 0)
+    s0 = model_stats(client, daemon.model)
+    assert s0["regions"]["high"]["pinned"] == 1
+    assert request(client, daemon.model, 0, [0])[0] == held      # still cached: a hit
+    assert model_stats(client, daemon.model)["hits"] == s0["hits"] + 1
+
+
+def test_cache_full_then_recovers(daemon, client, view):
+    """8 of the 9 slots pinned: a request for 2 new experts gets one slot, waits for the
+    other, answers cache_full after --slot-wait, and gives back the one it got."""
+    request(client, daemon.model, 0, range(8))
+    other = connect(daemon.socket)
+    hello(other, "other")
+    t0 = time.monotonic()
+    cmd, msg = call(other, m.Cmd.REQUEST, id=3, model=daemon.model, layer=1, experts=[0, 1])
+    assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "cache_full", 3), msg
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert model_stats(other, daemon.model)["regions"]["high"]["pinned"] == 8
+    # a release while the request waits lets it through
+    send(other, m.Cmd.REQUEST, id=4, model=daemon.model, layer=1, experts=[0, 1])
+    time.sleep(0.1)
+    release(client, daemon.model, [["high", i] for i in range(9)])
+    got = recv(other, 5.0)
+    assert got is not None and got[0] == m.Cmd.SLOTS, got
+    view.check(got[1]["slots"][0], 1, 0)
+    view.check(got[1]["slots"][1], 1, 1)
+    other.close()
+
+
+def test_concurrent_requests_share_one_read(synth, tmp_path):
+    """Reads throttled to 512 KiB/s (0.8 s per expert, a wide margin on a busy machine): a
+    second request for an expert being read waits for that read instead of starting another."""
+    path = synth(**SYNTH)
+    with run_daemon([path], "8M", tmp_path, io_limit="512K") as d:
+        model = os.path.basename(path)[:-len(".gguf")]
+        a, b = connect(d.socket), connect(d.socket)
+        hello(a, "a")
+        hello(b, "b")
+        send(a, m.Cmd.REQUEST, id=1, model=model, layer=2, experts=[3, 4])
+        time.sleep(0.1)
+        send(b, m.Cmd.REQUEST, id=2, model=model, layer=2, experts=[4])
+        ra, rb = recv(a, 10), recv(b, 10)
+        assert ra[0] == rb[0] == m.Cmd.SLOTS, (ra, rb)
+        assert ra[1]["slots"][1] == rb[1]["slots"][0]
+        st = model_stats(a, model)
+        assert (st["misses"], st["waits"], st["hits"]) == (2, 1, 0)
+        assert st["regions"]["high"]["pinned"] == 2
+        assert 0.1 < st["read_MBps"] < 1
+        view = SlotView(a.welcome, model, path)
+        view.check(rb[1]["slots"][0], 2, 4)
+        view.check(ra[1]["slots"][0], 2, 3)
+        view.close()
+        # a session that ends while its request reads is told so, and pins nothing
+        send(b, m.Cmd.REQUEST, id=3, model=model, layer=3, experts=[0])
+        hello(b, "b again")                     # replaces the session (and drops its pin)
+        cmd, msg = recv(b, 10)
+        assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "no_session", 3), msg
+        assert model_stats(a, model)["regions"]["high"]["pinned"] == 2     # only a's two

@@ -1,0 +1,131 @@
+"""hobbitd's configuration (TOML + flags, sizes, the default socket) and sd_notify."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from hobbit.hobbitd import config
+from hobbit.hobbitd.config import DaemonConfig, default_socket, load_config, parse_size
+from hobbit.hobbitd.main import build_parser, config_from_args
+from hobbit.hobbitd.notify import sd_notify
+from hobbit.protocol.errors import InputError
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "systemd", "hobbitd.toml")
+
+
+@pytest.mark.parametrize("text, n", [
+    ("123", 123), (123, 123), ("4K", 4096), ("400M", 400 << 20), ("2G", 2 << 30),
+    ("1.5GiB", 3 << 29), ("2g", 2 << 30), ("10MB", 10 << 20), (" 1 T ", 1 << 40), ("0", 0),
+])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", -1, "1.5.2G", "2X", "two", "1 GB extra"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InputError):
+        parse_size(text)
+
+
+def test_example_config_loads():
+    cfg = load_config(EXAMPLE)
+    assert cfg.models == ["/srv/models/Mixtral-8x7B-Instruct-v0.1.Q4_K_M.gguf"]
+    assert cfg.cache_size == 8 << 30 and cfg.io_threads == 4 and cfg.direct_io is True
+    assert (cfg.client_timeout, cfg.slot_wait, cfg.socket) == (5.0, 30.0, "")
+
+
+def test_config_values_and_relative_models(tmp_path):
+    p = tmp_path / "d.toml"
+    p.write_text('models = ["m/a.gguf", "/abs/b.gguf"]\ncache_size = 1073741824\n'
+                 'io_limit = "400M"\ndirect_io = false\nclient_timeout = 2\n')
+    cfg = load_config(str(p))
+    assert cfg.models == [str(tmp_path / "m/a.gguf"), "/abs/b.gguf"]
+    assert (cfg.cache_size, cfg.io_limit, cfg.direct_io) == (1 << 30, 400 << 20, False)
+    assert cfg.client_timeout == 2.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("cache_sise = 1", "unknown key 'cache_sise'"),
+    ('models = "a.gguf"', "models must be a list"),
+    ('io_threads = 0', "io_threads must be a positive integer"),
+    ('direct_io = "yes"', "direct_io must be true or false"),
+    ('client_timeout = -1', "client_timeout must be a positive number"),
+    ('cache_size = "lots"', "cache_size"),
+    ("models = [", "unreadable config"),
+])
+def test_config_errors_name_the_key(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text + "\n")
+    with pytest.raises(InputError) as e:
+        load_config(str(p))
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(InputError, match="no such config file"):
+        load_config(str(tmp_path / "nope.toml"))
+
+
+def test_flags_override_the_config(tmp_path):
+    p = tmp_path / "d.toml"
+    p.write_text('models = ["/a.gguf"]\ncache_size = "1G"\nio_threads = 2\n')
+    args = build_parser().parse_args(["--config", str(p), "--cache-size", "2G",
+                                      "--no-direct-io", "--client-timeout", "1.5"])
+    cfg = config_from_args(args)
+    assert cfg.models == ["/a.gguf"] and cfg.io_threads == 2
+    assert (cfg.cache_size, cfg.direct_io, cfg.client_timeout) == (2 << 30, False, 1.5)
+    args = build_parser().parse_args(["--config", str(p), "--model", "/b.gguf"])
+    assert config_from_args(args).models == ["/b.gguf"]
+    assert config_from_args(build_parser().parse_args([])) == DaemonConfig()
+
+
+def test_bad_flag_values_exit_2(capsys):
+    for argv in (["--cache-size", "lots"], ["--io-threads", "0"], ["--client-timeout", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 2
+
+
+def test_default_socket(monkeypatch, tmp_path):
+    for var in ("HOBBIT_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(config, "SYSTEM_SOCKET", str(tmp_path / "system.sock"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    assert default_socket() == "/tmp/hobbitd-1000.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket() == "/run/user/1000/hobbitd.sock"
+    (tmp_path / "system.sock").touch()      # a system daemon is up: users find it
+    assert default_socket() == str(tmp_path / "system.sock")
+    (tmp_path / "system.sock").unlink()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_socket() == str(tmp_path / "system.sock")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/hobbitd:/run/other")
+    assert default_socket() == "/run/hobbitd/hobbitd.sock"
+    monkeypatch.setenv("HOBBIT_SOCKET", "/x/y.sock")
+    assert default_socket() == "/x/y.sock"
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify(monkeypatch, tmp_path, abstract):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"hobbit-test-{os.getpid()}"
+        s.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    else:
+        s.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    s.settimeout(2)
+    assert sd_notify("READY=1\nSTATUS=hi")
+    assert s.recv(100) == b"READY=1\nSTATUS=hi"
+    s.close()
+
+
+def test_sd_notify_unset_or_gone(monkeypatch, tmp_path):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
+    assert sd_notify("READY=1") is False
