@@ -88,8 +88,8 @@ class ExpertClient:
     def part_strides(self, precision: str) -> tuple:
         return (self.regions[precision]["format"].slot_bytes,) * 3
 
-    def fetch(self, layer: int, experts, scores) -> list:
-        return self.request(layer, experts, scores)
+    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0) -> list:
+        return self.request(layer, experts, scores, seq, token)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -135,10 +135,12 @@ class ExpertClient:
             self.wait_seconds += time.perf_counter() - t0
             return got, msg
 
-    def request(self, layer: int, experts, scores=None) -> list:
-        """Pinned slots [(precision, index) or None if skipped] for `experts` of `layer`."""
+    def request(self, layer: int, experts, scores=None, seq: int = 0, token: int = 0) -> list:
+        """Pinned slots [(precision, index) or None if skipped] for `experts` of `layer`;
+        scores are their unimportance (hobbitd picks precisions from them); seq and token
+        place the request in the client's sequence for the cache policy."""
         fields = {"id": next(self._ids), "model": self.model, "layer": int(layer),
-                  "experts": [int(e) for e in experts]}
+                  "experts": [int(e) for e in experts], "seq": int(seq), "token": int(token)}
         if scores is not None:
             fields["scores"] = [float(s) for s in scores]
         reply = self._call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)

@@ -17,7 +17,7 @@ Two ways to run, one set of layer functions:
 
 An expert provider has: regions {precision: {"n_slots", "format"}}, part_strides(prec),
 part_bases(prec, layer) (addresses of index 0 of gate/up/down), fetch(layer, experts,
-scores) -> [(precision, index) or None], release(handles), hint(layer, predictions).
+scores, seq, token) -> [(precision, index) or None], release(handles), hint(layer, predictions).
 A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
 its input tensors are rewritten.
 """
@@ -101,6 +101,7 @@ class Model:
             raise InputError(f"context size {self.opts.n_ctx} must be positive")
         self.n_ctx = self.opts.n_ctx
         self.n_past = 0
+        self.seq = 0
         self.taps: dict = {}     # name -> (T', X) array from the last forward (RunOptions.taps)
         self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
@@ -153,6 +154,7 @@ class Model:
     def reset(self) -> None:
         """Start a new sequence (the cache contents are simply overwritten later)."""
         self.n_past = 0
+        self.seq += 1     # the daemon's cache policy restarts its per-sequence counters
 
     def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -237,7 +239,8 @@ class Model:
                 wanted = np.unique(sel)
                 best = [float(scores[sel == e].min()) for e in wanted]       # most important use
                 t0 = time.perf_counter()
-                held = provider.fetch(il, wanted.tolist(), best)
+                held = provider.fetch(il, wanted.tolist(), best, seq=self.seq,
+                                      token=self.n_past + probs.shape[0])
                 self.timing.expert_wait_s += time.perf_counter() - t0
                 feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, wanted, held)}
                 variant = (feed["has_high"], feed["has_low"])

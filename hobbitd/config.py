@@ -1,7 +1,8 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
 TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
-direct_io, client_timeout, slot_wait); sizes may be integers (bytes) or strings such as
+direct_io, client_timeout, slot_wait, low_type, low_share, policy, dynamic, low_only,
+prefetch, t1, t2); sizes may be integers (bytes) or strings such as
 "400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
 """
 from __future__ import annotations
@@ -26,6 +27,15 @@ class DaemonConfig:
     direct_io: bool = True       # O_DIRECT reads (bypass the page cache) where supported
     client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
     slot_wait: float = 30.0      # seconds a miss waits for an unpinned slot before cache_full
+    # HOBBIT (issue 5); every technique can be switched off for baselines
+    low_type: str = "auto"       # companion type: "auto" (the default type's file if made), "none", or e.g. "Q4_0"
+    low_share: float = 0.25      # share of each model's cache for low-precision slots
+    policy: str = "hobbit"       # eviction: "hobbit" (multidimensional) or "lru"
+    dynamic: bool = True         # token-level dynamic loading (low precision / skip on misses)
+    low_only: bool = False       # every expert in low precision (a baseline)
+    prefetch: bool = True        # act on clients' lookahead hints
+    t1: float = 0.0              # thresholds; 0 = calibrated values, else 0.6 / 0.9
+    t2: float = 0.0
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -106,10 +116,20 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("a positive integer")
         return value
-    if key == "direct_io":
+    if key in ("direct_io", "dynamic", "low_only", "prefetch"):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
+    if key in ("low_type", "policy"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        if key == "policy" and value not in ("hobbit", "lru"):
+            raise bad('"hobbit" or "lru"')
+        return value
+    if key in ("low_share", "t1", "t2"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise bad("a number from 0 to 1")
+        return float(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise bad("a positive number of seconds")
     return float(value)

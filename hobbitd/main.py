@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of silence after which a client loses its pins (5)")
     p.add_argument("--slot-wait", type=_positive(float), metavar="S",
                    help="seconds a miss waits for a free slot before cache_full (30)")
+    h = p.add_argument_group("HOBBIT techniques (each can be switched off for a baseline)")
+    h.add_argument("--low", dest="low_type", metavar="TYPE",
+                   help="low-precision companion type: auto (default: use the file "
+                        "`hobbit-cli convert` made, if any), none, or a type such as Q4_0")
+    h.add_argument("--low-share", type=float, metavar="F", help="share of the cache for low precision (0.25)")
+    h.add_argument("--policy", choices=("hobbit", "lru"), help="cache eviction policy (hobbit)")
+    h.add_argument("--no-dynamic", dest="dynamic", action="store_false", default=None,
+                   help="load every miss in high precision (no low precision, no skipping)")
+    h.add_argument("--low-only", action="store_true", default=None, help="every expert in low precision")
+    h.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
+                   help="ignore clients' lookahead hints")
+    h.add_argument("--t1", type=float, metavar="S", help="unimportance threshold for high precision (calibrated, else 0.6)")
+    h.add_argument("--t2", type=float, metavar="S", help="unimportance threshold beyond which experts are skipped (calibrated, else 0.9)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -62,7 +75,10 @@ def config_from_args(args) -> DaemonConfig:
         cfg.models = args.model
     for flag, key in (("cache_size", "cache_size"), ("socket", "socket"),
                       ("io_threads", "io_threads"), ("io_limit", "io_limit"),
-                      ("client_timeout", "client_timeout"), ("slot_wait", "slot_wait")):
+                      ("client_timeout", "client_timeout"), ("slot_wait", "slot_wait"),
+                      ("low_type", "low_type"), ("low_share", "low_share"), ("policy", "policy"),
+                      ("dynamic", "dynamic"), ("low_only", "low_only"), ("prefetch", "prefetch"),
+                      ("t1", "t1"), ("t2", "t2")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     if args.no_direct_io:

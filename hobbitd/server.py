@@ -30,10 +30,11 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ..loader.io_engine import DEMAND, IOEngine
+from ..loader.io_engine import DEMAND, PREFETCH, IOEngine
 from ..loader.layout import ExpertSource
-from ..loader.policy import LRUPolicy
+from ..loader.policy import PolicyWeights, make_policy
 from ..loader.pool import Region, Slot, plan_regions
+from ..loader.precision import HIGH, LOW, SKIP, Thresholds
 from ..loader.shm import SHM_DIR, Segment, new_name
 from ..protocol import messages as m
 from ..protocol.errors import DaemonError, HobbitError, InputError, ModelError, ProtocolError
@@ -70,6 +71,7 @@ class Session:
     inflight: int = 0         # requests being served: never reaped while > 0
     alive: bool = True
     pins: Counter = field(default_factory=Counter)   # Slot -> pins this session holds
+    protected: list = field(default_factory=list)     # slots its last HINT protects
 
 
 @dataclass(eq=False)
@@ -79,15 +81,27 @@ class Model:
     n_layer: int
     n_expert: int
     source: ExpertSource
+    low: ExpertSource | None = None                  # the companion file, if served
+    crcs: list | None = None                         # the companion's per-expert crc32
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    calibrated: bool = False
     regions: dict = field(default_factory=dict)      # precision -> Region
-    policy: LRUPolicy = field(default_factory=LRUPolicy)
-    loads: dict = field(default_factory=dict)        # (layer, expert) -> Future of its read
-    # hits + waits + misses = experts requested; waits are hits on a read already in flight
+    policy: object = None
+    loads: dict = field(default_factory=dict)        # (precision, layer, expert) -> Future of its read
+    # hits + waits + misses + skipped = experts requested; waits: hits on a read in flight
+    requested: int = 0
     hits: int = 0
     misses: int = 0
     waits: int = 0
+    skipped: int = 0
+    by_precision: Counter = field(default_factory=Counter)   # "hits_high", "misses_low", ...
+    prefetched: int = 0        # prefetch reads issued
+    prefetch_used: int = 0     # prefetched slots a request then hit
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
+
+    def source_of(self, precision: str) -> ExpertSource:
+        return self.low if precision == LOW else self.source
 
     def info(self) -> dict:
         return {"path": self.path, "n_layer": self.n_layer, "n_expert": self.n_expert,
@@ -96,9 +110,18 @@ class Model:
 
     def stats(self) -> dict:
         mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
-        return {"hits": self.hits, "misses": self.misses, "waits": self.waits,
+        th = self.thresholds
+        return {"requested": self.requested, "hits": self.hits, "misses": self.misses,
+                "waits": self.waits, "skipped": self.skipped,
+                **{k: self.by_precision[k] for k in ("hits_high", "hits_low", "misses_high", "misses_low")},
+                "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
                 "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 6),
                 "read_MBps": round(mbps, 1),
+                "hobbit": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only,
+                           "calibrated": self.calibrated, "policy": self.policy.name,
+                           "policy_weights": list(getattr(self.policy, "w", PolicyWeights()).__dict__.values())
+                           if self.policy.name == "hobbit" else None,
+                           "low_type": self.low and _type_name(self.low.format.types[0])},
                 "regions": {p: r.counts() for p, r in self.regions.items()}}
 
 
@@ -164,9 +187,14 @@ class Daemon:
         self.io = IOEngine(self.cfg.io_threads, self.cfg.io_limit or None, self.cfg.direct_io)
         self._bind()
         for mo in self.models.values():
-            r = mo.regions["high"]
-            log.info("model %s: %d layers x %d experts, %d slots of %.2f MiB (%s)", mo.name,
-                     mo.n_layer, mo.n_expert, r.n_slots, r.format.slot_bytes / MiB, mo.path)
+            slots = ", ".join(f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB"
+                              for p, r in mo.regions.items())
+            th = mo.thresholds
+            log.info("model %s: %d layers x %d experts, %s (%s); policy %s, %s", mo.name,
+                     mo.n_layer, mo.n_expert, slots, mo.path, mo.policy.name,
+                     "low precision only" if th.low_only else
+                     f"T1 {th.t1:g} T2 {th.t2:g}{' (calibrated)' if mo.calibrated else ''}"
+                     if th.dynamic else "high precision only")
         log.info("listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
                  self.socket_path, self.shm.path, total / MiB, self.cfg.io_threads,
                  f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "")
@@ -258,8 +286,42 @@ class Daemon:
             if not w.args.is_moe:
                 raise ModelError(f"{path}: not a mixture-of-experts model (expert_count is 0); "
                                  "hobbitd serves MoE models only")
-            self.models[name] = Model(name, os.path.realpath(path), w.args.n_layer,
-                                      w.args.n_expert, gguf_experts(w))
+            mo = Model(name, os.path.realpath(path), w.args.n_layer, w.args.n_expert, gguf_experts(w))
+            self._hobbit_setup(mo, w)
+            self.models[name] = mo
+
+    def _hobbit_setup(self, mo: Model, weights) -> None:
+        """The companion file (validated: foreign, truncated or stale files are refused),
+        the thresholds (flags, else calibrated, else 0.6/0.9) and the eviction policy."""
+        from ..compute import ggml
+        from ..compute.calibrate import load_calibration
+        from ..loader.companion import companion_path, default_low_type, open_companion
+
+        cfg = self.cfg
+        path = None
+        if cfg.low_type.lower() != "none":
+            if cfg.low_type.lower() == "auto":
+                t = default_low_type(mo.source.format.types[0], [sh[0] for sh in mo.source.format.shapes])
+            else:
+                t = ggml.TYPES_BY_NAME.get(cfg.low_type.upper())
+                if t is None:
+                    raise InputError(f"--low {cfg.low_type}: unknown type")
+            path = companion_path(weights.path, t)
+            if not os.path.exists(path):
+                if cfg.low_type.lower() != "auto" or cfg.low_only:
+                    raise ModelError(f"{path}: no companion file; run hobbit-cli convert {weights.path}"
+                                     f" --low {ggml.type_name(t)}")
+                path = None
+        if path:
+            mo.low, mo.crcs = open_companion(weights, path)
+        calib = load_calibration(path)
+        t1 = cfg.t1 or (calib or {}).get("t1", 0.6)
+        t2 = cfg.t2 or (calib or {}).get("t2", 0.9)
+        mo.calibrated = calib is not None
+        mo.thresholds = Thresholds(t1, max(t1, t2), dynamic=cfg.dynamic and mo.low is not None,
+                                   low_only=cfg.low_only and mo.low is not None)
+        weights_ = PolicyWeights(*calib["weights"]) if calib else None
+        mo.policy = make_policy(cfg.policy, mo.n_layer, weights_)
 
     def _plan(self) -> tuple[list, int]:
         """Regions [(model, precision, fmt, offset, n_slots)] and the segment size. The cache
@@ -269,15 +331,21 @@ class Daemon:
         full = {n: mo.n_layer * mo.n_expert * mo.source.expert_bytes
                 for n, mo in self.models.items()}
         shares = {n: b / sum(full.values()) for n, b in full.items()}
-        plan = plan_regions([(n, "high", mo.source.format, shares[n])
-                             for n, mo in self.models.items()], size)
-        for name, _, fmt, _, n in plan:
+        specs = []
+        for n, mo in self.models.items():
+            low = mo.low is not None and (mo.thresholds.dynamic or mo.thresholds.low_only)
+            share = 0.0 if not low else 1.0 if mo.thresholds.low_only else self.cfg.low_share
+            if share < 1:
+                specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
+            if low:
+                specs.append((n, LOW, mo.low.format, shares[n] * share))
+        plan = plan_regions(specs, size)
+        for name, prec, fmt, _, n in plan:
             mo = self.models[name]
             if n < mo.n_expert:
-                need = max(o.n_expert * o.source.format.slot_bytes / shares[k]
-                           for k, o in self.models.items())
+                need = max(self.models[sp[0]].n_expert * sp[2].slot_bytes / sp[3] for sp in specs)
                 raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {name} "
-                                 f"would get {n} slots but needs {mo.n_expert} (one layer's "
+                                 f"would get {n} {prec} slots but needs {mo.n_expert} (one layer's "
                                  f"experts); the minimum cache size is {int(need // MiB) + 1}M")
         # a region never needs more slots than the model has experts; the offsets stay, the
         # unused tail of a region is never touched so it costs no memory
@@ -408,6 +476,13 @@ class Daemon:
         for slot in s.pins:
             slot.pins.pop(s.sid, None)
         s.pins.clear()
+        for slot in s.protected:
+            slot.protected = False
+        s.protected = []
+        for mo in self.models.values():
+            forget = getattr(mo.policy, "forget", None)
+            if forget:
+                forget(s.sid)
         self._freed.fire()
         if s.name != "hobbitd-probe":
             log.info("client %s (pid %s) %s; released %d pins", s.name or "?", s.pid, why, n)
@@ -479,17 +554,34 @@ class Daemon:
             mo, layer, experts = self._validate(msg)
         except RequestError as e:
             return self._error(s.ident, e.code, str(e), msg["id"])
+        scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
+        seq, token = msg.get("seq"), msg.get("token")
+        if isinstance(seq, int) and isinstance(token, int):
+            mo.policy.begin(s.sid, seq, token, layer)
         s.inflight += 1              # before the task starts: the reaper must not drop s
-        t = asyncio.create_task(self._serve_request(s, mo, layer, experts, msg["id"]))
+        t = asyncio.create_task(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
         self._requests.add(t)
         t.add_done_callback(self._requests.discard)
 
+    def _decide(self, mo: Model, key: tuple, score: float):
+        """Token-level dynamic loading: the precision to use for one expert (None: skip)."""
+        cached = {p: r.lookup(key) is not None for p, r in mo.regions.items()}
+        prec, _ = mo.thresholds.choose(score, cached.get(HIGH, False), cached.get(LOW, False))
+        if prec is not SKIP and prec not in mo.regions:    # e.g. no companion: high only
+            prec = HIGH if HIGH in mo.regions else LOW
+        return prec
+
     async def _serve_request(self, s: Session, mo: Model, layer: int, experts: list,
-                             rid: int) -> None:
-        """Acquire all experts concurrently (each pinned as soon as it is held), reply
-        SLOTS; on any failure unpin what was acquired and reply ERROR."""
+                             scores: list, rid: int) -> None:
+        """Decide each expert's precision, acquire them concurrently (each pinned as soon
+        as it is held), reply SLOTS ([precision, index], or None for a skipped expert); on
+        any failure unpin what was acquired and reply ERROR."""
         try:
-            got = await asyncio.gather(*(self._acquire(s, mo, (layer, e)) for e in experts),
+            mo.requested += len(experts)
+            precs = [self._decide(mo, (layer, e), float(sc)) for e, sc in zip(experts, scores)]
+            mo.skipped += precs.count(SKIP)
+            got = await asyncio.gather(*(self._acquire(s, mo, (layer, e), p, sc <= mo.thresholds.t1)
+                                         for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
                                        return_exceptions=True)
             failed = [g for g in got if isinstance(g, BaseException)]
             if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
@@ -505,8 +597,10 @@ class Daemon:
                     log.error("request %s failed", rid, exc_info=e)
                     e = RequestError("internal", f"hobbitd: {e!r}")
                 return self._error(s.ident, e.code, str(e), rid)
-            self._send(s.ident, m.Cmd.SLOTS, id=rid,
-                       slots=[[g.region.precision, g.index] for g in got])
+            it = iter(got)
+            slots = [None if p is SKIP else [g.region.precision, g.index]
+                     for p, g in ((p, None if p is SKIP else next(it)) for p in precs)]
+            self._send(s.ident, m.Cmd.SLOTS, id=rid, slots=slots)
         except asyncio.CancelledError:
             self._error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
             raise
@@ -514,23 +608,31 @@ class Daemon:
             s.inflight -= 1
             s.last_seen = max(s.last_seen, time.monotonic())   # it was waiting on us
 
-    async def _acquire(self, s: Session, mo: Model, key: tuple) -> Slot:
-        """The slot holding `key` in mo's high region, ready and pinned once for s."""
-        region = mo.regions["high"]
+    async def _acquire(self, s: Session, mo: Model, key: tuple, prec: str, important: bool) -> Slot:
+        """The slot holding `key` in mo's `prec` region, ready and pinned once for s."""
+        region = mo.regions[prec]
         waited, deadline = False, None
         while True:
             slot = region.lookup(key)
             if slot is not None and slot.state == "ready":
                 self._pin(s, slot)
-                mo.policy.touch(slot)
+                mo.policy.touch(slot, s.sid, important)
+                slot.protected = False    # used: the hint that protected it is fulfilled
+                if slot.prefetched:       # a prefetch that paid off
+                    slot.prefetched = False
+                    mo.prefetch_used += 1
                 if waited:
                     mo.waits += 1
                 else:
                     mo.hits += 1
+                mo.by_precision[f"hits_{prec}"] += 1
                 return slot
-            if slot is not None:      # loading for someone else: share that read
+            if slot is not None:      # loading (for someone else, or a prefetch): share that read
                 waited = True
-                await asyncio.shield(mo.loads[key])
+                job = self._jobs.get((mo.name, prec, key))
+                if job is not None:
+                    self.io.promote(job.key)     # a demand overtakes the prefetch queue
+                await asyncio.shield(mo.loads[prec, key])
                 continue
             if self.stopping:         # hits still count while draining; no new reads or waits
                 raise RequestError("shutting_down", "hobbitd is shutting down")
@@ -539,65 +641,110 @@ class Daemon:
                 deadline = deadline or time.monotonic() + self.cfg.slot_wait
                 if not await self._freed.wait(deadline - time.monotonic()):
                     raise RequestError("cache_full", f"no free slot for {mo.name} within "
-                                       f"{self.cfg.slot_wait:g} s: all {region.n_slots} are pinned")
+                                       f"{self.cfg.slot_wait:g} s: all {region.n_slots} {prec} "
+                                       "slots are pinned")
                 continue
             mo.misses += 1
+            mo.by_precision[f"misses_{prec}"] += 1
             self._pin(s, slot)        # pinned before the read: nobody can take it meanwhile
             try:
-                await asyncio.shield(self._load(mo, slot, key))
+                await asyncio.shield(self._load(mo, slot, key, prec, DEMAND))
             except BaseException:
                 self._unpin(s, slot)
                 raise
-            mo.policy.touch(slot)
+            mo.policy.touch(slot, s.sid, important)
             return slot
 
-    def _load(self, mo: Model, slot: Slot, key: tuple) -> asyncio.Future:
-        """Read expert `key` into `slot` (state loading) on the I/O threads. The returned
-        future resolves when the slot is ready; the slot's state is settled by _loaded,
-        whoever is (still) waiting."""
+    def _load(self, mo: Model, slot: Slot, key: tuple, prec: str, priority: int) -> asyncio.Future:
+        """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
+        threads. The future resolves when the slot is ready; the slot's state is settled
+        by _loaded, whoever is (still) waiting. Low-precision images are checksummed."""
+        from ..loader.companion import check_image, slot_image_offset
+
         fut = self.loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
-        mo.loads[key] = fut
-        fmt = mo.source.format
+        mo.loads[prec, key] = fut
+        src = mo.source_of(prec)
         base = self.shm.address + slot.offset
-        segments = [(mo.source.path, off, n, base + fmt.part_offsets[p])
-                    for p, (off, n) in enumerate(mo.source.ranges(*key))]
+        verify = None
+        if prec == LOW:   # one aligned read of the whole slot image, then its crc32
+            segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
+            verify = lambda job: check_image(src, mo.crcs, key[0], key[1], base)  # noqa: E731
+        else:
+            segments = [(src.path, off, n, base + src.format.part_offsets[p])
+                        for p, (off, n) in enumerate(src.ranges(*key))]
         t0 = time.monotonic()
 
         def done(job, error):          # on a reader thread
             try:
-                self.loop.call_soon_threadsafe(self._loaded, mo, slot, key, fut, t0, error)
+                self.loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
             except RuntimeError:
                 pass                   # the loop is closed: the daemon is exiting
 
-        self._jobs[mo.name, key] = self.io.submit((mo.name, "high", key), segments, DEMAND, done)
+        jkey = (mo.name, prec, key)
+        self._jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
         return fut
 
-    def _loaded(self, mo, slot, key, fut, t0, error) -> None:
-        self._jobs.pop((mo.name, key), None)
-        if mo.loads.get(key) is fut:
-            del mo.loads[key]
+    def _loaded(self, mo, slot, key, prec, fut, t0, error) -> None:
+        from ..loader.companion import ChecksumError
+
+        self._jobs.pop((mo.name, prec, key), None)
+        if mo.loads.get((prec, key)) is fut:
+            del mo.loads[prec, key]
         if error is not None:
-            mo.regions["high"].drop(slot)
-            fut.set_exception(RequestError("io", f"reading {mo.name} layer {key[0]} expert "
-                                                 f"{key[1]}: {error}"))
+            mo.regions[prec].drop(slot)
+            code = "checksum" if isinstance(error, ChecksumError) else "io"
+            fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
+                                                 f"{key[1]} ({prec}): {error}"))
         else:
             slot.state = "ready"
-            mo.bytes_read += mo.source.expert_bytes
+            mo.bytes_read += mo.source_of(prec).expert_bytes
             mo.read_seconds += time.monotonic() - t0
             fut.set_result(slot)
         self._freed.fire()
 
     def _on_hint(self, s: Session, msg: dict) -> None:
-        # validated so a client bug shows (an ERROR, which is otherwise never sent for a
-        # HINT); prefetching comes with issue 5. decode() checked that the rows line up.
+        """Layer-level adaptive prefetch. The hint lists the experts a client predicts for
+        its coming layers, nearest first, with their scores. Walk them: a layer whose
+        predicted experts are all cached (in the precision the rule would use) is skipped;
+        the first layer with a predicted miss gets its missing experts read at prefetch
+        priority, protected from eviction until used or superseded, and the walk stops."""
         try:
             mo = self._model(msg)
             self._check(mo, msg["layer"], [])
             for layer, experts in zip(msg["layers"], msg["experts"]):
                 self._check(mo, layer, experts)
         except RequestError as e:
-            self._error(s.ident, e.code, f"HINT: {e}")
+            return self._error(s.ident, e.code, f"HINT: {e}")
+        for slot in s.protected:           # superseded by this newer prediction
+            slot.protected = False
+        s.protected = []
+        if not self.cfg.prefetch or self.stopping:
+            return
+        for layer, experts, scores in zip(msg["layers"], msg["experts"], msg["scores"]):
+            missing = []
+            for e, sc in zip(experts, scores):
+                key = (layer, e)
+                prec = self._decide(mo, key, float(sc))
+                if prec is SKIP:
+                    continue
+                slot = mo.regions[prec].lookup(key)
+                if slot is None:
+                    missing.append((key, prec))
+                else:
+                    slot.protected = True      # keep what the next layers will use
+                    s.protected.append(slot)
+            if not missing:
+                continue
+            for key, prec in missing:
+                slot = mo.regions[prec].take(key, mo.policy)
+                if slot is None:
+                    break
+                slot.protected = slot.prefetched = True
+                s.protected.append(slot)
+                mo.prefetched += 1
+                self._load(mo, slot, key, prec, PREFETCH)
+            return
 
     def _on_release(self, s: Session, msg: dict) -> None:
         mo = self.models.get(msg["model"])
@@ -621,6 +768,11 @@ class Daemon:
                 "io": {"bytes_read": io.bytes_read, "reads": io.reads,
                        "direct_reads": io.direct_reads, "pending": io.pending(),
                        "read_seconds": round(io.read_seconds, 6)}}
+
+
+def _type_name(t: int) -> str:
+    from ..compute import ggml
+    return ggml.type_name(t)
 
 
 def _model_name(path: str) -> str:

@@ -26,6 +26,7 @@ class Slot:
     uses: int = 0
     protected: bool = False             # predicted by a hint: not evicted until used
     counters: dict = field(default_factory=dict)     # HobbitPolicy: sid -> [gen, R, F, H]
+    prefetched: bool = False            # loaded by a prefetch and not used yet
 
     @property
     def evictable(self) -> bool:
@@ -61,7 +62,7 @@ class Region:
             slot = policy.victim(candidates)
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
-        slot.counters = {}
+        slot.counters, slot.prefetched = {}, False
         self.by_key[key] = slot
         return slot
 

@@ -1,0 +1,155 @@
+"""`hobbit-cli bench ablation`: HOBBIT's techniques switched on one by one, same code,
+same prompts, one run. Each configuration gets a fresh hobbitd (same cache size) and the
+same client; decoding is greedy in (a) and forced to (a)'s tokens in the others, so every
+configuration does the same work and KLD compares the same positions.
+
+  (a) high precision only + LRU (mixtral-offloading's method)
+  (b) + token-level dynamic loading (low precision / skip on misses)
+  (c) + layer-level adaptive prefetch
+  (d) + multidimensional cache policy (= hobbit)
+  (e) low precision only (+ LRU)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from ..protocol.errors import HobbitError
+from .calibrate import mean_kld
+
+CONFIGS = [
+    ("a", "high only + LRU", ["--policy", "lru", "--no-dynamic"], 0),
+    ("b", "+ dynamic loading", ["--policy", "lru"], 0),
+    ("c", "+ prefetch", ["--policy", "lru"], 3),
+    ("d", "+ multidim. cache (hobbit)", ["--policy", "hobbit"], 3),
+    ("e", "low only + LRU", ["--policy", "lru", "--low-only"], 0),
+]
+PROMPT_TEXT = ("In the early morning the harbour was quiet. Fishing boats rocked against the pier "
+               "while gulls circled above the market, where traders were setting out baskets of "
+               "bread, cheese and fruit for the day. ")
+
+
+@contextlib.contextmanager
+def daemon(model: str, cache_size: int, flags: list, workdir: str):
+    sock = os.path.join(workdir, f"bench-{os.getpid()}-{time.monotonic_ns()}.sock")
+    log = open(os.path.join(workdir, "hobbitd.log"), "a")
+    proc = subprocess.Popen([sys.executable, "-m", "hobbit.hobbitd.main", "--model", model,
+                             "--cache-size", str(cache_size), "--socket", sock, *flags],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HobbitError(f"hobbitd {' '.join(flags)} did not start (see {log.name})")
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _stats(client) -> dict:
+    return next(iter(client.stats()["models"].values()))
+
+
+def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_ctx=1024):
+    from .expert_client import ExpertClient
+    from .model import Model, RunOptions
+
+    client = ExpertClient(sock, weights.path)
+    model = Model(weights, RunOptions(n_ctx=n_ctx, lookahead=lookahead), experts=client)
+    prefill_s, decode_s, n_tok, logits_all, tokens_all = [], 0.0, 0, [], []
+    s0 = _stats(client)
+    for i, prompt in enumerate(tok_prompts):
+        model.reset()
+        t0 = time.perf_counter()
+        logits = model.forward(prompt)
+        prefill_s.append(time.perf_counter() - t0)
+        toks, lg = [], [logits]
+        t0 = time.perf_counter()
+        for j in range(n_decode):
+            t = int(np.argmax(logits)) if forced is None else forced[i][j]
+            toks.append(t)
+            logits = model.forward([t])
+            lg.append(logits)
+        decode_s += time.perf_counter() - t0
+        n_tok += n_decode
+        tokens_all.append(toks)
+        logits_all.append(np.stack(lg))
+    s1 = _stats(client)
+    delta = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1[k], (int, float))}
+    result = {"decode_tok_s": n_tok / decode_s, "prefill_s": statistics.mean(prefill_s),
+              "compute_s": model.timing.compute_s, "expert_wait_s": model.timing.expert_wait_s,
+              "prefetch": model.prefetch.summary(), "daemon": delta,
+              "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1)}
+    model.close()
+    client.close()
+    return result, tokens_all, logits_all
+
+
+def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32,
+        configs=None, progress=True) -> dict:
+    from ..loader.layout import gguf_experts
+    from .tokenizer import Tokenizer
+    from .weights import open_model
+
+    weights = open_model(model_path)
+    if not weights.args.is_moe:
+        raise HobbitError(f"{model_path}: the ablation needs a MoE model")
+    src = gguf_experts(weights)
+    expert_bytes = src.n_layer * src.n_expert * src.format.slot_bytes
+    cache = int(cache_fraction * expert_bytes)
+    words = Tokenizer(model_path).encode(PROMPT_TEXT * 20)
+    prompts = [words[:n] for n in prompt_tokens]
+    results, ref_tokens, ref_logits = {}, None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, label, flags, lookahead in CONFIGS:
+            if configs and key not in configs:
+                continue
+            if progress:
+                print(f"[ablation] ({key}) {label} ...", file=sys.stderr, flush=True)
+            with daemon(model_path, cache, flags, tmp) as sock:
+                r, toks, logits = run_config(weights, prompts, n_decode, sock, lookahead, ref_tokens)
+            if ref_tokens is None:
+                ref_tokens, ref_logits = toks, logits
+            r["kld_vs_a"] = float(np.mean([mean_kld(a, b) for a, b in zip(ref_logits, logits)]))
+            r["label"] = label
+            results[key] = r
+    base = results.get("a", {}).get("decode_tok_s")
+    for r in results.values():
+        r["speedup_vs_a"] = r["decode_tok_s"] / base if base else None
+    return {"model": model_path, "cache_fraction": cache_fraction, "cache_bytes": cache,
+            "expert_bytes": expert_bytes, "prompt_tokens": list(prompt_tokens), "n_decode": n_decode,
+            "configs": results,
+            "method": ("each configuration: a fresh hobbitd with the same --cache-size, one client "
+                       "process, the same prompts; prefill latency = mean wall time of the prompt "
+                       "forward; decode tok/s = generated tokens / wall time of decoding; (a) "
+                       "decodes greedily and the others are fed (a)'s tokens; KLD = mean KL(a || x) "
+                       "of next-token distributions over all decode positions; hits, misses, skips "
+                       "and bytes read come from hobbitd's STATS before and after the run")}
+
+
+def print_table(r: dict) -> None:
+    print(f"bench ablation: {r['model']}, cache {r['cache_fraction']:.0%} of expert bytes "
+          f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, {r['n_decode']} decoded")
+    head = f"{'config':30s} {'dec tok/s':>9s} {'x(a)':>5s} {'prefill s':>9s} {'hit hi':>7s} {'hit lo':>7s} {'skip':>6s} {'MB/tok':>7s} {'pf top1@1':>9s} {'KLD':>8s}"
+    print(head)
+    for key, c in r["configs"].items():
+        d = c["daemon"]
+        req = max(d.get("requested", 0), 1)
+        pf = c["prefetch"].get(1, {}).get("top1")
+        print(f"({key}) {c['label']:26s} {c['decode_tok_s']:9.2f} {c['speedup_vs_a'] or 0:5.2f} "
+              f"{c['prefill_s']:9.3f} {d.get('hits_high', 0) / req:7.1%} {d.get('hits_low', 0) / req:7.1%} "
+              f"{d.get('skipped', 0) / req:6.1%} {c['bytes_per_token'] / 1e6:7.2f} "
+              f"{'' if pf is None else f'{pf:9.1%}':>9s} {c['kld_vs_a']:8.4f}")
+    print(f"method: {r['method']}")
+
+

@@ -1,0 +1,247 @@
+"""`hobbit-cli calibrate`: choose HOBBIT's thresholds T1/T2 and cache-policy weights for a
+model from calibration text, and store them next to its companion file.
+
+1. Route the text through the model (in-process) and keep, per token and layer, the
+   selected experts and their unimportance scores: the routing trace.
+2. Thresholds: for each (T1, T2) on a grid, the mean KL divergence of the next-token
+   distribution against the all-high-precision run, with every expert loaded as a miss
+   would load it (no cache: the worst case of the rule), and the modelled load cost of the
+   trace through a simulated cache. Keep the cheapest pair whose KLD is within the bound.
+3. Policy weights: for the chosen thresholds, the cache simulation again for every
+   (w_lru, w_lfu, w_lhu, w_fld) on a simplex grid; keep the lowest modelled load cost.
+Modelled load cost = high-precision misses + low-precision misses x (low bytes / high bytes),
+in units of one high-precision expert read.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+from ..loader.layout import PAGE
+from ..loader.policy import PolicyWeights, make_policy
+from ..loader.pool import Region
+from ..loader.precision import HIGH, LOW, SKIP, Thresholds, unimportance
+from ..protocol.errors import HobbitError
+from .local_experts import LocalExperts
+from .model import Model, RunOptions
+
+T1_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+T2_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)     # 1.0: never skip
+
+
+def calib_path(companion: str) -> str:
+    return companion + ".calib.json"
+
+
+def load_calibration(companion: str | None) -> dict | None:
+    """The stored calibration for a companion file, or None (defaults apply)."""
+    if not companion or not os.path.exists(calib_path(companion)):
+        return None
+    with open(calib_path(companion)) as f:
+        return json.load(f)
+
+
+def routing_trace(weights, tokens, n_ctx=512):
+    """(sel, scores): per token and layer the top-k experts (rank order) and their
+    unimportance scores, shapes (tokens, L, K), from an all-high in-process run."""
+    a = weights.args
+    model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
+    routers = np.stack([_router(weights, il) for il in range(a.n_layer)])   # (L, E, D)
+    sels, scores = [], []
+    for start in range(0, len(tokens) - 1, n_ctx):
+        chunk = tokens[start:start + n_ctx]
+        model.reset()
+        model.forward(chunk, all_logits=True)
+        h = np.stack([model.taps[f"ffn_in.{il}"] for il in range(a.n_layer)], axis=1)  # (T, L, D)
+        logits = np.einsum("tld,led->tle", h, routers)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        sel = np.argsort(-p, axis=-1, kind="stable")[..., :a.n_expert_used]
+        w = np.take_along_axis(p, sel, axis=-1)
+        sels.append(sel)
+        scores.append(unimportance(w.reshape(-1, w.shape[-1])).reshape(w.shape))
+    model.close()
+    return np.concatenate(sels), np.concatenate(scores)
+
+
+def _router(weights, il):
+    from .model import _f32
+    return _f32(weights, f"blk.{il}.ffn_gate_inp.weight")
+
+
+def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_ratio,
+             policy="lru", weights: PolicyWeights | None = None) -> dict:
+    """Replay a routing trace through high/low regions of the given sizes; return miss
+    counts and the modelled load cost (in high-precision expert reads)."""
+    n_tok, L, K = sel.shape
+    pol = make_policy(policy, L, weights)
+
+    class _Fmt:          # the simulation needs slot counts only
+        slot_bytes = PAGE
+    regions = {HIGH: Region("sim", HIGH, _Fmt, 0, high_slots)}
+    if low_slots:
+        regions[LOW] = Region("sim", LOW, _Fmt, 0, low_slots)
+    counts = {"high_miss": 0, "low_miss": 0, "hits": 0, "skipped": 0}
+    for t in range(n_tok):
+        for il in range(L):
+            pol.begin(1, 0, t + 1, il)
+            used = []
+            for k in range(K):
+                key = (il, int(sel[t, il, k]))
+                s = float(scores[t, il, k])
+                hi = regions[HIGH].lookup(key)
+                lo = regions[LOW].lookup(key) if LOW in regions else None
+                prec, load = th.choose(s, hi is not None, lo is not None)
+                if prec is SKIP:
+                    counts["skipped"] += 1
+                    continue
+                if prec == LOW and LOW not in regions:
+                    prec = HIGH
+                    load = hi is None
+                r = regions[prec]
+                if load:
+                    slot = r.take(key, pol)
+                    if slot is None:      # all slots in use by this layer: read and drop
+                        counts[f"{prec}_miss"] += 1
+                        continue
+                    slot.state = "ready"
+                    counts[f"{prec}_miss"] += 1
+                else:
+                    slot = r.lookup(key)
+                    counts["hits"] += 1
+                slot.pins[1] += 1
+                pol.touch(slot, 1, s <= th.t1)
+                used.append(slot)
+            for slot in used:
+                slot.pins.clear()
+    counts["cost"] = counts["high_miss"] + low_ratio * counts["low_miss"]
+    return counts
+
+
+def mean_kld(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(ref || test) over rows of next-token logits."""
+    def logsoftmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lr, lt = logsoftmax(ref_logits), logsoftmax(logits)
+    return float((np.exp(lr) * (lr - lt)).sum(-1).mean())
+
+
+def run_logits(model, th, tokens, n_ctx=512):
+    """All next-token logits of `tokens` with the model's LocalExperts set to thresholds th."""
+    model.experts.thresholds = th
+    out = []
+    for start in range(0, len(tokens) - 1, n_ctx):
+        model.reset()
+        out.append(model.forward(tokens[start:start + n_ctx], all_logits=True))
+    return np.concatenate(out)
+
+
+def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25,
+              kld_bound=0.01, progress=True) -> dict:
+    from tqdm import tqdm
+
+    from ..loader.companion import open_companion
+    from ..loader.layout import gguf_experts
+
+    high_src = gguf_experts(weights)
+    low_src, _ = open_companion(weights, companion)
+    ratio = low_src.expert_bytes / high_src.expert_bytes
+    a = weights.args
+    budget = cache_fraction * a.n_layer * a.n_expert * high_src.format.slot_bytes
+    high_slots = max(a.n_expert, int(budget * (1 - low_share)) // high_src.format.slot_bytes)
+    low_slots = max(a.n_expert, int(budget * low_share) // low_src.format.slot_bytes)
+    t0 = time.perf_counter()
+    sel, scores = routing_trace(weights, tokens)
+    model = Model(weights, RunOptions(n_ctx=512, lookahead=0), experts=LocalExperts(weights, companion))
+    ref = run_logits(model, Thresholds(dynamic=False), tokens)
+    grid = [(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
+    rows = []
+    for t1, t2 in tqdm(grid, desc="thresholds", disable=not progress, leave=False):
+        th = Thresholds(t1, t2)
+        kld = mean_kld(ref, run_logits(model, th, tokens))
+        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
+        rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
+    ok = [r for r in rows if r["kld"] <= kld_bound] or [min(rows, key=lambda r: r["kld"])]
+    best = min(ok, key=lambda r: (r["cost"], r["kld"]))
+    model.close()
+    th = Thresholds(best["t1"], best["t2"])
+    simplex = [w for w in itertools.product((0, 0.25, 0.5, 0.75, 1.0), repeat=4) if abs(sum(w) - 1) < 1e-9]
+    policy_rows = []
+    for w in tqdm(simplex, desc="policy weights", disable=not progress, leave=False):
+        pw = PolicyWeights(*w)
+        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
+        policy_rows.append({"weights": list(w), **sim})
+    lru = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "lru")
+    bestw = min(policy_rows, key=lambda r: r["cost"])
+    return {
+        "t1": best["t1"], "t2": best["t2"], "weights": bestw["weights"],
+        "kld": best["kld"], "kld_bound": kld_bound, "cost": bestw["cost"], "lru_cost": lru["cost"],
+        "cache_fraction": cache_fraction, "low_share": low_share, "low_ratio": ratio,
+        "tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 1),
+        "threshold_grid": rows, "companion": os.path.basename(companion),
+    }
+
+
+def save(result: dict, companion: str) -> str:
+    path = calib_path(companion)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_calibrate(args) -> int:
+    from . import ggml
+    from ..loader.companion import companion_path, default_low_type
+    from ..loader.layout import gguf_experts
+    from .tokenizer import Tokenizer
+    from .weights import open_model
+
+    weights = open_model(args.model)
+    if not weights.args.is_moe:
+        raise HobbitError(f"{args.model}: a dense model has nothing to calibrate")
+    if os.path.basename(args.text) == "wiki.test.raw":
+        raise HobbitError(f"{args.text}: that is evaluation text; calibrate on other text")
+    high = gguf_experts(weights)
+    low = ggml.TYPES_BY_NAME[args.low.upper()] if args.low else \
+        default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+    companion = args.companion or companion_path(weights.path, low)
+    if not os.path.exists(companion):
+        raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {args.model} first")
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+        tokens = Tokenizer(args.model).encode(f.read())[:args.tokens]
+    if len(tokens) < 64:
+        raise HobbitError(f"{args.text}: only {len(tokens)} tokens; calibration needs at least 64")
+    r = calibrate(weights, companion, tokens, args.cache, args.low_share, args.kld, progress=True)
+    path = save(r, companion)
+    if args.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "threshold_grid"}, indent=1))
+    else:
+        print(f"T1 = {r['t1']}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
+              f"lru/lfu/lhu/fld = {r['weights']}: modelled load cost {r['cost']:.0f} vs LRU {r['lru_cost']:.0f} "
+              f"expert reads over {r['tokens']} tokens; saved to {path}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="pick HOBBIT's thresholds and cache-policy weights",
+                       description="Profile gate scores and miss penalties on calibration text; choose "
+                                   "T1/T2 (cheapest modelled loading with KLD vs all-high-precision "
+                                   "under --kld) and the four policy weights; store them next to the "
+                                   "companion file, where hobbitd finds them.")
+    p.add_argument("model", metavar="MODEL", help="a MoE GGUF (convert it first)")
+    p.add_argument("--text", required=True, help="calibration text (never the evaluation text)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
+    p.add_argument("--low", metavar="TYPE", default=None, help="the companion's type (default as convert)")
+    p.add_argument("--companion", metavar="PATH", default=None, help="the companion file (default: found)")
+    p.add_argument("--cache", type=float, default=0.25, help="cache size as a fraction of expert bytes (0.25)")
+    p.add_argument("--low-share", type=float, default=0.25, help="share of the cache for low precision (0.25)")
+    p.add_argument("--kld", type=float, default=0.01, help="KLD bound vs all-high-precision (0.01)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_calibrate)
