@@ -172,7 +172,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, synth
+    from . import bench, calibrate, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_stats)
 
+    calibrate.add_parser(sub)
     synth.add_parser(sub)
     bench.add_parser(sub)
     return parser

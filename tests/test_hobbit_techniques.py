@@ -1,0 +1,161 @@
+"""HOBBIT's three techniques, each on its own: the precision rule at its thresholds, the
+adaptive prefetch walk (against the real daemon), the cache policy's order and its reset
+per sequence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hobbit.loader.layout import PAGE
+from hobbit.loader.policy import HobbitPolicy, LRUPolicy, PolicyWeights
+from hobbit.loader.pool import Region
+from hobbit.loader.precision import HIGH, LOW, SKIP, Thresholds, unimportance
+
+
+# ---- token-level dynamic loading ----------------------------------------------------------
+
+def test_unimportance_is_the_weight_mass_ranked_above():
+    s = unimportance(np.array([[0.5, 0.3, 0.2], [0.9, 0.1, 0.0]]))
+    np.testing.assert_allclose(s, [[0.0, 0.5, 0.8], [0.0, 0.9, 1.0]])
+
+
+@pytest.mark.parametrize("score,expected", [
+    (0.0, HIGH), (0.6, HIGH),            # s <= T1: high (the boundary is inclusive)
+    (0.6000001, LOW), (0.9, LOW),         # T1 < s <= T2: low
+    (0.9000001, SKIP), (1.0, SKIP),       # s > T2: skipped
+])
+def test_miss_precision_at_the_thresholds(score, expected):
+    assert Thresholds(0.6, 0.9).on_miss(score) == expected
+
+
+def test_hits_are_used_as_they_are():
+    th = Thresholds(0.6, 0.9)
+    assert th.choose(0.0, cached_high=False, cached_low=True) == (LOW, False)   # important, low hit
+    assert th.choose(0.8, cached_high=True, cached_low=False) == (HIGH, False)  # unimportant, high hit
+    assert th.choose(0.95, cached_high=False, cached_low=True) == (SKIP, False)  # beyond T2: skipped
+    assert th.choose(0.0, False, False) == (HIGH, True)
+
+
+def test_switches_give_the_baselines():
+    assert Thresholds(dynamic=False).on_miss(0.99) == HIGH
+    assert Thresholds(low_only=True).choose(0.0, True, False) == (LOW, True)
+
+
+# ---- sequence-level multidimensional cache -------------------------------------------------
+
+class _Fmt:
+    slot_bytes = PAGE
+
+
+def _region(n):
+    return Region("m", HIGH, _Fmt, 0, n)
+
+
+def _use(region, policy, key, sid=1, high=True):
+    slot = region.lookup(key) or region.take(key, policy)
+    slot.state = "ready"
+    policy.touch(slot, sid, high)
+    return slot
+
+
+def test_priority_order_follows_frequency_and_high_precision_use():
+    pol = HobbitPolicy(n_layer=4, weights=PolicyWeights(lru=0, lfu=0.5, lhu=0.5, fld=0))
+    r = _region(3)
+    pol.begin(1, seq=0, token=1, layer=0)
+    for _ in range(3):
+        _use(r, pol, (0, 1))                 # frequent, high precision
+    _use(r, pol, (0, 2), high=False)         # once, low importance
+    _use(r, pol, (0, 3))                     # once, high
+    pol.begin(1, 0, token=4, layer=0)
+    victim = pol.victim([s for s in r.slots])
+    assert victim.key == (0, 2)
+    assert pol.priority(r.lookup((0, 1))) > pol.priority(r.lookup((0, 3))) > pol.priority(victim)
+
+
+def test_layer_distance_keeps_the_next_layers_experts():
+    pol = HobbitPolicy(n_layer=4, weights=PolicyWeights(0, 0, 0, 1))
+    r = _region(4)
+    pol.begin(1, 0, token=1, layer=0)
+    for layer in range(4):
+        _use(r, pol, (layer, 0))
+    pol.begin(1, 0, token=1, layer=2)        # the client is at layer 2
+    order = sorted(r.slots, key=pol.priority)
+    assert [s.key[0] for s in order] == [2, 1, 0, 3]   # layer 3 is needed next, 2 last
+
+
+def test_counters_reset_on_a_new_sequence():
+    pol = HobbitPolicy(n_layer=2, weights=PolicyWeights(0, 1, 0, 0))
+    r = _region(2)
+    pol.begin(1, seq=0, token=1, layer=0)
+    a = _use(r, pol, (0, 0))
+    for _ in range(5):
+        _use(r, pol, (0, 0))
+    assert pol.priority(a) > 0
+    pol.begin(1, seq=1, token=1, layer=0)    # a new sequence: the old counts are gone
+    assert pol.priority(a) == 0
+    b = _use(r, pol, (0, 1))
+    assert pol.victim(r.slots) is a and pol.priority(b) > 0
+
+
+def test_a_slot_valuable_to_any_client_is_kept():
+    pol = HobbitPolicy(n_layer=2, weights=PolicyWeights(0, 1, 0, 0))
+    r = _region(2)
+    pol.begin(1, 0, token=2, layer=0)
+    pol.begin(2, 0, token=2, layer=0)
+    a = _use(r, pol, (0, 0), sid=1)
+    _use(r, pol, (0, 0), sid=1)
+    b = _use(r, pol, (0, 1), sid=2)
+    assert pol.victim(r.slots) is b            # client 1 uses `a` twice, client 2 `b` once
+    assert pol.priority(a) == 1.0
+
+
+def test_lru_evicts_the_least_recently_used():
+    pol = LRUPolicy()
+    r = _region(3)
+    for e in (0, 1, 2):
+        _use(r, pol, (0, e))
+    _use(r, pol, (0, 0))
+    assert pol.victim(r.slots).key == (0, 1)
+
+
+def test_pinned_protected_and_loading_slots_are_never_victims():
+    r = _region(3)
+    pol = LRUPolicy()
+    a, b, c = (_use(r, pol, (0, e)) for e in range(3))
+    a.pins[7] += 1
+    b.protected = True
+    c.state = "loading"
+    assert r.take((1, 0), pol) is None
+
+
+# ---- layer-level adaptive prefetch (the real daemon) ---------------------------------------
+
+def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
+    import os
+    import time
+
+    from daemon_util import connect, hello, release, request, run_daemon, send, stats
+    from hobbit.protocol import messages as m
+
+    path = synth(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
+    with run_daemon([path], "16M", tmp_path) as d:
+        s = connect(d.socket)
+        hello(s)
+        name = os.path.basename(path)[:-len(".gguf")]
+        release(s, name, request(s, name, 1, [0, 1]))          # layer 1: cached
+        send(s, m.Cmd.HINT, model=name, layer=0, layers=[1, 2, 3],
+             experts=[[0, 1], [2, 3], [4, 5]], scores=[[0.0, 0.4], [0.0, 0.4], [0.0, 0.4]])
+        for _ in range(50):
+            st = stats(s)["models"][name]
+            if st["prefetched"] == 2 and st["regions"]["high"]["loading"] == 0:
+                break
+            time.sleep(0.1)
+        assert st["prefetched"] == 2, st       # layer 2's two experts, and not layer 3's
+        before = st["hits"]
+        release(s, name, request(s, name, 2, [2, 3], rid=2))
+        st = stats(s)["models"][name]
+        assert st["hits"] - before == 2 and st["prefetch_used"] == 2
+        misses = st["misses"]
+        release(s, name, request(s, name, 3, [4, 5], rid=3))
+        assert stats(s)["models"][name]["misses"] == misses + 2   # the walk stopped before 3
+        s.close(linger=0)
