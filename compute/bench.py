@@ -1,5 +1,341 @@
-"""Benchmarks (placeholder until implemented)."""
+"""hobbit-cli bench: measurements, one sub-subcommand per kind (compute; io, ablation and
+offload slot in next to it as siblings).
+
+`bench compute` runs our engine and llama-cpp-python on the same GGUF, in one process, all
+weights in memory, and reports prefill and decode speed side by side (see METHOD).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..protocol.errors import InputError
+
+N_BATCH = 512
+WARMUP_STEPS = 4
+NOISY = 1.3          # round_spread above this: warn that the machine was busy
+ENGINES = ("hobbit", "llamacpp")
+
+PARAGRAPH = (
+    "The old lighthouse keeper climbed the narrow stairs every evening, counting the steps "
+    "as his father had taught him. From the lamp room he could see the fishing boats coming "
+    "home across the bay, their sails catching the last of the light, while gulls circled "
+    "above the harbour and the wind carried the smell of salt and tar over the rooftops. "
+)
+
+METHOD = (
+    "Both engines run in this process on the same GGUF with all weights in memory (mmap), "
+    "n_ctx={ctx}, n_batch={n_batch}, {threads} threads; llama.cpp with flash_attn=True, "
+    "logits_all=False. Prompt: a fixed English paragraph, tokenized (BOS first), repeated "
+    "and cut to {prompt_tokens} tokens. Each engine is warmed up once (the full prompt and "
+    "{warmup} decode steps). Then {repeat} rounds alternate hobbit, llama.cpp, ... Prefill = "
+    "perf_counter wall time of one forward over the whole prompt after a reset (ours: "
+    "Model.forward(prompt); llama.cpp: Llama.eval(prompt)). Decode = wall time of {n} greedy "
+    "steps each feeding the argmax of the previous logits (ours: Model.forward([tok]); "
+    "llama.cpp: Llama.eval([tok]) + llama_get_logits_ith(-1)). tok/s = tokens / median "
+    "seconds over the rounds; ratio = hobbit / llama.cpp. The greedy tokens (first from the "
+    "prefill logits, then one per decode step) are compared across engines and rounds."
+)
 
 
-def add_parser(sub):
-    pass
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", prog="hobbit-cli bench",
+                       help="benchmarks (compute: our engine vs llama.cpp)",
+                       description="Benchmarks. Run `hobbit-cli bench KIND --help` for each kind.")
+    kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    _add_compute_parser(kinds)
+    _add_io_parser(kinds)
+    _add_ablation_parser(kinds)
+
+
+def _report(args, report: dict, table) -> int:
+    if getattr(args, "out", None):
+        write_json(args.out, report)
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        table(report)
+    return 0
+
+
+def _add_io_parser(kinds) -> None:
+    p = kinds.add_parser("io", prog="hobbit-cli bench io",
+                         help="the daemon's I/O engine vs dd (direct I/O), same file",
+                         description="Read every expert of MODEL through hobbit's I/O engine and the "
+                                     "whole file with `dd bs=4M iflag=direct`, alternating, and "
+                                     "report MB/s of each and their ratio.")
+    p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds (default 3)")
+    p.add_argument("--io-threads", type=int, default=4, metavar="N", help="reader threads (default 4)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+
+    def run(args):
+        from . import bench_io
+        return _report(args, bench_io.run(args.model, args.repeat, args.io_threads), bench_io.print_table)
+    p.set_defaults(func=run)
+
+
+def _add_ablation_parser(kinds) -> None:
+    p = kinds.add_parser("ablation", prog="hobbit-cli bench ablation",
+                         help="HOBBIT's techniques switched on one by one, same prompts",
+                         description="(a) high precision only + LRU, (b) + dynamic loading, (c) + "
+                                     "prefetch, (d) + multidimensional cache (= hobbit), (e) low "
+                                     "precision only; each with a fresh hobbitd and the same cache "
+                                     "size. Needs the companion file (hobbit-cli convert MODEL).")
+    p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
+    p.add_argument("--cache", type=float, default=0.25, metavar="FRACTION",
+                   help="cache size as a fraction of the expert bytes (default 0.25)")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[16, 128], metavar="N",
+                   help="prompt lengths (default 16 128)")
+    p.add_argument("-n", "--n-decode", type=int, default=32, metavar="N", help="tokens decoded per prompt (32)")
+    p.add_argument("--configs", default="abcde", help="which configurations to run (default abcde)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+
+    def run(args):
+        from . import bench_ablation
+        r = bench_ablation.run(args.model, args.cache, tuple(args.prompt_tokens), args.n_decode,
+                               set(args.configs))
+        return _report(args, r, bench_ablation.print_table)
+    p.set_defaults(func=run)
+
+
+# ---- bench compute ------------------------------------------------------------------------
+
+def _add_compute_parser(kinds) -> None:
+    p = kinds.add_parser("compute", prog="hobbit-cli bench compute",
+                         help="prefill/decode tok/s of hobbit vs llama.cpp, same GGUF",
+                         description="Time our engine and llama-cpp-python side by side on the "
+                                     "same GGUF (all weights in memory), check they produce the "
+                                     "same greedy tokens, and report tok/s and ratios.")
+    p.add_argument("model", metavar="MODEL", help="path to a GGUF model")
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
+                   help="prompt length for the prefill (default 128)")
+    p.add_argument("-n", "--n-decode", type=int, default=64, metavar="N",
+                   help="greedy decode steps (default 64)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="threads for both engines (default: number of physical cores)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="rounds per engine, alternating; medians are reported (default 3)")
+    p.add_argument("--ctx", type=int, default=1024, metavar="N", help="context length (default 1024)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+    p.set_defaults(func=cmd_compute)
+
+
+def cmd_compute(args) -> int:
+    report = run_compute(ComputeOptions(args.model, args.prompt_tokens, args.n_decode,
+                                        args.threads, args.repeat, args.ctx))
+    if args.out:
+        write_json(args.out, report)
+    print(json.dumps(report) if args.json else format_compute(report))
+    return 0
+
+
+@dataclass
+class ComputeOptions:
+    model: str
+    prompt_tokens: int = 128
+    n_decode: int = 64
+    threads: int = 0       # 0: physical cores
+    repeat: int = 3
+    ctx: int = 1024
+
+
+class _Hobbit:
+    def __init__(self, weights, opts: ComputeOptions, threads: int):
+        from .model import Model, RunOptions
+
+        self.model = Model(weights, RunOptions(opts.ctx, N_BATCH, threads))
+
+    def prefill(self, tokens) -> np.ndarray:
+        self.model.reset()
+        return self.model.forward(tokens)
+
+    def step(self, token: int) -> np.ndarray:
+        return self.model.forward([token])
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class _LlamaCpp:
+    def __init__(self, path: str, opts: ComputeOptions, threads: int):
+        import llama_cpp
+
+        from .tokenizer import _quiet_stderr
+
+        self._api = llama_cpp
+        with _quiet_stderr():
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=opts.ctx, n_batch=N_BATCH,
+                                       n_threads=threads, n_threads_batch=threads,
+                                       flash_attn=True, use_mmap=True, logits_all=False,
+                                       verbose=False)
+        self.ctx = self.llm.ctx
+        self.n_vocab = self.llm.n_vocab()
+
+    def _logits(self) -> np.ndarray:
+        # with logits_all=False only the last token has logits; view them in place
+        ptr = self._api.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def prefill(self, tokens) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return self._logits()
+
+    def step(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._logits()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """One round: (prefill seconds, decode seconds, greedy tokens)."""
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    t1 = time.perf_counter()
+    tokens = [int(np.argmax(logits))]
+    t2 = time.perf_counter()
+    for _ in range(n):
+        tokens.append(int(np.argmax(engine.step(tokens[-1]))))
+    t3 = time.perf_counter()
+    return t1 - t0, t3 - t2, tokens
+
+
+def bench_prompt(path: str, n_tokens: int) -> list[int]:
+    """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens."""
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    first = tok.encode(PARAGRAPH)
+    more = tok.encode(PARAGRAPH, add_special=False)
+    prompt = list(first)
+    while len(prompt) < n_tokens:
+        prompt += more
+    return prompt[:n_tokens]
+
+
+def run_compute(opts: ComputeOptions) -> dict:
+    """Run the comparison and return the report (a JSON-ready dict)."""
+    import llama_cpp
+
+    from . import ggml
+    from .weights import open_model
+
+    for name in ("prompt_tokens", "n_decode", "repeat", "ctx"):
+        if getattr(opts, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.prompt_tokens + max(opts.n_decode, WARMUP_STEPS) > opts.ctx:
+        raise InputError(f"{opts.prompt_tokens} prompt + {opts.n_decode} decode tokens do not "
+                         f"fit the context of {opts.ctx} (raise --ctx)")
+    weights = open_model(opts.model)  # raises ModelError for a missing or bad file
+    threads = opts.threads or ggml.physical_cores()
+    prompt = bench_prompt(opts.model, opts.prompt_tokens)
+    if max(prompt) >= weights.args.n_vocab:
+        raise InputError(f"the tokenizer gives ids beyond the model's {weights.args.n_vocab} tokens")
+
+    engines = {"hobbit": _Hobbit(weights, opts, threads),
+               "llamacpp": _LlamaCpp(opts.model, opts, threads)}
+    load = os.getloadavg()[0]  # other processes running skew both engines: report it
+    timings = {e: {"prefill_s": [], "decode_s": []} for e in ENGINES}
+    runs = {e: [] for e in ENGINES}
+    try:
+        for engine in engines.values():           # warm-up: graphs, buffers, page cache
+            _run_once(engine, prompt, WARMUP_STEPS)
+        for _ in range(opts.repeat):
+            for name in ENGINES:
+                prefill_s, decode_s, tokens = _run_once(engines[name], prompt, opts.n_decode)
+                timings[name]["prefill_s"].append(prefill_s)
+                timings[name]["decode_s"].append(decode_s)
+                runs[name].append(tokens)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+    ref = runs["hobbit"][0]
+    mismatch = [next((i for i, (x, y) in enumerate(zip(ref, r)) if x != y), None)
+                for e in ENGINES for r in runs[e]]
+    mismatch = [i for i in mismatch if i is not None]
+    speed = {e: {k: n / statistics.median(timings[e][k + "_s"])
+                 for k, n in (("prefill", opts.prompt_tokens), ("decode", opts.n_decode))}
+             for e in ENGINES}
+    a = weights.args
+    return {
+        "model": os.path.abspath(opts.model),
+        "model_size_bytes": os.path.getsize(opts.model),
+        "model_kind": f"MoE {a.n_expert} experts, top-{a.n_expert_used}" if a.is_moe else "dense",
+        "hobbit_prefill_tok_s": speed["hobbit"]["prefill"],
+        "llamacpp_prefill_tok_s": speed["llamacpp"]["prefill"],
+        "prefill_ratio": speed["hobbit"]["prefill"] / speed["llamacpp"]["prefill"],
+        "hobbit_decode_tok_s": speed["hobbit"]["decode"],
+        "llamacpp_decode_tok_s": speed["llamacpp"]["decode"],
+        "ratio": speed["hobbit"]["decode"] / speed["llamacpp"]["decode"],
+        "tokens_match": not mismatch,
+        "tokens_compared": len(ref),
+        "first_mismatch": min(mismatch) if mismatch else None,
+        "threads": threads,
+        "loadavg_1m": load,
+        "prompt_tokens": opts.prompt_tokens,
+        "n_decode": opts.n_decode,
+        "repeat": opts.repeat,
+        "n_ctx": opts.ctx,
+        "n_batch": N_BATCH,
+        "llama_cpp_python": llama_cpp.__version__,
+        "method": METHOD.format(ctx=opts.ctx, n_batch=N_BATCH, threads=threads,
+                                prompt_tokens=opts.prompt_tokens, warmup=WARMUP_STEPS,
+                                repeat=opts.repeat, n=opts.n_decode),
+        "rounds": timings,
+        # slowest / fastest round of any measurement: > NOISY means other load interfered
+        "round_spread": max(max(t) / min(t) for e in timings.values() for t in e.values()),
+    }
+
+
+def format_compute(r: dict) -> str:
+    size = r["model_size_bytes"] / 1e9
+    ms = lambda xs: " ".join(f"{x * 1e3:.0f}" for x in xs)  # noqa: E731
+    lines = [
+        f"bench compute: {r['model']} ({size:.2f} GB, {r['model_kind']})",
+        f"threads {r['threads']}, prompt {r['prompt_tokens']} tokens, decode {r['n_decode']} "
+        f"tokens, {r['repeat']} rounds (medians); load average before: {r['loadavg_1m']:.2f}",
+        "",
+        f"{'':16}{'hobbit':>10}{'llama.cpp':>12}{'ratio':>8}",
+        f"{'prefill tok/s':16}{r['hobbit_prefill_tok_s']:10.1f}{r['llamacpp_prefill_tok_s']:12.1f}"
+        f"{r['prefill_ratio']:8.2f}",
+        f"{'decode tok/s':16}{r['hobbit_decode_tok_s']:10.1f}{r['llamacpp_decode_tok_s']:12.1f}"
+        f"{r['ratio']:8.2f}",
+        "",
+        f"tokens_match: {str(r['tokens_match']).lower()} ({r['tokens_compared']} greedy tokens "
+        f"per round compared" + (f"; first difference at token {r['first_mismatch']})"
+                                 if r["first_mismatch"] is not None else ")"),
+    ]
+    for e, label in (("hobbit", "hobbit"), ("llamacpp", "llama.cpp")):
+        t = r["rounds"][e]
+        lines.append(f"rounds {label:9} prefill ms: {ms(t['prefill_s'])}; decode ms: {ms(t['decode_s'])}")
+    if r["round_spread"] > NOISY:
+        lines.append(f"warning: rounds differ up to {r['round_spread']:.1f}x; the machine was busy "
+                     "(other processes steal cores from both engines), rerun when idle")
+    lines += ["", "method: " + r["method"]]
+    return "\n".join(lines)
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write the report atomically: a temporary file next to it, then os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
