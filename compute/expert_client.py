@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 
 import zmq
@@ -34,6 +35,8 @@ class ExpertClient:
         self.model = None            # name the daemon knows our model by
         self.regions: dict = {}      # precision -> {"offset", "n_slots", "format": SlotFormat}
         self._ids = itertools.count(1)
+        self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
+        self._beat = None
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
         self._connect()
@@ -48,11 +51,12 @@ class ExpertClient:
         self._hello()
 
     def _open_socket(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(f"ipc://{self.socket_path}")
+        with self._lock:
+            if self.sock is not None:
+                self.sock.close(linger=0)
+            self.sock = self.ctx.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(f"ipc://{self.socket_path}")
 
     def _hello(self) -> None:
         welcome = self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION, pid=os.getpid(),
@@ -67,6 +71,7 @@ class ExpertClient:
             raise DaemonError("unknown_model", f"hobbitd at {self.socket_path} does not serve "
                                                f"{self.model_path} (it serves: {served})")
         self.model = name
+        self._start_heartbeat(float(welcome.get("heartbeat_s") or 1.0))
         self.regions = {p: {**r, "format": SlotFormat.from_wire(r["format"])}
                         for p, r in info["regions"].items()}
         if self.shm is None or self.shm.name != welcome["shm"]:
@@ -94,9 +99,31 @@ class ExpertClient:
     # ---- requests --------------------------------------------------------------------
 
     def _send(self, cmd, **fields) -> None:
-        self.sock.send_multipart(m.encode(cmd, **fields))
+        with self._lock:
+            self.sock.send_multipart(m.encode(cmd, **fields))
+
+    def _start_heartbeat(self, every: float) -> None:
+        """While a forward computes on pinned slots it sends nothing; a heartbeat every
+        `every` seconds keeps the daemon from taking it for dead and freeing its pins."""
+        if self._beat is not None:
+            return
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(every):
+                try:
+                    if self.sock is not None:
+                        self._send(m.Cmd.HEARTBEAT)
+                except zmq.ZMQError:
+                    pass
+        self._beat = stop
+        threading.Thread(target=beat, name="hobbit-heartbeat", daemon=True).start()
 
     def _call(self, cmd, expect, _hello=False, **fields) -> dict:
+        with self._lock:
+            return self._call_locked(cmd, expect, _hello, **fields)
+
+    def _call_locked(self, cmd, expect, _hello=False, **fields) -> dict:
         """Send and wait for the matching answer. Silence: reconnect (a new socket) and try
         again; no_session (the daemon restarted or forgot us): HELLO again and retry."""
         for _ in range(self.retries + 1):
@@ -164,6 +191,8 @@ class ExpertClient:
         return self._call(m.Cmd.STATS, m.Cmd.STATS_REPLY)["stats"]
 
     def close(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
         if self.sock is not None:
             try:
                 self._send(m.Cmd.BYE)
