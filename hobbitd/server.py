@@ -718,6 +718,7 @@ class Daemon:
             return self._error(s.ident, e.code, f"HINT: {e}")
         for slot in s.protected:           # superseded by this newer prediction
             slot.protected = False
+            self._cancel_prefetch(mo, slot)
         s.protected = []
         if not self.cfg.prefetch or self.stopping:
             return
@@ -745,6 +746,18 @@ class Daemon:
                 mo.prefetched += 1
                 self._load(mo, slot, key, prec, PREFETCH)
             return
+
+    def _cancel_prefetch(self, mo: Model, slot: Slot) -> None:
+        """Drop a superseded prefetch that has not started reading; its slot is freed."""
+        prec, key = slot.region.precision, slot.key
+        if slot.state != "loading" or key is None or not self.io.cancel((mo.name, prec, key)):
+            return
+        self._jobs.pop((mo.name, prec, key), None)
+        fut = mo.loads.pop((prec, key), None)
+        slot.region.drop(slot)
+        if fut is not None and not fut.done():
+            fut.set_exception(RequestError("io", "prefetch superseded"))
+        self._freed.fire()
 
     def _on_release(self, s: Session, msg: dict) -> None:
         mo = self.models.get(msg["model"])

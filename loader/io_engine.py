@@ -83,11 +83,12 @@ class IOEngine:
                 self._cv.notify()
             return True
 
-    def cancel(self, key) -> bool:
-        """Drop a queued job (a superseded prefetch); a running one completes."""
+    def cancel(self, key, prefetch_only: bool = True) -> bool:
+        """Drop a queued job (a superseded prefetch); a running one completes, and a
+        prefetch promoted to a demand is kept unless prefetch_only is False."""
         with self._cv:
             job = self._jobs.get(key)
-            if job is None or job.state != "queued":
+            if job is None or job.state != "queued" or (prefetch_only and job.priority != PREFETCH):
                 return False
             job.state = "cancelled"
             del self._jobs[key]
