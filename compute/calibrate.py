@@ -4,9 +4,10 @@ model from calibration text, and store them next to its companion file.
 1. Route the text through the model (in-process) and keep, per token and layer, the
    selected experts and their unimportance scores: the routing trace.
 2. Thresholds: for each (T1, T2) on a grid, the mean KL divergence of the next-token
-   distribution against the all-high-precision run, with every expert loaded as a miss
-   would load it (no cache: the worst case of the rule), and the modelled load cost of the
-   trace through a simulated cache. Keep the cheapest pair whose KLD is within the bound.
+   distribution against the all-high-precision run, with every use of an expert in the
+   precision its own score asks for on a miss (no cache; hits of the other precision in
+   a real cache can cost more or less), and the modelled load cost of the trace through a
+   simulated cache. Keep the cheapest pair whose KLD is within the bound.
 3. Policy weights: for the chosen thresholds, the cache simulation again for every
    (w_lru, w_lfu, w_lhu, w_fld) on a simplex grid; keep the lowest modelled load cost.
 Modelled load cost = high-precision misses + low-precision misses x (low bytes / high bytes),
@@ -29,8 +30,8 @@ from ..protocol.errors import HobbitError
 from .local_experts import LocalExperts
 from .model import Model, RunOptions
 
-T1_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-T2_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)     # 1.0: never skip
+T1_GRID = (0.3, 0.45, 0.6, 0.75)
+T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
 
 
 def calib_path(companion: str) -> str:

@@ -44,6 +44,13 @@ class LocalExperts:
             out.append(None if p is None else (p, int(e)))
         return out
 
+    def fetch_pairs(self, layer: int, sel, scores) -> list:
+        """Per token and rank: every expert is at hand in both precisions here, so each
+        (token, expert) use gets the precision its own score asks for — as decoding one
+        token at a time would — rather than one precision per expert for the batch."""
+        return [[None if (p := self.thresholds.on_miss(float(s))) is None else (p, int(e))
+                 for e, s in zip(row_e, row_s)] for row_e, row_s in zip(sel, scores)]
+
     def release(self, handles) -> None:
         pass
 

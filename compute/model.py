@@ -242,7 +242,12 @@ class Model:
                 held = provider.fetch(il, wanted.tolist(), best, seq=self.seq,
                                       token=self.n_past + probs.shape[0])
                 self.timing.expert_wait_s += time.perf_counter() - t0
-                feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, wanted, held)}
+                if hasattr(provider, "fetch_pairs"):   # per (token, expert) precision
+                    pairs = provider.fetch_pairs(il, sel, scores)
+                else:
+                    handle = dict(zip(wanted.tolist(), held))
+                    pairs = [[handle[int(e)] for e in row] for row in sel]
+                feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
             provider.release(held)
@@ -403,20 +408,20 @@ class _Variants:
         self.graphs.clear()
 
 
-def _expert_inputs(sel, w, wanted, handles) -> dict:
-    """Per precision: ids [K, T'] (slot indices) and weights [1, K, T'] for the segment.
+def _expert_inputs(sel, w, pairs) -> dict:
+    """Per precision: ids [K, T'] (slot indices) and weights [1, K, T'] for the segment,
+    from pairs[t][k] = (precision, index) or None (skipped) of token t's k-th expert.
     An expert used in the other precision or skipped contributes weight 0 here; its id
     repeats an index already read for that token or batch, so no extra weights are read."""
-    handle = dict(zip(wanted.tolist(), handles))
     out = {}
     for prec in ("high", "low"):
         ids = np.zeros(sel.shape, np.int32)
         wts = np.zeros(sel.shape, np.float32)
         mine = np.zeros(sel.shape, bool)
-        for (t, k), e in np.ndenumerate(sel):
-            hd = handle[int(e)]
-            if hd is not None and hd[0] == prec:
-                ids[t, k], wts[t, k], mine[t, k] = hd[1], w[t, k], True
+        for t, row in enumerate(pairs):
+            for k, hd in enumerate(row):
+                if hd is not None and hd[0] == prec:
+                    ids[t, k], wts[t, k], mine[t, k] = hd[1], w[t, k], True
         present = bool(mine.any())
         if present:
             fill = ids[mine][0]
