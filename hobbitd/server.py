@@ -431,6 +431,8 @@ class Daemon:
                 self._drop(s, "said BYE")
             return
         if s is None:
+            if cmd in (m.Cmd.HEARTBEAT, m.Cmd.HINT, m.Cmd.RELEASE):
+                return    # they have no answer; a stale client learns at its next REQUEST
             rid = msg.get("id") if isinstance(msg.get("id"), int) else None
             return self._error(ident, "no_session", "no session: say HELLO first", rid)
         handler = {m.Cmd.REQUEST: self._on_request, m.Cmd.HINT: self._on_hint,

@@ -171,8 +171,10 @@ def test_commands_need_a_session(daemon):
     hello(sock)
     request(sock, daemon.model, 0, [4])
     send(sock, m.Cmd.BYE)                                 # drops the session and its pin
-    cmd, msg = call(sock, m.Cmd.HEARTBEAT)
-    assert (cmd, msg["code"]) == (m.Cmd.ERROR, "no_session")
+    send(sock, m.Cmd.HEARTBEAT)      # commands without an answer get none without a session
+    assert recv(sock, 0.5) is None
+    cmd, msg = call(sock, m.Cmd.REQUEST, id=6, model=daemon.model, layer=0, experts=[0])
+    assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "no_session", 6)
     sock.close()
 
 
