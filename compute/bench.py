@@ -53,6 +53,11 @@ def add_parser(sub) -> None:
     _add_ablation_parser(kinds)
 
 
+def _add_output_options(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+
+
 def _report(args, report: dict, table) -> int:
     if getattr(args, "out", None):
         write_json(args.out, report)
@@ -72,8 +77,7 @@ def _add_io_parser(kinds) -> None:
     p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
     p.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds (default 3)")
     p.add_argument("--io-threads", type=int, default=4, metavar="N", help="reader threads (default 4)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+    _add_output_options(p)
 
     def run(args):
         from . import bench_io
@@ -95,8 +99,7 @@ def _add_ablation_parser(kinds) -> None:
                    help="prompt lengths (default 16 128)")
     p.add_argument("-n", "--n-decode", type=int, default=32, metavar="N", help="tokens decoded per prompt (32)")
     p.add_argument("--configs", default="abcde", help="which configurations to run (default abcde)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+    _add_output_options(p)
 
     def run(args):
         from . import bench_ablation
@@ -124,18 +127,14 @@ def _add_compute_parser(kinds) -> None:
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="rounds per engine, alternating; medians are reported (default 3)")
     p.add_argument("--ctx", type=int, default=1024, metavar="N", help="context length (default 1024)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
+    _add_output_options(p)
     p.set_defaults(func=cmd_compute)
 
 
 def cmd_compute(args) -> int:
     report = run_compute(ComputeOptions(args.model, args.prompt_tokens, args.n_decode,
                                         args.threads, args.repeat, args.ctx))
-    if args.out:
-        write_json(args.out, report)
-    print(json.dumps(report) if args.json else format_compute(report))
-    return 0
+    return _report(args, report, lambda r: print(format_compute(r)))
 
 
 @dataclass
