@@ -234,14 +234,16 @@ class Model:
                 w = w / np.maximum(w.sum(axis=1, keepdims=True, dtype=np.float32), np.float32(6.103515625e-5))
                 scores = unimportance(w)                                     # (T', K)
                 self.prefetch.observe(il, sel)
-                if probs.shape[0] == 1 and self.opts.lookahead > 0 and il + 1 < a.n_layer:
-                    self._hint(il, out["h"])
                 wanted = np.unique(sel)
                 best = [float(scores[sel == e].min()) for e in wanted]       # most important use
                 t0 = time.perf_counter()
                 held = provider.fetch(il, wanted.tolist(), best, seq=self.seq,
                                       token=self.n_past + probs.shape[0])
                 self.timing.expert_wait_s += time.perf_counter() - t0
+                # after the demand (never ahead of it): the coming layers' reads overlap
+                # with this layer's compute
+                if probs.shape[0] == 1 and self.opts.lookahead > 0 and il + 1 < a.n_layer:
+                    self._hint(il, out["h"])
                 if hasattr(provider, "fetch_pairs"):   # per (token, expert) precision
                     pairs = provider.fetch_pairs(il, sel, scores)
                 else:

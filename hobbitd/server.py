@@ -722,8 +722,8 @@ class Daemon:
             slot.protected = False
             self._cancel_prefetch(mo, slot)
         s.protected = []
-        if not self.cfg.prefetch or self.stopping:
-            return
+        if not self.cfg.prefetch or self.stopping or self.io.pending():
+            return    # reads are queued already: a guess must not delay a demand load
         for layer, experts, scores in zip(msg["layers"], msg["experts"], msg["scores"]):
             missing = []
             for e, sc in zip(experts, scores):
