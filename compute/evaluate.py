@@ -241,6 +241,8 @@ def cmd_ppl(args) -> int:
     import json
 
     path = resolve_model(args.model)
+    if args.llama_cpp:
+        return _ppl_llama_cpp(path, args)
     weights, tok, model = _open(path, args, daemon=not args.no_daemon)
     try:
         tokens = _text_tokens(args, tok)
@@ -248,13 +250,46 @@ def cmd_ppl(args) -> int:
                        add_bos=model_adds_bos(tok), bos=tok.bos)
     finally:
         _close(model)
-    r = {"model": path, "text": args.text, "daemon": model.experts is not None,
+    r = {"model": path, "text": args.text, "engine": "hobbit", "daemon": model.experts is not None,
          "tokens": len(tokens), **r}
     if args.json:
         print(json.dumps(r))
     else:
         print(f"{os.path.basename(path)}: PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} over "
               f"{r['chunks']} chunks of {r['ctx']} tokens ({r['scored']} scored, {r['seconds']:.1f} s)")
+    return 0
+
+
+def _ppl_llama_cpp(path: str, args) -> int:
+    """cmd_ppl with llama.cpp as the scorer: the same tokens, chunks and scoring."""
+    import json
+
+    import llama_cpp
+
+    from .ggml import physical_cores
+    from .tokenizer import Tokenizer, _quiet_stderr
+
+    n = args.threads or physical_cores()
+    with _quiet_stderr():
+        llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx, n_batch=min(args.ctx, 512),
+                              logits_all=True, flash_attn=True, verbose=False,
+                              n_threads=n, n_threads_batch=n)
+
+    def score(tokens):
+        llm.reset()
+        llm.eval(list(tokens))
+        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+
+    tok = Tokenizer(path)
+    tokens = _text_tokens(args, tok)
+    r = perplexity(score, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
+                   add_bos=model_adds_bos(tok), bos=tok.bos)
+    r = {"model": path, "text": args.text, "engine": "llama.cpp", "tokens": len(tokens), **r}
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{os.path.basename(path)} (llama.cpp): PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} "
+              f"over {r['chunks']} chunks of {r['ctx']} tokens")
     return 0
 
 
@@ -334,6 +369,9 @@ def add_parser(sub) -> None:
                                      "chunks of --ctx tokens, each from an empty cache, the second "
                                      "half of each scored.")
     common(q)
+    q.add_argument("--llama-cpp", action="store_true",
+                   help="score with llama.cpp (llama-cpp-python, all logits) instead of hobbit: "
+                        "the reference figure on the same chunks")
     q.set_defaults(func=cmd_ppl)
 
     q = kinds.add_parser("kld", prog="hobbit-cli eval kld", help="KL divergence against a reference",

@@ -39,6 +39,7 @@ class ExpertClient:
         self._beat = None
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
+        self.private = None          # a PrivateDaemon this client owns (compute/connect.py)
         self._connect()
 
     # ---- connection ------------------------------------------------------------------
@@ -203,3 +204,6 @@ class ExpertClient:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        if self.private is not None:
+            self.private.stop()
+            self.private = None

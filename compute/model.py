@@ -48,7 +48,8 @@ class RunOptions:
     n_ctx: int = 2048
     n_batch: int = 512
     n_threads: int = 0   # 0: physical cores
-    taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN input)
+    taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
+                         # input), "ffn_out" (its FFN output; in-process runs only)
     lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
 
 
@@ -350,6 +351,8 @@ class Model:
                             gate_inp=W(p + "ffn_gate_inp.weight"))
             else:
                 f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
+            if "ffn_out" in self.opts.taps:
+                out(f"ffn_out.{il}", f)
             x = lib.ggml_add(c, f, x)                                        # [D, T']
         if segment is None or segment == L:
             x = self._norm(c, x, W("output_norm.weight"))

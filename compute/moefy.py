@@ -21,8 +21,10 @@ experts of F/E neurons and adds a router, keeping everything else byte for byte:
    skewed (an importance signal for HOBBIT's mixed precision) at some cost in accuracy.
 
 Tensors: blk.N.ffn_gate_inp.weight [D, E] F32; ffn_{gate,up}_exps [D, F/E, E] whose rows
-are the dense rows' own quantised bytes (a neuron is a row); ffn_down_exps [F/E, D, E]
-re-quantised (a neuron is a column of down) to down_type. Every other tensor and every
+are the dense rows (a neuron is a row), their own bytes when the dense file has
+expert_type already, else re-quantised; ffn_down_exps [F/E, D, E] re-quantised (a neuron
+is a column of down, scaled by top_k). expert_type (default Q8_0) is HOBBIT's high
+precision; its low-precision companion (Q4_0) is made with the model. Every other tensor and every
 metadata key (tokenizer, chat template) is copied; llama.expert_count/expert_used_count are
 added, llama.feed_forward_length becomes F/E, and hobbit.moefy.* records the recipe.
 
@@ -45,11 +47,11 @@ import numpy as np
 from ..protocol.errors import InputError, ModelError
 from . import ggml
 
-RECIPE = "r1"            # bump whenever the build's output changes
+RECIPE = "r2"            # bump whenever the build's output changes
 DEFAULT_EXPERTS = 16
-DEFAULT_TOP_K = 8
-DEFAULT_TEMPERATURE = 1.0
-DOWN_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
+DEFAULT_TOP_K = 12
+DEFAULT_TEMPERATURE = 0.1
+EXPERT_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
 CLUSTERINGS = ("coact", "random", "contiguous")
 
 CALIB_THREADS = 2        # fixed: attention sums split across threads, so results depend on it
@@ -105,11 +107,14 @@ class MoefyOptions:
     experts: int = DEFAULT_EXPERTS          # E per layer
     top_k: int = DEFAULT_TOP_K              # K (llama.expert_used_count); down_e is scaled by K
     temperature: float = DEFAULT_TEMPERATURE  # router logits = temperature * predicted log-contribution
-    down_type: str = "Q8_0"                 # ggml type of the re-quantised down experts
+    expert_type: str = "Q8_0"               # ggml type of the experts (HOBBIT's high precision)
+    down_type: str = ""                     # type of the down experts if not expert_type
+    unit: int = 1                           # neurons clustered together (32: whole quant blocks)
     clustering: str = "coact"               # coact | random | contiguous
     calib_tokens: int = 6000                # calibration tokens (prompts included), at least
     per_prompt: int = 200                   # most tokens generated per prompt
     seed: int = 0                           # k-means initialisation
+    refit: float = 0.0                      # >0: ridge-refit down to the routed top-k (penalty, relative)
 
 
 # ---- calibration ---------------------------------------------------------------------------------
@@ -247,6 +252,7 @@ def balanced_kmeans(feat: np.ndarray, n_clusters: int, seed: int, iters: int = K
 class LayerPlan:
     groups: list            # E sorted arrays of F/E neuron indices
     router: np.ndarray      # (E, D) float32: x -> predicted log ||FFN_e(x)|| (before temperature)
+    down: np.ndarray | None = None   # (D, F) refitted down (opts.refit), else the dense one
 
 
 def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) -> LayerPlan:
@@ -259,7 +265,9 @@ def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) ->
         n_act = max(1, int(round(CO_ACTIVE * F)))
         thresh = -np.partition(-imp, n_act - 1, axis=1)[:, n_act - 1:n_act]  # (T, 1)
         feat = (imp >= thresh).T.astype(np.float32)                          # (F, T)
-        groups = balanced_kmeans(feat, E, seed=opts.seed + layer)
+        u = opts.unit      # cluster runs of u neurons: whole quant blocks can be copied
+        groups = balanced_kmeans(feat.reshape(F // u, u, -1).mean(axis=1), E, seed=opts.seed + layer)
+        groups = [(g[:, None] * u + np.arange(u)).ravel() for g in groups]
     elif opts.clustering == "random":
         perm = np.random.default_rng(opts.seed + layer).permutation(F)
         groups = [np.sort(perm[e * (F // E):(e + 1) * (F // E)]) for e in range(E)]
@@ -274,7 +282,22 @@ def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) ->
     xtx = X64.T @ X64                                                        # (D, D)
     lam = RIDGE * float(np.mean(np.diag(xtx)))
     W = np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), X64.T @ target)   # (D, E)
-    return LayerPlan(groups=groups, router=W.T.astype(np.float32))
+    plan = LayerPlan(groups=groups, router=W.T.astype(np.float32))
+    if opts.refit > 0 and opts.top_k < E:
+        # least squares: the routed experts' sum should give the dense output, pulled
+        # towards the dense down matrix (ridge) so that it generalises
+        sel = np.argsort(-(X @ plan.router.T), axis=1, kind="stable")[:, :opts.top_k]   # (T, K)
+        used = np.zeros((len(X), E), bool)
+        np.put_along_axis(used, sel, True, axis=1)
+        member = np.empty(F, np.int64)
+        for e, g in enumerate(groups):
+            member[g] = e
+        At = (A * used[:, member]).astype(np.float64)                       # (T, F)
+        S = At.T @ At
+        lam = opts.refit * float(np.mean(np.diag(S)))
+        Y = A.astype(np.float64) @ down.T.astype(np.float64)                 # (T, D)
+        plan.down = np.linalg.solve(S + lam * np.eye(F), At.T @ Y + lam * down.T).T.astype(np.float32)
+    return plan
 
 
 _plan_cache: dict = {}
@@ -282,13 +305,13 @@ _plan_cache: dict = {}
 
 def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[LayerPlan]:
     """Every layer's split and router (cached in this process per source and options that
-    matter: variants differing in top_k, temperature or down_type share it)."""
+    matter: variants differing in top_k, temperature or expert_type share it)."""
     from tqdm import tqdm
 
     from .weights import open_model
 
     key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
-           opts.seed)
+           opts.seed, opts.refit, opts.top_k if opts.refit else None, opts.unit)
     if key in _plan_cache:
         return _plan_cache[key]
     weights = open_model(source)
@@ -302,7 +325,8 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
                    disable=not progress, dynamic_ncols=True):
         gate, up, down = _dense_ffn(weights, il)
         plans.append(plan_layer(xs[il], gate, up, down, opts, il))
-    _plan_cache.clear()
+    while len(_plan_cache) >= 4:
+        _plan_cache.pop(next(iter(_plan_cache)))
     _plan_cache[key] = plans
     return plans
 
@@ -313,15 +337,20 @@ def check(opts: MoefyOptions, n_ff: int) -> None:
         raise InputError(f"--experts {E} must be at least 2 and divide the FFN width {n_ff}")
     if not 1 <= opts.top_k <= E:
         raise InputError(f"--top-k {opts.top_k} must be between 1 and --experts {E}")
-    if opts.down_type not in DOWN_TYPES:
-        raise InputError(f"--down-type {opts.down_type!r} is not one of {' '.join(DOWN_TYPES)}")
-    if (n_ff // E) % ggml.block_size(ggml.TYPES_BY_NAME[opts.down_type]):
+    if opts.expert_type not in EXPERT_TYPES:
+        raise InputError(f"--expert-type {opts.expert_type!r} is not one of {' '.join(EXPERT_TYPES)}")
+    if opts.down_type and opts.down_type not in EXPERT_TYPES:
+        raise InputError(f"--down-type {opts.down_type!r} is not one of {' '.join(EXPERT_TYPES)}")
+    down = opts.down_type or opts.expert_type
+    if (n_ff // E) % ggml.block_size(ggml.TYPES_BY_NAME[down]):
         raise InputError(f"--experts {E}: experts of {n_ff // E} neurons do not fit "
-                         f"{opts.down_type} blocks of {ggml.block_size(ggml.TYPES_BY_NAME[opts.down_type])}")
+                         f"{down} blocks of {ggml.block_size(ggml.TYPES_BY_NAME[down])}")
     if opts.clustering not in CLUSTERINGS:
         raise InputError(f"--clustering {opts.clustering!r} is not one of {' '.join(CLUSTERINGS)}")
     if not opts.temperature >= 0:
         raise InputError(f"--temperature {opts.temperature} must be at least 0")
+    if opts.unit < 1 or (n_ff // E) % opts.unit:
+        raise InputError(f"--unit {opts.unit} must divide the expert width {n_ff // E}")
     if opts.calib_tokens < 256:
         raise InputError(f"--calib-tokens {opts.calib_tokens} must be at least 256")
 
@@ -351,9 +380,29 @@ def model_name(opts: MoefyOptions) -> str:
     """smollm2-135m-moe-e16k8-r1, with the options that differ from the default appended."""
     d = MoefyOptions()
     extra = "".join(f"-{tag}{getattr(opts, f)}" for f, tag in (
-        ("temperature", "t"), ("down_type", ""), ("clustering", ""), ("calib_tokens", "c"),
-        ("per_prompt", "p"), ("seed", "s")) if getattr(opts, f) != getattr(d, f))
+        ("temperature", "t"), ("expert_type", ""), ("down_type", "down"), ("clustering", ""), ("calib_tokens", "c"),
+        ("per_prompt", "p"), ("seed", "s"), ("refit", "refit"), ("unit", "u")) if getattr(opts, f) != getattr(d, f))
     return f"smollm2-135m-moe-e{opts.experts}k{opts.top_k}{extra.lower()}-{RECIPE}"
+
+
+_SCALES = {ggml.TYPES_BY_NAME[n]: k for n, k in (("Q4_0", 1), ("Q8_0", 1), ("Q5_0", 1),
+                                                  ("Q4_1", 2), ("Q5_1", 2))}
+
+
+def _copy_blocks(raw, t: int, D: int, F: int, groups, K: int) -> np.ndarray:
+    """Down experts from the dense down's own quantised blocks (groups of whole blocks):
+    no re-quantising, only the fp16 scale (and min) of each block multiplied by K."""
+    if t not in _SCALES:
+        raise ModelError(f"moefy: cannot copy {ggml.type_name(t)} blocks; use another --down-type")
+    bs = ggml.block_size(t)
+    blocks = np.asarray(raw).reshape(D, F // bs, ggml.type_size(t))
+    out = []
+    for g in groups:
+        b = blocks[:, g[::bs] // bs].copy()                                  # (D, Fe/bs, bytes)
+        head = b[:, :, :2 * _SCALES[t]].copy().view(np.float16)
+        b[:, :, :2 * _SCALES[t]] = (head.astype(np.float32) * K).astype(np.float16).view(np.uint8)
+        out.append(b.reshape(-1))
+    return np.concatenate(out)
 
 
 def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: MoefyOptions,
@@ -366,7 +415,8 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
     E, K = opts.experts, opts.top_k
     D, F = a.n_embd, a.n_ff
     Fe = F // E
-    down_t = ggml.TYPES_BY_NAME[opts.down_type]
+    exp_t = ggml.TYPES_BY_NAME[opts.expert_type]
+    down_t = ggml.TYPES_BY_NAME[opts.down_type or opts.expert_type]
     mm = weights.reader.data
 
     # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
@@ -380,11 +430,10 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
                 continue
             done.add(il)
             p = f"blk.{il}."
-            g_info, u_info = weights.tensors[p + "ffn_gate.weight"], weights.tensors[p + "ffn_up.weight"]
             table += [
                 (p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E, ("router", il)),
-                (p + "ffn_gate_exps.weight", g_info.type, (D, Fe, E), g_info.nbytes, ("rows", il, "gate")),
-                (p + "ffn_up_exps.weight", u_info.type, (D, Fe, E), u_info.nbytes, ("rows", il, "up")),
+                (p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F, ("rows", il, "gate")),
+                (p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F, ("rows", il, "up")),
                 (p + "ffn_down_exps.weight", down_t, (Fe, D, E), ggml.row_size(down_t, Fe) * D * E,
                  ("down", il)),
             ]
@@ -399,13 +448,20 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
         plan = plans[how[1]]
         if kind == "router":
             return (np.float32(opts.temperature) * plan.router).astype(np.float32)   # (E, D)
-        if kind == "rows":     # a neuron is a row of gate/up: copy its quantised bytes
+        if kind == "rows":     # a neuron is a row of gate/up: its bytes, or re-quantised
             t = weights.tensors[f"blk.{how[1]}.ffn_{how[2]}.weight"]
             rows = mm[t.offset:t.offset + t.nbytes].reshape(F, -1)
-            return np.concatenate([rows[g] for g in plan.groups])                      # (E*Fe, bytes)
+            if t.type != exp_t:
+                rows = ggml.dequantize(t.type, rows, F * D).reshape(F, D)
+            rows = np.concatenate([rows[g] for g in plan.groups])
+            return rows if t.type == exp_t else ggml.quantize(exp_t, rows, D)          # (E*Fe, bytes)
         # down: a neuron is a column; gather, scale by K, re-quantise expert by expert
         t = weights.tensors[f"blk.{how[1]}.ffn_down.weight"]
-        down = ggml.dequantize(t.type, mm[t.offset:t.offset + t.nbytes], D * F).reshape(D, F)
+        if t.type == down_t and plan.down is None and opts.unit % ggml.block_size(t.type) == 0:
+            return _copy_blocks(mm[t.offset:t.offset + t.nbytes], t.type, D, F, plan.groups, K)
+        down = plan.down
+        if down is None:
+            down = ggml.dequantize(t.type, mm[t.offset:t.offset + t.nbytes], D * F).reshape(D, F)
         return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe)
                                for g in plan.groups])
 
@@ -452,7 +508,7 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
 
 
 def build_moe(out: str, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP_K, *,
-              temperature: float = DEFAULT_TEMPERATURE, down_type: str = "Q8_0",
+              temperature: float = DEFAULT_TEMPERATURE, expert_type: str = "Q8_0",
               clustering: str = "coact", calib_tokens: int = MoefyOptions.calib_tokens,
               source: str | None = None, progress: bool = True, opts: MoefyOptions | None = None) -> str:
     """Build the MoE GGUF at `out` from the dense GGUF `source` (default: SmolLM2-135M-
@@ -461,7 +517,7 @@ def build_moe(out: str, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP
     from .weights import open_model
 
     opts = opts or MoefyOptions(experts=experts, top_k=top_k, temperature=temperature,
-                                down_type=down_type.upper(), clustering=clustering,
+                                expert_type=expert_type.upper(), clustering=clustering,
                                 calib_tokens=calib_tokens)
     source = source or smollm2_path()
     if not os.path.isfile(source):
@@ -495,11 +551,12 @@ def default_options() -> MoefyOptions:
 
 
 def default_model_path(build: bool = True, progress: bool = True) -> str:
-    """The default MoE's path; built on first use (a few minutes, once) unless build=False,
-    which raises ModelError when it is not prepared yet. Concurrent first uses build once."""
+    """The default MoE's path; built on first use (a few minutes, once) with its
+    low-precision companion, unless build=False, which raises ModelError when it is not
+    prepared yet. Concurrent first uses build once (a lock file beside it)."""
     opts = default_options()
     path = os.path.join(models_dir(), model_name(opts) + ".gguf")
-    if os.path.exists(path):
+    if os.path.exists(path) and os.path.exists(_companion(path)):
         return path
     if not build:
         raise ModelError(f"{path}: the default model is not prepared yet (run hobbit-cli prepare)")
@@ -509,7 +566,19 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
             if progress:
                 print(f"hobbit: building the default model (once): {path}", file=sys.stderr)
             build_moe(path, opts=opts, progress=progress)
+        if not os.path.exists(_companion(path)):
+            from ..loader.companion import convert
+            from .weights import open_model
+
+            convert(open_model(path), ggml.Q4_0, out=_companion(path), progress=progress)
     return path
+
+
+def _companion(path: str) -> str:
+    """The default model's low-precision companion: Q4_0, beside it."""
+    from ..loader.companion import companion_path
+
+    return companion_path(path, ggml.Q4_0)
 
 
 @contextlib.contextmanager
@@ -577,14 +646,14 @@ def cmd_models(args) -> int:
 def cmd_prepare(args) -> int:
     d = default_options()
     custom = (args.out or args.experts != d.experts or args.top_k != d.top_k
-              or args.temperature != d.temperature or args.down_type.upper() != d.down_type
+              or args.temperature != d.temperature or args.expert_type.upper() != d.expert_type
               or args.clustering != d.clustering or args.calib_tokens != d.calib_tokens)
     t0 = time.perf_counter()
     if not custom:
         path = default_model_path(build=True, progress=not args.quiet)
     else:
         opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
-                            down_type=args.down_type.upper(), clustering=args.clustering,
+                            expert_type=args.expert_type.upper(), clustering=args.clustering,
                             calib_tokens=args.calib_tokens)
         path = args.out or os.path.join(models_dir(), model_name(opts) + ".gguf")
         if os.path.exists(path) and not args.force and not args.out:
@@ -615,9 +684,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
                    help="router sharpness: gate weights follow predicted contribution**T; "
                         f"0 = uniform weights (default {d.temperature})")
-    p.add_argument("--down-type", default=d.down_type, metavar="TYPE",
-                   help=f"type of the re-quantised down experts: {' '.join(DOWN_TYPES)} "
-                        f"(default {d.down_type})")
+    p.add_argument("--expert-type", default=d.expert_type, metavar="TYPE",
+                   help=f"type of the re-quantised down experts: {' '.join(EXPERT_TYPES)} "
+                        f"(default {d.expert_type})")
     p.add_argument("--clustering", default=d.clustering, choices=CLUSTERINGS,
                    help=f"how neurons are grouped into experts (default {d.clustering})")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, metavar="N",

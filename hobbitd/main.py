@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hobbitd", description="The hobbit loader daemon: owns "
                                 "flash reads and the shared expert cache of MoE models.")
     p.add_argument("--model", action="append", metavar="GGUF",
-                   help="a MoE GGUF to serve (repeat for several; replaces the config's list)")
+                   help="a MoE GGUF to serve (repeat for several; replaces the config's list; "
+                        "with none anywhere: the default model, built on first use)")
     p.add_argument("--cache-size", type=_size, metavar="SIZE",
                    help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)")
     p.add_argument("--socket", metavar="PATH", help="where to listen (default: $HOBBIT_SOCKET, "
@@ -83,6 +84,15 @@ def config_from_args(args) -> DaemonConfig:
             setattr(cfg, key, getattr(args, flag))
     if args.no_direct_io:
         cfg.direct_io = False
+    return cfg
+
+
+def with_default_model(cfg: DaemonConfig) -> DaemonConfig:
+    """No model named anywhere: serve the default one (built on first use)."""
+    if not cfg.models:
+        from ..compute.moefy import default_model_path
+
+        cfg.models = [default_model_path(build=True, progress=sys.stderr.isatty())]
     return cfg
 
 
@@ -137,7 +147,7 @@ def main(argv=None) -> int:
     log.propagate = False
     try:
         import uvloop
-        return uvloop.run(run(config_from_args(args)))
+        return uvloop.run(run(with_default_model(config_from_args(args))))
     except HobbitError as e:
         print(f"hobbitd: error: {e}", file=sys.stderr)
         return 1

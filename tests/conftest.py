@@ -71,3 +71,39 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory) -> str:
+    """$XDG_DATA_HOME for the session (where the default model is built), set in os.environ
+    so that subprocesses see it too. HOBBIT_TEST_DATA_HOME reuses one across runs."""
+    path = os.environ.get("HOBBIT_TEST_DATA_HOME") or str(tmp_path_factory.mktemp("xdg-data"))
+    os.environ["XDG_DATA_HOME"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_moe(data_home) -> str:
+    """The default MoE, built as a user gets it on first use (and its companion)."""
+    from hobbit.compute.moefy import default_model_path
+
+    return default_model_path(build=True, progress=False)
+
+
+_variant_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def moe_variant(tmp_path_factory):
+    """moe_variant(**MoefyOptions fields) -> a MoE built from SmolLM2 with little calibration
+    text (fast; for properties that do not depend on how good the routing is)."""
+    from hobbit.compute import moefy
+
+    def make(**kw):
+        opts = moefy.MoefyOptions(**{"calib_tokens": 512, "per_prompt": 128, **kw})
+        if opts not in _variant_cache:
+            out = str(tmp_path_factory.mktemp("moefy") / f"{moefy.model_name(opts)}.gguf")
+            _variant_cache[opts] = moefy.build_moe(out, opts=opts, progress=False)
+        return _variant_cache[opts]
+
+    return make
