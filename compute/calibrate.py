@@ -30,7 +30,7 @@ from ..protocol.errors import HobbitError
 from .local_experts import LocalExperts
 from .model import Model, RunOptions
 
-T1_GRID = (0.3, 0.45, 0.6, 0.75)
+T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
 
 
@@ -164,10 +164,12 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     rows = []
     for t1, t2 in tqdm(grid, desc="thresholds", disable=not progress, leave=False):
         th = Thresholds(t1, t2)
-        kld = mean_kld(ref, run_logits(model, th, tokens))
+        # (1, 1) loads every expert in high precision: it is the reference itself, so that
+        # some pair always meets the bound (a model too sensitive for low precision gets none)
+        kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
         sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
         rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
-    ok = [r for r in rows if r["kld"] <= kld_bound] or [min(rows, key=lambda r: r["kld"])]
+    ok = [r for r in rows if r["kld"] <= kld_bound]
     best = min(ok, key=lambda r: (r["cost"], r["kld"]))
     model.close()
     th = Thresholds(best["t1"], best["t2"])
@@ -231,7 +233,7 @@ def cmd_calibrate(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="pick HOBBIT's thresholds and cache-policy weights",
+    p = sub.add_parser("calibrate", prog="hobbit-cli calibrate", help="pick HOBBIT's thresholds and cache-policy weights",
                        description="Profile gate scores and miss penalties on calibration text; choose "
                                    "T1/T2 (cheapest modelled loading with KLD vs all-high-precision "
                                    "under --kld) and the four policy weights; store them next to the "

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="generate text from a prompt",
+    p = sub.add_parser("generate", prog="hobbit-cli generate", help="generate text from a prompt",
                        description="Generate a continuation of --prompt and print only the "
                                    "generated text on stdout.")
     p.add_argument("model", metavar="MODEL", help="path to a GGUF model")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal",
+    p = sub.add_parser("chat", prog="hobbit-cli chat", help="chat with a model in the terminal",
                        description="Chat with MODEL using its own chat template, through hobbitd "
                                    "(the running one, else a private one for the session). "
                                    "Without MODEL: the default MoE made from SmolLM2-135M-Instruct, "
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("convert", help="make the low-precision companion file of a MoE model",
+    p = sub.add_parser("convert", prog="hobbit-cli convert", help="make the low-precision companion file of a MoE model",
                        description="Re-quantise every expert of MODEL to a smaller type and write "
                                    "the companion file hobbitd reads on low-precision misses "
                                    "(next to the model, or under ~/.cache/hobbit).")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("stats", help="what the running hobbitd has cached and read",
+    p = sub.add_parser("stats", prog="hobbit-cli stats", help="what the running hobbitd has cached and read",
                        description="Per model: cache occupancy by precision, hits, misses, bytes "
                                    "read and read bandwidth; connected clients.")
     p.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -159,3 +159,38 @@ def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
         release(s, name, request(s, name, 3, [4, 5], rid=3))
         assert stats(s)["models"][name]["misses"] == misses + 2   # the walk stopped before 3
         s.close(linger=0)
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path):
+    """calibrate picks the cheapest thresholds within the KLD bound (all-high is always
+    allowed), saves them beside the companion, and hobbitd serves with them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from daemon_util import connect, hello, run_daemon, stats
+
+    path = synth(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0")
+    cli = [sys.executable, "-m", "hobbit.compute.cli"]
+    subprocess.run([*cli, "convert", path, "-q"], check=True, capture_output=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("The river flows through the valley and the old mill turns slowly. " * 20)
+    for bound in ("0", "1"):
+        out = subprocess.run([*cli, "calibrate", path, "--text", str(text), "--tokens", "128",
+                              "--kld", bound, "--json"], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout)
+        assert r["kld"] <= float(bound), r
+        if bound == "0":      # nothing may differ from all-high: every miss in high precision
+            assert r["t1"] == 1.0, r
+    assert r["cost"] <= r["lru_cost"], "the chosen policy weights model no more reads than LRU"
+    with run_daemon([path], "4M", tmp_path) as d:
+        s = connect(d.socket)
+        hello(s)
+        name = os.path.basename(path)[:-len(".gguf")]
+        st = stats(s)["models"][name]["hobbit"]
+        s.close(linger=0)
+    assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
+    assert st["policy_weights"] == r["weights"], st
