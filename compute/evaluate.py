@@ -240,34 +240,36 @@ def _text_tokens(args, tok) -> list[int]:
 def cmd_ppl(args) -> int:
     import json
 
+    from .tokenizer import Tokenizer
+
     path = resolve_model(args.model)
     if args.llama_cpp:
-        return _ppl_llama_cpp(path, args)
-    weights, tok, model = _open(path, args, daemon=not args.no_daemon)
+        tok, model, score, where = Tokenizer(path), None, _llama_cpp_scorer(path, args), {"engine": "llama.cpp"}
+    else:
+        _, tok, model = _open(path, args, daemon=not args.no_daemon)
+        score, where = model, {"engine": "hobbit", "daemon": model.experts is not None}
     try:
         tokens = _text_tokens(args, tok)
-        r = perplexity(model, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
+        r = perplexity(score, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
                        add_bos=model_adds_bos(tok), bos=tok.bos)
     finally:
-        _close(model)
-    r = {"model": path, "text": args.text, "engine": "hobbit", "daemon": model.experts is not None,
-         "tokens": len(tokens), **r}
+        if model is not None:
+            _close(model)
+    r = {"model": path, "text": args.text, **where, "tokens": len(tokens), **r}
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{os.path.basename(path)}: PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} over "
-              f"{r['chunks']} chunks of {r['ctx']} tokens ({r['scored']} scored, {r['seconds']:.1f} s)")
+        print(f"{os.path.basename(path)} ({r['engine']}): PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} "
+              f"over {r['chunks']} chunks of {r['ctx']} tokens ({r['scored']} scored, {r['seconds']:.1f} s)")
     return 0
 
 
-def _ppl_llama_cpp(path: str, args) -> int:
-    """cmd_ppl with llama.cpp as the scorer: the same tokens, chunks and scoring."""
-    import json
-
+def _llama_cpp_scorer(path: str, args):
+    """llama.cpp (llama-cpp-python, all logits) as a scorer: each chunk from an empty cache."""
     import llama_cpp
 
     from .ggml import physical_cores
-    from .tokenizer import Tokenizer, _quiet_stderr
+    from .tokenizer import _quiet_stderr
 
     n = args.threads or physical_cores()
     with _quiet_stderr():
@@ -279,18 +281,7 @@ def _ppl_llama_cpp(path: str, args) -> int:
         llm.reset()
         llm.eval(list(tokens))
         return np.array(llm.scores[:len(tokens)], dtype=np.float32)
-
-    tok = Tokenizer(path)
-    tokens = _text_tokens(args, tok)
-    r = perplexity(score, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
-                   add_bos=model_adds_bos(tok), bos=tok.bos)
-    r = {"model": path, "text": args.text, "engine": "llama.cpp", "tokens": len(tokens), **r}
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{os.path.basename(path)} (llama.cpp): PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} "
-              f"over {r['chunks']} chunks of {r['ctx']} tokens")
-    return 0
+    return score
 
 
 def cmd_kld(args) -> int:

@@ -197,11 +197,12 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
 
 # ---- splitting one layer -------------------------------------------------------------------------
 
-def _dense_ffn(weights, il: int):
-    """(gate (F, D), up (F, D), down (D, F)) of layer il as float32, numpy order."""
+def ffn_weights(weights, il: int, experts: bool = False):
+    """(gate (F, D), up (F, D), down (D, F)) of layer il as float32, numpy order; with
+    experts, the expert tensors: (E, Fe, D), (E, Fe, D), (E, D, Fe)."""
     out = []
     for part in ("gate", "up", "down"):
-        info = weights.tensors[f"blk.{il}.ffn_{part}.weight"]
+        info = weights.tensors[f"blk.{il}.ffn_{part}{'_exps' if experts else ''}.weight"]
         raw = weights.reader.data[info.offset:info.offset + info.nbytes]
         out.append(ggml.dequantize(info.type, raw, int(np.prod(info.shape))).reshape(info.shape[::-1]))
     return out
@@ -323,7 +324,7 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
     plans = []
     for il in tqdm(range(a.n_layer), desc="moefy: split layers", unit="layer", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True):
-        gate, up, down = _dense_ffn(weights, il)
+        gate, up, down = ffn_weights(weights, il)
         plans.append(plan_layer(xs[il], gate, up, down, opts, il))
     while len(_plan_cache) >= 4:
         _plan_cache.pop(next(iter(_plan_cache)))

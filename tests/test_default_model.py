@@ -28,18 +28,6 @@ def _sha(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _ffn_weights(w, il: int, moe: bool):
-    """Layer il's FFN as float32 numpy: (gate, up, down), per expert when moe."""
-    from hobbit.compute import ggml
-
-    out = []
-    for part in ("gate", "up", "down"):
-        t = w.tensors[f"blk.{il}.ffn_{part}{'_exps' if moe else ''}.weight"]
-        raw = w.reader.data[t.offset:t.offset + t.nbytes]
-        out.append(ggml.dequantize(t.type, raw, int(np.prod(t.shape))).reshape(t.shape[::-1]))
-    return out
-
-
 def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
     """top-k = E with uniform weights and the dense file's own blocks (Q4_1, whole blocks per
     expert): every layer's MoE FFN is the dense FFN, on real FFN inputs' scale."""
@@ -47,9 +35,9 @@ def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
     dense, moe = open_model(smollm2), open_model(path)
     x = np.random.default_rng(0).standard_normal((8, dense.args.n_embd)).astype(np.float32)
     for il in range(dense.args.n_layer):
-        g, u, d = _ffn_weights(dense, il, moe=False)
+        g, u, d = moefy.ffn_weights(dense, il)
         want = (moefy._silu(x @ g.T) * (x @ u.T)) @ d.T
-        ge, ue, de = _ffn_weights(moe, il, moe=True)
+        ge, ue, de = moefy.ffn_weights(moe, il, experts=True)
         got = sum((moefy._silu(x @ ge[e].T) * (x @ ue[e].T)) @ de[e].T for e in range(16)) / 16
         assert rel_l2(got, want) < 1e-5, f"layer {il}"
 
