@@ -333,7 +333,8 @@ class Daemon:
         shares = {n: b / sum(full.values()) for n, b in full.items()}
         specs = []
         for n, mo in self.models.items():
-            low = mo.low is not None and (mo.thresholds.dynamic or mo.thresholds.low_only)
+            th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
+            low = mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
             share = 0.0 if not low else 1.0 if mo.thresholds.low_only else self.cfg.low_share
             if share < 1:
                 specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))

@@ -194,3 +194,11 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         s.close(linger=0)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
+    # T1 = 1 (what calibration picks when no low precision is allowed): no low region, the
+    # whole cache holds high-precision experts
+    with run_daemon([path], "4M", tmp_path, t1=1.0) as d:
+        s = connect(d.socket)
+        hello(s)
+        regions = stats(s)["models"][name]["regions"]
+        s.close(linger=0)
+    assert list(regions) == ["high"], regions
