@@ -1,13 +1,16 @@
 """Eviction policies: which unpinned slot of a region to reuse.
 
-A policy sees `touch(slot, sid, high)` when a client uses a slot and `victim(candidates)`
-when a region needs room. LRU is the baseline (mixtral-offloading's). HobbitPolicy is
-HOBBIT's sequence-level multidimensional policy. Neither is thread-safe: the daemon calls
+A policy sees `touch(slot, sid, high)` when a client uses a slot, `victim(candidates)`
+when a region needs room and `reset(slot)` when a slot is given a new expert. LRU is the
+baseline (mixtral-offloading's). HobbitPolicy is HOBBIT's sequence-level multidimensional
+policy. Neither is thread-safe: the daemon calls
 them from its event loop only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class LRUPolicy:
@@ -24,6 +27,9 @@ class LRUPolicy:
         self.clock += 1
         slot.last_use = self.clock
         slot.uses += 1
+
+    def reset(self, slot) -> None:
+        """The slot now holds a new expert (its last_use is set when it is first used)."""
 
     def victim(self, candidates):
         return min(candidates, key=lambda s: s.last_use)
@@ -47,64 +53,101 @@ class HobbitPolicy:
     precision (the score asked for high); d = (l_e − l_now − 1) mod L: how many layers
     until it can be needed again, so the next layer's experts score highest and the layer
     just computed lowest (it is needed again only after a whole pass). The evicted slot is
-    the one with the lowest priority.
+    the one with the lowest priority (ties: the least recently used).
 
     Counters are per client sequence: a client's REQUEST carries (seq, token); a new seq
     starts its counters afresh. Several clients sharing one cache each keep their own
     counters on the same slots, and a slot's priority is the highest any client gives it:
-    an expert one client still needs is not evicted for another's sake.
+    an expert one client still needs is not evicted for another's sake. A client's terms
+    count only on slots it used in its current sequence.
+
+    The counters live in numpy arrays per (client, region), indexed by slot, so choosing a
+    victim costs a few vector operations instead of a Python loop over the slots (it runs
+    on every miss, on the daemon's event loop).
     """
     name = "hobbit"
 
     def __init__(self, n_layer: int, weights: PolicyWeights = PolicyWeights()):
         self.L = n_layer
         self.w = weights
-        self.clients: dict[int, list] = {}    # sid -> [seq, token T, layer l_now, generation]
+        self.clients: dict[int, list] = {}   # sid -> [seq, token T, layer l_now]
+        self.counts: dict = {}               # (sid, region) -> float array [n_slots, 3]: R, F, H
+        self.layers: dict = {}               # region -> int array [n_slots]: layer held
+        self.last_use: dict = {}             # region -> int array [n_slots]: clock of last use
         self.clock = 0
 
     def begin(self, sid: int, seq: int, token: int, layer: int) -> None:
         """A client is at (seq, token, layer); a new seq resets its counters."""
         c = self.clients.get(sid)
-        if c is None or c[0] != seq:
-            gen = (c[3] + 1) if c else 0
-            self.clients[sid] = [seq, token, layer, gen]
-        else:
+        if c is not None and c[0] == seq:
             c[1], c[2] = token, layer
+            return
+        self.clients[sid] = [seq, token, layer]
+        for (owner, _), a in self.counts.items():
+            if owner == sid:
+                a[:] = 0
 
     def forget(self, sid: int) -> None:
         self.clients.pop(sid, None)
+        for key in [k for k in self.counts if k[0] == sid]:
+            del self.counts[key]
+
+    def _region_arrays(self, region):
+        if region not in self.layers:
+            self.layers[region] = np.zeros(region.n_slots, np.int64)
+            self.last_use[region] = np.zeros(region.n_slots, np.int64)
+        return self.layers[region], self.last_use[region]
+
+    def reset(self, slot) -> None:
+        """The slot now holds a new expert: every client's counters on it start at zero."""
+        layers, _ = self._region_arrays(slot.region)
+        layers[slot.index] = slot.key[0] if slot.key else 0
+        for (_, region), a in self.counts.items():
+            if region is slot.region:
+                a[slot.index] = 0
 
     def touch(self, slot, sid: int = 0, high: bool = True) -> None:
         self.clock += 1
         slot.last_use = self.clock
         slot.uses += 1
+        _, last_use = self._region_arrays(slot.region)
+        last_use[slot.index] = self.clock
         c = self.clients.get(sid)
         if c is None:
             return
-        counters = slot.counters.get(sid)
-        if counters is None or counters[0] != c[3]:          # stale generation: new sequence
-            counters = slot.counters[sid] = [c[3], 0, 0, 0]   # gen, R, F, H
-        counters[1] = c[1]
-        counters[2] += 1
-        counters[3] += bool(high)
+        a = self.counts.get((sid, slot.region))
+        if a is None:
+            a = self.counts[sid, slot.region] = np.zeros((slot.region.n_slots, 3))
+        a[slot.index, 0] = c[1]
+        a[slot.index, 1] += 1
+        a[slot.index, 2] += bool(high)
 
-    def priority(self, slot) -> float:
-        best = 0.0
-        layer = slot.key[0] if slot.key else 0
-        for sid, (gen, R, F, H) in slot.counters.items():
-            c = self.clients.get(sid)
-            if c is None or c[3] != gen:
+    def priorities(self, region) -> np.ndarray:
+        """The keep-priority of every slot of `region` (0 where no client used it)."""
+        layers, _ = self._region_arrays(region)
+        best = np.zeros(region.n_slots)
+        w = self.w
+        for sid, (_, token, l_now) in self.clients.items():
+            a = self.counts.get((sid, region))
+            if a is None:
                 continue
-            T = max(c[1], 1)
-            d = (layer - c[2] - 1) % self.L
-            w = self.w
-            p = w.lru * R / T + w.lfu * min(F / T, 1.0) + w.lhu * min(H / T, 1.0) + w.fld * (1 - d / self.L)
-            best = max(best, p)
+            T = max(token, 1)
+            d = (layers - l_now - 1) % self.L
+            p = (w.lru * a[:, 0] / T + w.lfu * np.minimum(a[:, 1] / T, 1.0)
+                 + w.lhu * np.minimum(a[:, 2] / T, 1.0) + w.fld * (1 - d / self.L))
+            np.maximum(best, np.where(a[:, 1] > 0, p, 0.0), out=best)
         return best
 
+    def priority(self, slot) -> float:
+        return float(self.priorities(slot.region)[slot.index])
+
     def victim(self, candidates):
-        # ties (e.g. no counters yet) fall back to least recently used
-        return min(candidates, key=lambda s: (self.priority(s), s.last_use))
+        """The candidate (slots of one region) with the lowest priority, then the oldest use."""
+        region = candidates[0].region
+        idx = np.fromiter((s.index for s in candidates), np.int64, len(candidates))
+        _, last_use = self._region_arrays(region)
+        order = np.lexsort((last_use[idx], self.priorities(region)[idx]))
+        return candidates[int(order[0])]
 
 
 def make_policy(name: str, n_layer: int, weights: PolicyWeights | None = None):

@@ -25,7 +25,6 @@ class Slot:
     last_use: int = 0                   # policy bookkeeping (token clock)
     uses: int = 0
     protected: bool = False             # predicted by a hint: not evicted until used
-    counters: dict = field(default_factory=dict)     # HobbitPolicy: sid -> [gen, R, F, H]
     prefetched: bool = False            # loaded by a prefetch and not used yet
 
     @property
@@ -43,6 +42,7 @@ class Region:
         self.offset, self.n_slots = offset, n_slots
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
+        self.free = self.slots[::-1]        # empty slots; take() pops from the end
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +54,7 @@ class Region:
     def take(self, key: tuple, policy) -> Slot | None:
         """A slot to load `key` into: an empty one, else the policy's victim among the
         evictable ones. None when every slot is pinned or loading."""
-        slot = next((s for s in self.slots if s.key is None and s.state == "free"), None)
+        slot = self.free.pop() if self.free else None
         if slot is None:
             candidates = [s for s in self.slots if s.evictable]
             if not candidates:
@@ -62,7 +62,8 @@ class Region:
             slot = policy.victim(candidates)
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
-        slot.counters, slot.prefetched = {}, False
+        slot.prefetched = False
+        policy.reset(slot)
         self.by_key[key] = slot
         return slot
 
@@ -70,6 +71,8 @@ class Region:
         """Forget what a slot holds (its load failed)."""
         if slot.key is not None and self.by_key.get(slot.key) is slot:
             del self.by_key[slot.key]
+        if slot.key is not None or slot.state != "free":
+            self.free.append(slot)
         slot.key, slot.state, slot.protected = None, "free", False
 
     def counts(self) -> dict:
