@@ -99,12 +99,17 @@ def _add_ablation_parser(kinds) -> None:
                    help="prompt lengths (default 16 128)")
     p.add_argument("-n", "--n-decode", type=int, default=32, metavar="N", help="tokens decoded per prompt (32)")
     p.add_argument("--configs", default="abcde", help="which configurations to run (default abcde)")
+    p.add_argument("--rounds", type=int, default=3, metavar="N",
+                   help="rounds, each running every configuration in turn; medians are "
+                        "reported (default 3)")
     _add_output_options(p)
 
     def run(args):
         from . import bench_ablation
+        if args.rounds < 1:
+            raise InputError(f"--rounds {args.rounds}: must be at least 1")
         r = bench_ablation.run(args.model, args.cache, tuple(args.prompt_tokens), args.n_decode,
-                               set(args.configs))
+                               set(args.configs), args.rounds)
         return _report(args, r, bench_ablation.print_table)
     p.set_defaults(func=run)
 

@@ -61,12 +61,15 @@ def _stats(client) -> dict:
 
 
 def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_ctx=1024):
+    """One configuration, one round: prefill each prompt, decode n_decode tokens (greedy,
+    or `forced` tokens). Returns (measurements, tokens, logits)."""
     from .expert_client import ExpertClient
     from .model import Model, RunOptions
 
     client = ExpertClient(sock, weights.path)
     model = Model(weights, RunOptions(n_ctx=n_ctx, lookahead=lookahead), experts=client)
     prefill_s, decode_s, n_tok, logits_all, tokens_all = [], 0.0, 0, [], []
+    compute_s = wait_s = 0.0
     s0 = _stats(client)
     for i, prompt in enumerate(tok_prompts):
         model.reset()
@@ -74,6 +77,7 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
         logits = model.forward(prompt)
         prefill_s.append(time.perf_counter() - t0)
         toks, lg = [], [logits]
+        c0, w0 = model.timing.compute_s, model.timing.expert_wait_s
         t0 = time.perf_counter()
         for j in range(n_decode):
             t = int(np.argmax(logits)) if forced is None else forced[i][j]
@@ -81,13 +85,18 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
             logits = model.forward([t])
             lg.append(logits)
         decode_s += time.perf_counter() - t0
+        compute_s += model.timing.compute_s - c0
+        wait_s += model.timing.expert_wait_s - w0
         n_tok += n_decode
         tokens_all.append(toks)
         logits_all.append(np.stack(lg))
     s1 = _stats(client)
     delta = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1[k], (int, float))}
     result = {"decode_tok_s": n_tok / decode_s, "prefill_s": statistics.mean(prefill_s),
-              "compute_s": model.timing.compute_s, "expert_wait_s": model.timing.expert_wait_s,
+              # per decoded token: graph compute, waiting for hobbitd, the rest (routing,
+              # hints, Python)
+              "split_ms": {"compute": 1e3 * compute_s / n_tok, "expert_wait": 1e3 * wait_s / n_tok,
+                           "other": 1e3 * (decode_s - compute_s - wait_s) / n_tok},
               "prefetch": model.prefetch.summary(), "daemon": delta,
               "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1)}
     model.close()
@@ -96,7 +105,7 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
 
 
 def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32,
-        configs=None, progress=True) -> dict:
+        configs=None, rounds=3, progress=True) -> dict:
     from ..loader.layout import gguf_experts
     from .tokenizer import Tokenizer
     from .weights import open_model
@@ -109,47 +118,76 @@ def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=
     cache = int(cache_fraction * expert_bytes)
     words = Tokenizer(model_path).encode(PROMPT_TEXT * 20)
     prompts = [words[:n] for n in prompt_tokens]
-    results, ref_tokens, ref_logits = {}, None, None
+    chosen = [c for c in CONFIGS if not configs or c[0] in configs]
+    per_round = {key: [] for key, *_ in chosen}
+    ref_tokens, ref_logits = None, None
     with tempfile.TemporaryDirectory() as tmp:
-        for key, label, flags, lookahead in CONFIGS:
-            if configs and key not in configs:
-                continue
-            if progress:
-                print(f"[ablation] ({key}) {label} ...", file=sys.stderr, flush=True)
-            with daemon(model_path, cache, flags, tmp) as sock:
-                r, toks, logits = run_config(weights, prompts, n_decode, sock, lookahead, ref_tokens)
-            if ref_tokens is None:
-                ref_tokens, ref_logits = toks, logits
-            r["kld_vs_a"] = float(np.mean([mean_kld(a, b) for a, b in zip(ref_logits, logits)]))
-            r["label"] = label
-            results[key] = r
-    base = results.get("a", {}).get("decode_tok_s")
-    for r in results.values():
-        r["speedup_vs_a"] = r["decode_tok_s"] / base if base else None
+        # rounds interleave the configurations, so a slow spell of this shared machine
+        # hits all of them alike; a ratio is taken within a round
+        for rnd in range(rounds):
+            for key, label, flags, lookahead in chosen:
+                if progress:
+                    print(f"[ablation] round {rnd + 1}/{rounds} ({key}) {label} ...",
+                          file=sys.stderr, flush=True)
+                with daemon(model_path, cache, flags, tmp) as sock:
+                    r, toks, logits = run_config(weights, prompts, n_decode, sock, lookahead, ref_tokens)
+                if ref_tokens is None:
+                    ref_tokens, ref_logits = toks, logits
+                r["kld_vs_a"] = float(np.mean([mean_kld(a, b) for a, b in zip(ref_logits, logits)]))
+                per_round[key].append(r)
+    results = {key: _summarise(rs, per_round.get("a"), label)
+               for (key, label, *_), rs in zip(chosen, per_round.values())}
     return {"model": model_path, "cache_fraction": cache_fraction, "cache_bytes": cache,
             "expert_bytes": expert_bytes, "prompt_tokens": list(prompt_tokens), "n_decode": n_decode,
-            "configs": results,
-            "method": ("each configuration: a fresh hobbitd with the same --cache-size, one client "
-                       "process, the same prompts; prefill latency = mean wall time of the prompt "
-                       "forward; decode tok/s = generated tokens / wall time of decoding; (a) "
-                       "decodes greedily and the others are fed (a)'s tokens; KLD = mean KL(a || x) "
-                       "of next-token distributions over all decode positions; hits, misses, skips "
-                       "and bytes read come from hobbitd's STATS before and after the run")}
+            "rounds": rounds, "configs": results,
+            "method": ("each round runs every configuration in turn, each with a fresh hobbitd "
+                       "(same --cache-size), one client process, the same prompts; prefill "
+                       "latency = mean wall time of the prompt forward; decode tok/s = generated "
+                       "tokens / wall time of decoding, median over rounds (min-max shown); x(a) = "
+                       "median over rounds of the ratio to (a) in the same round; the split = "
+                       "graph compute / waiting for hobbitd / the rest, ms per decoded token, "
+                       "medians; (a) decodes greedily and the others are fed (a)'s tokens; KLD = "
+                       "mean KL(a || x) of next-token distributions over all decode positions; "
+                       "hits, misses, skips and bytes read come from hobbitd's STATS before and "
+                       "after each run, summed over rounds")}
+
+
+def _summarise(rs: list, base: list | None, label: str) -> dict:
+    """One configuration's rounds → medians, spread, ratios to (a) within each round,
+    daemon counters summed over rounds."""
+    tok_s = [r["decode_tok_s"] for r in rs]
+    ratios = [r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base)] if base else []
+    daemon = {}
+    for r in rs:
+        for k, v in r["daemon"].items():
+            daemon[k] = daemon.get(k, 0) + v
+    return {"label": label, "decode_tok_s": statistics.median(tok_s), "decode_tok_s_rounds": tok_s,
+            "speedup_vs_a": statistics.median(ratios) if ratios else None,
+            "speedup_vs_a_rounds": ratios,
+            "prefill_s": statistics.median(r["prefill_s"] for r in rs),
+            "split_ms": {k: statistics.median(r["split_ms"][k] for r in rs) for k in rs[0]["split_ms"]},
+            "bytes_per_token": statistics.mean(r["bytes_per_token"] for r in rs),
+            "prefetch": rs[-1]["prefetch"], "daemon": daemon,
+            "kld_vs_a": statistics.mean(r["kld_vs_a"] for r in rs)}
 
 
 def print_table(r: dict) -> None:
     print(f"bench ablation: {r['model']}, cache {r['cache_fraction']:.0%} of expert bytes "
-          f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, {r['n_decode']} decoded")
-    head = f"{'config':30s} {'dec tok/s':>9s} {'x(a)':>5s} {'prefill s':>9s} {'hit hi':>7s} {'hit lo':>7s} {'skip':>6s} {'MB/tok':>7s} {'pf top1@1':>9s} {'KLD':>8s}"
-    print(head)
+          f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, "
+          f"{r['n_decode']} decoded, {r['rounds']} rounds")
+    print(f"{'config':30s} {'dec tok/s':>9s} {'(min-max)':>11s} {'x(a)':>5s} {'prefill s':>9s} "
+          f"{'hit hi':>6s} {'hit lo':>6s} {'skip':>5s} {'MB/tok':>6s} {'pf top1@1':>9s} "
+          f"{'ms/tok: compute':>15s} {'wait':>5s} {'other':>5s} {'KLD':>7s}")
     for key, c in r["configs"].items():
         d = c["daemon"]
         req = max(d.get("requested", 0), 1)
         pf = c["prefetch"].get(1, {}).get("top1")
-        print(f"({key}) {c['label']:26s} {c['decode_tok_s']:9.2f} {c['speedup_vs_a'] or 0:5.2f} "
-              f"{c['prefill_s']:9.3f} {d.get('hits_high', 0) / req:7.1%} {d.get('hits_low', 0) / req:7.1%} "
-              f"{d.get('skipped', 0) / req:6.1%} {c['bytes_per_token'] / 1e6:7.2f} "
-              f"{'' if pf is None else f'{pf:9.1%}':>9s} {c['kld_vs_a']:8.4f}")
+        sp = c["split_ms"]
+        spread = f"{min(c['decode_tok_s_rounds']):.1f}-{max(c['decode_tok_s_rounds']):.1f}"
+        print(f"({key}) {c['label']:26s} {c['decode_tok_s']:9.2f} {spread:>11s} "
+              f"{c['speedup_vs_a'] or 0:5.2f} {c['prefill_s']:9.3f} "
+              f"{d.get('hits_high', 0) / req:6.1%} {d.get('hits_low', 0) / req:6.1%} "
+              f"{d.get('skipped', 0) / req:5.1%} {c['bytes_per_token'] / 1e6:6.2f} "
+              f"{'' if pf is None else f'{pf:9.1%}':>9s} {sp['compute']:15.1f} "
+              f"{sp['expert_wait']:5.1f} {sp['other']:5.1f} {c['kld_vs_a']:7.4f}")
     print(f"method: {r['method']}")
-
-

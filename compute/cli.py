@@ -17,7 +17,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=2048, metavar="N",
                    help="context length in tokens (KV cache size; default 2048)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="compute threads (default: number of physical cores)")
+                   help="compute threads (default: physical cores, one fewer through hobbitd)")
 
 
 def _socket(args) -> str:

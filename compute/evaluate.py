@@ -346,7 +346,7 @@ def add_parser(sub) -> None:
                        help="score only the first N chunks (default: all)")
         q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         q.add_argument("--threads", type=int, default=0, metavar="N",
-                       help="compute threads (default: number of physical cores)")
+                       help="compute threads (default: physical cores, one fewer through hobbitd)")
         q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
         q.add_argument("--verbose", "-v", action="store_true", help="say how long tokenizing took")
         q.add_argument("--no-daemon", action="store_true",

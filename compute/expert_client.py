@@ -23,6 +23,8 @@ from ..protocol.errors import DaemonError, ProtocolError
 
 
 class ExpertClient:
+    remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
+
     def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
                  retries: int = 2):
         """model_path None: a client for stats only (no model, no shared memory)."""

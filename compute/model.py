@@ -47,7 +47,7 @@ class RunOptions:
     """How a Model runs. n_ctx: KV cache length in tokens; n_batch: prompt chunk size."""
     n_ctx: int = 2048
     n_batch: int = 512
-    n_threads: int = 0   # 0: physical cores
+    n_threads: int = 0   # 0: physical cores, one fewer when hobbitd serves the experts
     taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
                          # input), "ffn_out" (its FFN output; in-process runs only)
     lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
@@ -106,7 +106,7 @@ class Model:
         self.taps: dict = {}     # name -> (T', X) array from the last forward (RunOptions.taps)
         self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
-        lib.ggml_backend_cpu_set_n_threads(self.backend, self.opts.n_threads or ggml.physical_cores())
+        lib.ggml_backend_cpu_set_n_threads(self.backend, self.opts.n_threads or default_threads(experts))
         self.buft = lib.ggml_backend_cpu_buffer_type()
 
         # Weight tensors point straight into the mmapped GGUF.
@@ -473,6 +473,15 @@ class PrefetchStats:
     def summary(self) -> dict:
         return {d: {"top1": h / n if n else 0.0, "recall": self.recall[d][0] / max(self.recall[d][1], 1),
                     "n": n} for d, (h, n) in sorted(self.top1.items())}
+
+
+def default_threads(experts=None) -> int:
+    """Physical cores; one fewer when hobbitd serves the experts: it reads, answers and
+    copies on the same cores, and ggml's OpenMP workers spin between graphs, so on two
+    cores computing with both made every expert request and hint wait for a core
+    (measured: ~25 vs ~12 ms per token outside compute and the daemon, same compute)."""
+    cores = ggml.physical_cores()
+    return max(1, cores - 1) if getattr(experts, "remote", False) else cores
 
 
 def _last_row(c, x, T):

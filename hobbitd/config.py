@@ -2,7 +2,7 @@
 
 TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
 direct_io, client_timeout, slot_wait, low_type, low_share, policy, dynamic, low_only,
-prefetch, t1, t2); sizes may be integers (bytes) or strings such as
+prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
 "400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class DaemonConfig:
     dynamic: bool = True         # token-level dynamic loading (low precision / skip on misses)
     low_only: bool = False       # every expert in low precision (a baseline)
     prefetch: bool = True        # act on clients' lookahead hints
+    prefetch_budget: bool = True # prefetch only what can be read while the client computes
     t1: float = 0.0              # thresholds; 0 = calibrated values, else 0.6 / 0.9
     t2: float = 0.0
 
@@ -116,7 +117,7 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("a positive integer")
         return value
-    if key in ("direct_io", "dynamic", "low_only", "prefetch"):
+    if key in ("direct_io", "dynamic", "low_only", "prefetch", "prefetch_budget"):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--low-only", action="store_true", default=None, help="every expert in low precision")
     h.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
                    help="ignore clients' lookahead hints")
+    h.add_argument("--no-prefetch-budget", dest="prefetch_budget", action="store_false", default=None,
+                   help="prefetch every predicted miss of the hinted layer, not only as many "
+                        "bytes as can be read while the client computes a layer")
     h.add_argument("--t1", type=float, metavar="S", help="unimportance threshold for high precision (calibrated, else 0.6)")
     h.add_argument("--t2", type=float, metavar="S", help="unimportance threshold beyond which experts are skipped (calibrated, else 0.9)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -79,7 +82,7 @@ def config_from_args(args) -> DaemonConfig:
                       ("client_timeout", "client_timeout"), ("slot_wait", "slot_wait"),
                       ("low_type", "low_type"), ("low_share", "low_share"), ("policy", "policy"),
                       ("dynamic", "dynamic"), ("low_only", "low_only"), ("prefetch", "prefetch"),
-                      ("t1", "t1"), ("t2", "t2")):
+                      ("prefetch_budget", "prefetch_budget"), ("t1", "t1"), ("t2", "t2")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     if args.no_direct_io:

@@ -47,6 +47,8 @@ MiB = 1 << 20
 PROBE_S = 0.5          # how long a live daemon on our socket has to answer a HELLO
 DRAIN_S = 2.0          # shutdown: how long in-flight requests may run before shutting_down
 REAP_EVERY_S = 0.5
+EWMA = 0.2             # weight of a new sample in the prefetch budget's running averages
+GAP_MAX_S = 0.1        # a client silent longer than this between requests was idle, not computing
 STATUS_EVERY_S = 10.0
 CLOSE_LINGER_MS = 100  # not 0: the shutting_down answers just queued should still go out
 SUN_PATH_MAX = 107     # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
@@ -72,6 +74,8 @@ class Session:
     alive: bool = True
     pins: Counter = field(default_factory=Counter)   # Slot -> pins this session holds
     protected: list = field(default_factory=list)     # slots its last HINT protects
+    replied_at: float = 0.0   # time.monotonic() of its last SLOTS
+    gap_s: float | None = None   # its time between a SLOTS and its next REQUEST (EWMA): compute
 
 
 @dataclass(eq=False)
@@ -99,6 +103,7 @@ class Model:
     prefetch_used: int = 0     # prefetched slots a request then hit
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
+    demand_Bps: float | None = None   # bytes/s a request with misses was served at (EWMA)
 
     def source_of(self, precision: str) -> ExpertSource:
         return self.low if precision == LOW else self.source
@@ -558,6 +563,10 @@ class Daemon:
         except RequestError as e:
             return self._error(s.ident, e.code, str(e), msg["id"])
         scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
+        if s.replied_at:     # the client computed in between (pauses over GAP_MAX_S are idle)
+            gap = time.monotonic() - s.replied_at
+            if gap < GAP_MAX_S:
+                s.gap_s = gap if s.gap_s is None else (1 - EWMA) * s.gap_s + EWMA * gap
         seq, token = msg.get("seq"), msg.get("token")
         if isinstance(seq, int) and isinstance(token, int):
             mo.policy.begin(s.sid, seq, token, layer)
@@ -579,13 +588,17 @@ class Daemon:
         """Decide each expert's precision, acquire them concurrently (each pinned as soon
         as it is held), reply SLOTS ([precision, index], or None for a skipped expert); on
         any failure unpin what was acquired and reply ERROR."""
+        t0, bytes0 = time.monotonic(), mo.bytes_read
         try:
             mo.requested += len(experts)
             precs = [self._decide(mo, (layer, e), float(sc)) for e, sc in zip(experts, scores)]
             mo.skipped += precs.count(SKIP)
-            got = await asyncio.gather(*(self._acquire(s, mo, (layer, e), p, sc <= mo.thresholds.t1)
-                                         for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
-                                       return_exceptions=True)
+            self.io.plug()      # the misses' reads start together, so adjacent ones merge
+            acquired = asyncio.gather(*(self._acquire(s, mo, (layer, e), p, sc <= mo.thresholds.t1)
+                                        for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
+                                      return_exceptions=True)
+            self.loop.call_soon(self.io.unplug)   # runs after each _acquire's first step
+            got = await acquired
             failed = [g for g in got if isinstance(g, BaseException)]
             if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
                 return self._error(s.ident, "no_session", "the session ended during the "
@@ -604,6 +617,10 @@ class Daemon:
             slots = [None if p is SKIP else [g.region.precision, g.index]
                      for p, g in ((p, None if p is SKIP else next(it)) for p in precs)]
             self._send(s.ident, m.Cmd.SLOTS, id=rid, slots=slots)
+            s.replied_at = now = time.monotonic()
+            if mo.bytes_read > bytes0 and now > t0:
+                rate = (mo.bytes_read - bytes0) / (now - t0)
+                mo.demand_Bps = rate if mo.demand_Bps is None else (1 - EWMA) * mo.demand_Bps + EWMA * rate
         except asyncio.CancelledError:
             self._error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
             raise
@@ -711,7 +728,13 @@ class Daemon:
         its coming layers, nearest first, with their scores. Walk them: a layer whose
         predicted experts are all cached (in the precision the rule would use) is skipped;
         the first layer with a predicted miss gets its missing experts read at prefetch
-        priority, protected from eviction until used or superseded, and the walk stops."""
+        priority, protected from eviction until used or superseded, and the walk stops.
+
+        Budget: a prefetch pays only while the client computes; beyond that its reads
+        compete with the demand loads for flash, and a wrong guess costs a whole read. So
+        (unless prefetch_budget is off) the missing experts are read, most important first,
+        only up to the bytes flash can deliver in the client's compute time between two
+        requests (both measured here, see _prefetch_budget), and at least one."""
         try:
             mo = self._model(msg)
             self._check(mo, msg["layer"], [])
@@ -740,15 +763,30 @@ class Daemon:
                     s.protected.append(slot)
             if not missing:
                 continue
-            for key, prec in missing:
-                slot = mo.regions[prec].take(key, mo.policy)
-                if slot is None:
-                    break
-                slot.protected = slot.prefetched = True
-                s.protected.append(slot)
-                mo.prefetched += 1
-                self._load(mo, slot, key, prec, PREFETCH)
+            budget = self._prefetch_budget(s, mo)
+            self.io.plug()
+            try:
+                for i, (key, prec) in enumerate(missing):   # most important first
+                    budget -= mo.source_of(prec).expert_bytes
+                    if budget < 0 and i > 0:
+                        break
+                    slot = mo.regions[prec].take(key, mo.policy)
+                    if slot is None:
+                        break
+                    slot.protected = slot.prefetched = True
+                    s.protected.append(slot)
+                    mo.prefetched += 1
+                    self._load(mo, slot, key, prec, PREFETCH)
+            finally:
+                self.io.unplug()
             return
+
+    def _prefetch_budget(self, s: Session, mo: Model) -> float:
+        """Bytes worth prefetching for `s` now: its compute time per layer (the gap between
+        our answer and its next request) times the rate demand loads were served at."""
+        if not self.cfg.prefetch_budget or s.gap_s is None or mo.demand_Bps is None:
+            return float("inf")
+        return s.gap_s * mo.demand_Bps
 
     def _cancel_prefetch(self, mo: Model, slot: Slot) -> None:
         """Drop a superseded prefetch that has not started reading; its slot is freed."""

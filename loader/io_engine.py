@@ -4,7 +4,8 @@ Direct I/O (O_DIRECT) with page-aligned offsets, lengths and buffers, so reads b
 page cache and land in shared memory without a copy; where the filesystem refuses
 O_DIRECT (tmpfs, some network filesystems) it falls back to buffered reads. Reader threads
 take jobs from one priority queue: demand loads overtake prefetches, a queued prefetch can
-be promoted when it is demanded or dropped when superseded. An optional bandwidth cap
+be promoted when it is demanded or dropped when superseded. A reader takes, with the job
+it pops, the queued jobs whose bytes continue it in the same file and reads them at once. An optional bandwidth cap
 emulates slower flash (SD card, eMMC).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Callable
 from .layout import PAGE, align
 
 DEMAND, PREFETCH = 0, 1
+MERGE_BYTES = 16 << 20    # longest merged read (and bounce buffer per reader thread)
 
 
 @dataclass(order=True)
@@ -50,6 +53,7 @@ class IOEngine:
         self._fd_lock = threading.Lock()
         self._next_free = 0.0            # bandwidth cap: when the emulated device is idle again
         self._stop = False
+        self._plugged = 0                # > 0: readers wait, so jobs submitted now can merge
         self.bytes_read = 0
         self.read_seconds = 0.0          # summed over threads
         self.reads = 0
@@ -68,6 +72,19 @@ class IOEngine:
             heapq.heappush(self._heap, job)
             self._cv.notify()
         return job
+
+    def plug(self) -> None:
+        """Hold the readers until unplug(): the reads submitted meanwhile (one request's
+        experts) are then taken together and merged where they touch. Keep it short: the
+        daemon unplugs on its next loop turn."""
+        with self._cv:
+            self._plugged += 1
+
+    def unplug(self) -> None:
+        with self._cv:
+            self._plugged -= 1
+            if not self._plugged:
+                self._cv.notify_all()
 
     def promote(self, key) -> bool:
         """Make a queued prefetch a demand load. False if it is not queued any more."""
@@ -112,9 +129,10 @@ class IOEngine:
     # ---- readers -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        bounce = _Bounce()
         while True:
             with self._cv:
-                while not self._stop and not self._heap:
+                while not self._stop and (not self._heap or self._plugged):
                     self._cv.wait()
                 if self._stop:
                     return
@@ -122,19 +140,49 @@ class IOEngine:
                 if job.state != "queued":
                     continue
                 job.state = "running"
-            error = None
+                batch = self._take_adjacent(job)
+            errors = {}
             try:
-                for path, off, n, dest in job.segments:
-                    self._read(path, off, n, dest)
-                if job.verify:
-                    job.verify(job)
-            except Exception as e:  # reported to the caller, never kills the reader
-                error = e
+                for run in _runs(batch):
+                    self._read_run(run, bounce)
+            except Exception as e:  # reported to the callers, never kills the reader
+                errors = dict.fromkeys(map(id, batch), e)
+            for j in batch:
+                if j.verify and id(j) not in errors:
+                    try:
+                        j.verify(j)
+                    except Exception as e:
+                        errors[id(j)] = e
             with self._cv:
-                job.state = "done"
-                if self._jobs.get(job.key) is job:
-                    del self._jobs[job.key]
-            job.done(job, error)
+                for j in batch:
+                    j.state = "done"
+                    if self._jobs.get(j.key) is j:
+                        del self._jobs[j.key]
+            for j in batch:
+                j.done(j, errors.get(id(j)))
+
+    def _take_adjacent(self, job: ReadJob) -> list[ReadJob]:
+        """`job` plus the queued jobs whose segments continue its segments in the same
+        file (transitively, up to MERGE_BYTES): the experts of one layer sit side by side
+        in each tensor, so one request's reads become a few long reads, which flash serves
+        much faster than many short ones. Called with the lock held."""
+        batch, size = [job], sum(n for _, _, n, _ in job.segments)
+        ends = {(p, off + n) for p, off, n, _ in job.segments}
+        starts = {(p, off) for p, off, _, _ in job.segments}
+        grew = True
+        while grew and size < MERGE_BYTES:
+            grew = False
+            for other in self._heap:
+                if other.state != "queued" or not any(
+                        (p, off) in ends or (p, off + n) in starts for p, off, n, _ in other.segments):
+                    continue
+                other.state = "running"     # its heap entry is skipped when popped
+                batch.append(other)
+                size += sum(n for _, _, n, _ in other.segments)
+                ends |= {(p, off + n) for p, off, n, _ in other.segments}
+                starts |= {(p, off) for p, off, _, _ in other.segments}
+                grew = True
+        return batch
 
     def _fd(self, path: str) -> tuple[int, bool]:
         with self._fd_lock:
@@ -160,28 +208,62 @@ class IOEngine:
         if finish > now:
             time.sleep(finish - now)   # the emulated device is busy until then
 
-    def _read(self, path: str, off: int, n: int, dest: int) -> None:
+    def _read_run(self, run: list, bounce: "_Bounce") -> None:
+        """Read segments [(path, off, n, dest)] that follow each other in one file: one
+        segment straight into its destination, several with one read into the bounce
+        buffer and a copy to each destination."""
+        path, start = run[0][0], run[0][1]
+        end = run[-1][1] + run[-1][2]
         fd, direct = self._fd(path)
-        self._throttle(n)
+        self._throttle(end - start)
         t0 = time.perf_counter()
-        if direct:
-            skip = off % PAGE
-            length = align(n + skip)
-            got = _pread_into(fd, dest, length, off - skip)
-            if got < skip + n and got >= 0:
-                raise EOFError(f"{path}: short read at {off}: file truncated?")
-            if skip:
-                ctypes.memmove(dest, dest + skip, n)   # the part starts mid-page in the file
+        skip = start % PAGE if direct else 0
+        length = align(end - start + skip) if direct else end - start
+        if len(run) == 1:
+            dest = run[0][3]     # room for align(n) + PAGE bytes: see ReadJob
         else:
-            got = _pread_into(fd, dest, n, off)
-            if got < n:
-                raise EOFError(f"{path}: short read at {off}: file truncated?")
+            dest = bounce.get(length)
+        got = _pread_into(fd, dest, length, start - skip)
+        if got < skip + end - start:
+            raise EOFError(f"{path}: short read at {start}: file truncated?")
+        if len(run) == 1:
+            if skip:
+                ctypes.memmove(dest, dest + skip, end - start)   # the part starts mid-page
+        else:
+            for _, off, n, to in run:
+                ctypes.memmove(to, dest + skip + off - start, n)
         dt = time.perf_counter() - t0
         with self._fd_lock:
-            self.bytes_read += n
+            self.bytes_read += end - start
             self.read_seconds += dt
             self.reads += 1
             self.direct_reads += direct
+
+
+def _runs(batch: list[ReadJob]) -> list[list]:
+    """The batch's segments sorted by file and offset, cut where they stop touching."""
+    segs = sorted((s for j in batch for s in j.segments), key=lambda s: (s[0], s[1]))
+    runs = []
+    for seg in segs:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last[0] == seg[0] and last[1] + last[2] == seg[1]:
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    return runs
+
+
+class _Bounce:
+    """A reader thread's page-aligned buffer for merged reads (grown on demand)."""
+
+    def __init__(self):
+        self.mm, self.address = None, 0
+
+    def get(self, nbytes: int) -> int:
+        if self.mm is None or len(self.mm) < nbytes:
+            self.mm = mmap.mmap(-1, align(nbytes))
+            self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        return self.address
 
 
 def _pread_into(fd: int, addr: int, length: int, offset: int) -> int:

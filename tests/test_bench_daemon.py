@@ -32,10 +32,16 @@ def test_bench_ablation_runs_every_configuration(synth, tmp_path):
     model = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), model)
     subprocess.run([*CLI, "convert", model, "-q"], check=True, capture_output=True, timeout=300)
-    r = cli_json("bench", "ablation", model, "--cache", "0.5", "--prompt-tokens", "8", "-n", "6")
-    assert set(r["configs"]) == set("abcde")
+    r = cli_json("bench", "ablation", model, "--cache", "0.5", "--prompt-tokens", "8", "-n", "6",
+                 "--rounds", "2")
+    assert set(r["configs"]) == set("abcde") and r["rounds"] == 2
     a, d, e = r["configs"]["a"], r["configs"]["d"], r["configs"]["e"]
     assert a["kld_vs_a"] == 0.0 and a["daemon"]["hits_low"] + a["daemon"]["misses_low"] == 0
     assert e["daemon"]["hits_high"] + e["daemon"]["misses_high"] == 0      # low precision only
-    assert all(c["decode_tok_s"] > 0 and c["daemon"]["requested"] > 0 for c in r["configs"].values())
+    for c in r["configs"].values():
+        assert c["decode_tok_s"] > 0 and c["daemon"]["requested"] > 0
+        assert len(c["decode_tok_s_rounds"]) == len(c["speedup_vs_a_rounds"]) == 2
+        assert min(c["decode_tok_s_rounds"]) <= c["decode_tok_s"] <= max(c["decode_tok_s_rounds"])
+        assert c["split_ms"]["compute"] > 0 and c["split_ms"]["expert_wait"] > 0
+    assert a["speedup_vs_a_rounds"] == [1.0, 1.0]
     assert d["prefetch"], "(d) hints the coming layers, so prefetch accuracy is recorded"

@@ -161,6 +161,39 @@ def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
         s.close(linger=0)
 
 
+@pytest.mark.parametrize("budget", [True, False])
+def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth, tmp_path, budget):
+    """A client that asks for its next layer at once leaves no compute time to hide reads
+    in: of eight predicted misses (1.7 MB each) only the most important few are prefetched,
+    at least one; with the budget off, all eight."""
+    import os
+    import time
+
+    from daemon_util import connect, hello, release, request, run_daemon, send, stats
+    from hobbit.protocol import messages as m
+
+    path = synth(layers=4, d_model=512, d_ff=1024, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
+    flags = {} if budget else {"no_prefetch_budget": True}
+    with run_daemon([path], "60M", tmp_path, **flags) as d:
+        s = connect(d.socket)
+        hello(s)
+        name = os.path.basename(path)[:-len(".gguf")]
+        release(s, name, request(s, name, 0, [0, 1]))            # misses: the read rate
+        release(s, name, request(s, name, 1, [0, 1], rid=2))     # at once: no compute time
+        send(s, m.Cmd.HINT, model=name, layer=1, layers=[2], experts=[list(range(8))],
+             scores=[[0.0] * 8])
+        for _ in range(100):
+            st = stats(s)["models"][name]
+            if st["prefetched"] and st["regions"]["high"]["loading"] == 0:
+                break
+            time.sleep(0.05)
+        if budget:
+            assert 1 <= st["prefetched"] < 8, st
+        else:
+            assert st["prefetched"] == 8, st
+        s.close(linger=0)
+
+
 # ---- calibration ------------------------------------------------------------------------------
 
 def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path):

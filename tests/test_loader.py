@@ -59,6 +59,69 @@ def test_io_engine_reads_expert_parts_into_slots_exactly(synth, direct):
         seg.close()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_io_engine_merges_reads_that_touch_and_fills_each_slot_exactly(synth, direct):
+    w = open_model(synth(**SMALL))
+    src = gguf_experts(w)
+    fmt = src.format
+    experts = [(0, 0), (0, 1), (0, 3), (1, 0)]      # (0, 0) and (0, 1) touch in each tensor
+    seg = _buffer(fmt.slot_bytes * len(experts))
+    engine = IOEngine(2, direct=direct)
+    errors, done = {}, threading.Event()
+
+    def finish(job, err):
+        errors[job.key] = err
+        if len(errors) == len(experts):
+            done.set()
+
+    try:
+        engine.plug()               # queued together, as one request's misses are
+        for i, key in enumerate(experts):
+            base = seg.address + i * fmt.slot_bytes
+            engine.submit(key, [(src.path, off, n, base + fmt.part_offsets[p])
+                                for p, (off, n) in enumerate(src.ranges(*key))], DEMAND, finish)
+        engine.unplug()
+        assert done.wait(30) and set(errors.values()) == {None}
+        for i, key in enumerate(experts):
+            for p, (off, n) in enumerate(src.ranges(*key)):
+                o = i * fmt.slot_bytes + fmt.part_offsets[p]
+                assert seg.array[o:o + n].tobytes() == bytes(w.reader.data[off:off + n]), (key, p)
+        assert engine.reads < 3 * len(experts)     # 12 parts, fewer reads
+    finally:
+        engine.close()
+        seg.close()
+
+
+def test_io_engine_fails_every_job_of_a_merged_read_of_a_truncated_file(synth, tmp_path):
+    w = open_model(synth(**SMALL))
+    src = gguf_experts(w)
+    cut = tmp_path / "cut.gguf"
+    last = src.ranges(1, 3)[-1]
+    cut.write_bytes(bytes(w.reader.data[:last[0] + last[1] // 2]))   # ends inside (1, 3)'s down
+    fmt = src.format
+    seg = _buffer(fmt.slot_bytes * 2)
+    engine = IOEngine(1, direct=False)
+    errors, done = {}, threading.Event()
+
+    def finish(job, err):
+        errors[job.key] = err
+        if len(errors) == 2:
+            done.set()
+
+    try:
+        engine.plug()
+        for i, key in enumerate([(1, 2), (1, 3)]):
+            base = seg.address + i * fmt.slot_bytes
+            engine.submit(key, [(str(cut), off, n, base + fmt.part_offsets[p])
+                                for p, (off, n) in enumerate(src.ranges(*key))], DEMAND, finish)
+        engine.unplug()
+        assert done.wait(30)
+        assert all(isinstance(e, EOFError) for e in errors.values()), errors
+    finally:
+        engine.close()
+        seg.close()
+
+
 def test_io_engine_serves_demand_before_prefetch(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(PAGE * 64))
