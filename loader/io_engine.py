@@ -24,6 +24,7 @@ from .layout import PAGE, align
 
 DEMAND, PREFETCH = 0, 1
 MERGE_BYTES = 16 << 20    # longest merged read (and bounce buffer per reader thread)
+MERGE_PART = 1 << 20      # parts this long already read at full speed: not merged (no copy)
 
 
 @dataclass(order=True)
@@ -164,21 +165,24 @@ class IOEngine:
     def _take_adjacent(self, job: ReadJob) -> list[ReadJob]:
         """`job` plus the queued jobs whose segments continue its segments in the same
         file (transitively, up to MERGE_BYTES): the experts of one layer sit side by side
-        in each tensor, so one request's reads become a few long reads, which flash serves
-        much faster than many short ones. Called with the lock held."""
-        batch, size = [job], sum(n for _, _, n, _ in job.segments)
+        in each tensor, so one request's short reads become a few long ones, which flash
+        serves much faster. Parts of MERGE_PART or more are read alone, straight into their
+        slots. Called with the lock held."""
+        if not _short(job):
+            return [job]
+        batch, size = [job], _nbytes(job)
         ends = {(p, off + n) for p, off, n, _ in job.segments}
         starts = {(p, off) for p, off, _, _ in job.segments}
         grew = True
         while grew and size < MERGE_BYTES:
             grew = False
             for other in self._heap:
-                if other.state != "queued" or not any(
+                if other.state != "queued" or not _short(other) or not any(
                         (p, off) in ends or (p, off + n) in starts for p, off, n, _ in other.segments):
                     continue
                 other.state = "running"     # its heap entry is skipped when popped
                 batch.append(other)
-                size += sum(n for _, _, n, _ in other.segments)
+                size += _nbytes(other)
                 ends |= {(p, off + n) for p, off, n, _ in other.segments}
                 starts |= {(p, off) for p, off, _, _ in other.segments}
                 grew = True
@@ -238,6 +242,14 @@ class IOEngine:
             self.read_seconds += dt
             self.reads += 1
             self.direct_reads += direct
+
+
+def _nbytes(job: ReadJob) -> int:
+    return sum(n for _, _, n, _ in job.segments)
+
+
+def _short(job: ReadJob) -> bool:
+    return max(n for _, _, n, _ in job.segments) < MERGE_PART
 
 
 def _runs(batch: list[ReadJob]) -> list[list]:
