@@ -1,5 +1,5 @@
-"""hobbit-cli bench: measurements, one sub-subcommand per kind (compute; io, ablation and
-offload slot in next to it as siblings).
+"""hobbit-cli bench: measurements, one sub-subcommand per kind (compute here; io, ablation
+and offload in their own modules).
 
 `bench compute` runs our engine and llama-cpp-python on the same GGUF, in one process, all
 weights in memory, and reports prefill and decode speed side by side (see METHOD).
@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
     _add_compute_parser(kinds)
     _add_io_parser(kinds)
     _add_ablation_parser(kinds)
+    from .bench_offload import add_parser as add_offload_parser
+    add_offload_parser(kinds, _add_output_options, _report)
 
 
 def _add_output_options(p) -> None:
@@ -215,17 +217,20 @@ def _run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int
     return t1 - t0, t3 - t2, tokens
 
 
-def bench_prompt(path: str, n_tokens: int) -> list[int]:
-    """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens."""
+def bench_prompt(path: str, n_tokens: int, skip: int = 0) -> list[int]:
+    """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens;
+    `skip` leaves out that many of its first words' tokens (after BOS), so that several
+    clients can get different prompts."""
     from .tokenizer import Tokenizer
 
     tok = Tokenizer(path)
     first = tok.encode(PARAGRAPH)
     more = tok.encode(PARAGRAPH, add_special=False)
+    head = len(first) - len(more)          # BOS
     prompt = list(first)
-    while len(prompt) < n_tokens:
+    while len(prompt) < n_tokens + skip:
         prompt += more
-    return prompt[:n_tokens]
+    return prompt[:head] + prompt[head + skip:n_tokens + skip]
 
 
 def run_compute(opts: ComputeOptions) -> dict:

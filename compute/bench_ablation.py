@@ -37,17 +37,22 @@ PROMPT_TEXT = ("In the early morning the harbour was quiet. Fishing boats rocked
 
 
 @contextlib.contextmanager
-def daemon(model: str, cache_size: int, flags: list, workdir: str):
+def daemon(model: str, cache_size: int, flags: list, workdir: str, preexec=None):
+    """A hobbitd serving `model` on a fresh socket in workdir (its log: hobbitd.log there);
+    `preexec` runs in the child before it starts (e.g. entering a memory cgroup)."""
     sock = os.path.join(workdir, f"bench-{os.getpid()}-{time.monotonic_ns()}.sock")
     log = open(os.path.join(workdir, "hobbitd.log"), "a")
     proc = subprocess.Popen([sys.executable, "-m", "hobbit.hobbitd.main", "--model", model,
                              "--cache-size", str(cache_size), "--socket", sock, *flags],
-                            stdout=subprocess.DEVNULL, stderr=log)
+                            stdout=subprocess.DEVNULL, stderr=log, preexec_fn=preexec)
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise HobbitError(f"hobbitd {' '.join(flags)} did not start (see {log.name})")
+                log.flush()
+                with open(log.name) as f:
+                    last = (f.read().strip().splitlines() or ["no message"])[-1]
+                raise HobbitError(f"hobbitd {' '.join(flags) or '(defaults)'} did not start: {last}")
             time.sleep(0.05)
         yield sock
     finally:

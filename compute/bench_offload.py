@@ -1,0 +1,610 @@
+"""`hobbit-cli bench offload`: hobbit against llama.cpp on the same MoE file with the same
+memory, side by side in one run.
+
+Each limited run starts from a dropped page cache, and its processes (llama.cpp's, or
+hobbitd and hobbit's client) run in one memory cgroup of the same limit: the budget plus
+an allowance for the processes themselves. hobbitd's cache is the budget minus the bytes
+of the non-expert weights the client maps. Runs:
+
+  1. llama.cpp (llama-cpp-python, mmap), limited;
+  2. hobbit, high precision only + LRU, no prefetch, limited;
+  3. hobbit with all three techniques, limited;
+  4. llama.cpp unlimited with the model in the page cache: the compute ceiling;
+  5. the I/O floor: the expert bytes a token must read at best (a cache of the budget
+     holds that share of the experts, routing uniform) over the direct-I/O bandwidth
+     measured now with dd.
+
+Each engine runs in a worker process (`python -m hobbit.compute.bench_offload SPEC`) that
+prints one JSON object. Where no memory cgroup can be made or the page cache cannot be
+dropped, runs 1-3 are not made and the report says why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocol.errors import HobbitError, InputError
+
+MiB = 1 << 20
+CLIENT_ALLOWANCE = 256 * MiB   # added to the limit for each client process beyond the first
+FULL = dict(layers=16, d_model=2048, d_ff=5376, experts=8, top_k=2, heads=16, kv_heads=4, type="Q8_0")
+QUICK = dict(layers=8, d_model=512, d_ff=1024, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
+
+
+@dataclass
+class OffloadOptions:
+    model: str | None = None          # None: the synthetic Mixtral-layout model, made once
+    budget: str = "25%"               # memory for model weights (llama.cpp's page cache; hobbit's
+                                      # cache + the other weights): bytes, "1G", or "25%" of the expert bytes
+    allowance: int = 512 * MiB        # on top, for the processes themselves (same for both)
+    runs: list = field(default_factory=lambda: [[16, 32], [128, 128]])   # [prompt, decode] tokens
+    clients: list = field(default_factory=lambda: [2, 4])   # concurrent clients (the first run each)
+    threads: int = 0                  # 0: each engine's default
+    quick: bool = False
+    sweep: list = field(default_factory=list)   # budgets ("10%", ...) for the tok/s-vs-budget plot
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+def synthetic_model(quick: bool, progress: bool = True) -> str:
+    """The synthetic model (and its low-precision companion), made once under
+    $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget."""
+    from ..loader.companion import companion_path, convert, default_low_type
+    from ..loader.layout import gguf_experts
+    from .synth import SynthOptions, make_synthetic
+    from .weights import open_model
+
+    spec = QUICK if quick else FULL
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "hobbit", "bench")
+    os.makedirs(cache, exist_ok=True)
+    name = "offload-" + "-".join(f"{k[0]}{v}" for k, v in spec.items()) + ".gguf"
+    path = os.path.join(cache, name)
+    if not os.path.exists(path):
+        if progress:
+            print(f"[offload] making the synthetic model {path} (once)", file=sys.stderr)
+        make_synthetic(path, SynthOptions(**spec), progress=progress)
+    w = open_model(path)
+    high = gguf_experts(w)
+    low = default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+    if not os.path.exists(companion_path(path, low)):
+        convert(w, low, progress=progress)
+    return path
+
+
+# ---- the workers (run inside the cgroup) ---------------------------------------------------
+
+class _HobbitEngine:
+    """Our engine with its experts from hobbitd: prefill/step like bench compute's engines."""
+
+    def __init__(self, path: str, socket: str, ctx: int, threads: int, lookahead: int):
+        from .expert_client import ExpertClient
+        from .model import Model, RunOptions
+        from .weights import open_model
+
+        self.client = ExpertClient(socket, path)
+        self.model = Model(open_model(path), RunOptions(n_ctx=ctx, n_threads=threads, lookahead=lookahead),
+                           experts=self.client)
+
+    def prefill(self, tokens):
+        self.model.reset()
+        return self.model.forward(tokens)
+
+    def step(self, token: int):
+        return self.model.forward([token])
+
+    def bytes_read(self) -> int:
+        return sum(m["bytes_read"] for m in self.client.stats()["models"].values())
+
+    def close(self) -> None:
+        self.model.close()
+        self.client.close()
+
+
+def _storage_read_bytes() -> int:
+    """Bytes this process made the kernel read from storage (page faults of mmap included)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
+
+
+def worker(spec: dict) -> dict:
+    """One engine over the runs; returns per run: prefill s, decode tok/s, bytes read per
+    decoded token, greedy tokens, and for hobbit the per-token time split."""
+    from .bench import ComputeOptions, _LlamaCpp, bench_prompt
+
+    ctx = max(p + n for p, n in spec["runs"]) + 8
+    if spec["engine"] == "llamacpp":
+        eng = _LlamaCpp(spec["model"], ComputeOptions(spec["model"], ctx=ctx),
+                        spec["threads"] or _cores())
+        read = _storage_read_bytes
+    else:
+        eng = _HobbitEngine(spec["model"], spec["socket"], ctx, spec["threads"], spec["lookahead"])
+        read = eng.bytes_read
+    out = []
+    try:
+        for n_prompt, n_decode in spec["runs"]:
+            prompt = bench_prompt(spec["model"], n_prompt, spec.get("skip", 0))
+            t0 = time.perf_counter()
+            logits = eng.prefill(prompt)
+            prefill_s = time.perf_counter() - t0
+            tokens = [int(np.argmax(logits))]
+            timing0 = getattr(eng, "model", None) and (eng.model.timing.compute_s, eng.model.timing.expert_wait_s)
+            b0, t0 = read(), time.perf_counter()
+            for _ in range(n_decode):
+                tokens.append(int(np.argmax(eng.step(tokens[-1]))))
+            decode_s = time.perf_counter() - t0
+            r = {"prompt": n_prompt, "decode": n_decode, "prefill_s": prefill_s,
+                 "decode_tok_s": n_decode / decode_s, "bytes_per_token": (read() - b0) / n_decode,
+                 "tokens": tokens}
+            if timing0:
+                c = eng.model.timing.compute_s - timing0[0]
+                w = eng.model.timing.expert_wait_s - timing0[1]
+                r["split_ms"] = {"compute": 1e3 * c / n_decode, "expert_wait": 1e3 * w / n_decode,
+                                 "other": 1e3 * (decode_s - c - w) / n_decode}
+            out.append(r)
+    finally:
+        eng.close()
+    return {"runs": out}
+
+
+def _cores() -> int:
+    from . import ggml
+    return ggml.physical_cores()
+
+
+# ---- the parent ----------------------------------------------------------------------------
+
+def _run_worker(spec: dict, preexec=None) -> dict:
+    return _run_workers([spec], preexec)[0]
+
+
+def _run_workers(specs: list, preexec=None) -> list:
+    """Run the workers at the same time; their results (or {"error": why}) in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "hobbit.compute.bench_offload", json.dumps(sp)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=preexec) for sp in specs]
+    out = []
+    for sp, p in zip(specs, procs):
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            why = "killed (out of memory in its cgroup?)" if p.returncode < 0 else \
+                (stderr.strip().splitlines() or ["no message"])[-1]
+            out.append({"error": f"{sp['engine']} worker exited with {p.returncode}: {why}"})
+        else:
+            out.append(json.loads(stdout))
+    return out
+
+
+def _warm(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def _limited(label: str, limit: int, fn) -> dict:
+    """Run fn(cgroup) after dropping the page cache, inside a fresh cgroup of `limit`."""
+    from .memcgroup import MemoryCgroup, drop_page_cache
+
+    print(f"[offload] {label} ...", file=sys.stderr, flush=True)
+    drop_page_cache()
+    with MemoryCgroup(limit) as cg:
+        try:
+            r = fn(cg)
+        except HobbitError as e:      # e.g. hobbitd refusing a cache too small: that run only
+            return {"error": str(e)}
+        r["peak_memory"] = cg.peak()
+    return r
+
+
+def _hobbit_run(opts, path, cache, flags, lookahead, cg, tmp) -> dict:
+    from .bench_ablation import daemon
+
+    with daemon(path, cache, flags, tmp, preexec=cg.enter) as sock:
+        return _run_worker({"engine": "hobbit", "model": path, "socket": sock, "runs": opts.runs,
+                            "threads": opts.threads, "lookahead": lookahead}, cg.enter)
+
+
+def _daemon_stats(sock: str) -> dict:
+    from .expert_client import ExpertClient
+
+    c = ExpertClient(sock, None)
+    try:
+        return next(iter(c.stats()["models"].values()))
+    finally:
+        c.close()
+
+
+def _clients(opts, path: str, cache: int, limit: int, n: int, tmp: str) -> dict:
+    """n clients at once, each its own prompt (the first run's sizes): n llama.cpp
+    processes; n hobbit clients sharing one hobbitd; n hobbit clients each with its own
+    hobbitd and 1/n of the cache."""
+    from .bench_ablation import daemon
+
+    threads = opts.threads or max(1, _cores() // n)    # n processes share the cores, either engine
+
+    def specs(engine, socks):
+        return [{"engine": engine, "model": path, "socket": sock, "runs": opts.runs[:1],
+                 "threads": threads, "lookahead": 3, "skip": 5 * i} for i, sock in enumerate(socks)]
+
+    def shared(cg):
+        with daemon(path, cache, [], tmp, preexec=cg.enter) as sock:
+            return {"clients": _run_workers(specs("hobbit", [sock] * n), cg.enter),
+                    "daemons": [_daemon_stats(sock)]}
+
+    def separate(cg):
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(daemon(path, cache // n, [], tmp, preexec=cg.enter))
+                     for _ in range(n)]
+            return {"clients": _run_workers(specs("hobbit", socks), cg.enter),
+                    "daemons": [_daemon_stats(sock) for sock in socks]}
+
+    out = {
+        "llamacpp": _limited(f"{n} llama.cpp processes, limited", limit,
+                             lambda cg: {"clients": _run_workers(specs("llamacpp", [None] * n), cg.enter)}),
+        "hobbit_shared": _limited(f"{n} hobbit clients on one hobbitd, limited", limit, shared),
+        "hobbit_separate": _limited(f"{n} hobbit clients, one hobbitd each with 1/{n} of the cache",
+                                    limit, separate),
+    }
+    for r in out.values():
+        ok = [c["runs"][0] for c in r.get("clients", []) if "runs" in c]
+        r["errors"] = [c["error"] for c in r.get("clients", [r]) if "error" in c]
+        r["total_tok_s"] = sum(c["decode_tok_s"] for c in ok) if len(ok) == n else None
+        if r.get("daemons"):
+            req = sum(d["requested"] for d in r["daemons"])
+            r["hit_ratio"] = sum(d["hits"] + d["waits"] for d in r["daemons"]) / req if req else None
+    return out
+
+
+def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: int, tmp: str) -> dict:
+    """llama.cpp and hobbit (all techniques) limited to one budget, the first run's sizes."""
+    nbytes = budget_bytes(budget, expert_bytes)
+    limit = nbytes + opts.allowance
+    point = {"budget": nbytes, "share_of_experts": nbytes / expert_bytes}
+    first = opts.runs[:1]
+    r = _limited(f"sweep {budget}: llama.cpp", limit, lambda cg: _run_worker(
+        {"engine": "llamacpp", "model": path, "runs": first, "threads": opts.threads}, cg.enter))
+    point["llamacpp_tok_s"] = r["runs"][0]["decode_tok_s"] if "runs" in r else None
+    if nbytes - other_bytes > 0:
+        single = OffloadOptions(**{**opts.__dict__, "runs": first})
+        try:
+            r = _limited(f"sweep {budget}: hobbit", limit,
+                         lambda cg: _hobbit_run(single, path, nbytes - other_bytes, [], 3, cg, tmp))
+            point["hobbit_tok_s"] = r["runs"][0]["decode_tok_s"] if "runs" in r else None
+        except HobbitError as e:        # e.g. a cache too small for one layer's experts
+            point["hobbit_error"] = str(e)
+    return point
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")          # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'hobbit[plot]'") from None
+    return plt
+
+
+def plot(report: dict, folder: str) -> list[str]:
+    """PNG plots: tok/s against the budget; hobbit's per-token time split. Returns the paths."""
+    plt = _pyplot()
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    pts = sorted(report["sweep"], key=lambda p: p["budget"])
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [100 * p["share_of_experts"] for p in pts]
+        for key, label in (("llamacpp_tok_s", "llama.cpp (mmap)"), ("hobbit_tok_s", "hobbit")):
+            xs = [xi for xi, p in zip(x, pts) if p.get(key)]
+            ax.plot(xs, [p[key] for p in pts if p.get(key)], marker="o", label=label)
+        ax.set_xlabel("memory budget, % of the expert bytes")
+        ax.set_ylabel("decode tok/s")
+        ax.set_yscale("log")
+        ax.set_title(os.path.basename(report["model"]), fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        paths.append(os.path.join(folder, "tok_s_vs_budget.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    bars = [(f"{label}\n{run['prompt']}->{run['decode']}", run["split_ms"])
+            for key, label in (("hobbit_high_lru", "high+LRU"), ("hobbit", "hobbit"))
+            for run in report["results"].get(key, {}).get("runs", []) if "split_ms" in run]
+    if bars:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bottom = np.zeros(len(bars))
+        for part in ("compute", "expert_wait", "other"):
+            v = np.array([sp[part] for _, sp in bars])
+            ax.bar([b[0] for b in bars], v, bottom=bottom, label=part.replace("_", " "))
+            bottom += v
+        ax.set_ylabel("ms per decoded token")
+        ax.legend()
+        paths.append(os.path.join(folder, "time_split.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def run(opts: OffloadOptions, progress: bool = True) -> dict:
+    from ..loader.layout import gguf_experts
+    from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
+    from .weights import open_model
+
+    path = opts.model or synthetic_model(opts.quick, progress)
+    w = open_model(path)
+    if not w.args.is_moe:
+        raise InputError(f"{path}: not a mixture-of-experts model")
+    src = gguf_experts(w)
+    expert_bytes = src.n_layer * src.n_expert * src.expert_bytes
+    other_bytes = os.path.getsize(path) - expert_bytes
+    budget = budget_bytes(opts.budget, expert_bytes)
+    cache = budget - other_bytes
+    if cache < src.n_expert * src.format.slot_bytes:
+        raise InputError(f"--budget {opts.budget} ({budget / MiB:.0f} MiB) leaves hobbitd no room for "
+                         f"one layer's experts after the {other_bytes / MiB:.0f} MiB of other weights")
+    limit = budget + opts.allowance
+    report = {"model": path, "file_bytes": os.path.getsize(path), "expert_bytes": expert_bytes,
+              "budget": budget, "allowance": opts.allowance, "cgroup_limit": limit,
+              "hobbit_cache": cache, "runs": opts.runs, "results": {}, "clients": {}, "sweep": [],
+              "not_measured": {}}
+    res = report["results"]
+
+    # 4. the compute ceiling: llama.cpp, no limit, the model in the page cache
+    print("[offload] llama.cpp, no limit, model in memory ...", file=sys.stderr, flush=True)
+    _warm(path)
+    res["llamacpp_unlimited"] = _run_worker({"engine": "llamacpp", "model": path, "runs": opts.runs,
+                                             "threads": opts.threads})
+    # 1-3. the same limit for each
+    try:
+        drop_page_cache()
+        MemoryCgroup(limit).close()
+    except CgroupUnavailable as e:
+        for k in ("llamacpp_limited", "hobbit_high_lru", "hobbit"):
+            report["not_measured"][k] = str(e)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["llamacpp_limited"] = _limited(
+                "llama.cpp in the memory limit", limit,
+                lambda cg: _run_worker({"engine": "llamacpp", "model": path, "runs": opts.runs,
+                                        "threads": opts.threads}, cg.enter))
+            res["hobbit_high_lru"] = _limited(
+                "hobbit, high precision only + LRU, in the limit", limit,
+                lambda cg: _hobbit_run(opts, path, cache, ["--policy", "lru", "--no-dynamic",
+                                                            "--no-prefetch"], 0, cg, tmp))
+            res["hobbit"] = _limited(
+                "hobbit, all techniques, in the limit", limit,
+                lambda cg: _hobbit_run(opts, path, cache, [], 3, cg, tmp))
+            for b in opts.sweep:       # the first run's sizes at each budget, for the plot
+                report["sweep"].append(_sweep_point(opts, path, b, expert_bytes, other_bytes, tmp))
+            for n in opts.clients:
+                report["clients"][str(n)] = _clients(opts, path, cache, limit + (n - 1) * CLIENT_ALLOWANCE,
+                                                     n, tmp)
+    report["io_floor"] = _io_floor(src, w.args.n_expert_used, cache, path)
+    _summarise(report)
+    return report
+
+
+def _io_floor(src, top_k: int, cache: int, path: str) -> dict:
+    """Tokens per second if every token read only the experts a cache of `cache` bytes
+    cannot hold (uniform routing: that share of each token's top-k experts) at the best
+    direct-I/O rate measured now: hobbit's I/O engine reading every expert (parallel
+    reads) or dd (one stream), whichever is faster, median of two passes each."""
+    from ..loader.io_engine import IOEngine
+    from ..loader.shm import Segment, new_name
+    from .bench_io import RING, dd_pass, engine_pass
+    from .memcgroup import CgroupUnavailable, drop_page_cache
+
+    print("[offload] the I/O floor: direct-I/O bandwidth ...", file=sys.stderr, flush=True)
+    expert_bytes = src.n_layer * src.n_expert * src.expert_bytes
+    seg = Segment(new_name("hobbit-bench"), RING * src.format.slot_bytes, create=True)
+    engine = IOEngine(4, direct=True)
+    rates = {"engine": [], "dd": []}
+    try:
+        for _ in range(2):
+            with contextlib.suppress(CgroupUnavailable):
+                drop_page_cache()
+            nbytes, secs = engine_pass(src, engine, seg)
+            rates["engine"].append(nbytes / secs)
+            nbytes, secs = dd_pass(path)
+            rates["dd"].append(nbytes / secs)
+    finally:
+        engine.close()
+        seg.close()
+    bw = max(float(np.median(v)) for v in rates.values())
+    per_token = src.n_layer * top_k * src.expert_bytes * max(0.0, 1 - cache / expert_bytes)
+    return {"direct_io_Bps": bw, "engine_Bps": rates["engine"], "dd_Bps": rates["dd"],
+            "bytes_per_token": per_token, "tok_s": bw / per_token if per_token else None}
+
+
+def _summarise(report: dict) -> None:
+    """Ratios per run: hobbit / llama.cpp limited, share of the I/O floor, tokens equal."""
+    res = report["results"]
+    ref = res.get("llamacpp_unlimited", {}).get("runs")
+    base = res.get("llamacpp_limited", {}).get("runs")
+    floor = report["io_floor"]["tok_s"]
+    for key, r in res.items():
+        for i, run in enumerate(r.get("runs", [])):
+            if ref:
+                same = sum(a == b for a, b in zip(run["tokens"], ref[i]["tokens"]))
+                run["tokens_equal_to_unlimited"] = same / len(run["tokens"])
+            if base and key.startswith("hobbit"):
+                run["x_llamacpp_limited"] = run["decode_tok_s"] / base[i]["decode_tok_s"]
+            if floor and key.startswith("hobbit"):
+                run["share_of_io_floor"] = run["decode_tok_s"] / floor
+
+
+def print_table(r: dict) -> None:
+    print(f"bench offload: {r['model']} ({r['file_bytes'] / 2**30:.2f} GiB, experts "
+          f"{r['expert_bytes'] / 2**30:.2f} GiB); budget {r['budget'] / MiB:.0f} MiB "
+          f"({r['budget'] / r['expert_bytes']:.0%} of the expert bytes) + {r['allowance'] / MiB:.0f} MiB "
+          f"for the processes = cgroup limit {r['cgroup_limit'] / MiB:.0f} MiB; hobbitd cache "
+          f"{r['hobbit_cache'] / MiB:.0f} MiB")
+    print(f"{'run':34s} {'prompt':>6s} {'out':>4s} {'prefill s':>9s} {'tok/s':>7s} {'x llama':>7s} "
+          f"{'MB/tok':>7s} {'floor':>6s} {'same tok':>8s} {'ms/tok: compute':>15s} {'wait':>6s} "
+          f"{'other':>6s} {'peak MiB':>8s}")
+    labels = {"llamacpp_unlimited": "llama.cpp, no limit (ceiling)",
+              "llamacpp_limited": "llama.cpp, limited", "hobbit_high_lru": "hobbit high only + LRU, limited",
+              "hobbit": "hobbit (all techniques), limited"}
+    for key, label in labels.items():
+        r_ = r["results"].get(key)
+        if r_ is None:
+            print(f"{label:34s} not measured: {r['not_measured'].get(key, '?')}")
+            continue
+        if "error" in r_:
+            print(f"{label:34s} failed: {r_['error']}")
+            continue
+        peak = r_.get("peak_memory")
+        for run in r_["runs"]:
+            sp = run.get("split_ms")
+            print(f"{label:34s} {run['prompt']:6d} {run['decode']:4d} {run['prefill_s']:9.2f} "
+                  f"{run['decode_tok_s']:7.2f} {_f(run.get('x_llamacpp_limited'), '7.2f')} "
+                  f"{run['bytes_per_token'] / 1e6:7.1f} {_f(run.get('share_of_io_floor'), '6.0%')} "
+                  f"{run.get('tokens_equal_to_unlimited', 1.0):8.0%} "
+                  f"{_f(sp and sp['compute'], '15.1f')} {_f(sp and sp['expert_wait'], '6.1f')} "
+                  f"{_f(sp and sp['other'], '6.1f')} {_f(peak and peak / MiB, '8.0f')}")
+    if r["clients"]:
+        print(f"{'clients':7s} {'engine':48s} {'total tok/s':>11s} {'x llama':>7s} {'hit ratio':>9s} {'peak MiB':>8s}")
+    for n, by in r["clients"].items():
+        base = by["llamacpp"].get("total_tok_s")
+        for key, label in (("llamacpp", f"{n} llama.cpp processes"),
+                           ("hobbit_shared", f"{n} hobbit clients, one shared hobbitd"),
+                           ("hobbit_separate", f"{n} hobbit clients, {n} hobbitd with 1/{n} cache each")):
+            c = by[key]
+            tot = c.get("total_tok_s")
+            ratio = tot / base if tot and base else None
+            peak = c.get("peak_memory")
+            print(f"{n:7s} {label:48s} {_f(tot, '11.2f')} {_f(ratio, '7.2f')} "
+                  f"{_f(c.get('hit_ratio'), '9.1%')} {_f(peak and peak / MiB, '8.0f')}"
+                  + (f"  failed: {c['errors'][0]}" if c["errors"] else ""))
+    for pt in r.get("sweep", []):
+        print(f"sweep: budget {pt['budget'] / MiB:.0f} MiB ({pt['share_of_experts']:.0%} of the expert "
+              f"bytes): llama.cpp {_f(pt.get('llamacpp_tok_s'), '.2f')} tok/s, hobbit "
+              f"{_f(pt.get('hobbit_tok_s'), '.2f')} tok/s" + (f" ({pt['hobbit_error']})" if pt.get("hobbit_error") else ""))
+    for path in r.get("plots", []):
+        print(f"plot: {path}")
+    f = r["io_floor"]
+    print(f"I/O floor: {f['bytes_per_token'] / 1e6:.1f} MB of experts per token at best "
+          f"(top-k experts of every layer, the cache's share hit) / {f['direct_io_Bps'] / 1e6:.0f} MB/s "
+          f"(direct I/O now, the faster of hobbit's I/O engine and dd) = {_f(f['tok_s'], '.2f')} tok/s")
+    print("method: each limited run drops the page cache first and runs its processes in one "
+          "memory cgroup of the limit; decode tok/s = greedy tokens / wall time after the "
+          "prefill; MB/tok = bytes read from storage per decoded token (llama.cpp: the worker's "
+          "/proc/self/io read_bytes; hobbit: hobbitd's bytes read); same tok = greedy tokens equal "
+          "to the unlimited llama.cpp run's; peak = the cgroup's peak memory, page cache included")
+
+
+def _f(x, fmt: str) -> str:
+    width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
+    return f"{x:{fmt}}" if x is not None else " " * max(width - 1, 0) + "-"
+
+
+def budget_bytes(text: str, expert_bytes: int) -> int:
+    """Bytes from "1G", "1073741824" or "25%" (of the model's expert bytes)."""
+    from ..hobbitd.config import parse_size
+
+    text = str(text).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            raise InputError(f"--budget {text}: not a percentage") from None
+        if share <= 0:
+            raise InputError(f"--budget {text}: must be positive")
+        return int(share * expert_bytes)
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise InputError(f"--budget {text}: {e}") from None
+
+
+def _size(text: str) -> int:
+    from ..hobbitd.config import parse_size
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_parser(kinds, add_output_options, report) -> None:
+    p = kinds.add_parser("offload", prog="hobbit-cli bench offload",
+                         help="hobbit vs llama.cpp on one MoE file under one memory budget",
+                         description="llama.cpp and hobbit (high only + LRU, and all techniques) "
+                                     "in memory cgroups of the same limit after dropping the page "
+                                     "cache, llama.cpp unlimited as the ceiling, and the I/O floor. "
+                                     "Needs root (or a delegated cgroup) for the limited runs.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a MoE GGUF (default: a synthetic Mixtral-layout model with 4.2 GiB of "
+                        "experts, made once under ~/.cache/hobbit/bench)")
+    p.add_argument("--budget", default=None, metavar="SIZE",
+                   help="memory for the model's weights: a size (1G) or a share of its expert "
+                        "bytes (25%%); hobbitd's cache is this minus the non-expert weights "
+                        "(default 25%%; --quick 150%%)")
+    p.add_argument("--allowance", type=_size, default=512 * MiB, metavar="SIZE",
+                   help="memory on top of the budget for the processes themselves, the same "
+                        "for both engines (default 512M)")
+    p.add_argument("--runs", default=None, metavar="P:N,...",
+                   help="prompt:decoded token counts (default 16:32,128:128; --quick 16:8)")
+    p.add_argument("--clients", default=None, metavar="N,...",
+                   help="also run N clients at once (the first run's sizes): N llama.cpp "
+                        "processes vs N hobbit clients on one hobbitd vs N hobbitd with 1/N of "
+                        "the cache each; the limit grows by 256M per extra client "
+                        "(default 2,4; --quick 2; '' for none)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compute threads (default: each engine's own default; with N clients "
+                        "at once, cores / N for either engine)")
+    p.add_argument("--sweep", default=None, metavar="B,...",
+                   help="also run llama.cpp and hobbit limited to each of these budgets (the first "
+                        "run's sizes), e.g. 10%%,25%%,50%%,100%%")
+    p.add_argument("--plot", metavar="DIR",
+                   help="write PNG plots to DIR: tok/s against the budget (sweeps 10%%,25%%,50%%,100%% "
+                        "unless --sweep says otherwise) and hobbit's per-token time split; needs "
+                        "matplotlib (pip install 'hobbit[plot]')")
+    p.add_argument("--quick", action="store_true",
+                   help="a small synthetic model and short runs: checks the harness in ~1 minute")
+    add_output_options(p)
+
+    def cmd(args):
+        runs = args.runs or ("16:8" if args.quick else "16:32,128:128")
+        try:
+            pairs = [[int(x) for x in item.split(":")] for item in runs.split(",")]
+            if any(len(pr) != 2 or min(pr) < 1 for pr in pairs):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--runs {runs!r}: expected PROMPT:DECODE pairs such as 16:32,128:128") from None
+        budget = args.budget or ("150%" if args.quick else "25%")
+        budget_bytes(budget, 1)      # a malformed budget fails now, before any model is made
+        clients = [int(x) for x in args.clients.split(",") if x] if args.clients is not None \
+            else ([2] if args.quick else [2, 4])
+        if any(n < 2 for n in clients):
+            raise InputError(f"--clients {args.clients}: counts of at least 2, e.g. 2,4 (or '' for none)")
+        sweep = [b for b in (args.sweep or "").split(",") if b]
+        for b in sweep:
+            budget_bytes(b, 1)
+        if args.plot and not sweep:
+            sweep = ["10%", "25%", "50%", "100%"]
+        if args.plot:
+            _pyplot()                  # missing matplotlib fails now, not after the runs
+        r = run(OffloadOptions(args.model, budget, args.allowance, pairs, clients, args.threads,
+                               args.quick, sweep))
+        if args.plot:
+            r["plots"] = plot(r, args.plot)
+        return report(args, r, print_table)
+    p.set_defaults(func=cmd)
+
+
+if __name__ == "__main__":        # the worker: one JSON spec in, one JSON result out
+    try:
+        print(json.dumps(worker(json.loads(sys.argv[1]))))
+    except HobbitError as e:
+        print(f"bench offload worker: {e}", file=sys.stderr)
+        sys.exit(1)
