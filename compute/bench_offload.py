@@ -209,8 +209,10 @@ def _hobbit_run(opts, path, cache, flags, lookahead, cg, tmp) -> dict:
     from .bench_ablation import daemon
 
     with daemon(path, cache, flags, tmp, preexec=cg.enter) as sock:
-        return _run_worker({"engine": "hobbit", "model": path, "socket": sock, "runs": opts.runs,
-                            "threads": opts.threads, "lookahead": lookahead}, cg.enter)
+        r = _run_worker({"engine": "hobbit", "model": path, "socket": sock, "runs": opts.runs,
+                         "threads": opts.threads, "lookahead": lookahead}, cg.enter)
+        r["settings"] = _daemon_stats(sock)["hobbit"]    # thresholds and policy in force
+        return r
 
 
 def _daemon_stats(sock: str) -> dict:
@@ -449,6 +451,12 @@ def print_table(r: dict) -> None:
           f"({r['budget'] / r['expert_bytes']:.0%} of the expert bytes) + {r['allowance'] / MiB:.0f} MiB "
           f"for the processes = cgroup limit {r['cgroup_limit'] / MiB:.0f} MiB; hobbitd cache "
           f"{r['hobbit_cache'] / MiB:.0f} MiB")
+    for key in ("hobbit_high_lru", "hobbit"):
+        st = r["results"].get(key, {}).get("settings")
+        if st:
+            print(f"{key}: policy {st['policy']}, " + ("low precision only" if st["low_only"] else
+                  f"T1 {st['t1']:g} T2 {st['t2']:g}{' (calibrated)' if st['calibrated'] else ''}"
+                  if st["dynamic"] else "high precision only"))
     print(f"{'run':34s} {'prompt':>6s} {'out':>4s} {'prefill s':>9s} {'tok/s':>7s} {'x llama':>7s} "
           f"{'MB/tok':>7s} {'floor':>6s} {'same tok':>8s} {'ms/tok: compute':>15s} {'wait':>6s} "
           f"{'other':>6s} {'peak MiB':>8s}")
