@@ -138,11 +138,12 @@ def worker(spec: dict) -> dict:
             prefill_s = time.perf_counter() - t0
             tokens = [int(np.argmax(logits))]
             timing0 = getattr(eng, "model", None) and (eng.model.timing.compute_s, eng.model.timing.expert_wait_s)
-            b0, t0 = read(), time.perf_counter()
+            b0, t0, start = read(), time.perf_counter(), time.time()
             for _ in range(n_decode):
                 tokens.append(int(np.argmax(eng.step(tokens[-1]))))
             decode_s = time.perf_counter() - t0
             r = {"prompt": n_prompt, "decode": n_decode, "prefill_s": prefill_s,
+                 "decode_start": start, "decode_end": time.time(),   # wall clock: clients overlap
                  "decode_tok_s": n_decode / decode_s, "bytes_per_token": (read() - b0) / n_decode,
                  "tokens": tokens}
             if timing0:
@@ -228,7 +229,8 @@ def _daemon_stats(sock: str) -> dict:
 def _clients(opts, path: str, cache: int, limit: int, n: int, tmp: str) -> dict:
     """n clients at once, each its own prompt (the first run's sizes): n llama.cpp
     processes; n hobbit clients sharing one hobbitd; n hobbit clients each with its own
-    hobbitd and 1/n of the cache."""
+    hobbitd and 1/n of the cache. Total tok/s = all decoded tokens / the wall time from
+    the first client's first decode step to the last client's last."""
     from .bench_ablation import daemon
 
     threads = opts.threads or max(1, _cores() // n)    # n processes share the cores, either engine
@@ -259,7 +261,9 @@ def _clients(opts, path: str, cache: int, limit: int, n: int, tmp: str) -> dict:
     for r in out.values():
         ok = [c["runs"][0] for c in r.get("clients", []) if "runs" in c]
         r["errors"] = [c["error"] for c in r.get("clients", [r]) if "error" in c]
-        r["total_tok_s"] = sum(c["decode_tok_s"] for c in ok) if len(ok) == n else None
+        # all clients' decoded tokens over the wall time from the first start to the last end
+        r["total_tok_s"] = sum(c["decode"] for c in ok) / (
+            max(c["decode_end"] for c in ok) - min(c["decode_start"] for c in ok)) if len(ok) == n else None
         if r.get("daemons"):
             req = sum(d["requested"] for d in r["daemons"])
             r["hit_ratio"] = sum(d["hits"] + d["waits"] for d in r["daemons"]) / req if req else None
