@@ -45,3 +45,63 @@ def test_chat_with_an_explicit_socket_and_no_daemon_is_an_error(default_moe, tmp
                        timeout=120)
     assert r.returncode == 1
     assert "no hobbitd" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_chat_in_a_terminal_streams_stops_on_ctrl_c_and_quits(default_moe, tmp_path):
+    """`hobbit-cli chat` on a pseudo-terminal as a person uses it: the answer streams, Ctrl-C
+    (the terminal's own SIGINT to the foreground group) stops the answer but not the session,
+    /stats answers, /quit exits 0 and the private daemon is gone."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import time
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "HOBBIT_SOCKET"}
+    env.update(XDG_RUNTIME_DIR=str(runtime), HOBBIT_SOCKET="", TERM="dumb")
+    master, slave = pty.openpty()
+
+    def controlling_terminal():          # a session of its own, the pty as its terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([*CLI, "chat", "--temperature", "0", "-n", "2000"], env=env,
+                            stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal)
+    os.close(slave)
+    seen = []
+
+    def read_until(text: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in "".join(seen):
+            assert proc.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, f"no {text!r} in: {''.join(seen)[-2000:]}"
+            if select.select([master], [], [], 0.5)[0]:
+                seen.append(os.read(master, 4096).decode(errors="replace"))
+        out = "".join(seen)
+        seen[:] = [out[out.index(text) + len(text):]]
+        return out[:out.index(text)]
+
+    try:
+        read_until("> ")
+        os.write(master, b"Write a long story about a dragon who learns to bake bread.\n")
+        read_until("\n")                                  # the echoed line
+        deadline = time.monotonic() + 300
+        while len("".join(seen)) < 80:                    # the answer streams in
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            if select.select([master], [], [], 0.5)[0]:
+                seen.append(os.read(master, 4096).decode(errors="replace"))
+        os.write(master, b"\x03")                         # Ctrl-C, typed
+        read_until("[stopped]", 60)
+        read_until("> ", 60)                               # the session goes on
+        os.write(master, b"/stats\n")
+        assert "tok/s" in read_until("> ", 60)
+        os.write(master, b"/quit\n")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert list(runtime.iterdir()) == [], "the private daemon stopped with the session"
