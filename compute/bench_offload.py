@@ -403,32 +403,17 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
 def _io_floor(src, top_k: int, cache: int, path: str) -> dict:
     """Tokens per second if every token read only the experts a cache of `cache` bytes
     cannot hold (uniform routing: that share of each token's top-k experts) at the best
-    direct-I/O rate measured now: hobbit's I/O engine reading every expert (parallel
-    reads) or dd (one stream), whichever is faster, median of two passes each."""
-    from ..loader.io_engine import IOEngine
-    from ..loader.shm import Segment, new_name
-    from .bench_io import RING, dd_pass, engine_pass
-    from .memcgroup import CgroupUnavailable, drop_page_cache
+    direct-I/O rate measured now: `bench io`'s two readers, hobbit's I/O engine (parallel
+    reads) and dd (one stream), whichever is faster, median of two passes each."""
+    from . import bench_io
 
     print("[offload] the I/O floor: direct-I/O bandwidth ...", file=sys.stderr, flush=True)
+    io = bench_io.run(path, repeat=2)
+    bw = max(io["engine_MBps"], io["dd_MBps"]) * 1e6
     expert_bytes = src.n_layer * src.n_expert * src.expert_bytes
-    seg = Segment(new_name("hobbit-bench"), RING * src.format.slot_bytes, create=True)
-    engine = IOEngine(4, direct=True)
-    rates = {"engine": [], "dd": []}
-    try:
-        for _ in range(2):
-            with contextlib.suppress(CgroupUnavailable):
-                drop_page_cache()
-            nbytes, secs = engine_pass(src, engine, seg)
-            rates["engine"].append(nbytes / secs)
-            nbytes, secs = dd_pass(path)
-            rates["dd"].append(nbytes / secs)
-    finally:
-        engine.close()
-        seg.close()
-    bw = max(float(np.median(v)) for v in rates.values())
     per_token = src.n_layer * top_k * src.expert_bytes * max(0.0, 1 - cache / expert_bytes)
-    return {"direct_io_Bps": bw, "engine_Bps": rates["engine"], "dd_Bps": rates["dd"],
+    return {"direct_io_Bps": bw, "engine_Bps": [r["engine_bytes"] / r["engine_s"] for r in io["rounds"]],
+            "dd_Bps": [r["dd_bytes"] / r["dd_s"] for r in io["rounds"]],
             "bytes_per_token": per_token, "tok_s": bw / per_token if per_token else None}
 
 
