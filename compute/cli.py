@@ -97,6 +97,25 @@ def cmd_chat(args) -> int:
     return run_chat(ChatSession(model, tok, sampler, args.n_predict))
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .expert_client import ExpertClient
+    from .serve import ServeOptions, serve
+
+    path = default_model() if args.model in (None, "default") else args.model
+
+    def experts_for(weights, first):
+        if first is None:
+            return _expert_client(args, weights)
+        return ExpertClient(first.socket_path, weights.path)   # more slots: the same daemon
+
+    opts = ServeOptions(model=path, host=args.host, port=args.port, parallel=args.parallel,
+                        max_queue=args.max_queue, n_ctx=args.ctx, n_threads=args.threads,
+                        api_key=args.api_key or os.environ.get("HOBBIT_API_KEY") or None)
+    return serve(opts, experts_for)
+
+
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-daemon", action="store_true",
                    help="compute in this process, reading experts from the mmapped GGUF "
@@ -159,6 +178,15 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    from .top import run_top
+    from ..protocol.errors import InputError
+
+    if args.interval <= 0:
+        raise InputError(f"--interval {args.interval:g}: must be more than 0 seconds")
+    return run_top(_socket(args), args.interval, args.count)
+
+
 def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=n_predict,
                    help=f"most tokens to generate (default {n_predict})")
@@ -198,6 +226,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", prog="hobbit-cli serve", help="an OpenAI-compatible HTTP server",
+                       description="Serve MODEL over HTTP with OpenAI's API: POST /v1/chat/completions "
+                                   "and /v1/completions (\"stream\": true for server-sent events), "
+                                   "GET /v1/models, /health and /metrics (Prometheus). --parallel "
+                                   "slots generate at once, each with its own KV cache, all sharing "
+                                   "hobbitd's expert cache; further requests wait in arrival order "
+                                   "(up to --max-queue, then 503). Stop with Ctrl-C or SIGTERM.")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="path to a GGUF model, or 'default' (the default MoE)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free port)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="requests generated at once, one KV cache each (default 1)")
+    p.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="requests that may wait for a slot before new ones get 503 (default 16)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $HOBBIT_API_KEY, else none)")
+    _add_daemon_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("convert", prog="hobbit-cli convert", help="make the low-precision companion file of a MoE model",
                        description="Re-quantise every expert of MODEL to a smaller type and write "
                                    "the companion file hobbitd reads on low-precision misses "
@@ -216,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("top", prog="hobbit-cli top", help="a live view of the running hobbitd",
+                       description="Redraw every --interval seconds: per model, cache occupancy by "
+                                   "precision, hit/miss/skip rates, read MB/s and prefetch accuracy; "
+                                   "per client, tokens per second. Rates are over the last interval. "
+                                   "Ctrl-C quits. Piped, frames follow each other (like top -b).")
+    p.add_argument("--interval", "-d", type=float, default=1.0, metavar="S",
+                   help="seconds between frames (default 1)")
+    p.add_argument("--count", "-n", type=int, default=None, metavar="N",
+                   help="stop after N frames (default: until Ctrl-C)")
+    p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
+    p.set_defaults(func=cmd_top)
 
     moefy.add_parser(sub)
     evaluate.add_parser(sub)

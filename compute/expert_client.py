@@ -26,8 +26,10 @@ class ExpertClient:
     remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
 
     def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
-                 retries: int = 2):
-        """model_path None: a client for stats only (no model, no shared memory)."""
+                 retries: int = 2, name: str | None = None):
+        """model_path None: a client for stats only (no model, no shared memory). name: how
+        hobbitd lists this client (default: the program and its subcommand)."""
+        self.name = (name or _program())[:64]
         self.socket_path = socket_path
         self.model_path = model_path and os.path.realpath(model_path)
         self.timeout, self.retries = timeout, retries
@@ -63,7 +65,7 @@ class ExpertClient:
 
     def _hello(self) -> None:
         welcome = self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION, pid=os.getpid(),
-                             name="hobbit-compute", _hello=True)
+                             name=self.name, _hello=True)
         if self.model_path is None:
             return
         for name, info in welcome["models"].items():
@@ -96,8 +98,8 @@ class ExpertClient:
     def part_strides(self, precision: str) -> tuple:
         return (self.regions[precision]["format"].slot_bytes,) * 3
 
-    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0) -> list:
-        return self.request(layer, experts, scores, seq, token)
+    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
+        return self.request(layer, experts, scores, seq, token, n_tokens)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -165,12 +167,15 @@ class ExpertClient:
             self.wait_seconds += time.perf_counter() - t0
             return got, msg
 
-    def request(self, layer: int, experts, scores=None, seq: int = 0, token: int = 0) -> list:
+    def request(self, layer: int, experts, scores=None, seq: int = 0, token: int = 0,
+                n_tokens: int = 1) -> list:
         """Pinned slots [(precision, index) or None if skipped] for `experts` of `layer`;
         scores are their unimportance (hobbitd picks precisions from them); seq and token
-        place the request in the client's sequence for the cache policy."""
+        place the request in the client's sequence for the cache policy; n_tokens is how
+        many tokens the forward computes (for the daemon's per-client token counts)."""
         fields = {"id": next(self._ids), "model": self.model, "layer": int(layer),
-                  "experts": [int(e) for e in experts], "seq": int(seq), "token": int(token)}
+                  "experts": [int(e) for e in experts], "seq": int(seq), "token": int(token),
+                  "tokens": int(n_tokens)}
         if scores is not None:
             fields["scores"] = [float(s) for s in scores]
         reply = self._call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)
@@ -209,3 +214,15 @@ class ExpertClient:
         if self.private is not None:
             self.private.stop()
             self.private = None
+
+
+def _program() -> str:
+    """'hobbit-cli chat', 'my_app.py', ...: what `hobbit-cli top` shows for this client."""
+    import sys
+
+    argv = sys.argv or ["python"]
+    prog = os.path.basename(argv[0]) or "python"
+    if prog == "cli.py" or prog == "-m":
+        prog = "hobbit-cli"
+    sub = argv[1] if len(argv) > 1 and not argv[1].startswith("-") and prog.startswith("hobbit") else ""
+    return f"{prog} {sub}".strip()

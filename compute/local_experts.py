@@ -36,7 +36,7 @@ class LocalExperts:
     def part_strides(self, precision: str) -> tuple:
         return self.sources[precision].part_stride
 
-    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0) -> list:
+    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         """[(precision, expert) or None]: the expert's index in its precision's tensors."""
         out = []
         for e, s in zip(experts, scores):

@@ -238,8 +238,9 @@ class Model:
                 wanted = np.unique(sel)
                 best = [float(scores[sel == e].min()) for e in wanted]       # most important use
                 t0 = time.perf_counter()
+                T = feed["tokens"].size      # the last layer routes only the last row
                 held = provider.fetch(il, wanted.tolist(), best, seq=self.seq,
-                                      token=self.n_past + probs.shape[0])
+                                      token=self.n_past + T, n_tokens=T)
                 self.timing.expert_wait_s += time.perf_counter() - t0
                 # after the demand (never ahead of it): the coming layers' reads overlap
                 # with this layer's compute

@@ -76,6 +76,32 @@ class Session:
     protected: list = field(default_factory=list)     # slots its last HINT protects
     replied_at: float = 0.0   # time.monotonic() of its last SLOTS
     gap_s: float | None = None   # its time between a SLOTS and its next REQUEST (EWMA): compute
+    connected: float = field(default_factory=time.monotonic)
+    # what it asked for (hobbit-cli top shows their rates per client)
+    experts: int = 0
+    hits: int = 0             # served from the cache (including reads already in flight)
+    misses: int = 0
+    skipped: int = 0
+    tokens: int = 0           # decoded: forwards of one token
+    prompt_tokens: int = 0    # in forwards of more than one token
+    last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
+
+    def count_forward(self, seq, token, n_tokens) -> None:
+        """Count a forward's tokens once, at its first request (the client's first layer)."""
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1 \
+                or (seq, token) == self.last_forward:
+            return
+        self.last_forward = (seq, token)
+        if n_tokens == 1:
+            self.tokens += 1
+        else:
+            self.prompt_tokens += n_tokens
+
+    def stats(self) -> dict:
+        return {"name": self.name, "pid": self.pid,
+                "connected_s": round(time.monotonic() - self.connected, 3),
+                "experts": self.experts, "hits": self.hits, "misses": self.misses,
+                "skipped": self.skipped, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens}
 
 
 @dataclass(eq=False)
@@ -570,6 +596,7 @@ class Daemon:
         seq, token = msg.get("seq"), msg.get("token")
         if isinstance(seq, int) and isinstance(token, int):
             mo.policy.begin(s.sid, seq, token, layer)
+            s.count_forward(seq, token, msg.get("tokens"))
         s.inflight += 1              # before the task starts: the reaper must not drop s
         t = asyncio.create_task(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
         self._requests.add(t)
@@ -593,6 +620,8 @@ class Daemon:
             mo.requested += len(experts)
             precs = [self._decide(mo, (layer, e), float(sc)) for e, sc in zip(experts, scores)]
             mo.skipped += precs.count(SKIP)
+            s.experts += len(experts)
+            s.skipped += precs.count(SKIP)
             self.io.plug()      # the misses' reads start together, so adjacent ones merge
             acquired = asyncio.gather(*(self._acquire(s, mo, (layer, e), p, sc <= mo.thresholds.t1)
                                         for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
@@ -645,6 +674,7 @@ class Daemon:
                     mo.waits += 1
                 else:
                     mo.hits += 1
+                s.hits += 1
                 mo.by_precision[f"hits_{prec}"] += 1
                 return slot
             if slot is not None:      # loading (for someone else, or a prefetch): share that read
@@ -665,6 +695,7 @@ class Daemon:
                                        "slots are pinned")
                 continue
             mo.misses += 1
+            s.misses += 1
             mo.by_precision[f"misses_{prec}"] += 1
             self._pin(s, slot)        # pinned before the read: nobody can take it meanwhile
             try:
@@ -818,6 +849,7 @@ class Daemon:
         io = self.io
         return {"uptime_s": round(time.monotonic() - self.started, 3),
                 "clients": len(self.sessions),
+                "sessions": [s.stats() for s in self.sessions.values() if s.name != "hobbitd-probe"],
                 "models": {n: mo.stats() for n, mo in self.models.items()},
                 "io": {"bytes_read": io.bytes_read, "reads": io.reads,
                        "direct_reads": io.direct_reads, "pending": io.pending(),

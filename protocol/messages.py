@@ -7,7 +7,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 |---|---|---|---|
 | HELLO | client→daemon | version, pid, name | WELCOME |
 | WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s | — |
-| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy) | SLOTS |
+| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert: None = skipped by the precision rule] (pinned for the client) | — |
 | HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first) | none |
 | RELEASE | client→daemon | model, slots [[precision, index]] | none |

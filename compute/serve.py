@@ -1,0 +1,455 @@
+"""hobbit-cli serve: an OpenAI-compatible HTTP server on aiohttp.
+
+Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or server-sent events with
+"stream": true), GET /v1/models, /health, /metrics (Prometheus text).
+
+Concurrency: the server holds `parallel` slots; a slot is one Model with its own KV cache
+and its own hobbitd connection, so all slots share the daemon's one expert cache. A request
+takes a free slot (the one whose cached tokens share the longest prefix with its prompt,
+so a conversation's next turn computes only the new tokens) and generates in a worker
+thread; when every slot is busy, requests wait in arrival order, up to `max_queue` waiting,
+beyond which they get 503. A client that disconnects stops its generation at the next token.
+
+Request → slot → tokens: handle_completion() parses (api.parse), waits for a slot
+(Slots.take), runs Slot.generate in a thread, which pushes text pieces to an asyncio queue
+that the handler streams or collects.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import api
+from .api import ApiError
+from ..protocol.errors import HobbitError, InputError
+
+log = logging.getLogger("hobbit.serve")
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 1          # slots generating at once
+    max_queue: int = 16        # requests waiting for a slot before 503
+    n_ctx: int = 2048
+    n_threads: int = 0
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer KEY"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was complete."""
+
+
+class Slot:
+    """One Model and the tokens its KV cache holds. Used by one request at a time."""
+
+    def __init__(self, index: int, model, tok):
+        self.index, self.model, self.tok = index, model, tok
+        self.tokens: list[int] = []
+        self.cancel = threading.Event()
+
+    def shared_prefix(self, ids: list) -> int:
+        n = 0
+        for a, b in zip(self.tokens, ids[:-1]):   # at least one token is always computed
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def generate(self, ids: list, job: api.Job, emit) -> dict:
+        """Generate for `job` after prompt `ids`, calling emit(piece) from this thread for
+        each piece of text (stop sequences already cut). Returns the finish reason and
+        counts. Runs in a worker thread; self.cancel stops it at the next token."""
+        from .generate import TextStream, generate_tokens
+        from .sampling import Sampler, SamplingOptions
+
+        model = self.model
+        keep = self.shared_prefix(ids)
+        if keep == 0:
+            model.reset()            # a new sequence for the daemon's cache policy
+        model.n_past = keep
+        self.tokens = ids[:keep]
+        room = model.n_ctx - len(ids) + 1       # the last generated token needs no KV slot
+        limit = min(job.max_tokens or room, room)
+        sampler = Sampler(SamplingOptions(job.temperature, job.top_k, job.top_p, job.seed))
+        text, stop = TextStream(self.tok), api.StopText(job.stop)
+        gen, finish = [], "length"
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog):
+                t_first = t_first or time.perf_counter()
+                gen.append(token)
+                piece = stop.push(text.push(token))
+                if piece:
+                    emit(piece)
+                if stop.stopped:
+                    finish = "stop"
+                    break
+                if self.cancel.is_set():
+                    finish = "cancelled"
+                    break
+            else:
+                if len(gen) < limit and model.n_past < model.n_ctx:
+                    finish = "stop"      # an end-of-generation token
+            tail = stop.push(text.flush()) + stop.flush()
+            if tail:
+                emit(tail)
+        finally:
+            self.tokens = (ids + gen)[:model.n_past]
+        t1 = time.perf_counter()
+        return {"finish": finish, "prompt_tokens": len(ids), "completion_tokens": len(gen),
+                "computed_prompt_tokens": len(ids) - keep,
+                "decode_tok_s": (len(gen) - 1) / (t1 - t_first) if t_first and len(gen) > 1 else 0.0}
+
+    def _eog(self, token: int) -> bool:
+        return self.tok.is_eog(token)
+
+
+class Slots:
+    """The free slots; take() waits (FIFO) for one, preferring the longest cached prefix."""
+
+    def __init__(self, slots: list[Slot], max_queue: int):
+        self.all, self.free = slots, list(slots)
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._cond = asyncio.Condition()
+
+    async def take(self, ids: list) -> Slot:
+        async with self._cond:
+            if not self.free and self.waiting >= self.max_queue:
+                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting "
+                                    "for a slot; try again later", code="server_busy")
+            self.waiting += 1
+            try:
+                await self._cond.wait_for(lambda: self.free)
+            finally:
+                self.waiting -= 1
+            slot = max(self.free, key=lambda s: s.shared_prefix(ids))
+            self.free.remove(slot)
+            slot.cancel.clear()
+            return slot
+
+    async def give(self, slot: Slot) -> None:
+        async with self._cond:
+            self.free.append(slot)
+            self._cond.notify()
+
+
+class Server:
+    """The slots, the tokenizer, the counters; the aiohttp handlers are its methods."""
+
+    def __init__(self, opts: ServeOptions, slots: list[Slot], tok, daemon_socket: str | None):
+        self.opts, self.tok = opts, tok
+        self.name = os.path.basename(opts.model).removesuffix(".gguf")
+        self.slots = Slots(slots, opts.max_queue)
+        self.pool = ThreadPoolExecutor(max_workers=len(slots) + 1, thread_name_prefix="hobbit-gen")
+        self.daemon_socket = daemon_socket
+        self._stats_client = None
+        self._stats_lock = threading.Lock()
+        self.started = int(time.time())
+        from .metrics import ServerMetrics
+        self.metrics = ServerMetrics(self)
+
+    # ---- the data path ---------------------------------------------------------------
+
+    async def handle_completion(self, request, chat: bool):
+        from aiohttp import web
+
+        endpoint = request.path
+        try:
+            try:
+                body = await request.json(loads=json.loads)
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "the request body is not valid JSON") from None
+            job = api.parse(body, chat, self.name)
+            ids = self._tokens(job)
+            slot = await self.slots.take(ids)
+        except ApiError as e:
+            self.metrics.request(endpoint, e.status)
+            return _error(e)
+        try:
+            if job.stream:
+                return await self._stream(request, slot, ids, job)
+            pieces = []
+            result = await self._run(request, slot, ids, job, pieces.append)
+            self.metrics.request(endpoint, 200)
+            return web.json_response(api.response(job, "".join(pieces), result["finish"],
+                                                  api.usage(result["prompt_tokens"],
+                                                            result["completion_tokens"])))
+        except ApiError as e:
+            self.metrics.request(endpoint, e.status)
+            return _error(e)
+        except ClientGone:
+            self.metrics.request(endpoint, 499)     # nginx's "client closed request"
+            return web.Response(status=499)
+        finally:
+            await self.slots.give(slot)
+
+    def _tokens(self, job: api.Job) -> list:
+        n_ctx = self.opts.n_ctx
+        if job.chat:
+            try:
+                text = self.tok.chat_prompt(job.messages)
+            except HobbitError as e:
+                raise ApiError(400, str(e), "messages") from None
+            ids = self.tok.encode(text, parse_special=True)
+        elif isinstance(job.prompt, list):
+            ids = list(job.prompt)
+            n_vocab = self.slots.all[0].model.args.n_vocab
+            bad = [t for t in ids if not 0 <= t < n_vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is out of range 0..{n_vocab - 1}", "prompt")
+        else:
+            ids = self.tok.encode(job.prompt)
+        if len(ids) >= n_ctx:
+            raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt has "
+                                f"{len(ids)} (shorten it, or restart serve with a larger --ctx)",
+                           "messages" if job.chat else "prompt", "context_length_exceeded")
+        return ids
+
+    async def _run(self, request, slot: Slot, ids: list, job: api.Job, on_piece) -> dict:
+        """Generate in a worker thread; each piece reaches on_piece (an async-side callable
+        or coroutine function) in order. A disconnected client cancels the slot."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
+        work = loop.run_in_executor(self.pool, slot.generate, ids, job, emit)
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        gone = False
+        try:
+            while (piece := await queue.get()) is not None:
+                gone = gone or request.transport is None or request.transport.is_closing()
+                if gone:
+                    slot.cancel.set()    # the client went away mid-answer: stop at the next token
+                    continue
+                r = on_piece(piece)
+                if asyncio.iscoroutine(r):
+                    await r
+        except BaseException as e:
+            slot.cancel.set()            # stop, and free the slot only once the thread is done
+            await asyncio.wait([work])
+            if isinstance(e, ConnectionError):
+                raise ClientGone() from None
+            raise
+        if gone:
+            raise ClientGone()
+        try:
+            result = work.result()
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        except HobbitError as e:
+            log.error("generation failed: %s", e)
+            raise ApiError(503, f"generation failed: {e}", code="daemon_error") from None
+        self.metrics.generated(result)
+        if result["finish"] == "cancelled":    # not by this client: the server is stopping
+            raise ApiError(503, "the server is shutting down; the answer was cut short",
+                           code="shutting_down")
+        return result
+
+    async def _stream(self, request, slot: Slot, ids: list, job: api.Job):
+        from aiohttp import web
+
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        send = lambda obj: resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")  # noqa: E731
+        if job.chat:
+            await send(api.chunk(job, role=True))
+        try:
+            result = await self._run(request, slot, ids, job, lambda piece: send(api.chunk(job, piece)))
+        except ClientGone:
+            self.metrics.request(request.path, 499)
+            return resp
+        except ApiError as e:           # the status line is sent already: say it in the stream
+            self.metrics.request(request.path, e.status)
+            try:
+                await send(e.body())
+                await resp.write(b"data: [DONE]\n\n")
+            except ConnectionError:
+                pass
+            return resp
+        try:
+            await send(api.chunk(job, finish=result["finish"]))
+            if job.include_usage:
+                await send(api.chunk(job, use=api.usage(result["prompt_tokens"], result["completion_tokens"])))
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionError:
+            self.metrics.request(request.path, 499)
+            return resp
+        self.metrics.request(request.path, 200)
+        return resp
+
+    # ---- the other endpoints -----------------------------------------------------------
+
+    async def handle_models(self, request):
+        from aiohttp import web
+
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": self.started, "owned_by": "hobbit",
+             "path": os.path.realpath(self.opts.model), "n_ctx": self.opts.n_ctx}]})
+
+    async def handle_health(self, request):
+        from aiohttp import web
+
+        body = {"status": "ok", "model": self.name, "slots": len(self.slots.all),
+                "slots_idle": len(self.slots.free), "waiting": self.slots.waiting}
+        if self.daemon_socket:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self.pool, self.daemon_stats)
+                body["hobbitd"] = self.daemon_socket
+            except HobbitError as e:
+                body.update(status="error", error=f"hobbitd: {e}")
+                return web.json_response(body, status=503)
+        return web.json_response(body)
+
+    async def handle_metrics(self, request):
+        from aiohttp import web
+
+        loop = asyncio.get_running_loop()
+        text, ctype = await loop.run_in_executor(self.pool, self.metrics.render)
+        return web.Response(body=text, headers={"Content-Type": ctype})
+
+    def daemon_stats(self) -> dict:
+        """hobbitd's STATS (blocking; call from a worker thread). DaemonError when it is gone."""
+        from .expert_client import ExpertClient
+        from ..protocol.errors import DaemonError
+
+        with self._stats_lock:
+            try:
+                if self._stats_client is None:
+                    self._stats_client = ExpertClient(self.daemon_socket, None, timeout=2, retries=0)
+                return self._stats_client.stats()
+            except DaemonError:
+                if self._stats_client is not None:
+                    self._stats_client.close()
+                self._stats_client = None
+                raise
+
+    def close(self) -> None:
+        for s in self.slots.all:
+            s.cancel.set()
+        self.pool.shutdown(wait=True)
+        for s in reversed(self.slots.all):   # the first slot's client may own a private hobbitd
+            s.model.close()
+            if s.model.experts is not None:
+                s.model.experts.close()
+        if self._stats_client is not None:
+            self._stats_client.close()
+
+
+def _error(e: ApiError):
+    from aiohttp import web
+
+    return web.json_response(e.body(), status=e.status)
+
+
+def build_app(server: Server):
+    """The aiohttp application: routes, plus middleware that answers every error (unknown
+    route, wrong method, bad key, a bug) in OpenAI's error JSON."""
+    from aiohttp import web
+
+    @web.middleware
+    async def errors(request, handler):
+        if server.opts.api_key and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization") != f"Bearer {server.opts.api_key}":
+                server.metrics.request(request.path, 401)
+                return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                       code="invalid_api_key", type="authentication_error"))
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            server.metrics.request("other", e.status)
+            what = {404: f"no endpoint {request.path}", 405: f"{request.method} is not allowed on {request.path}"}
+            return _error(ApiError(e.status, what.get(e.status, e.reason)))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            server.metrics.request(request.path, 500)
+            return _error(ApiError(500, "internal server error (see the server's log)"))
+
+    app = web.Application(middlewares=[errors], client_max_size=8 << 20)
+    app.router.add_post("/v1/chat/completions", lambda r: server.handle_completion(r, chat=True))
+    app.router.add_post("/v1/completions", lambda r: server.handle_completion(r, chat=False))
+    app.router.add_get("/v1/models", server.handle_models)
+    app.router.add_get("/health", server.handle_health)
+    app.router.add_get("/metrics", server.handle_metrics)
+    return app
+
+
+def load(opts: ServeOptions, experts_for) -> Server:
+    """Open the model once per slot. experts_for(weights, first) gives slot's expert
+    provider (first: the first slot's, which may start a private hobbitd; None: in-process)."""
+    from .model import Model, RunOptions
+    from .tokenizer import Tokenizer
+    from .weights import open_model
+
+    weights = open_model(opts.model)
+    tok = Tokenizer(opts.model)
+    slots, first = [], None
+    try:
+        for i in range(opts.parallel):
+            experts = experts_for(weights, first)
+            first = first or experts
+            model = Model(weights, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), experts=experts)
+            slots.append(Slot(i, model, tok))
+    except BaseException:
+        for s in slots:
+            s.model.close()
+        raise
+    return Server(opts, slots, tok, first.socket_path if first is not None else None)
+
+
+async def run(server: Server) -> None:
+    """Listen until SIGINT/SIGTERM, then stop generating, finish the responses and close."""
+    from aiohttp import web
+
+    o = server.opts
+    runner = web.AppRunner(build_app(server), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, o.host, o.port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise InputError(f"cannot listen on {o.host}:{o.port}: {e.strerror or e}") from None
+    host, port = runner.addresses[0][:2]
+    where = f"through hobbitd at {server.daemon_socket}" if server.daemon_socket else "in-process"
+    print(f"hobbit serve: {server.name} ({where}), {o.parallel} slot(s), "
+          f"listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("hobbit serve: stopping", file=sys.stderr, flush=True)
+    for s in server.slots.all:
+        s.cancel.set()               # answers in progress end now (finish_reason "cancelled")
+    await runner.cleanup()
+
+
+def serve(opts: ServeOptions, experts_for) -> int:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="hobbit serve: %(message)s", stream=sys.stderr)
+    server = load(opts, experts_for)
+    try:
+        uvloop.run(run(server))
+    finally:
+        server.close()
+    return 0
