@@ -53,14 +53,16 @@ class Served:
 @pytest.fixture(scope="module")
 def served(default_moe, tmp_path_factory):
     """serve --parallel 2 --max-queue 1 on a free port, through a hobbitd whose cache holds
-    a quarter of the experts; stopped with SIGTERM after the module (must exit 0)."""
+    a quarter of the experts, in high precision only (with dynamic loading an expert's
+    precision depends on what is cached, so greedy answers would depend on the order of
+    the tests); stopped with SIGTERM after the module (must exit 0)."""
     from hobbit.loader.layout import gguf_experts
     from hobbit.compute.weights import open_model
 
     tmp = tmp_path_factory.mktemp("serve")
     ex = gguf_experts(open_model(default_moe))
     cache = ex.n_layer * ex.n_expert * ex.expert_bytes // 4
-    with run_daemon([default_moe], cache, tmp) as daemon:
+    with run_daemon([default_moe], cache, tmp, no_dynamic=True) as daemon:
         log_path = tmp / "serve.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen([*CLI, "serve", default_moe, "--port", "0", "--parallel", "2",
