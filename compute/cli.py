@@ -103,6 +103,11 @@ def cmd_serve(args) -> int:
     from .expert_client import ExpertClient
     from .serve import ServeOptions, serve
 
+    from ..protocol.errors import InputError
+
+    if args.parallel < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
+        raise InputError(f"--parallel {args.parallel} --max-queue {args.max_queue} --port {args.port}: "
+                         "need at least 1 slot, a queue of 0 or more, and a port in 0..65535")
     path = default_model() if args.model in (None, "default") else args.model
 
     def experts_for(weights, first):
