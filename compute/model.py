@@ -5,6 +5,11 @@ Legend of dimensions (ggml order, contiguous axis first):
   E experts               K experts used per token
   H query heads           Hkv KV heads  Dh head dim           N KV slots visible (n_kv)
 
+One forward for every supported architecture (llama/Mixtral, qwen3moe, olmoe, qwen2moe,
+phimoe): they differ only through ModelArgs (QK norm, RoPE type, routing weights, a shared
+expert; see weights.Arch) and through the optional tensors their files have (biases, RoPE
+factors), as llama.cpp's graphs do; moe_ffn is the one MoE function, route() its Python twin.
+
 Two ways to run, one set of layer functions:
 - in-process: experts are the stacked tensors of the mmapped GGUF and routing happens
   inside the graph; one graph per forward.

@@ -9,16 +9,19 @@ import shutil
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
-from daemon_util import run_daemon
+from daemon_util import daemon_args, run_daemon
 from hobbit.compute.expert_client import ExpertClient
 from hobbit.compute.model import Model, RunOptions, softmax
 from hobbit.compute.tokenizer import Tokenizer
-from hobbit.compute.weights import open_model
+from hobbit.compute.weights import SUPPORTED_ARCHS, open_model
 from hobbit.loader.layout import gguf_experts
+from hobbit.protocol.errors import ModelError
 
+from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
 ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe")
@@ -123,3 +126,33 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert np.mean(klds) < 0.05, f"mean KLD {np.mean(klds):.4f}"
     assert np.mean(agree) >= 0.8, f"top-1 agreement {np.mean(agree):.2f}"
+
+
+def _header_only(path: str, arch: str) -> str:
+    """A GGUF with the metadata of a real model of `arch` (DeepSeek-V2-Lite's, gpt-oss's,
+    ...) and no tensors: enough to be recognised, and refused."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(27)
+    w.add_context_length(163840)
+    w.add_embedding_length(2048)
+    w.add_expert_count(64)
+    w.add_expert_used_count(6)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "mamba"])
+def test_an_unsupported_architecture_is_one_line_naming_the_supported(tmp_path, arch):
+    path = _header_only(str(tmp_path / f"{arch}.gguf"), arch)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg and repr(arch) in msg
+    assert msg.endswith(f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    r = subprocess.run([*CLI, "generate", path, "-p", "hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().endswith(msg), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert msg in run_failing(daemon_args([path], "8M", str(tmp_path / "s.sock")))
