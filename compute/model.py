@@ -546,7 +546,9 @@ def route(probs: np.ndarray, routing: Routing):
     thresholds T1/T2 are shares of the chosen experts' total weight."""
     sel = np.argsort(-probs, axis=-1, kind="stable")[..., :routing.n_used]
     w = np.take_along_axis(probs, sel, axis=-1)
-    share = w / np.maximum(w.sum(axis=-1, keepdims=True, dtype=np.float32), np.float32(6.103515625e-5))
+    # summed in double and rounded once, as ggml_sum_rows does: the same weights to the bit
+    total = w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    share = w / np.maximum(total, np.float32(6.103515625e-5))
     scores = unimportance(share.reshape(-1, share.shape[-1])).reshape(share.shape)
     return sel, (share if routing.norm_weights else w), scores
 

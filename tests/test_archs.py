@@ -73,6 +73,7 @@ def test_in_process_matches_llama_cpp(synth, arch, size):
     assert_parity(synth(**options(arch, size)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, size", CASES)
 def test_through_daemon_with_a_quarter_cache_matches_llama_cpp(synth, tmp_path, arch, size):
     """High precision only (no companion file), a cache of 25% of the expert bytes: every
@@ -91,6 +92,7 @@ def test_through_daemon_with_a_quarter_cache_matches_llama_cpp(synth, tmp_path, 
     assert m["misses_low"] == 0 and m["skipped"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
     """`hobbit-cli convert` writes the Q4_0 companion; hobbitd then loads unimportant
