@@ -25,10 +25,10 @@ import numpy as np
 from ..loader.layout import PAGE
 from ..loader.policy import PolicyWeights, make_policy
 from ..loader.pool import Region
-from ..loader.precision import HIGH, LOW, SKIP, Thresholds, unimportance
+from ..loader.precision import HIGH, LOW, SKIP, Thresholds
 from ..protocol.errors import HobbitError
 from .local_experts import LocalExperts
-from .model import Model, RunOptions
+from .model import Model, RunOptions, route, softmax
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
@@ -59,12 +59,9 @@ def routing_trace(weights, tokens, n_ctx=512):
         model.forward(chunk, all_logits=True)
         h = np.stack([model.taps[f"ffn_in.{il}"] for il in range(a.n_layer)], axis=1)  # (T, L, D)
         logits = np.einsum("tld,led->tle", h, routers)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        sel = np.argsort(-p, axis=-1, kind="stable")[..., :a.n_expert_used]
-        w = np.take_along_axis(p, sel, axis=-1)
+        sel, _, score = route(softmax(logits), a.routing)     # as the segmented forward routes
         sels.append(sel)
-        scores.append(unimportance(w.reshape(-1, w.shape[-1])).reshape(w.shape))
+        scores.append(score)
     model.close()
     return np.concatenate(sels), np.concatenate(scores)
 

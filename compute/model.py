@@ -5,6 +5,11 @@ Legend of dimensions (ggml order, contiguous axis first):
   E experts               K experts used per token
   H query heads           Hkv KV heads  Dh head dim           N KV slots visible (n_kv)
 
+One forward for every supported architecture (llama/Mixtral, qwen3moe, olmoe, qwen2moe,
+phimoe): they differ only through ModelArgs (QK norm, RoPE type, routing weights, a shared
+expert; see weights.Arch) and through the optional tensors their files have (biases, RoPE
+factors), as llama.cpp's graphs do; moe_ffn is the one MoE function, route() its Python twin.
+
 Two ways to run, one set of layer functions:
 - in-process: experts are the stacked tensors of the mmapped GGUF and routing happens
   inside the graph; one graph per forward.
@@ -34,7 +39,7 @@ from ..loader.precision import unimportance
 from ..protocol.errors import InputError
 from . import ggml
 from .ggml import lib
-from .weights import ModelArgs, Weights
+from .weights import ModelArgs, Routing, Weights
 
 GRAPH_SIZE = 8192        # max nodes per graph
 KV_PAD = 256             # N is rounded up to this, so decode graphs are reused for 256 tokens
@@ -116,6 +121,10 @@ class Model:
             self.t[name] = self.wctx.tensor(info.type, info.shape, name, weights.address(name))
         if "output.weight" not in self.t:  # tied embeddings
             self.t["output.weight"] = self.t["token_embd.weight"]
+        # RoPE frequency factors (Llama 3.1's rope_freqs; LongRoPE's short and long sets,
+        # the long ones for contexts beyond the pre-training one), as llama.cpp picks them
+        long = "rope_factors_long" if self.n_ctx > a.n_ctx_orig else "rope_factors_short"
+        self.rope_factors = self.t.get("rope_freqs.weight", self.t.get(long + ".weight"))
 
         # KV cache: per layer, n_ctx slots of Hkv*Dh F16 values; slot i holds position i.
         self.k_cache = [np.zeros((self.n_ctx, a.n_embd_kv), np.float16) for _ in range(a.n_layer)]
@@ -230,10 +239,7 @@ class Model:
                 if il == a.n_layer:
                     return out["logits"]
                 probs = out["probs"]                                          # (T', E)
-                sel = np.argsort(-probs, axis=1, kind="stable")[:, :a.n_expert_used]  # (T', K)
-                w = np.take_along_axis(probs, sel, axis=1)
-                w = w / np.maximum(w.sum(axis=1, keepdims=True, dtype=np.float32), np.float32(6.103515625e-5))
-                scores = unimportance(w)                                     # (T', K)
+                sel, w, scores = route(probs, a.routing)                     # (T', K) each
                 self.prefetch.observe(il, sel)
                 wanted = np.unique(sel)
                 best = [float(scores[sel == e].min()) for e in wanted]       # most important use
@@ -262,11 +268,7 @@ class Model:
         a = self.args
         last = min(a.n_layer, il + 1 + self.opts.lookahead)
         logits = np.einsum("led,d->le", self.routers[il + 1:last], h[0])     # (p, E)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        sel = np.argsort(-probs, axis=1, kind="stable")[:, :a.n_expert_used]
-        w = np.take_along_axis(probs, sel, axis=1)
-        scores = unimportance(w)
+        sel, _, scores = route(softmax(logits), a.routing)                    # (p, K)
         preds = [(il + 1 + d, sel[d].tolist(), scores[d].tolist()) for d in range(len(sel))]
         self.prefetch.predict(il, preds)
         self.experts.hint(il, preds)
@@ -318,28 +320,30 @@ class Model:
             x = lib.ggml_get_rows(c, W("token_embd.weight"), inp("tokens", ggml.I32, (T,)))  # [D, T]
         else:
             x = inp("x", ggml.F32, (a.n_embd, T_in))
-            h = self._norm(c, x, W(f"blk.{first - 1}.ffn_norm.weight"))
+            h = self._norm(c, x, f"blk.{first - 1}.ffn_norm")
             K = a.n_expert_used
             y = None
             for prec, present in zip(("high", "low"), variant):
                 if present:
                     ids = inp(f"ids_{prec}", ggml.I32, (K, T_in))
                     wts = inp(f"w_{prec}", ggml.F32, (1, K, T_in))
-                    f = moe_ffn(c, h, self.pool[prec], K, sel=ids, weights=wts)
+                    f = moe_ffn(c, h, self.pool[prec], a.routing, sel=ids, weights=wts)
                     y = f if y is None else lib.ggml_add(c, y, f)
-            x = lib.ggml_add(c, y, x)
+            y = self._add_shared_expert(c, h, first - 1, y)
+            if y is not None:      # None: every routed expert skipped, no shared one
+                x = lib.ggml_add(c, y, x)
         if first < L:
             pos = inp("pos", ggml.I32, (T,))
             kv_idx = inp("kv_idx", ggml.I64, (T,))
             mask = inp("mask", ggml.F16, (N, T))
         for il in layers:
             p = f"blk.{il}."
-            att = self._attention(c, self._norm(c, x, W(p + "attn_norm.weight")), il, pos, kv_idx, mask, T, N)
+            att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, kv_idx, mask, T, N)
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
                 att, x = _last_row(c, att, T), _last_row(c, x, T)
             x = lib.ggml_add(c, att, x)                                       # [D, T']
-            h = self._norm(c, x, W(p + "ffn_norm.weight"))
+            h = self._norm(c, x, p + "ffn_norm")
             if "ffn_in" in self.opts.taps:
                 out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
             if segment is not None:   # stop at the router: Python fetches the experts
@@ -348,16 +352,17 @@ class Model:
                 out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
                 break
             if a.is_moe:
-                f = moe_ffn(c, h, [W(p + f"ffn_{n}_exps.weight") for n in PARTS], a.n_expert_used,
+                f = moe_ffn(c, h, [W(p + f"ffn_{n}_exps.weight") for n in PARTS], a.routing,
                             gate_inp=W(p + "ffn_gate_inp.weight"))
+                f = self._add_shared_expert(c, h, il, f)
             else:
                 f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
             if "ffn_out" in self.opts.taps:
                 out(f"ffn_out.{il}", f)
             x = lib.ggml_add(c, f, x)                                        # [D, T']
         if segment is None or segment == L:
-            x = self._norm(c, x, W("output_norm.weight"))
-            out("logits", lib.ggml_mul_mat(c, W("output.weight"), x))       # [V, T']
+            x = self._norm(c, x, "output_norm")
+            out("logits", self._linear(c, "output", x))                      # [V, T']
 
         g.galloc = lib.ggml_gallocr_new(self.buft)
         if not lib.ggml_gallocr_alloc_graph(g.galloc, g.graph):
@@ -365,16 +370,43 @@ class Model:
             raise MemoryError(f"could not allocate activations for a {T}-token graph")
         return g
 
-    def _norm(self, c, x, weight):
-        return lib.ggml_mul(c, lib.ggml_rms_norm(c, x, self.args.rms_eps), weight)
+    def _norm(self, c, x, name):
+        """RMS norm times `name`.weight, plus `name`.bias where the file has one (phimoe)."""
+        y = lib.ggml_mul(c, lib.ggml_rms_norm(c, x, self.args.rms_eps), self.t[name + ".weight"])
+        bias = self.t.get(name + ".bias")
+        return y if bias is None else lib.ggml_add(c, y, bias)
+
+    def _linear(self, c, name, x):
+        """`name`.weight x, plus `name`.bias where the file has one (qwen2moe's q/k/v, phimoe)."""
+        y = lib.ggml_mul_mat(c, self.t[name + ".weight"], x)
+        bias = self.t.get(name + ".bias")
+        return y if bias is None else lib.ggml_add(c, y, bias)
+
+    def _add_shared_expert(self, c, h, il, routed):
+        """routed + the layer's shared expert (qwen2moe), which is always resident: it is
+        computed from the mmapped file, never asked of the expert provider. Its output is
+        scaled by sigmoid(gate_inp_shexp . h), one gate per token. h: [D, T] -> [D, T]."""
+        if not self.args.n_ff_shexp:
+            return routed
+        W = lambda n: self.t[f"blk.{il}.{n}.weight"]  # noqa: E731
+        y = dense_ffn(c, h, W("ffn_gate_shexp"), W("ffn_up_shexp"), W("ffn_down_shexp"))  # [D, T]
+        gate = lib.ggml_sigmoid(c, lib.ggml_mul_mat(c, W("ffn_gate_inp_shexp"), h))        # [1, T]
+        y = lib.ggml_mul(c, y, gate)
+        return y if routed is None else lib.ggml_add(c, routed, y)
 
     def _attention(self, c, h, il, pos, kv_idx, mask, T, N):
         a = self.args
         p = f"blk.{il}."
         Dh, H, Hkv = a.head_dim, a.n_head, a.n_head_kv
-        q = lib.ggml_reshape_3d(c, lib.ggml_mul_mat(c, self.t[p + "attn_q.weight"], h), Dh, H, T)
-        k = lib.ggml_reshape_3d(c, lib.ggml_mul_mat(c, self.t[p + "attn_k.weight"], h), Dh, Hkv, T)
-        v = lib.ggml_mul_mat(c, self.t[p + "attn_v.weight"], h)             # [Hkv*Dh, T]
+        q = self._linear(c, p + "attn_q", h)                                 # [H*Dh, T]
+        k = self._linear(c, p + "attn_k", h)                                 # [Hkv*Dh, T]
+        v = self._linear(c, p + "attn_v", h)                                 # [Hkv*Dh, T]
+        if a.qk_norm == "full":      # olmoe: one RMS norm over all heads
+            q, k = self._norm(c, q, p + "attn_q_norm"), self._norm(c, k, p + "attn_k_norm")
+        q = lib.ggml_reshape_3d(c, q, Dh, H, T)
+        k = lib.ggml_reshape_3d(c, k, Dh, Hkv, T)
+        if a.qk_norm == "head":      # qwen3moe: each head normed on its own
+            q, k = self._norm(c, q, p + "attn_q_norm"), self._norm(c, k, p + "attn_k_norm")
         q = self._rope(c, q, pos)                                            # [Dh, H, T]
         k = self._rope(c, k, pos)                                            # [Dh, Hkv, T]
 
@@ -384,17 +416,20 @@ class Model:
         es = 2  # F16 bytes
         kv = lambda t: lib.ggml_permute(  # noqa: E731
             c, lib.ggml_view_3d(c, t, Dh, Hkv, N, Dh * es, Dh * Hkv * es, 0), 0, 2, 1, 3)  # [Dh, N, Hkv]
+        scale = 1.0 / Dh ** 0.5
+        if a.scale_q_first:     # the same product, rounded as llama.cpp's phi3 graph rounds it
+            q, scale = lib.ggml_scale(c, q, scale), 1.0
         qp = lib.ggml_permute(c, q, 0, 2, 1, 3)                              # [Dh, T, H]
-        o = lib.ggml_flash_attn_ext(c, qp, kv(kc), kv(vc), mask, 1.0 / Dh ** 0.5, 0.0, 0.0)
+        o = lib.ggml_flash_attn_ext(c, qp, kv(kc), kv(vc), mask, scale, 0.0, 0.0)
         if hasattr(lib, "ggml_prec_set_acc"):
             lib.ggml_prec_set_acc(o, ggml.PREC_F32)
         o = lib.ggml_reshape_2d(c, o, Dh * H, T)                             # [H*Dh, T]
-        return lib.ggml_mul_mat(c, self.t[p + "attn_output.weight"], o)      # [D, T]
+        return self._linear(c, p + "attn_output", o)                         # [D, T]
 
     def _rope(self, c, x, pos):
         a = self.args
-        return lib.ggml_rope_ext(c, x, pos, None, a.rope_dim, ggml.ROPE_NORMAL, a.n_ctx_train,
-                                 a.rope_base, 1.0, 0.0, 1.0, 32.0, 1.0)
+        return lib.ggml_rope_ext(c, x, pos, self.rope_factors, a.rope_dim, a.rope_type, a.n_ctx_orig,
+                                 a.rope_base, 1.0, 0.0, a.rope_attn_factor, 32.0, 1.0)
 
 
 class _Variants:
@@ -497,23 +532,46 @@ def dense_ffn(c, h, gate, up, down):
     return lib.ggml_mul_mat(c, down, lib.ggml_swiglu_split(c, g, u))         # [D, T]
 
 
-def moe_ffn(c, h, experts, n_used, *, gate_inp=None, sel=None, weights=None, norm_weights=True):
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32 (a router's probabilities)."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def route(probs: np.ndarray, routing: Routing):
+    """Python's routing, as moe_ffn routes in the graph: probs (T, E), a router's softmax ->
+    (sel, w, scores), each (T, K): the top-K experts by probability (ties to the lower
+    index, as ggml's argsort), the weights their outputs are scaled by (renormalised to sum
+    1 or the probabilities as they are, per routing), and HOBBIT's unimportance scores.
+    The scores always come from the renormalised weights, whatever the FFN is fed: the
+    thresholds T1/T2 are shares of the chosen experts' total weight."""
+    sel = np.argsort(-probs, axis=-1, kind="stable")[..., :routing.n_used]
+    w = np.take_along_axis(probs, sel, axis=-1)
+    # summed in double and rounded once, as ggml_sum_rows does: the same weights to the bit
+    total = w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    share = w / np.maximum(total, np.float32(6.103515625e-5))
+    scores = unimportance(share.reshape(-1, share.shape[-1])).reshape(share.shape)
+    return sel, (share if routing.norm_weights else w), scores
+
+
+def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights=None):
     """Mixture of SwiGLU experts. h: [D, T] -> [D, T].
 
     experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
     their quantised form by mul_mat_id; S is E for a GGUF's own tensors or the number of
     cache slots for a shared-memory pool view.
     Routing in the graph (gate_inp given): softmax over E logits, top-K, weights renormalised
-    to sum 1 (Mixtral). Or given: sel [K, T] i32 (indices into S) and weights [1, K, T].
+    to sum 1 if routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2). Or
+    given: sel [K, T] i32 (indices into S) and weights [1, K, T] (from route()).
     """
     D, T = h.contents.ne[0], h.contents.ne[1]
-    K = n_used
+    K = routing.n_used
     if sel is None:
         E = gate_inp.contents.ne[1]
         probs = lib.ggml_soft_max(c, lib.ggml_mul_mat(c, gate_inp, h))       # [E, T]
         sel = lib.ggml_argsort_top_k(c, probs, K)                            # [K, T] i32
         weights = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)  # [1, K, T]
-        if norm_weights:
+        if routing.norm_weights:
             w = lib.ggml_reshape_2d(c, weights, K, T)
             s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
             weights = lib.ggml_reshape_3d(c, lib.ggml_div(c, w, s), 1, K, T)

@@ -1,10 +1,20 @@
-"""Synthetic models: a Mixtral-layout MoE GGUF (or a dense llama one) with random weights.
+"""Synthetic models: MoE GGUFs (or a dense llama one) with random weights, in the layout
+of the real files of each architecture hobbit supports.
 
-`make_synthetic(path, opts)` writes a GGUF of architecture "llama" laid out as llama.cpp's
-Mixtral files are (stacked 3-D expert tensors ffn_{gate,up,down}_exps, an F32 router
-ffn_gate_inp; with experts=0 a dense llama with ffn_{gate,up,down}), with every tokenizer.*
-key and the vocabulary size copied from another GGUF (default: SmolLM2-135M-Instruct).
-llama.cpp loads the result, and greedy decoding on it gives varied, deterministic text.
+`make_synthetic(path, opts)` writes a GGUF of architecture opts.arch with the tensor
+names, shapes and metadata keys llama.cpp loads for it (what its converter writes for the
+real models), with every tokenizer.* key and the vocabulary size copied from another GGUF
+(default: SmolLM2-135M-Instruct). llama.cpp loads the result, and greedy decoding on it
+gives varied, deterministic text. Per architecture (opts.arch):
+  llama     Mixtral: stacked 3-D experts ffn_{gate,up,down}_exps and an F32 router
+            ffn_gate_inp (with experts=0 a dense llama with ffn_{gate,up,down})
+  qwen3moe  Qwen3-MoE: + attn_{q,k}_norm per head [Dh]; expert_feed_forward_length
+  olmoe     OLMoE: + attn_{q,k}_norm over all heads [D]; MHA only (kv_heads = heads)
+  qwen2moe  Qwen1.5/2-MoE: + q/k/v biases, a shared expert ffn_{gate,up,down}_shexp
+            (width opts.shared_ff) and its sigmoid gate ffn_gate_inp_shexp [D]
+  phimoe    Phi-3.5-MoE: + biases on the norms, q/k/v, attn_output and output; LongRoPE
+            rope_factors_{long,short} [Dh/2] with their attention factor, the context
+            length 32x the original one (opts.ctx), as the real file has
 
 Contract:
 - The same options (seed included) give a byte-identical file.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -39,6 +50,10 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
+ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe")
+# architectures whose attention projections are [D, D]: one head is D / heads wide
+SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe")
+PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
 
 
 @dataclass
@@ -54,7 +69,9 @@ class SynthOptions:
     type: str = "Q8_0"       # ggml type of the big matrices, one of TYPES
     seed: int = 0
     vocab_from: str | None = None   # GGUF to copy tokenizer.* metadata and vocab size from
-    ctx: int = 4096          # llama.context_length
+    ctx: int = 4096          # {arch}.context_length (phimoe: the original context length)
+    arch: str = "llama"      # one of ARCHS
+    shared_ff: int = 0       # qwen2moe's shared expert width; 0: 4 x d_ff (as Qwen1.5-MoE)
 
 
 @dataclass
@@ -80,6 +97,11 @@ def head_dim(opts: SynthOptions) -> int:
     return opts.head_dim or opts.d_model // opts.heads
 
 
+def shared_ff(opts: SynthOptions) -> int:
+    """The shared expert's width (qwen2moe), 0 for other architectures."""
+    return (opts.shared_ff or 4 * opts.d_ff) if opts.arch == "qwen2moe" else 0
+
+
 def check(opts: SynthOptions) -> None:
     """Raise InputError, naming the flag, for options that cannot make a valid model."""
     for flag, value, least in (("--layers", opts.layers, 1), ("--d-model", opts.d_model, 1),
@@ -88,6 +110,16 @@ def check(opts: SynthOptions) -> None:
                                ("--head-dim", opts.head_dim, 0), ("--ctx", opts.ctx, 1)):
         if value < least:
             raise InputError(f"{flag} {value} must be at least {least}")
+    if opts.arch not in ARCHS:
+        raise InputError(f"--arch {opts.arch!r} is not one of {' '.join(ARCHS)}")
+    if opts.arch != "llama" and not opts.experts:
+        raise InputError(f"--experts must be at least 1 for --arch {opts.arch}")
+    if opts.arch in SQUARE_ATTN and opts.head_dim and opts.head_dim * opts.heads != opts.d_model:
+        raise InputError(f"--head-dim must be --d-model / --heads for --arch {opts.arch}")
+    if opts.arch == "olmoe" and opts.kv_heads != opts.heads:
+        raise InputError("--kv-heads must equal --heads for --arch olmoe (its K norm spans D)")
+    if opts.shared_ff < 0:
+        raise InputError(f"--shared-ff {opts.shared_ff} must be at least 0")
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
     if not opts.head_dim and opts.d_model % opts.heads:
@@ -134,30 +166,49 @@ def _type_for(t: int, row: int) -> int:
 def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     """Every tensor of the model in file order, with its type, shape and init."""
     D, F, E, V = opts.d_model, opts.d_ff, opts.experts, n_vocab
-    Q, KV = opts.heads * head_dim(opts), opts.kv_heads * head_dim(opts)
+    Dh = head_dim(opts)
+    Q, KV = opts.heads * Dh, opts.kv_heads * Dh
+    arch = opts.arch
     big = ggml.TYPES_BY_NAME[opts.type]
 
     def mat(name, ne, std):
         return _Tensor(name, _type_for(big, ne[0]), ne, std)
 
-    def norm(name):
-        # around 1 but not all 1, as in a trained model
-        return _Tensor(name, ggml.F32, (D,), 0.1, 1.0)
+    def norm(name, n=D):
+        # around 1 but not all 1, as in a trained model; phimoe's norms also have biases
+        ts = [_Tensor(name + ".weight", ggml.F32, (n,), 0.1, 1.0)]
+        return ts + [bias(name, n)] if arch == "phimoe" else ts
+
+    def bias(name, n, std=0.1):
+        return _Tensor(name + ".bias", ggml.F32, (n,), std)
+
+    def linear(name, ne, std, with_bias):
+        return [mat(name + ".weight", ne, std)] + ([bias(name, ne[1])] if with_bias else [])
 
     # Matrices get std 1/sqrt(fan_in), so each keeps its input's scale; the two residual
     # branches per block are further scaled by 1/sqrt(2 layers) so the residual stream stays
     # O(1) and the current token's embedding is not drowned out in deep models (which would
     # make greedy decoding repeat one token).
     branch = (2 * opts.layers) ** -0.5
+    qkv_bias = arch in ("qwen2moe", "phimoe")
     ts = [mat("token_embd.weight", (D, V), 1.0)]
+    if arch == "phimoe":
+        # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
+        # larger for the long one (one copy each, shared by all layers)
+        ts += [_Tensor("rope_factors_long.weight", ggml.F32, (Dh // 2,), 1.0, 4.0),
+               _Tensor("rope_factors_short.weight", ggml.F32, (Dh // 2,), 0.05, 1.0)]
     for i in range(opts.layers):
         p = f"blk.{i}."
-        ts += [norm(p + "attn_norm.weight"),
-               mat(p + "attn_q.weight", (D, Q), D ** -0.5),
-               mat(p + "attn_k.weight", (D, KV), D ** -0.5),
-               mat(p + "attn_v.weight", (D, KV), D ** -0.5),
-               mat(p + "attn_output.weight", (Q, D), Q ** -0.5 * branch),
-               norm(p + "ffn_norm.weight")]
+        ts += norm(p + "attn_norm")
+        ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
+        ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
+        ts += linear(p + "attn_v", (D, KV), D ** -0.5, qkv_bias)
+        ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch == "phimoe")
+        if arch == "qwen3moe":          # per head
+            ts += norm(p + "attn_q_norm", Dh) + norm(p + "attn_k_norm", Dh)
+        elif arch == "olmoe":           # over all heads
+            ts += norm(p + "attn_q_norm", Q) + norm(p + "attn_k_norm", KV)
+        ts += norm(p + "ffn_norm")
         if E:
             # F32 router: tiny, and its top-k choice is sensitive to rounding. Logit std ~2,
             # so routing is decisive yet differs from token to token.
@@ -169,7 +220,13 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
             ts += [mat(p + "ffn_gate.weight", (D, F), D ** -0.5),
                    mat(p + "ffn_up.weight", (D, F), D ** -0.5),
                    mat(p + "ffn_down.weight", (F, D), F ** -0.5 * branch)]
-    ts += [norm("output_norm.weight"), mat("output.weight", (D, V), D ** -0.5)]
+        if Fs := shared_ff(opts):
+            ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D ** -0.5),
+                   mat(p + "ffn_gate_shexp.weight", (D, Fs), D ** -0.5),
+                   mat(p + "ffn_up_shexp.weight", (D, Fs), D ** -0.5),
+                   mat(p + "ffn_down_shexp.weight", (Fs, D), Fs ** -0.5 * branch)]
+    ts += norm("output_norm")
+    ts += linear("output", (D, V), D ** -0.5, arch == "phimoe")
     return ts
 
 
@@ -193,22 +250,34 @@ def _pieces(t: _Tensor, rng: np.random.Generator):
 
 def _name(opts: SynthOptions) -> str:
     ffn = f"{opts.experts}x{opts.d_ff}k{opts.top_k}" if opts.experts else f"dense{opts.d_ff}"
-    return f"hobbit-synth-L{opts.layers}-D{opts.d_model}-{ffn}-{opts.type}-s{opts.seed}"
+    arch = "" if opts.arch == "llama" else f"{opts.arch}-"
+    return f"hobbit-synth-{arch}L{opts.layers}-D{opts.d_model}-{ffn}-{opts.type}-s{opts.seed}"
 
 
 def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, tensors):
     """A GGUFWriter on path holding the metadata and the table of tensors."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, opts.arch)
     w.add_name(_name(opts))
     w.add_file_type(FILE_TYPES[opts.type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(n_vocab)
     w.add_block_count(opts.layers)
-    w.add_context_length(opts.ctx)
+    if opts.arch == "phimoe":   # LongRoPE: the long context, the original one, the factor
+        long = PHIMOE_LONG * opts.ctx
+        w.add_context_length(long)
+        w.add_rope_scaling_orig_ctx_len(opts.ctx)
+        w.add_rope_scaling_attn_factors((1 + math.log(long / opts.ctx) / math.log(opts.ctx)) ** 0.5)
+    else:
+        w.add_context_length(opts.ctx)
     w.add_embedding_length(opts.d_model)
-    w.add_feed_forward_length(opts.d_ff)
+    # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
+    w.add_feed_forward_length(shared_ff(opts) or opts.d_ff)
+    if opts.arch in ("qwen3moe", "qwen2moe"):
+        w.add_expert_feed_forward_length(opts.d_ff)
+    if opts.arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(shared_ff(opts))
     w.add_head_count(opts.heads)
     w.add_head_count_kv(opts.kv_heads)
     if head_dim(opts) != opts.d_model // opts.heads:
@@ -285,7 +354,8 @@ def cmd_synth(args) -> int:
     opts = SynthOptions(layers=args.layers, d_model=args.d_model, d_ff=args.d_ff,
                         experts=args.experts, top_k=args.top_k, heads=args.heads,
                         kv_heads=args.kv_heads, head_dim=args.head_dim, type=args.type.upper(),
-                        seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx)
+                        seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
+                        arch=args.arch, shared_ff=args.shared_ff)
     t0 = time.perf_counter()
     make_synthetic(args.out, opts, progress=True)
     dt = time.perf_counter() - t0
@@ -301,7 +371,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("synth", prog="hobbit-cli synth",
                        help="write a synthetic MoE model with random weights",
                        description="Write OUT as a GGUF with random weights, laid out as "
-                                   "llama.cpp's Mixtral files (architecture llama), with the "
+                                   "the real files of --arch are (llama: Mixtral), with the "
                                    "tokenizer of --vocab-from. Same options, same bytes.")
     p.add_argument("out", metavar="OUT", help="path of the GGUF to write")
     for flag, default, text in (
@@ -314,9 +384,12 @@ def add_parser(sub) -> None:
             ("--kv-heads", d.kv_heads, "key/value heads, dividing --heads"),
             ("--head-dim", d.head_dim, "dimension of one head; 0 = D / heads"),
             ("--seed", d.seed, "random seed"),
-            ("--ctx", d.ctx, "training context length written to the file")):
+            ("--ctx", d.ctx, "training context length written to the file"),
+            ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
+    p.add_argument("--arch", default=d.arch, metavar="NAME",
+                   help=f"architecture, as llama.cpp names it: {' '.join(ARCHS)} (default {d.arch})")
     p.add_argument("--type", default=d.type, metavar="TYPE",
                    help=f"ggml type of the big matrices: {' '.join(TYPES)} (default {d.type}); "
                         "rows that do not fit its block size fall back to Q8_0 or F16")

@@ -15,13 +15,44 @@ import numpy as np
 from ..protocol.errors import ModelError
 from . import ggml
 
-SUPPORTED_ARCHS = ("llama",)
 GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
+class Arch:
+    """How one architecture's graph differs from llama's, as llama.cpp builds it (its
+    src/models/ARCH.cpp). Everything else is shared; optional biases (attention q/k/v/output,
+    norms, output) are used wherever the file has them, as llama.cpp does."""
+    rope: int = ggml.ROPE_NORMAL     # NORMAL: adjacent pairs rotate; NEOX: halves rotate
+    qk_norm: str = ""                # "": none; "head": RMS over each head's Dh (qwen3moe);
+                                     # "full": RMS over all heads' H*Dh, before the head split (olmoe)
+    norm_weights: bool = True        # the top-K weights renormalised to sum 1 (Mixtral, Qwen3)
+    shared_expert: bool = False      # an always-on expert ffn_*_shexp scaled by
+                                     # sigmoid(ffn_gate_inp_shexp . h) (qwen2moe)
+    scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
+                                     # it (phi3's graph; F16 rounding differs by ~1e-2)
+    moe: bool = False                # every layer must have routed experts
+    layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
+    global_tensors: tuple = ()       # further tensors the file must have
+
+
+ARCHS = {
+    "llama": Arch(),                                          # dense llama, or Mixtral
+    "qwen3moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True),
+    "olmoe": Arch(rope=ggml.ROPE_NEOX, qk_norm="full", norm_weights=False, moe=True),
+    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert=True, moe=True),
+    # phimoe runs llama.cpp's phi3 graph: RMS norms with biases, LongRoPE factors
+    "phimoe": Arch(rope=ggml.ROPE_NEOX, scale_q_first=True, moe=True,
+                   layer_tensors=("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"),
+                   global_tensors=("output_norm.bias", "output.bias")),
+}
+SUPPORTED_ARCHS = tuple(ARCHS)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
-    """Hyper-parameters of a llama-family model, dense (n_expert = 0) or MoE."""
+    """Hyper-parameters of a model, dense (n_expert = 0) or MoE, with the few switches by
+    which the supported architectures differ (see Arch)."""
     arch: str
     n_vocab: int
     n_embd: int          # D
@@ -36,6 +67,14 @@ class ModelArgs:
     rms_eps: float
     n_expert: int = 0    # E
     n_expert_used: int = 0  # K (top-k)
+    rope_type: int = ggml.ROPE_NORMAL
+    rope_attn_factor: float = 1.0   # scales RoPE's cos/sin (LongRoPE's attention factor)
+    n_ctx_orig: int = 0             # context the model was pre-trained for (LongRoPE picks
+                                    # its short factors up to it); 0: n_ctx_train
+    qk_norm: str = ""               # "", "head" or "full" (Arch.qk_norm)
+    scale_q_first: bool = False     # Arch.scale_q_first
+    norm_weights: bool = True       # renormalise the top-K routing weights
+    n_ff_shexp: int = 0             # F of the shared expert; 0: none
 
     @property
     def is_moe(self) -> bool:
@@ -44,6 +83,19 @@ class ModelArgs:
     @property
     def n_embd_kv(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    @property
+    def routing(self) -> "Routing":
+        return Routing(self.n_expert_used, self.norm_weights)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a router's softmax becomes K experts and their weights (llama.cpp's
+    build_moe_ffn with softmax gating and its norm_w flag); the graph and Python's
+    routing (compute/model.py) both follow it."""
+    n_used: int                 # K
+    norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
 
 
 @dataclass(frozen=True)
@@ -87,15 +139,22 @@ def _field(reader, key, default=None, required=True, path=""):
 
 def read_args(reader, path: str) -> ModelArgs:
     arch = _field(reader, "general.architecture", path=path)
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in ARCHS:
         raise ModelError(f"{path}: architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    spec = ARCHS[arch]
     k = lambda name, **kw: _field(reader, f"{arch}.{name}", path=path, **kw)  # noqa: E731
     n_embd = int(k("embedding_length"))
     n_head = int(k("attention.head_count"))
     head_dim = int(k("attention.key_length", default=n_embd // n_head))
     vocab = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = int(k("vocab_size", default=len(vocab.data) if vocab else 0))
+    n_ctx_train = int(k("context_length"))
+    scaling = k("rope.scaling.type", required=False)
+    factor = float(k("rope.scaling.factor", default=1.0))
+    if scaling not in (None, "none") and factor != 1.0:
+        raise ModelError(f"{path}: RoPE scaling {scaling!r} (factor {factor:g}) is not supported")
+    n_ff_dense = k("feed_forward_length", required=False)
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
@@ -105,12 +164,21 @@ def read_args(reader, path: str) -> ModelArgs:
         n_head_kv=int(k("attention.head_count_kv", default=n_head)),
         head_dim=head_dim,
         n_ff=int(k("expert_feed_forward_length", default=0, required=False) or k("feed_forward_length")),
-        n_ctx_train=int(k("context_length")),
+        n_ctx_train=n_ctx_train,
         rope_base=float(k("rope.freq_base", default=10000.0)),
         rope_dim=int(k("rope.dimension_count", default=head_dim)),
         rms_eps=float(k("attention.layer_norm_rms_epsilon")),
         n_expert=int(k("expert_count", default=0, required=False)),
         n_expert_used=int(k("expert_used_count", default=0, required=False)),
+        rope_type=spec.rope,
+        rope_attn_factor=float(k("rope.scaling.attn_factor", default=1.0)),
+        n_ctx_orig=int(k("rope.scaling.original_context_length", default=n_ctx_train)),
+        qk_norm=spec.qk_norm,
+        scale_q_first=spec.scale_q_first,
+        norm_weights=spec.norm_weights,
+        # llama.cpp: the shared expert is as wide as the dense FFN unless the file says
+        n_ff_shexp=int(k("expert_shared_feed_forward_length", default=0, required=False)
+                       or n_ff_dense or 0) if spec.shared_expert else 0,
     )
 
 
@@ -150,15 +218,24 @@ def open_model(path: str) -> Weights:
 
 def _check_tensors(w: Weights) -> None:
     a = w.args
-    need = ["token_embd.weight", "output_norm.weight"]
+    spec = ARCHS[a.arch]
+    if spec.moe and not a.is_moe:
+        raise ModelError(f"{w.path}: a {a.arch} model needs {a.arch}.expert_count > 0")
+    need = ["token_embd.weight", "output_norm.weight", *spec.global_tensors]
     for i in range(a.n_layer):
-        need += [f"blk.{i}.{n}.weight" for n in
-                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")]
+        names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                 "attn_output.weight", "ffn_norm.weight", *spec.layer_tensors]
+        if a.qk_norm:
+            names += ["attn_q_norm.weight", "attn_k_norm.weight"]
         if a.is_moe:
-            need += [f"blk.{i}.{n}.weight" for n in
-                     ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+            names += ["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+                      "ffn_down_exps.weight"]
         else:
-            need += [f"blk.{i}.{n}.weight" for n in ("ffn_gate", "ffn_up", "ffn_down")]
+            names += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
+        if a.n_ff_shexp:
+            names += ["ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
+                      "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
+        need += [f"blk.{i}.{n}" for n in names]
     for name in need:
         if name not in w.tensors:
             raise ModelError(f"{w.path}: tensor {name} is missing")

@@ -68,7 +68,9 @@ def test_rows_that_do_not_fit_the_block_fall_back(tmp_path):
     assert w.tensors["token_embd.weight"].type == ggml.F16
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(experts=0, type="F16")])
+@pytest.mark.parametrize("kw", [dict(), dict(experts=0, type="F16"), dict(arch="qwen3moe", head_dim=64),
+                                dict(arch="olmoe", kv_heads=4), dict(arch="qwen2moe"),
+                                dict(arch="phimoe")])
 def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     import llama_cpp
     from hobbit.compute.tokenizer import _quiet_stderr
@@ -93,6 +95,11 @@ def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     (dict(type="Q7_0"), "--type"),
     (dict(layers=0), "--layers"),
     (dict(head_dim=33), "--head-dim"),
+    (dict(arch="mamba"), "--arch"),
+    (dict(arch="qwen3moe", experts=0), "--experts"),
+    (dict(arch="olmoe"), "--kv-heads"),                   # olmoe is MHA only
+    (dict(arch="qwen2moe", head_dim=64), "--head-dim"),   # its attention is [D, D]
+    (dict(arch="qwen2moe", shared_ff=-1), "--shared-ff"),
 ])
 def test_bad_options_raise_input_error(tmp_path, kw, flag):
     with pytest.raises(InputError, match=flag):
@@ -131,6 +138,20 @@ def test_cli_writes_the_file(tmp_path):
     assert str(path) in r.stdout and "MB" in r.stdout
     a = open_model(str(path)).args
     assert (a.n_layer, a.n_embd, a.n_expert, a.n_expert_used, a.n_ctx_train) == (1, 64, 2, 1, 128)
+
+
+def test_cli_writes_each_architecture(tmp_path):
+    path = tmp_path / "q2.gguf"
+    flags = ("--arch qwen2moe --layers 1 --d-model 64 --d-ff 64 --experts 4 --top-k 2 --heads 2 "
+             "--kv-heads 1 --shared-ff 96 --ctx 128").split()
+    r = subprocess.run([*CLI, "synth", str(path), *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    w = open_model(str(path))
+    assert (w.args.arch, w.args.n_ff, w.args.n_ff_shexp) == ("qwen2moe", 64, 96)
+    assert w.tensors["blk.0.ffn_up_shexp.weight"].shape == (64, 96)
+    assert w.tensors["blk.0.attn_q.bias"].shape == (64,)
+    assert w.field("general.name").startswith("hobbit-synth-qwen2moe-")
 
 
 def test_cli_bad_flag_is_one_line(tmp_path):

@@ -1,0 +1,160 @@
+"""The MoE architectures besides llama/Mixtral (qwen3moe, olmoe, qwen2moe, phimoe), each on
+synthetic files of two sizes laid out as its real files are: llama.cpp loads them, our
+engine matches it in-process and through a real hobbitd whose cache holds a quarter of the
+experts, the low-precision companion converts, and a mixed-precision run stays close to
+the all-high one."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from daemon_util import daemon_args, run_daemon
+from hobbit.compute.expert_client import ExpertClient
+from hobbit.compute.model import Model, RunOptions, softmax
+from hobbit.compute.tokenizer import Tokenizer
+from hobbit.compute.weights import SUPPORTED_ARCHS, open_model
+from hobbit.loader.layout import gguf_experts
+from hobbit.protocol.errors import ModelError
+
+from test_daemon_lifecycle import run_failing
+from test_parity import PROMPT, assert_parity
+
+ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe")
+# Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
+# layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
+SIZES = {
+    "s": dict(layers=4, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0"),
+    "m": dict(layers=6, d_model=256, d_ff=512, experts=16, top_k=4, heads=8, kv_heads=2, type="Q4_0"),
+}
+CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+
+
+def options(arch: str, size: str) -> dict:
+    kw = {**SIZES[size], "arch": arch}
+    if arch == "olmoe":                 # MHA only: its K norm spans all D
+        kw["kv_heads"] = kw["heads"]
+    if arch == "qwen3moe" and size == "m":
+        kw["head_dim"] = 64             # H * Dh = 512 != D = 256, as Qwen3's 32 x 128 vs 2048
+    return kw
+
+
+CASES = [pytest.param(a, s, id=f"{a}-{s}") for a in ARCHS for s in SIZES]
+
+
+def expert_cache_bytes(path: str, fraction: float) -> int:
+    """`fraction` of the bytes of every routed expert's cache slot."""
+    src = gguf_experts(open_model(path))
+    return int(fraction * src.n_layer * src.n_expert * src.format.slot_bytes)
+
+
+@pytest.mark.parametrize("arch, size", CASES)
+def test_args_read_from_the_file(synth, arch, size):
+    o = options(arch, size)
+    w = open_model(synth(**o))
+    a = w.args
+    assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used) == \
+        (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
+    assert a.head_dim == o.get("head_dim", o["d_model"] // o["heads"])
+    assert a.qk_norm == {"qwen3moe": "head", "olmoe": "full"}.get(arch, "")
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe"))
+    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else 0)
+    if arch == "phimoe":      # LongRoPE: 32x the original context, its attention factor
+        assert (a.n_ctx_train, a.n_ctx_orig) == (32 * 4096, 4096)
+        assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
+
+
+@pytest.mark.parametrize("arch, size", CASES)
+def test_in_process_matches_llama_cpp(synth, arch, size):
+    assert_parity(synth(**options(arch, size)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, size", CASES)
+def test_through_daemon_with_a_quarter_cache_matches_llama_cpp(synth, tmp_path, arch, size):
+    """High precision only (no companion file), a cache of 25% of the expert bytes: every
+    routed expert comes from hobbitd's shared memory, the shared expert (qwen2moe) from the
+    mmapped file, and the tokens and logits are llama.cpp's."""
+    path = synth(**options(arch, size))
+    with run_daemon([path], expert_cache_bytes(path, 0.25), tmp_path) as d:
+        client = ExpertClient(d.socket, path)
+        try:
+            assert set(client.regions) == {"high"}
+            assert_parity(path, experts=client)
+            m = next(iter(client.stats()["models"].values()))
+        finally:
+            client.close()
+    assert m["misses"] > m["regions"]["high"]["slots"], "a quarter cache must evict"
+    assert m["misses_low"] == 0 and m["skipped"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
+    """`hobbit-cli convert` writes the Q4_0 companion; hobbitd then loads unimportant
+    experts in low precision (or skips them). Greedy decoding that way stays close to the
+    all-high model run on the same tokens: mean KL divergence and top-1 agreement."""
+    path = str(tmp_path / f"{arch}.gguf")
+    shutil.copy(synth(**options(arch, "s")), path)
+    r = subprocess.run([*CLI, "convert", path, "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Q4_0 experts" in r.stdout
+    prompt = Tokenizer(path).encode(PROMPT)
+    high = Model(open_model(path), RunOptions(n_ctx=256))
+    # 3/4 of the expert bytes, a quarter of that for low precision (the default share):
+    # both regions hold at least one layer's experts
+    with run_daemon([path], expert_cache_bytes(path, 0.75), tmp_path) as d:
+        client = ExpertClient(d.socket, path)
+        mixed = Model(open_model(path), RunOptions(n_ctx=256), experts=client)
+        try:
+            assert set(client.regions) == {"high", "low"}
+            p, q = mixed.forward(prompt), high.forward(prompt)
+            klds, agree = [], []
+            for _ in range(32):
+                token = int(np.argmax(p))
+                agree.append(token == int(np.argmax(q)))
+                pp, pq = softmax(q.astype(np.float64)), softmax(p.astype(np.float64))
+                klds.append(float(np.sum(pp * (np.log(pp) - np.log(pq)))))
+                p, q = mixed.forward([token]), high.forward([token])
+            m = next(iter(client.stats()["models"].values()))
+        finally:
+            client.close()
+            mixed.close()
+            high.close()
+    assert m["misses_low"] > 0, "no expert was loaded in low precision"
+    assert np.mean(klds) < 0.05, f"mean KLD {np.mean(klds):.4f}"
+    assert np.mean(agree) >= 0.8, f"top-1 agreement {np.mean(agree):.2f}"
+
+
+def _header_only(path: str, arch: str) -> str:
+    """A GGUF with the metadata of a real model of `arch` (DeepSeek-V2-Lite's, gpt-oss's,
+    ...) and no tensors: enough to be recognised, and refused."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(27)
+    w.add_context_length(163840)
+    w.add_embedding_length(2048)
+    w.add_expert_count(64)
+    w.add_expert_used_count(6)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "mamba"])
+def test_an_unsupported_architecture_is_one_line_naming_the_supported(tmp_path, arch):
+    path = _header_only(str(tmp_path / f"{arch}.gguf"), arch)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg and repr(arch) in msg
+    assert msg.endswith(f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    r = subprocess.run([*CLI, "generate", path, "-p", "hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().endswith(msg), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert msg in run_failing(daemon_args([path], "8M", str(tmp_path / "s.sock")))
