@@ -101,14 +101,19 @@ def cmd_serve(args) -> int:
     import os
 
     from .expert_client import ExpertClient
-    from .serve import ServeOptions, serve
+    from .serve import ServeOptions, bind, serve
 
     from ..protocol.errors import InputError
 
     if args.parallel < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise InputError(f"--parallel {args.parallel} --max-queue {args.max_queue} --port {args.port}: "
                          "need at least 1 slot, a queue of 0 or more, and a port in 0..65535")
-    path = default_model() if args.model in (None, "default") else args.model
+    sock = bind(args.host, args.port)     # a port in use fails now, not after the model loads
+    try:
+        path = default_model() if args.model in (None, "default") else args.model
+    except BaseException:
+        sock.close()
+        raise
 
     def experts_for(weights, first):
         if first is None:
@@ -118,7 +123,7 @@ def cmd_serve(args) -> int:
     opts = ServeOptions(model=path, host=args.host, port=args.port, parallel=args.parallel,
                         max_queue=args.max_queue, n_ctx=args.ctx, n_threads=args.threads,
                         api_key=args.api_key or os.environ.get("HOBBIT_API_KEY") or None)
-    return serve(opts, experts_for)
+    return serve(opts, experts_for, sock)
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:

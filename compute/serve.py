@@ -415,20 +415,36 @@ def load(opts: ServeOptions, experts_for) -> Server:
     return Server(opts, slots, tok, first.socket_path if first is not None else None)
 
 
-async def run(server: Server) -> None:
-    """Listen until SIGINT/SIGTERM, then stop generating, finish the responses and close."""
+def bind(host: str, port: int):
+    """The server's TCP socket, bound but not yet listening: a port in use is reported
+    before the model loads, and nobody connects until it has."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise InputError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+async def run(server: Server, sock) -> None:
+    """Listen on `sock` until SIGINT/SIGTERM, then stop generating, finish the responses
+    and close."""
     from aiohttp import web
 
     o = server.opts
     runner = web.AppRunner(build_app(server), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, o.host, o.port)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise InputError(f"cannot listen on {o.host}:{o.port}: {e.strerror or e}") from None
-    host, port = runner.addresses[0][:2]
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
     where = f"through hobbitd at {server.daemon_socket}" if server.daemon_socket else "in-process"
     print(f"hobbit serve: {server.name} ({where}), {o.parallel} slot(s), "
           f"listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
@@ -443,13 +459,17 @@ async def run(server: Server) -> None:
     await runner.cleanup()
 
 
-def serve(opts: ServeOptions, experts_for) -> int:
+def serve(opts: ServeOptions, experts_for, sock) -> int:
+    """Load opts.model into its slots and serve on `sock` (from bind(); closed here)."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="hobbit serve: %(message)s", stream=sys.stderr)
-    server = load(opts, experts_for)
     try:
-        uvloop.run(run(server))
+        server = load(opts, experts_for)
+        try:
+            uvloop.run(run(server, sock))
+        finally:
+            server.close()
     finally:
-        server.close()
+        sock.close()
     return 0

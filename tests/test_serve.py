@@ -234,3 +234,18 @@ def test_stop_sequences_are_cut_even_across_pieces():
     assert s.push("the EN") == "the " and s.push("ding") == "ENding" and s.flush() == ""
     s = StopText(["END"])
     assert s.push("almost E") == "almost " and s.flush() == "E"
+
+
+def test_a_port_in_use_is_a_one_line_error_before_anything_loads(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}   # no default model here: not built
+        r = subprocess.run([*CLI, "serve", "--port", str(port)], capture_output=True, text=True,
+                           timeout=60, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"hobbit-cli: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not list(tmp_path.iterdir()), "nothing was built or loaded"
