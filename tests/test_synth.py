@@ -128,25 +128,27 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "c.gguf"]  # no temp files
 
 
-def test_cli_writes_the_file(tmp_path):
-    path = tmp_path / "cli.gguf"
-    flags = ("--layers 1 --d-model 64 --d-ff 64 --experts 2 --top-k 1 --heads 2 --kv-heads 1 "
-             "--type q8_0 --seed 3 --ctx 128").split()
-    r = subprocess.run([*CLI, "synth", str(path), *flags], capture_output=True, text=True,
+def _synth_cli(path, flags: str):
+    """`hobbit-cli synth PATH FLAGS`, which must succeed."""
+    r = subprocess.run([*CLI, "synth", str(path), *flags.split()], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_cli_writes_the_file(tmp_path):
+    path = tmp_path / "cli.gguf"
+    r = _synth_cli(path, "--layers 1 --d-model 64 --d-ff 64 --experts 2 --top-k 1 --heads 2 "
+                         "--kv-heads 1 --type q8_0 --seed 3 --ctx 128")
     assert str(path) in r.stdout and "MB" in r.stdout
     a = open_model(str(path)).args
     assert (a.n_layer, a.n_embd, a.n_expert, a.n_expert_used, a.n_ctx_train) == (1, 64, 2, 1, 128)
 
 
-def test_cli_writes_each_architecture(tmp_path):
+def test_cli_writes_a_qwen2moe_with_its_shared_expert(tmp_path):
     path = tmp_path / "q2.gguf"
-    flags = ("--arch qwen2moe --layers 1 --d-model 64 --d-ff 64 --experts 4 --top-k 2 --heads 2 "
-             "--kv-heads 1 --shared-ff 96 --ctx 128").split()
-    r = subprocess.run([*CLI, "synth", str(path), *flags], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+    _synth_cli(path, "--arch qwen2moe --layers 1 --d-model 64 --d-ff 64 --experts 4 --top-k 2 "
+                     "--heads 2 --kv-heads 1 --shared-ff 96 --ctx 128")
     w = open_model(str(path))
     assert (w.args.arch, w.args.n_ff, w.args.n_ff_shexp) == ("qwen2moe", 64, 96)
     assert w.tensors["blk.0.ffn_up_shexp.weight"].shape == (64, 96)
