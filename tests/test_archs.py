@@ -80,16 +80,25 @@ def test_through_daemon_with_a_quarter_cache_matches_llama_cpp(synth, tmp_path, 
     routed expert comes from hobbitd's shared memory, the shared expert (qwen2moe) from the
     mmapped file, and the tokens and logits are llama.cpp's."""
     path = synth(**options(arch, size))
-    with run_daemon([path], expert_cache_bytes(path, 0.25), tmp_path) as d:
+    regions = assert_parity_through_daemon(path, tmp_path)
+    assert regions == {"high"}
+
+
+def assert_parity_through_daemon(path: str, tmp_path, **flags) -> set:
+    """assert_parity with every routed expert from a real hobbitd caching a quarter of the
+    expert bytes; the cache must evict, and nothing may be loaded low or skipped. Returns
+    the precisions the daemon had regions for."""
+    with run_daemon([path], expert_cache_bytes(path, 0.25), tmp_path, **flags) as d:
         client = ExpertClient(d.socket, path)
         try:
-            assert set(client.regions) == {"high"}
+            regions = set(client.regions)
             assert_parity(path, experts=client)
             m = next(iter(client.stats()["models"].values()))
         finally:
             client.close()
     assert m["misses"] > m["regions"]["high"]["slots"], "a quarter cache must evict"
     assert m["misses_low"] == 0 and m["skipped"] == 0
+    return regions
 
 
 @pytest.mark.slow
@@ -166,12 +175,4 @@ def test_default_model_through_daemon_matches_llama_cpp(default_moe, tmp_path):
     near-tied) through hobbitd with a quarter cache, high precision only: llama.cpp's tokens
     and logits. Routing weights renormalised in float32 instead of ggml's double sum used
     to flip near-tied experts here (perplexity 44.80 vs 44.56)."""
-    with run_daemon([default_moe], expert_cache_bytes(default_moe, 0.25), tmp_path, no_dynamic=True) as d:
-        client = ExpertClient(d.socket, default_moe)
-        try:
-            assert_parity(default_moe, experts=client)
-            m = next(iter(client.stats()["models"].values()))
-        finally:
-            client.close()
-    assert m["misses"] > m["regions"]["high"]["slots"], "a quarter cache must evict"
-    assert m["misses_low"] == 0 and m["skipped"] == 0
+    assert_parity_through_daemon(default_moe, tmp_path, no_dynamic=True)
