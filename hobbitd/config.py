@@ -75,6 +75,21 @@ def default_socket() -> str:
     return f"/tmp/hobbitd-{os.getuid()}.sock"
 
 
+# The default model's file name; compute/build/moefy.py builds it (model_name of its
+# default options, checked by tests/test_default_model.py).
+DEFAULT_MODEL = "smollm2-135m-moe-e16k12-r2.gguf"
+
+
+def models_dir() -> str:
+    """Where hobbit keeps the models it builds: $XDG_DATA_HOME/hobbit/models."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "hobbit", "models")
+
+
+def default_model_file() -> str:
+    return os.path.join(models_dir(), DEFAULT_MODEL)
+
+
 def load_config(path: str) -> DaemonConfig:
     """A DaemonConfig from one TOML file; InputError naming the file and the bad key."""
     try:

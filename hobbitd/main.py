@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from ..protocol.errors import HobbitError
-from .config import DaemonConfig, load_config, parse_size
+from ..protocol.errors import HobbitError, InputError
+from .config import DaemonConfig, default_model_file, load_config, parse_size
 
 log = logging.getLogger("hobbitd")
 
@@ -91,11 +91,13 @@ def config_from_args(args) -> DaemonConfig:
 
 
 def with_default_model(cfg: DaemonConfig) -> DaemonConfig:
-    """No model named anywhere: serve the default one (built on first use)."""
+    """No model named anywhere: serve the default one, if a client has built it."""
     if not cfg.models:
-        from ..compute.moefy import default_model_path
-
-        cfg.models = [default_model_path(build=True, progress=sys.stderr.isatty())]
+        path = default_model_file()
+        if not os.path.exists(path):
+            raise InputError(f"no model to serve, and the default model is not built yet: run "
+                             f"`hobbit-cli prepare` (it builds {path}), or give --model GGUF")
+        cfg.models = [path]
     return cfg
 
 

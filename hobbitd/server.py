@@ -299,7 +299,7 @@ class Daemon:
     # ---- startup pieces ------------------------------------------------------------------
 
     def _open_models(self) -> None:
-        from ..compute.weights import open_model   # deferred: pulls in numpy/gguf
+        from ..loader.gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
         from ..loader.layout import gguf_experts
 
         if not self.cfg.models:
@@ -311,37 +311,35 @@ class Daemon:
                                  "without .gguf, so rename one")
         for path, name in zip(self.cfg.models, names):
             try:
-                w = open_model(path)
+                f = open_gguf(path)
             except OSError as e:
                 raise ModelError(f"{path}: {e.strerror or e}") from None
-            if not w.args.is_moe:
-                raise ModelError(f"{path}: not a mixture-of-experts model (expert_count is 0); "
-                                 "hobbitd serves MoE models only")
-            mo = Model(name, os.path.realpath(path), w.args.n_layer, w.args.n_expert, gguf_experts(w))
-            self._hobbit_setup(mo, w)
+            src = gguf_experts(f)
+            mo = Model(name, os.path.realpath(path), src.n_layer, src.n_expert, src)
+            self._hobbit_setup(mo, f)
             self.models[name] = mo
 
     def _hobbit_setup(self, mo: Model, weights) -> None:
         """The companion file (validated: foreign, truncated or stale files are refused),
         the thresholds (flags, else calibrated, else 0.6/0.9) and the eviction policy."""
-        from ..compute import ggml
-        from ..compute.calibrate import load_calibration
+        from ..loader import ggml_types
+        from ..loader.calibration import load_calibration
         from ..loader.companion import companion_path, default_low_type, open_companion
 
         cfg = self.cfg
         path = None
         if cfg.low_type.lower() != "none":
             if cfg.low_type.lower() == "auto":
-                t = default_low_type(mo.source.format.types[0], [sh[0] for sh in mo.source.format.shapes])
+                t = default_low_type(mo.source.format)
             else:
-                t = ggml.TYPES_BY_NAME.get(cfg.low_type.upper())
+                t = ggml_types.TYPES_BY_NAME.get(cfg.low_type.upper())
                 if t is None:
                     raise InputError(f"--low {cfg.low_type}: unknown type")
             path = companion_path(weights.path, t)
             if not os.path.exists(path):
                 if cfg.low_type.lower() != "auto" or cfg.low_only:
                     raise ModelError(f"{path}: no companion file; run hobbit-cli convert {weights.path}"
-                                     f" --low {ggml.type_name(t)}")
+                                     f" --low {ggml_types.type_name(t)}")
                 path = None
         if path:
             mo.low, mo.crcs = open_companion(weights, path)
@@ -857,8 +855,8 @@ class Daemon:
 
 
 def _type_name(t: int) -> str:
-    from ..compute import ggml
-    return ggml.type_name(t)
+    from ..loader.ggml_types import type_name
+    return type_name(t)
 
 
 def _model_name(path: str) -> str:

@@ -23,11 +23,9 @@ import os
 import struct
 import zlib
 
-import numpy as np
-
-from ..compute import ggml
 from ..protocol.errors import HobbitError, ModelError
-from .layout import ExpertSource, SlotFormat, align, gguf_experts
+from . import ggml_types as gt
+from .layout import ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
 VERSION = 1
@@ -54,17 +52,17 @@ def source_identity(weights) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": h}
 
 
-def default_low_type(high_type: int, row_lengths) -> int:
-    """Q4_0 for 8/16/32-bit experts; Q2_K for 4-bit ones where rows allow 256-blocks."""
-    bits = ggml.type_size(high_type) * 8 / ggml.block_size(high_type)
-    if bits > 6:
-        return ggml.Q4_0
-    return ggml.Q2_K if all(n % 256 == 0 for n in row_lengths) else ggml.Q4_0
+def default_low_type(high: SlotFormat) -> int:
+    """The companion type for experts of format `high`: Q4_0 for 8/16/32-bit experts;
+    Q2_K for 4-bit ones where rows allow 256-blocks."""
+    if gt.bits_per_weight(high.types[0]) > 6:
+        return gt.Q4_0
+    return gt.Q2_K if all(shape[0] % 256 == 0 for shape in high.shapes) else gt.Q4_0
 
 
 def companion_path(gguf_path: str, low_type: int) -> str:
     """Next to the model if that folder is writable, else under the user's cache folder."""
-    name = f"{os.path.basename(gguf_path)}.{ggml.type_name(low_type).lower()}.hobbit"
+    name = f"{os.path.basename(gguf_path)}.{gt.type_name(low_type).lower()}.hobbit"
     here = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), name)
     if os.path.exists(here) or os.access(os.path.dirname(here), os.W_OK):
         return here
@@ -74,65 +72,27 @@ def companion_path(gguf_path: str, low_type: int) -> str:
 
 def low_format(high: SlotFormat, low_type: int) -> SlotFormat:
     for shape in high.shapes:
-        if shape[0] % ggml.block_size(low_type):
-            raise HobbitError(f"cannot quantise experts to {ggml.type_name(low_type)}: rows of "
+        if shape[0] % gt.block_size(low_type):
+            raise HobbitError(f"cannot quantise experts to {gt.type_name(low_type)}: rows of "
                               f"{shape[0]} values are not a multiple of its block of "
-                              f"{ggml.block_size(low_type)}")
-    nbytes = [ggml.row_size(low_type, s[0]) * s[1] for s in high.shapes]
+                              f"{gt.block_size(low_type)}")
+    nbytes = [gt.row_size(low_type, s[0]) * s[1] for s in high.shapes]
     return SlotFormat.build([low_type] * 3, high.shapes, nbytes)
 
 
-def convert(weights, low_type: int, out: str | None = None, progress: bool = True) -> str:
-    """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its path."""
-    high = gguf_experts(weights)
-    fmt = low_format(high.format, low_type)
-    out = out or companion_path(weights.path, low_type)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    n_layer, n_exp = high.n_layer, high.n_expert
-    crcs = [[0] * n_exp for _ in range(n_layer)]
-    header = {"source": source_identity(weights), "source_name": os.path.basename(weights.path),
-              "low_type": low_type, "n_layer": n_layer, "n_expert": n_exp,
-              "format": fmt.to_wire(), "crc32": crcs}
-    # the header's size does not depend on the crc values' digits once padded: reserve room
-    reserve = len(json.dumps(header)) + 11 * n_layer * n_exp + 1024
-    data_offset = align(_HEAD.size + reserve)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    mm = weights.reader.data
-    bar = _progress(n_layer * n_exp * high.expert_bytes, progress, f"convert to {ggml.type_name(low_type)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.truncate(data_offset + n_layer * n_exp * fmt.slot_bytes)
-            f.seek(data_offset)
-            slot = np.zeros(fmt.slot_bytes, np.uint8)
-            for il in range(n_layer):
-                for e in range(n_exp):
-                    slot[:] = 0
-                    for p, (off, n) in enumerate(high.ranges(il, e)):
-                        shape = high.format.shapes[p]
-                        x = ggml.dequantize(high.format.types[p], mm[off:off + n], shape[0] * shape[1])
-                        q = ggml.quantize(low_type, x, shape[0])
-                        o = fmt.part_offsets[p]
-                        slot[o:o + q.size] = q
-                    crcs[il][e] = zlib.crc32(slot)
-                    f.write(slot.tobytes())
-                    bar.update(high.expert_bytes)
-            body = json.dumps({**header, "data_offset": data_offset}).encode()
-            if _HEAD.size + len(body) > data_offset:
-                raise AssertionError("companion header outgrew its reserved space")
-            f.seek(0)
-            f.write(_HEAD.pack(MAGIC, VERSION, len(body), zlib.crc32(body)) + body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        _unlink(tmp)
-        raise HobbitError(f"{out}: could not write the companion file ({e.strerror or e})") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-    finally:
-        bar.close()
-    return out
+def header_bytes(header: dict) -> bytes:
+    """The file's first bytes for a header dict (which must hold `data_offset`)."""
+    body = json.dumps(header).encode()
+    if _HEAD.size + len(body) > header["data_offset"]:
+        raise ValueError("companion header outgrew its reserved space")
+    return _HEAD.pack(MAGIC, VERSION, len(body), zlib.crc32(body)) + body
+
+
+def data_offset_for(header: dict) -> int:
+    """Where expert data starts for a header whose crc32 table is still zeros: room for
+    the header once every crc has its full ten digits, page-aligned."""
+    n = header["n_layer"] * header["n_expert"]
+    return align(_HEAD.size + len(json.dumps(header)) + 11 * n + 1024)
 
 
 def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
@@ -172,21 +132,6 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
 def slot_image_offset(src: ExpertSource, layer: int, expert: int) -> int:
     """File offset of one expert's whole slot image in a companion file."""
     return src.part_base[layer][0] + expert * src.format.slot_bytes
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled,
-                leave=False)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
 
 
 def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address: int) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..protocol.errors import ModelError
+from .gguf_file import GGUFFile
+
 PARTS = ("gate", "up", "down")
 PAGE = 4096
 
@@ -74,20 +77,29 @@ class ExpertSource:
         return sum(self.format.part_nbytes)
 
 
-def gguf_experts(weights) -> ExpertSource:
-    """The high-precision experts of an open MoE GGUF, read in place (no copy of the file)."""
-    a = weights.args
+def gguf_experts(file: GGUFFile) -> ExpertSource:
+    """The high-precision experts of an open MoE GGUF, read in place (no copy of the file).
+    ModelError when the file has no routed experts in the stacked layout."""
+    arch = file.check_architecture()
+    n_layer = int(file.require(f"{arch}.block_count"))
+    n_expert = int(file.field(f"{arch}.expert_count", 0))
+    if n_expert <= 0:
+        raise ModelError(f"{file.path}: not a mixture-of-experts model (expert_count is 0); "
+                         "hobbitd serves MoE models only")
     names = [f"ffn_{p}_exps.weight" for p in PARTS]
-    first = [weights.tensors[f"blk.0.{n}"] for n in names]
-    part_nbytes = [t.nbytes // a.n_expert for t in first]
+    missing = [f"blk.{il}.{n}" for il in range(n_layer) for n in names
+               if f"blk.{il}.{n}" not in file.tensors]
+    if missing:
+        raise ModelError(f"{file.path}: tensor {missing[0]} is missing")
+    first = [file.tensors[f"blk.0.{n}"] for n in names]
+    part_nbytes = [t.nbytes // n_expert for t in first]
     fmt = SlotFormat.build([t.type for t in first], [t.shape[:2] for t in first], part_nbytes)
     base = []
-    for il in range(a.n_layer):
-        ts = [weights.tensors[f"blk.{il}.{n}"] for n in names]
+    for il in range(n_layer):
+        ts = [file.tensors[f"blk.{il}.{n}"] for n in names]
         if [(t.type, t.shape) for t in ts] != [(t.type, t.shape) for t in first]:
-            from ..protocol.errors import ModelError
-            raise ModelError(f"{weights.path}: layer {il} experts differ in type or shape from "
+            raise ModelError(f"{file.path}: layer {il} experts differ in type or shape from "
                              "layer 0; hobbit needs one expert format per precision")
         base.append(tuple(t.offset for t in ts))
-    return ExpertSource(weights.path, "high", a.n_layer, a.n_expert, fmt, tuple(base),
+    return ExpertSource(file.path, "high", n_layer, n_expert, fmt, tuple(base),
                         tuple(part_nbytes))

@@ -25,7 +25,7 @@ _synth_cache: dict = {}
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """synth(**options) -> path of a synthetic GGUF made once per session per options."""
-    from hobbit.compute.synth import SynthOptions, make_synthetic
+    from hobbit.compute.build.synth import SynthOptions, make_synthetic
 
     def make(**kw):
         key = tuple(sorted(kw.items()))
@@ -47,8 +47,8 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout)."""
     import llama_cpp
     import llama_cpp.llama_cpp as low
-    from hobbit.compute.ggml import physical_cores
-    from hobbit.compute.tokenizer import _quiet_stderr
+    from hobbit.compute.engine.ggml import physical_cores
+    from hobbit.compute.engine.tokenizer import _quiet_stderr
 
     n = physical_cores()
     kw = {"n_threads": n, "n_threads_batch": n, **kw}
@@ -85,7 +85,7 @@ def data_home(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def default_moe(data_home) -> str:
     """The default MoE, built as a user gets it on first use (and its companion)."""
-    from hobbit.compute.moefy import default_model_path
+    from hobbit.compute.build.moefy import default_model_path
 
     return default_model_path(build=True, progress=False)
 
@@ -97,7 +97,7 @@ _variant_cache: dict = {}
 def moe_variant(tmp_path_factory):
     """moe_variant(**MoefyOptions fields) -> a MoE built from SmolLM2 with little calibration
     text (fast; for properties that do not depend on how good the routing is)."""
-    from hobbit.compute import moefy
+    from hobbit.compute.build import moefy
 
     def make(**kw):
         opts = moefy.MoefyOptions(**{"calib_tokens": 512, "per_prompt": 128, **kw})

@@ -159,7 +159,7 @@ _sources: dict = {}
 
 def expert_source(gguf_path: str):
     """The GGUF's ExpertSource (cached: opening a GGUF takes seconds)."""
-    from hobbit.compute.weights import open_model
+    from hobbit.compute.engine.weights import open_model
     from hobbit.loader.layout import gguf_experts
 
     if gguf_path not in _sources:

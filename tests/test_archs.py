@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from daemon_util import daemon_args, run_daemon
-from hobbit.compute.expert_client import ExpertClient
-from hobbit.compute.model import Model, RunOptions, softmax
-from hobbit.compute.tokenizer import Tokenizer
-from hobbit.compute.weights import SUPPORTED_ARCHS, open_model
+from hobbit.compute.client.expert_client import ExpertClient
+from hobbit.compute.engine.model import Model, RunOptions, softmax
+from hobbit.compute.engine.tokenizer import Tokenizer
+from hobbit.compute.engine.weights import SUPPORTED_ARCHS, open_model
 from hobbit.loader.layout import gguf_experts
 from hobbit.protocol.errors import ModelError
 
@@ -31,7 +31,7 @@ SIZES = {
     "s": dict(layers=4, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0"),
     "m": dict(layers=6, d_model=256, d_ff=512, experts=16, top_k=4, heads=8, kv_heads=2, type="Q4_0"),
 }
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def options(arch: str, size: str) -> dict:

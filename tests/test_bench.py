@@ -14,7 +14,7 @@ SPEEDS = ("hobbit_decode_tok_s", "llamacpp_decode_tok_s", "ratio", "hobbit_prefi
 
 def test_bench_compute_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "hobbit.compute.cli", "bench", "compute", SMOL,
+    cmd = [sys.executable, "-m", "hobbit.compute.apps.cli", "bench", "compute", SMOL,
            "--prompt-tokens", "16", "-n", "4", "--repeat", "1", "--json", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -33,7 +33,7 @@ def test_bench_compute_json(tmp_path):
 
 
 def test_bench_compute_missing_model(tmp_path):
-    cmd = [sys.executable, "-m", "hobbit.compute.cli", "bench", "compute", str(tmp_path / "no.gguf")]
+    cmd = [sys.executable, "-m", "hobbit.compute.apps.cli", "bench", "compute", str(tmp_path / "no.gguf")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert "error" in res.stderr and res.stdout == ""

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 MODEL = dict(layers=8, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
 
 
@@ -49,7 +49,7 @@ def test_bench_ablation_runs_every_configuration(synth, tmp_path):
 
 def _memory_cgroup_reason():
     """Why the limited runs cannot be made here, or None."""
-    from hobbit.compute.memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
+    from hobbit.compute.measure.memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
     try:
         drop_page_cache()
         MemoryCgroup(1 << 30).close()

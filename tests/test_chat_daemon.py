@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def _hobbitd_children(pid: int) -> list:

@@ -7,7 +7,7 @@ import sys
 import gguf
 import pytest
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def run_cli(*args, timeout=120):

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 from daemon_util import connect, daemon_args, hello, release, request, run_daemon, send, recv
-from hobbit.compute import ggml
-from hobbit.compute.weights import open_model
+from hobbit.compute.engine import ggml
+from hobbit.compute.engine.weights import open_model
+from hobbit.compute.build.convert import convert
 from hobbit.loader import companion
 from hobbit.loader.layout import SlotFormat
 from hobbit.loader.shm import Segment
@@ -24,7 +25,7 @@ MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_he
 def _model_with_companion(synth, tmp_path):
     path = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), path)
-    out = companion.convert(open_model(path), ggml.Q4_0, progress=False)
+    out = convert(open_model(path), ggml.Q4_0, progress=False)
     return path, out
 
 
@@ -84,7 +85,7 @@ def test_a_gguf_changed_after_convert_is_refused_as_stale(synth, tmp_path):
 def test_convert_cli_reports_and_daemon_uses_it(synth, tmp_path):
     path = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), path)
-    r = subprocess.run([sys.executable, "-m", "hobbit.compute.cli", "convert", path, "-q"],
+    r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Q4_0 experts" in r.stdout and os.path.exists(companion.companion_path(path, ggml.Q4_0))

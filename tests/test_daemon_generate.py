@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from daemon_util import connect, hello, run_daemon, stats
-from hobbit.compute.expert_client import ExpertClient
-from hobbit.compute.weights import open_model
+from hobbit.compute.client.expert_client import ExpertClient
+from hobbit.compute.engine.weights import open_model
 from hobbit.loader.layout import gguf_experts
 from hobbit.protocol.errors import DaemonError
 
 MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def generate(model, *flags, n=24):

@@ -10,17 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from hobbit.compute import evaluate, moefy
-from hobbit.compute.model import Model, RunOptions
-from hobbit.compute.routing_stats import routing_stats
-from hobbit.compute.tokenizer import Tokenizer
-from hobbit.compute.weights import open_model
+from hobbit.compute.measure import evaluate
+from hobbit.compute.build import moefy
+from hobbit.compute.engine.model import Model, RunOptions
+from hobbit.compute.measure.routing_stats import routing_stats
+from hobbit.compute.engine.tokenizer import Tokenizer
+from hobbit.compute.engine.weights import open_model
 
 from conftest import llama_oracle, rel_l2
 from test_evaluate import wikitext_path
 from test_parity import PROMPT, assert_parity
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def _sha(path: str) -> str:

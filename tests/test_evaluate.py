@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hobbit.compute import evaluate
-from hobbit.compute.model import Model, RunOptions
-from hobbit.compute.tokenizer import Tokenizer
-from hobbit.compute.weights import open_model
+from hobbit.compute.measure import evaluate
+from hobbit.compute.engine.model import Model, RunOptions
+from hobbit.compute.engine.tokenizer import Tokenizer
+from hobbit.compute.engine.weights import open_model
 from hobbit.protocol.errors import InputError
 
 from conftest import llama_oracle

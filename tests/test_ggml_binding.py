@@ -6,8 +6,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from hobbit.compute import ggml
-from hobbit.compute.ggml import lib
+from hobbit.compute.engine import ggml
+from hobbit.compute.engine.ggml import lib
 
 MATMUL_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # gguf-py quantises these bit for bit like ggml's reference code
@@ -91,3 +91,20 @@ def test_dequantize_matches_gguf_numpy(name):
     ours = ggml.dequantize(t, raw, x.size)
     ref = quants.dequantize(raw.reshape(4, -1), Q[name]).reshape(-1)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_type_tables_match_libggml():
+    """The daemon sizes slots from gguf's tables (loader/ggml_types.py); libggml agrees for
+    every type it knows by name."""
+    from hobbit.loader import ggml_types
+
+    for t in Q:
+        if t.name in ("Q8_1",):
+            continue   # an activation type (never in a file); gguf 0.19 sizes its block 40, ggml 36
+        name = lib.ggml_type_name(int(t))
+        if not name or t.name not in name.decode().upper().replace("-", "_"):
+            continue   # a retired or renamed type number
+        assert ggml_types.block_size(t) == lib.ggml_blck_size(int(t)), t.name
+        assert ggml_types.type_size(t) == lib.ggml_type_size(int(t)), t.name
+        bs = ggml_types.block_size(t)
+        assert ggml_types.row_size(t, 4 * bs) == lib.ggml_row_size(int(t), 4 * bs), t.name

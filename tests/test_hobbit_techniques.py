@@ -207,7 +207,7 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     from daemon_util import connect, hello, run_daemon, stats
 
     path = synth(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0")
-    cli = [sys.executable, "-m", "hobbit.compute.cli"]
+    cli = [sys.executable, "-m", "hobbit.compute.apps.cli"]
     subprocess.run([*cli, "convert", path, "-q"], check=True, capture_output=True)
     text = tmp_path / "calib.txt"
     text.write_text("The river flows through the valley and the old mill turns slowly. " * 20)

@@ -8,8 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from hobbit.compute import ggml
-from hobbit.compute.weights import open_model
+from hobbit.compute.engine import ggml
+from hobbit.compute.engine.weights import open_model
+from hobbit.compute.build.convert import convert
 from hobbit.loader import companion
 from hobbit.loader.io_engine import DEMAND, PREFETCH, IOEngine
 from hobbit.loader.layout import PAGE, gguf_experts
@@ -152,7 +153,7 @@ def test_io_engine_serves_demand_before_prefetch(tmp_path):
 
 def test_companion_holds_requantised_experts(synth, tmp_path):
     w = open_model(synth(**SMALL))
-    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    out = convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
     src, crcs = companion.open_companion(w, out)
     high = gguf_experts(w)
     data = np.fromfile(out, dtype=np.uint8)
@@ -168,7 +169,7 @@ def test_companion_holds_requantised_experts(synth, tmp_path):
 
 def test_companion_checksum_catches_a_flipped_byte(synth, tmp_path):
     w = open_model(synth(**SMALL))
-    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    out = convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
     src, crcs = companion.open_companion(w, out)
     off = companion.slot_image_offset(src, 1, 2)
     with open(out, "r+b") as f:
@@ -196,7 +197,7 @@ def test_companion_of_a_changed_gguf_is_refused_as_stale(synth, tmp_path):
 
     model = tmp_path / "m.gguf"
     shutil.copy(synth(**SMALL), model)
-    out = companion.convert(open_model(str(model)), ggml.Q4_0, progress=False)
+    out = convert(open_model(str(model)), ggml.Q4_0, progress=False)
     assert out.startswith(str(tmp_path))
     companion.open_companion(open_model(str(model)), out)       # fresh: accepted
     os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))
@@ -206,7 +207,7 @@ def test_companion_of_a_changed_gguf_is_refused_as_stale(synth, tmp_path):
 
 def test_companion_truncated_or_foreign_is_refused(synth, tmp_path):
     w = open_model(synth(**SMALL))
-    out = companion.convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
+    out = convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
     with open(out, "r+b") as f:
         f.truncate(os.path.getsize(out) - PAGE)
     with pytest.raises(companion.CompanionError, match="truncated"):
@@ -231,7 +232,7 @@ def test_convert_on_a_full_disk_fails_cleanly(synth, tmp_path):
         pytest.skip("needs root to mount a tiny tmpfs as a full disk")
     try:
         with pytest.raises(HobbitError, match="could not write the companion file"):
-            companion.convert(w, ggml.Q4_0, out=str(disk / "c.hobbit"), progress=False)
+            convert(w, ggml.Q4_0, out=str(disk / "c.hobbit"), progress=False)
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hobbit.compute.model import Model, RunOptions
-from hobbit.compute.tokenizer import Tokenizer
-from hobbit.compute.weights import open_model
+from hobbit.compute.engine.model import Model, RunOptions
+from hobbit.compute.engine.tokenizer import Tokenizer
+from hobbit.compute.engine.weights import open_model
 
 from conftest import llama_oracle, rel_l2
 

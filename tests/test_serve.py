@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from daemon_util import run_daemon
-from hobbit.compute.api import StopText
+from hobbit.compute.apps.api import StopText
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -57,7 +57,7 @@ def served(default_moe, tmp_path_factory):
     precision depends on what is cached, so greedy answers would depend on the order of
     the tests); stopped with SIGTERM after the module (must exit 0)."""
     from hobbit.loader.layout import gguf_experts
-    from hobbit.compute.weights import open_model
+    from hobbit.compute.engine.weights import open_model
 
     tmp = tmp_path_factory.mktemp("serve")
     ex = gguf_experts(open_model(default_moe))
@@ -106,7 +106,7 @@ def test_completion_is_the_engines_greedy_text(served, default_moe):
     choice = r.choices[0]
     assert choice.text == _generate(default_moe, served.socket, "The capital of France is", 12)
     assert choice.finish_reason == "length"
-    from hobbit.compute.tokenizer import Tokenizer
+    from hobbit.compute.engine.tokenizer import Tokenizer
 
     n_prompt = len(Tokenizer(default_moe).encode("The capital of France is"))
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == n_prompt

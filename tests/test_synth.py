@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from hobbit.compute import ggml
-from hobbit.compute.synth import SynthOptions, make_synthetic, smollm2_path
-from hobbit.compute.weights import open_model
+from hobbit.compute.engine import ggml
+from hobbit.compute.build.synth import SynthOptions, make_synthetic, smollm2_path
+from hobbit.compute.engine.weights import open_model
 from hobbit.protocol.errors import InputError, ModelError
 
 SMALL = dict(layers=2, d_model=128, d_ff=256, experts=4, top_k=2, heads=4, kv_heads=2)
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def make(tmp_path, name="m.gguf", **kw) -> str:
@@ -73,7 +73,7 @@ def test_rows_that_do_not_fit_the_block_fall_back(tmp_path):
                                 dict(arch="phimoe")])
 def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     import llama_cpp
-    from hobbit.compute.tokenizer import _quiet_stderr
+    from hobbit.compute.engine.tokenizer import _quiet_stderr
 
     path = make(tmp_path, **kw)
     with _quiet_stderr():

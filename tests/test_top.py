@@ -9,7 +9,7 @@ import time
 
 from daemon_util import run_daemon
 
-CLI = [sys.executable, "-m", "hobbit.compute.cli"]
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def _stats(socket: str) -> dict:

@@ -22,15 +22,15 @@ import sys
 
 import numpy as np
 
-from ..loader.precision import unimportance
-from ..protocol.errors import InputError, ModelError
+from ...loader.precision import unimportance
+from ...protocol.errors import InputError, ModelError
 
 SHUFFLE_SEED = 0
 
 
 def router_matrix(weights, layer: int) -> np.ndarray:
     """Layer's router gate_inp as float32 (E, D)."""
-    from . import ggml
+    from ..engine import ggml
 
     info = weights.tensors[f"blk.{layer}.ffn_gate_inp.weight"]
     raw = weights.reader.data[info.offset:info.offset + info.nbytes]
@@ -180,9 +180,9 @@ def cmd_routing(args) -> int:
     import json
 
     from .evaluate import read_text, resolve_model, tokenize_text
-    from .model import Model, RunOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine.model import Model, RunOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     path = resolve_model(args.model)
     weights = open_model(path)

@@ -13,11 +13,11 @@ import subprocess
 import threading
 import time
 
-from ..loader.io_engine import DEMAND, IOEngine
-from ..loader.layout import gguf_experts
-from ..loader.shm import Segment, new_name
-from ..protocol.errors import HobbitError
-from .weights import open_model
+from ...loader.io_engine import DEMAND, IOEngine
+from ...loader.layout import gguf_experts
+from ...loader.shm import Segment, new_name
+from ...protocol.errors import HobbitError
+from ..engine.weights import open_model
 
 RING = 64   # slots the reads cycle through (the memory the benchmark needs: RING slots)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..protocol.errors import HobbitError
+from ...protocol.errors import HobbitError
 
 USAGE = """hobbit-cli COMMAND [options]   (hobbit-cli COMMAND --help for details)
 
@@ -21,7 +21,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _socket(args) -> str:
-    from ..hobbitd.config import default_socket
+    from ...hobbitd.config import default_socket
 
     return args.socket or default_socket()
 
@@ -34,7 +34,7 @@ def _expert_client(args, weights):
 
     if getattr(args, "no_daemon", False) or not weights.args.is_moe:
         return None
-    from .connect import connect
+    from ..client.connect import connect
 
     explicit = bool(getattr(args, "socket", None) or os.environ.get("HOBBIT_SOCKET"))
     return connect(weights.path, _socket(args), autostart=not explicit,
@@ -42,12 +42,12 @@ def _expert_client(args, weights):
 
 
 def cmd_generate(args) -> int:
-    from .generate import TextStream, generate_tokens
-    from .model import Model, RunOptions
-    from .sampling import Sampler, SamplingOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
-    from ..protocol.errors import InputError
+    from ..engine.generate import TextStream, generate_tokens
+    from ..engine.model import Model, RunOptions
+    from ..engine.sampling import Sampler, SamplingOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
+    from ...protocol.errors import InputError
 
     weights = open_model(args.model)
     tok = Tokenizer(args.model)
@@ -73,17 +73,17 @@ def cmd_generate(args) -> int:
 def default_model() -> str:
     """The model used when none is named: the default MoE made from SmolLM2-135M-Instruct
     (compute/moefy.py), built with a progress bar on first use and cached."""
-    from .moefy import default_model_path
+    from ..build.moefy import default_model_path
 
     return default_model_path(build=True, progress=True)
 
 
 def cmd_chat(args) -> int:
     from .chat import ChatSession, run_chat
-    from .model import Model, RunOptions
-    from .sampling import Sampler, SamplingOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine.model import Model, RunOptions
+    from ..engine.sampling import Sampler, SamplingOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     path = default_model() if args.model in (None, "default") else args.model
     weights = open_model(path)
@@ -100,10 +100,10 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    from .expert_client import ExpertClient
+    from ..client.expert_client import ExpertClient
     from .serve import ServeOptions, bind, serve
 
-    from ..protocol.errors import InputError
+    from ...protocol.errors import InputError
 
     if args.parallel < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise InputError(f"--parallel {args.parallel} --max-queue {args.max_queue} --port {args.port}: "
@@ -138,11 +138,12 @@ def cmd_convert(args) -> int:
     import os
     import time
 
-    from . import ggml
-    from .weights import open_model
-    from ..loader.companion import convert, default_low_type
-    from ..loader.layout import gguf_experts
-    from ..protocol.errors import InputError, ModelError
+    from ..engine import ggml
+    from ..engine.weights import open_model
+    from ...loader.companion import default_low_type
+    from ..build.convert import convert
+    from ...loader.layout import gguf_experts
+    from ...protocol.errors import InputError, ModelError
 
     weights = open_model(args.model)
     if not weights.args.is_moe:
@@ -153,7 +154,7 @@ def cmd_convert(args) -> int:
         if low is None:
             raise InputError(f"--low {args.low}: unknown type (try Q4_0, Q4_K, Q3_K, Q2_K)")
     else:
-        low = default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+        low = default_low_type(high.format)
     t0 = time.perf_counter()
     path = convert(weights, low, out=args.out, progress=not args.quiet)
     size = os.path.getsize(path)
@@ -166,7 +167,7 @@ def cmd_convert(args) -> int:
 def cmd_stats(args) -> int:
     import json
 
-    from .expert_client import ExpertClient
+    from ..client.expert_client import ExpertClient
 
     client = ExpertClient(_socket(args), None, timeout=5, retries=0)
     try:
@@ -190,7 +191,7 @@ def cmd_stats(args) -> int:
 
 def cmd_top(args) -> int:
     from .top import run_top
-    from ..protocol.errors import InputError
+    from ...protocol.errors import InputError
 
     if args.interval <= 0:
         raise InputError(f"--interval {args.interval:g}: must be more than 0 seconds")
@@ -208,7 +209,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, calibrate, evaluate, moefy, routing_stats, synth
+    from ..measure import bench, evaluate, routing_stats
+    from ..build import calibrate, moefy, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..protocol.errors import DaemonError
+from ...protocol.errors import DaemonError
 
 BAR = 20
 
@@ -76,7 +76,7 @@ def frame(socket: str, old: dict, new: dict, dt: float) -> str:
 def run_top(socket: str, interval: float = 1.0, count: int | None = None, out=sys.stdout) -> int:
     """Draw frames until Ctrl-C (or `count` frames). On a terminal each frame replaces the
     last; otherwise frames follow each other, separated by a blank line (like top -b)."""
-    from .expert_client import ExpertClient
+    from ..client.expert_client import ExpertClient
 
     client = ExpertClient(socket, None, timeout=5, retries=0, name="hobbit-cli top")
     tty = out.isatty()

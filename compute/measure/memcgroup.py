@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..protocol.errors import HobbitError
+from ...protocol.errors import HobbitError
 
 ROOT = "/sys/fs/cgroup"
 

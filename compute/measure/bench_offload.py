@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..protocol.errors import HobbitError, InputError
+from ...protocol.errors import HobbitError, InputError
 
 MiB = 1 << 20
 CLIENT_ALLOWANCE = 256 * MiB   # added to the limit for each client process beyond the first
@@ -58,10 +58,11 @@ class OffloadOptions:
 def synthetic_model(quick: bool, progress: bool = True) -> str:
     """The synthetic model (and its low-precision companion), made once under
     $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget."""
-    from ..loader.companion import companion_path, convert, default_low_type
-    from ..loader.layout import gguf_experts
-    from .synth import SynthOptions, make_synthetic
-    from .weights import open_model
+    from ...loader.companion import companion_path, default_low_type
+    from ..build.convert import convert
+    from ...loader.layout import gguf_experts
+    from ..build.synth import SynthOptions, make_synthetic
+    from ..engine.weights import open_model
 
     spec = QUICK if quick else FULL
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
@@ -75,7 +76,7 @@ def synthetic_model(quick: bool, progress: bool = True) -> str:
         make_synthetic(path, SynthOptions(**spec), progress=progress)
     w = open_model(path)
     high = gguf_experts(w)
-    low = default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+    low = default_low_type(high.format)
     if not os.path.exists(companion_path(path, low)):
         convert(w, low, progress=progress)
     return path
@@ -87,9 +88,9 @@ class _HobbitEngine:
     """Our engine with its experts from hobbitd: prefill/step like bench compute's engines."""
 
     def __init__(self, path: str, socket: str, ctx: int, threads: int, lookahead: int):
-        from .expert_client import ExpertClient
-        from .model import Model, RunOptions
-        from .weights import open_model
+        from ..client.expert_client import ExpertClient
+        from ..engine.model import Model, RunOptions
+        from ..engine.weights import open_model
 
         self.client = ExpertClient(socket, path)
         self.model = Model(open_model(path), RunOptions(n_ctx=ctx, n_threads=threads, lookahead=lookahead),
@@ -158,7 +159,7 @@ def worker(spec: dict) -> dict:
 
 
 def _cores() -> int:
-    from . import ggml
+    from ..engine import ggml
     return ggml.physical_cores()
 
 
@@ -217,7 +218,7 @@ def _hobbit_run(opts, path, cache, flags, lookahead, cg, tmp) -> dict:
 
 
 def _daemon_stats(sock: str) -> dict:
-    from .expert_client import ExpertClient
+    from ..client.expert_client import ExpertClient
 
     c = ExpertClient(sock, None)
     try:
@@ -342,9 +343,9 @@ def plot(report: dict, folder: str) -> list[str]:
 
 
 def run(opts: OffloadOptions, progress: bool = True) -> dict:
-    from ..loader.layout import gguf_experts
+    from ...loader.layout import gguf_experts
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
-    from .weights import open_model
+    from ..engine.weights import open_model
 
     path = opts.model or synthetic_model(opts.quick, progress)
     w = open_model(path)
@@ -507,7 +508,7 @@ def _f(x, fmt: str) -> str:
 
 def budget_bytes(text: str, expert_bytes: int) -> int:
     """Bytes from "1G", "1073741824" or "25%" (of the model's expert bytes)."""
-    from ..hobbitd.config import parse_size
+    from ...hobbitd.config import parse_size
 
     text = str(text).strip()
     if text.endswith("%"):
@@ -525,7 +526,7 @@ def budget_bytes(text: str, expert_bytes: int) -> int:
 
 
 def _size(text: str) -> int:
-    from ..hobbitd.config import parse_size
+    from ...hobbitd.config import parse_size
     try:
         return parse_size(text)
     except InputError as e:

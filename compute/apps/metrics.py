@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..protocol.errors import HobbitError
+from ...protocol.errors import HobbitError
 
 
 class ServerMetrics:

@@ -22,28 +22,17 @@ import time
 
 import numpy as np
 
-from ..loader.layout import PAGE
-from ..loader.policy import PolicyWeights, make_policy
-from ..loader.pool import Region
-from ..loader.precision import HIGH, LOW, SKIP, Thresholds
-from ..protocol.errors import HobbitError
-from .local_experts import LocalExperts
-from .model import Model, RunOptions, route, softmax
+from ...loader.calibration import save_calibration
+from ...loader.layout import PAGE
+from ...loader.policy import PolicyWeights, make_policy
+from ...loader.pool import Region
+from ...loader.precision import HIGH, LOW, SKIP, Thresholds
+from ...protocol.errors import HobbitError
+from ..engine.local_experts import LocalExperts
+from ..engine.model import Model, RunOptions, route, softmax
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
-
-
-def calib_path(companion: str) -> str:
-    return companion + ".calib.json"
-
-
-def load_calibration(companion: str | None) -> dict | None:
-    """The stored calibration for a companion file, or None (defaults apply)."""
-    if not companion or not os.path.exists(calib_path(companion)):
-        return None
-    with open(calib_path(companion)) as f:
-        return json.load(f)
 
 
 def routing_trace(weights, tokens, n_ctx=512):
@@ -67,7 +56,7 @@ def routing_trace(weights, tokens, n_ctx=512):
 
 
 def _router(weights, il):
-    from .model import _f32
+    from ..engine.model import _f32
     return _f32(weights, f"blk.{il}.ffn_gate_inp.weight")
 
 
@@ -143,8 +132,8 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
               kld_bound=0.01, progress=True) -> dict:
     from tqdm import tqdm
 
-    from ..loader.companion import open_companion
-    from ..loader.layout import gguf_experts
+    from ...loader.companion import open_companion
+    from ...loader.layout import gguf_experts
 
     high_src = gguf_experts(weights)
     low_src, _ = open_companion(weights, companion)
@@ -187,21 +176,12 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     }
 
 
-def save(result: dict, companion: str) -> str:
-    path = calib_path(companion)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
 def cmd_calibrate(args) -> int:
-    from . import ggml
-    from ..loader.companion import companion_path, default_low_type
-    from ..loader.layout import gguf_experts
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine import ggml
+    from ...loader.companion import companion_path, default_low_type
+    from ...loader.layout import gguf_experts
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     weights = open_model(args.model)
     if not weights.args.is_moe:
@@ -210,7 +190,7 @@ def cmd_calibrate(args) -> int:
         raise HobbitError(f"{args.text}: that is evaluation text; calibrate on other text")
     high = gguf_experts(weights)
     low = ggml.TYPES_BY_NAME[args.low.upper()] if args.low else \
-        default_low_type(high.format.types[0], [s[0] for s in high.format.shapes])
+        default_low_type(high.format)
     companion = args.companion or companion_path(weights.path, low)
     if not os.path.exists(companion):
         raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {args.model} first")
@@ -219,7 +199,7 @@ def cmd_calibrate(args) -> int:
     if len(tokens) < 64:
         raise HobbitError(f"{args.text}: only {len(tokens)} tokens; calibration needs at least 64")
     r = calibrate(weights, companion, tokens, args.cache, args.low_share, args.kld, progress=True)
-    path = save(r, companion)
+    path = save_calibration(r, companion)
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "threshold_grid"}, indent=1))
     else:

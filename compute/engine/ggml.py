@@ -12,22 +12,15 @@ import importlib.util
 import os
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 
+# ggml types and their sizes come from gguf's tables (the daemon needs them without libggml)
+from ...loader.ggml_types import (BF16, F16, F32, I32, I64, Q2_K, Q3_K, Q4_0, Q4_1,  # noqa: F401
+                                  Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES_BY_NAME, block_size,
+                                  row_size, type_name, type_size)
+
 MAX_DIMS = 4
 MAX_SRC = 10
 MAX_OP_PARAMS = 64
 MAX_NAME = 64
-
-# enum ggml_type (append-only in ggml, so the numbers are stable)
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
-I8, I16, I32, I64, BF16 = 24, 25, 26, 27, 30
-
-TYPE_NAMES = {
-    F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
-    Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K",
-    BF16: "BF16", I32: "I32",
-}
-TYPES_BY_NAME = {name: t for t, name in TYPE_NAMES.items()}
 
 # Weight types our matmuls are tested on (see tests/test_ggml_binding.py).
 WEIGHT_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
@@ -193,22 +186,6 @@ class _Lib:
 
 
 lib = _Lib()
-
-
-def type_size(t: int) -> int:
-    return lib.ggml_type_size(t)
-
-
-def block_size(t: int) -> int:
-    return lib.ggml_blck_size(t)
-
-
-def row_size(t: int, n: int) -> int:
-    return lib.ggml_row_size(t, n)
-
-
-def type_name(t: int) -> str:
-    return TYPE_NAMES.get(t) or lib.ggml_type_name(t).decode()
 
 
 def quantize(t: int, src, n_per_row: int) -> bytes:

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from ..protocol.errors import InputError
+from ...protocol.errors import InputError
 
 KLD_FLOOR = 1e-12   # probabilities are clipped here before taking logs
 
@@ -205,7 +205,7 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
 def resolve_model(name: str | None) -> str:
     """A model path; "default" (or nothing) is the default MoE, built on first use."""
     if not name or name == "default":
-        from .moefy import default_model_path
+        from ..build.moefy import default_model_path
 
         return default_model_path(build=True, progress=True)
     return name
@@ -214,14 +214,14 @@ def resolve_model(name: str | None) -> str:
 def _open(path: str, args, daemon: bool):
     """(weights, tokenizer, model) for a run of ctx tokens: through hobbitd when asked
     and the model is a MoE, else in-process."""
-    from .model import Model, RunOptions
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ..engine.model import Model, RunOptions
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     weights = open_model(path)
     experts = None
     if daemon:
-        from .cli import _expert_client
+        from ..apps.cli import _expert_client
 
         experts = _expert_client(args, weights)
     opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads)
@@ -240,7 +240,7 @@ def _text_tokens(args, tok) -> list[int]:
 def cmd_ppl(args) -> int:
     import json
 
-    from .tokenizer import Tokenizer
+    from ..engine.tokenizer import Tokenizer
 
     path = resolve_model(args.model)
     if args.llama_cpp:
@@ -268,8 +268,8 @@ def _llama_cpp_scorer(path: str, args):
     """llama.cpp (llama-cpp-python, all logits) as a scorer: each chunk from an empty cache."""
     import llama_cpp
 
-    from .ggml import physical_cores
-    from .tokenizer import _quiet_stderr
+    from ..engine.ggml import physical_cores
+    from ..engine.tokenizer import _quiet_stderr
 
     n = args.threads or physical_cores()
     with _quiet_stderr():

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from ..protocol.errors import DaemonError
+from ...protocol.errors import DaemonError
 
 START_TIMEOUT = 120.0    # seconds: opening a GGUF and mapping the cache takes a few
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..protocol.errors import InputError
+from ...protocol.errors import InputError
 
 N_BATCH = 512
 WARMUP_STEPS = 4
@@ -156,7 +156,7 @@ class ComputeOptions:
 
 class _Hobbit:
     def __init__(self, weights, opts: ComputeOptions, threads: int):
-        from .model import Model, RunOptions
+        from ..engine.model import Model, RunOptions
 
         self.model = Model(weights, RunOptions(opts.ctx, N_BATCH, threads))
 
@@ -175,7 +175,7 @@ class _LlamaCpp:
     def __init__(self, path: str, opts: ComputeOptions, threads: int):
         import llama_cpp
 
-        from .tokenizer import _quiet_stderr
+        from ..engine.tokenizer import _quiet_stderr
 
         self._api = llama_cpp
         with _quiet_stderr():
@@ -221,7 +221,7 @@ def bench_prompt(path: str, n_tokens: int, skip: int = 0) -> list[int]:
     """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens;
     `skip` leaves out that many of its first words' tokens (after BOS), so that several
     clients can get different prompts."""
-    from .tokenizer import Tokenizer
+    from ..engine.tokenizer import Tokenizer
 
     tok = Tokenizer(path)
     first = tok.encode(PARAGRAPH)
@@ -237,8 +237,8 @@ def run_compute(opts: ComputeOptions) -> dict:
     """Run the comparison and return the report (a JSON-ready dict)."""
     import llama_cpp
 
-    from . import ggml
-    from .weights import open_model
+    from ..engine import ggml
+    from ..engine.weights import open_model
 
     for name in ("prompt_tokens", "n_decode", "repeat", "ctx"):
         if getattr(opts, name) < 1:

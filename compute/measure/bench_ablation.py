@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from ..protocol.errors import HobbitError
-from .calibrate import mean_kld
+from ...protocol.errors import HobbitError
+from ..build.calibrate import mean_kld
 
 CONFIGS = [
     ("a", "high only + LRU", ["--policy", "lru", "--no-dynamic"], 0),
@@ -68,8 +68,8 @@ def _stats(client) -> dict:
 def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_ctx=1024):
     """One configuration, one round: prefill each prompt, decode n_decode tokens (greedy,
     or `forced` tokens). Returns (measurements, tokens, logits)."""
-    from .expert_client import ExpertClient
-    from .model import Model, RunOptions
+    from ..client.expert_client import ExpertClient
+    from ..engine.model import Model, RunOptions
 
     client = ExpertClient(sock, weights.path)
     model = Model(weights, RunOptions(n_ctx=n_ctx, lookahead=lookahead), experts=client)
@@ -111,9 +111,9 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
 
 def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32,
         configs=None, rounds=3, progress=True) -> dict:
-    from ..loader.layout import gguf_experts
-    from .tokenizer import Tokenizer
-    from .weights import open_model
+    from ...loader.layout import gguf_experts
+    from ..engine.tokenizer import Tokenizer
+    from ..engine.weights import open_model
 
     weights = open_model(model_path)
     if not weights.args.is_moe:

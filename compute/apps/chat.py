@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
-from .generate import TextStream, generate_tokens
-from .model import Model
-from .sampling import Sampler
-from .tokenizer import Tokenizer
+from ..engine.generate import TextStream, generate_tokens
+from ..engine.model import Model
+from ..engine.sampling import Sampler
+from ..engine.tokenizer import Tokenizer
 
 HELP = "commands: /reset (new conversation), /stats, /quit; Ctrl-C stops an answer, Ctrl-D quits"
 

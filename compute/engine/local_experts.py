@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..loader.companion import open_companion
-from ..loader.layout import gguf_experts
-from ..loader.precision import HIGH, LOW, Thresholds
+from ...loader.companion import open_companion
+from ...loader.layout import gguf_experts
+from ...loader.precision import HIGH, LOW, Thresholds
 
 
 class LocalExperts:

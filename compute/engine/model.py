@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..loader.precision import unimportance
-from ..protocol.errors import InputError
+from ...loader.precision import unimportance
+from ...protocol.errors import InputError
 from . import ggml
 from .ggml import lib
 from .weights import ModelArgs, Routing, Weights

@@ -1,0 +1,72 @@
+"""`hobbit-cli convert`: write a model's low-precision companion file (loader/companion.py
+defines the format and reads it). Each expert is dequantised and re-quantised through
+libggml, laid out as in a cache slot, and checksummed; the file is written to a temp name,
+synced, then renamed, so a crash leaves no half-written companion."""
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+
+from ...loader.companion import companion_path, data_offset_for, header_bytes, low_format, source_identity
+from ...loader.layout import gguf_experts
+from ...protocol.errors import HobbitError
+from ..engine import ggml
+from ..progress import progress_bar
+
+
+def convert(weights, low_type: int, out: str | None = None, progress: bool = True) -> str:
+    """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its path."""
+    high = gguf_experts(weights)
+    fmt = low_format(high.format, low_type)
+    out = out or companion_path(weights.path, low_type)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    n_layer, n_exp = high.n_layer, high.n_expert
+    crcs = [[0] * n_exp for _ in range(n_layer)]
+    header = {"source": source_identity(weights), "source_name": os.path.basename(weights.path),
+              "low_type": low_type, "n_layer": n_layer, "n_expert": n_exp,
+              "format": fmt.to_wire(), "crc32": crcs}
+    data_offset = data_offset_for(header)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    mm = weights.reader.data
+    bar = progress_bar(n_layer * n_exp * high.expert_bytes, f"convert to {ggml.type_name(low_type)}",
+                       enabled=progress, unit="B")
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(data_offset + n_layer * n_exp * fmt.slot_bytes)
+            f.seek(data_offset)
+            slot = np.zeros(fmt.slot_bytes, np.uint8)
+            for il in range(n_layer):
+                for e in range(n_exp):
+                    slot[:] = 0
+                    for p, (off, n) in enumerate(high.ranges(il, e)):
+                        shape = high.format.shapes[p]
+                        x = ggml.dequantize(high.format.types[p], mm[off:off + n], shape[0] * shape[1])
+                        q = ggml.quantize(low_type, x, shape[0])
+                        o = fmt.part_offsets[p]
+                        slot[o:o + q.size] = q
+                    crcs[il][e] = zlib.crc32(slot)
+                    f.write(slot.tobytes())
+                    bar.update(high.expert_bytes)
+            f.seek(0)
+            f.write(header_bytes({**header, "data_offset": data_offset}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        _unlink(tmp)
+        raise HobbitError(f"{out}: could not write the companion file ({e.strerror or e})") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    finally:
+        bar.close()
+    return out
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
