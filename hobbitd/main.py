@@ -77,14 +77,11 @@ def config_from_args(args) -> DaemonConfig:
     cfg = load_config(args.config) if args.config else DaemonConfig()
     if args.model:
         cfg.models = args.model
-    for flag, key in (("cache_size", "cache_size"), ("socket", "socket"),
-                      ("io_threads", "io_threads"), ("io_limit", "io_limit"),
-                      ("client_timeout", "client_timeout"), ("slot_wait", "slot_wait"),
-                      ("low_type", "low_type"), ("low_share", "low_share"), ("policy", "policy"),
-                      ("dynamic", "dynamic"), ("low_only", "low_only"), ("prefetch", "prefetch"),
-                      ("prefetch_budget", "prefetch_budget"), ("t1", "t1"), ("t2", "t2")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, key, getattr(args, flag))
+    for key in ("cache_size", "socket", "io_threads", "io_limit", "client_timeout", "slot_wait",
+                "low_type", "low_share", "policy", "dynamic", "low_only", "prefetch",
+                "prefetch_budget", "t1", "t2"):   # each flag's dest is its config key
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
     if args.no_direct_io:
         cfg.direct_io = False
     return cfg

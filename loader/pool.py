@@ -44,10 +44,6 @@ class Region:
         self.by_key: dict[tuple, Slot] = {}
         self.free = self.slots[::-1]        # empty slots; take() pops from the end
 
-    @property
-    def nbytes(self) -> int:
-        return self.n_slots * self.format.slot_bytes
-
     def lookup(self, key: tuple) -> Slot | None:
         return self.by_key.get(key)
 
