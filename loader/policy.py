@@ -1,26 +1,49 @@
 """Eviction policies: which unpinned slot of a region to reuse.
 
-A policy sees `touch(slot, sid, high)` when a client uses a slot, `victim(candidates)`
-when a region needs room and `reset(slot)` when a slot is given a new expert. LRU is the
-baseline (mixtral-offloading's). HobbitPolicy is HOBBIT's sequence-level multidimensional
-policy. Neither is thread-safe: the daemon calls
-them from its event loop only.
+Every policy implements EvictionPolicy. LRU is the baseline (mixtral-offloading's);
+HobbitPolicy is HOBBIT's sequence-level multidimensional policy. Neither is thread-safe:
+the cache calls them from its event loop only. `sid` is a pin owner's id (a client).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 
+class EvictionPolicy(Protocol):
+    name: str                              # "lru" or "hobbit", as in the config
+    weights: "PolicyWeights | None"        # HobbitPolicy's weights; None for LRU
+
+    def begin(self, sid: int, seq: int, token: int, layer: int) -> None:
+        """Client `sid` is at token `token` of its sequence `seq`, at `layer`."""
+
+    def touch(self, slot, sid: int = 0, high: bool = True) -> None:
+        """`sid` used `slot` now (hit or fresh load); `high`: its score asked for high precision."""
+
+    def reset(self, slot) -> None:
+        """`slot` was just given a new expert."""
+
+    def victim(self, candidates):
+        """The slot to evict among `candidates` (evictable slots of one region)."""
+
+    def forget(self, sid: int) -> None:
+        """Client `sid` is gone: drop what the policy keeps for it."""
+
+
 class LRUPolicy:
     name = "lru"
+    weights = None
 
-    def __init__(self, n_layer: int = 0):
+    def __init__(self):
         self.clock = 0
 
     def begin(self, sid: int, seq: int, token: int, layer: int) -> None:
         pass
+
+    def forget(self, sid: int) -> None:
+        pass        # LRU keeps nothing per client
 
     def touch(self, slot, sid: int = 0, high: bool = True) -> None:
         """A slot was used (hit or freshly loaded) now."""
@@ -69,7 +92,7 @@ class HobbitPolicy:
 
     def __init__(self, n_layer: int, weights: PolicyWeights = PolicyWeights()):
         self.L = n_layer
-        self.w = weights
+        self.weights = weights
         self.clients: dict[int, list] = {}   # sid -> [seq, token T, layer l_now]
         self.counts: dict = {}               # (sid, region) -> float array [n_slots, 3]: R, F, H
         self.layers: dict = {}               # region -> int array [n_slots]: layer held
@@ -126,7 +149,7 @@ class HobbitPolicy:
         """The keep-priority of every slot of `region` (0 where no client used it)."""
         layers, _ = self._region_arrays(region)
         best = np.zeros(region.n_slots)
-        w = self.w
+        w = self.weights
         for sid, (_, token, l_now) in self.clients.items():
             a = self.counts.get((sid, region))
             if a is None:
@@ -150,9 +173,9 @@ class HobbitPolicy:
         return candidates[int(order[0])]
 
 
-def make_policy(name: str, n_layer: int, weights: PolicyWeights | None = None):
+def make_policy(name: str, n_layer: int, weights: PolicyWeights | None = None) -> EvictionPolicy:
     if name == "lru":
-        return LRUPolicy(n_layer)
+        return LRUPolicy()
     if name == "hobbit":
         return HobbitPolicy(n_layer, weights or PolicyWeights())
     raise ValueError(f"unknown cache policy {name!r} (lru, hobbit)")

@@ -45,6 +45,17 @@ class Thresholds:
         return p, p is not SKIP
 
 
+def decide(th: Thresholds, regions: dict, key: tuple, score: float):
+    """The precision (HIGH, LOW or SKIP) to serve expert `key` = (layer, expert) in, given
+    `regions` {precision: Region} (a key held by a region, even loading, counts as cached).
+    A precision the model has no region for (e.g. no companion) falls back to the other."""
+    cached = {p: r.lookup(key) is not None for p, r in regions.items()}
+    prec, _ = th.choose(score, cached.get(HIGH, False), cached.get(LOW, False))
+    if prec is not SKIP and prec not in regions:
+        prec = HIGH if HIGH in regions else LOW
+    return prec
+
+
 def unimportance(weights: np.ndarray) -> np.ndarray:
     """Scores s for weights of the selected experts (rows: tokens, columns in rank order,
     largest weight first, already normalised): s[:, i] = sum of weights before i."""

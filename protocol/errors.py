@@ -33,3 +33,13 @@ class DaemonError(HobbitError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class RequestError(HobbitError):
+    """A request the daemon answers with ERROR `code` (a wire code, see messages.py):
+    raised by the cache (cache_full, io, checksum, shutting_down, bad_request,
+    unknown_model) and by the server's own checks."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code

@@ -26,7 +26,7 @@ from ...loader.calibration import save_calibration
 from ...loader.layout import PAGE
 from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
-from ...loader.precision import HIGH, LOW, SKIP, Thresholds
+from ...loader.precision import HIGH, LOW, SKIP, Thresholds, decide
 from ...protocol.errors import HobbitError
 from ..engine.local_experts import LocalExperts
 from ..engine.model import Model, RunOptions, route, softmax
@@ -80,16 +80,12 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
             for k in range(K):
                 key = (il, int(sel[t, il, k]))
                 s = float(scores[t, il, k])
-                hi = regions[HIGH].lookup(key)
-                lo = regions[LOW].lookup(key) if LOW in regions else None
-                prec, load = th.choose(s, hi is not None, lo is not None)
+                prec = decide(th, regions, key, s)    # the daemon's rule and fallback
                 if prec is SKIP:
                     counts["skipped"] += 1
                     continue
-                if prec == LOW and LOW not in regions:
-                    prec = HIGH
-                    load = hi is None
                 r = regions[prec]
+                load = r.lookup(key) is None
                 if load:
                     slot = r.take(key, pol)
                     if slot is None:      # all slots in use by this layer: read and drop

@@ -1,0 +1,109 @@
+"""hobbitd's client sessions: one per ROUTER identity, from HELLO to BYE or its timeout.
+
+Each session is a pin owner of the ExpertCache (its sid, unique for the daemon's life:
+identities are reused); ending a session releases every pin it holds. A session is never
+reaped while a request of it is being served.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..loader.cache import EWMA, ExpertCache, Owner
+
+log = logging.getLogger("hobbitd")
+
+GAP_MAX_S = 0.1        # a client silent longer than this between requests was idle, not computing
+PROBE = "hobbitd-probe"   # the name a starting daemon's probe gives (not logged, not listed)
+
+
+@dataclass(eq=False)
+class Session:
+    sid: int                  # pin owner in the cache
+    ident: bytes
+    pid: int | None
+    name: str
+    last_seen: float          # time.monotonic() of its last message
+    inflight: int = 0         # requests being served: never reaped while > 0
+    alive: bool = True
+    replied_at: float = 0.0   # time.monotonic() of its last SLOTS
+    gap_s: float | None = None   # its time between a SLOTS and its next REQUEST (EWMA): compute
+    connected: float = field(default_factory=time.monotonic)
+    tokens: int = 0           # decoded: forwards of one token
+    prompt_tokens: int = 0    # in forwards of more than one token
+    last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
+
+    def count_forward(self, seq, token, n_tokens) -> None:
+        """Count a forward's tokens once, at its first request (the client's first layer)."""
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1 \
+                or (seq, token) == self.last_forward:
+            return
+        self.last_forward = (seq, token)
+        if n_tokens == 1:
+            self.tokens += 1
+        else:
+            self.prompt_tokens += n_tokens
+
+    def note_request(self) -> None:
+        """A REQUEST arrived: the time since our last SLOTS was the client's compute
+        (pauses over GAP_MAX_S are idle)."""
+        if self.replied_at:
+            gap = time.monotonic() - self.replied_at
+            if gap < GAP_MAX_S:
+                self.gap_s = gap if self.gap_s is None else (1 - EWMA) * self.gap_s + EWMA * gap
+
+    def stats(self, owner: Owner) -> dict:
+        """What hobbit-cli top shows per client; `owner`: its counts in the cache."""
+        return {"name": self.name, "pid": self.pid,
+                "connected_s": round(time.monotonic() - self.connected, 3),
+                "experts": owner.experts, "hits": owner.hits, "misses": owner.misses,
+                "skipped": owner.skipped, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens}
+
+
+class Sessions:
+    """The live sessions by identity; each one's pins live in `cache`."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+        self.by_ident: dict[bytes, Session] = {}
+        self._sids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.by_ident)
+
+    def get(self, ident: bytes) -> Session | None:
+        return self.by_ident.get(ident)
+
+    def open(self, ident: bytes, pid: int | None, name: str) -> Session:
+        """A new session for `ident`, ending the one it had."""
+        old = self.by_ident.get(ident)
+        if old is not None:
+            self.drop(old, "said HELLO again")
+        s = Session(next(self._sids), ident, pid, name, time.monotonic())
+        self.by_ident[ident] = s
+        self.cache.open_owner(s.sid)
+        if s.name != PROBE:
+            log.info("client %s (pid %s) connected", s.name or "?", pid)
+        return s
+
+    def drop(self, s: Session, why: str) -> None:
+        """End a session and release every pin it holds."""
+        s.alive = False
+        if self.by_ident.get(s.ident) is s:
+            del self.by_ident[s.ident]
+        n = self.cache.close_owner(s.sid)
+        if s.name != PROBE:
+            log.info("client %s (pid %s) %s; released %d pins", s.name or "?", s.pid, why, n)
+
+    def reap(self, timeout: float) -> None:
+        """Drop the sessions silent for over `timeout` seconds with no request in flight."""
+        now = time.monotonic()
+        for s in list(self.by_ident.values()):
+            if s.inflight == 0 and now - s.last_seen > timeout:
+                self.drop(s, f"silent for {now - s.last_seen:.1f} s")
+
+    def stats(self) -> list[dict]:
+        return [s.stats(self.cache.owners[s.sid]) for s in self.by_ident.values()
+                if s.name != PROBE]

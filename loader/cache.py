@@ -1,0 +1,387 @@
+"""The expert cache: which slot holds which expert, pins, loads and prefetches.
+
+ExpertCache serves the models it is given (loader/models.py opens them and plans their
+regions) from one shared-memory Segment, reading through an IOEngine. It runs on one
+asyncio loop: every method must be called from that loop (the engine's reader threads
+hand completions back with loop.call_soon_threadsafe), so the loop never blocks on flash.
+It speaks no protocol: failures are RequestError carrying a wire error code.
+
+Pins. Slots are pinned by owners, integer ids the caller chooses (hobbitd: one per client
+session, never reused). A slot returned by try_hit or acquire is pinned once for the owner:
+it is never evicted or overwritten until the owner release()s it or is closed. A miss pins
+its slot as soon as it is taken (before the read), so the slot cannot be given away between
+the read and the answer. A closed (or never opened) owner gets slots but holds no pins.
+
+The caller creates and closes the Segment and the IOEngine; the cache never closes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..protocol.errors import RequestError
+from .io_engine import DEMAND, PREFETCH, IOEngine
+from .model_cache import ModelCache
+from .pool import Region, Slot
+from .precision import LOW, SKIP
+from .shm import Segment
+
+EWMA = 0.2             # weight of a new sample in the prefetch budget's running averages
+
+
+@dataclass(eq=False)
+class Owner:
+    """What one owner holds, and what it asked for (per-client counts for hobbit-cli top)."""
+    pins: Counter = field(default_factory=Counter)   # Slot -> pins held
+    protected: list = field(default_factory=list)    # slots its last hint protects
+    experts: int = 0
+    hits: int = 0             # served from the cache (including reads already in flight)
+    misses: int = 0
+    skipped: int = 0
+
+
+class Signal:
+    """Wake every waiter. Unlike asyncio.Condition, fire() needs no lock, so plain callbacks
+    (a release, a read completion) can call it."""
+
+    def __init__(self):
+        self._fut: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+        self._fut = None
+
+    async def wait(self, timeout: float) -> bool:
+        """True when fired within timeout seconds."""
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class ExpertCache:
+    def __init__(self, models: dict[str, ModelCache], plan: list, shm: Segment, io: IOEngine,
+                 *, slot_wait: float = 30.0, prefetch: bool = True, prefetch_budget: bool = True):
+        """`plan`: loader.models.plan_cache's regions, placed in `shm`. slot_wait: seconds a
+        miss waits for an unpinned slot before cache_full; prefetch: act on hints at all;
+        prefetch_budget: only as many bytes as flash reads while the client computes."""
+        self.models, self.shm, self.io = models, shm, io
+        self.slot_wait, self.prefetch, self.prefetch_budget = slot_wait, prefetch, prefetch_budget
+        for name, precision, fmt, offset, n in plan:
+            models[name].regions[precision] = Region(name, precision, fmt, offset, n)
+        self.owners: dict[int, Owner] = {}
+        self.stopping = False
+        self._freed = Signal()       # a slot may have become takeable (release, read done)
+        self._jobs: dict = {}        # (model, precision, key) -> ReadJob submitted, not completed
+
+    # ---- owners and pins -----------------------------------------------------------------
+
+    def model(self, name: str) -> ModelCache:
+        """The model served as `name`; RequestError unknown_model otherwise."""
+        mo = self.models.get(name)
+        if mo is None:
+            raise RequestError("unknown_model", f"no model {name!r} "
+                                                f"(serving: {', '.join(self.models)})")
+        return mo
+
+    def open_owner(self, owner: int) -> Owner:
+        return self.owners.setdefault(owner, Owner())
+
+    def close_owner(self, owner: int) -> int:
+        """Release every pin and protection `owner` holds, forget it; the pins released."""
+        o = self.owners.pop(owner, None)
+        if o is None:
+            return 0
+        for slot in o.pins:
+            slot.pins.pop(owner, None)
+        for slot in o.protected:
+            slot.protected = False
+        for mo in self.models.values():
+            mo.policy.forget(owner)
+        self._freed.fire()
+        return sum(o.pins.values())
+
+    def release(self, owner: int, mo: ModelCache, slots) -> None:
+        """Drop one of owner's pins on each (precision, index) of mo; slots it does not
+        hold (released twice, lost with a closed owner, out of range) are ignored."""
+        for prec, index in slots:
+            region = mo.regions.get(prec)
+            if region is not None and isinstance(index, int) and 0 <= index < region.n_slots:
+                self._unpin(owner, region.slots[index])
+        self._freed.fire()
+
+    def _pin(self, owner: int, slot: Slot) -> None:
+        o = self.owners.get(owner)
+        if o is not None:            # a closed owner would never release it
+            slot.pins[owner] += 1
+            o.pins[slot] += 1
+
+    def _unpin(self, owner: int, slot: Slot) -> None:
+        """Drop one of owner's pins on slot; nothing if it holds none (never negative)."""
+        o = self.owners.get(owner)
+        if o is None:
+            return
+        if o.pins[slot] <= 0:
+            o.pins.pop(slot, None)
+            return
+        o.pins[slot] -= 1
+        if not o.pins[slot]:
+            del o.pins[slot]
+        slot.pins[owner] -= 1
+        if slot.pins[owner] <= 0:
+            del slot.pins[owner]     # a zero count would still read as pinned
+
+    def _counts(self, owner: int) -> Owner:
+        # a closed owner's request still counts for the model; its own counts are dropped
+        return self.owners.get(owner) or Owner()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def try_hit(self, owner: int, mo: ModelCache, layer: int, experts: list, scores: list):
+        """The fast path: when every expert of the request is cached and ready in the
+        precision the rule picks, [Slot, or None for a skipped expert], each pinned once
+        for owner. Otherwise None, and nothing is changed. Never waits, never reads."""
+        precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
+        slots = [None if p is SKIP else mo.regions[p].lookup((layer, e))
+                 for e, p in zip(experts, precs)]
+        if any(s is None or s.state != "ready" for s, p in zip(slots, precs) if p is not SKIP):
+            return None
+        self._count_request(owner, mo, precs)
+        for slot, p, sc in zip(slots, precs, scores):
+            if p is not SKIP:
+                self._hit(owner, mo, slot, sc <= mo.thresholds.t1, waited=False)
+        return slots
+
+    async def acquire(self, owner: int, mo: ModelCache, layer: int, experts: list,
+                      scores: list) -> list:
+        """[Slot, or None for an expert the rule skips] for the request, each pinned once
+        for owner: decide each expert's precision, get them concurrently (misses are read,
+        waiting up to slot_wait for a free slot). On any failure unpin what was got and
+        raise the first failure (RequestError: cache_full, io, checksum, shutting_down)."""
+        t0, bytes0 = time.monotonic(), mo.bytes_read
+        precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
+        self._count_request(owner, mo, precs)
+        self.io.plug()      # the misses' reads start together, so adjacent ones merge
+        acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1)
+                                    for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
+                                  return_exceptions=True)
+        asyncio.get_running_loop().call_soon(self.io.unplug)   # after each _acquire's first step
+        got = await acquired
+        failed = [g for g in got if isinstance(g, BaseException)]
+        if failed:
+            for g in got:
+                if isinstance(g, Slot):
+                    self._unpin(owner, g)
+            self._freed.fire()
+            raise failed[0]
+        now = time.monotonic()
+        if mo.bytes_read > bytes0 and now > t0:
+            rate = (mo.bytes_read - bytes0) / (now - t0)
+            mo.demand_Bps = rate if mo.demand_Bps is None else (1 - EWMA) * mo.demand_Bps + EWMA * rate
+        it = iter(got)
+        return [None if p is SKIP else next(it) for p in precs]
+
+    def _count_request(self, owner: int, mo: ModelCache, precs: list) -> None:
+        o = self._counts(owner)
+        mo.requested += len(precs)
+        mo.skipped += precs.count(SKIP)
+        o.experts += len(precs)
+        o.skipped += precs.count(SKIP)
+
+    def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool) -> None:
+        """Serve a ready slot: pin it, tell the policy, count the hit."""
+        self._pin(owner, slot)
+        mo.policy.touch(slot, owner, important)
+        slot.protected = False    # used: the hint that protected it is fulfilled
+        if slot.prefetched:       # a prefetch that paid off
+            slot.prefetched = False
+            mo.prefetch_used += 1
+        if waited:
+            mo.waits += 1
+        else:
+            mo.hits += 1
+        self._counts(owner).hits += 1
+        mo.by_precision[f"hits_{slot.region.precision}"] += 1
+
+    async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
+                       important: bool) -> Slot:
+        """The slot holding `key` in mo's `prec` region, ready and pinned once for owner."""
+        region = mo.regions[prec]
+        waited, deadline = False, None
+        while True:
+            slot = region.lookup(key)
+            if slot is not None and slot.state == "ready":
+                self._hit(owner, mo, slot, important, waited)
+                return slot
+            if slot is not None:      # loading (for someone else, or a prefetch): share that read
+                waited = True
+                job = self._jobs.get((mo.name, prec, key))
+                if job is not None:
+                    self.io.promote(job.key)     # a demand overtakes the prefetch queue
+                await asyncio.shield(mo.loads[prec, key])
+                continue
+            if self.stopping:         # hits still count while draining; no new reads or waits
+                raise RequestError("shutting_down", "hobbitd is shutting down")
+            slot = region.take(key, mo.policy)
+            if slot is None:          # every slot pinned or loading: wait for a release
+                deadline = deadline or time.monotonic() + self.slot_wait
+                if not await self._freed.wait(deadline - time.monotonic()):
+                    raise RequestError("cache_full", f"no free slot for {mo.name} within "
+                                       f"{self.slot_wait:g} s: all {region.n_slots} {prec} "
+                                       "slots are pinned")
+                continue
+            mo.misses += 1
+            self._counts(owner).misses += 1
+            mo.by_precision[f"misses_{prec}"] += 1
+            self._pin(owner, slot)    # pinned before the read: nobody can take it meanwhile
+            try:
+                await asyncio.shield(self._load(mo, slot, key, prec, DEMAND))
+            except BaseException:
+                self._unpin(owner, slot)
+                raise
+            mo.policy.touch(slot, owner, important)
+            return slot
+
+    # ---- loads ---------------------------------------------------------------------------
+
+    def _load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: int) -> asyncio.Future:
+        """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
+        threads. The future resolves when the slot is ready; the slot's state is settled
+        by _loaded, whoever is (still) waiting. Low-precision images are checksummed."""
+        from .companion import check_image, slot_image_offset
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        mo.loads[prec, key] = fut
+        src = mo.source_of(prec)
+        base = self.shm.address + slot.offset
+        verify = None
+        if prec == LOW:   # one aligned read of the whole slot image, then its crc32
+            segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
+            verify = lambda job: check_image(src, mo.crcs, key[0], key[1], base)  # noqa: E731
+        else:
+            segments = [(src.path, off, n, base + src.format.part_offsets[p])
+                        for p, (off, n) in enumerate(src.ranges(*key))]
+        t0 = time.monotonic()
+
+        def done(job, error):          # on a reader thread
+            try:
+                loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
+            except RuntimeError:
+                pass                   # the loop is closed: the process is exiting
+
+        jkey = (mo.name, prec, key)
+        self._jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
+        return fut
+
+    def _loaded(self, mo, slot, key, prec, fut, t0, error) -> None:
+        from .companion import ChecksumError
+
+        self._jobs.pop((mo.name, prec, key), None)
+        if mo.loads.get((prec, key)) is fut:
+            del mo.loads[prec, key]
+        if error is not None:
+            mo.regions[prec].drop(slot)
+            code = "checksum" if isinstance(error, ChecksumError) else "io"
+            fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
+                                                 f"{key[1]} ({prec}): {error}"))
+        else:
+            slot.state = "ready"
+            mo.bytes_read += mo.source_of(prec).expert_bytes
+            mo.read_seconds += time.monotonic() - t0
+            fut.set_result(slot)
+        self._freed.fire()
+
+    def reads_running(self) -> bool:
+        """A reader thread is writing into the shared memory right now."""
+        return any(j.state == "running" for j in self._jobs.values())
+
+    def stop(self) -> None:
+        """Start draining: no new reads or waits; requests waiting for a slot fail with
+        shutting_down, hits are still served."""
+        self.stopping = True
+        self._freed.fire()
+
+    # ---- prefetch ------------------------------------------------------------------------
+
+    def hint(self, owner: int, mo: ModelCache, layers: list, experts: list, scores: list,
+             compute_s: float | None) -> None:
+        """Layer-level adaptive prefetch. The hint lists the experts owner predicts for its
+        coming layers, nearest first, with their scores (checked by the caller). Walk them:
+        a layer whose predicted experts are all cached (in the precision the rule would use)
+        is skipped; the first layer with a predicted miss gets its missing experts read at
+        prefetch priority, protected from eviction until used or superseded, and the walk
+        stops. A new hint supersedes the owner's last one.
+
+        Budget: a prefetch pays only while the client computes; beyond that its reads
+        compete with the demand loads for flash, and a wrong guess costs a whole read. So
+        (unless prefetch_budget is off) the missing experts are read, most important first,
+        only up to the bytes flash can deliver in `compute_s` (the client's seconds of
+        compute between two requests, None: unknown), and at least one."""
+        o = self.owners.get(owner)
+        if o is None:                      # a closed owner could never lift the protection
+            return
+        for slot in o.protected:           # superseded by this newer prediction
+            slot.protected = False
+            self._cancel_prefetch(mo, slot)
+        o.protected = []
+        if not self.prefetch or self.stopping or self.io.pending():
+            return    # reads are queued already: a guess must not delay a demand load
+        for layer, layer_experts, layer_scores in zip(layers, experts, scores):
+            missing = []
+            for e, sc in zip(layer_experts, layer_scores):
+                key = (layer, e)
+                prec = mo.decide(key, float(sc))
+                if prec is SKIP:
+                    continue
+                slot = mo.regions[prec].lookup(key)
+                if slot is None:
+                    missing.append((key, prec))
+                else:
+                    slot.protected = True      # keep what the next layers will use
+                    o.protected.append(slot)
+            if missing:
+                return self._prefetch(o, mo, missing, self._budget(mo, compute_s))
+
+    def _prefetch(self, o: Owner, mo: ModelCache, missing: list, budget: float) -> None:
+        self.io.plug()
+        try:
+            for i, (key, prec) in enumerate(missing):   # most important first
+                budget -= mo.source_of(prec).expert_bytes
+                if budget < 0 and i > 0:
+                    break
+                slot = mo.regions[prec].take(key, mo.policy)
+                if slot is None:
+                    break
+                slot.protected = slot.prefetched = True
+                o.protected.append(slot)
+                mo.prefetched += 1
+                self._load(mo, slot, key, prec, PREFETCH)
+        finally:
+            self.io.unplug()
+
+    def _budget(self, mo: ModelCache, compute_s: float | None) -> float:
+        """Bytes worth prefetching now: the client's compute time per layer times the rate
+        demand loads were served at."""
+        if not self.prefetch_budget or compute_s is None or mo.demand_Bps is None:
+            return float("inf")
+        return compute_s * mo.demand_Bps
+
+    def _cancel_prefetch(self, mo: ModelCache, slot: Slot) -> None:
+        """Drop a superseded prefetch that has not started reading; its slot is freed."""
+        prec, key = slot.region.precision, slot.key
+        if slot.state != "loading" or key is None or not self.io.cancel((mo.name, prec, key)):
+            return
+        self._jobs.pop((mo.name, prec, key), None)
+        fut = mo.loads.pop((prec, key), None)
+        slot.region.drop(slot)
+        if fut is not None and not fut.done():
+            fut.set_exception(RequestError("io", "prefetch superseded"))
+        self._freed.fire()

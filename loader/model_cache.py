@@ -1,0 +1,84 @@
+"""One served model's share of the cache: its sources, regions, rule, policy and counters.
+
+A ModelCache is plain state; loader/cache.py's ExpertCache acts on it (lookups, loads,
+pins) and loader/models.py builds it. Keys are (layer, expert); precisions are
+loader.precision's HIGH and LOW.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..protocol.errors import RequestError
+from .layout import ExpertSource
+from .policy import EvictionPolicy
+from .precision import LOW, Thresholds, decide
+
+
+@dataclass(eq=False)
+class ModelCache:
+    name: str
+    path: str                 # realpath of the GGUF
+    n_layer: int
+    n_expert: int
+    source: ExpertSource
+    policy: EvictionPolicy
+    low: ExpertSource | None = None                  # the companion file, if served
+    crcs: list | None = None                         # the companion's per-expert crc32
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    calibrated: bool = False
+    regions: dict = field(default_factory=dict)      # precision -> Region
+    loads: dict = field(default_factory=dict)        # (precision, key) -> Future of its read
+    # hits + waits + misses + skipped = experts requested; waits: hits on a read in flight
+    requested: int = 0
+    hits: int = 0
+    misses: int = 0
+    waits: int = 0
+    skipped: int = 0
+    by_precision: Counter = field(default_factory=Counter)   # "hits_high", "misses_low", ...
+    prefetched: int = 0        # prefetch reads issued
+    prefetch_used: int = 0     # prefetched slots a request then hit
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
+    demand_Bps: float | None = None   # bytes/s a request with misses was served at (EWMA)
+
+    def source_of(self, precision: str) -> ExpertSource:
+        return self.low if precision == LOW else self.source
+
+    def decide(self, key: tuple, score: float):
+        """Token-level dynamic loading: the precision to use for one expert (SKIP: skip)."""
+        return decide(self.thresholds, self.regions, key, score)
+
+    def check(self, layer: int, experts: list) -> None:
+        """RequestError bad_request unless layer and experts are in range, without repeats."""
+        if not 0 <= layer < self.n_layer:
+            raise RequestError("bad_request", f"layer {layer} is out of range 0..{self.n_layer - 1}")
+        for e in experts:
+            if not 0 <= e < self.n_expert:
+                raise RequestError("bad_request",
+                                   f"expert {e} is out of range 0..{self.n_expert - 1}")
+        if len(set(experts)) != len(experts):
+            raise RequestError("bad_request", f"duplicate experts in {experts}")
+
+    def info(self) -> dict:
+        """What a client needs to find this model's slots (WELCOME's model info)."""
+        return {"path": self.path, "n_layer": self.n_layer, "n_expert": self.n_expert,
+                "regions": {p: {"offset": r.offset, "n_slots": r.n_slots,
+                                "format": r.format.to_wire()} for p, r in self.regions.items()}}
+
+    def stats(self) -> dict:
+        from .ggml_types import type_name   # deferred: importing gguf costs ~0.2 s
+
+        mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
+        th, w = self.thresholds, self.policy.weights
+        return {"requested": self.requested, "hits": self.hits, "misses": self.misses,
+                "waits": self.waits, "skipped": self.skipped,
+                **{k: self.by_precision[k] for k in ("hits_high", "hits_low", "misses_high", "misses_low")},
+                "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
+                "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 6),
+                "read_MBps": round(mbps, 1),
+                "hobbit": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only,
+                           "calibrated": self.calibrated, "policy": self.policy.name,
+                           "policy_weights": None if w is None else list(w.__dict__.values()),
+                           "low_type": self.low and type_name(self.low.format.types[0])},
+                "regions": {p: r.counts() for p, r in self.regions.items()}}

@@ -1,0 +1,131 @@
+"""Opening the models a cache serves, and cutting the cache into their regions.
+
+open_models() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
+companion (loader.companion, validated: foreign, truncated or stale files are refused) and
+its calibration (loader.calibration), and returns one empty ModelCache per model.
+plan_cache() then says where each model's regions go in the shared memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..protocol.errors import InputError, ModelError
+from .model_cache import ModelCache
+from .policy import PolicyWeights, make_policy
+from .pool import plan_regions
+from .precision import HIGH, LOW, Thresholds
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """HOBBIT's switches for every model served (the daemon config's keys of the same names)."""
+    low_type: str = "auto"   # companion type: "auto" (the default type's file if made), "none", "Q4_0"...
+    low_only: bool = False   # every expert in low precision
+    dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
+    t1: float = 0.0          # thresholds; 0 = calibrated values, else 0.6 / 0.9
+    t2: float = 0.0
+    policy: str = "hobbit"   # eviction: "hobbit" or "lru"
+
+
+def model_name(path: str) -> str:
+    """A model's name: its file name without .gguf."""
+    name = os.path.basename(path)
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
+def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
+    """{name: ModelCache} (no regions yet) for the GGUFs at `paths`. InputError for no
+    model or two of one name; ModelError for a file that cannot be served."""
+    if not paths:
+        raise InputError("no model to serve: give --model GGUF (or models in the config)")
+    names = [model_name(p) for p in paths]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise InputError(f"two models named {name!r}; a model's name is its file name "
+                             "without .gguf, so rename one")
+    return {name: open_model(path, name, opts) for path, name in zip(paths, names)}
+
+
+def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
+    """One model's ModelCache: its experts, companion (if any), thresholds (options, else
+    calibrated, else 0.6/0.9) and eviction policy (calibrated weights, if any)."""
+    from .calibration import load_calibration
+    from .companion import open_companion
+    from .gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
+    from .layout import gguf_experts
+
+    try:
+        f = open_gguf(path)
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror or e}") from None
+    src = gguf_experts(f)
+    companion = _companion_file(f.path, src.format, opts)
+    low, crcs = open_companion(f, companion) if companion else (None, None)
+    calib = load_calibration(companion)
+    t1 = opts.t1 or (calib or {}).get("t1", 0.6)
+    t2 = opts.t2 or (calib or {}).get("t2", 0.9)
+    weights = PolicyWeights(*calib["weights"]) if calib else None
+    return ModelCache(name, os.path.realpath(path), src.n_layer, src.n_expert, src,
+                      make_policy(opts.policy, src.n_layer, weights), low=low, crcs=crcs,
+                      thresholds=Thresholds(t1, max(t1, t2), dynamic=opts.dynamic and low is not None,
+                                            low_only=opts.low_only and low is not None),
+                      calibrated=calib is not None)
+
+
+def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | None:
+    """The companion to serve, or None. "auto" without a file is fine (high precision
+    only), unless low_only asks for it; a named type without its file is a ModelError."""
+    from . import ggml_types
+    from .companion import companion_path, default_low_type
+
+    kind = opts.low_type.lower()
+    if kind == "none":
+        return None
+    if kind == "auto":
+        t = default_low_type(high_format)
+    else:
+        t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
+        if t is None:
+            raise InputError(f"--low {opts.low_type}: unknown type")
+    path = companion_path(gguf_path, t)
+    if os.path.exists(path):
+        return path
+    if kind != "auto" or opts.low_only:
+        raise ModelError(f"{path}: no companion file; run hobbit-cli convert {gguf_path}"
+                         f" --low {ggml_types.type_name(t)}")
+    return None
+
+
+def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tuple[list, int]:
+    """Regions [(model, precision, fmt, offset, n_slots)] and the segment size (bytes) for
+    a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
+    is split among models in proportion to their expert bytes; a model gets at least one
+    layer's experts (else InputError naming the minimum) and at most all of them."""
+    full = {n: mo.n_layer * mo.n_expert * mo.source.expert_bytes for n, mo in models.items()}
+    shares = {n: b / sum(full.values()) for n, b in full.items()}
+    specs = []
+    for n, mo in models.items():
+        th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
+        low = mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
+        share = 0.0 if not low else 1.0 if th.low_only else low_share
+        if share < 1:
+            specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
+        if low:
+            specs.append((n, LOW, mo.low.format, shares[n] * share))
+    plan = plan_regions(specs, size)
+    for name, prec, fmt, _, n in plan:
+        mo = models[name]
+        if n < mo.n_expert:
+            need = max(models[sp[0]].n_expert * sp[2].slot_bytes / sp[3] for sp in specs)
+            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {name} "
+                             f"would get {n} {prec} slots but needs {mo.n_expert} (one layer's "
+                             f"experts); the minimum cache size is {int(need // MiB) + 1}M")
+    # a region never needs more slots than the model has experts; the offsets stay, the
+    # unused tail of a region is never touched so it costs no memory
+    plan = [(name, p, fmt, off, min(n, models[name].n_layer * models[name].n_expert))
+            for name, p, fmt, off, n in plan]
+    total = max(off + n * fmt.slot_bytes for _, _, fmt, off, n in plan)
+    return plan, total
