@@ -1,0 +1,250 @@
+"""The expert cache in-process (loader/cache.py): no daemon, no ZeroMQ, but real shared
+memory, a real GGUF and the I/O engine's real reader threads. Hits and misses, pins,
+eviction under each policy, a cancelled prefetch, and reads that fail (a truncated source,
+a corrupt companion) without the cache ever serving their slot."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import shutil
+from contextlib import contextmanager
+
+import pytest
+
+from hobbit.loader import companion
+from hobbit.loader.cache import ExpertCache
+from hobbit.loader.io_engine import IOEngine
+from hobbit.loader.models import ModelOptions, open_models, plan_cache
+from hobbit.loader.precision import HIGH, LOW
+from hobbit.loader.shm import Segment, new_name
+from hobbit.protocol.errors import RequestError
+
+OWNER, OTHER = 1, 2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A synthetic MoE of 2 layers x 4 experts (~420 KiB each: Q8_0, 256 x 512) with a
+    256-token vocabulary: the cache never reads the vocabulary, and parsing SmolLM2's 49k
+    tokens would take seconds per open. (conftest's `synth` fixture names its files after
+    the options, which a vocab_from path cannot be part of: so make_synthetic directly.)"""
+    import gguf
+
+    from hobbit.compute.build.synth import SynthOptions, make_synthetic
+
+    folder = tmp_path_factory.mktemp("model")
+    vocab = str(folder / "vocab.gguf")
+    w = gguf.GGUFWriter(vocab, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(256)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    path = str(folder / "m.gguf")
+    make_synthetic(path, SynthOptions(layers=2, experts=4, vocab_from=vocab))
+    return path
+
+
+@contextmanager
+def cache_of(path, slots=4, slot_wait=0.2, io_threads=2, **options):
+    """An ExpertCache of `path` with `slots` slots (the minimum is one layer: 4), high
+    precision only unless options say otherwise; owners 1 and 2 opened."""
+    opts = ModelOptions(**{"low_type": "none", "policy": "lru", **options})
+    models = open_models([path], opts)
+    mo = models["m"]
+    fmt = (mo.low if opts.low_only else mo.source).format
+    plan, total = plan_cache(models, slots * fmt.slot_bytes, 0.25)
+    shm = Segment(new_name("hobbit-test"), total, create=True)
+    io = IOEngine(io_threads)
+    try:
+        cache = ExpertCache(models, plan, shm, io, slot_wait=slot_wait, prefetch_budget=False)
+        cache.open_owner(OWNER)
+        cache.open_owner(OTHER)
+        yield cache, mo
+    finally:
+        io.close()
+        shm.close()
+
+
+def in_loop(test):
+    """Run an async test on one event loop (the cache lives on one loop)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
+    return run
+
+
+def copy_model(model, tmp_path) -> str:
+    """A private copy named m.gguf (so the model is "m"; tests may damage it)."""
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(model, path)
+    return path
+
+
+def slot_bytes_of(cache, slot) -> bytes:
+    """What a slot holds, part by part (without the alignment padding)."""
+    fmt, base = slot.region.format, slot.offset
+    return b"".join(cache.shm.array[base + o:base + o + n].tobytes()
+                    for o, n in zip(fmt.part_offsets, fmt.part_nbytes))
+
+
+def file_bytes_of(src, layer, expert) -> bytes:
+    with open(src.path, "rb") as f:
+        out = b""
+        for off, n in src.ranges(layer, expert):
+            f.seek(off)
+            out += f.read(n)
+        return out
+
+
+async def acquire(cache, mo, layer, experts, owner=OWNER):
+    return await cache.acquire(owner, mo, layer, experts, [0.0] * len(experts))
+
+
+def release(cache, mo, slots, owner=OWNER):
+    cache.release(owner, mo, [(s.region.precision, s.index) for s in slots])
+
+
+@in_loop
+async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
+    with cache_of(copy_model(model, tmp_path)) as (cache, mo):
+        assert cache.try_hit(OWNER, mo, 0, [1, 2], [0.0, 0.0]) is None   # nothing cached
+        assert mo.requested == 0
+
+        slots = await acquire(cache, mo, 0, [1, 2])
+        assert [s.key for s in slots] == [(0, 1), (0, 2)]
+        assert all(s.state == "ready" and s.region.precision == HIGH for s in slots)
+        for s, e in zip(slots, [1, 2]):
+            assert slot_bytes_of(cache, s) == file_bytes_of(mo.source, 0, e)
+        assert (mo.misses, mo.hits, mo.bytes_read) == (2, 0, 2 * mo.source.expert_bytes)
+        reads = cache.io.reads
+
+        again = cache.try_hit(OWNER, mo, 0, [2, 1], [0.0, 0.0])
+        assert again == slots[::-1]
+        assert (mo.misses, mo.hits, mo.requested) == (2, 2, 4)
+        assert cache.io.reads == reads                       # served from memory
+        assert cache.owners[OWNER].hits == 2 and cache.owners[OWNER].misses == 2
+        assert cache.try_hit(OWNER, mo, 0, [1, 3], [0.0, 0.0]) is None   # 3 is a miss
+        assert mo.requested == 4                             # a refused fast path counts nothing
+
+
+@in_loop
+async def test_a_pinned_slot_is_kept_until_released(model, tmp_path):
+    with cache_of(copy_model(model, tmp_path)) as (cache, mo):
+        held = await acquire(cache, mo, 0, [0, 1, 2, 3])      # all 4 slots pinned by OWNER
+        assert all(s.pins == {OWNER: 1} for s in held)
+        with pytest.raises(RequestError) as e:
+            await acquire(cache, mo, 1, [0], owner=OTHER)
+        assert e.value.code == "cache_full"
+        assert [s.key for s in held] == [(0, 0), (0, 1), (0, 2), (0, 3)]   # none overwritten
+
+        release(cache, mo, [held[2]])
+        release(cache, mo, [held[2]])                        # twice: ignored, never negative
+        assert held[2].pins == {} and cache.owners[OWNER].pins[held[2]] == 0
+        (got,) = await acquire(cache, mo, 1, [0], owner=OTHER)
+        assert got is held[2] and got.key == (1, 0) and got.pins == {OTHER: 1}
+        assert slot_bytes_of(cache, got) == file_bytes_of(mo.source, 1, 0)
+
+        assert cache.close_owner(OWNER) == 3                 # its other three pins go with it
+        assert all(not s.pins for s in held if s is not got)
+        assert cache.try_hit(OWNER, mo, 0, [0], [0.0]) == [held[0]]   # a closed owner pins nothing
+        assert held[0].pins == {}
+
+
+@pytest.mark.parametrize("policy, victim", [("lru", 0), ("hobbit", 1)])
+@in_loop
+async def test_eviction_follows_the_policy(model, tmp_path, policy, victim):
+    """Expert 0 is used three times, then 1, 2, 3 once each. LRU evicts 0 (used longest
+    ago); HOBBIT's policy keeps 0 (used most) and evicts 1, the oldest of the rest."""
+    with cache_of(copy_model(model, tmp_path), policy=policy) as (cache, mo):
+        mo.policy.begin(OWNER, 0, 4, 0)
+        for experts in ([0], [0], [0], [1], [2], [3]):
+            release(cache, mo, await acquire(cache, mo, 0, experts))
+        before = {key: s.index for key, s in mo.regions[HIGH].by_key.items()}
+        (got,) = await acquire(cache, mo, 1, [0])
+        assert got.index == before[0, victim]
+        assert mo.regions[HIGH].lookup((0, victim)) is None
+        assert sorted(mo.regions[HIGH].by_key) == sorted({(0, 0), (0, 1), (0, 2), (0, 3),
+                                                          (1, 0)} - {(0, victim)})
+        assert mo.hits == 2 and mo.misses == 5
+
+
+@in_loop
+async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_path):
+    with cache_of(copy_model(model, tmp_path), slots=5) as (cache, mo):
+        cache.io.plug()            # hold the readers: the prefetches stay queued
+        cache.hint(OWNER, mo, [1], [[0, 1, 2]], [[0.0, 0.1, 0.2]], None)
+        queued = [mo.regions[HIGH].lookup((1, e)) for e in (0, 1, 2)]
+        assert all(s.state == "loading" and s.protected and s.prefetched for s in queued)
+        assert mo.prefetched == 3 and cache.io.pending() == 3
+
+        cache.hint(OWNER, mo, [1], [[3]], [[0.0]], None)   # a newer prediction
+        region = mo.regions[HIGH]
+        assert all(region.lookup((1, e)) is None for e in (0, 1, 2))
+        assert sorted(s.state for s in region.slots) == ["free"] * 4 + ["loading"]
+        assert [s.key for s in region.slots if s.protected] == [(1, 3)]
+        assert mo.prefetched == 4 and cache.io.pending() == 1
+        cache.io.unplug()
+        (got,) = await acquire(cache, mo, 1, [3])          # waits for the prefetch's read
+        assert got.key == (1, 3) and slot_bytes_of(cache, got) == file_bytes_of(mo.source, 1, 3)
+        assert (mo.waits + mo.hits, mo.misses, mo.prefetch_used) == (1, 0, 1)
+        assert mo.bytes_read == mo.source.expert_bytes       # the cancelled three never read
+        assert not got.protected
+
+
+@in_loop
+async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, tmp_path):
+    path = copy_model(model, tmp_path)
+    with cache_of(path) as (cache, mo):
+        last = max((off + n, layer, e) for layer in range(2) for e in range(4)
+                   for off, n in mo.source.ranges(layer, e))
+        _, layer, e = last
+        cut = last[0] - 1
+        os.truncate(path, cut)     # the expert stored last loses its last byte
+        with pytest.raises(RequestError) as err:
+            await acquire(cache, mo, layer, [e])
+        assert err.value.code == "io" and f"layer {layer} expert {e}" in str(err.value)
+        assert mo.regions[HIGH].lookup((layer, e)) is None
+        assert all(not s.pins and s.state != "loading" for s in mo.regions[HIGH].slots)
+        assert cache.try_hit(OWNER, mo, layer, [e], [0.0]) is None
+        with pytest.raises(RequestError):                    # still unreadable, not cached
+            await acquire(cache, mo, layer, [e])
+
+        other = next((lo, eo) for lo in range(2) for eo in range(4)
+                     if max(off + n for off, n in mo.source.ranges(lo, eo)) <= cut)
+        (slot,) = await acquire(cache, mo, other[0], [other[1]])   # the cache serves on
+        assert slot_bytes_of(cache, slot) == file_bytes_of(mo.source, *other)
+
+
+@in_loop
+async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
+    from hobbit.compute.build.convert import convert
+    from hobbit.compute.engine import ggml
+    from hobbit.compute.engine.weights import open_model
+
+    path = copy_model(model, tmp_path)
+    comp = convert(open_model(path), ggml.Q4_0, progress=False)
+    with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
+        offset = companion.slot_image_offset(mo.low, 1, 2) + 100
+        with open(comp, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x01]))
+        with pytest.raises(RequestError) as err:
+            await acquire(cache, mo, 1, [2])
+        assert err.value.code == "checksum" and "layer 1 expert 2" in str(err.value)
+        assert mo.regions[LOW].lookup((1, 2)) is None
+        assert all(not s.pins for s in mo.regions[LOW].slots)
+
+        (slot,) = await acquire(cache, mo, 1, [3])              # a sound expert is served
+        assert slot.region.precision == LOW
+        with open(comp, "rb") as f:
+            f.seek(companion.slot_image_offset(mo.low, 1, 3))
+            want = f.read(mo.low.format.slot_bytes)
+        assert cache.shm.array[slot.offset:slot.offset + len(want)].tobytes() == want
+        with pytest.raises(RequestError) as err:               # still refused, never cached
+            await acquire(cache, mo, 1, [2])
+        assert err.value.code == "checksum"
