@@ -12,6 +12,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
 I8, I16, I32, I64, BF16 = 24, 25, 26, 27, 30
+IQ4_NL, IQ4_XS, MXFP4 = 20, 23, 39
 
 TYPES_BY_NAME = {t.name: int(t) for t in GGMLQuantizationType}
 

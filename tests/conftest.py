@@ -39,6 +39,27 @@ def synth(tmp_path_factory):
     return make
 
 
+_quant_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def quantized(synth, tmp_path_factory):
+    """quantized(ftype, **synth options) -> path of the F16 synthetic of those options (made
+    once) quantised by llama.cpp's own quantizer to ftype, once per session per ftype."""
+    from hobbit.compute.build.quantize import quantize_gguf
+
+    def make(ftype, **kw):
+        key = (ftype, tuple(sorted(kw.items())))
+        if key not in _quant_cache:
+            src = synth(**{**kw, "type": "F16"})
+            dst = str(tmp_path_factory.mktemp("quant") / f"{ftype}.gguf")
+            quantize_gguf(src, dst, ftype)
+            _quant_cache[key] = dst
+        return _quant_cache[key]
+
+    return make
+
+
 def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
     (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, the

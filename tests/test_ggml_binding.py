@@ -9,7 +9,8 @@ from gguf import quants
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.ggml import lib
 
-MATMUL_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+MATMUL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q2_K", "Q3_K", "Q4_K",
+                "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
 # gguf-py quantises these bit for bit like ggml's reference code
 NUMPY_QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
@@ -108,3 +109,39 @@ def test_type_tables_match_libggml():
         assert ggml_types.type_size(t) == lib.ggml_type_size(int(t)), t.name
         bs = ggml_types.block_size(t)
         assert ggml_types.row_size(t, 4 * bs) == lib.ggml_row_size(int(t), 4 * bs), t.name
+
+
+def test_every_weight_type_is_matmul_tested():
+    """WEIGHT_TYPES (what open_model accepts) are the types tested here."""
+    assert {ggml.type_name(t) for t in ggml.WEIGHT_TYPES} == set(MATMUL_TYPES) | {"Q5_1"}
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"])
+def test_mul_mat_id_on_quantized_experts_in_place(name):
+    """mul_mat_id (the MoE matmul: each token's chosen experts from one stacked tensor)
+    equals dequantise-then-multiply per chosen expert."""
+    t = ggml.TYPES_BY_NAME[name]
+    K, M, E, n_used, T = 256, 32, 4, 2, 3
+    w = _rand((E * M, K), 4)
+    wq = ggml.quantize(t, w, K)
+    wd = quants.dequantize(wq.reshape(E * M, -1), Q[name]).reshape(E, M, K)
+    x = _rand((T, n_used, K), 5)
+    ids = np.array([[0, 3], [2, 1], [3, 3]], np.int32)        # [T, n_used]
+    ctx = ggml.Context(8, 64)
+    tw = ctx.tensor(t, (K, M, E), "w", wq.ctypes.data)
+    tx = ctx.tensor(ggml.F32, (K, n_used, T), "x", x.ctypes.data)
+    tid = ctx.tensor(ggml.I32, (n_used, T), "ids", ids.ctypes.data)
+    y = np.zeros((T, n_used, M), np.float32)
+    out = lib.ggml_mul_mat_id(ctx.ptr, tw, tx, tid)
+    out.contents.data = y.ctypes.data
+    graph = lib.ggml_new_graph_custom(ctx.ptr, 64, False)
+    lib.ggml_build_forward_expand(graph, out)
+    backend = lib.ggml_backend_cpu_init()
+    try:
+        assert lib.ggml_backend_graph_compute(backend, graph) == 0
+    finally:
+        lib.ggml_backend_free(backend)
+        ctx.free()
+    ref = np.einsum("tuk,tumk->tum", x, wd[ids])
+    err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert err < 2e-2, err

