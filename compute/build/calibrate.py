@@ -28,7 +28,7 @@ from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import HIGH, LOW, SKIP, Thresholds
 from ...protocol.errors import HobbitError
-from ..engine.local_experts import LocalExperts
+from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions, route, softmax
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
@@ -40,7 +40,7 @@ def routing_trace(weights, tokens, n_ctx=512):
     unimportance scores, shapes (tokens, L, K), from an all-high in-process run."""
     a = weights.args
     model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
-    routers = np.stack([_router(weights, il) for il in range(a.n_layer)])   # (L, E, D)
+    routers = np.stack([weights.router(il) for il in range(a.n_layer)])     # (L, E, D)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
         chunk = tokens[start:start + n_ctx]
@@ -53,11 +53,6 @@ def routing_trace(weights, tokens, n_ctx=512):
         scores.append(score)
     model.close()
     return np.concatenate(sels), np.concatenate(scores)
-
-
-def _router(weights, il):
-    from ..engine.model import _f32
-    return _f32(weights, f"blk.{il}.ffn_gate_inp.weight")
 
 
 def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_ratio,

@@ -175,10 +175,10 @@ class _LlamaCpp:
     def __init__(self, path: str, opts: ComputeOptions, threads: int):
         import llama_cpp
 
-        from ..engine.tokenizer import _quiet_stderr
+        from ..engine.tokenizer import quiet_stderr
 
         self._api = llama_cpp
-        with _quiet_stderr():
+        with quiet_stderr():
             self.llm = llama_cpp.Llama(model_path=path, n_ctx=opts.ctx, n_batch=N_BATCH,
                                        n_threads=threads, n_threads_batch=threads,
                                        flash_attn=True, use_mmap=True, logits_all=False,

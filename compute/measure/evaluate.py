@@ -56,9 +56,7 @@ def tokenize_text(tok, text: str) -> list[int]:
 
 def model_adds_bos(tok) -> bool:
     """Whether the model's vocabulary asks for BOS (llama_vocab_get_add_bos)."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_vocab_get_add_bos(tok._vocab))
+    return tok.add_bos
 
 
 def as_scorer(model):
@@ -269,10 +267,10 @@ def _llama_cpp_scorer(path: str, args):
     import llama_cpp
 
     from ..engine.ggml import physical_cores
-    from ..engine.tokenizer import _quiet_stderr
+    from ..engine.tokenizer import quiet_stderr
 
     n = args.threads or physical_cores()
-    with _quiet_stderr():
+    with quiet_stderr():
         llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx, n_batch=min(args.ctx, 512),
                               logits_all=True, flash_attn=True, verbose=False,
                               n_threads=n, n_threads_batch=n)

@@ -28,26 +28,15 @@ from ...protocol.errors import InputError, ModelError
 SHUFFLE_SEED = 0
 
 
-def router_matrix(weights, layer: int) -> np.ndarray:
-    """Layer's router gate_inp as float32 (E, D)."""
-    from ..engine import ggml
-
-    info = weights.tensors[f"blk.{layer}.ffn_gate_inp.weight"]
-    raw = weights.reader.data[info.offset:info.offset + info.nbytes]
-    D, E = info.shape
-    return ggml.dequantize(info.type, raw, D * E).reshape(E, D)
-
-
-def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def route_inputs(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected experts (T, K), renormalised weights (T, K)) for FFN inputs x (T, D) and a
-    router (E, D), as llama.cpp routes: softmax, top-k (ties to the lower index), weights / sum."""
-    z = x.astype(np.float32) @ router.T                                       # (T, E)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    sel = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    w = np.take_along_axis(p, sel, axis=1)
-    return sel, w / w.sum(axis=1, keepdims=True)
+    router (E, D), routed as the model routes (engine/model.py route()), the weights always
+    renormalised: the shares the unimportance scores are taken of."""
+    from ..engine.model import route, softmax
+    from ..engine.weights import Routing
+
+    sel, share, _ = route(softmax(x.astype(np.float32) @ router.T), Routing(k, norm_weights=True))
+    return sel, share
 
 
 def _locality(sel_chunks: list, n_expert: int) -> dict:
@@ -118,7 +107,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
     if len(tokens) < 2:
         raise InputError("the text has fewer than 2 tokens")
     ctx = min(ctx, model.n_ctx)
-    routers = [router_matrix(model.w, il) for il in range(a.n_layer)]                  # (E, D)
+    routers = [model.w.router(il) for il in range(a.n_layer)]                         # (E, D)
     sels = [[] for _ in range(a.n_layer)]
     ws = [[] for _ in range(a.n_layer)]
     starts = range(0, len(tokens), ctx)
@@ -129,7 +118,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
             model.reset()
             model.forward(chunk, all_logits=True)
             for il in range(a.n_layer):
-                sel, w = route(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used)
+                sel, w = route_inputs(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used)
                 sels[il].append(sel)
                 ws[il].append(w)
             bar.update(len(chunk))
