@@ -28,6 +28,7 @@ from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import HIGH, LOW, SKIP, Thresholds
 from ...protocol.errors import HobbitError
+from ..divergence import mean_kld
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions, route, softmax
 
@@ -102,15 +103,6 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
                 slot.pins.clear()
     counts["cost"] = counts["high_miss"] + low_ratio * counts["low_miss"]
     return counts
-
-
-def mean_kld(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean KL(ref || test) over rows of next-token logits."""
-    def logsoftmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lr, lt = logsoftmax(ref_logits), logsoftmax(logits)
-    return float((np.exp(lr) * (lr - lt)).sum(-1).mean())
 
 
 def run_logits(model, th, tokens, n_ctx=512):

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from ...protocol.errors import DaemonError, HobbitError
-from ..build.calibrate import mean_kld
+from ..divergence import mean_kld
 
 CONFIGS = [
     ("a", "high only + LRU", ["--policy", "lru", "--no-dynamic"], 0),
@@ -62,11 +62,12 @@ def _stats(client) -> dict:
 def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_ctx=1024):
     """One configuration, one round: prefill each prompt, decode n_decode tokens (greedy,
     or `forced` tokens). Returns (measurements, tokens, logits)."""
-    from ..client.expert_client import ExpertClient
-    from ..engine.model import Model, RunOptions
+    from ..engine.model import RunOptions
+    from ..runs import ThroughDaemon, open_run
 
-    client = ExpertClient(sock, weights.path)
-    model = Model(weights, RunOptions(n_ctx=n_ctx, lookahead=lookahead), experts=client)
+    run = open_run(weights.path, RunOptions(n_ctx=n_ctx, lookahead=lookahead),
+                   ThroughDaemon(sock, autostart=False, quiet=True), weights=weights, tokenizer=False)
+    model, client = run.model, run.experts
     prefill_s, decode_s, n_tok, logits_all, tokens_all = [], 0.0, 0, [], []
     compute_s = wait_s = 0.0
     s0 = _stats(client)
@@ -98,8 +99,7 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
                            "other": 1e3 * (decode_s - compute_s - wait_s) / n_tok},
               "prefetch": model.prefetch.summary(), "daemon": delta,
               "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1)}
-    model.close()
-    client.close()
+    run.close()
     return result, tokens_all, logits_all
 
 

@@ -168,23 +168,19 @@ def format_stats(r: dict) -> str:
 def cmd_routing(args) -> int:
     import json
 
-    from .evaluate import read_text, resolve_model, tokenize_text
-    from ..engine.model import Model, RunOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+    from .evaluate import read_text, tokenize_text
+    from ..engine.model import RunOptions
+    from ..runs import open_run
 
-    path = resolve_model(args.model)
-    weights = open_model(path)
-    if not weights.args.is_moe:
-        raise ModelError(f"{path}: a dense model has no router to study")
-    tok = Tokenizer(path)
-    tokens = tokenize_text(tok, read_text(args.text))[:args.tokens]
-    model = Model(weights, RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads,
-                                      taps=("ffn_in",)))
-    try:
-        r = routing_stats(model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
-    finally:
-        model.close()
+    def check(weights, tok):
+        if not weights.args.is_moe:
+            raise ModelError(f"{weights.path}: a dense model has no router to study")
+
+    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads, taps=("ffn_in",))
+    with open_run(args.model, opts, check=check) as run:
+        tokens = tokenize_text(run.tok, read_text(args.text))[:args.tokens]
+        r = routing_stats(run.model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
+    path = run.path
     r = {"model": path, "text": args.text, **r}
     if args.json:
         print(json.dumps(r))
