@@ -29,6 +29,7 @@ from ...loader.pool import Region
 from ...loader.precision import HIGH, LOW, SKIP, Thresholds
 from ...protocol.errors import HobbitError
 from ..divergence import mean_kld
+from ..progress import progress_bar
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions, route, softmax
 
@@ -117,8 +118,6 @@ def run_logits(model, th, tokens, n_ctx=512):
 
 def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25,
               kld_bound=0.01, progress=True) -> dict:
-    from tqdm import tqdm
-
     from ...loader.companion import open_companion
     from ...loader.layout import gguf_experts
 
@@ -135,23 +134,27 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     ref = run_logits(model, Thresholds(dynamic=False), tokens)
     grid = [(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
     rows = []
-    for t1, t2 in tqdm(grid, desc="thresholds", disable=not progress, leave=False):
-        th = Thresholds(t1, t2)
-        # (1, 1) loads every expert in high precision: it is the reference itself, so that
-        # some pair always meets the bound (a model too sensitive for low precision gets none)
-        kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
-        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
-        rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
+    with progress_bar(len(grid), "thresholds", progress) as bar:
+        for t1, t2 in grid:
+            th = Thresholds(t1, t2)
+            # (1, 1) loads every expert in high precision: it is the reference itself, so that
+            # some pair always meets the bound (a model too sensitive for low precision gets none)
+            kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
+            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
+            rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
+            bar.update(1)
     ok = [r for r in rows if r["kld"] <= kld_bound]
     best = min(ok, key=lambda r: (r["cost"], r["kld"]))
     model.close()
     th = Thresholds(best["t1"], best["t2"])
     simplex = [w for w in itertools.product((0, 0.25, 0.5, 0.75, 1.0), repeat=4) if abs(sum(w) - 1) < 1e-9]
     policy_rows = []
-    for w in tqdm(simplex, desc="policy weights", disable=not progress, leave=False):
-        pw = PolicyWeights(*w)
-        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
-        policy_rows.append({"weights": list(w), **sim})
+    with progress_bar(len(simplex), "policy weights", progress) as bar:
+        for w in simplex:
+            pw = PolicyWeights(*w)
+            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
+            policy_rows.append({"weights": list(w), **sim})
+            bar.update(1)
     lru = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "lru")
     bestw = min(policy_rows, key=lambda r: r["cost"])
     return {

@@ -40,13 +40,14 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ...hobbitd.config import default_model_file, models_dir
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
+from ..progress import progress_bar
 
 RECIPE = "r2"            # bump whenever the build's output changes
 DEFAULT_EXPERTS = 16
@@ -167,8 +168,6 @@ def _source_key(path: str) -> tuple:
 def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     """(tokens, [X_l (T, D) float32 per layer]): the FFN inputs of the calibration text.
     Cached in this process per source and amount (building variants reuses it)."""
-    from tqdm import tqdm
-
     from ..engine.model import Model, RunOptions
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
@@ -181,8 +180,7 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     model = Model(weights, RunOptions(n_ctx=1024, n_batch=512, n_threads=CALIB_THREADS, taps=("ffn_in",)))
     tokens, xs = [], [[] for _ in range(weights.args.n_layer)]
     try:
-        with tqdm(total=opts.calib_tokens, desc="moefy: calibration text", unit="tok",
-                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(opts.calib_tokens, "moefy: calibration text", progress, "tok") as bar:
             for seq, taps in calibration_text(model, tok, opts.calib_tokens, opts.per_prompt,
                                               progress=bar):
                 tokens.append(seq)
@@ -308,8 +306,6 @@ _plan_cache: dict = {}
 def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[LayerPlan]:
     """Every layer's split and router (cached in this process per source and options that
     matter: variants differing in top_k, temperature or expert_type share it)."""
-    from tqdm import tqdm
-
     from ..engine.weights import open_model
 
     key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
@@ -323,10 +319,11 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
     check(opts, a.n_ff)
     _, xs = calibrate(source, opts, progress)
     plans = []
-    for il in tqdm(range(a.n_layer), desc="moefy: split layers", unit="layer", file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True):
-        gate, up, down = ffn_weights(weights, il)
-        plans.append(plan_layer(xs[il], gate, up, down, opts, il))
+    with progress_bar(a.n_layer, "moefy: split layers", progress, "layer") as bar:
+        for il in range(a.n_layer):
+            gate, up, down = ffn_weights(weights, il)
+            plans.append(plan_layer(xs[il], gate, up, down, opts, il))
+            bar.update(1)
     while len(_plan_cache) >= 4:
         _plan_cache.pop(next(iter(_plan_cache)))
     _plan_cache[key] = plans
@@ -411,8 +408,6 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
                 progress: bool) -> None:
     import gguf
     from gguf import GGUFValueType
-    from tqdm import tqdm
-
     a = weights.args
     E, K = opts.experts, opts.top_k
     D, F = a.n_embd, a.n_ff
@@ -496,8 +491,7 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
         w.write_ti_data_to_file()
         f = w.fout[0]
         w.write_padding(f, f.tell())
-        with tqdm(total=sum(r[3] for r in table), desc="moefy: write", unit="B", unit_scale=True,
-                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(sum(r[3] for r in table), "moefy: write", progress, "B") as bar:
             for name, t, ne, nbytes, how in table:
                 data = np.ascontiguousarray(produce(how))
                 if data.nbytes != nbytes:

@@ -35,7 +35,6 @@ import functools
 import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ import numpy as np
 
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
+from ..progress import progress_bar
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -300,8 +300,6 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, tensors)
 
 def _write(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, bar_label) -> None:
     """Write the file; bar_label: the progress bar's title, None for no bar."""
-    from tqdm import tqdm
-
     tensors = plan(opts, n_vocab)
     w = _writer(path, opts, n_vocab, tokenizer_kvs, tensors)
     try:
@@ -314,8 +312,7 @@ def _write(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, bar_label
         w.write_padding(f, f.tell())
         rng = np.random.default_rng(opts.seed)
         total = sum(_nbytes(t) for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=bar_label, file=sys.stderr,
-                  disable=bar_label is None) as bar:
+        with progress_bar(total, bar_label or "", bar_label is not None, "B") as bar:
             for t in tensors:
                 n = 0
                 for data in _pieces(t, rng):

@@ -31,6 +31,7 @@ import numpy as np
 
 from ...protocol.errors import InputError
 from ..divergence import kl_rows, log_softmax
+from ..progress import progress_bar
 
 # ---- text and scorers --------------------------------------------------------------------------
 
@@ -88,13 +89,6 @@ def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None
     return out
 
 
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr, disable=not progress,
-                dynamic_ncols=True)
-
-
 def _ppl_stats(nll_sum: float, nll2_sum: float, count: int) -> dict:
     mean = nll_sum / count
     var = nll2_sum / count - mean * mean
@@ -118,7 +112,7 @@ def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progres
     count = 0
     running = []
     t0 = time.perf_counter()
-    with _bar(len(todo), "perplexity", progress) as bar:
+    with progress_bar(len(todo), "perplexity", progress, "chunk") as bar:
         for chunk in todo:
             logits = np.asarray(score(chunk))[first:ctx - 1]                   # (ctx/2-1, V)
             target = np.asarray(chunk[first + 1:ctx])
@@ -152,7 +146,7 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
     klds = []
     count = 0
     t0 = time.perf_counter()
-    with _bar(len(todo), "kl-divergence", progress) as bar:
+    with progress_bar(len(todo), "kl-divergence", progress, "chunk") as bar:
         for chunk in todo:
             target = np.asarray(chunk[first + 1:ctx])
             rows = np.arange(target.size)

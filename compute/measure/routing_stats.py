@@ -18,7 +18,6 @@ weights renormalised. Per layer it reports
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
@@ -97,7 +96,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
                   progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
     "ffn_in"); see the module docstring for what is returned."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     a = model.args
     if not a.is_moe:
@@ -111,8 +110,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
     sels = [[] for _ in range(a.n_layer)]
     ws = [[] for _ in range(a.n_layer)]
     starts = range(0, len(tokens), ctx)
-    with tqdm(total=len(tokens), desc="routing", unit="tok", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with progress_bar(len(tokens), "routing", progress, "tok") as bar:
         for start in starts:
             chunk = list(tokens[start:start + ctx])
             model.reset()
