@@ -177,7 +177,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..measure import bench, evaluate, routing_stats
-    from ..build import calibrate, moefy, synth
+    from ..build import calibrate, models, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_top)
 
-    moefy.add_parser(sub)
+    models.add_parser(sub)
     evaluate.add_parser(sub)
     routing_stats.add_parser(sub)
     calibrate.add_parser(sub)
