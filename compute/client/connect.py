@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from ...protocol.errors import DaemonError
-from .daemon import DaemonProcess, daemon_answers
+from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
 
 
 class PrivateDaemon(DaemonProcess):
@@ -33,9 +33,9 @@ class PrivateDaemon(DaemonProcess):
                          env=env, own_session=True)
         atexit.register(self.stop)
 
-    def wait_ready(self, timeout: float | None = None) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         try:
-            super().wait_ready(*(() if timeout is None else (timeout,)))
+            super().wait_ready(timeout)
         except DaemonError as e:
             self.stop()
             raise DaemonError(e.code, f"the private {e}") from None
