@@ -69,7 +69,7 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     import llama_cpp
     import llama_cpp.llama_cpp as low
     from hobbit.compute.engine.ggml import physical_cores
-    from hobbit.compute.engine.tokenizer import _quiet_stderr
+    from hobbit.compute.engine.tokenizer import quiet_stderr
 
     n = physical_cores()
     kw = {"n_threads": n, "n_threads_batch": n, **kw}
@@ -82,7 +82,7 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
 
     low.llama_model_default_params = no_repack   # Llama() has no keyword for it
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True,
                                    flash_attn=True, verbose=False, seed=0, **kw)
     finally:

@@ -1,46 +1,36 @@
 """Helpers for daemon tests: run the real hobbitd as a subprocess, talk to it raw.
 
-run_daemon(models, cache_size, tmp_path, **flags) starts `python -m hobbit.hobbitd.main`
-with --socket in tmp_path and yields once it answers a HELLO; flags become --flag-name
-value (True: a bare flag). The raw client is a ZeroMQ DEALER speaking protocol.messages,
-with no retries or reconnects, so tests see exactly what the daemon sends.
+run_daemon(models, cache_size, tmp_path, **flags) starts hobbitd (client/daemon.py) with
+--socket in tmp_path and yields once it answers a HELLO; flags become --flag-name value
+(True: a bare flag). Stopping it checks it exited 0 without a Traceback. The raw client is
+a ZeroMQ DEALER speaking protocol.messages, with no retries or reconnects, so tests see
+exactly what the daemon sends.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import zmq
 
+from hobbit.compute.client.daemon import DaemonProcess, daemon_command
 from hobbit.protocol import messages as m
+from hobbit.protocol.errors import DaemonError
 
-DAEMON = [sys.executable, "-m", "hobbit.hobbitd.main"]
 START_TIMEOUT = 60.0   # seconds; opening a GGUF parses its whole vocabulary (a few s)
 
 
-class RunningDaemon:
-    def __init__(self, proc: subprocess.Popen, socket: str, stderr_path: str):
-        self.proc, self.socket, self.stderr_path = proc, socket, stderr_path
-
+class RunningDaemon(DaemonProcess):
     @property
     def stderr(self) -> str:
-        with open(self.stderr_path) as f:
-            return f.read()
+        return self.log()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the daemon, wait for it, assert it exited 0; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        rc = super().stop(sig, timeout)
+        if self.killed:
             pytest.fail(f"hobbitd did not stop within {timeout} s:\n{self.stderr}")
         assert rc == 0, f"hobbitd exited {rc}:\n{self.stderr}"
         assert "Traceback" not in self.stderr, self.stderr
@@ -48,51 +38,23 @@ class RunningDaemon:
 
 
 def daemon_args(models, cache_size, socket, **flags) -> list[str]:
-    args = [*DAEMON, "--socket", socket, "--cache-size", str(cache_size)]
-    for path in models:
-        args += ["--model", str(path)]
-    for name, value in flags.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value not in (None, False):
-            args += [flag, str(value)]
-    return args
+    return daemon_command(models, socket, cache_size, **flags)
 
 
 @contextlib.contextmanager
 def run_daemon(models, cache_size, tmp_path, env=None, **flags):
     """Yield a RunningDaemon serving `models`; stopped (and checked for exit 0) after."""
-    socket = str(tmp_path / "hobbitd.sock")
-    stderr_path = str(tmp_path / "hobbitd.stderr")
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(daemon_args(models, cache_size, socket, **flags),
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, **(env or {})})
-    d = RunningDaemon(proc, socket, stderr_path)
+    d = RunningDaemon(models, str(tmp_path / "hobbitd.sock"), log_path=str(tmp_path / "hobbitd.stderr"),
+                      cache_size=cache_size, env={**os.environ, **(env or {})}, **flags)
     try:
-        wait_ready(d)
+        try:
+            d.wait_ready(START_TIMEOUT)
+        except DaemonError as e:
+            pytest.fail(f"hobbitd did not start: {e}\n{d.stderr}")
         yield d
     finally:
-        if proc.poll() is None:
+        if d.proc.poll() is None:
             d.stop()
-
-
-def wait_ready(d: RunningDaemon) -> None:
-    sock = connect(d.socket)
-    try:
-        send(sock, m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name="test-probe")
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if d.proc.poll() is not None:
-                pytest.fail(f"hobbitd exited {d.proc.returncode} at startup:\n{d.stderr}")
-            if recv(sock, 0.2) is not None:
-                send(sock, m.Cmd.BYE)
-                time.sleep(0.05)       # let the BYE leave before the socket closes
-                return
-        pytest.fail(f"hobbitd did not answer HELLO within {START_TIMEOUT} s:\n{d.stderr}")
-    finally:
-        sock.close(linger=0)
 
 
 # ---- raw client ----------------------------------------------------------------------------

@@ -73,10 +73,10 @@ def test_rows_that_do_not_fit_the_block_fall_back(tmp_path):
                                 dict(arch="phimoe")])
 def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     import llama_cpp
-    from hobbit.compute.engine.tokenizer import _quiet_stderr
+    from hobbit.compute.engine.tokenizer import quiet_stderr
 
     path = make(tmp_path, **kw)
-    with _quiet_stderr():
+    with quiet_stderr():
         llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False, flash_attn=True)
         prompt = llm.tokenize(b"Once upon a time")
         tokens = []

@@ -26,83 +26,56 @@ def _socket(args) -> str:
     return args.socket or default_socket()
 
 
-def _expert_client(args, weights):
-    """An ExpertClient for a MoE run through hobbitd, or None to compute in-process
-    (--no-daemon, or a dense model: it has no experts to offload). With no --socket and no
-    $HOBBIT_SOCKET, a private hobbitd is started when none is running."""
-    import os
-
-    if getattr(args, "no_daemon", False) or not weights.args.is_moe:
-        return None
-    from ..client.connect import connect
-
-    explicit = bool(getattr(args, "socket", None) or os.environ.get("HOBBIT_SOCKET"))
-    return connect(weights.path, _socket(args), autostart=not explicit,
-                   quiet=getattr(args, "quiet", False))
-
-
 def cmd_generate(args) -> int:
     from ..engine.generate import TextStream, generate_tokens
-    from ..engine.model import Model, RunOptions
+    from ..engine.model import RunOptions
     from ..engine.sampling import Sampler, SamplingOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+    from ..runs import ThroughDaemon, open_run
     from ...protocol.errors import InputError
 
-    weights = open_model(args.model)
-    tok = Tokenizer(args.model)
-    text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    prompt = tok.encode(text, parse_special=args.chat)
-    if not prompt:
-        raise InputError("the prompt is empty")
-    if len(prompt) >= args.ctx:
-        raise InputError(f"the prompt has {len(prompt)} tokens; the context holds {args.ctx} "
-                         "(raise --ctx or shorten the prompt)")
-    model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
-                  experts=_expert_client(args, weights))
+    prompt = []
+
+    def check(weights, tok):      # before hobbitd is asked: a bad prompt starts none
+        text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        prompt.extend(tok.encode(text, parse_special=args.chat))
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if len(prompt) >= args.ctx:
+            raise InputError(f"the prompt has {len(prompt)} tokens; the context holds {args.ctx} "
+                             "(raise --ctx or shorten the prompt)")
+
+    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
+                   ThroughDaemon.from_args(args), check=check)
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
-    stream = TextStream(tok)
+    stream = TextStream(run.tok)
     out = sys.stdout
-    for token in generate_tokens(model, prompt, args.n_predict, sampler, stop=tok.is_eog):
+    for token in generate_tokens(run.model, prompt, args.n_predict, sampler, stop=run.tok.is_eog):
         out.write(stream.push(token))
         out.flush()
     out.write(stream.flush() + "\n")
     return 0
 
 
-def default_model() -> str:
-    """The model used when none is named: the default MoE made from SmolLM2-135M-Instruct
-    (compute/moefy.py), built with a progress bar on first use and cached."""
-    from ..build.moefy import default_model_path
-
-    return default_model_path(build=True, progress=True)
-
-
 def cmd_chat(args) -> int:
     from .chat import ChatSession, run_chat
-    from ..engine.model import Model, RunOptions
+    from ..engine.model import RunOptions
     from ..engine.sampling import Sampler, SamplingOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+    from ..runs import ThroughDaemon, open_run
 
-    path = default_model() if args.model in (None, "default") else args.model
-    weights = open_model(path)
-    experts = _expert_client(args, weights)
-    model = Model(weights, RunOptions(n_ctx=args.ctx, n_threads=args.threads), experts=experts)
-    tok = Tokenizer(path)
-    tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
+    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
+                   ThroughDaemon.from_args(args))
+    run.tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
-    where = f"through hobbitd at {experts.socket_path}" if experts else "in-process"
-    print(f"hobbit chat: {path} ({where})", file=sys.stderr)
-    return run_chat(ChatSession(model, tok, sampler, args.n_predict))
+    where = f"through hobbitd at {run.experts.socket_path}" if run.experts else "in-process"
+    print(f"hobbit chat: {run.path} ({where})", file=sys.stderr)
+    return run_chat(ChatSession(run.model, run.tok, sampler, args.n_predict))
 
 
 def cmd_serve(args) -> int:
     import os
 
-    from ..client.expert_client import ExpertClient
     from .serve import ServeOptions, bind, serve
-
+    from ..runs import ThroughDaemon, resolve_model
     from ...protocol.errors import InputError
 
     if args.parallel < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
@@ -110,20 +83,14 @@ def cmd_serve(args) -> int:
                          "need at least 1 slot, a queue of 0 or more, and a port in 0..65535")
     sock = bind(args.host, args.port)     # a port in use fails now, not after the model loads
     try:
-        path = default_model() if args.model in (None, "default") else args.model
+        path = resolve_model(args.model)
     except BaseException:
         sock.close()
         raise
-
-    def experts_for(weights, first):
-        if first is None:
-            return _expert_client(args, weights)
-        return ExpertClient(first.socket_path, weights.path)   # more slots: the same daemon
-
     opts = ServeOptions(model=path, host=args.host, port=args.port, parallel=args.parallel,
                         max_queue=args.max_queue, n_ctx=args.ctx, n_threads=args.threads,
                         api_key=args.api_key or os.environ.get("HOBBIT_API_KEY") or None)
-    return serve(opts, experts_for, sock)
+    return serve(opts, ThroughDaemon.from_args(args), sock)
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
@@ -210,7 +177,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..measure import bench, evaluate, routing_stats
-    from ..build import calibrate, moefy, synth
+    from ..build import calibrate, models, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -291,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_top)
 
-    moefy.add_parser(sub)
+    models.add_parser(sub)
     evaluate.add_parser(sub)
     routing_stats.add_parser(sub)
     calibrate.add_parser(sub)

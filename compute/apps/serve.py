@@ -3,15 +3,16 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or server-sent events with
 "stream": true), GET /v1/models, /health, /metrics (Prometheus text).
 
-Concurrency: the server holds `parallel` slots; a slot is one Model with its own KV cache
-and its own hobbitd connection, so all slots share the daemon's one expert cache. A request
-takes a free slot (the one whose cached tokens share the longest prefix with its prompt,
+Concurrency: the server holds `parallel` seats (the "slots" of its options and metrics;
+not the cache slots of loader/pool.py); a seat is one Model with its own KV cache and its
+own hobbitd connection, so all seats share the daemon's one expert cache. A request
+takes a free seat (the one whose cached tokens share the longest prefix with its prompt,
 so a conversation's next turn computes only the new tokens) and generates in a worker
 thread; when every slot is busy, requests wait in arrival order, up to `max_queue` waiting,
 beyond which they get 503. A client that disconnects stops its generation at the next token.
 
 Request → slot → tokens: handle_completion() parses (api.parse), waits for a slot
-(Slots.take), runs Slot.generate in a thread, which pushes text pieces to an asyncio queue
+(Seats.take), runs Seat.generate in a thread, which pushes text pieces to an asyncio queue
 that the handler streams or collects.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
 
 
-class Slot:
+class Seat:
     """One Model and the tokens its KV cache holds. Used by one request at a time."""
 
     def __init__(self, index: int, model, tok):
@@ -118,16 +119,16 @@ class Slot:
         return self.tok.is_eog(token)
 
 
-class Slots:
+class Seats:
     """The free slots; take() waits (FIFO) for one, preferring the longest cached prefix."""
 
-    def __init__(self, slots: list[Slot], max_queue: int):
+    def __init__(self, slots: list[Seat], max_queue: int):
         self.all, self.free = slots, list(slots)
         self.max_queue = max_queue
         self.waiting = 0
         self._cond = asyncio.Condition()
 
-    async def take(self, ids: list) -> Slot:
+    async def take(self, ids: list) -> Seat:
         async with self._cond:
             if not self.free and self.waiting >= self.max_queue:
                 raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting "
@@ -142,7 +143,7 @@ class Slots:
             slot.cancel.clear()
             return slot
 
-    async def give(self, slot: Slot) -> None:
+    async def give(self, slot: Seat) -> None:
         async with self._cond:
             self.free.append(slot)
             self._cond.notify()
@@ -151,10 +152,10 @@ class Slots:
 class Server:
     """The slots, the tokenizer, the counters; the aiohttp handlers are its methods."""
 
-    def __init__(self, opts: ServeOptions, slots: list[Slot], tok, daemon_socket: str | None):
+    def __init__(self, opts: ServeOptions, slots: list[Seat], tok, daemon_socket: str | None):
         self.opts, self.tok = opts, tok
         self.name = os.path.basename(opts.model).removesuffix(".gguf")
-        self.slots = Slots(slots, opts.max_queue)
+        self.slots = Seats(slots, opts.max_queue)
         self.pool = ThreadPoolExecutor(max_workers=len(slots) + 1, thread_name_prefix="hobbit-gen")
         self.daemon_socket = daemon_socket
         self._stats_client = None
@@ -220,7 +221,7 @@ class Server:
                            "messages" if job.chat else "prompt", "context_length_exceeded")
         return ids
 
-    async def _run(self, request, slot: Slot, ids: list, job: api.Job, on_piece) -> dict:
+    async def _run(self, request, slot: Seat, ids: list, job: api.Job, on_piece) -> dict:
         """Generate in a worker thread; each piece reaches on_piece (an async-side callable
         or coroutine function) in order. A disconnected client cancels the slot."""
         loop = asyncio.get_running_loop()
@@ -259,7 +260,7 @@ class Server:
                            code="shutting_down")
         return result
 
-    async def _stream(self, request, slot: Slot, ids: list, job: api.Job):
+    async def _stream(self, request, slot: Seat, ids: list, job: api.Job):
         from aiohttp import web
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -392,27 +393,24 @@ def build_app(server: Server):
     return app
 
 
-def load(opts: ServeOptions, experts_for) -> Server:
-    """Open the model once per slot. experts_for(weights, first) gives slot's expert
-    provider (first: the first slot's, which may start a private hobbitd; None: in-process)."""
-    from ..engine.model import Model, RunOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+def load(opts: ServeOptions, daemon) -> Server:
+    """Open the model once per seat: the first through `daemon` (a runs.ThroughDaemon,
+    which may start a private hobbitd; None: in-process), the others on the same weights,
+    tokenizer and hobbitd."""
+    from ..engine.model import RunOptions
+    from ..runs import open_run
 
-    weights = open_model(opts.model)
-    tok = Tokenizer(opts.model)
-    slots, first = [], None
+    first = open_run(opts.model, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), daemon)
+    runs = [first]
     try:
-        for i in range(opts.parallel):
-            experts = experts_for(weights, first)
-            first = first or experts
-            model = Model(weights, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), experts=experts)
-            slots.append(Slot(i, model, tok))
+        while len(runs) < opts.parallel:
+            runs.append(first.another())
     except BaseException:
-        for s in slots:
-            s.model.close()
+        for r in reversed(runs):     # the first one's client may own a private hobbitd
+            r.close()
         raise
-    return Server(opts, slots, tok, first.socket_path if first is not None else None)
+    seats = [Seat(i, r.model, r.tok) for i, r in enumerate(runs)]
+    return Server(opts, seats, first.tok, first.experts.socket_path if first.experts else None)
 
 
 def bind(host: str, port: int):
@@ -459,13 +457,13 @@ async def run(server: Server, sock) -> None:
     await runner.cleanup()
 
 
-def serve(opts: ServeOptions, experts_for, sock) -> int:
+def serve(opts: ServeOptions, daemon, sock) -> int:
     """Load opts.model into its slots and serve on `sock` (from bind(); closed here)."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="hobbit serve: %(message)s", stream=sys.stderr)
     try:
-        server = load(opts, experts_for)
+        server = load(opts, daemon)
         try:
             uvloop.run(run(server, sock))
         finally:

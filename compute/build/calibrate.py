@@ -28,7 +28,9 @@ from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import HIGH, LOW, SKIP, Thresholds, decide
 from ...protocol.errors import HobbitError
-from ..engine.local_experts import LocalExperts
+from ..divergence import mean_kld
+from ..progress import progress_bar
+from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions, route, softmax
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
@@ -40,7 +42,7 @@ def routing_trace(weights, tokens, n_ctx=512):
     unimportance scores, shapes (tokens, L, K), from an all-high in-process run."""
     a = weights.args
     model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
-    routers = np.stack([_router(weights, il) for il in range(a.n_layer)])   # (L, E, D)
+    routers = np.stack([weights.router(il) for il in range(a.n_layer)])     # (L, E, D)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
         chunk = tokens[start:start + n_ctx]
@@ -53,11 +55,6 @@ def routing_trace(weights, tokens, n_ctx=512):
         scores.append(score)
     model.close()
     return np.concatenate(sels), np.concatenate(scores)
-
-
-def _router(weights, il):
-    from ..engine.model import _f32
-    return _f32(weights, f"blk.{il}.ffn_gate_inp.weight")
 
 
 def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_ratio,
@@ -105,15 +102,6 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
     return counts
 
 
-def mean_kld(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean KL(ref || test) over rows of next-token logits."""
-    def logsoftmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lr, lt = logsoftmax(ref_logits), logsoftmax(logits)
-    return float((np.exp(lr) * (lr - lt)).sum(-1).mean())
-
-
 def run_logits(model, th, tokens, n_ctx=512):
     """All next-token logits of `tokens` with the model's LocalExperts set to thresholds th."""
     model.experts.thresholds = th
@@ -126,8 +114,6 @@ def run_logits(model, th, tokens, n_ctx=512):
 
 def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25,
               kld_bound=0.01, progress=True) -> dict:
-    from tqdm import tqdm
-
     from ...loader.companion import open_companion
     from ...loader.layout import gguf_experts
 
@@ -144,23 +130,27 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     ref = run_logits(model, Thresholds(dynamic=False), tokens)
     grid = [(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
     rows = []
-    for t1, t2 in tqdm(grid, desc="thresholds", disable=not progress, leave=False):
-        th = Thresholds(t1, t2)
-        # (1, 1) loads every expert in high precision: it is the reference itself, so that
-        # some pair always meets the bound (a model too sensitive for low precision gets none)
-        kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
-        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
-        rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
+    with progress_bar(len(grid), "thresholds", progress) as bar:
+        for t1, t2 in grid:
+            th = Thresholds(t1, t2)
+            # (1, 1) loads every expert in high precision: it is the reference itself, so that
+            # some pair always meets the bound (a model too sensitive for low precision gets none)
+            kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
+            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
+            rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
+            bar.update(1)
     ok = [r for r in rows if r["kld"] <= kld_bound]
     best = min(ok, key=lambda r: (r["cost"], r["kld"]))
     model.close()
     th = Thresholds(best["t1"], best["t2"])
     simplex = [w for w in itertools.product((0, 0.25, 0.5, 0.75, 1.0), repeat=4) if abs(sum(w) - 1) < 1e-9]
     policy_rows = []
-    for w in tqdm(simplex, desc="policy weights", disable=not progress, leave=False):
-        pw = PolicyWeights(*w)
-        sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
-        policy_rows.append({"weights": list(w), **sim})
+    with progress_bar(len(simplex), "policy weights", progress) as bar:
+        for w in simplex:
+            pw = PolicyWeights(*w)
+            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
+            policy_rows.append({"weights": list(w), **sim})
+            bar.update(1)
     lru = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "lru")
     bestw = min(policy_rows, key=lambda r: r["cost"])
     return {

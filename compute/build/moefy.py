@@ -40,13 +40,14 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ...hobbitd.config import default_model_file, models_dir
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
+from ..progress import progress_bar
 
 RECIPE = "r2"            # bump whenever the build's output changes
 DEFAULT_EXPERTS = 16
@@ -167,8 +168,6 @@ def _source_key(path: str) -> tuple:
 def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     """(tokens, [X_l (T, D) float32 per layer]): the FFN inputs of the calibration text.
     Cached in this process per source and amount (building variants reuses it)."""
-    from tqdm import tqdm
-
     from ..engine.model import Model, RunOptions
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
@@ -181,8 +180,7 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     model = Model(weights, RunOptions(n_ctx=1024, n_batch=512, n_threads=CALIB_THREADS, taps=("ffn_in",)))
     tokens, xs = [], [[] for _ in range(weights.args.n_layer)]
     try:
-        with tqdm(total=opts.calib_tokens, desc="moefy: calibration text", unit="tok",
-                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(opts.calib_tokens, "moefy: calibration text", progress, "tok") as bar:
             for seq, taps in calibration_text(model, tok, opts.calib_tokens, opts.per_prompt,
                                               progress=bar):
                 tokens.append(seq)
@@ -308,8 +306,6 @@ _plan_cache: dict = {}
 def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[LayerPlan]:
     """Every layer's split and router (cached in this process per source and options that
     matter: variants differing in top_k, temperature or expert_type share it)."""
-    from tqdm import tqdm
-
     from ..engine.weights import open_model
 
     key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
@@ -323,10 +319,11 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
     check(opts, a.n_ff)
     _, xs = calibrate(source, opts, progress)
     plans = []
-    for il in tqdm(range(a.n_layer), desc="moefy: split layers", unit="layer", file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True):
-        gate, up, down = ffn_weights(weights, il)
-        plans.append(plan_layer(xs[il], gate, up, down, opts, il))
+    with progress_bar(a.n_layer, "moefy: split layers", progress, "layer") as bar:
+        for il in range(a.n_layer):
+            gate, up, down = ffn_weights(weights, il)
+            plans.append(plan_layer(xs[il], gate, up, down, opts, il))
+            bar.update(1)
     while len(_plan_cache) >= 4:
         _plan_cache.pop(next(iter(_plan_cache)))
     _plan_cache[key] = plans
@@ -367,17 +364,6 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _copied_fields(reader):
-    """(key, value, type, sub_type) of every metadata key to copy from the dense GGUF."""
-    from gguf import GGUFValueType
-
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        yield key, f.contents(), f.types[0], sub
-
-
 def model_name(opts: MoefyOptions) -> str:
     """smollm2-135m-moe-e16k8-r1, with the options that differ from the default appended."""
     d = MoefyOptions()
@@ -411,7 +397,8 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
                 progress: bool) -> None:
     import gguf
     from gguf import GGUFValueType
-    from tqdm import tqdm
+
+    from .gguf_writer import TensorEntry, copied_fields, write_gguf
 
     a = weights.args
     E, K = opts.experts, opts.top_k
@@ -422,7 +409,7 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
     mm = weights.reader.data
 
     # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
-    table = []            # (name, ggml type, ne (ggml order), nbytes, producer)
+    table = []            # (TensorEntry, producer)
     done = set()
     for name, info in weights.tensors.items():
         parts = name.split(".")
@@ -433,14 +420,16 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
             done.add(il)
             p = f"blk.{il}."
             table += [
-                (p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E, ("router", il)),
-                (p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F, ("rows", il, "gate")),
-                (p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F, ("rows", il, "up")),
-                (p + "ffn_down_exps.weight", down_t, (Fe, D, E), ggml.row_size(down_t, Fe) * D * E,
-                 ("down", il)),
+                (TensorEntry(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E), ("router", il)),
+                (TensorEntry(p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
+                 ("rows", il, "gate")),
+                (TensorEntry(p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
+                 ("rows", il, "up")),
+                (TensorEntry(p + "ffn_down_exps.weight", down_t, (Fe, D, E),
+                             ggml.row_size(down_t, Fe) * D * E), ("down", il)),
             ]
         else:
-            table.append((name, info.type, info.shape, info.nbytes, ("copy", name)))
+            table.append((TensorEntry(name, info.type, info.shape, info.nbytes), ("copy", name)))
 
     def produce(how) -> bytes:
         kind = how[0]
@@ -470,7 +459,9 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
     src_name = os.path.basename(source)
     w = gguf.GGUFWriter(path, "llama")
     try:
-        for key, value, vtype, sub in _copied_fields(weights.reader):
+        copied = copied_fields(weights.reader,
+                               lambda k: not k.startswith("GGUF.") and k != "general.architecture")
+        for key, value, vtype, sub in copied:
             if key == "general.name":
                 value = f"{value} MoE {E}x{Fe} top-{K} (hobbit moefy {RECIPE})"
             elif key == "llama.feed_forward_length":
@@ -488,25 +479,12 @@ def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: M
                 w.add_key_value(key, v, GGUFValueType.FLOAT32)
             else:
                 w.add_key_value(key, int(v), GGUFValueType.UINT32)
-        for name, t, ne, nbytes, _ in table:
-            w.add_tensor_info(name, ne[::-1], np.dtype(np.float32), nbytes,
-                              raw_dtype=gguf.GGMLQuantizationType(t))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        f = w.fout[0]
-        w.write_padding(f, f.tell())
-        with tqdm(total=sum(r[3] for r in table), desc="moefy: write", unit="B", unit_scale=True,
-                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-            for name, t, ne, nbytes, how in table:
-                data = np.ascontiguousarray(produce(how))
-                if data.nbytes != nbytes:
-                    raise ModelError(f"moefy: {name} came out as {data.nbytes} bytes, expected {nbytes}")
-                data.tofile(f)
-                w.write_padding(f, nbytes)
-                bar.update(nbytes)
-    finally:
+    except BaseException:
         w.close()
+        raise
+    how = {entry.name: h for entry, h in table}
+    write_gguf(w, [entry for entry, _ in table], lambda entry: [produce(how[entry.name])],
+               "moefy: write", progress, "moefy")
 
 
 def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = None,
@@ -585,106 +563,3 @@ def _lock(path: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def describe(path: str) -> dict:
-    """What a prepared model is: size, experts, top-k and the moefy recipe (if any)."""
-    from ..engine.weights import open_model
-
-    w = open_model(path)
-    info = {"path": path, "bytes": os.path.getsize(path), "experts": w.args.n_expert,
-            "top_k": w.args.n_expert_used, "name": w.field("general.name")}
-    for key in w.reader.fields:
-        if key.startswith("hobbit.moefy."):
-            info[key[len("hobbit.moefy."):]] = w.field(key)
-    return info
-
-
-def list_models() -> list[dict]:
-    d = models_dir()
-    if not os.path.isdir(d):
-        return []
-    out = []
-    for name in sorted(os.listdir(d)):
-        if name.endswith(".gguf"):
-            try:
-                out.append(describe(os.path.join(d, name)))
-            except ModelError as e:
-                out.append({"path": os.path.join(d, name), "error": str(e)})
-    return out
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-def cmd_models(args) -> int:
-    import json
-
-    models = list_models()
-    default = default_model_file()
-    if args.json:
-        print(json.dumps({"dir": models_dir(), "default": default, "models": models}))
-        return 0
-    print(f"{models_dir()}:")
-    if not models:
-        print("  (none prepared yet: hobbit-cli prepare builds the default model)")
-    for m in models:
-        if "error" in m:
-            print(f"  {os.path.basename(m['path'])}: unreadable ({m['error']})")
-            continue
-        mark = "  (default)" if m["path"] == default else ""
-        print(f"  {os.path.basename(m['path'])}  {m['bytes'] / 2**20:.1f} MiB  E={m['experts']} "
-              f"K={m['top_k']}  recipe {m.get('recipe', '-')}{mark}")
-    return 0
-
-
-def cmd_prepare(args) -> int:
-    opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
-                        expert_type=args.expert_type.upper(), clustering=args.clustering,
-                        calib_tokens=args.calib_tokens)
-    t0 = time.perf_counter()
-    if not (args.out or args.source or opts != default_options()):
-        path = default_model_path(build=True, progress=not args.quiet)
-    else:
-        path = args.out or os.path.join(models_dir(), model_name(opts) + ".gguf")
-        if os.path.exists(path) and not args.force and not args.out:
-            print(f"{path}: already prepared (--force rebuilds)")
-            return 0
-        build_moe(path, opts=opts, source=args.source, progress=not args.quiet)
-    print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, ready ({time.perf_counter() - t0:.1f} s)")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("models", prog="hobbit-cli models", help="list the prepared models",
-                       description="List the models prepared under the user's data folder "
-                                   "($XDG_DATA_HOME/hobbit/models): path, size, experts, top-k, recipe.")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_models)
-
-    d = default_options()
-    p = sub.add_parser("prepare", prog="hobbit-cli prepare",
-                       help="build the default MoE model now (otherwise built on first use)",
-                       description="Build the default real-text MoE from SmolLM2-135M-Instruct "
-                                   "(deterministic, a few minutes, once). With options, build a "
-                                   "variant for experiments.")
-    p.add_argument("--experts", type=int, default=d.experts, metavar="E",
-                   help=f"experts per layer, dividing the FFN width (default {d.experts})")
-    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
-                   help=f"experts used per token (default {d.top_k})")
-    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
-                   help="router sharpness: gate weights follow predicted contribution**T; "
-                        f"0 = uniform weights (default {d.temperature})")
-    p.add_argument("--expert-type", default=d.expert_type, metavar="TYPE",
-                   help=f"type of the re-quantised down experts: {' '.join(EXPERT_TYPES)} "
-                        f"(default {d.expert_type})")
-    p.add_argument("--clustering", default=d.clustering, choices=CLUSTERINGS,
-                   help=f"how neurons are grouped into experts (default {d.clustering})")
-    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, metavar="N",
-                   help=f"calibration tokens the dense model writes (default {d.calib_tokens})")
-    p.add_argument("--source", metavar="GGUF", default=None,
-                   help="the dense llama GGUF to split (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--out", metavar="PATH", default=None,
-                   help="where to write a variant (default: the models folder)")
-    p.add_argument("--force", action="store_true", help="rebuild a variant that exists")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_prepare)

@@ -35,7 +35,6 @@ import functools
 import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -138,7 +137,9 @@ def check(opts: SynthOptions) -> None:
 def _read_vocab(path: str) -> tuple[int, tuple]:
     """(vocabulary size, ((key, value, type, sub_type), ...) for every tokenizer.* key).
     Cached: GGUFReader takes seconds to parse a 49k-token vocabulary."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader
+
+    from .gguf_writer import copied_fields
 
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file (the vocabulary source)")
@@ -146,11 +147,7 @@ def _read_vocab(path: str) -> tuple[int, tuple]:
         reader = GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise ModelError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
-    kvs = []
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-            kvs.append((key, f.contents(), f.types[0], sub))
+    kvs = copied_fields(reader, lambda key: key.startswith("tokenizer."))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise ModelError(f"{path}: has no tokenizer.ggml.tokens, so no vocabulary to copy")
@@ -254,8 +251,8 @@ def _name(opts: SynthOptions) -> str:
     return f"hobbit-synth-{arch}L{opts.layers}-D{opts.d_model}-{ffn}-{opts.type}-s{opts.seed}"
 
 
-def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, tensors):
-    """A GGUFWriter on path holding the metadata and the table of tensors."""
+def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
+    """A GGUFWriter on path holding the metadata."""
     import gguf
 
     w = gguf.GGUFWriter(path, opts.arch)
@@ -291,41 +288,19 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, tensors)
         w.add_expert_used_count(opts.top_k)
     for key, value, vtype, sub in tokenizer_kvs:
         w.add_key_value(key, value, vtype, sub)
-    for t in tensors:
-        # shape in numpy order; a dtype other than uint8 with raw_dtype means "in elements"
-        w.add_tensor_info(t.name, t.ne[::-1], np.dtype(np.float32), _nbytes(t),
-                          raw_dtype=gguf.GGMLQuantizationType(t.type))
     return w
 
 
 def _write(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, bar_label) -> None:
     """Write the file; bar_label: the progress bar's title, None for no bar."""
-    from tqdm import tqdm
+    from .gguf_writer import TensorEntry, write_gguf
 
-    tensors = plan(opts, n_vocab)
-    w = _writer(path, opts, n_vocab, tokenizer_kvs, tensors)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        # Tensor data by hand, laid out as GGUFWriter.write_tensors_to_file does (aligned
-        # start, each tensor padded to the alignment), which would need whole arrays in memory.
-        f = w.fout[0]
-        w.write_padding(f, f.tell())
-        rng = np.random.default_rng(opts.seed)
-        total = sum(_nbytes(t) for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=bar_label, file=sys.stderr,
-                  disable=bar_label is None) as bar:
-            for t in tensors:
-                n = 0
-                for data in _pieces(t, rng):
-                    data.tofile(f)
-                    n += data.nbytes
-                    bar.update(data.nbytes)
-                assert n == _nbytes(t), (t.name, n, _nbytes(t))
-                w.write_padding(f, n)
-    finally:
-        w.close()
+    tensors = {t.name: t for t in plan(opts, n_vocab)}
+    rng = np.random.default_rng(opts.seed)
+    write_gguf(_writer(path, opts, n_vocab, tokenizer_kvs),
+               [TensorEntry(t.name, t.type, t.ne, _nbytes(t)) for t in tensors.values()],
+               lambda entry: _pieces(tensors[entry.name], rng), bar_label or "", bar_label is not None,
+               "synth")
 
 
 def make_synthetic(path: str, opts: SynthOptions, progress: bool = False) -> None:

@@ -12,18 +12,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 
 from ...protocol.errors import DaemonError
+from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
 
-START_TIMEOUT = 120.0    # seconds: opening a GGUF and mapping the cache takes a few
 
-
-class PrivateDaemon:
+class PrivateDaemon(DaemonProcess):
     """A hobbitd subprocess owned by this process (see the module docstring)."""
 
     def __init__(self, model_path: str, cache_size: str | None = None):
@@ -31,68 +27,23 @@ class PrivateDaemon:
         if not base or not os.access(base, os.W_OK):
             base = None
         self.folder = tempfile.mkdtemp(prefix="hobbit-", dir=base)    # mode 0700
-        self.socket = os.path.join(self.folder, "hobbitd.sock")
-        self.log_path = os.path.join(self.folder, "hobbitd.log")
-        cmd = [sys.executable, "-m", "hobbit.hobbitd.main", "--model", model_path,
-               "--socket", self.socket]
-        if cache_size:
-            cmd += ["--cache-size", str(cache_size)]
         env = {k: v for k, v in os.environ.items() if k not in ("HOBBIT_SOCKET", "NOTIFY_SOCKET")}
-        with open(self.log_path, "w") as log:
-            # its own process group: Ctrl-C in the terminal interrupts our answer, not it
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
+        super().__init__([model_path], os.path.join(self.folder, "hobbitd.sock"),
+                         log_path=os.path.join(self.folder, "hobbitd.log"), cache_size=cache_size,
+                         env=env, own_session=True)
         atexit.register(self.stop)
 
-    def wait_ready(self, model_path: str, timeout: float = START_TIMEOUT):
-        """An ExpertClient once the daemon answers; DaemonError if it exits or times out."""
-        from .expert_client import ExpertClient
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DaemonError("no_daemon", f"the private hobbitd exited ({self.proc.returncode}): "
-                                               f"{self.log_tail()}")
-            if os.path.exists(self.socket):
-                try:
-                    return ExpertClient(self.socket, model_path, timeout=5, retries=0)
-                except DaemonError as e:
-                    if e.code != "timeout":
-                        raise
-            time.sleep(0.05)
-        self.stop()
-        raise DaemonError("timeout", f"the private hobbitd did not answer within {timeout:g} s")
-
-    def log_tail(self, lines: int = 3) -> str:
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         try:
-            with open(self.log_path) as f:
-                text = f.read().strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(text[-lines:]) or "(empty log)"
+            super().wait_ready(timeout)
+        except DaemonError as e:
+            self.stop()
+            raise DaemonError(e.code, f"the private {e}") from None
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, *args, **kwargs) -> int:
+        rc = super().stop(*args, **kwargs)
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def daemon_running(socket: str) -> bool:
-    """Whether a hobbitd answers at `socket` (a leftover socket file does not count)."""
-    from .expert_client import ExpertClient
-
-    if not os.path.exists(socket):
-        return False
-    try:
-        ExpertClient(socket, None, timeout=2, retries=0).close()
-        return True
-    except DaemonError:
-        return False
+        return rc
 
 
 def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = False):
@@ -100,7 +51,7 @@ def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = 
     else (autostart) through a private one, stopped with the client. Says which on stderr."""
     from .expert_client import ExpertClient
 
-    if daemon_running(socket):
+    if daemon_answers(socket):
         client = ExpertClient(socket, model_path)
         if not quiet:
             print(f"hobbit: using hobbitd at {socket}", file=sys.stderr)
@@ -113,7 +64,8 @@ def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = 
               file=sys.stderr)
     daemon = PrivateDaemon(model_path)
     try:
-        client = daemon.wait_ready(model_path)
+        daemon.wait_ready()
+        client = ExpertClient(daemon.socket, model_path, timeout=5, retries=0)
     except BaseException:
         daemon.stop()
         raise

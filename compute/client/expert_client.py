@@ -43,7 +43,7 @@ class ExpertClient:
         self._beat = None
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
-        self.private = None          # a PrivateDaemon this client owns (compute/connect.py)
+        self.private = None          # a hobbitd this client owns (client/connect.py), stopped with it
         self._connect()
 
     # ---- connection ------------------------------------------------------------------
@@ -88,7 +88,7 @@ class ExpertClient:
     def region_address(self, precision: str) -> int:
         return self.shm.address + self.regions[precision]["offset"]
 
-    # the expert-provider interface the segmented forward uses (compute/model.py)
+    # the ExpertProvider protocol the segmented forward uses (engine/experts.py)
 
     def part_bases(self, precision: str, layer: int) -> tuple:
         """Addresses of slot 0's gate/up/down in our mapping (the same for every layer)."""
@@ -100,6 +100,10 @@ class ExpertClient:
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         return self.request(layer, experts, scores, seq, token, n_tokens)
+
+    def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
+        """Each use of an expert gets the one slot hobbitd gave that expert for the batch."""
+        return [[fetched[int(e)] for e in row] for row in sel]
 
     # ---- requests --------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ WEIGHT_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, 
                 IQ4_NL, IQ4_XS, MXFP4)   # the last three: llama.cpp's IQ4_* and MXFP4_MOE mixes
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
-SORT_ASC, SORT_DESC = 0, 1
 PREC_F32 = 10
 
 
@@ -93,14 +92,11 @@ _SIGNATURES = {
     "ggml_row_size": (c_size_t, [c_int, c_int64]),
     "ggml_type_name": (c_char_p, [c_int]),
     # views
-    "ggml_view_1d": (T, [CTX, T, c_int64, c_size_t]),
     "ggml_view_2d": (T, [CTX, T, c_int64, c_int64, c_size_t, c_size_t]),
     "ggml_view_3d": (T, [CTX, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
     "ggml_reshape_2d": (T, [CTX, T, c_int64, c_int64]),
     "ggml_reshape_3d": (T, [CTX, T, c_int64, c_int64, c_int64]),
     "ggml_permute": (T, [CTX, T, c_int, c_int, c_int, c_int]),
-    "ggml_cont": (T, [CTX, T]),
-    "ggml_cast": (T, [CTX, T, c_int]),
     # ops
     "ggml_add": (T, [CTX, T, T]),
     "ggml_mul": (T, [CTX, T, T]),
@@ -109,7 +105,6 @@ _SIGNATURES = {
     "ggml_clamp": (T, [CTX, T, c_float, c_float]),
     "ggml_sum_rows": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
-    "ggml_silu": (T, [CTX, T]),
     "ggml_swiglu_split": (T, [CTX, T, T]),
     "ggml_rms_norm": (T, [CTX, T, c_float]),
     "ggml_mul_mat": (T, [CTX, T, T]),
@@ -125,16 +120,13 @@ _SIGNATURES = {
     # graphs
     "ggml_new_graph_custom": (GRAPH, [CTX, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [GRAPH, T]),
-    "ggml_graph_n_nodes": (c_int, [GRAPH]),
     # quantisation
     "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
-    "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
     "ggml_get_type_traits": (POINTER(TypeTraits), [c_int]),
     # allocation and the CPU backend
     "ggml_gallocr_new": (c_void_p, [c_void_p]),
     "ggml_gallocr_free": (None, [c_void_p]),
     "ggml_gallocr_alloc_graph": (c_bool, [c_void_p, GRAPH]),
-    "ggml_gallocr_get_buffer_size": (c_size_t, [c_void_p, c_int]),
     "ggml_backend_cpu_buffer_type": (c_void_p, []),
     "ggml_backend_cpu_init": (c_void_p, []),
     "ggml_backend_cpu_set_n_threads": (None, [c_void_p, c_int]),
@@ -144,7 +136,7 @@ _SIGNATURES = {
 }
 
 # ggml_prec_set_acc is newer than some releases; keep the set of optional names explicit.
-_OPTIONAL = {"ggml_prec_set_acc", "ggml_graph_n_nodes"}
+_OPTIONAL = {"ggml_prec_set_acc"}
 
 
 def library_dir() -> str:

@@ -20,9 +20,7 @@ Two ways to run, one set of layer functions:
   the provider chose, or skipped), hints the coming layers' predicted experts, and
   releases the previous layer's experts.
 
-An expert provider has: regions {precision: {"n_slots", "format"}}, part_strides(prec),
-part_bases(prec, layer) (addresses of index 0 of gate/up/down), fetch(layer, experts,
-scores, seq, token) -> [(precision, index) or None], release(handles), hint(layer, predictions).
+An expert provider is an ExpertProvider (engine/experts.py).
 A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
 its input tensors are rewritten.
 """
@@ -38,6 +36,7 @@ import numpy as np
 from ...loader.precision import unimportance
 from ...protocol.errors import InputError
 from . import ggml
+from .experts import ExpertProvider
 from .ggml import lib
 from .weights import ModelArgs, Routing, Weights
 
@@ -95,10 +94,12 @@ class Model:
 
     forward(tokens) appends tokens at position n_past and returns float32 logits:
     shape (V,) for the last token, or (T, V) with all_logits=True. With `experts` (an
-    ExpertClient) the routed experts come from hobbitd's shared memory.
+    ExpertProvider: hobbitd's shared memory, or LocalExperts) the forward is segmented
+    and the routed experts come from the provider.
     """
 
-    def __init__(self, weights: Weights, opts: RunOptions | None = None, experts=None):
+    def __init__(self, weights: Weights, opts: RunOptions | None = None,
+                 experts: ExpertProvider | None = None):
         self.w = weights
         self.args: ModelArgs = weights.args
         self.opts = opts or RunOptions()
@@ -151,8 +152,7 @@ class Model:
                     views.append(t)
                 self.pool[prec] = views
             # routers of every layer, stacked for the lookahead prediction: (L, E, D)
-            self.routers = np.stack([_f32(weights, f"blk.{il}.ffn_gate_inp.weight")
-                                     for il in range(a.n_layer)])
+            self.routers = np.stack([weights.router(il) for il in range(a.n_layer)])
 
     def _point_pool(self, layer: int) -> None:
         for prec, views in self.pool.items():
@@ -252,11 +252,7 @@ class Model:
                 # with this layer's compute
                 if probs.shape[0] == 1 and self.opts.lookahead > 0 and il + 1 < a.n_layer:
                     self._hint(il, out["h"])
-                if hasattr(provider, "fetch_pairs"):   # per (token, expert) precision
-                    pairs = provider.fetch_pairs(il, sel, scores)
-                else:
-                    handle = dict(zip(wanted.tolist(), held))
-                    pairs = [[handle[int(e)] for e in row] for row in sel]
+                pairs = provider.fetch_pairs(il, sel, scores, dict(zip(wanted.tolist(), held)))
                 feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
@@ -473,14 +469,6 @@ def _expert_inputs(sel, w, pairs) -> dict:
     return out
 
 
-def _f32(weights, name: str) -> np.ndarray:
-    """A small tensor (a router) as float32 (rows, cols) in numpy order."""
-    info = weights.tensors[name]
-    raw = weights.reader.data[info.offset:info.offset + info.nbytes]
-    n = info.shape[0] * info.shape[1]
-    return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
-
-
 class PrefetchStats:
     """How well the lookahead predicted each layer's experts, per distance d (layers
     ahead): top-1 hits (the actual top expert was predicted) and expert recall."""
@@ -511,13 +499,13 @@ class PrefetchStats:
                     "n": n} for d, (h, n) in sorted(self.top1.items())}
 
 
-def default_threads(experts=None) -> int:
+def default_threads(experts: ExpertProvider | None = None) -> int:
     """Physical cores; one fewer when hobbitd serves the experts: it reads, answers and
     copies on the same cores, and ggml's OpenMP workers spin between graphs, so on two
     cores computing with both made every expert request and hint wait for a core
     (measured: ~25 vs ~12 ms per token outside compute and the daemon, same compute)."""
     cores = ggml.physical_cores()
-    return max(1, cores - 1) if getattr(experts, "remote", False) else cores
+    return max(1, cores - 1) if experts is not None and experts.remote else cores
 
 
 def _last_row(c, x, T):

@@ -32,11 +32,12 @@ class Tokenizer:
 
         self._llama_cpp = llama_cpp
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{path}: llama.cpp could not read its vocabulary ({e})") from None
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))   # the model asks for BOS
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         self.eos = self.llm.token_eos()
         self.bos = self.llm.token_bos()

@@ -101,6 +101,17 @@ class Weights(GGUFFile):
         super().__init__(file.path, file.reader, file.tensors)
         self.args = args
 
+    def dequantized(self, name: str):
+        """A small 2-D tensor as float32 (rows, cols) in numpy order (copied)."""
+        info = self.tensors[name]
+        raw = self.reader.data[info.offset:info.offset + info.nbytes]
+        n = info.shape[0] * info.shape[1]
+        return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
+
+    def router(self, layer: int):
+        """Layer's router (ffn_gate_inp) as float32 (E, D)."""
+        return self.dequantized(f"blk.{layer}.ffn_gate_inp.weight")
+
 
 def _field(reader, key, default=None, required=True, path=""):
     f = reader.fields.get(key)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...protocol.errors import InputError
-
-N_BATCH = 512
+from .engines import N_BATCH
 WARMUP_STEPS = 4
 NOISY = 1.3          # round_spread above this: warn that the machine was busy
 ENGINES = ("hobbit", "llamacpp")
@@ -154,56 +153,6 @@ class ComputeOptions:
     ctx: int = 1024
 
 
-class _Hobbit:
-    def __init__(self, weights, opts: ComputeOptions, threads: int):
-        from ..engine.model import Model, RunOptions
-
-        self.model = Model(weights, RunOptions(opts.ctx, N_BATCH, threads))
-
-    def prefill(self, tokens) -> np.ndarray:
-        self.model.reset()
-        return self.model.forward(tokens)
-
-    def step(self, token: int) -> np.ndarray:
-        return self.model.forward([token])
-
-    def close(self) -> None:
-        self.model.close()
-
-
-class _LlamaCpp:
-    def __init__(self, path: str, opts: ComputeOptions, threads: int):
-        import llama_cpp
-
-        from ..engine.tokenizer import _quiet_stderr
-
-        self._api = llama_cpp
-        with _quiet_stderr():
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=opts.ctx, n_batch=N_BATCH,
-                                       n_threads=threads, n_threads_batch=threads,
-                                       flash_attn=True, use_mmap=True, logits_all=False,
-                                       verbose=False)
-        self.ctx = self.llm.ctx
-        self.n_vocab = self.llm.n_vocab()
-
-    def _logits(self) -> np.ndarray:
-        # with logits_all=False only the last token has logits; view them in place
-        ptr = self._api.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def prefill(self, tokens) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(tokens)
-        return self._logits()
-
-    def step(self, token: int) -> np.ndarray:
-        self.llm.eval([token])
-        return self._logits()
-
-    def close(self) -> None:
-        self.llm.close()
-
-
 def _run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     """One round: (prefill seconds, decode seconds, greedy tokens)."""
     t0 = time.perf_counter()
@@ -238,7 +187,10 @@ def run_compute(opts: ComputeOptions) -> dict:
     import llama_cpp
 
     from ..engine import ggml
+    from ..engine.model import RunOptions
     from ..engine.weights import open_model
+    from ..runs import open_run
+    from .engines import HobbitEngine, LlamaCppEngine
 
     for name in ("prompt_tokens", "n_decode", "repeat", "ctx"):
         if getattr(opts, name) < 1:
@@ -252,8 +204,9 @@ def run_compute(opts: ComputeOptions) -> dict:
     if max(prompt) >= weights.args.n_vocab:
         raise InputError(f"the tokenizer gives ids beyond the model's {weights.args.n_vocab} tokens")
 
-    engines = {"hobbit": _Hobbit(weights, opts, threads),
-               "llamacpp": _LlamaCpp(opts.model, opts, threads)}
+    engines = {"hobbit": HobbitEngine(open_run(opts.model, RunOptions(opts.ctx, N_BATCH, threads),
+                                               weights=weights, tokenizer=False)),
+               "llamacpp": LlamaCppEngine(opts.model, opts.ctx, threads, N_BATCH)}
     load = os.getloadavg()[0]  # other processes running skew both engines: report it
     timings = {e: {"prefill_s": [], "decode_s": []} for e in ENGINES}
     runs = {e: [] for e in ENGINES}

@@ -14,15 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from ...protocol.errors import HobbitError
-from ..build.calibrate import mean_kld
+from ...protocol.errors import DaemonError, HobbitError
+from ..divergence import mean_kld
 
 CONFIGS = [
     ("a", "high only + LRU", ["--policy", "lru", "--no-dynamic"], 0),
@@ -40,25 +39,20 @@ PROMPT_TEXT = ("In the early morning the harbour was quiet. Fishing boats rocked
 def daemon(model: str, cache_size: int, flags: list, workdir: str, preexec=None):
     """A hobbitd serving `model` on a fresh socket in workdir (its log: hobbitd.log there);
     `preexec` runs in the child before it starts (e.g. entering a memory cgroup)."""
+    from ..client.daemon import DaemonProcess
+
     sock = os.path.join(workdir, f"bench-{os.getpid()}-{time.monotonic_ns()}.sock")
-    log = open(os.path.join(workdir, "hobbitd.log"), "a")
-    proc = subprocess.Popen([sys.executable, "-m", "hobbit.hobbitd.main", "--model", model,
-                             "--cache-size", str(cache_size), "--socket", sock, *flags],
-                            stdout=subprocess.DEVNULL, stderr=log, preexec_fn=preexec)
+    d = DaemonProcess([model], sock, log_path=os.path.join(workdir, "hobbitd.log"),
+                      cache_size=cache_size, flags=flags, preexec=preexec, append_log=True)
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                with open(log.name) as f:
-                    last = (f.read().strip().splitlines() or ["no message"])[-1]
-                raise HobbitError(f"hobbitd {' '.join(flags) or '(defaults)'} did not start: {last}")
-            time.sleep(0.05)
+        try:
+            d.wait_ready(60)
+        except DaemonError:
+            raise HobbitError(f"hobbitd {' '.join(flags) or '(defaults)'} did not start: "
+                              f"{d.log_tail(1)}") from None
         yield sock
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        d.stop(timeout=30)
 
 
 def _stats(client) -> dict:
@@ -68,11 +62,12 @@ def _stats(client) -> dict:
 def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_ctx=1024):
     """One configuration, one round: prefill each prompt, decode n_decode tokens (greedy,
     or `forced` tokens). Returns (measurements, tokens, logits)."""
-    from ..client.expert_client import ExpertClient
-    from ..engine.model import Model, RunOptions
+    from ..engine.model import RunOptions
+    from ..runs import ThroughDaemon, open_run
 
-    client = ExpertClient(sock, weights.path)
-    model = Model(weights, RunOptions(n_ctx=n_ctx, lookahead=lookahead), experts=client)
+    run = open_run(weights.path, RunOptions(n_ctx=n_ctx, lookahead=lookahead),
+                   ThroughDaemon(sock, autostart=False, quiet=True), weights=weights, tokenizer=False)
+    model, client = run.model, run.experts
     prefill_s, decode_s, n_tok, logits_all, tokens_all = [], 0.0, 0, [], []
     compute_s = wait_s = 0.0
     s0 = _stats(client)
@@ -104,8 +99,7 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
                            "other": 1e3 * (decode_s - compute_s - wait_s) / n_tok},
               "prefetch": model.prefetch.summary(), "daemon": delta,
               "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1)}
-    model.close()
-    client.close()
+    run.close()
     return result, tokens_all, logits_all
 
 

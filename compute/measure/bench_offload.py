@@ -14,8 +14,8 @@ of the non-expert weights the client maps. Runs:
      holds that share of the experts, routing uniform) over the direct-I/O bandwidth
      measured now with dd.
 
-Each engine runs in a worker process (`python -m hobbit.compute.bench_offload SPEC`) that
-prints one JSON object. Where no memory cgroup can be made or the page cache cannot be
+Each engine runs in a worker process (`python -m hobbit.compute.measure.offload_worker
+SPEC`, measure/offload_worker.py) that prints one JSON object. Where no memory cgroup can be made or the page cache cannot be
 dropped, runs 1-3 are not made and the report says why.
 """
 from __future__ import annotations
@@ -82,87 +82,6 @@ def synthetic_model(quick: bool, progress: bool = True) -> str:
     return path
 
 
-# ---- the workers (run inside the cgroup) ---------------------------------------------------
-
-class _HobbitEngine:
-    """Our engine with its experts from hobbitd: prefill/step like bench compute's engines."""
-
-    def __init__(self, path: str, socket: str, ctx: int, threads: int, lookahead: int):
-        from ..client.expert_client import ExpertClient
-        from ..engine.model import Model, RunOptions
-        from ..engine.weights import open_model
-
-        self.client = ExpertClient(socket, path)
-        self.model = Model(open_model(path), RunOptions(n_ctx=ctx, n_threads=threads, lookahead=lookahead),
-                           experts=self.client)
-
-    def prefill(self, tokens):
-        self.model.reset()
-        return self.model.forward(tokens)
-
-    def step(self, token: int):
-        return self.model.forward([token])
-
-    def bytes_read(self) -> int:
-        return sum(m["bytes_read"] for m in self.client.stats()["models"].values())
-
-    def close(self) -> None:
-        self.model.close()
-        self.client.close()
-
-
-def _storage_read_bytes() -> int:
-    """Bytes this process made the kernel read from storage (page faults of mmap included)."""
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
-
-
-def worker(spec: dict) -> dict:
-    """One engine over the runs; returns per run: prefill s, decode tok/s, bytes read per
-    decoded token, greedy tokens, and for hobbit the per-token time split."""
-    from .bench import ComputeOptions, _LlamaCpp, bench_prompt
-
-    ctx = max(p + n for p, n in spec["runs"]) + 8
-    if spec["engine"] == "llamacpp":
-        eng = _LlamaCpp(spec["model"], ComputeOptions(spec["model"], ctx=ctx),
-                        spec["threads"] or _cores())
-        read = _storage_read_bytes
-    else:
-        eng = _HobbitEngine(spec["model"], spec["socket"], ctx, spec["threads"], spec["lookahead"])
-        read = eng.bytes_read
-    out = []
-    try:
-        for n_prompt, n_decode in spec["runs"]:
-            prompt = bench_prompt(spec["model"], n_prompt, spec.get("skip", 0))
-            t0 = time.perf_counter()
-            logits = eng.prefill(prompt)
-            prefill_s = time.perf_counter() - t0
-            tokens = [int(np.argmax(logits))]
-            timing0 = getattr(eng, "model", None) and (eng.model.timing.compute_s, eng.model.timing.expert_wait_s)
-            b0, t0, start = read(), time.perf_counter(), time.time()
-            for _ in range(n_decode):
-                tokens.append(int(np.argmax(eng.step(tokens[-1]))))
-            decode_s = time.perf_counter() - t0
-            r = {"prompt": n_prompt, "decode": n_decode, "prefill_s": prefill_s,
-                 "decode_start": start, "decode_end": time.time(),   # wall clock: clients overlap
-                 "decode_tok_s": n_decode / decode_s, "bytes_per_token": (read() - b0) / n_decode,
-                 "tokens": tokens}
-            if timing0:
-                c = eng.model.timing.compute_s - timing0[0]
-                w = eng.model.timing.expert_wait_s - timing0[1]
-                r["split_ms"] = {"compute": 1e3 * c / n_decode, "expert_wait": 1e3 * w / n_decode,
-                                 "other": 1e3 * (decode_s - c - w) / n_decode}
-            out.append(r)
-    finally:
-        eng.close()
-    return {"runs": out}
-
-
-def _cores() -> int:
-    from ..engine import ggml
-    return ggml.physical_cores()
-
-
 # ---- the parent ----------------------------------------------------------------------------
 
 def _run_worker(spec: dict, preexec=None) -> dict:
@@ -171,7 +90,7 @@ def _run_worker(spec: dict, preexec=None) -> dict:
 
 def _run_workers(specs: list, preexec=None) -> list:
     """Run the workers at the same time; their results (or {"error": why}) in order."""
-    procs = [subprocess.Popen([sys.executable, "-m", "hobbit.compute.bench_offload", json.dumps(sp)],
+    procs = [subprocess.Popen([sys.executable, "-m", "hobbit.compute.measure.offload_worker", json.dumps(sp)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               preexec_fn=preexec) for sp in specs]
     out = []
@@ -232,9 +151,10 @@ def _clients(opts, path: str, cache: int, limit: int, n: int, tmp: str) -> dict:
     processes; n hobbit clients sharing one hobbitd; n hobbit clients each with its own
     hobbitd and 1/n of the cache. Total tok/s = all decoded tokens / the wall time from
     the first client's first decode step to the last client's last."""
+    from ..engine.ggml import physical_cores
     from .bench_ablation import daemon
 
-    threads = opts.threads or max(1, _cores() // n)    # n processes share the cores, either engine
+    threads = opts.threads or max(1, physical_cores() // n)    # n processes share the cores, either engine
 
     def specs(engine, socks):
         return [{"engine": engine, "model": path, "socket": sock, "runs": opts.runs[:1],
@@ -598,11 +518,3 @@ def add_parser(kinds, add_output_options, report) -> None:
             r["plots"] = plot(r, args.plot)
         return report(args, r, print_table)
     p.set_defaults(func=cmd)
-
-
-if __name__ == "__main__":        # the worker: one JSON spec in, one JSON result out
-    try:
-        print(json.dumps(worker(json.loads(sys.argv[1]))))
-    except HobbitError as e:
-        print(f"bench offload worker: {e}", file=sys.stderr)
-        sys.exit(1)

@@ -30,9 +30,8 @@ import time
 import numpy as np
 
 from ...protocol.errors import InputError
-
-KLD_FLOOR = 1e-12   # probabilities are clipped here before taking logs
-
+from ..divergence import kl_rows, log_softmax
+from ..progress import progress_bar
 
 # ---- text and scorers --------------------------------------------------------------------------
 
@@ -56,9 +55,7 @@ def tokenize_text(tok, text: str) -> list[int]:
 
 def model_adds_bos(tok) -> bool:
     """Whether the model's vocabulary asks for BOS (llama_vocab_get_add_bos)."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_vocab_get_add_bos(tok._vocab))
+    return tok.add_bos
 
 
 def as_scorer(model):
@@ -70,14 +67,6 @@ def as_scorer(model):
         model.reset()
         return model.forward(tokens, all_logits=True)
     return score
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (llama.cpp sums exp() in double as well)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return z
 
 
 def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None):
@@ -98,13 +87,6 @@ def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None
             chunk[0] = bos
         out.append(chunk)
     return out
-
-
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr, disable=not progress,
-                dynamic_ncols=True)
 
 
 def _ppl_stats(nll_sum: float, nll2_sum: float, count: int) -> dict:
@@ -130,11 +112,11 @@ def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progres
     count = 0
     running = []
     t0 = time.perf_counter()
-    with _bar(len(todo), "perplexity", progress) as bar:
+    with progress_bar(len(todo), "perplexity", progress, "chunk") as bar:
         for chunk in todo:
             logits = np.asarray(score(chunk))[first:ctx - 1]                   # (ctx/2-1, V)
             target = np.asarray(chunk[first + 1:ctx])
-            nll = -_log_softmax(logits)[np.arange(target.size), target]
+            nll = -log_softmax(logits)[np.arange(target.size), target]
             nll_sum += float(nll.sum())
             nll2_sum += float((nll * nll).sum())
             count += target.size
@@ -164,15 +146,13 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
     klds = []
     count = 0
     t0 = time.perf_counter()
-    with _bar(len(todo), "kl-divergence", progress) as bar:
+    with progress_bar(len(todo), "kl-divergence", progress, "chunk") as bar:
         for chunk in todo:
             target = np.asarray(chunk[first + 1:ctx])
             rows = np.arange(target.size)
-            ref = _log_softmax(np.asarray(ref_score(chunk))[first:ctx - 1])     # (n, V)
-            ours = ref if same else _log_softmax(np.asarray(score(chunk))[first:ctx - 1])
-            p_ref = np.exp(ref)
-            kl = (p_ref * (ref - np.maximum(ours, math.log(KLD_FLOOR)))).sum(axis=1)
-            kl = np.maximum(kl, 0.0)
+            ref = log_softmax(np.asarray(ref_score(chunk))[first:ctx - 1])     # (n, V)
+            ours = ref if same else log_softmax(np.asarray(score(chunk))[first:ctx - 1])
+            kl = kl_rows(ref, ours)
             nll, ref_nll = -ours[rows, target], -ref[rows, target]
             acc["nll"] += float(nll.sum())
             acc["nll2"] += float((nll * nll).sum())
@@ -202,30 +182,13 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
 
 # ---- command line -----------------------------------------------------------------------------
 
-def resolve_model(name: str | None) -> str:
-    """A model path; "default" (or nothing) is the default MoE, built on first use."""
-    if not name or name == "default":
-        from ..build.moefy import default_model_path
-
-        return default_model_path(build=True, progress=True)
-    return name
-
-
 def _open(path: str, args, daemon: bool):
-    """(weights, tokenizer, model) for a run of ctx tokens: through hobbitd when asked
-    and the model is a MoE, else in-process."""
-    from ..engine.model import Model, RunOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+    """A run of ctx tokens: through hobbitd when asked and the model is a MoE, else in-process."""
+    from ..engine.model import RunOptions
+    from ..runs import ThroughDaemon, open_run
 
-    weights = open_model(path)
-    experts = None
-    if daemon:
-        from ..apps.cli import _expert_client
-
-        experts = _expert_client(args, weights)
     opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads)
-    return weights, Tokenizer(path), Model(weights, opts, experts=experts)
+    return open_run(path, opts, ThroughDaemon.from_args(args) if daemon else None)
 
 
 def _text_tokens(args, tok) -> list[int]:
@@ -241,20 +204,21 @@ def cmd_ppl(args) -> int:
     import json
 
     from ..engine.tokenizer import Tokenizer
+    from ..runs import resolve_model
 
     path = resolve_model(args.model)
     if args.llama_cpp:
-        tok, model, score, where = Tokenizer(path), None, _llama_cpp_scorer(path, args), {"engine": "llama.cpp"}
+        tok, run, score, where = Tokenizer(path), None, _llama_cpp_scorer(path, args), {"engine": "llama.cpp"}
     else:
-        _, tok, model = _open(path, args, daemon=not args.no_daemon)
-        score, where = model, {"engine": "hobbit", "daemon": model.experts is not None}
+        run = _open(path, args, daemon=not args.no_daemon)
+        tok, score, where = run.tok, run.model, {"engine": "hobbit", "daemon": run.experts is not None}
     try:
         tokens = _text_tokens(args, tok)
         r = perplexity(score, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
                        add_bos=model_adds_bos(tok), bos=tok.bos)
     finally:
-        if model is not None:
-            _close(model)
+        if run is not None:
+            run.close()
     r = {"model": path, "text": args.text, **where, "tokens": len(tokens), **r}
     if args.json:
         print(json.dumps(r))
@@ -269,10 +233,10 @@ def _llama_cpp_scorer(path: str, args):
     import llama_cpp
 
     from ..engine.ggml import physical_cores
-    from ..engine.tokenizer import _quiet_stderr
+    from ..engine.tokenizer import quiet_stderr
 
     n = args.threads or physical_cores()
-    with _quiet_stderr():
+    with quiet_stderr():
         llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx, n_batch=min(args.ctx, 512),
                               logits_all=True, flash_attn=True, verbose=False,
                               n_threads=n, n_threads_batch=n)
@@ -287,33 +251,31 @@ def _llama_cpp_scorer(path: str, args):
 def cmd_kld(args) -> int:
     import json
 
+    from ..runs import resolve_model
+
     path = resolve_model(args.model)
-    weights, tok, model = _open(path, args, daemon=not args.no_daemon)
-    reference = None
+    run = _open(path, args, daemon=not args.no_daemon)
+    model, reference = run.model, None
     try:
         if args.reference == "high":
             # the same file, every expert in high precision, in-process
-            if model.experts is None:
-                reference = model
-                ref_path = path
-            else:
-                _, _, reference = _open(path, args, daemon=False)
-                ref_path = path
+            ref_path = path
+            reference = model if run.experts is None else _open(path, args, daemon=False)
         else:
             ref_path = resolve_model(args.reference)
-            ref_weights, _, reference = _open(ref_path, args, daemon=False)
-            if ref_weights.args.n_vocab != weights.args.n_vocab:
-                raise InputError(f"--reference {ref_path}: its vocabulary ({ref_weights.args.n_vocab} "
-                                 f"tokens) is not the model's ({weights.args.n_vocab})")
-        tokens = _text_tokens(args, tok)
-        r = kld(model, reference, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
-                add_bos=model_adds_bos(tok), bos=tok.bos)
+            reference = _open(ref_path, args, daemon=False)
+            if reference.weights.args.n_vocab != run.weights.args.n_vocab:
+                raise InputError(f"--reference {ref_path}: its vocabulary ({reference.weights.args.n_vocab} "
+                                 f"tokens) is not the model's ({run.weights.args.n_vocab})")
+        tokens = _text_tokens(args, run.tok)
+        r = kld(model, reference if reference is model else reference.model, tokens, ctx=args.ctx,
+                chunks=args.chunks, progress=not args.quiet, add_bos=model_adds_bos(run.tok), bos=run.tok.bos)
     finally:
-        _close(model)
+        run.close()
         if reference is not None and reference is not model:
-            _close(reference)
+            reference.close()
     r = {"model": path, "reference": args.reference, "reference_model": ref_path, "text": args.text,
-         "daemon": model.experts is not None, "tokens": len(tokens), **r}
+         "daemon": run.experts is not None, "tokens": len(tokens), **r}
     if args.json:
         print(json.dumps(r))
     else:
@@ -321,13 +283,6 @@ def cmd_kld(args) -> int:
               f"{r['kld_stderr']:.6f}, top-1 agreement {r['top1_agree']:.2%}, PPL {r['ppl']:.4f} "
               f"(reference {r['ref_ppl']:.4f}) over {r['chunks']} chunks of {r['ctx']} tokens")
     return 0
-
-
-def _close(model) -> None:
-    experts = getattr(model, "experts", None)
-    model.close()
-    if experts is not None and hasattr(experts, "close"):
-        experts.close()
 
 
 def add_parser(sub) -> None:

@@ -18,7 +18,6 @@ weights renormalised. Per layer it reports
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
@@ -28,26 +27,15 @@ from ...protocol.errors import InputError, ModelError
 SHUFFLE_SEED = 0
 
 
-def router_matrix(weights, layer: int) -> np.ndarray:
-    """Layer's router gate_inp as float32 (E, D)."""
-    from ..engine import ggml
-
-    info = weights.tensors[f"blk.{layer}.ffn_gate_inp.weight"]
-    raw = weights.reader.data[info.offset:info.offset + info.nbytes]
-    D, E = info.shape
-    return ggml.dequantize(info.type, raw, D * E).reshape(E, D)
-
-
-def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def route_inputs(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected experts (T, K), renormalised weights (T, K)) for FFN inputs x (T, D) and a
-    router (E, D), as llama.cpp routes: softmax, top-k (ties to the lower index), weights / sum."""
-    z = x.astype(np.float32) @ router.T                                       # (T, E)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    sel = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    w = np.take_along_axis(p, sel, axis=1)
-    return sel, w / w.sum(axis=1, keepdims=True)
+    router (E, D), routed as the model routes (engine/model.py route()), the weights always
+    renormalised: the shares the unimportance scores are taken of."""
+    from ..engine.model import route, softmax
+    from ..engine.weights import Routing
+
+    sel, share, _ = route(softmax(x.astype(np.float32) @ router.T), Routing(k, norm_weights=True))
+    return sel, share
 
 
 def _locality(sel_chunks: list, n_expert: int) -> dict:
@@ -108,7 +96,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
                   progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
     "ffn_in"); see the module docstring for what is returned."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     a = model.args
     if not a.is_moe:
@@ -118,18 +106,17 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
     if len(tokens) < 2:
         raise InputError("the text has fewer than 2 tokens")
     ctx = min(ctx, model.n_ctx)
-    routers = [router_matrix(model.w, il) for il in range(a.n_layer)]                  # (E, D)
+    routers = [model.w.router(il) for il in range(a.n_layer)]                         # (E, D)
     sels = [[] for _ in range(a.n_layer)]
     ws = [[] for _ in range(a.n_layer)]
     starts = range(0, len(tokens), ctx)
-    with tqdm(total=len(tokens), desc="routing", unit="tok", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with progress_bar(len(tokens), "routing", progress, "tok") as bar:
         for start in starts:
             chunk = list(tokens[start:start + ctx])
             model.reset()
             model.forward(chunk, all_logits=True)
             for il in range(a.n_layer):
-                sel, w = route(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used)
+                sel, w = route_inputs(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used)
                 sels[il].append(sel)
                 ws[il].append(w)
             bar.update(len(chunk))
@@ -179,23 +166,19 @@ def format_stats(r: dict) -> str:
 def cmd_routing(args) -> int:
     import json
 
-    from .evaluate import read_text, resolve_model, tokenize_text
-    from ..engine.model import Model, RunOptions
-    from ..engine.tokenizer import Tokenizer
-    from ..engine.weights import open_model
+    from .evaluate import read_text, tokenize_text
+    from ..engine.model import RunOptions
+    from ..runs import open_run
 
-    path = resolve_model(args.model)
-    weights = open_model(path)
-    if not weights.args.is_moe:
-        raise ModelError(f"{path}: a dense model has no router to study")
-    tok = Tokenizer(path)
-    tokens = tokenize_text(tok, read_text(args.text))[:args.tokens]
-    model = Model(weights, RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads,
-                                      taps=("ffn_in",)))
-    try:
-        r = routing_stats(model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
-    finally:
-        model.close()
+    def check(weights, tok):
+        if not weights.args.is_moe:
+            raise ModelError(f"{weights.path}: a dense model has no router to study")
+
+    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads, taps=("ffn_in",))
+    with open_run(args.model, opts, check=check) as run:
+        tokens = tokenize_text(run.tok, read_text(args.text))[:args.tokens]
+        r = routing_stats(run.model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
+    path = run.path
     r = {"model": path, "text": args.text, **r}
     if args.json:
         print(json.dumps(r))

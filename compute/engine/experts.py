@@ -1,12 +1,18 @@
-"""Experts computed in place from the model's own files, without hobbitd.
+"""What the segmented forward needs from its experts (ExpertProvider), and LocalExperts,
+the provider that computes them in place from the model's own files, without hobbitd.
 
-The in-process counterpart of ExpertClient, for the segmented forward: high precision
+ExpertClient (client/expert_client.py) is the other provider: it implements the protocol
+structurally, without importing the engine.
+
+LocalExperts is the in-process counterpart of ExpertClient: high precision
 from the mmapped GGUF, low precision from the mmapped companion file, chosen per expert
 with the same rule the daemon applies on a miss (loader/precision.py). There is no cache,
 so every expert is a "miss": this is the accuracy the precision rule costs at worst, and
 what evaluation and calibration measure without a daemon.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
@@ -15,7 +21,47 @@ from ...loader.layout import gguf_experts
 from ...loader.precision import HIGH, LOW, Thresholds
 
 
+Handle = tuple    # (precision, slot index) of one fetched expert, or None: skipped
+
+
+class ExpertProvider(Protocol):
+    """Where the segmented forward (engine/model.py) gets a layer's routed experts.
+
+    regions: {precision: {"n_slots", "format": SlotFormat}}, the stacked tensors per
+    precision; part_bases(precision, layer): the addresses of index 0 of gate/up/down for
+    that layer (re-read before every layer: a provider may move its memory); part_strides
+    (precision): the bytes from one index to the next, per part. fetch() returns, per
+    wanted expert, its Handle; fetch_pairs() then gives the Handle of each (token, rank)
+    use; release() ends the use of fetch()'s handles; hint() announces predicted experts of
+    coming layers. remote: the experts come from another process (hobbitd), which needs
+    CPU time of its own.
+    """
+    remote: bool
+    regions: dict
+
+    def part_bases(self, precision: str, layer: int) -> tuple: ...
+
+    def part_strides(self, precision: str) -> tuple: ...
+
+    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0,
+              n_tokens: int = 1) -> list:
+        """[Handle or None] for `experts` (distinct ids) of `layer`; scores are their
+        unimportance; seq/token/n_tokens place the request in the sequence."""
+
+    def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
+        """pairs[t][k]: the Handle (or None) token t's k-th expert sel[t, k] is computed
+        with; fetched maps each expert id to what fetch() returned for it."""
+
+    def release(self, handles) -> None: ...
+
+    def hint(self, layer: int, predictions) -> None:
+        """predictions [(target layer, experts, scores)], nearest first; no answer."""
+
+
 class LocalExperts:
+    """ExpertProvider over the mmapped GGUF (high) and companion file (low)."""
+    remote = False
+
     def __init__(self, weights, companion: str | None = None, thresholds: Thresholds | None = None):
         self.thresholds = thresholds or Thresholds()
         self.sources = {HIGH: gguf_experts(weights)}
@@ -44,7 +90,7 @@ class LocalExperts:
             out.append(None if p is None else (p, int(e)))
         return out
 
-    def fetch_pairs(self, layer: int, sel, scores) -> list:
+    def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
         """Per token and rank: every expert is at hand in both precisions here, so each
         (token, expert) use gets the precision its own score asks for — as decoding one
         token at a time would — rather than one precision per expert for the batch."""

@@ -1,0 +1,115 @@
+"""The prepared models under the user's data folder ($XDG_DATA_HOME/hobbit/models):
+`hobbit-cli models` lists them, `hobbit-cli prepare` builds the default MoE (or a variant)
+with moefy (build/moefy.py)."""
+from __future__ import annotations
+
+import os
+import time
+
+from ...hobbitd.config import default_model_file, models_dir
+from ...protocol.errors import ModelError
+from .moefy import (CLUSTERINGS, EXPERT_TYPES, MoefyOptions, build_moe, default_model_path,
+                    default_options, model_name)
+
+
+def describe(path: str) -> dict:
+    """What a prepared model is: size, experts, top-k and the moefy recipe (if any)."""
+    from ..engine.weights import open_model
+
+    w = open_model(path)
+    info = {"path": path, "bytes": os.path.getsize(path), "experts": w.args.n_expert,
+            "top_k": w.args.n_expert_used, "name": w.field("general.name")}
+    for key in w.reader.fields:
+        if key.startswith("hobbit.moefy."):
+            info[key[len("hobbit.moefy."):]] = w.field(key)
+    return info
+
+
+def list_models() -> list[dict]:
+    d = models_dir()
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".gguf"):
+            try:
+                out.append(describe(os.path.join(d, name)))
+            except ModelError as e:
+                out.append({"path": os.path.join(d, name), "error": str(e)})
+    return out
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    import json
+
+    models = list_models()
+    default = default_model_file()
+    if args.json:
+        print(json.dumps({"dir": models_dir(), "default": default, "models": models}))
+        return 0
+    print(f"{models_dir()}:")
+    if not models:
+        print("  (none prepared yet: hobbit-cli prepare builds the default model)")
+    for m in models:
+        if "error" in m:
+            print(f"  {os.path.basename(m['path'])}: unreadable ({m['error']})")
+            continue
+        mark = "  (default)" if m["path"] == default else ""
+        print(f"  {os.path.basename(m['path'])}  {m['bytes'] / 2**20:.1f} MiB  E={m['experts']} "
+              f"K={m['top_k']}  recipe {m.get('recipe', '-')}{mark}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    opts = MoefyOptions(experts=args.experts, top_k=args.top_k, temperature=args.temperature,
+                        expert_type=args.expert_type.upper(), clustering=args.clustering,
+                        calib_tokens=args.calib_tokens)
+    t0 = time.perf_counter()
+    if not (args.out or args.source or opts != default_options()):
+        path = default_model_path(build=True, progress=not args.quiet)
+    else:
+        path = args.out or os.path.join(models_dir(), model_name(opts) + ".gguf")
+        if os.path.exists(path) and not args.force and not args.out:
+            print(f"{path}: already prepared (--force rebuilds)")
+            return 0
+        build_moe(path, opts=opts, source=args.source, progress=not args.quiet)
+    print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, ready ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("models", prog="hobbit-cli models", help="list the prepared models",
+                       description="List the models prepared under the user's data folder "
+                                   "($XDG_DATA_HOME/hobbit/models): path, size, experts, top-k, recipe.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_models)
+
+    d = default_options()
+    p = sub.add_parser("prepare", prog="hobbit-cli prepare",
+                       help="build the default MoE model now (otherwise built on first use)",
+                       description="Build the default real-text MoE from SmolLM2-135M-Instruct "
+                                   "(deterministic, a few minutes, once). With options, build a "
+                                   "variant for experiments.")
+    p.add_argument("--experts", type=int, default=d.experts, metavar="E",
+                   help=f"experts per layer, dividing the FFN width (default {d.experts})")
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
+                   help=f"experts used per token (default {d.top_k})")
+    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help="router sharpness: gate weights follow predicted contribution**T; "
+                        f"0 = uniform weights (default {d.temperature})")
+    p.add_argument("--expert-type", default=d.expert_type, metavar="TYPE",
+                   help=f"type of the re-quantised down experts: {' '.join(EXPERT_TYPES)} "
+                        f"(default {d.expert_type})")
+    p.add_argument("--clustering", default=d.clustering, choices=CLUSTERINGS,
+                   help=f"how neurons are grouped into experts (default {d.clustering})")
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, metavar="N",
+                   help=f"calibration tokens the dense model writes (default {d.calib_tokens})")
+    p.add_argument("--source", metavar="GGUF", default=None,
+                   help="the dense llama GGUF to split (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="where to write a variant (default: the models folder)")
+    p.add_argument("--force", action="store_true", help="rebuild a variant that exists")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)

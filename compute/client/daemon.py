@@ -1,0 +1,110 @@
+"""Start and stop a hobbitd subprocess: the one way compute (connect, the benches) and the
+tests run `python -m hobbit.hobbitd.main`.
+
+`DaemonProcess(models, socket, cache_size=..., log_path=..., **options)` starts it with
+--socket, --cache-size, one --model per model and each option as a flag (name_with_under
+-> --name-with-under VALUE; True: a bare flag; None/False: left out); its stdout and stderr
+go to log_path. `wait_ready()` returns once it answers a HELLO at the socket, or raises
+DaemonError (with the last lines of its log) if it exits or stays silent; `stop()` sends
+SIGTERM (or another signal), waits, kills it if it does not stop, and returns the exit code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from ...protocol.errors import DaemonError
+
+START_TIMEOUT = 120.0    # seconds: opening a GGUF and mapping the cache takes a few
+STOP_TIMEOUT = 15.0      # seconds a stopping hobbitd gets before it is killed
+
+
+def daemon_command(models, socket: str, cache_size=None, flags=(), **options) -> list[str]:
+    """The hobbitd command line: models, socket, cache size, then `options` as flags (see
+    the module docstring) and raw `flags` as they are."""
+    cmd = [sys.executable, "-m", "hobbit.hobbitd.main", "--socket", socket]
+    if cache_size is not None:
+        cmd += ["--cache-size", str(cache_size)]
+    for path in models:
+        cmd += ["--model", str(path)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value not in (None, False):
+            cmd += [flag, str(value)]
+    return cmd + list(flags)
+
+
+def daemon_answers(socket: str, timeout: float = 2.0) -> bool:
+    """Whether a hobbitd answers a HELLO at `socket` (a leftover socket file does not count)."""
+    from .expert_client import ExpertClient
+
+    if not os.path.exists(socket):
+        return False
+    try:
+        ExpertClient(socket, None, timeout=timeout, retries=0).close()
+        return True
+    except DaemonError:
+        return False
+
+
+class DaemonProcess:
+    """A hobbitd subprocess (see the module docstring). preexec runs in the child before
+    hobbitd starts (e.g. entering a memory cgroup); own_session puts it in its own process
+    group, so Ctrl-C in the terminal reaches only this process; env defaults to ours;
+    append_log: add to log_path (several daemons, one log) rather than start it afresh."""
+
+    def __init__(self, models, socket: str, *, log_path: str, cache_size=None, flags=(),
+                 env: dict | None = None, preexec=None, own_session: bool = False,
+                 append_log: bool = False, **options):
+        self.socket, self.log_path = socket, log_path
+        self.killed = False       # stop() had to kill it
+        with open(log_path, "a" if append_log else "w") as log:
+            self.proc = subprocess.Popen(daemon_command(models, socket, cache_size, flags, **options),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                         preexec_fn=preexec, start_new_session=own_session)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 3) -> str:
+        """The last lines of its log, joined with ' | '."""
+        text = self.log().strip().splitlines()
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once it answers at the socket; DaemonError if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DaemonError("no_daemon", f"hobbitd exited ({self.proc.returncode}): "
+                                               f"{self.log_tail()}")
+            if daemon_answers(self.socket, timeout=5):
+                return
+            time.sleep(0.05)
+        raise DaemonError("timeout", f"hobbitd did not answer within {timeout:g} s: {self.log_tail()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signal it (if still running), wait, kill it after `timeout`; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.killed = True
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> "DaemonProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
