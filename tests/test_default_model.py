@@ -37,9 +37,9 @@ def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
     x = np.random.default_rng(0).standard_normal((8, dense.args.n_embd)).astype(np.float32)
     for il in range(dense.args.n_layer):
         g, u, d = moefy.ffn_weights(dense, il)
-        want = (moefy._silu(x @ g.T) * (x @ u.T)) @ d.T
+        want = (moefy.silu(x @ g.T) * (x @ u.T)) @ d.T
         ge, ue, de = moefy.ffn_weights(moe, il, experts=True)
-        got = sum((moefy._silu(x @ ge[e].T) * (x @ ue[e].T)) @ de[e].T for e in range(16)) / 16
+        got = sum((moefy.silu(x @ ge[e].T) * (x @ ue[e].T)) @ de[e].T for e in range(16)) / 16
         assert rel_l2(got, want) < 1e-5, f"layer {il}"
 
 
@@ -75,7 +75,7 @@ def test_default_model_is_a_real_moe_file(default_moe, smollm2):
     assert w.args.n_ff * w.args.n_expert == dense.args.n_ff
     assert w.field("hobbit.moefy.recipe") == moefy.RECIPE
     assert w.field("tokenizer.chat_template") == dense.field("tokenizer.chat_template")
-    assert os.path.exists(moefy._companion(default_moe)), "the Q4_0 companion is made with it"
+    assert os.path.exists(moefy.default_companion(default_moe)), "the Q4_0 companion is made with it"
 
 
 def test_build_is_deterministic(tmp_path):
@@ -83,8 +83,7 @@ def test_build_is_deterministic(tmp_path):
     opts = moefy.MoefyOptions(calib_tokens=256, per_prompt=64)
     paths = []
     for i in range(2):
-        moefy._calib_cache.clear()
-        moefy._plan_cache.clear()
+        moefy.clear_caches()
         paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, progress=False))
     assert _sha(paths[0]) == _sha(paths[1])
 
@@ -131,3 +130,10 @@ def test_prepare_rejects_bad_options(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("hobbit-cli: error: --experts 7")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_daemon_knows_the_default_models_file_name():
+    """hobbitd finds the default model by name without the builder (hobbitd/config.py)."""
+    from hobbit.hobbitd.config import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == moefy.model_name(moefy.default_options()) + ".gguf"

@@ -207,7 +207,13 @@ def ffn_weights(weights, il: int, experts: bool = False):
     return out
 
 
-def _silu(x):
+def clear_caches() -> None:
+    """Forget the calibration routes and layer plans kept for repeated builds in one process."""
+    _calib_cache.clear()
+    _plan_cache.clear()
+
+
+def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
@@ -259,7 +265,7 @@ def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) ->
     """Split one FFN: X (T, D) calibration inputs; gate/up (F, D), down (D, F) float32."""
     F = gate.shape[0]
     E = opts.experts
-    A = _silu(X @ gate.T) * (X @ up.T)                                       # (T, F)
+    A = silu(X @ gate.T) * (X @ up.T)                                       # (T, F)
     if opts.clustering == "coact":
         imp = np.abs(A) * np.linalg.norm(down, axis=0)                       # (T, F)
         n_act = max(1, int(round(CO_ACTIVE * F)))
@@ -528,7 +534,7 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
     prepared yet. Concurrent first uses build once (a lock file beside it)."""
     opts = default_options()
     path = default_model_file()
-    if os.path.exists(path) and os.path.exists(_companion(path)):
+    if os.path.exists(path) and os.path.exists(default_companion(path)):
         return path
     if not build:
         raise ModelError(f"{path}: the default model is not prepared yet (run hobbit-cli prepare)")
@@ -538,15 +544,15 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
             if progress:
                 print(f"hobbit: building the default model (once): {path}", file=sys.stderr)
             build_moe(path, opts=opts, progress=progress)
-        if not os.path.exists(_companion(path)):
+        if not os.path.exists(default_companion(path)):
             from .convert import convert
             from ..engine.weights import open_model
 
-            convert(open_model(path), ggml.Q4_0, out=_companion(path), progress=progress)
+            convert(open_model(path), ggml.Q4_0, out=default_companion(path), progress=progress)
     return path
 
 
-def _companion(path: str) -> str:
+def default_companion(path: str) -> str:
     """The default model's low-precision companion: Q4_0, beside it."""
     from ...loader.companion import companion_path
 

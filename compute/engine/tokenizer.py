@@ -23,7 +23,6 @@ def quiet_stderr():
         os.close(saved)
 
 
-_quiet_stderr = quiet_stderr   # the former name, still imported by older callers
 
 
 class Tokenizer:
