@@ -15,6 +15,18 @@ MATMUL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q2_K", "Q
 NUMPY_QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
+def _compute(ctx, out) -> None:
+    """Compute the graph ending in `out` on the CPU backend, then free the context."""
+    graph = lib.ggml_new_graph_custom(ctx.ptr, 64, False)
+    lib.ggml_build_forward_expand(graph, out)
+    backend = lib.ggml_backend_cpu_init()
+    try:
+        assert lib.ggml_backend_graph_compute(backend, graph) == 0
+    finally:
+        lib.ggml_backend_free(backend)
+        ctx.free()
+
+
 def _rand(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
@@ -52,14 +64,7 @@ def test_matmul_on_quantized_weights_in_place(name):
     out = lib.ggml_mul_mat(ctx.ptr, tw, tx)
     out.contents.data = y.ctypes.data
     assert ggml.row_size(t, K) * M == lib.ggml_nbytes(tw)
-    graph = lib.ggml_new_graph_custom(ctx.ptr, 64, False)
-    lib.ggml_build_forward_expand(graph, out)
-    backend = lib.ggml_backend_cpu_init()
-    try:
-        assert lib.ggml_backend_graph_compute(backend, graph) == 0
-    finally:
-        lib.ggml_backend_free(backend)
-        ctx.free()
+    _compute(ctx, out)
     ref = x @ wd.T
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     # quantised types multiply against Q8-quantised activations: ~1e-2 at most
@@ -134,14 +139,7 @@ def test_mul_mat_id_on_quantized_experts_in_place(name):
     y = np.zeros((T, n_used, M), np.float32)
     out = lib.ggml_mul_mat_id(ctx.ptr, tw, tx, tid)
     out.contents.data = y.ctypes.data
-    graph = lib.ggml_new_graph_custom(ctx.ptr, 64, False)
-    lib.ggml_build_forward_expand(graph, out)
-    backend = lib.ggml_backend_cpu_init()
-    try:
-        assert lib.ggml_backend_graph_compute(backend, graph) == 0
-    finally:
-        lib.ggml_backend_free(backend)
-        ctx.free()
+    _compute(ctx, out)
     ref = np.einsum("tuk,tumk->tum", x, wd[ids])
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
