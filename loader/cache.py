@@ -294,7 +294,7 @@ class ExpertCache:
                                                  f"{key[1]} ({prec}): {error}"))
         else:
             slot.state = "ready"
-            mo.bytes_read += mo.source_of(prec).expert_bytes
+            mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])
             mo.read_seconds += time.monotonic() - t0
             fut.set_result(slot)
         self._freed.fire()
@@ -354,7 +354,7 @@ class ExpertCache:
         self.io.plug()
         try:
             for i, (key, prec) in enumerate(missing):   # most important first
-                budget -= mo.source_of(prec).expert_bytes
+                budget -= mo.source_of(prec).expert_bytes(key[0])
                 if budget < 0 and i > 0:
                     break
                 slot = mo.regions[prec].take(key, mo.policy)

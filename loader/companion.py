@@ -28,7 +28,7 @@ from . import ggml_types as gt
 from .layout import ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
-VERSION = 1
+VERSION = 2            # 2: per-layer expert types in the slot format
 _HEAD = struct.Struct("<8sIII")
 
 
@@ -52,12 +52,30 @@ def source_identity(weights) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": h}
 
 
-def default_low_type(high: SlotFormat) -> int:
-    """The companion type for experts of format `high`: Q4_0 for 8/16/32-bit experts;
-    Q2_K for 4-bit ones where rows allow 256-blocks."""
-    if gt.bits_per_weight(high.types[0]) > 6:
-        return gt.Q4_0
-    return gt.Q2_K if all(shape[0] % 256 == 0 for shape in high.shapes) else gt.Q4_0
+MIN_SAVING = 1.5     # a companion must be this many times smaller than every layer's experts
+
+
+def default_low_type(high: SlotFormat) -> int | None:
+    """The companion type for experts of format `high`, or None when no type is at least
+    MIN_SAVING times smaller: Q4_0 for 8/16/32-bit experts (1.9-7x smaller); Q2_K for 4- to
+    6-bit ones (K-quant mixes, IQ4, MXFP4: 1.6-2.5x) where rows allow its 256-blocks; none
+    for 3- and 2-bit ones. A mix is judged by its smallest type, so every layer shrinks."""
+    bits = min(gt.bits_per_weight(t) for t in high.type_set)
+    for low in (gt.Q4_0, gt.Q2_K):
+        fits = all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes)
+        if fits and bits / gt.bits_per_weight(low) >= MIN_SAVING:
+            return low
+    return None
+
+
+def auto_low_type(high: SlotFormat, path: str) -> int:
+    """default_low_type, or ModelError naming the file when there is none."""
+    low = default_low_type(high)
+    if low is None:
+        names = "/".join(gt.type_name(t) for t in high.type_set)
+        raise ModelError(f"{path}: its {names} experts have no type {MIN_SAVING:g}x smaller to "
+                         "convert to; hobbitd serves them in high precision (or give --low TYPE)")
+    return low
 
 
 def companion_path(gguf_path: str, low_type: int) -> str:
@@ -77,7 +95,7 @@ def low_format(high: SlotFormat, low_type: int) -> SlotFormat:
                               f"{shape[0]} values are not a multiple of its block of "
                               f"{gt.block_size(low_type)}")
     nbytes = [gt.row_size(low_type, s[0]) * s[1] for s in high.shapes]
-    return SlotFormat.build([low_type] * 3, high.shapes, nbytes)
+    return SlotFormat.build(high.shapes, [[low_type] * 3] * high.n_layer, [nbytes] * high.n_layer)
 
 
 def header_bytes(header: dict) -> bytes:
@@ -125,7 +143,7 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
     base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.part_offsets)
                  for il in range(n_layer))
     # parts of one expert are one contiguous slot image: expert e is e*slot_bytes further on
-    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base, (fmt.slot_bytes,) * 3)
+    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base, ((fmt.slot_bytes,) * 3,) * n_layer)
     return src, h["crc32"]
 
 

@@ -23,41 +23,68 @@ def align(n: int, a: int = PAGE) -> int:
 
 @dataclass(frozen=True)
 class SlotFormat:
-    """Layout of one expert of one precision inside a cache slot. Same for every layer."""
-    types: tuple          # ggml type per part
-    shapes: tuple         # ggml ne per part: ((D, F), (D, F), (F, D))
-    part_nbytes: tuple    # bytes of each part's data
+    """Layout of one expert of one precision inside a cache slot.
+
+    llama.cpp's quantizer mixes types across layers (Q4_K_M gives some layers' down
+    experts Q6_K), so a part's type and size are per layer: layer_types[l][p] and
+    layer_nbytes[l][p]. Each part starts at part_offsets[p], sized for the largest layer's
+    part, so any slot holds any layer's expert (slots sized for the largest layer; the
+    alternative, a region per size class, is measured in BENCHMARKS.md)."""
+    shapes: tuple         # ggml ne per part, every layer: ((D, F), (D, F), (F, D))
+    layer_types: tuple    # [n_layer][3] ggml type
+    layer_nbytes: tuple   # [n_layer][3] bytes of each part's data
     part_offsets: tuple   # byte offset of each part in the slot, multiples of PAGE
     slot_bytes: int       # multiple of PAGE
 
     @classmethod
-    def build(cls, types, shapes, part_nbytes) -> "SlotFormat":
+    def build(cls, shapes, layer_types, layer_nbytes) -> "SlotFormat":
         # One spare page per part: a direct read of a part that starts mid-page in its file
         # reads from the page start, so it needs up to a page more room before it is moved.
         offsets, at = [], 0
-        for n in part_nbytes:
+        for p in range(len(PARTS)):
             offsets.append(at)
-            at += align(n) + PAGE
-        return cls(tuple(types), tuple(tuple(s) for s in shapes), tuple(part_nbytes),
-                   tuple(offsets), at)
+            at += align(max(n[p] for n in layer_nbytes)) + PAGE
+        return cls(tuple(tuple(s) for s in shapes), tuple(tuple(t) for t in layer_types),
+                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layer_types)
+
+    def types(self, layer: int) -> tuple:
+        return self.layer_types[layer]
+
+    def part_nbytes(self, layer: int) -> tuple:
+        return self.layer_nbytes[layer]
+
+    def expert_bytes(self, layer: int) -> int:
+        return sum(self.layer_nbytes[layer])
+
+    @property
+    def type_set(self) -> list:
+        """The distinct types, in order of first use."""
+        return list(dict.fromkeys(t for types in self.layer_types for t in types))
 
     def to_wire(self) -> dict:
-        return {"types": list(self.types), "shapes": [list(s) for s in self.shapes],
-                "part_nbytes": list(self.part_nbytes), "part_offsets": list(self.part_offsets),
-                "slot_bytes": self.slot_bytes}
+        return {"shapes": [list(s) for s in self.shapes],
+                "layer_types": [list(t) for t in self.layer_types],
+                "layer_nbytes": [list(n) for n in self.layer_nbytes],
+                "part_offsets": list(self.part_offsets), "slot_bytes": self.slot_bytes}
 
     @classmethod
     def from_wire(cls, d: dict) -> "SlotFormat":
-        return cls(tuple(d["types"]), tuple(tuple(s) for s in d["shapes"]),
-                   tuple(d["part_nbytes"]), tuple(d["part_offsets"]), int(d["slot_bytes"]))
+        return cls(tuple(tuple(s) for s in d["shapes"]), tuple(tuple(t) for t in d["layer_types"]),
+                   tuple(tuple(n) for n in d["layer_nbytes"]), tuple(d["part_offsets"]),
+                   int(d["slot_bytes"]))
 
 
 @dataclass(frozen=True)
 class ExpertSource:
     """The experts of one model in one precision, in one file.
 
-    part_base[l][p] is the file offset of layer l's part p for expert 0 and part_stride[p]
-    the distance between experts, so expert e's part p is at part_base[l][p] + e*part_stride[p].
+    part_base[l][p] is the file offset of layer l's part p for expert 0 and
+    part_stride[l][p] the distance between experts, so expert e's part p is at
+    part_base[l][p] + e * part_stride[l][p].
     """
     path: str
     precision: str        # "high" (the GGUF itself) or "low" (the companion file)
@@ -65,16 +92,22 @@ class ExpertSource:
     n_expert: int
     format: SlotFormat
     part_base: tuple      # [n_layer][3] file offsets
-    part_stride: tuple    # [3]
+    part_stride: tuple    # [n_layer][3]
 
     def ranges(self, layer: int, expert: int) -> list[tuple[int, int]]:
         """[(file offset, nbytes)] of the three parts of one expert."""
-        return [(self.part_base[layer][p] + expert * self.part_stride[p], self.format.part_nbytes[p])
+        nbytes = self.format.part_nbytes(layer)
+        return [(self.part_base[layer][p] + expert * self.part_stride[layer][p], nbytes[p])
                 for p in range(len(PARTS))]
 
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes read for one expert of `layer`."""
+        return self.format.expert_bytes(layer)
+
     @property
-    def expert_bytes(self) -> int:
-        return sum(self.format.part_nbytes)
+    def total_bytes(self) -> int:
+        """Bytes of every expert of every layer."""
+        return self.n_expert * sum(self.expert_bytes(il) for il in range(self.n_layer))
 
 
 def gguf_experts(file: GGUFFile) -> ExpertSource:
@@ -91,15 +124,14 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
                if f"blk.{il}.{n}" not in file.tensors]
     if missing:
         raise ModelError(f"{file.path}: tensor {missing[0]} is missing")
-    first = [file.tensors[f"blk.0.{n}"] for n in names]
-    part_nbytes = [t.nbytes // n_expert for t in first]
-    fmt = SlotFormat.build([t.type for t in first], [t.shape[:2] for t in first], part_nbytes)
-    base = []
-    for il in range(n_layer):
-        ts = [file.tensors[f"blk.{il}.{n}"] for n in names]
-        if [(t.type, t.shape) for t in ts] != [(t.type, t.shape) for t in first]:
-            raise ModelError(f"{file.path}: layer {il} experts differ in type or shape from "
-                             "layer 0; hobbit needs one expert format per precision")
-        base.append(tuple(t.offset for t in ts))
-    return ExpertSource(file.path, "high", n_layer, n_expert, fmt, tuple(base),
-                        tuple(part_nbytes))
+    layers = [[file.tensors[f"blk.{il}.{n}"] for n in names] for il in range(n_layer)]
+    shapes = [t.shape[:2] for t in layers[0]]
+    for il, ts in enumerate(layers):
+        if [t.shape for t in ts] != [t.shape for t in layers[0]]:
+            raise ModelError(f"{file.path}: layer {il} experts differ in shape from layer 0; "
+                             "hobbit needs one expert shape across layers")
+    nbytes = [[t.nbytes // n_expert for t in ts] for ts in layers]
+    fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes)
+    return ExpertSource(file.path, "high", n_layer, n_expert, fmt,
+                        tuple(tuple(t.offset for t in ts) for ts in layers),
+                        tuple(tuple(n) for n in nbytes))

@@ -80,5 +80,5 @@ class ModelCache:
                 "hobbit": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only,
                            "calibrated": self.calibrated, "policy": self.policy.name,
                            "policy_weights": None if w is None else list(w.__dict__.values()),
-                           "low_type": self.low and type_name(self.low.format.types[0])},
+                           "low_type": self.low and type_name(self.low.format.types(0)[0])},
                 "regions": {p: r.counts() for p, r in self.regions.items()}}

@@ -86,6 +86,8 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
         return None
     if kind == "auto":
         t = default_low_type(high_format)
+        if t is None:            # 2- and 3-bit experts: nothing smaller worth loading
+            return None
     else:
         t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
         if t is None:
@@ -104,7 +106,7 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
     a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
     is split among models in proportion to their expert bytes; a model gets at least one
     layer's experts (else InputError naming the minimum) and at most all of them."""
-    full = {n: mo.n_layer * mo.n_expert * mo.source.expert_bytes for n, mo in models.items()}
+    full = {n: mo.source.total_bytes for n, mo in models.items()}
     shares = {n: b / sum(full.values()) for n, b in full.items()}
     specs = []
     for n, mo in models.items():

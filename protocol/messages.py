@@ -33,7 +33,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes)
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous

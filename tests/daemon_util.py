@@ -143,10 +143,11 @@ class SlotView:
         self.source = expert_source(gguf_path)
         self.path = gguf_path
 
-    def slot_parts(self, index: int) -> list[bytes]:
+    def slot_parts(self, index: int, layer: int) -> list[bytes]:
+        """The parts slot `index` holds, each as long as a part of `layer`'s experts."""
         base = self.region["offset"] + index * self.fmt.slot_bytes
         return [self.seg.array[base + off: base + off + n].tobytes()
-                for off, n in zip(self.fmt.part_offsets, self.fmt.part_nbytes)]
+                for off, n in zip(self.fmt.part_offsets, self.fmt.part_nbytes(layer))]
 
     def file_parts(self, layer: int, expert: int) -> list[bytes]:
         with open(self.path, "rb") as f:
@@ -159,7 +160,7 @@ class SlotView:
     def check(self, slot, layer: int, expert: int) -> None:
         precision, index = slot
         assert precision == "high"
-        got, want = self.slot_parts(index), self.file_parts(layer, expert)
+        got, want = self.slot_parts(index, layer), self.file_parts(layer, expert)
         for p, (g, w) in enumerate(zip(got, want)):
             assert g == w, f"slot {index}: part {p} of layer {layer} expert {expert} differs"
 

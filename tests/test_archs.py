@@ -109,9 +109,20 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
     all-high model run on the same tokens: mean KL divergence and top-1 agreement."""
     path = str(tmp_path / f"{arch}.gguf")
     shutil.copy(synth(**options(arch, "s")), path)
+    kld, agree, m = mixed_precision_vs_high(path, tmp_path, "Q4_0")
+    assert m["misses_low"] > 0, "no expert was loaded in low precision"
+    assert kld < 0.05, f"mean KLD {kld:.4f}"
+    assert agree >= 0.8, f"top-1 agreement {agree:.2f}"
+
+
+def mixed_precision_vs_high(path: str, tmp_path, low_type: str, n_decode: int = 32):
+    """`hobbit-cli convert` the file (its companion beside it), then decode greedily through a
+    hobbitd with both precisions, the all-high in-process model fed the same tokens. Returns
+    (mean KL divergence of the high model's next-token distribution to the mixed one's,
+    top-1 agreement, the daemon's model stats)."""
     r = subprocess.run([*CLI, "convert", path, "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Q4_0 experts" in r.stdout
+    assert f"{low_type} experts" in r.stdout, r.stdout
     prompt = Tokenizer(path).encode(PROMPT)
     high = Model(open_model(path), RunOptions(n_ctx=256))
     # 3/4 of the expert bytes, a quarter of that for low precision (the default share):
@@ -123,7 +134,7 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
             assert set(client.regions) == {"high", "low"}
             p, q = mixed.forward(prompt), high.forward(prompt)
             klds, agree = [], []
-            for _ in range(32):
+            for _ in range(n_decode):
                 token = int(np.argmax(p))
                 agree.append(token == int(np.argmax(q)))
                 pp, pq = softmax(q.astype(np.float64)), softmax(p.astype(np.float64))
@@ -134,9 +145,7 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
             client.close()
             mixed.close()
             high.close()
-    assert m["misses_low"] > 0, "no expert was loaded in low precision"
-    assert np.mean(klds) < 0.05, f"mean KLD {np.mean(klds):.4f}"
-    assert np.mean(agree) >= 0.8, f"top-1 agreement {np.mean(agree):.2f}"
+    return float(np.mean(klds)), float(np.mean(agree)), m
 
 
 def _header_only(path: str, arch: str) -> str:

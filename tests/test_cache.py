@@ -87,7 +87,7 @@ def slot_bytes_of(cache, slot) -> bytes:
     """What a slot holds, part by part (without the alignment padding)."""
     fmt, base = slot.region.format, slot.offset
     return b"".join(cache.shm.array[base + o:base + o + n].tobytes()
-                    for o, n in zip(fmt.part_offsets, fmt.part_nbytes))
+                    for o, n in zip(fmt.part_offsets, fmt.part_nbytes(slot.key[0])))
 
 
 def file_bytes_of(src, layer, expert) -> bytes:
@@ -118,7 +118,7 @@ async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
         assert all(s.state == "ready" and s.region.precision == HIGH for s in slots)
         for s, e in zip(slots, [1, 2]):
             assert slot_bytes_of(cache, s) == file_bytes_of(mo.source, 0, e)
-        assert (mo.misses, mo.hits, mo.bytes_read) == (2, 0, 2 * mo.source.expert_bytes)
+        assert (mo.misses, mo.hits, mo.bytes_read) == (2, 0, 2 * mo.source.expert_bytes(0))
         reads = cache.io.reads
 
         again = cache.try_hit(OWNER, mo, 0, [2, 1], [0.0, 0.0])
@@ -190,7 +190,7 @@ async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_pat
         (got,) = await acquire(cache, mo, 1, [3])          # waits for the prefetch's read
         assert got.key == (1, 3) and slot_bytes_of(cache, got) == file_bytes_of(mo.source, 1, 3)
         assert (mo.waits + mo.hits, mo.misses, mo.prefetch_used) == (1, 0, 1)
-        assert mo.bytes_read == mo.source.expert_bytes       # the cancelled three never read
+        assert mo.bytes_read == mo.source.expert_bytes(0)     # the cancelled three never read
         assert not got.protected
 
 

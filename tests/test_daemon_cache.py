@@ -65,7 +65,7 @@ def test_churn_evicts_and_every_slot_is_right(daemon, client, view):
 
 def test_pinned_slot_survives_churn(daemon, client, view):
     held = request(client, daemon.model, 0, [0])[0]
-    snapshot = view.slot_parts(held[1])
+    snapshot = view.slot_parts(held[1], 0)
     for layer in range(LAYERS):
         for e in range(EXPERTS):
             if (layer, e) == (0, 0):
@@ -73,7 +73,7 @@ def test_pinned_slot_survives_churn(daemon, client, view):
             slot = request(client, daemon.model, layer, [e])[0]
             assert slot != held
             release(client, daemon.model, [slot])
-    assert view.slot_parts(held[1]) == snapshot
+    assert view.slot_parts(held[1], 0) == snapshot
     view.check(held, 0, 0)
     s0 = model_stats(client, daemon.model)
     assert s0["regions"]["high"]["pinned"] == 1

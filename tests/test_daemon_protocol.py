@@ -95,7 +95,7 @@ def test_stats(daemon, client):
     assert st["uptime_s"] > 0 and st["clients"] >= 1
     ms = st["models"][daemon.model]
     assert {"hits", "misses", "waits", "bytes_read", "read_seconds", "read_MBps"} <= set(ms)
-    assert ms["bytes_read"] == ms["misses"] * expert_source(daemon.model_path).expert_bytes
+    assert ms["bytes_read"] == ms["misses"] * expert_source(daemon.model_path).expert_bytes(0)
     assert ms["regions"]["high"]["pinned"] == 1
     assert ms["regions"]["high"]["slots"] == 19
     assert st["io"]["bytes_read"] == ms["bytes_read"]
@@ -192,7 +192,7 @@ BAD = {
     "no protocol frame": ([b"HELLO", _body(cmd=1, version=1)], "malformed"),
     "wrong protocol version": ([m.MAGIC + struct.pack("<H", 99), _body(cmd=1, version=99)],
                                "bad_version"),
-    "HELLO of another version": ([m.VERSION_FRAME, _body(cmd=1, version=2)], "bad_version"),
+    "HELLO of another version": ([m.VERSION_FRAME, _body(cmd=1, version=m.VERSION + 1)], "bad_version"),
     "unknown command": ([m.VERSION_FRAME, _body(cmd=99)], "unknown_command"),
     "daemon-side command": ([m.VERSION_FRAME, _body(cmd=int(m.Cmd.SLOTS), id=1, slots=[])],
                             "unknown_command"),

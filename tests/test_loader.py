@@ -160,7 +160,7 @@ def test_companion_holds_requantised_experts(synth, tmp_path):
     for layer, e in [(0, 0), (1, 3)]:
         for p, (off, n) in enumerate(high.ranges(layer, e)):
             shape = high.format.shapes[p]
-            x = ggml.dequantize(high.format.types[p], w.reader.data[off:off + n], shape[0] * shape[1])
+            x = ggml.dequantize(high.format.types(layer)[p], w.reader.data[off:off + n], shape[0] * shape[1])
             want = ggml.quantize(ggml.Q4_0, x, shape[0])
             loff, ln = src.ranges(layer, e)[p]
             assert ln == want.size and data[loff:loff + ln].tobytes() == want.tobytes()

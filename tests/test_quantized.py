@@ -4,16 +4,20 @@ below), and our engine runs every one of them as llama.cpp does."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from hobbit.compute.build.quantize import FTYPES, quantize_gguf
+from hobbit.loader.companion import default_low_type
 from hobbit.loader.ggml_types import type_name
 from hobbit.loader.gguf_file import open_gguf
+from hobbit.loader.layout import gguf_experts
 from hobbit.protocol.errors import InputError, ModelError
 
+from test_archs import assert_parity_through_daemon, mixed_precision_vs_high
 from test_parity import assert_parity
 
 # Mixtral's layout, small: rows of 256 and 512 fit every 256-block type, so nothing falls
@@ -23,9 +27,10 @@ CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def every_ftype(fast: set) -> list:
-    """FTYPES as test parameters, those not in fast marked slow (quantizing one takes 1-10 s,
-    a parity run 5 s on 2 cores)."""
-    return [f if f in fast else pytest.param(f, marks=pytest.mark.slow) for f in FTYPES]
+    """FTYPES as test parameters; those not in `fast` are marked `every_ftype` and run only
+    when asked for (`pytest -m every_ftype tests/test_quantized.py`; quantizing one takes
+    1-13 s and a daemon run ~15 s on 2 cores, too long for every change's suite)."""
+    return [f if f in fast else pytest.param(f, marks=pytest.mark.every_ftype) for f in FTYPES]
 
 
 # Every mix people download most, but IQ4_NL (10 s to quantize; IQ4_XS shares its tables)
@@ -163,3 +168,36 @@ def test_cli_quantize_with_type_is_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--quantize" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+# Through hobbitd: the mixes whose expert types differ across layers, and one uniform K-quant
+DAEMON_FAST = {"Q4_K_M", "IQ4_XS", "MXFP4_MOE", "Q2_K"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", every_ftype(DAEMON_FAST))
+def test_through_daemon_with_a_quarter_cache_matches_llama_cpp(quantized, tmp_path, ftype):
+    """Every routed expert from a real hobbitd caching a quarter of the expert bytes, in
+    high precision: slots sized for the largest layer hold each layer's own types."""
+    assert assert_parity_through_daemon(quantized(ftype, **MIXTRAL), tmp_path) == {"high"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", every_ftype(DAEMON_FAST))
+def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
+    """convert (the default companion type for the mix), then low precision and skips for
+    the less important experts through hobbitd: the KL divergence to all-high is small."""
+    path = str(tmp_path / f"{ftype}.gguf")
+    shutil.copy(quantized(ftype, **MIXTRAL), path)
+    low = default_low_type(gguf_experts(open_gguf(path)).format)
+    if low is None:      # 2- and 3-bit experts: no type worth loading instead
+        r = subprocess.run([*CLI, "convert", path, "-q"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "1.5x smaller" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return
+    kld, agree, m = mixed_precision_vs_high(path, tmp_path, type_name(low))
+    print(f"{ftype} -> {type_name(low)}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    assert m["misses_low"] > 0, "no expert was loaded in low precision"
+    assert kld < 0.1, f"mean KLD {kld:.4f}"
+    assert agree >= 0.5, f"top-1 agreement {agree:.2f}"

@@ -61,7 +61,7 @@ def served(default_moe, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     ex = gguf_experts(open_model(default_moe))
-    cache = ex.n_layer * ex.n_expert * ex.expert_bytes // 4
+    cache = ex.total_bytes // 4
     with run_daemon([default_moe], cache, tmp, no_dynamic=True) as daemon:
         log_path = tmp / "serve.log"
         with open(log_path, "w") as log:

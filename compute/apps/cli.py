@@ -107,7 +107,7 @@ def cmd_convert(args) -> int:
 
     from ..engine import ggml
     from ..engine.weights import open_model
-    from ...loader.companion import default_low_type
+    from ...loader.companion import auto_low_type
     from ..build.convert import convert
     from ...loader.layout import gguf_experts
     from ...protocol.errors import InputError, ModelError
@@ -121,12 +121,12 @@ def cmd_convert(args) -> int:
         if low is None:
             raise InputError(f"--low {args.low}: unknown type (try Q4_0, Q4_K, Q3_K, Q2_K)")
     else:
-        low = default_low_type(high.format)
+        low = auto_low_type(high.format, args.model)
     t0 = time.perf_counter()
     path = convert(weights, low, out=args.out, progress=not args.quiet)
     size = os.path.getsize(path)
     print(f"{path}: {ggml.type_name(low)} experts, {size / 2**20:.1f} MiB "
-          f"({size / (high.expert_bytes * high.n_layer * high.n_expert):.0%} of the high-precision "
+          f"({size / high.total_bytes:.0%} of the high-precision "
           f"experts), {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -119,7 +119,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
 
     high_src = gguf_experts(weights)
     low_src, _ = open_companion(weights, companion)
-    ratio = low_src.expert_bytes / high_src.expert_bytes
+    ratio = low_src.total_bytes / high_src.total_bytes
     a = weights.args
     budget = cache_fraction * a.n_layer * a.n_expert * high_src.format.slot_bytes
     high_slots = max(a.n_expert, int(budget * (1 - low_share)) // high_src.format.slot_bytes)
@@ -164,7 +164,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
 
 def cmd_calibrate(args) -> int:
     from ..engine import ggml
-    from ...loader.companion import companion_path, default_low_type
+    from ...loader.companion import auto_low_type, companion_path
     from ...loader.layout import gguf_experts
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
@@ -176,7 +176,7 @@ def cmd_calibrate(args) -> int:
         raise HobbitError(f"{args.text}: that is evaluation text; calibrate on other text")
     high = gguf_experts(weights)
     low = ggml.TYPES_BY_NAME[args.low.upper()] if args.low else \
-        default_low_type(high.format)
+        auto_low_type(high.format, args.model)
     companion = args.companion or companion_path(weights.path, low)
     if not os.path.exists(companion):
         raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {args.model} first")

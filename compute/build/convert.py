@@ -11,13 +11,20 @@ import numpy as np
 
 from ...loader.companion import companion_path, data_offset_for, header_bytes, low_format, source_identity
 from ...loader.layout import gguf_experts
-from ...protocol.errors import HobbitError
+from ...protocol.errors import HobbitError, InputError
 from ..engine import ggml
+from ..engine.ggml import lib
 from ..progress import progress_bar
 
 
 def convert(weights, low_type: int, out: str | None = None, progress: bool = True) -> str:
     """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its path."""
+    if low_type not in ggml.WEIGHT_TYPES or low_type in (ggml.F32, ggml.F16, ggml.BF16):
+        raise InputError(f"cannot convert experts to {ggml.type_name(low_type)}: not a quantised "
+                         "type hobbit computes on (try Q4_0, Q4_K, Q3_K, Q2_K)")
+    if lib.ggml_quantize_requires_imatrix(low_type):
+        raise InputError(f"cannot convert experts to {ggml.type_name(low_type)}: it needs an "
+                         "importance matrix (try Q4_0, Q4_K, Q3_K, Q2_K)")
     high = gguf_experts(weights)
     fmt = low_format(high.format, low_type)
     out = out or companion_path(weights.path, low_type)
@@ -30,7 +37,7 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
     data_offset = data_offset_for(header)
     tmp = f"{out}.tmp-{os.getpid()}"
     mm = weights.reader.data
-    bar = progress_bar(n_layer * n_exp * high.expert_bytes, f"convert to {ggml.type_name(low_type)}",
+    bar = progress_bar(high.total_bytes, f"convert to {ggml.type_name(low_type)}",
                        enabled=progress, unit="B")
     try:
         with open(tmp, "wb") as f:
@@ -42,13 +49,13 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
                     slot[:] = 0
                     for p, (off, n) in enumerate(high.ranges(il, e)):
                         shape = high.format.shapes[p]
-                        x = ggml.dequantize(high.format.types[p], mm[off:off + n], shape[0] * shape[1])
+                        x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n], shape[0] * shape[1])
                         q = ggml.quantize(low_type, x, shape[0])
                         o = fmt.part_offsets[p]
                         slot[o:o + q.size] = q
                     crcs[il][e] = zlib.crc32(slot)
                     f.write(slot.tobytes())
-                    bar.update(high.expert_bytes)
+                    bar.update(high.expert_bytes(il))
             f.seek(0)
             f.write(header_bytes({**header, "data_offset": data_offset}))
             f.flush()

@@ -95,7 +95,8 @@ class ExpertClient:
         base = self.region_address(precision)
         return tuple(base + o for o in self.regions[precision]["format"].part_offsets)
 
-    def part_strides(self, precision: str) -> tuple:
+    def part_strides(self, precision: str, layer: int) -> tuple:
+        """One slot to the next: the same for every layer (slots fit the largest layer)."""
         return (self.regions[precision]["format"].slot_bytes,) * 3
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:

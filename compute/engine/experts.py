@@ -30,7 +30,8 @@ class ExpertProvider(Protocol):
     regions: {precision: {"n_slots", "format": SlotFormat}}, the stacked tensors per
     precision; part_bases(precision, layer): the addresses of index 0 of gate/up/down for
     that layer (re-read before every layer: a provider may move its memory); part_strides
-    (precision): the bytes from one index to the next, per part. fetch() returns, per
+    (precision, layer): the bytes from one index to the next, per part; the format's
+    types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch() returns, per
     wanted expert, its Handle; fetch_pairs() then gives the Handle of each (token, rank)
     use; release() ends the use of fetch()'s handles; hint() announces predicted experts of
     coming layers. remote: the experts come from another process (hobbitd), which needs
@@ -41,7 +42,7 @@ class ExpertProvider(Protocol):
 
     def part_bases(self, precision: str, layer: int) -> tuple: ...
 
-    def part_strides(self, precision: str) -> tuple: ...
+    def part_strides(self, precision: str, layer: int) -> tuple: ...
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0,
               n_tokens: int = 1) -> list:
@@ -79,8 +80,8 @@ class LocalExperts:
     def part_bases(self, precision: str, layer: int) -> tuple:
         return tuple(self.bases[precision] + b for b in self.sources[precision].part_base[layer])
 
-    def part_strides(self, precision: str) -> tuple:
-        return self.sources[precision].part_stride
+    def part_strides(self, precision: str, layer: int) -> tuple:
+        return self.sources[precision].part_stride[layer]
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         """[(precision, expert) or None]: the expert's index in its precision's tensors."""

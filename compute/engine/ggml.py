@@ -122,6 +122,7 @@ _SIGNATURES = {
     "ggml_build_forward_expand": (None, [GRAPH, T]),
     # quantisation
     "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
+    "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
     "ggml_get_type_traits": (POINTER(TypeTraits), [c_int]),
     # allocation and the CPU backend
     "ggml_gallocr_new": (c_void_p, [c_void_p]),

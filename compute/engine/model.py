@@ -116,7 +116,7 @@ class Model:
         self.buft = lib.ggml_backend_cpu_buffer_type()
 
         # Weight tensors point straight into the mmapped GGUF.
-        self.wctx = ggml.Context(len(weights.tensors) + 2 * a.n_layer + 16)
+        self.wctx = ggml.Context(len(weights.tensors) + 8 * a.n_layer + 16)   # + KV and pool views
         self.t = {}
         for name, info in weights.tensors.items():
             self.t[name] = self.wctx.tensor(info.type, info.shape, name, weights.address(name))
@@ -139,24 +139,28 @@ class Model:
         self.experts = experts
         self.prefetch = PrefetchStats()
         if experts is not None:
-            # Per precision and part: every slot of that precision as one stacked tensor
-            # [.., .., S] whose stride is the provider's; re-pointed per layer before use.
+            # Per precision, layer and part: every slot of that precision as one stacked
+            # tensor [.., .., S] of that layer's type (quantizer mixes differ by layer) whose
+            # stride is the provider's; re-pointed before the layer runs.
             self.pool = {}
             for prec, r in experts.regions.items():
-                f, strides = r["format"], experts.part_strides(prec)
-                views = []
-                for p in range(3):
-                    t = self.wctx.tensor(f.types[p], (*f.shapes[p], r["n_slots"]), f"pool_{prec}_{PARTS[p]}")
-                    t.contents.nb[2] = strides[p]
-                    t.contents.nb[3] = strides[p] * r["n_slots"]
-                    views.append(t)
-                self.pool[prec] = views
+                f = r["format"]
+                self.pool[prec] = []
+                for il in range(a.n_layer):
+                    strides, views = experts.part_strides(prec, il), []
+                    for p in range(3):
+                        t = self.wctx.tensor(f.types(il)[p], (*f.shapes[p], r["n_slots"]),
+                                             f"pool_{prec}_{PARTS[p]}_l{il}")
+                        t.contents.nb[2] = strides[p]
+                        t.contents.nb[3] = strides[p] * r["n_slots"]
+                        views.append(t)
+                    self.pool[prec].append(views)
             # routers of every layer, stacked for the lookahead prediction: (L, E, D)
             self.routers = np.stack([weights.router(il) for il in range(a.n_layer)])
 
     def _point_pool(self, layer: int) -> None:
-        for prec, views in self.pool.items():
-            for t, base in zip(views, self.experts.part_bases(prec, layer)):
+        for prec, layers in self.pool.items():
+            for t, base in zip(layers[layer], self.experts.part_bases(prec, layer)):
                 t.contents.data = base
 
     # ---- public -------------------------------------------------------------------------
@@ -323,7 +327,7 @@ class Model:
                 if present:
                     ids = inp(f"ids_{prec}", ggml.I32, (K, T_in))
                     wts = inp(f"w_{prec}", ggml.F32, (1, K, T_in))
-                    f = moe_ffn(c, h, self.pool[prec], a.routing, sel=ids, weights=wts)
+                    f = moe_ffn(c, h, self.pool[prec][first - 1], a.routing, sel=ids, weights=wts)
                     y = f if y is None else lib.ggml_add(c, y, f)
             y = self._add_shared_expert(c, h, first - 1, y)
             if y is not None:      # None: every routed expert skipped, no shared one

@@ -52,7 +52,7 @@ def engine_pass(src, engine: IOEngine, seg: Segment) -> tuple[int, float]:
     dt = time.perf_counter() - t0
     if errors:
         raise HobbitError(f"I/O engine read failed: {errors[0]}")
-    return total * src.expert_bytes, dt
+    return src.total_bytes, dt
 
 
 def dd_pass(path: str) -> tuple[int, float]:

@@ -58,7 +58,7 @@ class OffloadOptions:
 def synthetic_model(quick: bool, progress: bool = True) -> str:
     """The synthetic model (and its low-precision companion), made once under
     $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget."""
-    from ...loader.companion import companion_path, default_low_type
+    from ...loader.companion import auto_low_type, companion_path
     from ..build.convert import convert
     from ...loader.layout import gguf_experts
     from ..build.synth import SynthOptions, make_synthetic
@@ -76,7 +76,7 @@ def synthetic_model(quick: bool, progress: bool = True) -> str:
         make_synthetic(path, SynthOptions(**spec), progress=progress)
     w = open_model(path)
     high = gguf_experts(w)
-    low = default_low_type(high.format)
+    low = auto_low_type(high.format, path)
     if not os.path.exists(companion_path(path, low)):
         convert(w, low, progress=progress)
     return path
@@ -272,7 +272,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     if not w.args.is_moe:
         raise InputError(f"{path}: not a mixture-of-experts model")
     src = gguf_experts(w)
-    expert_bytes = src.n_layer * src.n_expert * src.expert_bytes
+    expert_bytes = src.total_bytes
     other_bytes = os.path.getsize(path) - expert_bytes
     budget = budget_bytes(opts.budget, expert_bytes)
     cache = budget - other_bytes
@@ -331,8 +331,8 @@ def _io_floor(src, top_k: int, cache: int, path: str) -> dict:
     print("[offload] the I/O floor: direct-I/O bandwidth ...", file=sys.stderr, flush=True)
     io = bench_io.run(path, repeat=2)
     bw = max(io["engine_MBps"], io["dd_MBps"]) * 1e6
-    expert_bytes = src.n_layer * src.n_expert * src.expert_bytes
-    per_token = src.n_layer * top_k * src.expert_bytes * max(0.0, 1 - cache / expert_bytes)
+    expert_bytes = src.total_bytes
+    per_token = top_k * expert_bytes / src.n_expert * max(0.0, 1 - cache / expert_bytes)
     return {"direct_io_Bps": bw, "engine_Bps": [r["engine_bytes"] / r["engine_s"] for r in io["rounds"]],
             "dd_Bps": [r["dd_bytes"] / r["dd_s"] for r in io["rounds"]],
             "bytes_per_token": per_token, "tok_s": bw / per_token if per_token else None}

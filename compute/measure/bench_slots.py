@@ -1,0 +1,94 @@
+"""`hobbit-cli bench slots MODEL`: what caching a model's experts costs in shared memory with
+slots sized for the largest layer (what hobbitd does) against one region per size class.
+
+llama.cpp's quantizer mixes types across layers (Q4_K_M: Q6_K down experts on some layers),
+so one expert's bytes differ by layer. A slot sized for the largest layer holds any layer's
+expert, which wastes the difference on the smaller layers; size classes waste nothing but
+split the cache into regions that cannot lend each other slots. The types are the file's;
+with --dims the bytes are recomputed for another model's dimensions (a small synthetic made
+by the real quantizer stands in for a 48-layer Qwen3-30B-A3B, whose file does not fit here).
+"""
+from __future__ import annotations
+
+from ...loader import ggml_types as gt
+from ...loader.gguf_file import open_gguf
+from ...loader.layout import SlotFormat, gguf_experts
+
+
+def layer_nbytes(fmt: SlotFormat, dims: tuple | None) -> list:
+    """Bytes of each part per layer: the file's, or for dims (D, F) with the file's types."""
+    if dims is None:
+        return [list(fmt.part_nbytes(il)) for il in range(fmt.n_layer)]
+    D, F = dims
+    shapes = ((D, F), (D, F), (F, D))     # ggml ne of gate, up, down
+    return [[gt.row_size(t, ne0) * ne1 for t, (ne0, ne1) in zip(fmt.types(il), shapes)]
+            for il in range(fmt.n_layer)]
+
+
+def run(model: str, dims: tuple | None = None, n_expert: int | None = None) -> dict:
+    src = gguf_experts(open_gguf(model))
+    fmt, E = src.format, n_expert or src.n_expert
+    nbytes = layer_nbytes(fmt, dims)
+    shapes = fmt.shapes if dims is None else ((dims[0], dims[1]),) * 2 + ((dims[1], dims[0]),)
+    largest = SlotFormat.build(shapes, fmt.layer_types, nbytes)
+    classes: dict = {}                    # a layer's (types, bytes) -> its layers
+    for il in range(fmt.n_layer):
+        classes.setdefault((fmt.types(il), tuple(nbytes[il])), []).append(il)
+    per_class = []
+    for (types, nb), layers in classes.items():
+        cls = SlotFormat.build(shapes, [types], [nb])
+        per_class.append({"types": [gt.type_name(t) for t in types], "layers": layers,
+                          "expert_bytes": sum(nb), "slot_bytes": cls.slot_bytes})
+    data = E * sum(sum(nb) for nb in nbytes)
+    one_size = E * fmt.n_layer * largest.slot_bytes
+    by_class = E * sum(len(c["layers"]) * c["slot_bytes"] for c in per_class)
+    return {"model": model, "n_layer": fmt.n_layer, "n_expert": E,
+            "dims": list(dims) if dims else [shapes[0][0], shapes[0][1]],
+            "classes": per_class, "expert_data_bytes": data,
+            "largest_layer_slots": {"slot_bytes": largest.slot_bytes, "bytes": one_size,
+                                    "overhead": one_size / data - 1},
+            "size_classes": {"regions": len(per_class), "bytes": by_class,
+                             "overhead": by_class / data - 1}}
+
+
+def print_table(r: dict) -> None:
+    GiB = 2 ** 30
+    print(f"bench slots: {r['model']}: {r['n_layer']} layers x {r['n_expert']} experts, "
+          f"D {r['dims'][0]}, F {r['dims'][1]}")
+    for c in r["classes"]:
+        print(f"  {'/'.join(c['types']):<18} {len(c['layers']):3d} layers  expert {c['expert_bytes']:>11,} B"
+              f"  slot {c['slot_bytes']:>11,} B")
+    print(f"  {'every expert cached':<34} {'GiB':>8} {'over the data':>14}")
+    print(f"  {'expert data':<34} {r['expert_data_bytes'] / GiB:8.3f}")
+    for name, key, extra in (("slots sized for the largest layer", "largest_layer_slots", ""),
+                             ("one region per size class", "size_classes",
+                              f" ({r['size_classes']['regions']} regions)")):
+        v = r[key]
+        print(f"  {name:<34} {v['bytes'] / GiB:8.3f} {v['overhead']:13.1%}{extra}")
+
+
+def _dims(text: str) -> tuple:
+    import argparse
+
+    try:
+        D, F = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not D,F (two whole numbers)") from None
+    if D <= 0 or F <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: dimensions must be positive")
+    return D, F
+
+
+def add_parser(kinds, add_output_options, report) -> None:
+    p = kinds.add_parser("slots", prog="hobbit-cli bench slots",
+                         help="shared memory for a model's experts: largest-layer slots vs size classes",
+                         description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("model", metavar="MODEL", help="a MoE GGUF (e.g. made by `synth --quantize Q4_K_M`)")
+    p.add_argument("--dims", metavar="D,F", type=_dims, help="recompute the bytes for these dimensions, "
+                   "with the file's per-layer types (e.g. 2048,768: Qwen3-30B-A3B)")
+    p.add_argument("--experts", type=int, metavar="E", help="experts per layer (default: the file's)")
+    add_output_options(p)
+
+    def cmd(args):
+        return report(args, run(args.model, args.dims, args.experts), print_table)
+    p.set_defaults(func=cmd)
