@@ -17,7 +17,6 @@ Contract:
 from __future__ import annotations
 
 import os
-import sys
 
 from ...protocol.errors import InputError, ModelError
 from ..engine.ggml import physical_cores
@@ -69,26 +68,3 @@ def quantize_gguf(src: str, dst: str, ftype_name: str, threads: int = 0) -> None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def make_quantized(path: str, opts, ftype_name: str, progress: bool = False) -> None:
-    """A synthetic model (compute/build/synth.py) as llama.cpp quantises it: written F16
-    next to path, quantised to ftype_name into path, the F16 file removed. opts.type is
-    ignored (the source is F16)."""
-    from dataclasses import replace
-
-    from .synth import make_synthetic
-
-    ftype_value(ftype_name)    # an unknown name, or no place to write, fails before minutes of writing
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write ({folder} is not a writable folder)")
-    src = f"{path}.f16-{os.getpid()}.gguf"
-    try:
-        make_synthetic(src, replace(opts, type="F16"), progress=progress)
-        if progress:
-            print(f"quantizing to {ftype_name.upper()} with llama.cpp", file=sys.stderr)
-        quantize_gguf(src, path, ftype_name)
-    finally:
-        if os.path.exists(src):
-            os.remove(src)

@@ -35,6 +35,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -323,6 +324,29 @@ def count_params(opts: SynthOptions) -> int:
     return sum(int(np.prod(t.ne)) for t in plan(opts, n_vocab))
 
 
+def make_quantized(path: str, opts, ftype_name: str, progress: bool = False) -> None:
+    """A synthetic model (compute/build/synth.py) as llama.cpp quantises it: written F16
+    next to path, quantised to ftype_name into path, the F16 file removed. opts.type is
+    ignored (the source is F16)."""
+    from dataclasses import replace
+
+    from .quantize import ftype_value, quantize_gguf
+
+    ftype_value(ftype_name)    # an unknown name, or no place to write, fails before minutes of writing
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write ({folder} is not a writable folder)")
+    src = f"{path}.f16-{os.getpid()}.gguf"
+    try:
+        make_synthetic(src, replace(opts, type="F16"), progress=progress)
+        if progress:
+            print(f"quantizing to {ftype_name.upper()} with llama.cpp", file=sys.stderr)
+        quantize_gguf(src, path, ftype_name)
+    finally:
+        if os.path.exists(src):
+            os.remove(src)
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def cmd_synth(args) -> int:
@@ -336,8 +360,6 @@ def cmd_synth(args) -> int:
                         arch=args.arch, shared_ff=args.shared_ff)
     t0 = time.perf_counter()
     if args.quantize:
-        from .quantize import make_quantized
-
         make_quantized(args.out, opts, args.quantize, progress=True)
     else:
         make_synthetic(args.out, opts, progress=True)
