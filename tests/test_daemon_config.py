@@ -129,3 +129,18 @@ def test_sd_notify_unset_or_gone(monkeypatch, tmp_path):
     assert sd_notify("READY=1") is False
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
     assert sd_notify("READY=1") is False
+
+
+def test_no_model_and_none_built_says_how_to_build_it(tmp_path):
+    """hobbitd never builds the default model (that is the client's job): with no model named
+    and none prepared it says in one line how to prepare one, before making anything."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("HOBBIT_SOCKET", None)
+    r = subprocess.run([sys.executable, "-m", "hobbit.hobbitd.main", "--socket", str(tmp_path / "s.sock")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "hobbit-cli prepare" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "s.sock")
