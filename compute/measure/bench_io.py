@@ -87,7 +87,7 @@ def run(model: str, repeat: int = 3, threads: int = 4) -> dict:
     eng = statistics.median(r["engine_bytes"] / r["engine_s"] for r in rounds) / 1e6
     dd = statistics.median(r["dd_bytes"] / r["dd_s"] for r in rounds) / 1e6
     return {
-        "model": model, "expert_bytes": src.n_layer * src.n_expert * src.expert_bytes,
+        "model": model, "expert_bytes": src.total_bytes,
         "experts": src.n_layer * src.n_expert, "reads_per_expert": reads / (repeat * src.n_layer * src.n_expert), "io_threads": threads,
         "engine_MBps": eng, "dd_MBps": dd, "ratio": eng / dd if dd else 0.0,
         "engine_direct_io": direct, "repeat": repeat, "rounds": rounds,
