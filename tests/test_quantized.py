@@ -33,9 +33,8 @@ def every_ftype(fast: set) -> list:
     return [f if f in fast else pytest.param(f, marks=pytest.mark.every_ftype) for f in FTYPES]
 
 
-# Every mix people download most, but IQ4_NL (10 s to quantize; IQ4_XS shares its tables)
-TYPES_FAST = {"F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0",
-              "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "MXFP4_MOE"}
+# One file type per rule of llama-quant.cpp's mix (the rest: -m every_ftype)
+TYPES_FAST = {"BF16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS", "MXFP4_MOE"}
 # One of each family: BF16, a K-quant mix with Q6_K/Q5_K/Q8_0 layers, Q2_K/Q3_K, IQ4_XS, MXFP4
 PARITY_FAST = {"BF16", "Q4_K_M", "Q2_K", "IQ4_XS", "MXFP4_MOE"}
 # 16 layers: Q3_K_M's first layer (n/16) has Q5_K only from 16 layers on
