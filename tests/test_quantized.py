@@ -200,3 +200,42 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1, f"mean KLD {kld:.4f}"
     assert agree >= 0.5, f"top-1 agreement {agree:.2f}"
+
+
+# Q4_K_M of every other architecture: the size "m" of test_archs (rows of 256 and 512, so no
+# K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
+# qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
+ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
+           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe")]
+
+
+def arch_q4_k_m(quantized, arch: str) -> str:
+    from test_archs import options
+    kw = options(arch, "m")
+    kw.pop("type")
+    return quantized("Q4_K_M", **kw)
+
+
+@pytest.mark.parametrize("arch", ARCH_Q4)
+def test_q4_k_m_of_every_architecture_mixes_and_matches_llama_cpp(quantized, arch):
+    path = arch_q4_k_m(quantized, arch)
+    t = types_of(path)
+    assert [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(6)] == [
+        ffn_down_type("Q4_K_M", i, 6) for i in range(6)] == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    assert_parity(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCH_Q4)
+def test_q4_k_m_of_every_architecture_through_daemon(quantized, tmp_path, arch):
+    """A quarter cache in high precision gives llama.cpp's tokens and logits; then with the
+    Q2_K companion, mixed precision stays close to all-high."""
+    path = str(tmp_path / f"{arch}-Q4_K_M.gguf")
+    shutil.copy(arch_q4_k_m(quantized, arch), path)
+    assert assert_parity_through_daemon(path, tmp_path) == {"high"}
+    kld, agree, m = mixed_precision_vs_high(path, tmp_path, "Q2_K")
+    print(f"{arch} Q4_K_M -> Q2_K: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    assert m["misses_low"] > 0, "no expert was loaded in low precision"
+    assert kld < 0.1, f"mean KLD {kld:.4f}"
+    assert agree >= 0.5, f"top-1 agreement {agree:.2f}"
