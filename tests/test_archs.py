@@ -68,6 +68,36 @@ def test_args_read_from_the_file(synth, arch, size):
         assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
 
 
+def with_per_layer(src: str, dst: str, arrays: dict) -> str:
+    """src with the given metadata keys rewritten as one value per layer (llama.cpp reads
+    expert_used_count and expert_feed_forward_length that way too: get_key_or_arr)."""
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.ARRAY, v, sub_type=gguf.GGUFValueType.UINT32)
+           for k, v in arrays.items()}
+    copy_with_new_metadata(reader, gguf.GGUFWriter(dst, arch), new, [])
+    return dst
+
+
+def test_per_layer_expert_arrays(synth, tmp_path):
+    """Per-layer arrays of one value read as that value, and the file still matches
+    llama.cpp; values that differ by layer are refused in one line naming the key."""
+    o = options("qwen3moe", "s")
+    n = o["layers"]
+    uniform = with_per_layer(synth(**o), str(tmp_path / "u.gguf"), {
+        "qwen3moe.expert_used_count": [o["top_k"]] * n,
+        "qwen3moe.expert_feed_forward_length": [o["d_ff"]] * n})
+    assert open_model(uniform).args.n_expert_used == o["top_k"]
+    assert_parity(uniform)
+    varying = with_per_layer(synth(**o), str(tmp_path / "v.gguf"), {
+        "qwen3moe.expert_used_count": [o["top_k"]] * (n - 1) + [1]})
+    with pytest.raises(ModelError) as e:
+        open_model(varying)
+    assert str(e.value) == (f"{varying}: qwen3moe.expert_used_count differs across layers "
+                            f"(1..{o['top_k']}), which hobbit does not support")
+
+
 @pytest.mark.parametrize("arch, size", CASES)
 def test_in_process_matches_llama_cpp(synth, arch, size):
     assert_parity(synth(**options(arch, size)))

@@ -122,10 +122,23 @@ def _field(reader, key, default=None, required=True, path=""):
     return f.contents()
 
 
+def _uniform(value, key: str, path: str):
+    """A key llama.cpp reads as a scalar or one value per layer (get_key_or_arr): the one
+    value. Our architectures' graphs, like llama.cpp's for them, size every layer's experts
+    and top-k from one value, so an array whose values differ is refused."""
+    if not isinstance(value, list):
+        return value
+    if len(set(value)) > 1:
+        raise ModelError(f"{path}: {key} differs across layers ({min(value)}..{max(value)}), "
+                         f"which hobbit does not support")
+    return value[0] if value else None
+
+
 def read_args(reader, path: str) -> ModelArgs:
     arch = GGUFFile(path, reader, {}).check_architecture()
     spec = ARCHS[arch]
-    k = lambda name, **kw: _field(reader, f"{arch}.{name}", path=path, **kw)  # noqa: E731
+    k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw),  # noqa: E731
+                                    f"{arch}.{name}", path)
     n_embd = int(k("embedding_length"))
     n_head = int(k("attention.head_count"))
     head_dim = int(k("attention.key_length", default=n_embd // n_head))
