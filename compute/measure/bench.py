@@ -51,9 +51,11 @@ def add_parser(sub) -> None:
     _add_io_parser(kinds)
     _add_ablation_parser(kinds)
     from .bench_offload import add_parser as add_offload_parser
+    from .bench_companions import add_parser as add_companions_parser
     from .bench_slots import add_parser as add_slots_parser
     add_offload_parser(kinds, _add_output_options, _report)
     add_slots_parser(kinds, _add_output_options, _report)
+    add_companions_parser(kinds, _add_output_options, _report)
 
 
 def _add_output_options(p) -> None:
