@@ -28,7 +28,7 @@ class DaemonConfig:
     client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
     slot_wait: float = 30.0      # seconds a miss waits for an unpinned slot before cache_full
     # HOBBIT (issue 5); every technique can be switched off for baselines
-    low_type: str = "auto"       # companion type: "auto" (the default type's file if made), "none", or e.g. "Q4_0"
+    low_type: str = "auto"       # companion type: "auto" (the best suitable type whose file is made), "none", or e.g. "Q4_0"
     low_share: float = 0.25      # share of each model's cache for low-precision slots
     policy: str = "hobbit"       # eviction: "hobbit" (multidimensional) or "lru"
     dynamic: bool = True         # token-level dynamic loading (low precision / skip on misses)

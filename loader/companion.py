@@ -55,17 +55,28 @@ def source_identity(weights) -> dict:
 MIN_SAVING = 1.5     # a companion must be this many times smaller than every layer's experts
 
 
+# Companion types, best first: by bench companions' measurement (BENCHMARKS.md) Q4_K diverges
+# less than Q4_0 at the same bytes, and Q3_K about 3.4x less than Q2_K for 1.3x the bytes.
+LOW_TYPES = (gt.Q4_K, gt.Q4_0, gt.Q3_K, gt.Q2_K)
+
+
+def low_type_choices(high: SlotFormat) -> list[int]:
+    """LOW_TYPES that suit experts of format `high`, best first: whose blocks fit the rows
+    and which are at least MIN_SAVING times smaller than every layer's experts (a mix is
+    judged by its smallest type, so every layer shrinks)."""
+    bits = min(gt.bits_per_weight(t) for t in high.type_set)
+    return [low for low in LOW_TYPES
+            if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes)
+            and bits / gt.bits_per_weight(low) >= MIN_SAVING]
+
+
 def default_low_type(high: SlotFormat) -> int | None:
     """The companion type for experts of format `high`, or None when no type is at least
-    MIN_SAVING times smaller: Q4_0 for 8/16/32-bit experts (1.9-7x smaller); Q2_K for 4- to
-    6-bit ones (K-quant mixes, IQ4, MXFP4: 1.6-2.5x) where rows allow its 256-blocks; none
-    for 3- and 2-bit ones. A mix is judged by its smallest type, so every layer shrinks."""
-    bits = min(gt.bits_per_weight(t) for t in high.type_set)
-    for low in (gt.Q4_0, gt.Q2_K):
-        fits = all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes)
-        if fits and bits / gt.bits_per_weight(low) >= MIN_SAVING:
-            return low
-    return None
+    MIN_SAVING times smaller: Q4_K (Q4_0 where rows are not 256-blocks) for 8/16/32-bit
+    experts, Q3_K for 5- and 6-bit ones, Q2_K for 4-bit ones (K-quant mixes, IQ4, MXFP4),
+    none for 2- and 3-bit ones."""
+    choices = low_type_choices(high)
+    return choices[0] if choices else None
 
 
 def auto_low_type(high: SlotFormat, path: str) -> int:

@@ -22,7 +22,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class ModelOptions:
     """HOBBIT's switches for every model served (the daemon config's keys of the same names)."""
-    low_type: str = "auto"   # companion type: "auto" (the default type's file if made), "none", "Q4_0"...
+    low_type: str = "auto"   # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
     low_only: bool = False   # every expert in low precision
     dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
     t1: float = 0.0          # thresholds; 0 = calibrated values, else 0.6 / 0.9
@@ -79,15 +79,18 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
     """The companion to serve, or None. "auto" without a file is fine (high precision
     only), unless low_only asks for it; a named type without its file is a ModelError."""
     from . import ggml_types
-    from .companion import companion_path, default_low_type
+    from .companion import companion_path, low_type_choices
 
     kind = opts.low_type.lower()
     if kind == "none":
         return None
     if kind == "auto":
-        t = default_low_type(high_format)
-        if t is None:            # 2- and 3-bit experts: nothing smaller worth loading
+        choices = low_type_choices(high_format)
+        if not choices:          # 2- and 3-bit experts: nothing smaller worth loading
             return None
+        # the best type's file, else one made earlier of another suitable type
+        made = [c for c in choices if os.path.exists(companion_path(gguf_path, c))]
+        t = (made or choices)[0]
     else:
         t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
         if t is None:

@@ -88,7 +88,7 @@ def test_convert_cli_reports_and_daemon_uses_it(synth, tmp_path):
     r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Q4_0 experts" in r.stdout and os.path.exists(companion.companion_path(path, ggml.Q4_0))
+    assert "Q4_K experts" in r.stdout and os.path.exists(companion.companion_path(path, ggml.Q4_K))
     with run_daemon([path], "8M", tmp_path) as d:
         s = connect(d.socket)
         w = hello(s)

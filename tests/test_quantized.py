@@ -127,6 +127,34 @@ def test_in_process_matches_llama_cpp(quantized, ftype):
     assert_parity(quantized(ftype, **MIXTRAL))
 
 
+# The companion convert makes by default (loader/companion.py LOW_TYPES, chosen by measured
+# divergence and bytes: BENCHMARKS.md), per file type of a Mixtral-layout file
+DEFAULT_LOW = {"F16": "Q4_K", "BF16": "Q4_K", "Q8_0": "Q4_K", "Q6_K": "Q3_K", "Q5_K_M": "Q3_K",
+               "Q5_K_S": "Q3_K", "Q5_0": "Q3_K", "Q5_1": "Q3_K", "Q4_K_M": "Q2_K", "Q4_K_S": "Q2_K",
+               "Q4_0": "Q2_K", "Q4_1": "Q2_K", "Q3_K_L": None, "Q3_K_M": None, "Q3_K_S": None,
+               "Q2_K": None, "IQ4_XS": "Q2_K", "IQ4_NL": "Q2_K", "MXFP4_MOE": "Q2_K"}
+
+
+@pytest.mark.parametrize("rows", [256, 576])
+def test_default_companion_type_per_file_type(rows):
+    """From each file type's expert types per layer (as expected_types gives them); rows
+    that are not 256-blocks (SmolLM2's 576) leave Q4_0 for 8-bit and wider experts."""
+    from hobbit.loader.ggml_types import TYPES_BY_NAME, row_size
+    from hobbit.loader.layout import SlotFormat
+    assert set(DEFAULT_LOW) == set(FTYPES)
+    shapes = ((rows, 512), (rows, 512), (512, rows))
+    for ftype, low in DEFAULT_LOW.items():
+        t = expected_types(ftype, 8)
+        types = [[TYPES_BY_NAME[t[f"blk.{i}.ffn_{p}_exps.weight"]] for p in ("gate", "up", "down")]
+                 for i in range(8)]
+        if rows == 576 and any(x in (10, 11, 12, 13, 14, 23) for x in sum(types, [])):
+            continue    # K-quants and IQ4_XS need 256-blocks themselves
+        nbytes = [[row_size(x, s[0]) * s[1] for x, s in zip(tl, shapes)] for tl in types]
+        got = default_low_type(SlotFormat.build(shapes, types, nbytes))
+        want = low if rows == 256 else "Q4_0" if low == "Q4_K" else None
+        assert (type_name(got) if got is not None else None) == want, ftype
+
+
 def test_unknown_ftype_is_one_line_naming_the_known(synth, tmp_path):
     with pytest.raises(InputError) as e:
         quantize_gguf(synth(**MIXTRAL, type="F16"), str(tmp_path / "q.gguf"), "Q4_K_X")
