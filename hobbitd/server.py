@@ -249,12 +249,13 @@ class Daemon:
                 self.sessions.drop(s, "said BYE")
             return
         if s is None:
-            if cmd in (m.Cmd.HEARTBEAT, m.Cmd.HINT, m.Cmd.RELEASE):
+            if cmd in (m.Cmd.HEARTBEAT, m.Cmd.HINT, m.Cmd.RELEASE, m.Cmd.USED):
                 return    # they have no answer; a stale client learns at its next REQUEST
             rid = msg.get("id") if isinstance(msg.get("id"), int) else None
             return self._error(ident, "no_session", "no session: say HELLO first", rid)
         handler = {m.Cmd.REQUEST: self._on_request, m.Cmd.HINT: self._on_hint,
                    m.Cmd.RELEASE: self._on_release, m.Cmd.STATS: self._on_stats,
+                   m.Cmd.RESIDENT: self._on_resident, m.Cmd.USED: self._on_used,
                    m.Cmd.HEARTBEAT: lambda s, msg: None}.get(cmd)
         if handler is None:
             return self._error(ident, "unknown_command", f"{cmd.name} is not a client command")
@@ -363,6 +364,22 @@ class Daemon:
             return self._error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
         self.cache.release(s.sid, mo, [tuple(item) for item in msg["slots"]
                                        if isinstance(item, list) and len(item) == 2])
+
+    def _on_resident(self, s: Session, msg: dict) -> None:
+        """Every expert of the model pinned for the session, or how far loading them is
+        (ExpertCache.resident); answered at once, never waiting for reads."""
+        try:
+            mo = self.cache.model(msg["model"])
+        except RequestError as e:
+            return self._error(s.ident, e.code, str(e), msg["id"])
+        self._send(s.ident, m.Cmd.RESIDENT_REPLY, id=msg["id"], **self.cache.resident(s.sid, mo))
+
+    def _on_used(self, s: Session, msg: dict) -> None:
+        mo = self.models.get(msg["model"])
+        if mo is None:
+            return self._error(s.ident, "unknown_model", f"USED: no model {msg['model']!r}")
+        s.count_forward(msg.get("seq"), msg.get("token"), msg.get("tokens"))
+        self.cache.count_used(s.sid, mo, msg["uses"])
 
     def _on_stats(self, s: Session, msg: dict) -> None:
         self._send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats())

@@ -25,7 +25,7 @@ from ..protocol.errors import RequestError
 from .io_engine import DEMAND, PREFETCH, IOEngine
 from .model_cache import ModelCache
 from .pool import Region, Slot
-from .precision import LOW, SKIP
+from .precision import HIGH, LOW, SKIP
 from .shm import Segment
 
 EWMA = 0.2             # weight of a new sample in the prefetch budget's running averages
@@ -36,6 +36,7 @@ class Owner:
     """What one owner holds, and what it asked for (per-client counts for hobbit-cli top)."""
     pins: Counter = field(default_factory=Counter)   # Slot -> pins held
     protected: list = field(default_factory=list)    # slots its last hint protects
+    resident: set = field(default_factory=set)       # models whose every expert it pins
     experts: int = 0
     hits: int = 0             # served from the cache (including reads already in flight)
     misses: int = 0
@@ -186,6 +187,52 @@ class ExpertCache:
             mo.demand_Bps = rate if mo.demand_Bps is None else (1 - EWMA) * mo.demand_Bps + EWMA * rate
         it = iter(got)
         return [None if p is SKIP else next(it) for p in precs]
+
+    def resident(self, owner: int, mo: ModelCache) -> dict:
+        """Every expert of mo, for a client that computes a whole forward at once.
+
+        When mo's high region holds all its experts (mo.holds_all) and all are ready, each
+        is pinned once for owner (the first time only) until it is closed, and the answer
+        is {"slots": [[slot index per expert] per layer], ...}. Otherwise "slots" is None:
+        while some are missing they are read at prefetch priority (ask again later); with
+        "total" 0 the region cannot hold them all and the client asks per layer."""
+        total = mo.n_layer * mo.n_expert
+        if not mo.holds_all:
+            return {"slots": None, "ready": 0, "total": 0}
+        region = mo.regions[HIGH]
+        keys = [(il, e) for il in range(mo.n_layer) for e in range(mo.n_expert)]
+        slots = [region.lookup(k) for k in keys]
+        ready = sum(s is not None and s.state == "ready" for s in slots)
+        if ready == total:
+            o = self.owners.get(owner)
+            if o is not None and mo.name not in o.resident:
+                o.resident.add(mo.name)
+                for slot in slots:
+                    self._pin(owner, slot)
+            E = mo.n_expert
+            return {"slots": [[s.index for s in slots[il * E:(il + 1) * E]] for il in range(mo.n_layer)],
+                    "ready": ready, "total": total}
+        if not self.stopping:
+            self.io.plug()
+            try:
+                for key, slot in zip(keys, slots):
+                    if slot is None and (slot := region.take(key, mo.policy)) is not None:
+                        mo.misses += 1           # not cached, read: a miss nobody waits on
+                        mo.by_precision["misses_high"] += 1
+                        self._load(mo, slot, key, HIGH, PREFETCH)
+            finally:
+                self.io.unplug()
+        return {"slots": None, "ready": ready, "total": total}
+
+    def count_used(self, owner: int, mo: ModelCache, uses: int) -> None:
+        """A forward on resident experts used `uses` of them: hits in high precision."""
+        uses = max(0, int(uses))
+        o = self._counts(owner)
+        mo.requested += uses
+        mo.hits += uses
+        mo.by_precision["hits_high"] += uses
+        o.experts += uses
+        o.hits += uses
 
     def _count_request(self, owner: int, mo: ModelCache, precs: list) -> None:
         o = self._counts(owner)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..protocol.errors import RequestError
 from .layout import ExpertSource
 from .policy import EvictionPolicy
-from .precision import LOW, Thresholds, decide
+from .precision import HIGH, LOW, Thresholds, decide
 
 
 @dataclass(eq=False)
@@ -45,8 +45,18 @@ class ModelCache:
     def source_of(self, precision: str) -> ExpertSource:
         return self.low if precision == LOW else self.source
 
+    @property
+    def holds_all(self) -> bool:
+        """The high region has a slot for every expert: nothing is ever evicted."""
+        high = self.regions.get(HIGH)
+        return high is not None and high.n_slots >= self.n_layer * self.n_expert
+
     def decide(self, key: tuple, score: float):
-        """Token-level dynamic loading: the precision to use for one expert (SKIP: skip)."""
+        """Token-level dynamic loading: the precision to use for one expert (SKIP: skip).
+        A model whose every expert fits in high gets high: its misses happen only while the
+        cache warms, and a low copy or a skip then would lose quality for no memory."""
+        if self.holds_all and not self.thresholds.low_only:
+            return HIGH
         return decide(self.thresholds, self.regions, key, score)
 
     def check(self, layer: int, experts: list) -> None:
@@ -81,4 +91,5 @@ class ModelCache:
                            "calibrated": self.calibrated, "policy": self.policy.name,
                            "policy_weights": None if w is None else list(w.__dict__.values()),
                            "low_type": self.low and type_name(self.low.format.types(0)[0])},
+                "holds_all": self.holds_all,
                 "regions": {p: r.counts() for p, r in self.regions.items()}}

@@ -108,13 +108,20 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
     """Regions [(model, precision, fmt, offset, n_slots)] and the segment size (bytes) for
     a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
     is split among models in proportion to their expert bytes; a model gets at least one
-    layer's experts (else InputError naming the minimum) and at most all of them."""
+    layer's experts (else InputError naming the minimum) and at most all of them. A cache
+    that holds every expert of every model in high precision gets no low regions."""
     full = {n: mo.source.total_bytes for n, mo in models.items()}
     shares = {n: b / sum(full.values()) for n, b in full.items()}
+    # a cache that holds every expert in high needs no low copies (nothing is evicted)
+    all_high = sum(mo.n_layer * mo.n_expert * mo.source.format.slot_bytes for mo in models.values())
+    fits = size >= all_high and not any(mo.thresholds.low_only for mo in models.values())
+    if fits:      # split by slot bytes, so that each model gets a slot for every expert
+        shares = {n: mo.n_layer * mo.n_expert * mo.source.format.slot_bytes / all_high
+                  for n, mo in models.items()}
     specs = []
     for n, mo in models.items():
         th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
-        low = mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
+        low = not fits and mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
         share = 0.0 if not low else 1.0 if th.low_only else low_share
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))

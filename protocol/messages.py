@@ -16,6 +16,9 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | HEARTBEAT | client→daemon | — | none (any message counts as a heartbeat) |
 | ERROR | daemon→client | code, message, id (of the request, if any) | — |
 | BYE | client→daemon | — | none: the session's pins are released |
+| RESIDENT | client→daemon | id, model | RESIDENT_REPLY |
+| RESIDENT_REPLY | daemon→client | id, slots ([[index per expert] per layer]: every expert in high precision, pinned for the session until BYE; or None), ready, total (experts loaded of all; total 0: the cache cannot hold them all, ask per layer) | — |
+| USED | client→daemon | model, uses (expert uses), seq, token, tokens: a forward computed on resident experts (for the counts) | none |
 
 model info: {path, n_layer, n_expert, regions {precision: {offset, n_slots, format}}}, where
 format is loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model starts at
@@ -33,7 +36,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 2   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes)
+VERSION = 3   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes); 3: RESIDENT
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous
@@ -51,6 +54,9 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 9
     ERROR = 10
     BYE = 11
+    RESIDENT = 12
+    RESIDENT_REPLY = 13
+    USED = 14
 
 
 # required fields and their types, checked on decode (the daemon never trusts input)
@@ -63,6 +69,9 @@ _FIELDS = {
     Cmd.WELCOME: {"version": int, "shm": str, "models": dict},
     Cmd.ERROR: {"code": str, "message": str},
     Cmd.STATS_REPLY: {"stats": dict},
+    Cmd.RESIDENT: {"id": int, "model": str},
+    Cmd.RESIDENT_REPLY: {"id": int, "ready": int, "total": int},
+    Cmd.USED: {"model": str, "uses": int},
 }
 
 

@@ -102,3 +102,17 @@ def test_bench_offload_bad_budget_is_one_clear_line():
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--budget" in lines[0], r.stderr
+
+
+def test_bench_fit_runs_every_engine_side_by_side(synth):
+    """Every expert cached: llama.cpp, in-process, hobbitd one graph and per layer give the
+    same greedy tokens; the one-graph forward never waits for hobbitd, the per-layer one does."""
+    r = cli_json("bench", "fit", synth(**MODEL), "-n", "4", "--repeat", "1", "--prompt-tokens", "8")
+    assert list(r["engines"]) == ["llamacpp", "in_process", "resident", "per_layer"]
+    for name, e in r["engines"].items():
+        assert e["tokens_match"] is True, name
+        assert e["decode_tok_s"] > 0 and e["prefill_tok_s"] > 0
+    one, per = r["engines"]["resident"]["ms_per_token"], r["engines"]["per_layer"]["ms_per_token"]
+    assert one["wait"] == 0 and one["compute"] > 0
+    assert per["wait"] > 0 and per["daemon_cpu"] > 0
+    assert r["engines"]["llamacpp"]["decode_ratio"] == 1.0

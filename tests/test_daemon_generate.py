@@ -97,3 +97,41 @@ def test_client_survives_a_daemon_restart(model, tmp_path):
         assert client.shm.name != old_shm and len(slots) == 2
         client.release(slots)
         client.close()
+
+
+def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
+    """A cache that holds every expert: hobbitd reads them all at the first ask and pins
+    them for the client, which then computes each forward in one graph with no request:
+    the in-process logits to the bit, one USED note per forward for the counts."""
+    import numpy as np
+
+    from hobbit.compute.engine.model import Model, RunOptions
+
+    w = open_model(model)
+    a = w.args
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path) as d:
+        client = ExpertClient(d.socket, model)
+        ours = Model(w, RunOptions(n_ctx=128), experts=client)
+        ref = Model(open_model(model), RunOptions(n_ctx=128))
+        try:
+            assert set(client.regions) == {"high"}      # nothing is evicted: no low copies
+            token, trips = [1, 5, 9, 13], []
+            for step in range(12):
+                p, q = ours.forward(token), ref.forward(token)
+                np.testing.assert_array_equal(p, q)
+                token = [int(np.argmax(q))]
+                trips.append(client.round_trips)
+                if client.resident() is None:           # still reading: try again
+                    continue
+            m = next(iter(client.stats()["models"].values()))
+        finally:
+            ours.close()
+            ref.close()
+            client.close()
+    assert m["holds_all"] and m["misses"] == a.n_layer * a.n_expert and m["skipped"] == 0
+    first = next(i for i, t in enumerate(trips) if i and t == trips[i - 1])
+    assert trips[first:] == [trips[first]] * (len(trips) - first), trips   # no more asks
+    assert first < 6, trips
+    assert m["regions"]["high"]["pinned"] == a.n_layer * a.n_expert
+    # every forward's expert uses count as hits: 4 prompt tokens, then one per step
+    assert m["hits"] + m["misses"] + m["waits"] >= (4 + 11) * a.n_layer * a.n_expert_used

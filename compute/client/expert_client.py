@@ -14,6 +14,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from ...loader.layout import SlotFormat
@@ -41,6 +42,9 @@ class ExpertClient:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
         self._beat = None
+        self.generation = 0          # HELLOs answered: a new one means new slots
+        self.resident_possible = True    # False once hobbitd said it cannot hold every expert
+        self._resident = None        # (generation, slot table) once every expert is pinned
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
         self.private = None          # a hobbitd this client owns (client/connect.py), stopped with it
@@ -76,6 +80,8 @@ class ExpertClient:
             raise DaemonError("unknown_model", f"hobbitd at {self.socket_path} does not serve "
                                                f"{self.model_path} (it serves: {served})")
         self.model = name
+        self.generation += 1
+        self.resident_possible = True    # this daemon may have another cache size
         self._start_heartbeat(float(welcome.get("heartbeat_s") or 1.0))
         self.regions = {p: {**r, "format": SlotFormat.from_wire(r["format"])}
                         for p, r in info["regions"].items()}
@@ -199,6 +205,26 @@ class ExpertClient:
                        layers=[int(t) for t, _, _ in predictions],
                        experts=[[int(e) for e in ex] for _, ex, _ in predictions],
                        scores=[[float(x) for x in sc] for _, _, sc in predictions])
+
+    def resident(self):
+        """The (n_layer, n_expert) int32 slot table of every expert, pinned for us until
+        close(), once hobbitd holds them all in high precision (it starts reading the
+        missing ones at the first ask); None meanwhile, or for good when it cannot."""
+        if self._resident is not None and self._resident[0] == self.generation:
+            return self._resident[1]
+        if not self.resident_possible:
+            return None
+        r = self._call(m.Cmd.RESIDENT, m.Cmd.RESIDENT_REPLY, id=next(self._ids), model=self.model)
+        if r["total"] == 0:
+            self.resident_possible = False
+        if r.get("slots") is None:
+            return None
+        self._resident = (self.generation, np.asarray(r["slots"], np.int32))
+        return self._resident[1]
+
+    def used(self, uses: int, seq: int, token: int, n_tokens: int) -> None:
+        self._send(m.Cmd.USED, model=self.model, uses=int(uses), seq=int(seq), token=int(token),
+                   tokens=int(n_tokens))
 
     def stats(self) -> dict:
         return self._call(m.Cmd.STATS, m.Cmd.STATS_REPLY)["stats"]

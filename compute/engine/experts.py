@@ -58,6 +58,14 @@ class ExpertProvider(Protocol):
     def hint(self, layer: int, predictions) -> None:
         """predictions [(target layer, experts, scores)], nearest first; no answer."""
 
+    def resident(self):
+        """(n_layer, n_expert) int32 high-precision slot indices of every expert, pinned
+        until the provider is closed, when it holds them all; else None (while loading:
+        ask again at a later forward). With them a forward needs no fetch at all."""
+
+    def used(self, uses: int, seq: int, token: int, n_tokens: int) -> None:
+        """A forward computed on the resident experts with `uses` expert uses (counts)."""
+
 
 class LocalExperts:
     """ExpertProvider over the mmapped GGUF (high) and companion file (low)."""
@@ -102,4 +110,10 @@ class LocalExperts:
         pass
 
     def hint(self, layer: int, predictions) -> None:
+        pass
+
+    def resident(self):
+        return None      # in-process without a provider already runs one graph per forward
+
+    def used(self, uses: int, seq: int, token: int, n_tokens: int) -> None:
         pass

@@ -96,6 +96,7 @@ _SIGNATURES = {
     "ggml_view_3d": (T, [CTX, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
     "ggml_reshape_2d": (T, [CTX, T, c_int64, c_int64]),
     "ggml_reshape_3d": (T, [CTX, T, c_int64, c_int64, c_int64]),
+    "ggml_cont": (T, [CTX, T]),
     "ggml_permute": (T, [CTX, T, c_int, c_int, c_int, c_int]),
     # ops
     "ggml_add": (T, [CTX, T, T]),

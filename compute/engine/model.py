@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...loader.precision import unimportance
+from ...loader.precision import HIGH, unimportance
 from ...protocol.errors import InputError
 from . import ggml
 from .experts import ExpertProvider
@@ -55,6 +55,8 @@ class RunOptions:
     taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
                          # input), "ffn_out" (its FFN output; in-process runs only)
     lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
+    resident: bool = True    # when the provider holds every expert (ExpertProvider.resident),
+                             # compute each forward in one graph, asking nothing per layer
 
 
 @dataclass
@@ -112,11 +114,12 @@ class Model:
         self.taps: dict = {}     # name -> (T', X) array from the last forward (RunOptions.taps)
         self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
-        lib.ggml_backend_cpu_set_n_threads(self.backend, self.opts.n_threads or default_threads(experts))
+        self.n_threads = 0
+        self._set_threads(self.opts.n_threads or default_threads(experts))
         self.buft = lib.ggml_backend_cpu_buffer_type()
 
         # Weight tensors point straight into the mmapped GGUF.
-        self.wctx = ggml.Context(len(weights.tensors) + 8 * a.n_layer + 16)   # + KV and pool views
+        self.wctx = ggml.Context(len(weights.tensors) + 9 * a.n_layer + 16)   # + KV, pool, slot tables
         self.t = {}
         for name, info in weights.tensors.items():
             self.t[name] = self.wctx.tensor(info.type, info.shape, name, weights.address(name))
@@ -157,6 +160,12 @@ class Model:
                     self.pool[prec].append(views)
             # routers of every layer, stacked for the lookahead prediction: (L, E, D)
             self.routers = np.stack([weights.router(il) for il in range(a.n_layer)])
+            # the provider's slot of each expert, per layer [1, E] i32, for the one-graph
+            # forward on resident experts (routing in the graph, then a lookup of the slots)
+            self.slot_table = np.zeros((a.n_layer, a.n_expert), np.int32)
+            self.t_slots = [self.wctx.tensor(ggml.I32, (1, a.n_expert), f"slots_l{il}",
+                                             self.slot_table[il].ctypes.data)
+                            for il in range(a.n_layer)]
 
     def _point_pool(self, layer: int) -> None:
         for prec, layers in self.pool.items():
@@ -207,15 +216,31 @@ class Model:
         # mask[t, j] = 0 where slot j holds a position <= pos[t], else -inf (causal, no gaps)
         mask = np.where(np.arange(N)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)
         feed = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64), "mask": mask}
-        plan = self._plan(T, N, all_logits)
-        if self.experts is None:
+        table = self.experts.resident() if self.experts is not None and self.opts.resident else None
+        if table is not None:        # every expert pinned in shared memory: one graph
+            # and every core: hobbitd has nothing to do for this forward
+            self._set_threads(self.opts.n_threads or ggml.physical_cores())
+            np.copyto(self.slot_table, table)
+            for il in range(self.args.n_layer):
+                self._point_pool(il)
+        plan = self._plan(T, N, all_logits, resident=table is not None)
+        if self.experts is None or table is not None:
             outs = self._run(plan[0], feed)
             logits = outs.pop("logits")
             self.taps = outs
+            if table is not None:
+                self.experts.used(T * self.args.n_layer * self.args.n_expert_used, self.seq,
+                                  self.n_past + T, T)
         else:
+            self._set_threads(self.opts.n_threads or default_threads(self.experts))
             logits = self._run_segments(plan, feed)
         self.n_past += T
         return logits
+
+    def _set_threads(self, n: int) -> None:
+        if n != self.n_threads:
+            lib.ggml_backend_cpu_set_n_threads(self.backend, n)
+            self.n_threads = n
 
     def _run(self, g: _Graph, feed: dict) -> dict:
         for name, x in g.inputs.items():
@@ -273,8 +298,8 @@ class Model:
         self.prefetch.predict(il, preds)
         self.experts.hint(il, preds)
 
-    def _plan(self, T: int, N: int, all_logits: bool) -> list[_Graph]:
-        key = (T, N, all_logits)
+    def _plan(self, T: int, N: int, all_logits: bool, resident: bool = False) -> list[_Graph]:
+        key = (T, N, all_logits, resident)
         plan = self.plans.get(key)
         if plan is not None:
             self.plans.move_to_end(key)
@@ -282,8 +307,8 @@ class Model:
         if len(self.plans) >= MAX_PLANS:
             for g in self.plans.popitem(last=False)[1]:
                 g.free()
-        if self.experts is None:
-            plan = [self._build(T, N, all_logits, None)]
+        if self.experts is None or resident:
+            plan = [self._build(T, N, all_logits, None, resident=resident)]
         else:
             plan = [_Variants(self, T, N, all_logits, il) for il in range(self.args.n_layer + 1)]
         self.plans[key] = plan
@@ -291,10 +316,12 @@ class Model:
 
     # ---- graph construction -------------------------------------------------------------
 
-    def _build(self, T: int, N: int, all_logits: bool, segment: int | None, variant=None) -> _Graph:
-        """The whole forward (segment None), or segment l: layer l-1's experts (l > 0; in
-        high and/or low precision per variant = (has_high, has_low)), then layer l's
-        attention and router (l < n_layer), or the output head (l = n_layer)."""
+    def _build(self, T: int, N: int, all_logits: bool, segment: int | None, variant=None,
+               resident: bool = False) -> _Graph:
+        """The whole forward (segment None; its experts the file's, or with resident the
+        provider's high-precision slots through slot_table), or segment l: layer l-1's
+        experts (l > 0; in high and/or low precision per variant = (has_high, has_low)),
+        then layer l's attention and router (l < n_layer), or the output head (l = n_layer)."""
         a = self.args
         L = a.n_layer
         ctx = ggml.Context(GRAPH_SIZE, GRAPH_SIZE)
@@ -352,8 +379,10 @@ class Model:
                 out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
                 break
             if a.is_moe:
-                f = moe_ffn(c, h, [W(p + f"ffn_{n}_exps.weight") for n in PARTS], a.routing,
-                            gate_inp=W(p + "ffn_gate_inp.weight"))
+                experts = (self.pool[HIGH][il] if resident
+                           else [W(p + f"ffn_{n}_exps.weight") for n in PARTS])
+                f = moe_ffn(c, h, experts, a.routing, gate_inp=W(p + "ffn_gate_inp.weight"),
+                            slot_table=self.t_slots[il] if resident else None)
                 f = self._add_shared_expert(c, h, il, f)
             else:
                 f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
@@ -546,7 +575,8 @@ def route(probs: np.ndarray, routing: Routing):
     return sel, (share if routing.norm_weights else w), scores
 
 
-def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights=None):
+def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights=None,
+            slot_table=None):
     """Mixture of SwiGLU experts. h: [D, T] -> [D, T].
 
     experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
@@ -555,6 +585,8 @@ def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights
     Routing in the graph (gate_inp given): softmax over E logits, top-K, weights renormalised
     to sum 1 if routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2). Or
     given: sel [K, T] i32 (indices into S) and weights [1, K, T] (from route()).
+    slot_table [1, E] i32 (with gate_inp): expert e is index slot_table[e] of the stacked
+    tensors (a pool of cache slots holding every expert).
     """
     D, T = h.contents.ne[0], h.contents.ne[1]
     K = routing.n_used
@@ -567,6 +599,9 @@ def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights
             w = lib.ggml_reshape_2d(c, weights, K, T)
             s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
             weights = lib.ggml_reshape_3d(c, lib.ggml_div(c, w, s), 1, K, T)
+    if slot_table is not None:           # expert ids -> the slots holding them
+        flat = lib.ggml_reshape_2d(c, lib.ggml_cont(c, sel), K * T, 1)
+        sel = lib.ggml_reshape_2d(c, lib.ggml_get_rows(c, slot_table, flat), K, T)   # [K, T]
     gate_exps, up_exps, down_exps = experts
     hx = lib.ggml_reshape_3d(c, h, D, 1, T)                                  # [D, 1, T]
     up = lib.ggml_mul_mat_id(c, up_exps, hx, sel)                            # [F, K, T]

@@ -9,23 +9,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from ...protocol.errors import InputError
-from .engines import N_BATCH
+from .engines import N_BATCH, bench_prompt, run_once
+
 WARMUP_STEPS = 4
 NOISY = 1.3          # round_spread above this: warn that the machine was busy
 ENGINES = ("hobbit", "llamacpp")
-
-PARAGRAPH = (
-    "The old lighthouse keeper climbed the narrow stairs every evening, counting the steps "
-    "as his father had taught him. From the lamp room he could see the fishing boats coming "
-    "home across the bay, their sails catching the last of the light, while gulls circled "
-    "above the harbour and the wind carried the smell of salt and tar over the rooftops. "
-)
 
 METHOD = (
     "Both engines run in this process on the same GGUF with all weights in memory (mmap), "
@@ -52,10 +43,12 @@ def add_parser(sub) -> None:
     _add_ablation_parser(kinds)
     from .bench_offload import add_parser as add_offload_parser
     from .bench_companions import add_parser as add_companions_parser
+    from .bench_fit import add_parser as add_fit_parser
     from .bench_slots import add_parser as add_slots_parser
     add_offload_parser(kinds, _add_output_options, _report)
     add_slots_parser(kinds, _add_output_options, _report)
     add_companions_parser(kinds, _add_output_options, _report)
+    add_fit_parser(kinds, _add_output_options, _report)
 
 
 def _add_output_options(p) -> None:
@@ -157,35 +150,6 @@ class ComputeOptions:
     ctx: int = 1024
 
 
-def _run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    """One round: (prefill seconds, decode seconds, greedy tokens)."""
-    t0 = time.perf_counter()
-    logits = engine.prefill(prompt)
-    t1 = time.perf_counter()
-    tokens = [int(np.argmax(logits))]
-    t2 = time.perf_counter()
-    for _ in range(n):
-        tokens.append(int(np.argmax(engine.step(tokens[-1]))))
-    t3 = time.perf_counter()
-    return t1 - t0, t3 - t2, tokens
-
-
-def bench_prompt(path: str, n_tokens: int, skip: int = 0) -> list[int]:
-    """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens;
-    `skip` leaves out that many of its first words' tokens (after BOS), so that several
-    clients can get different prompts."""
-    from ..engine.tokenizer import Tokenizer
-
-    tok = Tokenizer(path)
-    first = tok.encode(PARAGRAPH)
-    more = tok.encode(PARAGRAPH, add_special=False)
-    head = len(first) - len(more)          # BOS
-    prompt = list(first)
-    while len(prompt) < n_tokens + skip:
-        prompt += more
-    return prompt[:head] + prompt[head + skip:n_tokens + skip]
-
-
 def run_compute(opts: ComputeOptions) -> dict:
     """Run the comparison and return the report (a JSON-ready dict)."""
     import llama_cpp
@@ -216,10 +180,10 @@ def run_compute(opts: ComputeOptions) -> dict:
     runs = {e: [] for e in ENGINES}
     try:
         for engine in engines.values():           # warm-up: graphs, buffers, page cache
-            _run_once(engine, prompt, WARMUP_STEPS)
+            run_once(engine, prompt, WARMUP_STEPS)
         for _ in range(opts.repeat):
             for name in ENGINES:
-                prefill_s, decode_s, tokens = _run_once(engines[name], prompt, opts.n_decode)
+                prefill_s, decode_s, tokens = run_once(engines[name], prompt, opts.n_decode)
                 timings[name]["prefill_s"].append(prefill_s)
                 timings[name]["decode_s"].append(decode_s)
                 runs[name].append(tokens)

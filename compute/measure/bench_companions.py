@@ -52,7 +52,7 @@ def run(model: str, types: list[str] | None = None, text: str | None = None, tok
     todo = candidates(high, types or CANDIDATES)
     if not todo:
         raise InputError(f"{model}: none of {', '.join(types or CANDIDATES)} is smaller than its experts")
-    from .bench import bench_prompt
+    from .engines import bench_prompt
     from ..engine.tokenizer import Tokenizer
     toks = (tokenize_text(Tokenizer(model), read_text(text))[:tokens] if text
             else bench_prompt(model, tokens))

@@ -1,6 +1,6 @@
 """The engines the benches time, behind one interface: prefill(tokens) -> last logits after
 a reset, step(token) -> the next logits, bytes_read() -> bytes read from storage so far,
-close().
+close(); and the fixed prompt and timed round every bench uses.
 
 HobbitEngine runs an open Run (runs.open_run: in-process or through hobbitd);
 LlamaCppEngine runs llama-cpp-python on the same GGUF (mmap, flash attention, last-token
@@ -8,9 +8,47 @@ logits only).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 N_BATCH = 512
+
+PARAGRAPH = (
+    "The old lighthouse keeper climbed the narrow stairs every evening, counting the steps "
+    "as his father had taught him. From the lamp room he could see the fishing boats coming "
+    "home across the bay, their sails catching the last of the light, while gulls circled "
+    "above the harbour and the wind carried the smell of salt and tar over the rooftops. "
+)
+
+
+def bench_prompt(path: str, n_tokens: int, skip: int = 0) -> list[int]:
+    """A fixed, deterministic prompt: PARAGRAPH tokenized, repeated and cut to n_tokens;
+    `skip` leaves out that many of its first words' tokens (after BOS), so that several
+    clients can get different prompts."""
+    from ..engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    first = tok.encode(PARAGRAPH)
+    more = tok.encode(PARAGRAPH, add_special=False)
+    head = len(first) - len(more)          # BOS
+    prompt = list(first)
+    while len(prompt) < n_tokens + skip:
+        prompt += more
+    return prompt[:head] + prompt[head + skip:n_tokens + skip]
+
+
+def run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """One round: (prefill seconds, decode seconds, greedy tokens)."""
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    t1 = time.perf_counter()
+    tokens = [int(np.argmax(logits))]
+    t2 = time.perf_counter()
+    for _ in range(n):
+        tokens.append(int(np.argmax(engine.step(tokens[-1]))))
+    t3 = time.perf_counter()
+    return t1 - t0, t3 - t2, tokens
 
 
 class HobbitEngine:

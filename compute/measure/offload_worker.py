@@ -23,7 +23,7 @@ def worker(spec: dict) -> dict:
     from ..engine.ggml import physical_cores
     from ..engine.model import RunOptions
     from ..runs import ThroughDaemon, open_run
-    from .bench import bench_prompt
+    from .engines import bench_prompt
     from .engines import HobbitEngine, LlamaCppEngine
 
     ctx = max(p + n for p, n in spec["runs"]) + 8

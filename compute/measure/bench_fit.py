@@ -1,0 +1,166 @@
+"""`hobbit-cli bench fit MODEL`: decode and prefill speed when every expert fits in the cache
+(a laptop's case), side by side in one run: llama.cpp, hobbit in-process, hobbit through
+hobbitd computing each forward in one graph on the resident experts, and through hobbitd
+asking for each layer's experts (the path a smaller cache takes).
+
+One hobbitd is started with a cache that holds every expert and is warmed first. Rounds
+interleave the engines; medians are reported, with each hobbit engine's time per decoded
+token split into compute, waiting for hobbitd, the rest of the client, and hobbitd's own
+CPU. Greedy tokens are compared across engines.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import psutil
+
+from ...protocol.errors import InputError
+
+ENGINES = ("llamacpp", "in_process", "resident", "per_layer")
+LABELS = {"llamacpp": "llama.cpp", "in_process": "hobbit in-process",
+          "resident": "hobbitd, one graph", "per_layer": "hobbitd, per layer"}
+
+
+def _daemon_pid(sock: str) -> int | None:
+    for p in psutil.process_iter(["cmdline"]):
+        if sock in " ".join(p.info["cmdline"] or []):
+            return p.pid
+    return None
+
+
+def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
+        threads: int = 0, ctx: int = 512) -> dict:
+    from ...loader.layout import gguf_experts
+    from ..client.expert_client import ExpertClient
+    from ..engine import ggml
+    from ..engine.model import Model, RunOptions
+    from ..engine.weights import open_model
+    from ..runs import Run
+    from .bench_ablation import daemon
+    from .engines import LlamaCppEngine, bench_prompt, run_once
+
+    for name, v in (("prompt-tokens", prompt_tokens), ("n-decode", n_decode), ("repeat", repeat)):
+        if v < 1:
+            raise InputError(f"--{name} must be at least 1")
+    weights = open_model(model)
+    a = weights.args
+    if not a.is_moe:
+        raise InputError(f"{model}: not a MoE model; there are no experts to cache")
+    src = gguf_experts(weights)
+    cache = src.n_layer * src.n_expert * src.format.slot_bytes
+    n = threads or ggml.physical_cores()
+    prompt = bench_prompt(model, prompt_tokens)
+    rounds = {e: {"prefill_s": [], "decode_s": [], "compute_s": [], "wait_s": [],
+                  "daemon_cpu_s": []} for e in ENGINES}
+    tokens = {e: [] for e in ENGINES}
+    with tempfile.TemporaryDirectory(prefix="hobbit-bench-fit-") as tmp, \
+            daemon(model, cache, [], tmp) as sock:
+        pid = _daemon_pid(sock)
+        proc = psutil.Process(pid) if pid else None
+
+        def through(resident: bool):
+            opts = RunOptions(ctx, 512, threads, resident=resident)
+            return Run(model, weights, None, Model(weights, opts, experts=ExpertClient(sock, model)))
+
+        engines = {"llamacpp": LlamaCppEngine(model, ctx, n),
+                   "in_process": Run(model, weights, None, Model(weights, RunOptions(ctx, 512, n))),
+                   "resident": through(True), "per_layer": through(False)}
+        try:
+            for name, e in engines.items():      # warm-up: graphs, the cache (all read)
+                for _ in range(50 if name == "resident" else 1):
+                    run_once(_engine(e), prompt, 4)
+                    if name != "resident" or e.model.experts.resident() is not None:
+                        break
+                    time.sleep(0.1)
+            if engines["resident"].model.experts.resident() is None:
+                raise InputError(f"{model}: hobbitd did not make every expert resident")
+            for _ in range(repeat):
+                for name in ENGINES:
+                    e = engines[name]
+                    m = getattr(e, "model", None)
+                    t0 = (m.timing.compute_s, m.timing.expert_wait_s) if m else (0, 0)
+                    cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    prefill_s, decode_s, toks = run_once(_engine(e), prompt, n_decode)
+                    r = rounds[name]
+                    r["prefill_s"].append(prefill_s)
+                    r["decode_s"].append(decode_s)
+                    if m:
+                        r["compute_s"].append(m.timing.compute_s - t0[0])
+                        r["wait_s"].append(m.timing.expert_wait_s - t0[1])
+                    if proc and name in ("resident", "per_layer"):
+                        r["daemon_cpu_s"].append(sum(proc.cpu_times()[:2]) - cpu0)
+                    tokens[name].append(toks)
+        finally:
+            for e in engines.values():
+                e.close()
+    med = {e: {k: statistics.median(v) if v else None for k, v in r.items()} for e, r in rounds.items()}
+    base = med["llamacpp"]
+    out = {}
+    steps = n_decode + 1      # run_once: the prefill's token, then n_decode steps
+    for e in ENGINES:
+        m = med[e]
+        row = {"decode_tok_s": n_decode / m["decode_s"], "prefill_tok_s": prompt_tokens / m["prefill_s"],
+               "decode_ratio": base["decode_s"] / m["decode_s"],
+               "prefill_ratio": base["prefill_s"] / m["prefill_s"],
+               "tokens_match": all(t == tokens["llamacpp"][0] for t in tokens[e])}
+        if m["compute_s"] is not None:
+            total = m["prefill_s"] + m["decode_s"]
+            row["ms_per_token"] = {"compute": 1e3 * m["compute_s"] / steps,
+                                   "wait": 1e3 * m["wait_s"] / steps,
+                                   "client_other": 1e3 * (total - m["compute_s"] - m["wait_s"]) / steps,
+                                   "daemon_cpu": (1e3 * m["daemon_cpu_s"] / steps
+                                                  if m["daemon_cpu_s"] is not None else None)}
+        out[e] = row
+    # per layer, what asking hobbitd costs over computing in one graph
+    per_layer_ms = ((med["per_layer"]["decode_s"] - med["resident"]["decode_s"]) / n_decode
+                    * 1e3 / a.n_layer)
+    return {"model": os.path.abspath(model), "n_layer": a.n_layer, "n_expert": a.n_expert,
+            "top_k": a.n_expert_used, "cache_bytes": cache, "threads": n,
+            "prompt_tokens": prompt_tokens, "n_decode": n_decode, "repeat": repeat,
+            "loadavg_1m": os.getloadavg()[0], "engines": out, "rounds": rounds,
+            "per_layer_request_ms": per_layer_ms}
+
+
+def _engine(e):
+    from .engines import HobbitEngine, LlamaCppEngine
+    return e if isinstance(e, LlamaCppEngine) else HobbitEngine(e)
+
+
+def print_table(r: dict) -> None:
+    print(f"bench fit: {r['model']} ({r['n_layer']} layers, {r['n_expert']} experts, top-{r['top_k']}), "
+          f"every expert cached ({r['cache_bytes'] / 2**20:.0f} MiB), {r['threads']} threads, "
+          f"prompt {r['prompt_tokens']}, {r['n_decode']} decode steps, {r['repeat']} rounds (medians)")
+    print(f"  {'engine':<20} {'decode tok/s':>12} {'x llama.cpp':>11} {'prefill tok/s':>13} "
+          f"{'x':>6}  same tokens  ms/token: compute / wait / client other / hobbitd CPU")
+    for e, row in r["engines"].items():
+        split = row.get("ms_per_token")
+        s = ""
+        if split:
+            d = split["daemon_cpu"]
+            s = (f"{split['compute']:.2f} / {split['wait']:.2f} / {split['client_other']:.2f} / "
+                 + ("-" if d is None else f"{d:.2f}"))
+        print(f"  {LABELS[e]:<20} {row['decode_tok_s']:12.1f} {row['decode_ratio']:10.2f}x "
+              f"{row['prefill_tok_s']:13.1f} {row['prefill_ratio']:5.2f}x  {str(row['tokens_match']).lower():<11}  {s}")
+    print(f"  asking hobbitd per layer costs {r['per_layer_request_ms']:.3f} ms per layer per token "
+          "over the one-graph forward")
+
+
+def add_parser(kinds, add_output_options, report) -> None:
+    p = kinds.add_parser("fit", prog="hobbit-cli bench fit",
+                         help="every expert cached: llama.cpp vs hobbit in-process vs through hobbitd",
+                         description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("model", metavar="MODEL", help="a MoE GGUF")
+    p.add_argument("--prompt-tokens", type=int, default=8, metavar="N", help="prompt length (default 8)")
+    p.add_argument("-n", "--n-decode", type=int, default=64, metavar="N", help="decode steps (default 64)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="interleaved rounds (default 3)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="threads (default: physical cores; hobbitd's per-layer path one fewer)")
+    add_output_options(p)
+
+    def cmd(args):
+        return report(args, run(args.model, args.prompt_tokens, args.n_decode, args.repeat,
+                                args.threads), print_table)
+    p.set_defaults(func=cmd)
