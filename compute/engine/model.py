@@ -207,6 +207,15 @@ class Model:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else out[-1]
 
+    def resumable(self, n_past: int) -> bool:
+        """Whether forward() can continue the cached sequence at position n_past (<= the
+        current one; a chat reusing a prefix sets n_past back): always, except when a
+        sliding-window layer's ring no longer holds the window before n_past."""
+        if not self.swa_cells:
+            return True
+        first = np.arange(max(0, n_past - self.args.n_swa + 1), n_past)
+        return bool((self.swa_pos[first % self.swa_cells] == first).all())
+
     def close(self) -> None:
         for plan in self.plans.values():
             for g in plan:
@@ -249,11 +258,10 @@ class Model:
         on: past every query of the chunk, so masked, or rewritten by it. InputError if
         the window before the first position was overwritten meanwhile."""
         n_swa, cells = self.args.n_swa, self.swa_cells
+        if not self.resumable(int(pos[0])):
+            raise InputError(f"the sliding-window cache no longer holds the {n_swa - 1} positions "
+                             f"before {pos[0]}; start the sequence again (reset) from position 0")
         held = self.swa_pos.copy()
-        first = np.arange(max(0, pos[0] - n_swa + 1), pos[0])
-        if (held[first % cells] != first).any():
-            raise InputError(f"the sliding-window cache no longer holds positions {first[0]}.."
-                             f"{first[-1]}; start the sequence again (reset) from position 0")
         held[pos % cells] = pos
         p = held[:min(cells, N)][None, :]
         seen = (p >= 0) & (p <= pos[:, None]) & (pos[:, None] - p < n_swa)
