@@ -237,6 +237,7 @@ class Model:
         feed = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64), "mask": mask}
         if self.swa_cells:
             held = self._swa_feed(pos, N, feed)
+            self.swa_pos[pos % self.swa_cells] = -1   # overwritten even if the forward fails
         plan = self._plan(T, N, all_logits)
         if self.experts is None:
             outs = self._run(plan[0], feed)
