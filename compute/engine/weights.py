@@ -20,7 +20,8 @@ from . import ggml
 class Arch:
     """How one architecture's graph differs from llama's, as llama.cpp builds it (its
     src/models/ARCH.cpp). Everything else is shared; optional biases (attention q/k/v/output,
-    norms, output) are used wherever the file has them, as llama.cpp does."""
+    norms, output, router, experts) and attention sinks are used wherever the file has them,
+    as llama.cpp does."""
     rope: int = ggml.ROPE_NORMAL     # NORMAL: adjacent pairs rotate; NEOX: halves rotate
     qk_norm: str = ""                # "": none; "head": RMS over each head's Dh (qwen3moe);
                                      # "full": RMS over all heads' H*Dh, before the head split (olmoe)
@@ -178,15 +179,15 @@ def read_args(reader, path: str) -> ModelArgs:
     factor = float(k("rope.scaling.factor", default=1.0))
     if scaling not in (None, "none", "yarn") and factor != 1.0:
         raise ModelError(f"{path}: RoPE scaling {scaling!r} (factor {factor:g}) is not supported")
-    yarn = scaling == "yarn" and factor not in (0.0, 1.0)
+    # YaRN as llama.cpp sets it up: ext_factor 1 whatever the factor (0 in the file: 1)
+    yarn = scaling == "yarn"
     attn_factor = float(k("rope.scaling.attn_factor", default=1.0))
-    freq_scale = np.float32(1.0) / np.float32(factor) if yarn else np.float32(1.0)
+    freq_scale = np.float32(1.0) / np.float32(factor) if yarn and factor else np.float32(1.0)
     if yarn:
         attn_factor = yarn_attn_factor(freq_scale, attn_factor)
     n_ff_dense = k("feed_forward_length", required=False)
     n_layer = int(k("block_count"))
-    n_swa = int(k("attention.sliding_window", default=0, required=spec.swa_pattern > 0)) \
-        if spec.swa_pattern else 0
+    n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
