@@ -25,10 +25,10 @@ import zlib
 
 from ..protocol.errors import HobbitError, ModelError
 from . import ggml_types as gt
-from .layout import ExpertSource, SlotFormat, align
+from .layout import PARTS, ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
-VERSION = 2            # 2: per-layer expert types in the slot format
+VERSION = 3            # 2: per-layer expert types in the slot format; 3: its parts (biases)
 _HEAD = struct.Struct("<8sIII")
 
 
@@ -66,7 +66,7 @@ def low_type_choices(high: SlotFormat) -> list[int]:
     judged by its smallest type, so every layer shrinks)."""
     bits = min(gt.bits_per_weight(t) for t in high.type_set)
     return [low for low in LOW_TYPES
-            if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes)
+            if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[:len(PARTS)])
             and bits / gt.bits_per_weight(low) >= MIN_SAVING]
 
 
@@ -100,13 +100,17 @@ def companion_path(gguf_path: str, low_type: int) -> str:
 
 
 def low_format(high: SlotFormat, low_type: int) -> SlotFormat:
-    for shape in high.shapes:
+    """The companion's slot format: the weight matrices in low_type, the expert biases (if
+    any) as they are, F32 (a few KiB per expert)."""
+    n = len(PARTS)
+    for shape in high.shapes[:n]:
         if shape[0] % gt.block_size(low_type):
             raise HobbitError(f"cannot quantise experts to {gt.type_name(low_type)}: rows of "
                               f"{shape[0]} values are not a multiple of its block of "
                               f"{gt.block_size(low_type)}")
-    nbytes = [gt.row_size(low_type, s[0]) * s[1] for s in high.shapes]
-    return SlotFormat.build(high.shapes, [[low_type] * 3] * high.n_layer, [nbytes] * high.n_layer)
+    nbytes = [gt.row_size(low_type, s[0]) * s[1] for s in high.shapes[:n]]
+    return SlotFormat.build(high.shapes, [[low_type] * n + list(t[n:]) for t in high.layer_types],
+                            [nbytes + list(b[n:]) for b in high.layer_nbytes], high.parts)
 
 
 def header_bytes(header: dict) -> bytes:
@@ -154,7 +158,8 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
     base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.part_offsets)
                  for il in range(n_layer))
     # parts of one expert are one contiguous slot image: expert e is e*slot_bytes further on
-    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base, ((fmt.slot_bytes,) * 3,) * n_layer)
+    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base,
+                       ((fmt.slot_bytes,) * len(fmt.parts),) * n_layer)
     return src, h["crc32"]
 
 

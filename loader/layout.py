@@ -1,10 +1,13 @@
 """Where experts live: in a file (ExpertSource) and in a cache slot (SlotFormat).
 
-An expert is three matrices (parts): gate [D, F], up [D, F], down [F, D] in ggml order.
-In a GGUF they are slices of the stacked tensors blk.L.ffn_{gate,up,down}_exps; in the
-companion low-precision file each expert is contiguous and 4 KiB-aligned. In a cache slot
-each part starts at a 4 KiB-aligned offset, so a slot can be filled by direct I/O and the
-compute side can view all slots of one precision as one stacked tensor (stride slot_bytes).
+An expert is three matrices: gate [D, F], up [D, F], down [F, D] in ggml order, and in
+some architectures (gpt-oss) three F32 bias vectors: gate [F], up [F], down [D]. Each is a
+part. In a GGUF they are slices of the stacked tensors blk.L.ffn_{gate,up,down}_exps.weight
+(and .bias, [F or D, E]); in the companion low-precision file each expert is contiguous and
+4 KiB-aligned. In a cache slot each part starts at a 4 KiB-aligned offset, so a slot can be
+filled by direct I/O and the compute side can view all slots of one precision as one
+stacked tensor per part (stride slot_bytes). The biases travel in the slot, so an expert
+is cached, evicted and handed out whole.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 from ..protocol.errors import ModelError
 from .gguf_file import GGUFFile
 
-PARTS = ("gate", "up", "down")
+PARTS = ("gate", "up", "down")                       # the weight matrices, always
+BIAS_PARTS = ("gate_bias", "up_bias", "down_bias")   # per-expert biases, where the file has them
 PAGE = 4096
 
 
@@ -29,23 +33,30 @@ class SlotFormat:
     experts Q6_K), so a part's type and size are per layer: layer_types[l][p] and
     layer_nbytes[l][p]. Each part starts at part_offsets[p], sized for the largest layer's
     part, so any slot holds any layer's expert (slots sized for the largest layer; the
-    alternative, a region per size class, is measured in BENCHMARKS.md)."""
-    shapes: tuple         # ggml ne per part, every layer: ((D, F), (D, F), (F, D))
-    layer_types: tuple    # [n_layer][3] ggml type
-    layer_nbytes: tuple   # [n_layer][3] bytes of each part's data
+    alternative, a region per size class, is measured in BENCHMARKS.md).
+    parts names the parts in slot order: PARTS, then BIAS_PARTS where the model has expert
+    biases; every per-part tuple below follows that order."""
+    shapes: tuple         # ggml ne per part, every layer: ((D, F), (D, F), (F, D)[, (F,), (F,), (D,)])
+    layer_types: tuple    # [n_layer][parts] ggml type
+    layer_nbytes: tuple   # [n_layer][parts] bytes of each part's data
     part_offsets: tuple   # byte offset of each part in the slot, multiples of PAGE
     slot_bytes: int       # multiple of PAGE
+    parts: tuple = PARTS
 
     @classmethod
-    def build(cls, shapes, layer_types, layer_nbytes) -> "SlotFormat":
+    def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS) -> "SlotFormat":
         # One spare page per part: a direct read of a part that starts mid-page in its file
         # reads from the page start, so it needs up to a page more room before it is moved.
         offsets, at = [], 0
-        for p in range(len(PARTS)):
+        for p in range(len(parts)):
             offsets.append(at)
             at += align(max(n[p] for n in layer_nbytes)) + PAGE
         return cls(tuple(tuple(s) for s in shapes), tuple(tuple(t) for t in layer_types),
-                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at)
+                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at, tuple(parts))
+
+    @property
+    def has_biases(self) -> bool:
+        return len(self.parts) > len(PARTS)
 
     @property
     def n_layer(self) -> int:
@@ -62,20 +73,22 @@ class SlotFormat:
 
     @property
     def type_set(self) -> list:
-        """The distinct types, in order of first use."""
-        return list(dict.fromkeys(t for types in self.layer_types for t in types))
+        """The distinct types of the weight matrices (not of the F32 biases), in order of
+        first use."""
+        return list(dict.fromkeys(t for types in self.layer_types for t in types[:len(PARTS)]))
 
     def to_wire(self) -> dict:
         return {"shapes": [list(s) for s in self.shapes],
                 "layer_types": [list(t) for t in self.layer_types],
                 "layer_nbytes": [list(n) for n in self.layer_nbytes],
-                "part_offsets": list(self.part_offsets), "slot_bytes": self.slot_bytes}
+                "part_offsets": list(self.part_offsets), "slot_bytes": self.slot_bytes,
+                "parts": list(self.parts)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "SlotFormat":
         return cls(tuple(tuple(s) for s in d["shapes"]), tuple(tuple(t) for t in d["layer_types"]),
                    tuple(tuple(n) for n in d["layer_nbytes"]), tuple(d["part_offsets"]),
-                   int(d["slot_bytes"]))
+                   int(d["slot_bytes"]), tuple(d["parts"]))
 
 
 @dataclass(frozen=True)
@@ -91,14 +104,14 @@ class ExpertSource:
     n_layer: int
     n_expert: int
     format: SlotFormat
-    part_base: tuple      # [n_layer][3] file offsets
-    part_stride: tuple    # [n_layer][3]
+    part_base: tuple      # [n_layer][parts] file offsets
+    part_stride: tuple    # [n_layer][parts]
 
     def ranges(self, layer: int, expert: int) -> list[tuple[int, int]]:
-        """[(file offset, nbytes)] of the three parts of one expert."""
+        """[(file offset, nbytes)] of every part of one expert, in format.parts order."""
         nbytes = self.format.part_nbytes(layer)
         return [(self.part_base[layer][p] + expert * self.part_stride[layer][p], nbytes[p])
-                for p in range(len(PARTS))]
+                for p in range(len(self.format.parts))]
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes read for one expert of `layer`."""
@@ -111,8 +124,9 @@ class ExpertSource:
 
 
 def gguf_experts(file: GGUFFile) -> ExpertSource:
-    """The high-precision experts of an open MoE GGUF, read in place (no copy of the file).
-    ModelError when the file has no routed experts in the stacked layout."""
+    """The high-precision experts of an open MoE GGUF, read in place (no copy of the file),
+    with their biases where every layer has all three (gpt-oss). ModelError when the file
+    has no routed experts in the stacked layout, or biases on some parts or layers only."""
     arch = file.check_architecture()
     n_layer = int(file.require(f"{arch}.block_count"))
     n_expert = int(file.field(f"{arch}.expert_count", 0))
@@ -120,18 +134,27 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
         raise ModelError(f"{file.path}: not a mixture-of-experts model (expert_count is 0); "
                          "hobbitd serves MoE models only")
     names = [f"ffn_{p}_exps.weight" for p in PARTS]
+    bias_names = [f"blk.{il}.ffn_{p}_exps.bias" for il in range(n_layer) for p in PARTS]
+    have = [n in file.tensors for n in bias_names]
+    if any(have) and not all(have):
+        raise ModelError(f"{file.path}: tensor {bias_names[have.index(False)]} is missing "
+                         "(other experts have biases)")
+    parts = PARTS + BIAS_PARTS if all(have) else PARTS
+    if all(have):
+        names += [f"ffn_{p}_exps.bias" for p in PARTS]
     missing = [f"blk.{il}.{n}" for il in range(n_layer) for n in names
                if f"blk.{il}.{n}" not in file.tensors]
     if missing:
         raise ModelError(f"{file.path}: tensor {missing[0]} is missing")
     layers = [[file.tensors[f"blk.{il}.{n}"] for n in names] for il in range(n_layer)]
-    shapes = [t.shape[:2] for t in layers[0]]
+    # per expert: a matrix's first two dimensions, a bias's first (the last one is E)
+    shapes = [t.shape[:-1] for t in layers[0]]
     for il, ts in enumerate(layers):
         if [t.shape for t in ts] != [t.shape for t in layers[0]]:
             raise ModelError(f"{file.path}: layer {il} experts differ in shape from layer 0; "
                              "hobbit needs one expert shape across layers")
     nbytes = [[t.nbytes // n_expert for t in ts] for ts in layers]
-    fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes)
+    fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes, parts)
     return ExpertSource(file.path, "high", n_layer, n_expert, fmt,
                         tuple(tuple(t.offset for t in ts) for ts in layers),
                         tuple(tuple(n) for n in nbytes))

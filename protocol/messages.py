@@ -36,7 +36,8 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 3   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes); 3: RESIDENT
+VERSION = 3   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+              # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous

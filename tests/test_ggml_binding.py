@@ -143,3 +143,42 @@ def test_mul_mat_id_on_quantized_experts_in_place(name):
     ref = np.einsum("tuk,tumk->tum", x, wd[ids])
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
+
+
+def test_swiglu_oai_is_gpt_oss_clamped_swiglu():
+    """gpt-oss's activation: gate clamped from above and up to [-limit, limit], then
+    gate * sigmoid(alpha gate) * (up + 1)."""
+    from hobbit.compute.engine.model import SWIGLU_OAI
+
+    alpha, limit = SWIGLU_OAI
+    gate, up = 4 * _rand((3, 64), 6), 4 * _rand((3, 64), 7)     # both beyond the limit at times
+    assert (gate > limit).any() and (np.abs(up) > limit).any()
+    ctx = ggml.Context(8, 64)
+    tg = ctx.tensor(ggml.F32, (64, 3), "g", gate.ctypes.data)
+    tu = ctx.tensor(ggml.F32, (64, 3), "u", up.ctypes.data)
+    y = np.zeros((3, 64), np.float32)
+    out = lib.ggml_swiglu_oai(ctx.ptr, tg, tu, alpha, limit)
+    out.contents.data = y.ctypes.data
+    _compute(ctx, out)
+    g, u = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    np.testing.assert_allclose(y, g / (1 + np.exp(-alpha * g)) * (u + 1), rtol=1e-5, atol=1e-6)
+
+
+def test_add_id_adds_each_chosen_experts_bias_from_strided_slots():
+    """ggml_add_id (expert biases): row (k, t) gets bias column ids[t, k], read with the
+    bias tensor's own stride, as the pool views lay biases out one slot apart."""
+    F, S, K, T, stride = 16, 5, 2, 3, 32        # a slot is 32 floats, its bias the first 16
+    slots = _rand((S, stride), 8)
+    x = _rand((T, K, F), 9)
+    ids = np.array([[4, 0], [1, 1], [2, 3]], np.int32)
+    ctx = ggml.Context(8, 64)
+    tx = ctx.tensor(ggml.F32, (F, K, T), "x", x.ctypes.data)
+    tb = ctx.tensor(ggml.F32, (F, S), "b", slots.ctypes.data)
+    tb.contents.nb[1] = stride * 4
+    tb.contents.nb[2] = tb.contents.nb[3] = stride * 4 * S
+    tid = ctx.tensor(ggml.I32, (K, T), "ids", ids.ctypes.data)
+    y = np.zeros((T, K, F), np.float32)
+    out = lib.ggml_add_id(ctx.ptr, tx, tb, tid)
+    out.contents.data = y.ctypes.data
+    _compute(ctx, out)
+    np.testing.assert_array_equal(y, x + slots[ids][..., :F])

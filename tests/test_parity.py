@@ -25,13 +25,14 @@ MOE_CONFIGS = {
 
 
 def assert_parity(path: str, prompt_text: str = PROMPT, n_decode: int = N_DECODE, n_ctx: int = 1024,
-                  experts=None) -> float:
+                  experts=None, n_batch: int = 512) -> float:
     """Greedy decoding of n_decode tokens by our engine and llama.cpp gives the same tokens,
     and logits within TOL (relative L2) at every step; returns the largest error seen.
-    experts: an expert provider (hobbitd's ExpertClient) for the segmented forward."""
+    experts: an expert provider (hobbitd's ExpertClient) for the segmented forward;
+    n_batch: our engine's prompt chunk (llama.cpp's stays 512)."""
     tok = Tokenizer(path)
     prompt = tok.encode(prompt_text)
-    ours = Model(open_model(path), RunOptions(n_ctx=n_ctx), experts=experts)
+    ours = Model(open_model(path), RunOptions(n_ctx=n_ctx, n_batch=n_batch), experts=experts)
     ref = llama_oracle(path, n_ctx=n_ctx)
 
     logits = ours.forward(prompt)

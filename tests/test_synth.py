@@ -70,7 +70,7 @@ def test_rows_that_do_not_fit_the_block_fall_back(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(experts=0, type="F16"), dict(arch="qwen3moe", head_dim=64),
                                 dict(arch="olmoe", kv_heads=4), dict(arch="qwen2moe"),
-                                dict(arch="phimoe")])
+                                dict(arch="phimoe"), dict(arch="gpt-oss", head_dim=64, swa=8)])
 def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     import llama_cpp
     from hobbit.compute.engine.tokenizer import quiet_stderr
@@ -100,6 +100,7 @@ def test_llama_cpp_loads_and_generates_varied_text(tmp_path, kw):
     (dict(arch="olmoe"), "--kv-heads"),                   # olmoe is MHA only
     (dict(arch="qwen2moe", head_dim=64), "--head-dim"),   # its attention is [D, D]
     (dict(arch="qwen2moe", shared_ff=-1), "--shared-ff"),
+    (dict(arch="gpt-oss", swa=-1), "--swa"),
 ])
 def test_bad_options_raise_input_error(tmp_path, kw, flag):
     with pytest.raises(InputError, match=flag):
@@ -164,3 +165,18 @@ def test_cli_bad_flag_is_one_line(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--heads" in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not path.exists()
+
+
+def test_cli_writes_a_gpt_oss_with_its_biases_sinks_and_window(tmp_path):
+    path = tmp_path / "oss.gguf"
+    _synth_cli(path, "--arch gpt-oss --layers 2 --d-model 64 --d-ff 64 --experts 4 --top-k 2 "
+                     "--heads 4 --kv-heads 2 --head-dim 32 --swa 8 --ctx 128")
+    w = open_model(str(path))
+    assert (w.args.arch, w.args.n_swa, w.args.swa_layers) == ("gpt-oss", 8, (True, False))
+    assert (w.args.n_ctx_orig, w.args.n_ctx_train, w.args.rope_freq_scale) == (128, 32 * 128, 1 / 32)
+    assert w.tensors["blk.0.attn_sinks.weight"].shape == (4,)
+    assert w.tensors["blk.0.attn_q.weight"].shape == (64, 128)            # H * Dh != D
+    assert w.tensors["blk.1.ffn_gate_inp.bias"].shape == (4,)
+    assert w.tensors["blk.1.ffn_down_exps.bias"].shape == (64, 4)         # [D, E]
+    assert "blk.0.post_attention_norm.weight" in w.tensors and "blk.0.ffn_norm.weight" not in w.tensors
+    assert w.field("general.name").startswith("hobbit-synth-gpt-oss-")

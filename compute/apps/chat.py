@@ -40,6 +40,8 @@ class ChatSession:
         keep = 0   # reuse the cached prefix that the new prompt shares
         while keep < min(len(ids) - 1, len(self.tokens)) and ids[keep] == self.tokens[keep]:
             keep += 1
+        if not self.model.resumable(keep):   # a sliding window already moved past it
+            keep = 0
         self.model.n_past = keep
         self.tokens = ids[:keep]
         stream, pieces, gen = TextStream(self.tok), [], []

@@ -78,6 +78,8 @@ class Seat:
 
         model = self.model
         keep = self.shared_prefix(ids)
+        if not model.resumable(keep):        # a sliding window already moved past it
+            keep = 0
         if keep == 0:
             model.reset()            # a new sequence for the daemon's cache policy
         model.n_past = keep

@@ -31,7 +31,7 @@ from ...protocol.errors import HobbitError
 from ..divergence import mean_kld
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
-from ..engine.model import Model, RunOptions, route, softmax
+from ..engine.model import Model, RunOptions, route, router_probs
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
@@ -43,14 +43,15 @@ def routing_trace(weights, tokens, n_ctx=512):
     a = weights.args
     model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
     routers = np.stack([weights.router(il) for il in range(a.n_layer)])     # (L, E, D)
+    biases = np.stack([weights.router_bias(il) for il in range(a.n_layer)])  # (L, E)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
         chunk = tokens[start:start + n_ctx]
         model.reset()
         model.forward(chunk, all_logits=True)
         h = np.stack([model.taps[f"ffn_in.{il}"] for il in range(a.n_layer)], axis=1)  # (T, L, D)
-        logits = np.einsum("tld,led->tle", h, routers)
-        sel, _, score = route(softmax(logits), a.routing)     # as the segmented forward routes
+        logits = np.einsum("tld,led->tle", h, routers) + biases
+        sel, _, score = route(router_probs(logits, a.routing), a.routing)  # as the segmented forward routes
         sels.append(sel)
         scores.append(score)
     model.close()

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 
 from ...loader.companion import companion_path, data_offset_for, header_bytes, low_format, source_identity
-from ...loader.layout import gguf_experts
+from ...loader.layout import PARTS, gguf_experts
 from ...protocol.errors import HobbitError, InputError
 from ..engine import ggml
 from ..engine.ggml import lib
@@ -48,9 +48,13 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
                 for e in range(n_exp):
                     slot[:] = 0
                     for p, (off, n) in enumerate(high.ranges(il, e)):
-                        shape = high.format.shapes[p]
-                        x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n], shape[0] * shape[1])
-                        q = ggml.quantize(low_type, x, shape[0])
+                        if p < len(PARTS):      # a weight matrix: re-quantised
+                            shape = high.format.shapes[p]
+                            x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n],
+                                                shape[0] * shape[1])
+                            q = ggml.quantize(low_type, x, shape[0])
+                        else:                   # an expert bias: copied, F32
+                            q = mm[off:off + n]
                         o = fmt.part_offsets[p]
                         slot[o:o + q.size] = q
                     crcs[il][e] = zlib.crc32(slot)

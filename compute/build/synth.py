@@ -15,6 +15,12 @@ gives varied, deterministic text. Per architecture (opts.arch):
   phimoe    Phi-3.5-MoE: + biases on the norms, q/k/v, attn_output and output; LongRoPE
             rope_factors_{long,short} [Dh/2] with their attention factor, the context
             length 32x the original one (opts.ctx), as the real file has
+  gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
+            [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
+            the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
+            the context 32x the original one, opts.ctx), expert_feed_forward_length. Its
+            experts' gate and up are drawn twice as wide, so swiglu_oai's limit (7) is hit
+            now and then
 
 Contract:
 - The same options (seed included) give a byte-identical file.
@@ -50,10 +56,12 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
-ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe")
+ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss")
 # architectures whose attention projections are [D, D]: one head is D / heads wide
 SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
+GPT_OSS_YARN = 32        # gpt-oss: YaRN factor, context_length / original length (128k / 4k)
+GPT_OSS_SWA = 128        # gpt-oss: its sliding window (tokens)
 
 
 @dataclass
@@ -69,9 +77,10 @@ class SynthOptions:
     type: str = "Q8_0"       # ggml type of the big matrices, one of TYPES
     seed: int = 0
     vocab_from: str | None = None   # GGUF to copy tokenizer.* metadata and vocab size from
-    ctx: int = 4096          # {arch}.context_length (phimoe: the original context length)
+    ctx: int = 4096          # {arch}.context_length (phimoe, gpt-oss: the original one)
     arch: str = "llama"      # one of ARCHS
     shared_ff: int = 0       # qwen2moe's shared expert width; 0: 4 x d_ff (as Qwen1.5-MoE)
+    swa: int = 0             # gpt-oss's sliding window in tokens; 0: GPT_OSS_SWA
 
 
 @dataclass
@@ -120,6 +129,8 @@ def check(opts: SynthOptions) -> None:
         raise InputError("--kv-heads must equal --heads for --arch olmoe (its K norm spans D)")
     if opts.shared_ff < 0:
         raise InputError(f"--shared-ff {opts.shared_ff} must be at least 0")
+    if opts.swa < 0:
+        raise InputError(f"--swa {opts.swa} must be at least 0")
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
     if not opts.head_dim and opts.d_model % opts.heads:
@@ -172,13 +183,15 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     def mat(name, ne, std):
         return _Tensor(name, _type_for(big, ne[0]), ne, std)
 
+    oss = arch == "gpt-oss"
+
     def norm(name, n=D):
         # around 1 but not all 1, as in a trained model; phimoe's norms also have biases
         ts = [_Tensor(name + ".weight", ggml.F32, (n,), 0.1, 1.0)]
         return ts + [bias(name, n)] if arch == "phimoe" else ts
 
-    def bias(name, n, std=0.1):
-        return _Tensor(name + ".bias", ggml.F32, (n,), std)
+    def bias(name, ne, std=0.1):
+        return _Tensor(name + ".bias", ggml.F32, ne if isinstance(ne, tuple) else (ne,), std)
 
     def linear(name, ne, std, with_bias):
         return [mat(name + ".weight", ne, std)] + ([bias(name, ne[1])] if with_bias else [])
@@ -188,7 +201,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     # O(1) and the current token's embedding is not drowned out in deep models (which would
     # make greedy decoding repeat one token).
     branch = (2 * opts.layers) ** -0.5
-    qkv_bias = arch in ("qwen2moe", "phimoe")
+    qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss")
     ts = [mat("token_embd.weight", (D, V), 1.0)]
     if arch == "phimoe":
         # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
@@ -201,19 +214,26 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
         ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
         ts += linear(p + "attn_v", (D, KV), D ** -0.5, qkv_bias)
-        ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch == "phimoe")
+        ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch in ("phimoe", "gpt-oss"))
+        if oss:       # one sink logit per head, as large as the attention logits
+            ts += [_Tensor(p + "attn_sinks.weight", ggml.F32, (opts.heads,), 1.0)]
         if arch == "qwen3moe":          # per head
             ts += norm(p + "attn_q_norm", Dh) + norm(p + "attn_k_norm", Dh)
         elif arch == "olmoe":           # over all heads
             ts += norm(p + "attn_q_norm", Q) + norm(p + "attn_k_norm", KV)
-        ts += norm(p + "ffn_norm")
+        ts += norm(p + ("post_attention_norm" if oss else "ffn_norm"))
         if E:
             # F32 router: tiny, and its top-k choice is sensitive to rounding. Logit std ~2,
             # so routing is decisive yet differs from token to token.
-            ts += [_Tensor(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 2 * D ** -0.5),
-                   mat(p + "ffn_gate_exps.weight", (D, F, E), D ** -0.5),
-                   mat(p + "ffn_up_exps.weight", (D, F, E), D ** -0.5),
-                   mat(p + "ffn_down_exps.weight", (F, D, E), F ** -0.5 * branch)]
+            wide = 2.0 if oss else 1.0
+            ts += [_Tensor(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 2 * D ** -0.5)]
+            ts += [bias(p + "ffn_gate_inp", E, 0.5)] if oss else []
+            ts += [mat(p + "ffn_gate_exps.weight", (D, F, E), wide * D ** -0.5),
+                   mat(p + "ffn_up_exps.weight", (D, F, E), wide * D ** -0.5),
+                   mat(p + "ffn_down_exps.weight", (F, D, E), F ** -0.5 * branch / wide)]
+            if oss:
+                ts += [bias(p + "ffn_gate_exps", (F, E)), bias(p + "ffn_up_exps", (F, E)),
+                       bias(p + "ffn_down_exps", (D, E), 0.1 * branch)]
         else:
             ts += [mat(p + "ffn_gate.weight", (D, F), D ** -0.5),
                    mat(p + "ffn_up.weight", (D, F), D ** -0.5),
@@ -224,7 +244,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
                    mat(p + "ffn_up_shexp.weight", (D, Fs), D ** -0.5),
                    mat(p + "ffn_down_shexp.weight", (Fs, D), Fs ** -0.5 * branch)]
     ts += norm("output_norm")
-    ts += linear("output", (D, V), D ** -0.5, arch == "phimoe")
+    ts += linear("output", (D, V), D ** -0.5, arch == "phimoe")   # gpt-oss: no output bias
     return ts
 
 
@@ -267,12 +287,20 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_context_length(long)
         w.add_rope_scaling_orig_ctx_len(opts.ctx)
         w.add_rope_scaling_attn_factors((1 + math.log(long / opts.ctx) / math.log(opts.ctx)) ** 0.5)
+    elif opts.arch == "gpt-oss":   # YaRN, as the real file: 131072 = 32 x 4096
+        import gguf
+
+        w.add_context_length(GPT_OSS_YARN * opts.ctx)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(GPT_OSS_YARN)
+        w.add_rope_scaling_orig_ctx_len(opts.ctx)
+        w.add_sliding_window(opts.swa or GPT_OSS_SWA)
     else:
         w.add_context_length(opts.ctx)
     w.add_embedding_length(opts.d_model)
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
     w.add_feed_forward_length(shared_ff(opts) or opts.d_ff)
-    if opts.arch in ("qwen3moe", "qwen2moe"):
+    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss"):
         w.add_expert_feed_forward_length(opts.d_ff)
     if opts.arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(shared_ff(opts))
@@ -357,7 +385,7 @@ def cmd_synth(args) -> int:
                         kv_heads=args.kv_heads, head_dim=args.head_dim,
                         type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
-                        arch=args.arch, shared_ff=args.shared_ff)
+                        arch=args.arch, shared_ff=args.shared_ff, swa=args.swa)
     t0 = time.perf_counter()
     if args.quantize:
         make_quantized(args.out, opts, args.quantize, progress=True)
@@ -390,7 +418,8 @@ def add_parser(sub) -> None:
             ("--head-dim", d.head_dim, "dimension of one head; 0 = D / heads"),
             ("--seed", d.seed, "random seed"),
             ("--ctx", d.ctx, "training context length written to the file"),
-            ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff")):
+            ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff"),
+            ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
     p.add_argument("--arch", default=d.arch, metavar="NAME",

@@ -97,13 +97,15 @@ class ExpertClient:
     # the ExpertProvider protocol the segmented forward uses (engine/experts.py)
 
     def part_bases(self, precision: str, layer: int) -> tuple:
-        """Addresses of slot 0's gate/up/down in our mapping (the same for every layer)."""
+        """Addresses of slot 0's parts (gate/up/down, then any biases) in our mapping (the
+        same for every layer)."""
         base = self.region_address(precision)
         return tuple(base + o for o in self.regions[precision]["format"].part_offsets)
 
     def part_strides(self, precision: str, layer: int) -> tuple:
         """One slot to the next: the same for every layer (slots fit the largest layer)."""
-        return (self.regions[precision]["format"].slot_bytes,) * 3
+        fmt = self.regions[precision]["format"]
+        return (fmt.slot_bytes,) * len(fmt.parts)
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         return self.request(layer, experts, scores, seq, token, n_tokens)

@@ -28,7 +28,8 @@ class ExpertProvider(Protocol):
     """Where the segmented forward (engine/model.py) gets a layer's routed experts.
 
     regions: {precision: {"n_slots", "format": SlotFormat}}, the stacked tensors per
-    precision; part_bases(precision, layer): the addresses of index 0 of gate/up/down for
+    precision; part_bases(precision, layer): the addresses of index 0 of each of the
+    format's parts (gate/up/down, then the expert biases where the model has them) for
     that layer (re-read before every layer: a provider may move its memory); part_strides
     (precision, layer): the bytes from one index to the next, per part; the format's
     types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch() returns, per

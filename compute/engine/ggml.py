@@ -107,6 +107,8 @@ _SIGNATURES = {
     "ggml_sum_rows": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
     "ggml_swiglu_split": (T, [CTX, T, T]),
+    "ggml_swiglu_oai": (T, [CTX, T, T, c_float, c_float]),
+    "ggml_add_id": (T, [CTX, T, T, T]),
     "ggml_rms_norm": (T, [CTX, T, c_float]),
     "ggml_mul_mat": (T, [CTX, T, T]),
     "ggml_mul_mat_id": (T, [CTX, T, T, T]),
@@ -117,6 +119,7 @@ _SIGNATURES = {
     "ggml_rope_ext": (T, [CTX, T, T, T, c_int, c_int, c_int, c_float, c_float, c_float,
                           c_float, c_float, c_float]),
     "ggml_flash_attn_ext": (T, [CTX, T, T, T, T, c_float, c_float, c_float]),
+    "ggml_flash_attn_ext_add_sinks": (None, [T, T]),
     "ggml_prec_set_acc": (None, [T, c_int]),
     # graphs
     "ggml_new_graph_custom": (GRAPH, [CTX, c_size_t, c_bool]),

@@ -6,9 +6,13 @@ Legend of dimensions (ggml order, contiguous axis first):
   H query heads           Hkv KV heads  Dh head dim           N KV slots visible (n_kv)
 
 One forward for every supported architecture (llama/Mixtral, qwen3moe, olmoe, qwen2moe,
-phimoe): they differ only through ModelArgs (QK norm, RoPE type, routing weights, a shared
-expert; see weights.Arch) and through the optional tensors their files have (biases, RoPE
-factors), as llama.cpp's graphs do; moe_ffn is the one MoE function, route() its Python twin.
+phimoe, gpt-oss): they differ only through ModelArgs (QK norm, RoPE type and scaling,
+routing, the FFN activation, sliding-window layers, a shared expert; see weights.Arch) and
+through the optional tensors their files have (biases, attention sinks, RoPE factors), as
+llama.cpp's graphs do; moe_ffn is the one MoE function, route() its Python twin.
+
+Sliding-window layers (gpt-oss) keep their own, smaller KV cache, as llama.cpp does: a ring
+of swa_cells slots (slot = position mod swa_cells) that holds the window plus one batch.
 
 Two ways to run, one set of layer functions:
 - in-process: experts are the stacked tensors of the mmapped GGUF and routing happens
@@ -44,6 +48,7 @@ GRAPH_SIZE = 8192        # max nodes per graph
 KV_PAD = 256             # N is rounded up to this, so decode graphs are reused for 256 tokens
 MAX_PLANS = 12           # shapes kept per model (each owns its activation buffers)
 PARTS = ("gate", "up", "down")
+SWIGLU_OAI = (1.702, 7.0)   # gpt-oss's swiglu: alpha, limit (llama.cpp's build_moe_ffn)
 
 
 @dataclass
@@ -118,8 +123,10 @@ class Model:
         self._set_threads(self.opts.n_threads or default_threads(experts))
         self.buft = lib.ggml_backend_cpu_buffer_type()
 
-        # Weight tensors point straight into the mmapped GGUF.
-        self.wctx = ggml.Context(len(weights.tensors) + 9 * a.n_layer + 16)   # + KV, pool, slot tables
+        # Weight tensors point straight into the mmapped GGUF; + per layer the K and V
+        # caches, one view per expert part and precision (the pools below) and a slot table
+        parts = sum(len(r["format"].parts) for r in experts.regions.values()) if experts else 0
+        self.wctx = ggml.Context(len(weights.tensors) + (3 + parts) * a.n_layer + 16)
         self.t = {}
         for name, info in weights.tensors.items():
             self.t[name] = self.wctx.tensor(info.type, info.shape, name, weights.address(name))
@@ -131,11 +138,18 @@ class Model:
         self.rope_factors = self.t.get("rope_freqs.weight", self.t.get(long + ".weight"))
 
         # KV cache: per layer, n_ctx slots of Hkv*Dh F16 values; slot i holds position i.
-        self.k_cache = [np.zeros((self.n_ctx, a.n_embd_kv), np.float16) for _ in range(a.n_layer)]
-        self.v_cache = [np.zeros((self.n_ctx, a.n_embd_kv), np.float16) for _ in range(a.n_layer)]
-        self.tk = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, self.n_ctx), f"cache_k_l{i}", c.ctypes.data)
+        # Sliding-window layers: swa_cells slots as llama.cpp sizes its SWA cache (the
+        # window plus a batch, padded to 256), slot = position mod swa_cells; swa_pos holds
+        # the position each slot has (-1: none yet).
+        self.swa_cells = min(self.n_ctx, -(-(a.n_swa + self.opts.n_batch) // KV_PAD) * KV_PAD) \
+            if a.n_swa else 0
+        self.swa_pos = np.full(self.swa_cells, -1, np.int64)
+        cells = [self.swa_cells if a.is_swa(il) else self.n_ctx for il in range(a.n_layer)]
+        self.k_cache = [np.zeros((n, a.n_embd_kv), np.float16) for n in cells]
+        self.v_cache = [np.zeros((n, a.n_embd_kv), np.float16) for n in cells]
+        self.tk = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_k_l{i}", c.ctypes.data)
                    for i, c in enumerate(self.k_cache)]
-        self.tv = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, self.n_ctx), f"cache_v_l{i}", c.ctypes.data)
+        self.tv = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_v_l{i}", c.ctypes.data)
                    for i, c in enumerate(self.v_cache)]
         self.plans: OrderedDict[tuple, list[_Graph]] = OrderedDict()
 
@@ -143,23 +157,27 @@ class Model:
         self.prefetch = PrefetchStats()
         if experts is not None:
             # Per precision, layer and part: every slot of that precision as one stacked
-            # tensor [.., .., S] of that layer's type (quantizer mixes differ by layer) whose
-            # stride is the provider's; re-pointed before the layer runs.
+            # tensor [.., .., S] (a bias: [.., S]) of that layer's type (quantizer mixes
+            # differ by layer) whose stride is the provider's; re-pointed before the layer
+            # runs. Parts: gate, up, down, then the expert biases where the model has them.
             self.pool = {}
             for prec, r in experts.regions.items():
                 f = r["format"]
                 self.pool[prec] = []
                 for il in range(a.n_layer):
                     strides, views = experts.part_strides(prec, il), []
-                    for p in range(3):
-                        t = self.wctx.tensor(f.types(il)[p], (*f.shapes[p], r["n_slots"]),
-                                             f"pool_{prec}_{PARTS[p]}_l{il}")
-                        t.contents.nb[2] = strides[p]
-                        t.contents.nb[3] = strides[p] * r["n_slots"]
+                    for p, name in enumerate(f.parts):
+                        shape = f.shapes[p]
+                        t = self.wctx.tensor(f.types(il)[p], (*shape, r["n_slots"]),
+                                             f"pool_{prec}_{name}_l{il}")
+                        t.contents.nb[len(shape)] = strides[p]
+                        for d in range(len(shape) + 1, ggml.MAX_DIMS):
+                            t.contents.nb[d] = strides[p] * r["n_slots"]
                         views.append(t)
                     self.pool[prec].append(views)
-            # routers of every layer, stacked for the lookahead prediction: (L, E, D)
+            # routers of every layer, stacked for the lookahead prediction: (L, E, D), (L, E)
             self.routers = np.stack([weights.router(il) for il in range(a.n_layer)])
+            self.router_biases = np.stack([weights.router_bias(il) for il in range(a.n_layer)])
             # the provider's slot of each expert, per layer [1, E] i32, for the one-graph
             # forward on resident experts (routing in the graph, then a lookup of the slots)
             self.slot_table = np.zeros((a.n_layer, a.n_expert), np.int32)
@@ -178,6 +196,7 @@ class Model:
         """Start a new sequence (the cache contents are simply overwritten later)."""
         self.n_past = 0
         self.seq += 1     # the daemon's cache policy restarts its per-sequence counters
+        self.swa_pos[:] = -1
 
     def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -196,6 +215,15 @@ class Model:
             if all_logits:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else out[-1]
+
+    def resumable(self, n_past: int) -> bool:
+        """Whether forward() can continue the cached sequence at position n_past (<= the
+        current one; a chat reusing a prefix sets n_past back): always, except when a
+        sliding-window layer's ring no longer holds the window before n_past."""
+        if not self.swa_cells:
+            return True
+        first = np.arange(max(0, n_past - self.args.n_swa + 1), n_past)
+        return bool((self.swa_pos[first % self.swa_cells] == first).all())
 
     def close(self) -> None:
         for plan in self.plans.values():
@@ -216,6 +244,9 @@ class Model:
         # mask[t, j] = 0 where slot j holds a position <= pos[t], else -inf (causal, no gaps)
         mask = np.where(np.arange(N)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)
         feed = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64), "mask": mask}
+        if self.swa_cells:
+            held = self._swa_feed(pos, N, feed)
+            self.swa_pos[pos % self.swa_cells] = -1   # overwritten even if the forward fails
         table = self.experts.resident() if self.experts is not None and self.opts.resident else None
         if table is not None:        # every expert pinned in shared memory: one graph
             # and every core: hobbitd has nothing to do for this forward
@@ -235,12 +266,34 @@ class Model:
             self._set_threads(self.opts.n_threads or default_threads(self.experts))
             logits = self._run_segments(plan, feed)
         self.n_past += T
+        if self.swa_cells:
+            self.swa_pos = held
         return logits
 
     def _set_threads(self, n: int) -> None:
         if n != self.n_threads:
             lib.ggml_backend_cpu_set_n_threads(self.backend, n)
             self.n_threads = n
+
+    def _swa_feed(self, pos: np.ndarray, N: int, feed: dict) -> np.ndarray:
+        """The sliding-window layers' inputs for a chunk at positions pos: the slots it
+        writes (kv_idx_swa) and mask_swa [T, N'] over the first N' = min(swa_cells, N)
+        slots (0 where a slot holds a position in the query's window: pos - n_swa < p <=
+        pos). Returns the slots' positions once the chunk is written. After a rewind
+        (chat reusing a prefix) a slot may hold a position of the continuation given up
+        on: past every query of the chunk, so masked, or rewritten by it. InputError if
+        the window before the first position was overwritten meanwhile."""
+        n_swa, cells = self.args.n_swa, self.swa_cells
+        if not self.resumable(int(pos[0])):
+            raise InputError(f"the sliding-window cache no longer holds the {n_swa - 1} positions "
+                             f"before {pos[0]}; start the sequence again (reset) from position 0")
+        held = self.swa_pos.copy()
+        held[pos % cells] = pos
+        p = held[:min(cells, N)][None, :]
+        seen = (p >= 0) & (p <= pos[:, None]) & (pos[:, None] - p < n_swa)
+        feed["kv_idx_swa"] = (pos % cells).astype(np.int64)
+        feed["mask_swa"] = np.where(seen, 0.0, -np.inf).astype(np.float16)
+        return held
 
     def _run(self, g: _Graph, feed: dict) -> dict:
         for name, x in g.inputs.items():
@@ -269,6 +322,8 @@ class Model:
                     return out["logits"]
                 probs = out["probs"]                                          # (T', E)
                 sel, w, scores = route(probs, a.routing)                     # (T', K) each
+                if "topk_w" in out:   # softmax over the top K, ggml's own to the bit
+                    w = out["topk_w"]
                 self.prefetch.observe(il, sel)
                 wanted = np.unique(sel)
                 best = [float(scores[sel == e].min()) for e in wanted]       # most important use
@@ -292,8 +347,9 @@ class Model:
         hint them; the daemon walks them and prefetches at the first predicted miss."""
         a = self.args
         last = min(a.n_layer, il + 1 + self.opts.lookahead)
-        logits = np.einsum("led,d->le", self.routers[il + 1:last], h[0])     # (p, E)
-        sel, _, scores = route(softmax(logits), a.routing)                    # (p, K)
+        logits = np.einsum("led,d->le", self.routers[il + 1:last], h[0]) \
+            + self.router_biases[il + 1:last]                                 # (p, E)
+        sel, _, scores = route(router_probs(logits, a.routing), a.routing)    # (p, K)
         preds = [(il + 1 + d, sel[d].tolist(), scores[d].tolist()) for d in range(len(sel))]
         self.prefetch.predict(il, preds)
         self.experts.hint(il, preds)
@@ -347,41 +403,64 @@ class Model:
             x = lib.ggml_get_rows(c, W("token_embd.weight"), inp("tokens", ggml.I32, (T,)))  # [D, T]
         else:
             x = inp("x", ggml.F32, (a.n_embd, T_in))
-            h = self._norm(c, x, f"blk.{first - 1}.ffn_norm")
+            h = self._norm(c, x, f"blk.{first - 1}.{a.ffn_norm}")
             K = a.n_expert_used
             y = None
             for prec, present in zip(("high", "low"), variant):
                 if present:
                     ids = inp(f"ids_{prec}", ggml.I32, (K, T_in))
                     wts = inp(f"w_{prec}", ggml.F32, (1, K, T_in))
-                    f = moe_ffn(c, h, self.pool[prec][first - 1], a.routing, sel=ids, weights=wts)
+                    views = self.pool[prec][first - 1]
+                    f = moe_ffn(c, h, views[:3], a.routing, biases=views[3:] or None, sel=ids,
+                                weights=wts, act=a.ffn_act)
                     y = f if y is None else lib.ggml_add(c, y, f)
             y = self._add_shared_expert(c, h, first - 1, y)
             if y is not None:      # None: every routed expert skipped, no shared one
                 x = lib.ggml_add(c, y, x)
         if first < L:
             pos = inp("pos", ggml.I32, (T,))
-            kv_idx = inp("kv_idx", ggml.I64, (T,))
-            mask = inp("mask", ggml.F16, (N, T))
+        kv_inputs = {}
+
+        def kv(il):
+            """(slots written, mask, N) of layer il's KV cache, made on first use: a graph
+            input that no node uses gets no memory."""
+            swa = a.is_swa(il)
+            if swa not in kv_inputs:
+                n = min(self.swa_cells, N) if swa else N
+                sfx = "_swa" if swa else ""
+                kv_inputs[swa] = (inp("kv_idx" + sfx, ggml.I64, (T,)), inp("mask" + sfx, ggml.F16, (n, T)), n)
+            return kv_inputs[swa]
+
         for il in layers:
             p = f"blk.{il}."
-            att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, kv_idx, mask, T, N)
+            att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
                 att, x = _last_row(c, att, T), _last_row(c, x, T)
             x = lib.ggml_add(c, att, x)                                       # [D, T']
-            h = self._norm(c, x, p + "ffn_norm")
+            h = self._norm(c, x, p + a.ffn_norm)
             if "ffn_in" in self.opts.taps:
                 out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
             if segment is not None:   # stop at the router: Python fetches the experts
                 out("x", x)
                 out("h", h)
-                out("probs", lib.ggml_soft_max(c, lib.ggml_mul_mat(c, W(p + "ffn_gate_inp.weight"), h)))
+                probs = router(c, h, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
+                               a.routing)
+                out("probs", probs)
+                if a.routing.gating == "softmax_weight":
+                    out("topk_w", topk_weights(c, probs, a.routing)[1])
                 break
             if a.is_moe:
-                experts = (self.pool[HIGH][il] if resident
-                           else [W(p + f"ffn_{n}_exps.weight") for n in PARTS])
-                f = moe_ffn(c, h, experts, a.routing, gate_inp=W(p + "ffn_gate_inp.weight"),
+                if resident:     # the provider's slots, looked up through slot_table
+                    views = self.pool[HIGH][il]
+                    experts, biases = views[:3], views[3:] or None
+                else:
+                    experts = [W(p + f"ffn_{n}_exps.weight") for n in PARTS]
+                    biases = [self.t.get(p + f"ffn_{n}_exps.bias") for n in PARTS]
+                    biases = biases if all(b is not None for b in biases) else None
+                f = moe_ffn(c, h, experts, a.routing, biases=biases,
+                            gate_inp=W(p + "ffn_gate_inp.weight"),
+                            gate_inp_b=self.t.get(p + "ffn_gate_inp.bias"), act=a.ffn_act,
                             slot_table=self.t_slots[il] if resident else None)
                 f = self._add_shared_expert(c, h, il, f)
             else:
@@ -423,7 +502,9 @@ class Model:
         y = lib.ggml_mul(c, y, gate)
         return y if routed is None else lib.ggml_add(c, routed, y)
 
-    def _attention(self, c, h, il, pos, kv_idx, mask, T, N):
+    def _attention(self, c, h, il, pos, kv_idx, mask, N, T):
+        """Layer il's self-attention over N slots of its KV cache (the sliding-window one
+        on windowed layers), with the file's attention sinks where it has them."""
         a = self.args
         p = f"blk.{il}."
         Dh, H, Hkv = a.head_dim, a.n_head, a.n_head_kv
@@ -436,8 +517,8 @@ class Model:
         k = lib.ggml_reshape_3d(c, k, Dh, Hkv, T)
         if a.qk_norm == "head":      # qwen3moe: each head normed on its own
             q, k = self._norm(c, q, p + "attn_q_norm"), self._norm(c, k, p + "attn_k_norm")
-        q = self._rope(c, q, pos)                                            # [Dh, H, T]
-        k = self._rope(c, k, pos)                                            # [Dh, Hkv, T]
+        q = self._rope(c, q, pos, il)                                        # [Dh, H, T]
+        k = self._rope(c, k, pos, il)                                        # [Dh, Hkv, T]
 
         # write this chunk's K and V into their cache slots, then attend over N slots
         kc = lib.ggml_set_rows(c, self.tk[il], lib.ggml_reshape_2d(c, k, Dh * Hkv, T), kv_idx)
@@ -450,15 +531,20 @@ class Model:
             q, scale = lib.ggml_scale(c, q, scale), 1.0
         qp = lib.ggml_permute(c, q, 0, 2, 1, 3)                              # [Dh, T, H]
         o = lib.ggml_flash_attn_ext(c, qp, kv(kc), kv(vc), mask, scale, 0.0, 0.0)
+        sinks = self.t.get(p + "attn_sinks.weight")      # [H] F32: a per-head logit every
+        if sinks is not None:                            # query also attends to (gpt-oss)
+            lib.ggml_flash_attn_ext_add_sinks(o, sinks)
         if hasattr(lib, "ggml_prec_set_acc"):
             lib.ggml_prec_set_acc(o, ggml.PREC_F32)
         o = lib.ggml_reshape_2d(c, o, Dh * H, T)                             # [H*Dh, T]
         return self._linear(c, p + "attn_output", o)                         # [D, T]
 
-    def _rope(self, c, x, pos):
+    def _rope(self, c, x, pos, il):
         a = self.args
+        base = a.rope_base_swa if a.is_swa(il) and a.rope_base_swa else a.rope_base
         return lib.ggml_rope_ext(c, x, pos, self.rope_factors, a.rope_dim, a.rope_type, a.n_ctx_orig,
-                                 a.rope_base, 1.0, 0.0, a.rope_attn_factor, 32.0, 1.0)
+                                 base, a.rope_freq_scale, a.rope_ext_factor, a.rope_attn_factor,
+                                 a.rope_beta_fast, a.rope_beta_slow)
 
 
 class _Variants:
@@ -559,15 +645,26 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def router_probs(logits: np.ndarray, routing: Routing) -> np.ndarray:
+    """What route() takes, from a router's logits (T, E) (bias added): their softmax, or
+    for softmax-weight gating the logits themselves (the top K are picked on them)."""
+    return softmax(logits) if routing.gating == "softmax" else logits
+
+
 def route(probs: np.ndarray, routing: Routing):
-    """Python's routing, as moe_ffn routes in the graph: probs (T, E), a router's softmax ->
-    (sel, w, scores), each (T, K): the top-K experts by probability (ties to the lower
-    index, as ggml's argsort), the weights their outputs are scaled by (renormalised to sum
-    1 or the probabilities as they are, per routing), and HOBBIT's unimportance scores.
-    The scores always come from the renormalised weights, whatever the FFN is fed: the
-    thresholds T1/T2 are shares of the chosen experts' total weight."""
+    """Python's routing, as moe_ffn routes in the graph: probs (T, E), a router's softmax
+    (softmax-weight gating: its logits; see router_probs) -> (sel, w, scores), each (T, K):
+    the top-K experts by probability (ties to the lower index, as ggml's argsort), the
+    weights their outputs are scaled by (renormalised to sum 1 or the probabilities as they
+    are, per routing; softmax-weight: the softmax of the K logits, here in numpy, which
+    rounds differently from ggml — the segmented forward takes ggml's, topk_weights), and
+    HOBBIT's unimportance scores. The scores always come from the renormalised weights,
+    whatever the FFN is fed: the thresholds T1/T2 are shares of the chosen experts' total
+    weight."""
     sel = np.argsort(-probs, axis=-1, kind="stable")[..., :routing.n_used]
     w = np.take_along_axis(probs, sel, axis=-1)
+    if routing.gating == "softmax_weight":
+        w = softmax(w)
     # summed in double and rounded once, as ggml_sum_rows does: the same weights to the bit
     total = w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
     share = w / np.maximum(total, np.float32(6.103515625e-5))
@@ -575,38 +672,73 @@ def route(probs: np.ndarray, routing: Routing):
     return sel, (share if routing.norm_weights else w), scores
 
 
-def moe_ffn(c, h, experts, routing: Routing, *, gate_inp=None, sel=None, weights=None,
-            slot_table=None):
-    """Mixture of SwiGLU experts. h: [D, T] -> [D, T].
+def router(c, h, gate_inp, gate_inp_b, routing: Routing):
+    """A router in the graph: gate_inp h (+ bias) -> [E, T], softmaxed unless the gating is
+    softmax-weight (route()'s probs, as llama.cpp's build_moe_ffn computes them)."""
+    logits = lib.ggml_mul_mat(c, gate_inp, h)                                # [E, T]
+    if gate_inp_b is not None:
+        logits = lib.ggml_add(c, logits, gate_inp_b)
+    return lib.ggml_soft_max(c, logits) if routing.gating == "softmax" else logits
+
+
+def topk_weights(c, probs, routing: Routing):
+    """(sel [K, T] i32, weights [K, T]) of a router's probs [E, T] in the graph: the top-K
+    experts (argsort, descending), their probabilities; softmax over the K for
+    softmax-weight gating, renormalised to sum 1 if routing.norm_weights."""
+    E, T = probs.contents.ne[0], probs.contents.ne[1]
+    K = routing.n_used
+    sel = lib.ggml_argsort_top_k(c, probs, K)                                # [K, T] i32
+    w = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)   # [1, K, T]
+    w = lib.ggml_reshape_2d(c, w, K, T)
+    if routing.gating == "softmax_weight":
+        w = lib.ggml_soft_max(c, w)
+    if routing.norm_weights:
+        s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
+        w = lib.ggml_div(c, w, s)
+    return sel, w
+
+
+def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate_inp_b=None,
+            sel=None, weights=None, act="swiglu", slot_table=None):
+    """Mixture of gated experts. h: [D, T] -> [D, T].
 
     experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
     their quantised form by mul_mat_id; S is E for a GGUF's own tensors or the number of
-    cache slots for a shared-memory pool view.
-    Routing in the graph (gate_inp given): softmax over E logits, top-K, weights renormalised
-    to sum 1 if routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2). Or
-    given: sel [K, T] i32 (indices into S) and weights [1, K, T] (from route()).
+    cache slots for a shared-memory pool view. biases: None, or the experts' (gate [F, S],
+    up [F, S], down [D, S]) F32 biases, added per selected expert (ggml_add_id; gpt-oss).
+    act: "swiglu" (silu(gate) * up) or "swiglu_oai" (gpt-oss's clamped one, SWIGLU_OAI).
+    Routing in the graph (gate_inp, and its bias gate_inp_b if any, given): router() and
+    topk_weights(): softmax over E logits then top-K, weights renormalised to sum 1 if
+    routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2); or top-K logits
+    and their softmax (gpt-oss). Or given: sel [K, T] i32 (indices into S) and weights
+    [1, K, T] (from route()).
     slot_table [1, E] i32 (with gate_inp): expert e is index slot_table[e] of the stacked
     tensors (a pool of cache slots holding every expert).
     """
     D, T = h.contents.ne[0], h.contents.ne[1]
     K = routing.n_used
     if sel is None:
-        E = gate_inp.contents.ne[1]
-        probs = lib.ggml_soft_max(c, lib.ggml_mul_mat(c, gate_inp, h))       # [E, T]
-        sel = lib.ggml_argsort_top_k(c, probs, K)                            # [K, T] i32
-        weights = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)  # [1, K, T]
-        if routing.norm_weights:
-            w = lib.ggml_reshape_2d(c, weights, K, T)
-            s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
-            weights = lib.ggml_reshape_3d(c, lib.ggml_div(c, w, s), 1, K, T)
+        sel, w = topk_weights(c, router(c, h, gate_inp, gate_inp_b, routing), routing)
+        weights = lib.ggml_reshape_3d(c, w, 1, K, T)                         # [1, K, T]
     if slot_table is not None:           # expert ids -> the slots holding them
         flat = lib.ggml_reshape_2d(c, lib.ggml_cont(c, sel), K * T, 1)
         sel = lib.ggml_reshape_2d(c, lib.ggml_get_rows(c, slot_table, flat), K, T)   # [K, T]
     gate_exps, up_exps, down_exps = experts
+    gate_b, up_b, down_b = biases or (None, None, None)
     hx = lib.ggml_reshape_3d(c, h, D, 1, T)                                  # [D, 1, T]
     up = lib.ggml_mul_mat_id(c, up_exps, hx, sel)                            # [F, K, T]
+    if up_b is not None:
+        up = lib.ggml_add_id(c, up, up_b, sel)
     gate = lib.ggml_mul_mat_id(c, gate_exps, hx, sel)                        # [F, K, T]
-    y = lib.ggml_mul_mat_id(c, down_exps, lib.ggml_swiglu_split(c, gate, up), sel)  # [D, K, T]
+    if gate_b is not None:
+        gate = lib.ggml_add_id(c, gate, gate_b, sel)
+    if act == "swiglu_oai":
+        g = lib.ggml_swiglu_oai(c, gate, up, *SWIGLU_OAI)                    # [F, K, T]
+    else:
+        g = lib.ggml_swiglu_split(c, gate, up)
+    y = lib.ggml_mul_mat_id(c, down_exps, g, sel)                            # [D, K, T]
+    if down_b is not None:
+        y = lib.ggml_add_id(c, y, down_b, sel)
     y = lib.ggml_mul(c, y, weights)                                          # [D, K, T]
     nb1, nb2 = y.contents.nb[1], y.contents.nb[2]
     out = lib.ggml_view_2d(c, y, D, T, nb2, 0)

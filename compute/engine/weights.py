@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...loader.gguf_file import SUPPORTED_ARCHS, GGUFFile, open_gguf
 from ...protocol.errors import ModelError
 from . import ggml
@@ -18,7 +20,8 @@ from . import ggml
 class Arch:
     """How one architecture's graph differs from llama's, as llama.cpp builds it (its
     src/models/ARCH.cpp). Everything else is shared; optional biases (attention q/k/v/output,
-    norms, output) are used wherever the file has them, as llama.cpp does."""
+    norms, output, router, experts) and attention sinks are used wherever the file has them,
+    as llama.cpp does."""
     rope: int = ggml.ROPE_NORMAL     # NORMAL: adjacent pairs rotate; NEOX: halves rotate
     qk_norm: str = ""                # "": none; "head": RMS over each head's Dh (qwen3moe);
                                      # "full": RMS over all heads' H*Dh, before the head split (olmoe)
@@ -28,6 +31,15 @@ class Arch:
     scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
                                      # it (phi3's graph; F16 rounding differs by ~1e-2)
     moe: bool = False                # every layer must have routed experts
+    gating: str = "softmax"          # "softmax": softmax over the E router logits, then top-K;
+                                     # "softmax_weight": top-K of the logits, softmax over
+                                     # those K (llama.cpp's SOFTMAX_WEIGHT, gpt-oss)
+    ffn_act: str = "swiglu"          # "swiglu_oai": gpt-oss's clamped SwiGLU (alpha 1.702,
+                                     # limit 7.0), ggml_swiglu_oai
+    ffn_norm: str = "ffn_norm"       # the FFN's input norm (gpt-oss: post_attention_norm)
+    swa_pattern: int = 0             # sliding-window attention (window from the file) on
+                                     # every layer il with il % n < n - 1, full attention
+                                     # on the others (gpt-oss: 2, even layers); 0: none
     layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
     global_tensors: tuple = ()       # further tensors the file must have
 
@@ -41,6 +53,13 @@ ARCHS = {
     "phimoe": Arch(rope=ggml.ROPE_NEOX, scale_q_first=True, moe=True,
                    layer_tensors=("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"),
                    global_tensors=("output_norm.bias", "output.bias")),
+    # gpt-oss runs llama.cpp's openai-moe graph: attention sinks, every other layer a
+    # sliding window, YaRN RoPE, biases on q/k/v/o, the router and every expert
+    "gpt-oss": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, moe=True, gating="softmax_weight",
+                    ffn_act="swiglu_oai", ffn_norm="post_attention_norm", swa_pattern=2,
+                    layer_tensors=("attn_sinks.weight", "attn_q.bias", "attn_k.bias",
+                                   "attn_v.bias", "attn_output.bias", "ffn_gate_inp.bias",
+                                   "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -71,6 +90,18 @@ class ModelArgs:
     scale_q_first: bool = False     # Arch.scale_q_first
     norm_weights: bool = True       # renormalise the top-K routing weights
     n_ff_shexp: int = 0             # F of the shared expert; 0: none
+    gating: str = "softmax"         # Arch.gating
+    ffn_act: str = "swiglu"         # Arch.ffn_act
+    ffn_norm: str = "ffn_norm"      # Arch.ffn_norm
+    # RoPE scaling as llama.cpp's rope_ext takes it (YaRN: freq_scale 1/factor, ext_factor 1)
+    rope_freq_scale: float = 1.0
+    rope_ext_factor: float = 0.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_base_swa: float = 0.0      # RoPE base of the sliding-window layers; 0: rope_base
+    n_swa: int = 0                  # sliding window in tokens (a query sees n_swa positions,
+                                    # its own included); 0: none
+    swa_layers: tuple = ()          # per layer: True where attention is windowed
 
     @property
     def is_moe(self) -> bool:
@@ -82,16 +113,20 @@ class ModelArgs:
 
     @property
     def routing(self) -> "Routing":
-        return Routing(self.n_expert_used, self.norm_weights)
+        return Routing(self.n_expert_used, self.norm_weights, self.gating)
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
 
 
 @dataclass(frozen=True)
 class Routing:
-    """How a router's softmax becomes K experts and their weights (llama.cpp's
-    build_moe_ffn with softmax gating and its norm_w flag); the graph and Python's
-    routing (compute/model.py) both follow it."""
+    """How a router's logits become K experts and their weights (llama.cpp's
+    build_moe_ffn with softmax or softmax-weight gating and its norm_w flag); the graph
+    and Python's routing (compute/model.py) both follow it."""
     n_used: int                 # K
     norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
+    gating: str = "softmax"     # Arch.gating
 
 
 class Weights(GGUFFile):
@@ -111,6 +146,14 @@ class Weights(GGUFFile):
     def router(self, layer: int):
         """Layer's router (ffn_gate_inp) as float32 (E, D)."""
         return self.dequantized(f"blk.{layer}.ffn_gate_inp.weight")
+
+    def router_bias(self, layer: int):
+        """Layer's router bias as float32 (E,), zeros where the file has none."""
+        info = self.tensors.get(f"blk.{layer}.ffn_gate_inp.bias")
+        if info is None:
+            return np.zeros(self.args.n_expert, np.float32)
+        raw = self.reader.data[info.offset:info.offset + info.nbytes]
+        return ggml.dequantize(info.type, raw, info.shape[0])
 
 
 def _field(reader, key, default=None, required=True, path=""):
@@ -147,14 +190,22 @@ def read_args(reader, path: str) -> ModelArgs:
     n_ctx_train = int(k("context_length"))
     scaling = k("rope.scaling.type", required=False)
     factor = float(k("rope.scaling.factor", default=1.0))
-    if scaling not in (None, "none") and factor != 1.0:
+    if scaling not in (None, "none", "yarn") and factor != 1.0:
         raise ModelError(f"{path}: RoPE scaling {scaling!r} (factor {factor:g}) is not supported")
+    # YaRN as llama.cpp sets it up: ext_factor 1 whatever the factor (0 in the file: 1)
+    yarn = scaling == "yarn"
+    attn_factor = float(k("rope.scaling.attn_factor", default=1.0))
+    freq_scale = np.float32(1.0) / np.float32(factor) if yarn and factor else np.float32(1.0)
+    if yarn:
+        attn_factor = yarn_attn_factor(freq_scale, attn_factor)
     n_ff_dense = k("feed_forward_length", required=False)
+    n_layer = int(k("block_count"))
+    n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=int(k("block_count")),
+        n_layer=n_layer,
         n_head=n_head,
         n_head_kv=int(k("attention.head_count_kv", default=n_head)),
         head_dim=head_dim,
@@ -166,7 +217,7 @@ def read_args(reader, path: str) -> ModelArgs:
         n_expert=int(k("expert_count", default=0, required=False)),
         n_expert_used=int(k("expert_used_count", default=0, required=False)),
         rope_type=spec.rope,
-        rope_attn_factor=float(k("rope.scaling.attn_factor", default=1.0)),
+        rope_attn_factor=float(attn_factor),
         n_ctx_orig=int(k("rope.scaling.original_context_length", default=n_ctx_train)),
         qk_norm=spec.qk_norm,
         scale_q_first=spec.scale_q_first,
@@ -174,7 +225,43 @@ def read_args(reader, path: str) -> ModelArgs:
         # llama.cpp: the shared expert is as wide as the dense FFN unless the file says
         n_ff_shexp=int(k("expert_shared_feed_forward_length", default=0, required=False)
                        or n_ff_dense or 0) if spec.shared_expert else 0,
+        gating=spec.gating,
+        ffn_act=spec.ffn_act,
+        ffn_norm=spec.ffn_norm,
+        rope_freq_scale=float(freq_scale),
+        rope_ext_factor=1.0 if yarn else 0.0,
+        rope_base_swa=float(k("rope.freq_base_swa", default=0.0, required=False) or 0.0),
+        n_swa=n_swa,
+        swa_layers=swa_layers(reader, arch, n_layer, spec.swa_pattern) if n_swa else (),
     )
+
+
+def yarn_attn_factor(freq_scale, attn_factor: float) -> np.float32:
+    """llama.cpp's YaRN attention factor (llama_context's constructor), in float32 as it
+    computes it: get_mscale(1/freq_scale) times the inverse of the magnitude scale ggml's
+    rope applies itself with ext_factor != 0 (the two nearly cancel), times the file's
+    rope.scaling.attn_factor."""
+    f32 = np.float32
+    factor = f32(1.0) / f32(freq_scale)
+    log = f32(np.log(factor))
+    mscale = f32(0.1) * log + f32(1.0) if factor > 1 else f32(1.0)
+    return mscale * (f32(1.0) / (f32(1.0) + f32(0.1) * log)) * f32(attn_factor)
+
+
+def swa_layers(reader, arch: str, n_layer: int, pattern: int) -> tuple:
+    """Which layers use sliding-window attention, as llama.cpp's load_swa_pattern reads it:
+    the file's {arch}.attention.sliding_window_pattern (one flag per layer, or a period n),
+    else the architecture's period; with period n, layer il is windowed when
+    il % n < n - 1 (n = 0: every layer)."""
+    f = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
+    value = f.contents() if f is not None else pattern
+    if isinstance(value, list):
+        if len(value) != n_layer:
+            raise ModelError(f"{arch}.attention.sliding_window_pattern has {len(value)} flags "
+                             f"for {n_layer} layers")
+        return tuple(bool(v) for v in value)
+    n = int(value)
+    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
 def open_model(path: str) -> Weights:
@@ -193,7 +280,7 @@ def _check_tensors(w: Weights) -> None:
     need = ["token_embd.weight", "output_norm.weight", *spec.global_tensors]
     for i in range(a.n_layer):
         names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                 "attn_output.weight", "ffn_norm.weight", *spec.layer_tensors]
+                 "attn_output.weight", f"{a.ffn_norm}.weight", *spec.layer_tensors]
         if a.qk_norm:
             names += ["attn_q_norm.weight", "attn_k_norm.weight"]
         if a.is_moe:

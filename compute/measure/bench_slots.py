@@ -19,24 +19,32 @@ def layer_nbytes(fmt: SlotFormat, dims: tuple | None) -> list:
     """Bytes of each part per layer: the file's, or for dims (D, F) with the file's types."""
     if dims is None:
         return [list(fmt.part_nbytes(il)) for il in range(fmt.n_layer)]
-    D, F = dims
-    shapes = ((D, F), (D, F), (F, D))     # ggml ne of gate, up, down
-    return [[gt.row_size(t, ne0) * ne1 for t, (ne0, ne1) in zip(fmt.types(il), shapes)]
+    shapes = part_shapes(fmt, dims)
+    return [[gt.row_size(t, s[0]) * (s[1] if len(s) > 1 else 1) for t, s in zip(fmt.types(il), shapes)]
             for il in range(fmt.n_layer)]
+
+
+def part_shapes(fmt: SlotFormat, dims: tuple | None) -> tuple:
+    """ggml ne of each part: the file's, or for dims (D, F): gate, up, down, and the
+    expert biases (F, F, D) where the file has them."""
+    if dims is None:
+        return fmt.shapes
+    D, F = dims
+    return ((D, F), (D, F), (F, D), (F,), (F,), (D,))[:len(fmt.parts)]
 
 
 def run(model: str, dims: tuple | None = None, n_expert: int | None = None) -> dict:
     src = gguf_experts(open_gguf(model))
     fmt, E = src.format, n_expert or src.n_expert
     nbytes = layer_nbytes(fmt, dims)
-    shapes = fmt.shapes if dims is None else ((dims[0], dims[1]),) * 2 + ((dims[1], dims[0]),)
-    largest = SlotFormat.build(shapes, fmt.layer_types, nbytes)
+    shapes = part_shapes(fmt, dims)
+    largest = SlotFormat.build(shapes, fmt.layer_types, nbytes, fmt.parts)
     classes: dict = {}                    # a layer's (types, bytes) -> its layers
     for il in range(fmt.n_layer):
         classes.setdefault((fmt.types(il), tuple(nbytes[il])), []).append(il)
     per_class = []
     for (types, nb), layers in classes.items():
-        cls = SlotFormat.build(shapes, [types], [nb])
+        cls = SlotFormat.build(shapes, [types], [nb], fmt.parts)
         per_class.append({"types": [gt.type_name(t) for t in types], "layers": layers,
                           "expert_bytes": sum(nb), "slot_bytes": cls.slot_bytes})
     data = E * sum(sum(nb) for nb in nbytes)

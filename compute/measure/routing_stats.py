@@ -27,14 +27,18 @@ from ...protocol.errors import InputError, ModelError
 SHUFFLE_SEED = 0
 
 
-def route_inputs(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def route_inputs(x: np.ndarray, router: np.ndarray, k: int, bias=None,
+                 gating: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
     """(selected experts (T, K), renormalised weights (T, K)) for FFN inputs x (T, D) and a
-    router (E, D), routed as the model routes (engine/model.py route()), the weights always
-    renormalised: the shares the unimportance scores are taken of."""
-    from ..engine.model import route, softmax
+    router (E, D) with its bias (E,) if any, routed as the model routes (engine/model.py
+    route(); gating as weights.Arch.gating), the weights always renormalised: the shares
+    the unimportance scores are taken of."""
+    from ..engine.model import route, router_probs
     from ..engine.weights import Routing
 
-    sel, share, _ = route(softmax(x.astype(np.float32) @ router.T), Routing(k, norm_weights=True))
+    routing = Routing(k, norm_weights=True, gating=gating)
+    logits = x.astype(np.float32) @ router.T + (0 if bias is None else bias)
+    sel, share, _ = route(router_probs(logits, routing), routing)
     return sel, share
 
 
@@ -116,7 +120,8 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
             model.reset()
             model.forward(chunk, all_logits=True)
             for il in range(a.n_layer):
-                sel, w = route_inputs(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used)
+                sel, w = route_inputs(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used,
+                                      model.w.router_bias(il), a.gating)
                 sels[il].append(sel)
                 ws[il].append(w)
             bar.update(len(chunk))
