@@ -333,3 +333,23 @@ def test_gpt_oss_mixed_precision_through_daemon(gpt_oss, tmp_path, source):
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1, f"mean KLD {kld:.4f}"
     assert agree >= 0.5, f"top-1 agreement {agree:.2f}"
+
+
+# qwen2moe (a shared expert) and gpt-oss (expert biases) in every run; the rest (and llama:
+# test_daemon_generate) with -m every_ftype
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("qwen2moe", "gpt-oss") else
+                                               pytest.mark.every_ftype) for a in (*ARCHS, "gpt-oss")])
+def test_every_expert_cached_one_graph_matches_llama_cpp(synth, gpt_oss, tmp_path, arch):
+    """A cache with room for every expert: after the first forward asks, hobbitd pins them
+    all and the rest of the run computes each forward in one graph on its slots (routing,
+    expert biases, a shared expert in the graph), with llama.cpp's tokens and logits."""
+    path = gpt_oss("MXFP4_MOE") if arch == "gpt-oss" else synth(**options(arch, "s"))
+    with run_daemon([path], expert_cache_bytes(path, 1.0), tmp_path) as d:
+        client = ExpertClient(d.socket, path)
+        try:
+            assert_parity(path, experts=client)
+            assert client.resident() is not None, "every expert should be resident by now"
+            m = next(iter(client.stats()["models"].values()))
+        finally:
+            client.close()
+    assert m["holds_all"] and m["misses_low"] == 0 and m["skipped"] == 0
