@@ -51,20 +51,24 @@ class OffloadOptions:
     threads: int = 0                  # 0: each engine's default
     quick: bool = False
     sweep: list = field(default_factory=list)   # budgets ("10%", ...) for the tok/s-vs-budget plot
+    quantize: str | None = None       # the synthetic model through llama.cpp's quantizer (Q4_K_M, ...)
 
 
 # ---- the model ---------------------------------------------------------------------------
 
-def synthetic_model(quick: bool, progress: bool = True) -> str:
+def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = None) -> str:
     """The synthetic model (and its low-precision companion), made once under
-    $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget."""
+    $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget. quantize:
+    made F16 and quantised by llama.cpp's quantizer to that file type (its real mix)."""
     from ...loader.companion import auto_low_type, companion_path
     from ..build.convert import convert
     from ...loader.layout import gguf_experts
-    from ..build.synth import SynthOptions, make_synthetic
+    from ..build.synth import SynthOptions, make_quantized, make_synthetic
     from ..engine.weights import open_model
 
-    spec = QUICK if quick else FULL
+    spec = dict(QUICK if quick else FULL)
+    if quantize:
+        spec["type"] = quantize.upper()
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "hobbit", "bench")
     os.makedirs(cache, exist_ok=True)
@@ -73,7 +77,10 @@ def synthetic_model(quick: bool, progress: bool = True) -> str:
     if not os.path.exists(path):
         if progress:
             print(f"[offload] making the synthetic model {path} (once)", file=sys.stderr)
-        make_synthetic(path, SynthOptions(**spec), progress=progress)
+        if quantize:
+            make_quantized(path, SynthOptions(**{**spec, "type": "F16"}), quantize, progress=progress)
+        else:
+            make_synthetic(path, SynthOptions(**spec), progress=progress)
     w = open_model(path)
     high = gguf_experts(w)
     low = auto_low_type(high.format, path)
@@ -267,7 +274,9 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
     from ..engine.weights import open_model
 
-    path = opts.model or synthetic_model(opts.quick, progress)
+    if opts.model and opts.quantize:
+        raise InputError("--quantize makes the synthetic model; it cannot be given with MODEL")
+    path = opts.model or synthetic_model(opts.quick, progress, opts.quantize)
     w = open_model(path)
     if not w.args.is_moe:
         raise InputError(f"{path}: not a mixture-of-experts model")
@@ -489,6 +498,9 @@ def add_parser(kinds, add_output_options, report) -> None:
                         "matplotlib (pip install 'hobbit[plot]')")
     p.add_argument("--quick", action="store_true",
                    help="a small synthetic model and short runs: checks the harness in ~1 minute")
+    p.add_argument("--quantize", metavar="FTYPE",
+                   help="the synthetic model as llama.cpp's quantizer writes it (e.g. Q4_K_M: "
+                        "Q6_K down experts on some layers), beside the default uniform Q8_0")
     add_output_options(p)
 
     def cmd(args):
@@ -512,8 +524,11 @@ def add_parser(kinds, add_output_options, report) -> None:
             sweep = ["10%", "25%", "50%", "100%"]
         if args.plot:
             _pyplot()                  # missing matplotlib fails now, not after the runs
+        if args.quantize:
+            from ..build.quantize import ftype_value
+            ftype_value(args.quantize)     # an unknown file type fails before the model is made
         r = run(OffloadOptions(args.model, budget, args.allowance, pairs, clients, args.threads,
-                               args.quick, sweep))
+                               args.quick, sweep, args.quantize))
         if args.plot:
             r["plots"] = plot(r, args.plot)
         return report(args, r, print_table)
