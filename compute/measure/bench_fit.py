@@ -106,11 +106,13 @@ def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
                "decode_ratio": base["decode_s"] / m["decode_s"],
                "prefill_ratio": base["prefill_s"] / m["prefill_s"],
                "tokens_match": all(t == tokens["llamacpp"][0] for t in tokens[e])}
-        if m["compute_s"] is not None:
-            total = m["prefill_s"] + m["decode_s"]
+        r = rounds[e]
+        if r["compute_s"]:        # per round, then the median of each part
+            other = [p + d - c - w for p, d, c, w in zip(r["prefill_s"], r["decode_s"],
+                                                         r["compute_s"], r["wait_s"])]
             row["ms_per_token"] = {"compute": 1e3 * m["compute_s"] / steps,
                                    "wait": 1e3 * m["wait_s"] / steps,
-                                   "client_other": 1e3 * (total - m["compute_s"] - m["wait_s"]) / steps,
+                                   "client_other": 1e3 * statistics.median(other) / steps,
                                    "daemon_cpu": (1e3 * m["daemon_cpu_s"] / steps
                                                   if m["daemon_cpu_s"] is not None else None)}
         out[e] = row
