@@ -63,6 +63,37 @@ def test_all_experts_active_has_the_dense_perplexity(moe_variant, smollm2):
     assert abs(moe_ppl / dense_ppl - 1) < 0.01, (moe_ppl, dense_ppl)
 
 
+def _greedy_assign(sim: np.ndarray, size: int) -> np.ndarray:
+    """The definition balanced_assign implements: walk all (neuron, cluster) pairs by
+    decreasing similarity (stable order), taking a pair while the neuron is free and the
+    cluster has room."""
+    F, E = sim.shape
+    assign, room = np.full(F, -1), np.full(E, size)
+    for idx in np.argsort(-sim, axis=None, kind="stable"):
+        j, e = divmod(int(idx), E)
+        if assign[j] < 0 and room[e] > 0:
+            assign[j], room[e] = e, room[e] - 1
+    return assign
+
+
+def test_balanced_assign_is_the_greedy_pass():
+    """The vectorised assignment of neurons to equal clusters gives the greedy pass's
+    answer exactly (the build's bytes depend on it), on distinct similarities and on the
+    ties little calibration text makes (neurons never active, duplicated patterns)."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        E = int(rng.choice([2, 4, 16]))
+        size = int(rng.integers(1, 30))
+        F = E * size
+        sim = [rng.standard_normal((F, E)),                      # distinct
+               rng.integers(0, 3, (F, E)),                       # few values: ties everywhere
+               np.zeros((F, E)),                                 # all tied
+               rng.standard_normal((3, E))[rng.integers(0, 3, F)]][trial % 4].astype(np.float32)
+        got = moefy.balanced_assign(sim, size)
+        assert np.array_equal(got, _greedy_assign(sim, size)), (trial, E, size)
+        assert np.bincount(got, minlength=E).tolist() == [size] * E
+
+
 def test_default_model_matches_llama_cpp(default_moe):
     """Real routing (top-k < E): our engine and llama.cpp agree on the MoE file itself."""
     assert_parity(default_moe, n_ctx=512)
