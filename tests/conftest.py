@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+WIKI = "wikitext-2-raw/wiki.test.raw"
 
 
 def smollm2_path() -> str:
@@ -17,6 +20,24 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def smollm2() -> str:
     return smollm2_path()
+
+
+def wikitext_path() -> Path:
+    """WikiText-2's test split: ../shared/data next to the checkout (CI), or /work/shared."""
+    for base in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
+        if (base / WIKI).is_file():
+            return base / WIKI
+    pytest.skip(f"{WIKI} is not in ../shared/data next to the checkout nor in /work/shared/data")
+
+
+@pytest.fixture(scope="session")
+def wiki_tokens(smollm2) -> list:
+    """WikiText-2's test split in SmolLM2's tokens (and the default model's: its tokenizer is
+    SmolLM2's, copied), tokenised once for the session (a few seconds each time)."""
+    from hobbit.compute.engine.tokenizer import Tokenizer
+    from hobbit.compute.measure import evaluate
+
+    return evaluate.tokenize_text(Tokenizer(smollm2), evaluate.read_text(str(wikitext_path())))
 
 
 _synth_cache: dict = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +14,7 @@ from hobbit.compute.engine.tokenizer import Tokenizer
 from hobbit.compute.engine.weights import open_model
 from hobbit.protocol.errors import InputError
 
-from conftest import llama_oracle
-
-WIKI = "wikitext-2-raw/wiki.test.raw"
-
-
-def wikitext_path() -> Path:
-    """WikiText-2's test split: ../shared/data next to the checkout (CI), or /work/shared."""
-    for base in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
-        if (base / WIKI).is_file():
-            return base / WIKI
-    pytest.skip(f"{WIKI} is not in ../shared/data next to the checkout nor in /work/shared/data")
-
-
-@pytest.fixture(scope="module")
-def wiki_tokens(smollm2):
-    return evaluate.tokenize_text(Tokenizer(smollm2), evaluate.read_text(str(wikitext_path())))
+from conftest import llama_oracle, wikitext_path
 
 
 def llama_scorer(path: str, n_ctx: int):
