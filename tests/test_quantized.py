@@ -234,13 +234,13 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe")]
+           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
-    from test_archs import options
-    kw = options(arch, "m")
-    kw.pop("type")
+    from test_archs import GPT_OSS, options
+    kw = {**GPT_OSS, "layers": 6} if arch == "gpt-oss" else options(arch, "m")
+    kw.pop("type", None)
     return quantized("Q4_K_M", **kw)
 
 
