@@ -322,7 +322,7 @@ def test_gpt_oss_through_daemon_with_a_quarter_cache_matches_llama_cpp(gpt_oss, 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", [pytest.param("F16", marks=pytest.mark.every_ftype), "MXFP4_MOE"])
 def test_gpt_oss_mixed_precision_through_daemon(gpt_oss, tmp_path, source):
-    """The default companion (F16: Q4_0; MXFP4: Q2_K, biases F32 in both) loaded for the
+    """The default companion (F16: Q4_K; MXFP4: Q2_K, biases F32 in both) loaded for the
     less important experts by hobbitd: close to all-high precision."""
     path = str(tmp_path / f"gpt-oss-{source}.gguf")
     shutil.copy(gpt_oss(source), path)
