@@ -181,6 +181,7 @@ class Model:
             # the provider's slot of each expert, per layer [1, E] i32, for the one-graph
             # forward on resident experts (routing in the graph, then a lookup of the slots)
             self.slot_table = np.zeros((a.n_layer, a.n_expert), np.int32)
+            self._resident_table = None   # the provider's table the views point at
             self.t_slots = [self.wctx.tensor(ggml.I32, (1, a.n_expert), f"slots_l{il}",
                                              self.slot_table[il].ctypes.data)
                             for il in range(a.n_layer)]
@@ -251,9 +252,11 @@ class Model:
         if table is not None:        # every expert pinned in shared memory: one graph
             # and every core: hobbitd has nothing to do for this forward
             self._set_threads(self.opts.n_threads or ggml.physical_cores())
-            np.copyto(self.slot_table, table)
-            for il in range(self.args.n_layer):
-                self._point_pool(il)
+            if table is not self._resident_table:    # new pins (a new hobbitd): re-point
+                np.copyto(self.slot_table, table)
+                for il in range(self.args.n_layer):
+                    self._point_pool(il)
+                self._resident_table = table
         plan = self._plan(T, N, all_logits, resident=table is not None)
         if self.experts is None or table is not None:
             outs = self._run(plan[0], feed)
