@@ -31,6 +31,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from ..loader import control
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
@@ -61,6 +62,7 @@ class Daemon:
         self.cache: ExpertCache | None = None
         self.sessions: Sessions | None = None
         self.shm: Segment | None = None
+        self.control: control.ControlBlock | None = None
         self.io: IOEngine | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.router = None
@@ -86,9 +88,14 @@ class Daemon:
                              f"{SHM_DIR} has {free / MiB:.0f} MiB free; lower --cache-size "
                              f"or enlarge {SHM_DIR}")
         self.shm = Segment(new_name(), total, create=True)
+        if control.fence_available():    # clients may pin their hits themselves
+            lay = control.layout([(n, p, self.models[n].n_layer, self.models[n].n_expert, k)
+                                  for n, p, _, _, k in plan])
+            self.control = control.ControlBlock.create(self.shm.name + "-ctl", lay)
         self.io = IOEngine(cfg.io_threads, cfg.io_limit or None, cfg.direct_io)
-        self.cache = ExpertCache(self.models, plan, self.shm, self.io, slot_wait=cfg.slot_wait,
-                                 prefetch=cfg.prefetch, prefetch_budget=cfg.prefetch_budget)
+        self.cache = ExpertCache(self.models, plan, self.shm, self.io, control=self.control,
+                                 slot_wait=cfg.slot_wait, prefetch=cfg.prefetch,
+                                 prefetch_budget=cfg.prefetch_budget)
         self.sessions = Sessions(self.cache)
         self._bind()
         for mo in self.models.values():
@@ -150,6 +157,8 @@ class Daemon:
                 os.unlink(self.shm.path)
             else:
                 self.shm.close()         # unmaps and unlinks
+        if self.control is not None:
+            self.control.close()
         if self._bound:
             try:
                 os.unlink(self.socket_path)
@@ -163,6 +172,7 @@ class Daemon:
     def abandon(self) -> None:
         """A forced exit: remove the shared memory and socket files now, wait for nothing."""
         for path, ours in ((self.shm and self.shm.path, self.shm is not None),
+                           (self.control and self.control.seg.path, self.control is not None),
                            (self.socket_path, self._bound)):
             if ours:
                 try:
@@ -256,9 +266,12 @@ class Daemon:
         handler = {m.Cmd.REQUEST: self._on_request, m.Cmd.HINT: self._on_hint,
                    m.Cmd.RELEASE: self._on_release, m.Cmd.STATS: self._on_stats,
                    m.Cmd.RESIDENT: self._on_resident, m.Cmd.USED: self._on_used,
+                   m.Cmd.HITS: lambda s, msg: None,
                    m.Cmd.HEARTBEAT: lambda s, msg: None}.get(cmd)
         if handler is None:
             return self._error(ident, "unknown_command", f"{cmd.name} is not a client command")
+        if msg.get("release") or msg.get("hits"):
+            self._apply_batched(s, msg)
         handler(s, msg)
 
     def _send(self, ident: bytes, cmd: m.Cmd, **fields) -> None:
@@ -275,10 +288,16 @@ class Daemon:
             return self._error(ident, "bad_version", f"protocol version {msg['version']}; "
                                                      f"hobbitd speaks {m.VERSION}")
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
-        self.sessions.open(ident, pid, str(msg.get("name", ""))[:64])
+        s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64])
+        extra = {}
+        if self.control is not None:
+            lay = self.control.layout
+            extra["control"] = {"shm": self.control.seg.name, "size": self.control.seg.size,
+                                "rows_offset": lay["rows_offset"], "n_slots": lay["n_slots"],
+                                "row": self.cache.owners[s.sid].row}
         self._send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=self.shm.name,
                    shm_size=self.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
-                   models={n: mo.info() for n, mo in self.models.items()})
+                   models={n: mo.info() for n, mo in self.models.items()}, **extra)
 
     async def _reap(self) -> None:
         while True:
@@ -364,6 +383,26 @@ class Daemon:
             return self._error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
         self.cache.release(s.sid, mo, [tuple(item) for item in msg["slots"]
                                        if isinstance(item, list) and len(item) == 2])
+
+    def _apply_batched(self, s: Session, msg: dict) -> None:
+        """A message's batched fields, before the message itself: releases of slots hobbitd
+        gave (RELEASE's), and hits the client pinned itself in its control-block row (HITS',
+        ExpertCache.count_hits; they also place the client in its sequence, and count its
+        forward when no request of that forward reached us)."""
+        mo = self.models.get(msg["model"]) if isinstance(msg.get("model"), str) else None
+        if mo is None:
+            return
+        if msg.get("release"):
+            self.cache.release(s.sid, mo, [tuple(item) for item in msg["release"]
+                                           if isinstance(item, list) and len(item) == 2])
+        hits = msg.get("hits")
+        if hits:
+            seq, token = msg.get("seq"), msg.get("token")
+            if isinstance(seq, int) and isinstance(token, int) and isinstance(hits[-1], list) \
+                    and hits[-1] and isinstance(hits[-1][0], int):
+                mo.policy.begin(s.sid, seq, token, hits[-1][0])
+                s.count_forward(seq, token, msg.get("tokens"))
+            self.cache.count_hits(s.sid, mo, hits)
 
     def _on_resident(self, s: Session, msg: dict) -> None:
         """Every expert of the model pinned for the session, or how far loading them is

@@ -83,7 +83,7 @@ class Sessions:
             self.drop(old, "said HELLO again")
         s = Session(next(self._sids), ident, pid, name, time.monotonic())
         self.by_ident[ident] = s
-        self.cache.open_owner(s.sid)
+        self.cache.open_owner(s.sid, row=name != PROBE)   # a probe pins nothing
         if s.name != PROBE:
             log.info("client %s (pid %s) connected", s.name or "?", pid)
         return s

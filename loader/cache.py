@@ -12,7 +12,13 @@ it is never evicted or overwritten until the owner release()s it or is closed. A
 its slot as soon as it is taken (before the read), so the slot cannot be given away between
 the read and the answer. A closed (or never opened) owner gets slots but holds no pins.
 
-The caller creates and closes the Segment and the IOEngine; the cache never closes them.
+Hits a client pinned itself. With a control block (loader/control.py) every ready slot is
+published there; a client with a pin row pins its hits in its row without asking, and
+reports them afterwards (count_hits) for the counts and the policy. Slots pinned in a row
+are never evicted; a closed owner's row is zeroed.
+
+The caller creates and closes the Segment, the control block and the IOEngine; the cache
+never closes them.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..protocol.errors import RequestError
+from .control import ControlBlock, SharedSlots
 from .io_engine import DEMAND, PREFETCH, IOEngine
 from .model_cache import ModelCache
 from .pool import Region, Slot
@@ -37,6 +44,7 @@ class Owner:
     pins: Counter = field(default_factory=Counter)   # Slot -> pins held
     protected: list = field(default_factory=list)    # slots its last hint protects
     resident: set = field(default_factory=set)       # models whose every expert it pins
+    row: int | None = None    # its pin row in the control block, if it pins hits itself
     experts: int = 0
     hits: int = 0             # served from the cache (including reads already in flight)
     misses: int = 0
@@ -68,14 +76,21 @@ class Signal:
 
 class ExpertCache:
     def __init__(self, models: dict[str, ModelCache], plan: list, shm: Segment, io: IOEngine,
-                 *, slot_wait: float = 30.0, prefetch: bool = True, prefetch_budget: bool = True):
-        """`plan`: loader.models.plan_cache's regions, placed in `shm`. slot_wait: seconds a
-        miss waits for an unpinned slot before cache_full; prefetch: act on hints at all;
-        prefetch_budget: only as many bytes as flash reads while the client computes."""
-        self.models, self.shm, self.io = models, shm, io
+                 *, control: ControlBlock | None = None, slot_wait: float = 30.0,
+                 prefetch: bool = True, prefetch_budget: bool = True):
+        """`plan`: loader.models.plan_cache's regions, placed in `shm`; control: the
+        control block laid out for them (control.layout), or None: every hit is asked for.
+        slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
+        act on hints at all; prefetch_budget: only as many bytes as flash reads while the
+        client computes."""
+        self.models, self.shm, self.io, self.control = models, shm, io, control
         self.slot_wait, self.prefetch, self.prefetch_budget = slot_wait, prefetch, prefetch_budget
         for name, precision, fmt, offset, n in plan:
-            models[name].regions[precision] = Region(name, precision, fmt, offset, n)
+            region = models[name].regions[precision] = Region(name, precision, fmt, offset, n)
+            if control is not None:
+                at = control.layout["regions"][name, precision]
+                region.shared = SharedSlots(control, at["directory"], at["first_slot"],
+                                            models[name].n_layer, models[name].n_expert, n)
         self.owners: dict[int, Owner] = {}
         self.stopping = False
         self._freed = Signal()       # a slot may have become takeable (release, read done)
@@ -91,8 +106,12 @@ class ExpertCache:
                                                 f"(serving: {', '.join(self.models)})")
         return mo
 
-    def open_owner(self, owner: int) -> Owner:
-        return self.owners.setdefault(owner, Owner())
+    def open_owner(self, owner: int, row: bool = False) -> Owner:
+        """A new owner; row: give it a pin row, if the control block has one free."""
+        o = self.owners.setdefault(owner, Owner())
+        if row and o.row is None and self.control is not None:
+            o.row = self.control.take_row()
+        return o
 
     def close_owner(self, owner: int) -> int:
         """Release every pin and protection `owner` holds, forget it; the pins released."""
@@ -101,6 +120,8 @@ class ExpertCache:
             return 0
         for slot in o.pins:
             slot.pins.pop(owner, None)
+        if o.row is not None:
+            self.control.free_row(o.row)
         for slot in o.protected:
             slot.protected = False
         for mo in self.models.values():
@@ -234,6 +255,44 @@ class ExpertCache:
         o.experts += uses
         o.hits += uses
 
+    def count_hits(self, owner: int, mo: ModelCache, hits: list) -> None:
+        """Hits owner pinned itself (control block): hits [[layer, experts, slots, scores]],
+        slots [precision, index] or None (skipped by the rule), as the client found them;
+        counted and told to the policy as if requested. Malformed entries are ignored (the
+        client does not wait for an answer); a slot that holds another expert by now is
+        counted but not touched."""
+        for entry in hits:
+            if not (isinstance(entry, list) and len(entry) == 4):
+                continue
+            layer, experts, slots, scores = entry
+            try:
+                mo.check(layer, experts)
+            except (RequestError, TypeError):
+                continue
+            if not (isinstance(slots, list) and isinstance(scores, list)
+                    and len(slots) == len(scores) == len(experts)
+                    and all(isinstance(x, (int, float)) for x in scores)):
+                continue
+            precs = [None if h is None else h[0] if isinstance(h, list) and len(h) == 2 else False
+                     for h in slots]
+            if False in precs:
+                continue
+            self._count_request(owner, mo, precs)
+            for e, h, sc in zip(experts, slots, scores):
+                if h is None:
+                    continue
+                region = mo.regions.get(h[0])
+                index = h[1]
+                if region is None or not isinstance(index, int) or not 0 <= index < region.n_slots:
+                    continue
+                slot = region.slots[index]
+                if slot.key == (layer, e) and slot.state == "ready":
+                    self._hit(owner, mo, slot, float(sc) <= mo.thresholds.t1, waited=False, pin=False)
+                else:
+                    mo.hits += 1
+                    self._counts(owner).hits += 1
+                    mo.by_precision[f"hits_{h[0]}"] += 1
+
     def _count_request(self, owner: int, mo: ModelCache, precs: list) -> None:
         o = self._counts(owner)
         mo.requested += len(precs)
@@ -241,9 +300,11 @@ class ExpertCache:
         o.experts += len(precs)
         o.skipped += precs.count(SKIP)
 
-    def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool) -> None:
-        """Serve a ready slot: pin it, tell the policy, count the hit."""
-        self._pin(owner, slot)
+    def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool,
+             pin: bool = True) -> None:
+        """Serve a ready slot: pin it (unless the client did), tell the policy, count the hit."""
+        if pin:
+            self._pin(owner, slot)
         mo.policy.touch(slot, owner, important)
         slot.protected = False    # used: the hint that protected it is fulfilled
         if slot.prefetched:       # a prefetch that paid off
@@ -340,7 +401,7 @@ class ExpertCache:
             fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
                                                  f"{key[1]} ({prec}): {error}"))
         else:
-            slot.state = "ready"
+            mo.regions[prec].ready(slot)
             mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])
             mo.read_seconds += time.monotonic() - t0
             fut.set_result(slot)

@@ -72,9 +72,14 @@ class ModelCache:
 
     def info(self) -> dict:
         """What a client needs to find this model's slots (WELCOME's model info)."""
+        th = self.thresholds
         return {"path": self.path, "n_layer": self.n_layer, "n_expert": self.n_expert,
-                "regions": {p: {"offset": r.offset, "n_slots": r.n_slots,
-                                "format": r.format.to_wire()} for p, r in self.regions.items()}}
+                "holds_all": self.holds_all,
+                "thresholds": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only},
+                "regions": {p: {"offset": r.offset, "n_slots": r.n_slots, "format": r.format.to_wire(),
+                                **({} if r.shared is None else {"directory": r.shared.offset,
+                                                                "first_slot": r.shared.first_slot})}
+                            for p, r in self.regions.items()}}
 
     def stats(self) -> dict:
         from .ggml_types import type_name   # deferred: importing gguf costs ~0.2 s

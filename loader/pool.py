@@ -4,13 +4,17 @@ The segment is cut into regions, one per (model, precision); every slot of a reg
 that precision's SlotFormat. A slot is `loading` while the I/O engine fills it and `ready`
 after. A slot handed to a client is pinned by that client until released; a pinned or
 loading slot is never chosen for eviction, so it is never overwritten while in use.
-Eviction is asked of a pluggable policy (loader/policy.py). Not thread-safe: the daemon
+Eviction is asked of a pluggable policy (loader/policy.py). With a control block
+(loader/control.py) a region also publishes its ready slots there, so that clients pin hits
+themselves, and evicts only slots no client pinned that way. Not thread-safe: the daemon
 touches it from its event loop only.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .layout import PAGE, SlotFormat, align
 
@@ -43,6 +47,7 @@ class Region:
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
         self.free = self.slots[::-1]        # empty slots; take() pops from the end
+        self.shared = None                  # control.SharedSlots, when clients pin hits
 
     def lookup(self, key: tuple) -> Slot | None:
         return self.by_key.get(key)
@@ -53,9 +58,12 @@ class Region:
         slot = self.free.pop() if self.free else None
         if slot is None:
             candidates = [s for s in self.slots if s.evictable]
-            if not candidates:
+            if candidates and self.shared is not None:
+                slot = self.shared.evict(candidates, policy)
+            elif candidates:
+                slot = policy.victim(candidates)
+            if slot is None:
                 return None
-            slot = policy.victim(candidates)
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
         slot.prefetched = False
@@ -63,8 +71,16 @@ class Region:
         self.by_key[key] = slot
         return slot
 
+    def ready(self, slot: Slot) -> None:
+        """Its read completed: it may be served (and, published, pinned by clients)."""
+        slot.state = "ready"
+        if self.shared is not None:
+            self.shared.publish(slot)
+
     def drop(self, slot: Slot) -> None:
-        """Forget what a slot holds (its load failed)."""
+        """Forget what a slot holds (its load failed, or a prefetch was cancelled)."""
+        if self.shared is not None:
+            self.shared.unpublish(slot)
         if slot.key is not None and self.by_key.get(slot.key) is slot:
             del self.by_key[slot.key]
         if slot.key is not None or slot.state != "free":
@@ -73,9 +89,10 @@ class Region:
 
     def counts(self) -> dict:
         ready = sum(s.state == "ready" for s in self.slots)
+        shared = self.shared.pinned() if self.shared is not None else np.zeros(self.n_slots, bool)
         return {"slots": self.n_slots, "ready": ready,
                 "loading": sum(s.state == "loading" for s in self.slots),
-                "pinned": sum(bool(s.pins) for s in self.slots),
+                "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in self.slots),
                 "slot_bytes": self.format.slot_bytes}
 
 

@@ -6,10 +6,10 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | cmd | direction | fields | reply |
 |---|---|---|---|
 | HELLO | client→daemon | version, pid, name | WELCOME |
-| WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s | — |
-| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts) | SLOTS |
+| WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s, control (opt.: {shm, size, rows_offset, n_slots, row}: the control block and this client's pin row; absent or row None: ask for every expert) | — |
+| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts), release, hits (opt.: as RELEASE's slots and HITS's hits, applied first) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert: None = skipped by the precision rule] (pinned for the client) | — |
-| HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first) | none |
+| HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first), release, hits, seq, token, tokens (opt., as REQUEST's, applied first) | none |
 | RELEASE | client→daemon | model, slots [[precision, index]] | none |
 | STATS | client→daemon | — | STATS_REPLY |
 | STATS_REPLY | daemon→client | stats {...} | — |
@@ -19,10 +19,14 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | RESIDENT | client→daemon | id, model | RESIDENT_REPLY |
 | RESIDENT_REPLY | daemon→client | id, slots ([[index per expert] per layer]: every expert in high precision, pinned for the session until BYE; or None), ready, total (experts loaded of all; total 0: the cache cannot hold them all, ask per layer) | — |
 | USED | client→daemon | model, uses (expert uses), seq, token, tokens: a forward computed on resident experts (for the counts) | none |
+| HITS | client→daemon | model, hits [[layer, experts [int], slots [[precision, index] or None], scores [float]]] (experts the client pinned itself in its row of the control block), release (opt., as RELEASE's slots), seq, token, tokens | none |
 
-model info: {path, n_layer, n_expert, regions {precision: {offset, n_slots, format}}}, where
-format is loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model starts at
-shm offset regions[precision].offset + i * format.slot_bytes.
+model info: {path, n_layer, n_expert, holds_all, thresholds {t1, t2, dynamic, low_only},
+regions {precision: {offset, n_slots, format, directory, first_slot}}}, where format is
+loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model starts at shm offset
+regions[precision].offset + i * format.slot_bytes; with a control block (loader/control.py)
+its directory (int32 [n_layer, n_expert]) is at `directory` there and its pin count at
+rows_offset + 4 * (row * n_slots + first_slot + i).
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
 unknown_model, bad_request, cache_full, io, checksum, shutting_down, internal (a daemon bug).
@@ -36,8 +40,9 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 3   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
-              # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED
+VERSION = 4   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+              # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
+              # 4: the control block (clients pin hits themselves), HITS, batched releases
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous
@@ -58,6 +63,7 @@ class Cmd(enum.IntEnum):
     RESIDENT = 12
     RESIDENT_REPLY = 13
     USED = 14
+    HITS = 15
 
 
 # required fields and their types, checked on decode (the daemon never trusts input)
@@ -73,6 +79,7 @@ _FIELDS = {
     Cmd.RESIDENT: {"id": int, "model": str},
     Cmd.RESIDENT_REPLY: {"id": int, "ready": int, "total": int},
     Cmd.USED: {"model": str, "uses": int},
+    Cmd.HITS: {"model": str, "hits": list},
 }
 
 
@@ -105,6 +112,9 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
     for name, typ in _FIELDS.get(cmd, {}).items():
         if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
+    for name in ("release", "hits"):      # optional batched fields; entries are checked on use
+        if msg.get(name) is not None and not isinstance(msg[name], list):
+            raise ProtocolError("malformed", f"{cmd.name}: field {name!r} is not a list")
     if cmd == Cmd.HINT:
         rows = (msg["layers"], msg["experts"], msg["scores"])
         if not (len(rows[0]) == len(rows[1]) == len(rows[2])) or not _ints(rows[0]) \

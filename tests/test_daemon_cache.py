@@ -132,3 +132,89 @@ def test_concurrent_requests_share_one_read(synth, tmp_path):
         cmd, msg = recv(b, 10)
         assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "no_session", 3), msg
         assert model_stats(a, model)["regions"]["high"]["pinned"] == 2     # only a's two
+
+
+def control_of(welcome: dict, model: str):
+    """The control block as a client maps it: (block, our pin row, the high directory,
+    the high region's first slot in the row)."""
+    from hobbit.loader.control import ControlBlock, register_client
+
+    ctl = welcome["control"]
+    assert ctl["row"] is not None and register_client()
+    cb = ControlBlock.attach(ctl["shm"], ctl["size"], ctl["rows_offset"], ctl["n_slots"])
+    info = welcome["models"][model]
+    high = info["regions"]["high"]
+    return cb, cb.rows[ctl["row"]], cb.directory(high["directory"], info["n_layer"],
+                                                 info["n_expert"]), high["first_slot"]
+
+
+def check_directory(directory, view):
+    """Every published slot holds the expert the directory names, byte for byte."""
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            if directory[layer, e] >= 0:
+                view.check(("high", int(directory[layer, e])), layer, e)
+
+
+def test_a_hit_the_client_pinned_itself_survives_churn_and_is_counted(daemon, client, view):
+    """The hit path without a round trip (loader/control.py): a slot hobbitd published is
+    pinned in the client's own row; churn never evicts it and every published slot holds
+    what the directory says; the HITS report counts it; unpinned, it is evicted again."""
+    cb, row, directory, first = control_of(client.welcome, daemon.model)
+    try:
+        slot = request(client, daemon.model, 1, [2])[0]
+        release(client, daemon.model, [slot])
+        index = slot[1]
+        assert directory[1, 2] == index
+        row[first + index] += 1                          # pinned by us, not asked for
+        assert directory[1, 2] == index                  # still published: the pin holds
+        before = model_stats(client, daemon.model)
+        send(client, m.Cmd.HITS, model=daemon.model, seq=1, token=1, tokens=1,
+             hits=[[1, [2], [["high", index]], [0.0]]])
+        after = model_stats(client, daemon.model)
+        assert after["hits"] - before["hits"] == 1
+        assert after["requested"] - before["requested"] == 1
+        assert after["regions"]["high"]["pinned"] >= 1
+        for _ in range(2):
+            for layer in range(LAYERS):
+                for e in range(EXPERTS):
+                    if (layer, e) != (1, 2):
+                        got = request(client, daemon.model, layer, [e])
+                        view.check(got[0], layer, e)
+                        release(client, daemon.model, got)
+            assert directory[1, 2] == index
+            view.check(slot, 1, 2)
+            check_directory(directory, view)
+        row[first + index] -= 1                          # done with it
+        for layer in range(LAYERS):
+            for e in range(EXPERTS):
+                release(client, daemon.model, request(client, daemon.model, layer, [e]))
+        check_directory(directory, view)
+        assert directory[1, 2] in (-1, index)
+        assert (directory >= 0).sum() <= 9               # the region's slots
+    finally:
+        row = directory = None
+        cb.close()
+
+
+def test_a_session_that_ends_loses_its_row_pins(daemon):
+    """Pins in a client's row go with its session (BYE here; a dead client's times out):
+    the next session given that row finds it zeroed."""
+    sock = connect(daemon.socket)
+    welcome = hello(sock)
+    cb, row, directory, first = control_of(welcome, daemon.model)
+    try:
+        slot = request(sock, daemon.model, 0, [1])[0]
+        release(sock, daemon.model, [slot])
+        row[first + slot[1]] += 1
+        send(sock, m.Cmd.BYE)
+        again = connect(daemon.socket)
+        w2 = hello(again)
+        assert w2["control"]["row"] == welcome["control"]["row"]     # the freed row, reused
+        assert not row.any()
+        send(again, m.Cmd.BYE)
+        again.close(linger=100)
+    finally:
+        row = directory = None
+        cb.close()
+        sock.close(linger=100)

@@ -135,3 +135,43 @@ def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
     assert m["regions"]["high"]["pinned"] == a.n_layer * a.n_expert
     # every forward's expert uses count as hits: 4 prompt tokens, then one per step
     assert m["hits"] + m["misses"] + m["waits"] >= (4 + 11) * a.n_layer * a.n_expert_used
+
+
+def test_a_cached_layer_costs_no_message(model, tmp_path):
+    """The per-layer path (resident off) once the experts are cached: each layer's experts
+    are found in the control block's directory and pinned by the client itself, so a
+    forward sends at most one message (the HITS report) and waits for none; the logits are
+    the in-process ones to the bit and hobbitd counts every use as a hit."""
+    import numpy as np
+
+    from hobbit.compute.engine.model import Model, RunOptions
+
+    w = open_model(model)
+    a = w.args
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path) as d:
+        client = ExpertClient(d.socket, model)
+        ours = Model(w, RunOptions(n_ctx=128, resident=False), experts=client)
+        ref = Model(open_model(model), RunOptions(n_ctx=128))
+        try:
+            for layer in range(a.n_layer):      # warm: read every expert
+                client.release(client.request(layer, list(range(a.n_expert))))
+            before = client.stats()
+            trips, local = client.round_trips, client.local_hits
+            token = [1, 5, 9, 13]
+            for step in range(8):
+                p, q = ours.forward(token), ref.forward(token)
+                np.testing.assert_array_equal(p, q)
+                token = [int(np.argmax(q))]
+            trips, local = client.round_trips - trips, client.local_hits - local
+            after = client.stats()
+        finally:
+            ours.close()
+            ref.close()
+            client.close()
+    m0, m1 = (next(iter(s["models"].values())) for s in (before, after))
+    assert trips == 0, "a forward on cached experts asked hobbitd for them"
+    assert local == 8 * a.n_layer
+    # each forward's distinct experts per layer count once: at least top-k per layer
+    assert m1["hits"] - m0["hits"] == m1["requested"] - m0["requested"] >= 8 * a.n_layer * a.n_expert_used
+    assert m1["misses"] == m0["misses"]
+    assert m1["regions"]["high"]["pinned"] == 0          # every pin released after use

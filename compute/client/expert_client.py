@@ -1,8 +1,12 @@
 """The compute side of the daemon protocol: ask hobbitd for experts, get pinned slots in
 shared memory, release them after use.
 
-One client per compute process, used from one thread. Requests block until the daemon
-answers; a daemon that does not answer within `timeout` seconds is reconnected to (new
+One client per compute process, used from one thread. With a control block (hobbitd
+offers one where the kernel has membarrier; loader/control.py) a layer whose experts are
+all cached costs no message: the client finds them in the slot directory, pins them in its
+own row and reports the hits later, batched with its next message (HITS at the end of a
+forward at the latest); releases of slots hobbitd gave ride along the same way. Requests
+block until the daemon answers; a daemon that does not answer within `timeout` seconds is reconnected to (new
 socket, HELLO again) up to `retries` times, after which DaemonError says so. A daemon that
 restarted answers no_session: the client says HELLO again and maps the new shared memory
 (the forward re-points its tensors at part_bases() before every layer, so it follows).
@@ -17,7 +21,9 @@ import time
 import numpy as np
 import zmq
 
+from ...loader import control
 from ...loader.layout import SlotFormat
+from ...loader.precision import HIGH, LOW, SKIP, Thresholds
 from ...loader.shm import Segment
 from ...protocol import messages as m
 from ...protocol.errors import DaemonError, ProtocolError
@@ -45,6 +51,16 @@ class ExpertClient:
         self.generation = 0          # HELLOs answered: a new one means new slots
         self.resident_possible = True    # False once hobbitd said it cannot hold every expert
         self._resident = None        # (generation, slot table) once every expert is pinned
+        self.control: control.ControlBlock | None = None   # where we pin hits ourselves
+        self._dirs: dict = {}        # precision -> int32 [n_layer, n_expert] slot directory
+        self._first: dict = {}       # precision -> our row's index of its slot 0
+        self._row = None             # our pin counts (int32 view), or None: ask for every hit
+        self.thresholds = Thresholds()
+        self.holds_all = False
+        self._hits: list = []        # hits pinned ourselves, not yet reported
+        self._release: list = []     # slots hobbitd gave, done with, not yet released
+        self._position = (0, 0, 1)   # (seq, token, n_tokens) of the forward those belong to
+        self.local_hits = 0          # layers served from the directory, no message
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
         self.private = None          # a hobbitd this client owns (client/connect.py), stopped with it
@@ -85,11 +101,30 @@ class ExpertClient:
         self._start_heartbeat(float(welcome.get("heartbeat_s") or 1.0))
         self.regions = {p: {**r, "format": SlotFormat.from_wire(r["format"])}
                         for p, r in info["regions"].items()}
+        self.thresholds = Thresholds(**info["thresholds"])
+        self.holds_all = bool(info["holds_all"])
         if self.shm is None or self.shm.name != welcome["shm"]:
             old = self.shm
             self.shm = Segment(welcome["shm"], welcome["shm_size"])
             if old is not None:
                 old.close()
+        self._attach_control(welcome.get("control"), info)
+
+    def _attach_control(self, ctl: dict | None, info: dict) -> None:
+        """Map the control block and our pin row (a new HELLO: what was pending belonged to
+        the old session and goes)."""
+        self._hits, self._release, self._row, self._dirs, self._first = [], [], None, {}, {}
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if not ctl or ctl.get("row") is None or not control.register_client():
+            return
+        self.control = control.ControlBlock.attach(ctl["shm"], ctl["size"], ctl["rows_offset"],
+                                                   ctl["n_slots"])
+        self._row = self.control.rows[ctl["row"]]
+        for p, r in info["regions"].items():
+            self._dirs[p] = self.control.directory(r["directory"], info["n_layer"], info["n_expert"])
+            self._first[p] = r["first_slot"]
 
     def region_address(self, precision: str) -> int:
         return self.shm.address + self.regions[precision]["offset"]
@@ -108,7 +143,55 @@ class ExpertClient:
         return (fmt.slot_bytes,) * len(fmt.parts)
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
-        return self.request(layer, experts, scores, seq, token, n_tokens)
+        """The experts' handles: pinned by ourselves when the directory has each one in the
+        precision hobbitd's rule would serve (local handles carry our row's index and the
+        session), else asked of hobbitd."""
+        self._position = (int(seq), int(token), int(n_tokens))
+        local = self._pin_cached(layer, experts, scores)
+        if local is None:
+            return self.request(layer, experts, scores, seq, token, n_tokens)
+        self.local_hits += 1
+        self._hits.append([int(layer), [int(e) for e in experts],
+                           [None if h is None else [h[0], h[1]] for h in local],
+                           [float(x) for x in scores]])
+        return local
+
+    def _cached(self, layer: int, experts, scores):
+        """[(precision, index) or None (skipped)] for experts the directory holds in the
+        precision loader.precision's rule picks (as ModelCache.decide); None if one is not."""
+        if self._row is None:
+            return None
+        found = {p: d[layer, experts].tolist() for p, d in self._dirs.items()}
+        high, low = found.get(HIGH), found.get(LOW)
+        th, out = self.thresholds, []
+        for k, score in enumerate(scores):
+            h = high[k] if high is not None else -1
+            lo = low[k] if low is not None else -1
+            if self.holds_all and not th.low_only:
+                prec, load = HIGH, h < 0
+            else:
+                prec, load = th.choose(float(score), h >= 0, lo >= 0)
+            if prec is not SKIP and prec not in self._dirs:
+                return None         # hobbitd falls back to the other precision: ask it
+            if load:
+                return None
+            out.append(None if prec is SKIP else (prec, h if prec == HIGH else lo))
+        return out
+
+    def _pin_cached(self, layer: int, experts, scores):
+        """_cached's handles pinned in our row, or None (nothing pinned). The pin holds only
+        if the directory still says the same after it (loader/control.py)."""
+        got = self._cached(layer, experts, np.asarray(scores))
+        if got is None:
+            return None
+        ids = [self._first[h[0]] + h[1] for h in got if h is not None]
+        self._row[ids] += 1
+        again = self._cached(layer, experts, scores)
+        if again != got:                  # evicted meanwhile: hobbitd decides
+            self._row[ids] -= 1
+            return None
+        gen = self.generation
+        return [None if h is None else (h[0], h[1], self._first[h[0]] + h[1], gen) for h in got]
 
     def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
         """Each use of an expert gets the one slot hobbitd gave that expert for the batch."""
@@ -188,25 +271,54 @@ class ExpertClient:
         many tokens the forward computes (for the daemon's per-client token counts)."""
         fields = {"id": next(self._ids), "model": self.model, "layer": int(layer),
                   "experts": [int(e) for e in experts], "seq": int(seq), "token": int(token),
-                  "tokens": int(n_tokens)}
+                  "tokens": int(n_tokens), **self._batched()}
         if scores is not None:
             fields["scores"] = [float(s) for s in scores]
         reply = self._call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)
         return [tuple(s) if s is not None else None for s in reply["slots"]]
 
+    def _batched(self) -> dict:
+        """What rides along with the next message: hits to report, slots to release."""
+        out = {}
+        if self._hits:
+            seq, token, n = self._position
+            out.update(hits=self._hits, seq=seq, token=token, tokens=n)
+            self._hits = []
+        if self._release:
+            out["release"], self._release = self._release, []
+        return out
+
     def release(self, slots) -> None:
-        slots = [list(s) for s in slots if s is not None]
-        if slots:
-            self._send(m.Cmd.RELEASE, model=self.model, slots=slots)
+        """End the use of fetch()'s handles: ours are unpinned at once, hobbitd's go with
+        the next message (or flush())."""
+        for h in slots:
+            if h is None:
+                continue
+            if len(h) == 4:
+                if h[3] == self.generation and self._row is not None:
+                    self._row[h[2]] -= 1
+            else:
+                self._release.append([h[0], h[1]])
+
+    def flush(self) -> None:
+        """The forward is over: report what is batched (no answer)."""
+        if self._hits or self._release:
+            batched = self._batched()
+            try:
+                self._send(m.Cmd.HITS, model=self.model, hits=batched.pop("hits", []), **batched)
+            except zmq.ZMQError:
+                pass      # the daemon is gone: nothing of this matters to a new one
 
     def hint(self, layer: int, predictions) -> None:
         """Lookahead from `layer`: predictions [(target layer, experts, scores)], nearest
-        first. No answer; the daemon prefetches up to the first predicted miss."""
-        if predictions:
-            self._send(m.Cmd.HINT, model=self.model, layer=int(layer),
-                       layers=[int(t) for t, _, _ in predictions],
-                       experts=[[int(e) for e in ex] for _, ex, _ in predictions],
-                       scores=[[float(x) for x in sc] for _, _, sc in predictions])
+        first. No answer; the daemon prefetches up to the first predicted miss. Not sent
+        when the directory holds every predicted expert: hobbitd would find nothing to do."""
+        if not predictions or all(self._cached(t, ex, sc) is not None for t, ex, sc in predictions):
+            return
+        self._send(m.Cmd.HINT, model=self.model, layer=int(layer),
+                   layers=[int(t) for t, _, _ in predictions],
+                   experts=[[int(e) for e in ex] for _, ex, _ in predictions],
+                   scores=[[float(x) for x in sc] for _, _, sc in predictions], **self._batched())
 
     def resident(self):
         """The (n_layer, n_expert) int32 slot table of every expert, pinned for us until
@@ -235,6 +347,7 @@ class ExpertClient:
         if self._beat is not None:
             self._beat.set()
         if self.sock is not None:
+            self.flush()
             try:
                 self._send(m.Cmd.BYE)
             except zmq.ZMQError:
@@ -244,6 +357,10 @@ class ExpertClient:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        if self.control is not None:
+            self._row, self._dirs = None, {}
+            self.control.close()
+            self.control = None
         if self.private is not None:
             self.private.stop()
             self.private = None

@@ -34,7 +34,7 @@ class ExpertProvider(Protocol):
     (precision, layer): the bytes from one index to the next, per part; the format's
     types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch() returns, per
     wanted expert, its Handle; fetch_pairs() then gives the Handle of each (token, rank)
-    use; release() ends the use of fetch()'s handles; hint() announces predicted experts of
+    use; release() ends the use of fetch()'s handles, flush() ends a forward; hint() announces predicted experts of
     coming layers. remote: the experts come from another process (hobbitd), which needs
     CPU time of its own.
     """
@@ -55,6 +55,9 @@ class ExpertProvider(Protocol):
         with; fetched maps each expert id to what fetch() returned for it."""
 
     def release(self, handles) -> None: ...
+
+    def flush(self) -> None:
+        """The forward is over: send whatever the provider batched (no answer)."""
 
     def hint(self, layer: int, predictions) -> None:
         """predictions [(target layer, experts, scores)], nearest first; no answer."""
@@ -108,6 +111,9 @@ class LocalExperts:
                  for e, s in zip(row_e, row_s)] for row_e, row_s in zip(sel, scores)]
 
     def release(self, handles) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def hint(self, layer: int, predictions) -> None:

@@ -328,33 +328,42 @@ class Model:
                 if "topk_w" in out:   # softmax over the top K, ggml's own to the bit
                     w = out["topk_w"]
                 self.prefetch.observe(il, sel)
-                wanted = np.unique(sel)
-                best = [float(scores[sel == e].min()) for e in wanted]       # most important use
+                wanted, best = _wanted(sel, scores)
                 t0 = time.perf_counter()
                 T = feed["tokens"].size      # the last layer routes only the last row
-                held = provider.fetch(il, wanted.tolist(), best, seq=self.seq,
+                held = provider.fetch(il, wanted, best, seq=self.seq,
                                       token=self.n_past + T, n_tokens=T)
                 self.timing.expert_wait_s += time.perf_counter() - t0
                 # after the demand (never ahead of it): the coming layers' reads overlap
-                # with this layer's compute
-                if probs.shape[0] == 1 and self.opts.lookahead > 0 and il + 1 < a.n_layer:
+                # with this layer's compute (in a prompt too: the next layer streams in)
+                if self.opts.lookahead > 0 and il + 1 < a.n_layer:
                     self._hint(il, out["h"])
                 pairs = provider.fetch_pairs(il, sel, scores, dict(zip(wanted.tolist(), held)))
                 feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
             provider.release(held)
+            provider.flush()
 
     def _hint(self, il: int, h: np.ndarray) -> None:
-        """Predict layers il+1..il+p from layer il's gate input (one stacked matmul) and
-        hint them; the daemon walks them and prefetches at the first predicted miss."""
+        """Predict layers il+1..il+p from layer il's gate input h (T', D) (one stacked
+        matmul) and hint them; the daemon walks them and prefetches at the first predicted
+        miss. Several tokens (a prompt): each layer's prediction is every expert some
+        token is predicted to use, at its most important use."""
         a = self.args
         last = min(a.n_layer, il + 1 + self.opts.lookahead)
-        logits = np.einsum("led,d->le", self.routers[il + 1:last], h[0]) \
-            + self.router_biases[il + 1:last]                                 # (p, E)
-        sel, _, scores = route(router_probs(logits, a.routing), a.routing)    # (p, K)
-        preds = [(il + 1 + d, sel[d].tolist(), scores[d].tolist()) for d in range(len(sel))]
-        self.prefetch.predict(il, preds)
+        logits = np.einsum("led,td->lte", self.routers[il + 1:last], h) \
+            + self.router_biases[il + 1:last, None, :]                        # (p, T', E)
+        sel, _, scores = route(router_probs(logits, a.routing), a.routing)    # (p, T', K)
+        if h.shape[0] == 1:
+            preds = [(il + 1 + d, sel[d, 0].tolist(), scores[d, 0].tolist()) for d in range(len(sel))]
+            self.prefetch.predict(il, preds)
+        else:     # most important first: hobbitd prefetches in that order, within a budget
+            preds = []
+            for d in range(len(sel)):
+                experts, best = _wanted(sel[d], scores[d])
+                order = np.argsort(best, kind="stable")
+                preds.append((il + 1 + d, [experts[i] for i in order], [best[i] for i in order]))
         self.experts.hint(il, preds)
 
     def _plan(self, T: int, N: int, all_logits: bool, resident: bool = False) -> list[_Graph]:
@@ -565,6 +574,16 @@ class _Variants:
         for g in self.graphs.values():
             g.free()
         self.graphs.clear()
+
+
+def _wanted(sel: np.ndarray, scores: np.ndarray) -> tuple[list, list]:
+    """The distinct experts of a routing sel (T', K), ascending, and each one's most
+    important (lowest) score."""
+    if sel.shape[0] == 1:         # one token: its experts are distinct already
+        order = np.argsort(sel[0])
+        return sel[0][order].tolist(), scores[0][order].tolist()
+    wanted = np.unique(sel)
+    return wanted.tolist(), [float(scores[sel == e].min()) for e in wanted]
 
 
 def _expert_inputs(sel, w, pairs) -> dict:
