@@ -5,14 +5,16 @@ this module turns messages into calls on them and their results or RequestErrors
 replies. A REQUEST all of whose experts are cached is answered at once (ExpertCache.try_hit);
 one with misses is served by a task (ExpertCache.acquire), so other clients go on meanwhile.
 
-Lifecycle: startup() (open models, plan the cache, claim the socket, create the shared
-memory and the I/O engine) → serve() until stop() → shutdown() (answer or drain what is in
+Lifecycle: startup() (open models, plan the cache, claim the socket, remove the shared
+memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop() → shutdown() (answer or drain what is in
 flight, close, unlink the shared memory, remove the socket). Everything runs on one asyncio
 loop; disk reads happen on the IOEngine's threads, so the loop never blocks on flash.
 
 Pins. A slot named in a SLOTS reply is pinned once for the requesting session: it is never
-evicted or overwritten until that session RELEASEs it, says BYE, or goes silent for longer
-than client_timeout with no request in flight.
+evicted or overwritten until that session RELEASEs it, says BYE, its process exits (the
+kernel's pid for the connection, checked every REAP_EVERY_S), or it goes silent for longer
+than client_timeout with no request in flight. One session may pin at most
+client_pin_share of a model's slots (pin_limit); at most max_sessions at once.
 
 Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a little over
 MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
@@ -356,6 +358,8 @@ class Daemon:
             try:
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
             except RequestError as e:
+                if e.code == "stale":
+                    log.warning("%s", e)
                 if s.alive:
                     return self._error(s.ident, e.code, str(e), rid)
             except Exception as e:

@@ -413,8 +413,11 @@ class ExpertCache:
         if error is not None:
             mo.regions[prec].drop(slot)
             code = "checksum" if isinstance(error, ChecksumError) else "io"
+            note = ""
+            if mo.changed(prec):     # truncated or replaced while served
+                code, note = "stale", "; the file changed after hobbitd opened it: restart hobbitd"
             fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
-                                                 f"{key[1]} ({prec}): {error}"))
+                                                 f"{key[1]} ({prec}): {error}{note}"))
         else:
             mo.regions[prec].ready(slot)
             mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])

@@ -1,13 +1,15 @@
 """Crashes leave nothing behind and cost a pause, not an answer: dead daemons' shared
 memory and sockets are removed (never a live one's), a private daemon goes with its owner,
 a client learns within ~2 s that its daemon died (also mid-request), and the per-client
-limits on pins and sessions answer with clear errors."""
+limits on pins and sessions answer with clear errors, and a model file cut short under the
+daemon fails only the requests that need it."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,8 +18,8 @@ import time
 
 import pytest
 
-from daemon_util import (START_TIMEOUT, SYNTH, RunningDaemon, call, connect, hello, release,
-                         request, run_daemon, send)
+from daemon_util import (START_TIMEOUT, SYNTH, RunningDaemon, call, connect, expert_source,
+                         hello, release, request, run_daemon, send)
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.loader.shm import SHM_DIR
 from hobbit.protocol import messages as m
@@ -187,3 +189,24 @@ def test_pin_and_session_limits(synth, tmp_path):
         hello(c, "c")
         for s in (a, b, c):
             s.close(linger=0)
+
+
+def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
+    """A real fault: the served GGUF is cut short while hobbitd runs. A request that needs
+    the lost bytes is answered a typed error saying the file is stale, its slot is never
+    served (asking again fails again), and hobbitd serves on (what it holds is still a hit)."""
+    path = str(tmp_path / "cut.gguf")
+    shutil.copy(synth(**SYNTH), path)
+    with run_daemon([path], "4M", tmp_path) as d:
+        sock = connect(d.socket)
+        hello(sock)
+        held = request(sock, "cut", 0, [0])
+        release(sock, "cut", held)
+        os.truncate(path, expert_source(path).ranges(3, 7)[0][0])
+        for rid in (5, 6):
+            cmd, msg = call(sock, m.Cmd.REQUEST, id=rid, model="cut", layer=3, experts=[7])
+            assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "stale", rid), msg
+            assert "short read" in msg["message"] and "changed after hobbitd opened it" in msg["message"]
+        assert request(sock, "cut", 0, [0], rid=7) == held
+        assert "changed after hobbitd opened it" in d.stderr
+        sock.close(linger=0)

@@ -355,12 +355,13 @@ class ExpertClient:
         t0 = time.monotonic()
         self._say(f"hobbit: lost hobbitd at {self.socket_path}; reconnecting "
                   f"(for up to {max(deadline - t0, 0):.0f} s)")
-        pause = BACKOFF_S[0]
+        pause, restarted = BACKOFF_S[0], False
         while True:
-            if self.private is not None and self.private.died():
+            if self.private is not None and not restarted and self.private.died():
+                restarted = True         # once: a daemon that cannot start will not now
                 try:
                     self.private.restart(timeout=max(deadline - time.monotonic(), 1.0))
-                except DaemonError as e:
+                except (DaemonError, OSError) as e:
                     self._say(f"hobbit: restarting the private hobbitd failed: {e}")
             if os.path.exists(self.socket_path):
                 self._open_socket()
