@@ -160,12 +160,12 @@ def test_a_cached_layer_costs_no_message(model, tmp_path):
     assert m1["regions"]["high"]["pinned"] == 0          # every pin released after use
 
 
-def _generate_through_a_crash(model, tmp_path, deadline, restart):
-    """`hobbit-cli generate` through a hobbitd started here, frozen (SIGSTOP) once it
-    printed its first text, its hobbitd SIGKILLed, then let go again; with `restart` a new
-    hobbitd is started on the same socket. (returncode, stdout, stderr, seconds from the
-    kill to the client's exit)."""
-    size = cache_bytes(model, 1.0)
+def _generate_through_a_crash(model, tmp_path, deadline, restart, fraction=1.0):
+    """`hobbit-cli generate` through a hobbitd started here (with `fraction` of the experts'
+    slots), frozen (SIGSTOP) once it printed its first text, its hobbitd SIGKILLed, then let
+    go again; with `restart` a new hobbitd is started on the same socket. (returncode,
+    stdout, stderr, seconds from the kill to the client's exit)."""
+    size = cache_bytes(model, fraction)
     with run_daemon([model], size, tmp_path) as d:
         cli = subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature",
                                 "0", "--socket", d.socket, "--reconnect-deadline", str(deadline)],
@@ -188,10 +188,12 @@ def _generate_through_a_crash(model, tmp_path, deadline, restart):
             d.died()
 
 
-def test_generate_survives_a_daemon_sigkill_and_restart(model, reference, tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_generate_survives_a_daemon_sigkill_and_restart(model, reference, tmp_path, fraction):
     """SIGKILL hobbitd mid-generation, a new one on the same socket: the client remaps,
-    re-pins (every expert is cached: the one-graph path) and prints the uninterrupted text."""
-    rc, out, err, _ = _generate_through_a_crash(model, tmp_path, 60, restart=True)
+    re-pins (every expert cached: the one-graph path) or asks again for the layer it waited
+    on (a quarter cached: per layer), and prints the uninterrupted text."""
+    rc, out, err, _ = _generate_through_a_crash(model, tmp_path, 60, restart=True, fraction=fraction)
     assert rc == 0, err
     assert out == reference
     assert "lost hobbitd" in err and "reconnected to hobbitd" in err
