@@ -358,7 +358,7 @@ class Daemon:
             try:
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
             except RequestError as e:
-                if e.code == "stale":
+                if "stale:" in str(e):
                     log.warning("%s", e)
                 if s.alive:
                     return self._error(s.ident, e.code, str(e), rid)

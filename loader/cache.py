@@ -413,9 +413,8 @@ class ExpertCache:
         if error is not None:
             mo.regions[prec].drop(slot)
             code = "checksum" if isinstance(error, ChecksumError) else "io"
-            note = ""
-            if mo.changed(prec):     # truncated or replaced while served
-                code, note = "stale", "; the file changed after hobbitd opened it: restart hobbitd"
+            # truncated or replaced while served: say so (what is cached may be stale too)
+            note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
             fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
                                                  f"{key[1]} ({prec}): {error}{note}"))
         else:

@@ -31,8 +31,8 @@ rows_offset + 4 * (row * n_slots + first_slot + i).
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
 too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, bad_request,
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
-io (a failed read), stale (a failed read of a file changed after the daemon opened it),
-checksum, shutting_down, internal (a daemon bug).
+io (a failed read; its message says "stale" when the file changed after the daemon opened
+it), checksum, shutting_down, internal (a daemon bug).
 
 Liveness: a session ends at BYE, after client_timeout seconds of silence, or as soon as
 the daemon sees the client's process (the pid the kernel reports for the ipc connection)

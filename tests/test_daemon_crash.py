@@ -193,7 +193,7 @@ def test_pin_and_session_limits(synth, tmp_path):
 
 def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
     """A real fault: the served GGUF is cut short while hobbitd runs. A request that needs
-    the lost bytes is answered a typed error saying the file is stale, its slot is never
+    the lost bytes is answered a typed error (io) saying the file is stale, its slot is never
     served (asking again fails again), and hobbitd serves on (what it holds is still a hit)."""
     path = str(tmp_path / "cut.gguf")
     shutil.copy(synth(**SYNTH), path)
@@ -205,8 +205,9 @@ def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
         os.truncate(path, expert_source(path).ranges(3, 7)[0][0])
         for rid in (5, 6):
             cmd, msg = call(sock, m.Cmd.REQUEST, id=rid, model="cut", layer=3, experts=[7])
-            assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "stale", rid), msg
-            assert "short read" in msg["message"] and "changed after hobbitd opened it" in msg["message"]
+            assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "io", rid), msg
+            assert "short read" in msg["message"]
+            assert "stale: the file changed after hobbitd opened it" in msg["message"]
         assert request(sock, "cut", 0, [0], rid=7) == held
         assert "changed after hobbitd opened it" in d.stderr
         sock.close(linger=0)
