@@ -1,8 +1,8 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
 TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
-direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type, low_share, policy, dynamic, low_only,
-prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
+direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type,
+low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
 "400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
 """
 from __future__ import annotations

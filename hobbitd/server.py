@@ -6,8 +6,9 @@ replies. A REQUEST all of whose experts are cached is answered at once (ExpertCa
 one with misses is served by a task (ExpertCache.acquire), so other clients go on meanwhile.
 
 Lifecycle: startup() (open models, plan the cache, claim the socket, remove the shared
-memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop() → shutdown() (answer or drain what is in
-flight, close, unlink the shared memory, remove the socket). Everything runs on one asyncio
+memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop()
+→ shutdown() (answer or drain what is in flight, close, unlink the shared memory, remove
+the socket). Everything runs on one asyncio
 loop; disk reads happen on the IOEngine's threads, so the loop never blocks on flash.
 
 Pins. A slot named in a SLOTS reply is pinned once for the requesting session: it is never

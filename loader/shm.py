@@ -80,10 +80,10 @@ DAEMON_NAME = re.compile(r"hobbit-(\d+)-[0-9a-f]{8}(-ctl)?")
 
 def remove_stale(pid: int | None = None) -> list[tuple[str, int]]:
     """Unlink the segments hobbitd processes left behind when they died: only names of
-    new_name()'s default form (hobbit-PID-XXXXXXXX, and its -ctl), of `pid` only when given, and only
-    when both the PID in the name is not a live process and nobody holds the creator's
-    lock (a live daemon, in any pid namespace, always does). [(name, bytes)] removed;
-    segments of other users (not removable) are left alone."""
+    new_name()'s default form (hobbit-PID-XXXXXXXX, and its -ctl), of `pid` only when
+    given, and only when both the PID in the name is not a live process and nobody holds
+    the creator's lock (a live daemon, in any pid namespace, always does). [(name, bytes)]
+    removed; segments of other users (not removable) are left alone."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)

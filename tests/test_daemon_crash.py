@@ -81,26 +81,28 @@ def test_dead_daemons_leftovers_are_removed_live_ones_never(synth, tmp_path):
     fcntl.flock(held, fcntl.LOCK_EX)
     try:
         with two_daemons(path, folder(tmp_path, "a"), folder(tmp_path, "b")) as (live, doomed):
+            # the cache, and the control block beside it where the kernel has membarrier
             live_shm, dead_shm = segments(live.proc.pid), segments(doomed.proc.pid)
-            assert len(live_shm) == len(dead_shm) == 1
+            assert len(live_shm) == len(dead_shm) >= 1
             kill(doomed)
-            assert os.path.exists(dead_shm[0]) and os.path.exists(doomed.socket)  # SIGKILL
+            assert all(map(os.path.exists, dead_shm)) and os.path.exists(doomed.socket)
             with run_daemon([path], "4M", tmp_path / "b") as new:
-                assert not os.path.exists(dead_shm[0])
-                assert f"removed {os.path.basename(dead_shm[0])}" in new.stderr
+                assert not any(map(os.path.exists, dead_shm))
+                for p in dead_shm:
+                    assert f"removed {os.path.basename(p)}" in new.stderr
                 assert not os.path.exists(fakes["dead"])
                 for kind in ("locked", "live pid"):
                     assert os.path.exists(fakes[kind]), kind
-                assert os.path.exists(live_shm[0])
+                assert all(map(os.path.exists, live_shm))
                 assert doomed.died() and os.path.exists(new.socket)   # the new one's: kept
                 sock = connect(new.socket)
                 hello(sock)
                 sock.close()
             # the owner's side: a daemon it finds SIGKILLed leaves nothing behind
             kill(live)
-            assert os.path.exists(live_shm[0])
+            assert all(map(os.path.exists, live_shm))
             assert live.died()
-            assert not os.path.exists(live_shm[0]) and not os.path.exists(live.socket)
+            assert not any(map(os.path.exists, live_shm)) and not os.path.exists(live.socket)
     finally:
         os.close(held)
         for p in fakes.values():
