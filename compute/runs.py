@@ -34,13 +34,17 @@ class ThroughDaemon:
     socket: str | None = None
     autostart: bool | None = None
     quiet: bool = False
+    reconnect_s: float = 30.0    # once hobbitd is gone: how long to look for one again
 
     @classmethod
     def from_args(cls, args) -> "ThroughDaemon | None":
-        """From --no-daemon, --socket and --quiet (where the command has them)."""
+        """From --no-daemon, --socket, --reconnect-deadline and --quiet (where the command
+        has them)."""
         if getattr(args, "no_daemon", False):
             return None
-        return cls(getattr(args, "socket", None), quiet=getattr(args, "quiet", False))
+        deadline = getattr(args, "reconnect_deadline", None)
+        return cls(getattr(args, "socket", None), quiet=getattr(args, "quiet", False),
+                   reconnect_s=cls.reconnect_s if deadline is None else max(deadline, 0.0))
 
     def connect(self, model_path: str):
         """An ExpertClient for `model_path`."""
@@ -50,7 +54,7 @@ class ThroughDaemon:
         explicit = bool(self.socket or os.environ.get("HOBBIT_SOCKET"))
         autostart = not explicit if self.autostart is None else self.autostart
         return connect(model_path, self.socket or default_socket(), autostart=autostart,
-                       quiet=self.quiet)
+                       quiet=self.quiet, reconnect_s=self.reconnect_s)
 
 
 class Run:
@@ -69,7 +73,10 @@ class Run:
         the same hobbitd over a connection of its own when this run uses one."""
         from .client.expert_client import ExpertClient
 
-        experts = self.experts and ExpertClient(self.experts.socket_path, self.path)
+        experts = self.experts and ExpertClient(self.experts.socket_path, self.path,
+                                                reconnect_s=self.experts.reconnect_s)
+        if experts:
+            experts.announce = self.experts.announce
         return Run(self.path, self.weights, self.tok,
                    Model(self.weights, opts or self.model.opts, experts=experts))
 

@@ -1,8 +1,8 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
 TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
-direct_io, client_timeout, slot_wait, low_type, low_share, policy, dynamic, low_only,
-prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
+direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type,
+low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
 "400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
 """
 from __future__ import annotations
@@ -27,6 +27,10 @@ class DaemonConfig:
     direct_io: bool = True       # O_DIRECT reads (bypass the page cache) where supported
     client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
     slot_wait: float = 30.0      # seconds a miss waits for an unpinned slot before cache_full
+    max_sessions: int = 64       # clients at once; one more is answered too_many_sessions
+    client_pin_share: float = 0.5   # share of a region's slots one client may hold pinned
+                                 # (never less than one layer's experts); beyond: pin_limit
+    owner_pid: int = 0           # a private daemon's owner: stop when it exits; 0 = none
     # HOBBIT (issue 5); every technique can be switched off for baselines
     low_type: str = "auto"       # companion type: "auto" (the best suitable type whose file is made), "none", or e.g. "Q4_0"
     low_share: float = 0.25      # share of each model's cache for low-precision slots
@@ -128,9 +132,13 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, str):
             raise bad("a path")
         return os.path.expanduser(value)
-    if key == "io_threads":
+    if key in ("io_threads", "max_sessions"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("a positive integer")
+        return value
+    if key == "owner_pid":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad("a process id (0: none)")
         return value
     if key in ("direct_io", "dynamic", "low_only", "prefetch", "prefetch_budget"):
         if not isinstance(value, bool):
@@ -142,7 +150,7 @@ def _coerce(path: str, key: str, value):
         if key == "policy" and value not in ("hobbit", "lru"):
             raise bad('"hobbit" or "lru"')
         return value
-    if key in ("low_share", "t1", "t2"):
+    if key in ("low_share", "t1", "t2", "client_pin_share"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             raise bad("a number from 0 to 1")
         return float(value)

@@ -34,6 +34,13 @@ def _positive(kind):
     return parse
 
 
+def _share(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hobbitd", description="The hobbit loader daemon: owns "
                                 "flash reads and the shared expert cache of MoE models.")
@@ -53,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of silence after which a client loses its pins (5)")
     p.add_argument("--slot-wait", type=_positive(float), metavar="S",
                    help="seconds a miss waits for a free slot before cache_full (30)")
+    p.add_argument("--max-sessions", type=_positive(int), metavar="N",
+                   help="clients served at once; one more is refused too_many_sessions (64)")
+    p.add_argument("--client-pin-share", type=_share, metavar="F",
+                   help="share of a region's slots one client may hold pinned, never less "
+                        "than one layer's experts; beyond it a request is refused pin_limit (0.5)")
+    p.add_argument("--owner-pid", type=_positive(int), metavar="PID",
+                   help="a private daemon: stop when process PID exits, then remove the "
+                        "folder of its socket (made for it alone)")
     h = p.add_argument_group("HOBBIT techniques (each can be switched off for a baseline)")
     h.add_argument("--low", dest="low_type", metavar="TYPE",
                    help="low-precision companion type: auto (default: use the file "
@@ -78,6 +93,7 @@ def config_from_args(args) -> DaemonConfig:
     if args.model:
         cfg.models = args.model
     for key in ("cache_size", "socket", "io_threads", "io_limit", "client_timeout", "slot_wait",
+                "max_sessions", "client_pin_share", "owner_pid",
                 "low_type", "low_share", "policy", "dynamic", "low_only", "prefetch",
                 "prefetch_budget", "t1", "t2"):   # each flag's dest is its config key
         if getattr(args, key) is not None:
@@ -127,11 +143,29 @@ async def run(cfg: DaemonConfig) -> int:
     finally:
         try:
             await daemon.shutdown()
+            if daemon.owner_gone:
+                _remove_private_folder(os.path.dirname(daemon.socket_path))
         finally:
             for sig in sigs:
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, saved[sig])
     return 0
+
+
+def _remove_private_folder(folder: str) -> None:
+    """A private daemon whose owner died: nobody else will remove the folder its owner
+    made for it. Remove our log if it is in there, then the folder if that left it empty."""
+    for fd in (1, 2):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.dirname(path) == folder:
+                os.unlink(path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 class _Format(logging.Formatter):

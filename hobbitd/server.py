@@ -5,14 +5,17 @@ this module turns messages into calls on them and their results or RequestErrors
 replies. A REQUEST all of whose experts are cached is answered at once (ExpertCache.try_hit);
 one with misses is served by a task (ExpertCache.acquire), so other clients go on meanwhile.
 
-Lifecycle: startup() (open models, plan the cache, claim the socket, create the shared
-memory and the I/O engine) → serve() until stop() → shutdown() (answer or drain what is in
-flight, close, unlink the shared memory, remove the socket). Everything runs on one asyncio
+Lifecycle: startup() (open models, plan the cache, claim the socket, remove the shared
+memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop()
+→ shutdown() (answer or drain what is in flight, close, unlink the shared memory, remove
+the socket). Everything runs on one asyncio
 loop; disk reads happen on the IOEngine's threads, so the loop never blocks on flash.
 
 Pins. A slot named in a SLOTS reply is pinned once for the requesting session: it is never
-evicted or overwritten until that session RELEASEs it, says BYE, or goes silent for longer
-than client_timeout with no request in flight.
+evicted or overwritten until that session RELEASEs it, says BYE, its process exits (the
+kernel's pid for the connection, checked every REAP_EVERY_S), or it goes silent for longer
+than client_timeout with no request in flight. One session may pin at most
+client_pin_share of a model's slots (pin_limit); at most max_sessions at once.
 
 Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a little over
 MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
@@ -36,7 +39,7 @@ from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
 from ..loader.models import ModelOptions, open_models, plan_cache
-from ..loader.shm import SHM_DIR, Segment, new_name
+from ..loader.shm import SHM_DIR, Segment, new_name, pid_alive, remove_stale
 from ..protocol import messages as m
 from ..protocol.errors import DaemonError, InputError, ProtocolError, RequestError
 from .config import DaemonConfig, default_socket
@@ -69,6 +72,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._requests: set[asyncio.Task] = set()
         self._bound = False
+        self._peer = None            # the frame last received (its metadata: the peer)
+        self.owner_gone = False      # stopped because owner_pid exited
         self.started = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -82,6 +87,7 @@ class Daemon:
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
         await self._claim_socket()
+        _remove_stale_segments()
         free = _shm_free()
         if free is not None and total > free:
             raise InputError(f"the cache needs {total / MiB:.0f} MiB of shared memory but "
@@ -236,7 +242,9 @@ class Daemon:
 
     async def _receive(self) -> None:
         while True:
-            frames = await self.router.recv_multipart()
+            raw = await self.router.recv_multipart(copy=False)   # frames carry the peer
+            self._peer = raw[-1]
+            frames = [f.bytes for f in raw]
             try:
                 self._dispatch(frames[0], frames[1:])
             except Exception as e:     # a bug: tell the client, keep serving
@@ -288,7 +296,10 @@ class Daemon:
             return self._error(ident, "bad_version", f"protocol version {msg['version']}; "
                                                      f"hobbitd speaks {m.VERSION}")
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
-        s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64])
+        if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
+            return self._error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
+                               f"clients, its limit (max_sessions {self.cfg.max_sessions})")
+        s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], _peer_pid(self._peer))
         extra = {}
         if self.control is not None:
             lay = self.control.layout
@@ -303,6 +314,10 @@ class Daemon:
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             self.sessions.reap(self.cfg.client_timeout)
+            if self.cfg.owner_pid and not pid_alive(self.cfg.owner_pid):
+                log.info("owner pid %d exited: stopping", self.cfg.owner_pid)
+                self.owner_gone = True
+                self.stop()
 
     async def _status(self) -> None:
         while True:
@@ -321,6 +336,7 @@ class Daemon:
             mo = self.cache.model(msg["model"])
             layer, experts = msg["layer"], msg["experts"]
             mo.check(layer, experts)
+            self.cache.check_pins(s.sid, mo, len(experts), self.cfg.client_pin_share)
         except RequestError as e:
             return self._error(s.ident, e.code, str(e), msg["id"])
         scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
@@ -343,6 +359,8 @@ class Daemon:
             try:
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
             except RequestError as e:
+                if "stale:" in str(e):
+                    log.warning("%s", e)
                 if s.alive:
                     return self._error(s.ident, e.code, str(e), rid)
             except Exception as e:
@@ -433,12 +451,28 @@ class Daemon:
                        "read_seconds": round(io.read_seconds, 6)}}
 
 
+def _remove_stale_segments() -> None:
+    """Shared memory of hobbitd processes that died (SIGKILL, OOM) before removing it."""
+    for name, size in remove_stale():
+        log.info("removed %s (%.0f MiB) left by a hobbitd that is gone", name, size / MiB)
+
+
 def _shm_free() -> int | None:
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def _peer_pid(frame) -> int | None:
+    """The sending process's pid, as the kernel reported it for the unix socket (ZeroMQ's
+    Peer-Address "host:uid:gid:pid" on ipc); None when unknown."""
+    try:
+        pid = int(frame.get("Peer-Address").rsplit(":", 1)[1])
+    except (AttributeError, IndexError, ValueError, zmq.ZMQError):
+        return None
+    return pid if pid > 0 else None
 
 
 def _log_send_error(fut: asyncio.Future) -> None:

@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from ..loader.cache import EWMA, ExpertCache, Owner
 
 log = logging.getLogger("hobbitd")
@@ -34,6 +36,7 @@ class Session:
     tokens: int = 0           # decoded: forwards of one token
     prompt_tokens: int = 0    # in forwards of more than one token
     last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
+    peer: tuple | None = None  # (pid, start time) of its process, from the kernel (ipc)
 
     def count_forward(self, seq, token, n_tokens) -> None:
         """Count a forward's tokens once, at its first request (the client's first layer)."""
@@ -76,12 +79,14 @@ class Sessions:
     def get(self, ident: bytes) -> Session | None:
         return self.by_ident.get(ident)
 
-    def open(self, ident: bytes, pid: int | None, name: str) -> Session:
-        """A new session for `ident`, ending the one it had."""
+    def open(self, ident: bytes, pid: int | None, name: str, peer_pid: int | None = None) -> Session:
+        """A new session for `ident`, ending the one it had. peer_pid: its process as the
+        kernel says (not what the client claims): once that process is gone the session
+        ends at the next reap, whatever the timeout."""
         old = self.by_ident.get(ident)
         if old is not None:
             self.drop(old, "said HELLO again")
-        s = Session(next(self._sids), ident, pid, name, time.monotonic())
+        s = Session(next(self._sids), ident, pid, name, time.monotonic(), peer=_process(peer_pid))
         self.by_ident[ident] = s
         self.cache.open_owner(s.sid, row=name != PROBE)   # a probe pins nothing
         if s.name != PROBE:
@@ -98,12 +103,37 @@ class Sessions:
             log.info("client %s (pid %s) %s; released %d pins", s.name or "?", s.pid, why, n)
 
     def reap(self, timeout: float) -> None:
-        """Drop the sessions silent for over `timeout` seconds with no request in flight."""
+        """Drop the sessions whose process is gone, and those silent for over `timeout`
+        seconds with no request in flight."""
         now = time.monotonic()
         for s in list(self.by_ident.values()):
-            if s.inflight == 0 and now - s.last_seen > timeout:
+            if s.peer is not None and not _same_process(s.peer):
+                self.drop(s, "exited")
+            elif s.inflight == 0 and now - s.last_seen > timeout:
                 self.drop(s, f"silent for {now - s.last_seen:.1f} s")
 
     def stats(self) -> list[dict]:
         return [s.stats(self.cache.owners[s.sid]) for s in self.by_ident.values()
                 if s.name != PROBE]
+
+
+def _process(pid: int | None) -> tuple | None:
+    """(pid, start time) of a live process, to know it again (pids are reused); None when
+    unknown (no pid: another pid namespace, or not a unix socket)."""
+    if not pid:
+        return None
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _same_process(peer: tuple) -> bool:
+    """Whether the process `_process` saw still runs (a zombie does not)."""
+    try:
+        p = psutil.Process(peer[0])
+        return p.create_time() == peer[1] and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True          # not ours to inspect: alive as far as we can tell

@@ -159,6 +159,21 @@ class ExpertCache:
         if slot.pins[owner] <= 0:
             del slot.pins[owner]     # a zero count would still read as pinned
 
+    def check_pins(self, owner: int, mo: ModelCache, n_new: int, share: float) -> None:
+        """RequestError pin_limit if owner, pinning `n_new` more slots of mo, would hold
+        more than `share` of mo's slots (never less than one layer's experts, which one
+        forward may need at once): one client must not pin the cache and starve the others.
+        An owner with every expert resident (it pins them all by design) is not limited."""
+        o = self.owners.get(owner)
+        if o is None or mo.name in o.resident:
+            return
+        limit = max(mo.n_expert, int(share * sum(r.n_slots for r in mo.regions.values())))
+        held = sum(n for slot, n in o.pins.items() if slot.region.model == mo.name)
+        if held + n_new > limit:
+            raise RequestError("pin_limit", f"this client holds {held} pinned slots of "
+                               f"{mo.name} and asks for {n_new} more: over the limit of "
+                               f"{limit} per client; release slots before asking for more")
+
     def _counts(self, owner: int) -> Owner:
         # a closed owner's request still counts for the model; its own counts are dropped
         return self.owners.get(owner) or Owner()
@@ -398,8 +413,10 @@ class ExpertCache:
         if error is not None:
             mo.regions[prec].drop(slot)
             code = "checksum" if isinstance(error, ChecksumError) else "io"
+            # truncated or replaced while served: say so (what is cached may be stale too)
+            note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
             fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
-                                                 f"{key[1]} ({prec}): {error}"))
+                                                 f"{key[1]} ({prec}): {error}{note}"))
         else:
             mo.regions[prec].ready(slot)
             mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])

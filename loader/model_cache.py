@@ -6,6 +6,7 @@ loader.precision's HIGH and LOW.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,6 +42,17 @@ class ModelCache:
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
     demand_Bps: float | None = None   # bytes/s a request with misses was served at (EWMA)
+    opened: dict = field(default_factory=dict)   # precision -> its file's identity when opened
+
+    def __post_init__(self):
+        for prec, src in ((HIGH, self.source), (LOW, self.low)):
+            if src is not None:
+                self.opened[prec] = _file_identity(src.path)
+
+    def changed(self, precision: str) -> bool:
+        """Whether the file `precision` reads from is no longer the one opened: truncated,
+        rewritten or replaced under the daemon (what it serves is stale)."""
+        return _file_identity(self.source_of(precision).path) != self.opened.get(precision)
 
     def source_of(self, precision: str) -> ExpertSource:
         return self.low if precision == LOW else self.source
@@ -98,3 +110,11 @@ class ModelCache:
                            "low_type": self.low and type_name(self.low.format.types(0)[0])},
                 "holds_all": self.holds_all,
                 "regions": {p: r.counts() for p, r in self.regions.items()}}
+
+
+def _file_identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -37,7 +37,7 @@ class DaemonError(HobbitError):
 
 class RequestError(HobbitError):
     """A request the daemon answers with ERROR `code` (a wire code, see messages.py):
-    raised by the cache (cache_full, io, checksum, shutting_down, bad_request,
+    raised by the cache (cache_full, io, checksum, shutting_down, pin_limit, bad_request,
     unknown_model) and by the server's own checks."""
 
     def __init__(self, code: str, message: str):

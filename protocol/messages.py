@@ -29,7 +29,15 @@ its directory (int32 [n_layer, n_expert]) is at `directory` there and its pin co
 rows_offset + 4 * (row * n_slots + first_slot + i).
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
-unknown_model, bad_request, cache_full, io, checksum, shutting_down, internal (a daemon bug).
+too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, bad_request,
+pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
+io (a failed read; its message says "stale" when the file changed after the daemon opened
+it), checksum, shutting_down, internal (a daemon bug).
+
+Liveness: a session ends at BYE, after client_timeout seconds of silence, or as soon as
+the daemon sees the client's process (the pid the kernel reports for the ipc connection)
+is gone. Clients detect a dead daemon from ZeroMQ's connection heartbeats
+(ZMQ_HEARTBEAT_IVL/TIMEOUT): nothing of it is in these messages.
 """
 from __future__ import annotations
 
@@ -40,9 +48,10 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 4   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+VERSION = 5   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
               # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
-              # 4: the control block (clients pin hits themselves), HITS, batched releases
+              # 4: the control block (clients pin hits themselves), HITS, batched releases;
+              # 5: errors too_many_sessions and pin_limit
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous

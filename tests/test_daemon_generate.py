@@ -1,9 +1,12 @@
 """Generation through the real hobbitd: same text as in-process, shared warm cache,
-concurrent clients, and a daemon that restarts under a client."""
+concurrent clients, and a daemon SIGKILLed under a generating client (restarted or not)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,7 +14,6 @@ from daemon_util import connect, hello, run_daemon, stats
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine.weights import open_model
 from hobbit.loader.layout import gguf_experts
-from hobbit.protocol.errors import DaemonError
 
 MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
@@ -78,25 +80,6 @@ def test_four_clients_at_once_all_correct(model, reference, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert out == reference
-
-
-def test_client_survives_a_daemon_restart(model, tmp_path):
-    size = cache_bytes(model, 1.0)
-    with run_daemon([model], size, tmp_path) as d:
-        client = ExpertClient(d.socket, model, timeout=5, retries=2)
-        first = client.request(0, [1, 2])
-        client.release(first)
-        old_shm = client.shm.name
-    # the daemon is gone: an idle client's next request fails clearly, it never hangs
-    with pytest.raises(DaemonError, match="did not answer|no hobbitd"):
-        client.timeout = 1
-        client.request(0, [1, 2])
-    with run_daemon([model], size, tmp_path) as d:
-        client.timeout = 10
-        slots = client.request(0, [3, 4])       # reconnects, says HELLO again, remaps
-        assert client.shm.name != old_shm and len(slots) == 2
-        client.release(slots)
-        client.close()
 
 
 def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
@@ -175,3 +158,52 @@ def test_a_cached_layer_costs_no_message(model, tmp_path):
     assert m1["hits"] - m0["hits"] == m1["requested"] - m0["requested"] >= 8 * a.n_layer * a.n_expert_used
     assert m1["misses"] == m0["misses"]
     assert m1["regions"]["high"]["pinned"] == 0          # every pin released after use
+
+
+def _generate_through_a_crash(model, tmp_path, deadline, restart, fraction=1.0):
+    """`hobbit-cli generate` through a hobbitd started here (with `fraction` of the experts'
+    slots), frozen (SIGSTOP) once it printed its first text, its hobbitd SIGKILLed, then let
+    go again; with `restart` a new hobbitd is started on the same socket. (returncode,
+    stdout, stderr, seconds from the kill to the client's exit)."""
+    size = cache_bytes(model, fraction)
+    with run_daemon([model], size, tmp_path) as d:
+        cli = subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature",
+                                "0", "--socket", d.socket, "--reconnect-deadline", str(deadline)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            first = os.read(cli.stdout.fileno(), 1)  # mid-generation from here on (unbuffered)
+            cli.send_signal(signal.SIGSTOP)
+            d.proc.kill()
+            d.proc.wait()
+            t0 = time.monotonic()
+            cli.send_signal(signal.SIGCONT)
+            if restart:
+                with run_daemon([model], size, tmp_path):
+                    out, err = cli.communicate(timeout=120)
+            else:
+                out, err = cli.communicate(timeout=120)
+            return cli.returncode, (first + out).decode(), err.decode(), time.monotonic() - t0
+        finally:
+            cli.kill()
+            d.died()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_generate_survives_a_daemon_sigkill_and_restart(model, reference, tmp_path, fraction):
+    """SIGKILL hobbitd mid-generation, a new one on the same socket: the client remaps,
+    re-pins (every expert cached: the one-graph path) or asks again for the layer it waited
+    on (a quarter cached: per layer), and prints the uninterrupted text."""
+    rc, out, err, _ = _generate_through_a_crash(model, tmp_path, 60, restart=True, fraction=fraction)
+    assert rc == 0, err
+    assert out == reference
+    assert "lost hobbitd" in err and "reconnected to hobbitd" in err
+
+
+def test_generate_exits_when_no_daemon_comes_back(model, tmp_path):
+    """No new hobbitd within the deadline: one line on stderr and a non-zero exit, in time."""
+    rc, out, err, took = _generate_through_a_crash(model, tmp_path, 2, restart=False)
+    assert rc == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hobbit-cli: error: hobbitd at ") and "is gone" in last, err
+    assert "Traceback" not in err
+    assert took < 2 + 3, took

@@ -99,6 +99,9 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
                         "instead of asking hobbitd")
     p.add_argument("--socket", metavar="PATH", default=None,
                    help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
+    p.add_argument("--reconnect-deadline", type=float, default=None, metavar="S",
+                   help="when hobbitd goes away: how long to look for one again at the socket "
+                        "before giving up (default 30)")
 
 
 def cmd_convert(args) -> int:
@@ -136,7 +139,7 @@ def cmd_stats(args) -> int:
 
     from ..client.expert_client import ExpertClient
 
-    client = ExpertClient(_socket(args), None, timeout=5, retries=0)
+    client = ExpertClient(_socket(args), None, timeout=5, retries=0, reconnect_s=0)
     try:
         st = client.stats()
     finally:

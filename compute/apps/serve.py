@@ -333,7 +333,8 @@ class Server:
         with self._stats_lock:
             try:
                 if self._stats_client is None:
-                    self._stats_client = ExpertClient(self.daemon_socket, None, timeout=2, retries=0)
+                    self._stats_client = ExpertClient(self.daemon_socket, None, timeout=2, retries=0,
+                                                      reconnect_s=0)   # /health: say 503 now
                 return self._stats_client.stats()
             except DaemonError:
                 if self._stats_client is not None:

@@ -17,6 +17,7 @@ import tempfile
 
 from ...protocol.errors import DaemonError
 from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
+from .expert_client import RECONNECT_S
 
 
 class PrivateDaemon(DaemonProcess):
@@ -30,7 +31,7 @@ class PrivateDaemon(DaemonProcess):
         env = {k: v for k, v in os.environ.items() if k not in ("HOBBIT_SOCKET", "NOTIFY_SOCKET")}
         super().__init__([model_path], os.path.join(self.folder, "hobbitd.sock"),
                          log_path=os.path.join(self.folder, "hobbitd.log"), cache_size=cache_size,
-                         env=env, own_session=True)
+                         env=env, own_session=True, owner_pid=os.getpid())
         atexit.register(self.stop)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -46,15 +47,19 @@ class PrivateDaemon(DaemonProcess):
         return rc
 
 
-def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = False):
+def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = False,
+            reconnect_s: float = RECONNECT_S):
     """An ExpertClient for `model_path`: through the hobbitd at `socket` when one answers,
-    else (autostart) through a private one, stopped with the client. Says which on stderr."""
+    else (autostart) through a private one, stopped with the client. Says which on stderr,
+    and (unless quiet) when the daemon is lost and found again; reconnect_s: how long the
+    client looks for a hobbitd again once its own is gone."""
     from .expert_client import ExpertClient
 
     if daemon_answers(socket):
-        client = ExpertClient(socket, model_path)
+        client = ExpertClient(socket, model_path, reconnect_s=reconnect_s)
         if not quiet:
             print(f"hobbit: using hobbitd at {socket}", file=sys.stderr)
+            client.announce = announce
         return client
     if not autostart:
         raise DaemonError("no_daemon", f"no hobbitd answers at {socket} "
@@ -65,9 +70,17 @@ def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = 
     daemon = PrivateDaemon(model_path)
     try:
         daemon.wait_ready()
-        client = ExpertClient(daemon.socket, model_path, timeout=5, retries=0)
+        client = ExpertClient(daemon.socket, model_path, timeout=5, retries=0,
+                              reconnect_s=reconnect_s)
     except BaseException:
         daemon.stop()
         raise
     client.private = daemon
+    if not quiet:
+        client.announce = announce
     return client
+
+
+def announce(line: str) -> None:
+    """How a command's client tells the user it lost and found hobbitd (one line on stderr)."""
+    print(line, file=sys.stderr, flush=True)

@@ -7,15 +7,19 @@ tests run `python -m hobbit.hobbitd.main`.
 go to log_path. `wait_ready()` returns once it answers a HELLO at the socket, or raises
 DaemonError (with the last lines of its log) if it exits or stays silent; `stop()` sends
 SIGTERM (or another signal), waits, kills it if it does not stop, and returns the exit code.
+Whenever it is found dead (stop(), died()), what it left behind is removed: its shared
+memory and its socket file (only the one it bound: not a new daemon's on the same path).
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket as pysocket
 import subprocess
 import sys
 import time
 
+from ...loader.shm import remove_stale
 from ...protocol.errors import DaemonError
 
 START_TIMEOUT = 120.0    # seconds: opening a GGUF and mapping the cache takes a few
@@ -46,10 +50,22 @@ def daemon_answers(socket: str, timeout: float = 2.0) -> bool:
     if not os.path.exists(socket):
         return False
     try:
-        ExpertClient(socket, None, timeout=timeout, retries=0).close()
+        ExpertClient(socket, None, timeout=timeout, retries=0, reconnect_s=0).close()
         return True
     except DaemonError:
         return False
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on unix socket `path` (refused: a leftover)."""
+    s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 class DaemonProcess:
@@ -63,10 +79,35 @@ class DaemonProcess:
                  append_log: bool = False, **options):
         self.socket, self.log_path = socket, log_path
         self.killed = False       # stop() had to kill it
-        with open(log_path, "a" if append_log else "w") as log:
-            self.proc = subprocess.Popen(daemon_command(models, socket, cache_size, flags, **options),
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                         preexec_fn=preexec, start_new_session=own_session)
+        self._socket_ino = None   # the socket file it bound (seen once it answered)
+        self._cmd = daemon_command(models, socket, cache_size, flags, **options)
+        self._popen = dict(env=env, preexec_fn=preexec, start_new_session=own_session)
+        self._start("a" if append_log else "w")
+
+    def _start(self, mode: str) -> None:
+        with open(self.log_path, mode) as log:
+            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, **self._popen)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Start it again (same command, same socket, its log appended) after it died."""
+        self.died()
+        self._start("a")
+        self.wait_ready(timeout)
+
+    def died(self) -> bool:
+        """Whether it has exited; if so, its leftovers are removed (see the module docstring)."""
+        if self.proc.poll() is None:
+            return False
+        remove_stale(self.proc.pid)
+        try:
+            if self._socket_ino is not None and os.lstat(self.socket).st_ino == self._socket_ino \
+                    and not _listening(self.socket):    # not a new daemon's (inodes get reused)
+                os.unlink(self.socket)
+        except OSError:
+            pass
+        self._socket_ino = None
+        return True
 
     def log(self) -> str:
         try:
@@ -88,6 +129,10 @@ class DaemonProcess:
                 raise DaemonError("no_daemon", f"hobbitd exited ({self.proc.returncode}): "
                                                f"{self.log_tail()}")
             if daemon_answers(self.socket, timeout=5):
+                try:
+                    self._socket_ino = os.lstat(self.socket).st_ino
+                except OSError:
+                    pass
                 return
             time.sleep(0.05)
         raise DaemonError("timeout", f"hobbitd did not answer within {timeout:g} s: {self.log_tail()}")
@@ -97,11 +142,13 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.killed = True
             self.proc.kill()
-            return self.proc.wait()
+            rc = self.proc.wait()
+        self.died()
+        return rc
 
     def __enter__(self) -> "DaemonProcess":
         return self

@@ -6,10 +6,24 @@ offers one where the kernel has membarrier; loader/control.py) a layer whose exp
 all cached costs no message: the client finds them in the slot directory, pins them in its
 own row and reports the hits later, batched with its next message (HITS at the end of a
 forward at the latest); releases of slots hobbitd gave ride along the same way. Requests
-block until the daemon answers; a daemon that does not answer within `timeout` seconds is reconnected to (new
-socket, HELLO again) up to `retries` times, after which DaemonError says so. A daemon that
-restarted answers no_session: the client says HELLO again and maps the new shared memory
-(the forward re-points its tensors at part_bases() before every layer, so it follows).
+block until the daemon answers.
+
+Liveness. ZeroMQ pings the daemon every HEARTBEAT_IVL_MS and drops the connection after
+HEARTBEAT_TIMEOUT_MS without an answer; a daemon that dies drops it at once. A wait for an
+answer looks at the connection every LIVENESS_S (the answer itself ends the wait at once:
+no extra round trip), so a client learns within about 2 s that its daemon is gone, also in
+the middle of a request. Then it reconnects (_recover): HELLO again with backoff until a
+hobbitd answers at the socket or `reconnect_s` passed (DaemonError daemon_lost), maps the
+new shared memory and control block and asks again what it was waiting for. The forward
+re-points its tensors at part_bases() before every layer, and the resident table and the
+handles of hits pinned in our row belong to one HELLO (`generation`), so neither computes
+on nor unpins in the old daemon's memory past that point. A mapping of a dead daemon's
+segment stays valid (its pages live while mapped), so a forward already computing on it
+finishes with the right bytes.
+
+A daemon alive but silent for `timeout` seconds is asked again on a new socket, up to
+`retries` times, after which DaemonError says so. A daemon that forgot us answers
+no_session: the client says HELLO again.
 """
 from __future__ import annotations
 
@@ -20,6 +34,7 @@ import time
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ...loader import control
 from ...loader.layout import SlotFormat
@@ -28,14 +43,26 @@ from ...loader.shm import Segment
 from ...protocol import messages as m
 from ...protocol.errors import DaemonError, ProtocolError
 
+LIVENESS_S = 0.25          # a wait for an answer looks at the connection this often
+HEARTBEAT_IVL_MS = 500     # ZeroMQ pings the daemon this often...
+HEARTBEAT_TIMEOUT_MS = 1500   # ...and drops the connection after this long without a pong
+HELLO_S = 1.0              # reconnecting: how long one HELLO waits for its WELCOME
+BACKOFF_S = (0.05, 1.0)    # reconnecting: the first and the longest pause between HELLOs
+RECONNECT_S = 30.0         # default deadline for finding a hobbitd again
+
+
+class _Lost(Exception):
+    """The connection to the daemon dropped while waiting for an answer."""
+
 
 class ExpertClient:
     remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
 
     def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
-                 retries: int = 2, name: str | None = None):
+                 retries: int = 2, name: str | None = None, reconnect_s: float = RECONNECT_S):
         """model_path None: a client for stats only (no model, no shared memory). name: how
-        hobbitd lists this client (default: the program and its subcommand)."""
+        hobbitd lists this client (default: the program and its subcommand). reconnect_s:
+        how long to look for a hobbitd again once ours is gone (0: try once)."""
         self.name = (name or _program())[:64]
         self.socket_path = socket_path
         self.model_path = model_path and os.path.realpath(model_path)
@@ -45,6 +72,7 @@ class ExpertClient:
         self.shm: Segment | None = None
         self.model = None            # name the daemon knows our model by
         self.regions: dict = {}      # precision -> {"offset", "n_slots", "format": SlotFormat}
+        self._layout = None          # the regions' slot counts and formats, as sent
         self._ids = itertools.count(1)
         self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
         self._beat = None
@@ -64,6 +92,11 @@ class ExpertClient:
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
         self.private = None          # a hobbitd this client owns (client/connect.py), stopped with it
+        self.reconnect_s = reconnect_s
+        self.reconnects = 0          # times a lost daemon was found again
+        self.announce = None         # callable(line): told when the daemon is lost and found
+        self._mon = None             # the socket's monitor: its disconnections
+        self._lost = False           # the connection dropped (and has not been replaced)
         self._connect()
 
     # ---- connection ------------------------------------------------------------------
@@ -73,19 +106,45 @@ class ExpertClient:
             raise DaemonError("no_daemon", f"no hobbitd socket at {self.socket_path} "
                                            "(start hobbitd, or use --no-daemon)")
         self._open_socket()
-        self._hello()
+        try:
+            self._hello()
+        except _Lost:
+            raise DaemonError("no_daemon", f"hobbitd at {self.socket_path} went away "
+                                           "while we said HELLO") from None
 
     def _open_socket(self) -> None:
         with self._lock:
-            if self.sock is not None:
-                self.sock.close(linger=0)
-            self.sock = self.ctx.socket(zmq.DEALER)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.connect(f"ipc://{self.socket_path}")
+            self._close_socket()
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            sock.connect(f"ipc://{self.socket_path}")
+            self.sock, self._lost = sock, False
+
+    def _close_socket(self, linger: int = 0) -> None:
+        if self._mon is not None:
+            self.sock.disable_monitor()
+            self._mon.close(linger=0)
+            self._mon = None
+        if self.sock is not None:
+            self.sock.close(linger=linger)
+            self.sock = None
+
+    def _daemon_gone(self) -> bool:
+        """Whether the connection dropped: the daemon died, or stopped answering pings."""
+        while self._mon is not None and self._mon.poll(0):
+            if recv_monitor_message(self._mon)["event"] == zmq.EVENT_DISCONNECTED:
+                self._lost = True
+        return self._lost
 
     def _hello(self) -> None:
-        welcome = self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION, pid=os.getpid(),
-                             name=self.name, _hello=True)
+        self._welcome(self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION,
+                                 pid=os.getpid(), name=self.name, _hello=True))
+
+    def _welcome(self, welcome: dict) -> None:
+        """Take a WELCOME: our model's name and regions there, its shared memory mapped."""
         if self.model_path is None:
             return
         for name, info in welcome["models"].items():
@@ -95,6 +154,12 @@ class ExpertClient:
             served = ", ".join(welcome["models"]) or "none"
             raise DaemonError("unknown_model", f"hobbitd at {self.socket_path} does not serve "
                                                f"{self.model_path} (it serves: {served})")
+        layout = {p: (r["n_slots"], r["format"]) for p, r in info["regions"].items()}
+        if self.generation and layout != self._layout:
+            # the forward's tensors were made for the old regions (slot counts, types)
+            raise DaemonError("layout_changed", f"hobbitd at {self.socket_path} came back "
+                              "with another cache layout for this model; start this client again")
+        self._layout = layout
         self.model = name
         self.generation += 1
         self.resident_possible = True    # this daemon may have another cache size
@@ -147,6 +212,7 @@ class ExpertClient:
         precision hobbitd's rule would serve (local handles carry our row's index and the
         session), else asked of hobbitd."""
         self._position = (int(seq), int(token), int(n_tokens))
+        self._check_alive()      # the directory of a dead daemon would still say "cached"
         local = self._pin_cached(layer, experts, scores)
         if local is None:
             return self.request(layer, experts, scores, seq, token, n_tokens)
@@ -201,7 +267,8 @@ class ExpertClient:
 
     def _send(self, cmd, **fields) -> None:
         with self._lock:
-            self.sock.send_multipart(m.encode(cmd, **fields))
+            if self.sock is not None:       # closed: nothing to tell anyone
+                self.sock.send_multipart(m.encode(cmd, **fields))
 
     def _start_heartbeat(self, every: float) -> None:
         """While a forward computes on pinned slots it sends nothing; a heartbeat every
@@ -213,8 +280,7 @@ class ExpertClient:
         def beat():
             while not stop.wait(every):
                 try:
-                    if self.sock is not None:
-                        self._send(m.Cmd.HEARTBEAT)
+                    self._send(m.Cmd.HEARTBEAT)
                 except zmq.ZMQError:
                     pass
         self._beat = stop
@@ -225,34 +291,119 @@ class ExpertClient:
             return self._call_locked(cmd, expect, _hello, **fields)
 
     def _call_locked(self, cmd, expect, _hello=False, **fields) -> dict:
-        """Send and wait for the matching answer. Silence: reconnect (a new socket) and try
-        again; no_session (the daemon restarted or forgot us): HELLO again and retry."""
-        for _ in range(self.retries + 1):
+        """Send and wait for the matching answer. The daemon gone: find one again
+        (_recover) and ask again; silence: reconnect (a new socket) and try again;
+        no_session (the daemon restarted or forgot us): HELLO again and retry. With
+        _hello, a lost connection raises _Lost (the caller is reconnecting)."""
+        tries, lost_since = 0, None
+        if self.sock is None:            # lost before, past a deadline: look again first
+            lost_since = time.monotonic()
+            self._recover(lost_since + self.reconnect_s)
+            fields = self._renamed(fields)
+        while True:
             self._send(cmd, **fields)
-            reply = self._receive(fields.get("id"))
+            try:
+                reply = self._receive(fields.get("id"))
+            except _Lost:
+                if _hello:
+                    raise
+                lost_since = lost_since or time.monotonic()   # one deadline for this call
+                self._recover(lost_since + self.reconnect_s)
+                fields = self._renamed(fields)
+                continue
             if reply is None:
+                tries += 1
+                if tries > self.retries:
+                    raise DaemonError("timeout", f"hobbitd at {self.socket_path} did not "
+                                      f"answer within {self.timeout:g} s ({tries} tries)")
                 self._open_socket()
                 continue
             got, msg = reply
             if got == expect:
                 return msg
             if got == m.Cmd.ERROR and msg["code"] == "no_session" and not _hello:
-                self._hello()
+                self._open_socket()
+                try:
+                    self._hello()
+                except _Lost:
+                    lost_since = lost_since or time.monotonic()
+                    self._recover(lost_since + self.reconnect_s)
+                fields = self._renamed(fields)
                 continue
             if got == m.Cmd.ERROR:
                 raise DaemonError(msg["code"], f"hobbitd: {msg['message']}")
             raise DaemonError("malformed", f"hobbitd answered {got.name} to {cmd.name}")
-        raise DaemonError("timeout", f"hobbitd at {self.socket_path} did not answer within "
-                                     f"{self.timeout:g} s ({self.retries + 1} tries)")
 
-    def _receive(self, request_id):
-        """The next answer (skipping stale answers to requests given up on), or None."""
+    def _renamed(self, fields: dict) -> dict:
+        """A request's fields after a new HELLO: our model by its name there, without what
+        was batched for the old session (its slots mean nothing to the new one)."""
+        fields = {k: v for k, v in fields.items() if k not in ("hits", "release")}
+        return {**fields, "model": self.model} if "model" in fields else fields
+
+    def _check_alive(self) -> None:
+        """Before using what the daemon gave (its mapping, its directory, our pins there):
+        if it is gone, find one again (a poll of the socket's monitor: no message)."""
+        with self._lock:
+            if self.sock is None or self._daemon_gone():
+                self._recover(time.monotonic() + self.reconnect_s)
+
+    def _recover(self, deadline: float) -> None:
+        """Our daemon is gone: HELLO at the socket with backoff until a hobbitd answers
+        (then its shared memory is mapped and `generation` moves on), or DaemonError
+        daemon_lost once `deadline` (time.monotonic()) passed. A private daemon that died
+        is restarted here: nobody else would."""
+        t0 = time.monotonic()
+        self._say(f"hobbit: lost hobbitd at {self.socket_path}; reconnecting "
+                  f"(for up to {max(deadline - t0, 0):.0f} s)")
+        pause, restarted = BACKOFF_S[0], False
+        while True:
+            if self.private is not None and not restarted and self.private.died():
+                restarted = True         # once: a daemon that cannot start will not now
+                try:
+                    self.private.restart(timeout=max(deadline - time.monotonic(), 1.0))
+                except (DaemonError, OSError) as e:
+                    self._say(f"hobbit: restarting the private hobbitd failed: {e}")
+            if os.path.exists(self.socket_path):
+                self._open_socket()
+                self._send(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name=self.name)
+                try:
+                    reply = self._receive(None, min(HELLO_S, max(deadline - time.monotonic(), 0.1)))
+                except _Lost:
+                    reply = None
+                if reply is not None and reply[0] == m.Cmd.WELCOME:
+                    self._welcome(reply[1])
+                    self.reconnects += 1
+                    self._say(f"hobbit: reconnected to hobbitd at {self.socket_path} after "
+                              f"{time.monotonic() - t0:.1f} s")
+                    return
+                if reply is not None and reply[0] == m.Cmd.ERROR:
+                    raise DaemonError(reply[1]["code"], f"hobbitd: {reply[1]['message']}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._close_socket()   # its HELLO may still reach a later daemon: unasked
+                raise DaemonError("daemon_lost", f"hobbitd at {self.socket_path} is gone and "
+                                  f"none answered there within {self.reconnect_s:g} s")
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, BACKOFF_S[1])
+
+    def _say(self, line: str) -> None:
+        if self.announce is not None:
+            self.announce(line)
+
+    def _receive(self, request_id, timeout: float | None = None):
+        """The next answer (skipping stale answers to requests given up on), or None after
+        `timeout` (default self.timeout) seconds of silence; _Lost when the connection
+        dropped meanwhile."""
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
+            if left <= 0:
                 return None
+            if not self.sock.poll(int(min(left, LIVENESS_S) * 1000)):
+                if self._daemon_gone():
+                    raise _Lost
+                continue
             try:
                 got, msg = m.decode(self.sock.recv_multipart())
             except ProtocolError as e:
@@ -324,6 +475,7 @@ class ExpertClient:
         """The (n_layer, n_expert) int32 slot table of every expert, pinned for us until
         close(), once hobbitd holds them all in high precision (it starts reading the
         missing ones at the first ask); None meanwhile, or for good when it cannot."""
+        self._check_alive()      # never compute on a dead daemon's pins unknowingly
         if self._resident is not None and self._resident[0] == self.generation:
             return self._resident[1]
         if not self.resident_possible:
@@ -352,8 +504,7 @@ class ExpertClient:
                 self._send(m.Cmd.BYE)
             except zmq.ZMQError:
                 pass
-            self.sock.close(linger=100)
-            self.sock = None
+            self._close_socket(linger=100)
         if self.shm is not None:
             self.shm.close()
             self.shm = None

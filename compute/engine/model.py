@@ -338,7 +338,7 @@ class Model:
                 # with this layer's compute (in a prompt too: the next layer streams in)
                 if self.opts.lookahead > 0 and il + 1 < a.n_layer:
                     self._hint(il, out["h"])
-                pairs = provider.fetch_pairs(il, sel, scores, dict(zip(wanted.tolist(), held)))
+                pairs = provider.fetch_pairs(il, sel, scores, dict(zip(wanted, held)))
                 feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
