@@ -24,6 +24,7 @@ from hobbit.compute.engine.weights import SUPPORTED_ARCHS, open_model
 from hobbit.loader.companion import default_low_type, open_companion
 from hobbit.loader.ggml_types import type_name
 from hobbit.loader.layout import BIAS_PARTS, PARTS, gguf_experts
+from hobbit.loader.precision import PAPER_T1, PAPER_T2
 from hobbit.protocol.errors import InputError, ModelError
 
 from test_daemon_lifecycle import run_failing
@@ -161,8 +162,9 @@ def mixed_precision_vs_high(path: str, tmp_path, low_type: str, n_decode: int = 
     prompt = Tokenizer(path).encode(PROMPT)
     high = Model(open_model(path), RunOptions(n_ctx=256))
     # 3/4 of the expert bytes, a quarter of that for low precision (the default share):
-    # both regions hold at least one layer's experts
-    with run_daemon([path], expert_cache_bytes(path, 0.75), tmp_path) as d:
+    # both regions hold at least one layer's experts; the paper's thresholds asked for (an
+    # uncalibrated model is otherwise served exactly)
+    with run_daemon([path], expert_cache_bytes(path, 0.75), tmp_path, t1=PAPER_T1, t2=PAPER_T2) as d:
         client = ExpertClient(d.socket, path)
         mixed = Model(open_model(path), RunOptions(n_ctx=256), experts=client)
         try:
