@@ -17,7 +17,6 @@ from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model
 
 from conftest import llama_oracle, rel_l2
-from test_evaluate import llama_scorer
 from test_parity import PROMPT, assert_parity
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
@@ -43,11 +42,11 @@ def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
 
 
 @pytest.fixture(scope="module")
-def dense_ppl(smollm2, wiki_tokens) -> float:
-    """llama.cpp's perplexity of the dense GGUF on the first 3 chunks of 512: the reference
-    of both perplexity tests below (computed once; our engine agrees with it within 1%,
+def dense_ppl(dense_llama_ppl) -> float:
+    """llama.cpp's perplexity of the dense GGUF on the first 3 chunks of 512 (conftest): the
+    reference of both perplexity tests below (our engine agrees with it within 1%,
     test_evaluate)."""
-    return evaluate.perplexity(llama_scorer(smollm2, 512), wiki_tokens, chunks=3)["ppl"]
+    return dense_llama_ppl["ppl"]
 
 
 def test_all_experts_active_has_the_dense_perplexity(moe_variant, wiki_tokens, dense_ppl):
