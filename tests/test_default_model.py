@@ -111,13 +111,19 @@ def test_default_model_is_a_real_moe_file(default_moe, smollm2):
     assert os.path.exists(moefy.default_companion(default_moe)), "the Q4_0 companion is made with it"
 
 
-def test_build_is_deterministic(tmp_path):
-    """Two builds from scratch (no in-process caches) give the same bytes."""
+def test_build_is_deterministic(synth, tmp_path):
+    """Two builds from scratch (no in-process caches) give the same bytes: the whole recipe
+    (the dense model writing its calibration text by seeded sampling on fixed threads,
+    co-activation k-means, the ridge router, re-quantised experts) on a small dense source
+    (4 layers, F16, SmolLM2's vocabulary), so that the two builds take seconds."""
+    source = synth(layers=4, d_model=256, d_ff=512, experts=0, type="F16")
     opts = moefy.MoefyOptions(calib_tokens=256, per_prompt=64)
     paths = []
     for i in range(2):
         moefy.clear_caches()
-        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, progress=False))
+        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, source=source,
+                                     progress=False))
+    assert open_model(paths[0]).args.n_expert == opts.experts
     assert _sha(paths[0]) == _sha(paths[1])
 
 
