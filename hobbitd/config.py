@@ -39,7 +39,7 @@ class DaemonConfig:
     low_only: bool = False       # every expert in low precision (a baseline)
     prefetch: bool = True        # act on clients' lookahead hints
     prefetch_budget: bool = True # prefetch only what can be read while the client computes
-    t1: float = 0.0              # thresholds; 0 = calibrated values, else 0.6 / 0.9
+    t1: float = 0.0              # thresholds; 0 = calibrated values, else 1 (exact)
     t2: float = 0.0
 
 

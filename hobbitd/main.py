@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-prefetch-budget", dest="prefetch_budget", action="store_false", default=None,
                    help="prefetch every predicted miss of the hinted layer, not only as many "
                         "bytes as can be read while the client computes a layer")
-    h.add_argument("--t1", type=float, metavar="S", help="unimportance threshold for high precision (calibrated, else 0.6)")
-    h.add_argument("--t2", type=float, metavar="S", help="unimportance threshold beyond which experts are skipped (calibrated, else 0.9)")
+    h.add_argument("--t1", type=float, metavar="S", help="unimportance threshold for high precision (calibrated, else 1: exact; the paper's is 0.6)")
+    h.add_argument("--t2", type=float, metavar="S", help="unimportance threshold beyond which experts are skipped (calibrated, else 1; the paper's is 0.9)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -107,12 +107,9 @@ class Daemon:
         for mo in self.models.values():
             slots = ", ".join(f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB"
                               for p, r in mo.regions.items())
-            th = mo.thresholds
             log.info("model %s: %d layers x %d experts, %s (%s); policy %s, %s", mo.name,
                      mo.n_layer, mo.n_expert, slots, mo.path, mo.policy.name,
-                     "low precision only" if th.low_only else
-                     f"T1 {th.t1:g} T2 {th.t2:g}{' (calibrated)' if mo.calibrated else ''}"
-                     if th.dynamic else "high precision only")
+                     mo.thresholds.describe(mo.calibrated))
         log.info("listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
                  self.socket_path, self.shm.path, total / MiB, self.cfg.io_threads,
                  f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "")

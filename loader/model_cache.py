@@ -105,6 +105,7 @@ class ModelCache:
                 "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 6),
                 "read_MBps": round(mbps, 1),
                 "hobbit": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only,
+                           "exact": th.exact, "mode": th.describe(self.calibrated),
                            "calibrated": self.calibrated, "policy": self.policy.name,
                            "policy_weights": None if w is None else list(w.__dict__.values()),
                            "low_type": self.low and type_name(self.low.format.types(0)[0])},

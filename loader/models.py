@@ -14,7 +14,7 @@ from ..protocol.errors import InputError, ModelError
 from .model_cache import ModelCache
 from .policy import PolicyWeights, make_policy
 from .pool import plan_regions
-from .precision import HIGH, LOW, Thresholds
+from .precision import EXACT, HIGH, LOW, Thresholds
 
 MiB = 1 << 20
 
@@ -25,7 +25,7 @@ class ModelOptions:
     low_type: str = "auto"   # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
     low_only: bool = False   # every expert in low precision
     dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
-    t1: float = 0.0          # thresholds; 0 = calibrated values, else 0.6 / 0.9
+    t1: float = 0.0          # thresholds; 0 = calibrated values, else 1 (exact: no low, no skip)
     t2: float = 0.0
     policy: str = "hobbit"   # eviction: "hobbit" or "lru"
 
@@ -51,7 +51,8 @@ def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
 
 def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
     """One model's ModelCache: its experts, companion (if any), thresholds (options, else
-    calibrated, else 0.6/0.9) and eviction policy (calibrated weights, if any)."""
+    calibrated, else exact: nothing measured a lossy mode as safe for an uncalibrated model)
+    and eviction policy (calibrated weights, if any)."""
     from .calibration import load_calibration
     from .companion import open_companion
     from .gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
@@ -65,8 +66,8 @@ def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
     companion = _companion_file(f.path, src.format, opts)
     low, crcs = open_companion(f, companion) if companion else (None, None)
     calib = load_calibration(companion)
-    t1 = opts.t1 or (calib or {}).get("t1", 0.6)
-    t2 = opts.t2 or (calib or {}).get("t2", 0.9)
+    t1 = opts.t1 or (calib or {}).get("t1", EXACT)
+    t2 = opts.t2 or (calib or {}).get("t2", EXACT)
     weights = PolicyWeights(*calib["weights"]) if calib else None
     return ModelCache(name, os.path.realpath(path), src.n_layer, src.n_expert, src,
                       make_policy(opts.policy, src.n_layer, weights), low=low, crcs=crcs,

@@ -8,6 +8,8 @@ expert always counts as important). The rule, for thresholds T1 <= T2:
     for a high-precision read (the paper's choice: a hit is never turned into a miss);
   - on a miss: s <= T1 loads high precision, T1 < s <= T2 loads low precision, and
     s > T2 skips the expert (its output is left out, the other weights unchanged).
+Scores are below 1, so T1 = T2 = 1 (EXACT, the default until a model is calibrated) loads
+every miss in high precision: the output is the all-high model's, exactly.
 """
 from __future__ import annotations
 
@@ -16,14 +18,31 @@ from dataclasses import dataclass
 import numpy as np
 
 HIGH, LOW, SKIP = "high", "low", None
+EXACT = 1.0                  # T1 = T2 = 1: never low precision, never a skip
+PAPER_T1, PAPER_T2 = 0.6, 0.9   # the paper's thresholds for Mixtral: lossy, measured on nothing here
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    t1: float = 0.6
-    t2: float = 0.9
+    t1: float = EXACT
+    t2: float = EXACT
     dynamic: bool = True     # False: every miss loads high precision (no low, no skip)
     low_only: bool = False   # True: every expert in low precision (the ablation's floor)
+
+    @property
+    def exact(self) -> bool:
+        """Every expert is used in high precision and none is skipped."""
+        return not self.low_only and (not self.dynamic or self.t1 >= EXACT)
+
+    def describe(self, calibrated: bool) -> str:
+        """One phrase for logs, `hobbit-cli stats` and `top`: exact or which lossy mode."""
+        if self.low_only:
+            return "low precision only (lossy)"
+        if not self.dynamic:
+            return "exact: high precision only"
+        if self.exact:
+            return "exact: high precision only (" + ("calibrated" if calibrated else "not calibrated") + ")"
+        return f"lossy: T1 {self.t1:.2f} T2 {self.t2:.2f}" + (" (calibrated)" if calibrated else "")
 
     def on_miss(self, score: float):
         """The precision to load for a missing expert with unimportance `score`."""
@@ -39,7 +58,7 @@ class Thresholds:
             return LOW, not cached_low
         if cached_high:
             return HIGH, False
-        if cached_low and self.dynamic and score <= self.t2:
+        if cached_low and self.dynamic and score <= self.t2 and self.t1 < EXACT:
             return LOW, False
         p = self.on_miss(score)
         return p, p is not SKIP

@@ -110,6 +110,30 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
         low.llama_model_default_params = default_params
 
 
+def llama_scorer(path: str, n_ctx: int):
+    """llama.cpp through llama-cpp-python as a scorer: all logits of a chunk, empty cache."""
+    llm = llama_oracle(path, n_ctx=n_ctx)
+
+    def score(tokens):
+        llm.reset()
+        llm.eval(list(tokens))
+        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    return score
+
+
+DENSE_CHUNKS = 3
+
+
+@pytest.fixture(scope="session")
+def dense_llama_ppl(smollm2, wiki_tokens) -> dict:
+    """llama.cpp's perplexity of the dense SmolLM2 GGUF on WikiText-2's first DENSE_CHUNKS
+    chunks of 512: computed once, the reference of test_evaluate (our engine agrees within
+    1 %) and of the default model's perplexity tests."""
+    from hobbit.compute.measure import evaluate
+
+    return evaluate.perplexity(llama_scorer(smollm2, 512), wiki_tokens, chunks=DENSE_CHUNKS)
+
+
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

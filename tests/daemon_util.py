@@ -19,7 +19,7 @@ from hobbit.compute.client.daemon import DaemonProcess, daemon_command
 from hobbit.protocol import messages as m
 from hobbit.protocol.errors import DaemonError
 
-START_TIMEOUT = 60.0   # seconds; opening a GGUF parses its whole vocabulary (a few s)
+START_TIMEOUT = 60.0   # seconds; generous: a start took ~2 s on a busy 2-core machine
 
 
 class RunningDaemon(DaemonProcess):

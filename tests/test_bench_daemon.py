@@ -3,11 +3,14 @@ measured by the commands, side by side, never asserted in tests)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from hobbit.compute.engine import ggml
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 MODEL = dict(layers=8, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
@@ -28,12 +31,21 @@ def test_bench_io_reports_engine_and_dd(synth):
 
 
 @pytest.mark.slow
-def test_bench_ablation_runs_every_configuration(synth, tmp_path):
+def test_bench_ablation_converts_the_companion_and_runs_every_configuration(synth, tmp_path):
+    """A fresh model without a companion: the ablation converts it first (no hand-made
+    `convert`), then runs (a)-(e); uncalibrated, (b)-(d) ask for the paper's thresholds."""
+    from hobbit.loader.companion import companion_path
+
     model = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), model)
-    subprocess.run([*CLI, "convert", model, "-q"], check=True, capture_output=True, timeout=300)
-    r = cli_json("bench", "ablation", model, "--cache", "0.5", "--prompt-tokens", "8", "-n", "6",
-                 "--rounds", "2")
+    proc = subprocess.run([*CLI, "bench", "ablation", model, "--cache", "0.5", "--prompt-tokens", "8",
+                           "-n", "6", "--rounds", "2", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert "no low-precision companion: converting" in proc.stderr
+    assert os.path.exists(companion_path(model, ggml.Q4_K))
+    assert r["thresholds"] == "--t1 0.6 --t2 0.9"
     assert set(r["configs"]) == set("abcde") and r["rounds"] == 2
     a, d, e = r["configs"]["a"], r["configs"]["d"], r["configs"]["e"]
     assert a["kld_vs_a"] == 0.0 and a["daemon"]["hits_low"] + a["daemon"]["misses_low"] == 0
@@ -45,6 +57,18 @@ def test_bench_ablation_runs_every_configuration(synth, tmp_path):
         assert c["split_ms"]["compute"] > 0 and c["split_ms"]["expert_wait"] > 0
     assert a["speedup_vs_a_rounds"] == [1.0, 1.0]
     assert d["prefetch"], "(d) hints the coming layers, so prefetch accuracy is recorded"
+    assert r["configs"]["b"]["daemon"]["misses_low"] + r["configs"]["b"]["daemon"]["skipped"] > 0
+
+
+def test_bench_ablation_refuses_a_too_small_cache_before_running(synth, tmp_path):
+    """Preconditions first: a cache hobbitd would refuse is one line at once, not after (a)."""
+    model = str(tmp_path / "m.gguf")
+    shutil.copy(synth(**MODEL), model)
+    r = subprocess.run([*CLI, "bench", "ablation", model, "--cache", "0.05"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "[ablation] round" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "cache size" in last and "too small" in last and "minimum cache size" in last, r.stderr
 
 
 def _memory_cgroup_reason():

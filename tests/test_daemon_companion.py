@@ -8,12 +8,13 @@ import shutil
 import subprocess
 import sys
 
-from daemon_util import connect, daemon_args, hello, release, request, run_daemon, send, recv
+from daemon_util import connect, daemon_args, hello, release, request, run_daemon, send, recv, stats
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.weights import open_model
 from hobbit.compute.build.convert import convert
 from hobbit.loader import companion
 from hobbit.loader.layout import SlotFormat
+from hobbit.loader.precision import PAPER_T1, PAPER_T2
 from hobbit.loader.shm import Segment
 from hobbit.protocol import messages as m
 
@@ -82,15 +83,30 @@ def test_a_gguf_changed_after_convert_is_refused_as_stale(synth, tmp_path):
     assert "stale" in line and comp in line
 
 
-def test_convert_cli_reports_and_daemon_uses_it(synth, tmp_path):
+def test_convert_cli_reports_and_daemon_serves_exactly_until_asked_for_lossy(synth, tmp_path):
     path = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), path)
     r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Q4_K experts" in r.stdout and os.path.exists(companion.companion_path(path, ggml.Q4_K))
+    # not calibrated: served exactly (every expert high, none skipped; no low slots), and
+    # `hobbit-cli stats` says so
     with run_daemon([path], "8M", tmp_path) as d:
         s = connect(d.socket)
         w = hello(s)
-        assert set(w["models"]["m"]["regions"]) == {"high", "low"}
+        assert set(w["models"]["m"]["regions"]) == {"high"}
+        h = stats(s)["models"]["m"]["hobbit"]
         s.close(linger=0)
+        out = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "stats", "--socket",
+                              d.socket], capture_output=True, text=True, timeout=60)
+    assert h["exact"] and (h["t1"], h["t2"]) == (1.0, 1.0) and not h["calibrated"], h
+    assert out.returncode == 0 and "exact: high precision only (not calibrated)" in out.stdout, out
+    # a lossy mode when asked for by flag: the companion's low-precision slots are used
+    with run_daemon([path], "8M", tmp_path, t1=PAPER_T1, t2=PAPER_T2) as d:
+        s = connect(d.socket)
+        w = hello(s)
+        assert set(w["models"]["m"]["regions"]) == {"high", "low"}
+        h = stats(s)["models"]["m"]["hobbit"]
+        s.close(linger=0)
+    assert not h["exact"] and h["mode"] == "lossy: T1 0.60 T2 0.90", h

@@ -17,7 +17,6 @@ from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model
 
 from conftest import llama_oracle, rel_l2
-from test_evaluate import llama_scorer
 from test_parity import PROMPT, assert_parity
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
@@ -43,11 +42,11 @@ def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
 
 
 @pytest.fixture(scope="module")
-def dense_ppl(smollm2, wiki_tokens) -> float:
-    """llama.cpp's perplexity of the dense GGUF on the first 3 chunks of 512: the reference
-    of both perplexity tests below (computed once; our engine agrees with it within 1%,
+def dense_ppl(dense_llama_ppl) -> float:
+    """llama.cpp's perplexity of the dense GGUF on the first 3 chunks of 512 (conftest): the
+    reference of both perplexity tests below (our engine agrees with it within 1%,
     test_evaluate)."""
-    return evaluate.perplexity(llama_scorer(smollm2, 512), wiki_tokens, chunks=3)["ppl"]
+    return dense_llama_ppl["ppl"]
 
 
 def test_all_experts_active_has_the_dense_perplexity(moe_variant, wiki_tokens, dense_ppl):
@@ -112,13 +111,19 @@ def test_default_model_is_a_real_moe_file(default_moe, smollm2):
     assert os.path.exists(moefy.default_companion(default_moe)), "the Q4_0 companion is made with it"
 
 
-def test_build_is_deterministic(tmp_path):
-    """Two builds from scratch (no in-process caches) give the same bytes."""
+def test_build_is_deterministic(synth, tmp_path):
+    """Two builds from scratch (no in-process caches) give the same bytes: the whole recipe
+    (the dense model writing its calibration text by seeded sampling on fixed threads,
+    co-activation k-means, the ridge router, re-quantised experts) on a small dense source
+    (4 layers, F16, SmolLM2's vocabulary), so that the two builds take seconds."""
+    source = synth(layers=4, d_model=256, d_ff=512, experts=0, type="F16")
     opts = moefy.MoefyOptions(calib_tokens=256, per_prompt=64)
     paths = []
     for i in range(2):
         moefy.clear_caches()
-        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, progress=False))
+        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, source=source,
+                                     progress=False))
+    assert open_model(paths[0]).args.n_expert == opts.experts
     assert _sha(paths[0]) == _sha(paths[1])
 
 

@@ -14,28 +14,18 @@ from hobbit.compute.engine.tokenizer import Tokenizer
 from hobbit.compute.engine.weights import open_model
 from hobbit.protocol.errors import InputError
 
-from conftest import llama_oracle, wikitext_path
+from conftest import DENSE_CHUNKS, wikitext_path
 
 
-def llama_scorer(path: str, n_ctx: int):
-    """llama.cpp through llama-cpp-python as a scorer: all logits of a chunk, empty cache."""
-    llm = llama_oracle(path, n_ctx=n_ctx)
-
-    def score(tokens):
-        llm.reset()
-        llm.eval(list(tokens))
-        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
-    return score
-
-
-def test_perplexity_of_dense_smollm2_agrees_with_llama_cpp(smollm2, wiki_tokens):
-    """Our engine and llama.cpp (same method, all logits) on the first 4 chunks of 512."""
+def test_perplexity_of_dense_smollm2_agrees_with_llama_cpp(smollm2, wiki_tokens, dense_llama_ppl):
+    """Our engine and llama.cpp (same method, all logits) on the first 3 chunks of 512."""
     tok = Tokenizer(smollm2)
     assert not evaluate.model_adds_bos(tok), "SmolLM2 adds no BOS; llama.cpp replaces nothing"
-    ours = evaluate.perplexity(Model(open_model(smollm2), RunOptions(n_ctx=512)), wiki_tokens, chunks=4)
-    ref = evaluate.perplexity(llama_scorer(smollm2, 512), wiki_tokens, chunks=4)
-    assert ours["chunks"] == ref["chunks"] == 4
-    assert ours["scored"] == 4 * 255
+    ours = evaluate.perplexity(Model(open_model(smollm2), RunOptions(n_ctx=512)), wiki_tokens,
+                               chunks=DENSE_CHUNKS)
+    ref = dense_llama_ppl
+    assert ours["chunks"] == ref["chunks"] == DENSE_CHUNKS
+    assert ours["scored"] == DENSE_CHUNKS * 255
     assert abs(ours["ppl"] / ref["ppl"] - 1) < 0.01, (ours["ppl"], ref["ppl"])
     assert 5 < ours["ppl"] < 100          # a real model on real text
     assert ours["ppl_stderr"] > 0

@@ -9,7 +9,7 @@ import pytest
 from hobbit.loader.layout import PAGE
 from hobbit.loader.policy import HobbitPolicy, LRUPolicy, PolicyWeights
 from hobbit.loader.pool import Region
-from hobbit.loader.precision import HIGH, LOW, SKIP, Thresholds, unimportance
+from hobbit.loader.precision import HIGH, LOW, PAPER_T1, PAPER_T2, SKIP, Thresholds, unimportance
 
 
 # ---- token-level dynamic loading ----------------------------------------------------------
@@ -34,6 +34,17 @@ def test_hits_are_used_as_they_are():
     assert th.choose(0.8, cached_high=True, cached_low=False) == (HIGH, False)  # unimportant, high hit
     assert th.choose(0.95, cached_high=False, cached_low=True) == (SKIP, False)  # beyond T2: skipped
     assert th.choose(0.0, False, False) == (HIGH, True)
+
+
+@pytest.mark.parametrize("score", [0.0, 0.5, 0.95, 0.999999, 1.0])
+def test_default_thresholds_are_exact(score):
+    """Until a model is calibrated (or the user asks for T1/T2): every expert high, none
+    skipped, a low copy never used."""
+    th = Thresholds()
+    assert th.exact and th.on_miss(score) == HIGH
+    assert th.choose(score, cached_high=False, cached_low=True) == (HIGH, True)
+    assert th.describe(calibrated=False) == "exact: high precision only (not calibrated)"
+    assert not Thresholds(PAPER_T1, PAPER_T2).exact
 
 
 def test_switches_give_the_baselines():

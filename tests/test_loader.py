@@ -236,3 +236,25 @@ def test_convert_on_a_full_disk_fails_cleanly(synth, tmp_path):
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_fast_header_reader_reads_what_gguf_py_reads(smollm2, synth):
+    """loader.gguf_reader against gguf-py's GGUFReader: the same keys in order, value types,
+    values and element counts, and the same tensor table, on SmolLM2 (49k-token vocabulary,
+    merges, a chat template) and a synthetic MoE (stacked 3-D experts)."""
+    import gguf
+
+    from hobbit.loader.gguf_reader import GGUFHeaderReader
+
+    for path in (smollm2, synth(arch="qwen3moe", layers=2, type="Q4_0")):
+        ours, ref = GGUFHeaderReader(path), gguf.GGUFReader(path, "r")
+        assert list(ours.fields) == list(ref.fields)
+        for key, f in ref.fields.items():
+            g = ours.fields[key]
+            assert g.types == f.types and len(g.data) == len(f.data), key
+            assert g.contents() == f.contents() and type(g.contents()) is type(f.contents()), key
+        assert ours.data_offset == ref.data_offset and len(ours.tensors) == len(ref.tensors)
+        for a, b in zip(ours.tensors, ref.tensors):
+            assert (a.name, a.tensor_type, a.shape, a.n_elements, a.n_bytes, a.data_offset) == \
+                (b.name, b.tensor_type, tuple(int(d) for d in b.shape), b.n_elements, b.n_bytes,
+                 b.data_offset), a.name

@@ -49,6 +49,8 @@ def test_top_shows_occupancy_rates_and_each_clients_tokens(default_moe, tmp_path
             last = frames[-1]
             assert re.search(r"high \[#+\.*\]\s+\d+/\d+\s+slots", last), last
             assert re.search(r"experts\s+[\d.]+/s\s+hit", last) and "prefetch" in last, last
+            # the default model is not calibrated: served exactly, and top says so
+            assert "exact: high precision only (not calibrated)" in last, last
             row = next(line for line in last.splitlines() if line.split()[:1] == [str(chat.pid)])
             assert "hobbit-cli chat" in row and row.split()[-2] == str(new), row
         finally:

@@ -153,6 +153,8 @@ def cmd_stats(args) -> int:
         rate = ms.get("hits", 0) / total if total else 0.0
         print(f"  {name}: hits {ms.get('hits', 0)}  misses {ms.get('misses', 0)}  hit ratio {rate:.1%}  "
               f"read {ms.get('bytes_read', 0) / 2**20:.1f} MiB at {ms.get('read_MBps', 0):.0f} MB/s")
+        h = ms.get("hobbit", {})
+        print(f"    {h.get('mode', '?')}, policy {h.get('policy', '?')}, low type {h.get('low_type') or '-'}")
         for prec, r in ms.get("regions", {}).items():
             print(f"    {prec:5s} slots {r['ready']}/{r['slots']} filled, {r['pinned']} pinned, "
                   f"{r['slot_bytes'] / 2**20:.2f} MiB each")

@@ -39,9 +39,7 @@ def frame(socket: str, old: dict, new: dict, dt: float) -> str:
     for name, m1 in new.get("models", {}).items():
         m0 = old.get("models", {}).get(name, {})
         h = m1.get("hobbit", {})
-        thresholds = "low only" if h.get("low_only") else f"T1 {h.get('t1', 0):.2f} T2 {h.get('t2', 0):.2f}" + \
-            (" (calibrated)" if h.get("calibrated") else "")
-        lines.append(f"{name}   policy {h.get('policy', '?')}   {thresholds}   "
+        lines.append(f"{name}   policy {h.get('policy', '?')}   {h.get('mode', '?')}   "
                      f"low type {h.get('low_type') or '-'}")
         for prec, r in m1.get("regions", {}).items():
             lines.append(f"  {prec:4s} [{_bar(r['ready'], r['slots'])}] {r['ready']:5d}/{r['slots']:<5d} slots "

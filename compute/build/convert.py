@@ -65,6 +65,7 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
+        bar.close(done=True)
     except OSError as e:
         _unlink(tmp)
         raise HobbitError(f"{out}: could not write the companion file ({e.strerror or e})") from None

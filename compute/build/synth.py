@@ -148,17 +148,13 @@ def check(opts: SynthOptions) -> None:
 @functools.lru_cache(maxsize=4)
 def _read_vocab(path: str) -> tuple[int, tuple]:
     """(vocabulary size, ((key, value, type, sub_type), ...) for every tokenizer.* key).
-    Cached: GGUFReader takes seconds to parse a 49k-token vocabulary."""
-    from gguf import GGUFReader
-
+    Cached per process."""
+    from ...loader.gguf_file import open_gguf
     from .gguf_writer import copied_fields
 
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file (the vocabulary source)")
-    try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
-        raise ModelError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
+    reader = open_gguf(path).reader
     kvs = copied_fields(reader, lambda key: key.startswith("tokenizer."))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:

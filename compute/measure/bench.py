@@ -89,7 +89,7 @@ def _add_ablation_parser(kinds) -> None:
                          description="(a) high precision only + LRU, (b) + dynamic loading, (c) + "
                                      "prefetch, (d) + multidimensional cache (= hobbit), (e) low "
                                      "precision only; each with a fresh hobbitd and the same cache "
-                                     "size. Needs the companion file (hobbit-cli convert MODEL).")
+                                     "size. Converts the low-precision companion first if it is missing.")
     p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
     p.add_argument("--cache", type=float, default=0.25, metavar="FRACTION",
                    help="cache size as a fraction of the expert bytes (default 0.25)")

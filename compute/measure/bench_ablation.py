@@ -8,6 +8,10 @@ configuration does the same work and KLD compares the same positions.
   (c) + layer-level adaptive prefetch
   (d) + multidimensional cache policy (= hobbit)
   (e) low precision only (+ LRU)
+
+hobbitd serves an uncalibrated model exactly (no low precision, no skips), so (b)-(d) ask
+for the paper's thresholds then (a calibrated model keeps its own). A model without a
+companion file gets one first (`convert`, with a progress bar), so every configuration runs.
 """
 from __future__ import annotations
 
@@ -103,6 +107,48 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
     return result, tokens_all, logits_all
 
 
+def prepare(weights, cache: int, progress: bool = True) -> list:
+    """The preconditions of a MoE's ablation, checked before any configuration runs: a low-precision
+    companion (converted now when missing; ModelError for experts that have no smaller
+    type) and a cache hobbitd accepts for the mixed configurations. Returns the threshold
+    flags for (b)-(d): none for a calibrated model, else the paper's."""
+    from ...loader.companion import auto_low_type, companion_path, low_type_choices
+    from ...loader.layout import gguf_experts
+    from ...loader.models import ModelOptions, open_models, plan_cache
+    from ...loader.precision import PAPER_T1, PAPER_T2
+    from ..build.convert import convert
+
+    path = weights.path
+    fmt = gguf_experts(weights).format
+    made = [c for c in low_type_choices(fmt) if os.path.exists(companion_path(path, c))]
+    if not made:
+        low = auto_low_type(fmt, path)
+        if progress:
+            print(f"[ablation] {path} has no low-precision companion: converting it "
+                  f"({companion_path(path, low)})", file=sys.stderr, flush=True)
+        convert(weights, low, progress=progress)
+        made = [low]
+    # the daemon's own cache plan, so a too-small cache fails now, not at (b)
+    plan_cache(open_models([path], ModelOptions(t1=PAPER_T1, t2=PAPER_T2)), cache, 0.25)
+    return lossy_flags(path)
+
+
+def lossy_flags(path: str) -> list:
+    """hobbitd flags for a benchmark's dynamic-loading runs: none when the model's companion
+    is calibrated (hobbitd uses its thresholds), else the paper's T1/T2 (an uncalibrated
+    model is served exactly unless asked otherwise)."""
+    from ...loader.calibration import load_calibration
+    from ...loader.companion import companion_path, low_type_choices
+    from ...loader.layout import gguf_experts
+    from ...loader.gguf_file import open_gguf
+    from ...loader.precision import PAPER_T1, PAPER_T2
+
+    fmt = gguf_experts(open_gguf(path)).format
+    if any(load_calibration(companion_path(path, c)) for c in low_type_choices(fmt)):
+        return []
+    return ["--t1", f"{PAPER_T1:g}", "--t2", f"{PAPER_T2:g}"]
+
+
 def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32,
         configs=None, rounds=3, progress=True) -> dict:
     from ...loader.layout import gguf_experts
@@ -115,9 +161,11 @@ def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=
     src = gguf_experts(weights)
     expert_bytes = src.n_layer * src.n_expert * src.format.slot_bytes
     cache = int(cache_fraction * expert_bytes)
+    lossy = prepare(weights, cache, progress)
     words = Tokenizer(model_path).encode(PROMPT_TEXT * 20)
     prompts = [words[:n] for n in prompt_tokens]
-    chosen = [c for c in CONFIGS if not configs or c[0] in configs]
+    chosen = [(key, label, flags + lossy if key in "bcd" else flags, la)
+              for key, label, flags, la in CONFIGS if not configs or key in configs]
     per_round = {key: [] for key, *_ in chosen}
     ref_tokens, ref_logits = None, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +186,7 @@ def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=
                for (key, label, *_), rs in zip(chosen, per_round.values())}
     return {"model": model_path, "cache_fraction": cache_fraction, "cache_bytes": cache,
             "expert_bytes": expert_bytes, "prompt_tokens": list(prompt_tokens), "n_decode": n_decode,
-            "rounds": rounds, "configs": results,
+            "rounds": rounds, "thresholds": " ".join(lossy) or "calibrated", "configs": results,
             "method": ("each round runs every configuration in turn, each with a fresh hobbitd "
                        "(same --cache-size), one client process, the same prompts; prefill "
                        "latency = mean wall time of the prompt forward; decode tok/s = generated "
@@ -173,7 +221,7 @@ def _summarise(rs: list, base: list | None, label: str) -> dict:
 def print_table(r: dict) -> None:
     print(f"bench ablation: {r['model']}, cache {r['cache_fraction']:.0%} of expert bytes "
           f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, "
-          f"{r['n_decode']} decoded, {r['rounds']} rounds")
+          f"{r['n_decode']} decoded, {r['rounds']} rounds; (b)-(d) thresholds {r['thresholds']}")
     print(f"{'config':30s} {'dec tok/s':>9s} {'(min-max)':>11s} {'x(a)':>5s} {'prefill s':>9s} "
           f"{'hit hi':>6s} {'hit lo':>6s} {'skip':>5s} {'MB/tok':>6s} {'pf top1@1':>9s} "
           f"{'ms/tok: compute':>15s} {'wait':>5s} {'other':>5s} {'KLD':>7s}")

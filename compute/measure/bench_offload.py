@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...protocol.errors import HobbitError, InputError
+from .bench_ablation import lossy_flags
 
 MiB = 1 << 20
 CLIENT_ALLOWANCE = 256 * MiB   # added to the limit for each client process beyond the first
@@ -168,13 +169,13 @@ def _clients(opts, path: str, cache: int, limit: int, n: int, tmp: str) -> dict:
                  "threads": threads, "lookahead": 3, "skip": 5 * i} for i, sock in enumerate(socks)]
 
     def shared(cg):
-        with daemon(path, cache, [], tmp, preexec=cg.enter) as sock:
+        with daemon(path, cache, lossy_flags(path), tmp, preexec=cg.enter) as sock:
             return {"clients": _run_workers(specs("hobbit", [sock] * n), cg.enter),
                     "daemons": [_daemon_stats(sock)]}
 
     def separate(cg):
         with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(daemon(path, cache // n, [], tmp, preexec=cg.enter))
+            socks = [stack.enter_context(daemon(path, cache // n, lossy_flags(path), tmp, preexec=cg.enter))
                      for _ in range(n)]
             return {"clients": _run_workers(specs("hobbit", socks), cg.enter),
                     "daemons": [_daemon_stats(sock) for sock in socks]}
@@ -211,7 +212,7 @@ def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: i
         single = OffloadOptions(**{**opts.__dict__, "runs": first})
         try:
             r = _limited(f"sweep {budget}: hobbit", limit,
-                         lambda cg: _hobbit_run(single, path, nbytes - other_bytes, [], 3, cg, tmp))
+                         lambda cg: _hobbit_run(single, path, nbytes - other_bytes, lossy_flags(path), 3, cg, tmp))
             point["hobbit_tok_s"] = r["runs"][0]["decode_tok_s"] if "runs" in r else None
         except HobbitError as e:        # e.g. a cache too small for one layer's experts
             point["hobbit_error"] = str(e)
@@ -319,7 +320,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
                                                             "--no-prefetch"], 0, cg, tmp))
             res["hobbit"] = _limited(
                 "hobbit, all techniques, in the limit", limit,
-                lambda cg: _hobbit_run(opts, path, cache, [], 3, cg, tmp))
+                lambda cg: _hobbit_run(opts, path, cache, lossy_flags(path), 3, cg, tmp))
             for b in opts.sweep:       # the first run's sizes at each budget, for the plot
                 report["sweep"].append(_sweep_point(opts, path, b, expert_bytes, other_bytes, tmp))
             for n in opts.clients:
@@ -373,9 +374,7 @@ def print_table(r: dict) -> None:
     for key in ("hobbit_high_lru", "hobbit"):
         st = r["results"].get(key, {}).get("settings")
         if st:
-            print(f"{key}: policy {st['policy']}, " + ("low precision only" if st["low_only"] else
-                  f"T1 {st['t1']:g} T2 {st['t2']:g}{' (calibrated)' if st['calibrated'] else ''}"
-                  if st["dynamic"] else "high precision only"))
+            print(f"{key}: policy {st['policy']}, {st['mode']}")
     print(f"{'run':34s} {'prompt':>6s} {'out':>4s} {'prefill s':>9s} {'tok/s':>7s} {'x llama':>7s} "
           f"{'MB/tok':>7s} {'floor':>6s} {'same tok':>8s} {'ms/tok: compute':>15s} {'wait':>6s} "
           f"{'other':>6s} {'peak MiB':>8s}")
