@@ -45,10 +45,12 @@ def add_parser(sub) -> None:
     from .bench_companions import add_parser as add_companions_parser
     from .bench_fit import add_parser as add_fit_parser
     from .bench_slots import add_parser as add_slots_parser
+    from .bench_soak import add_parser as add_soak_parser
     add_offload_parser(kinds, _add_output_options, _report)
     add_slots_parser(kinds, _add_output_options, _report)
     add_companions_parser(kinds, _add_output_options, _report)
     add_fit_parser(kinds, _add_output_options, _report)
+    add_soak_parser(kinds, _add_output_options, _report)
 
 
 def _add_output_options(p) -> None:

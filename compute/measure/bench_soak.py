@@ -1,0 +1,215 @@
+"""`hobbit-cli bench soak`: many clients on one hobbitd for minutes, with crashes.
+
+N client slots each run `hobbit-cli generate` (greedy, the same prompt) through one hobbitd
+again and again; every few seconds a random running client is SIGKILLed, and hobbitd itself
+is SIGKILLed and started again on the same socket (systemd's Restart=on-failure) a given
+number of times, spread over the run. At the end it checks and prints: answers completed
+and whether each equals the in-process answer (hobbitd serves exactly unless calibrated, so
+a restart must not change a greedy answer), errors by kind, clients killed, pins hobbitd
+still holds once every client is gone, what the daemons left in /dev/shm and the socket
+folder, and hobbitd's RSS and open files over time. No timed assertions: it reports.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPT = "The old lighthouse keeper climbed the stairs and"
+SHM = "/dev/shm"
+
+
+def _generate_cmd(model: str, socket: str, n: int, reconnect_s: float) -> list[str]:
+    return [sys.executable, "-m", "hobbit.compute.apps.cli", "generate", model, "-p", PROMPT,
+            "-n", str(n), "--temperature", "0", "--socket", socket,
+            "--reconnect-deadline", str(reconnect_s)]
+
+
+def _reference(model: str, n: int) -> str:
+    r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "generate", model,
+                        "-p", PROMPT, "-n", str(n), "--temperature", "0", "--no-daemon"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"the in-process reference failed: {r.stderr.strip()[-300:]}")
+    return r.stdout
+
+
+def _ours(pids: set) -> list[str]:
+    """/dev/shm entries made by hobbitd processes with these pids (hobbit-PID-...)."""
+    return sorted(n for n in os.listdir(SHM)
+                  if n.startswith("hobbit-") and n.split("-")[1].isdigit()
+                  and int(n.split("-")[1]) in pids)
+
+
+def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_tokens: int = 16,
+        kill_every: float = 5.0, daemon_kills: int = 1, cache: float = 0.25, seed: int = 0,
+        progress: bool = True) -> dict:
+    """The soak (see the module docstring); `cache` as a share of the expert bytes."""
+    import psutil
+
+    from ...loader.layout import gguf_experts
+    from ..client.daemon import DaemonProcess
+    from ..engine.weights import open_model
+    from .bench_offload import synthetic_model
+
+    model = model or synthetic_model(quick=True, progress=progress)
+    src = gguf_experts(open_model(model))
+    cache_bytes = int(cache * src.n_layer * src.n_expert * src.format.slot_bytes)
+    reference = _reference(model, n_tokens)
+    rng = random.Random(seed)
+    work = tempfile.mkdtemp(prefix="hobbit-soak-")
+    sock = os.path.join(work, "hobbitd.sock")
+    d = DaemonProcess([model], sock, log_path=os.path.join(work, "hobbitd.log"), cache_size=cache_bytes)
+    d.wait_ready()
+    pids = {d.proc.pid}
+    duration = minutes * 60
+    kill_at = [duration * (i + 1) / (daemon_kills + 1) for i in range(daemon_kills)]
+    slots: list = [None] * clients
+    out = {"answers": 0, "correct": 0, "wrong": 0, "errors": {}, "clients_killed": 0,
+           "daemon_kills": 0, "rss_mib": [], "fds": []}
+    t0 = time.monotonic()
+    next_kill = t0 + kill_every
+    next_sample = t0
+
+    def start(i):
+        log = open(os.path.join(work, f"client-{i}.err"), "w+")
+        slots[i] = (subprocess.Popen(_generate_cmd(model, sock, n_tokens, 60), stdout=subprocess.PIPE,
+                                     stderr=log, text=True), log)
+
+    def finish(i, killed=False):
+        proc, log = slots[i]
+        stdout, _ = proc.communicate()
+        log.seek(0)
+        err = log.read().strip().splitlines()
+        log.close()
+        slots[i] = None
+        if killed:
+            out["clients_killed"] += 1
+        elif proc.returncode == 0:
+            out["answers"] += 1
+            out["correct" if stdout == reference else "wrong"] += 1
+        else:
+            kind = (err[-1] if err else f"exit {proc.returncode}")[:120]
+            out["errors"][kind] = out["errors"].get(kind, 0) + 1
+
+    try:
+        for i in range(clients):
+            start(i)
+        while time.monotonic() - t0 < duration:
+            now = time.monotonic()
+            if kill_at and now - t0 >= kill_at[0]:
+                kill_at.pop(0)
+                d.proc.kill()                 # a crash, as the kernel's OOM killer would
+                d.proc.wait()
+                out["daemon_kills"] += 1
+                time.sleep(1.0)               # systemd's RestartSec, shortened
+                d.restart()
+                pids.add(d.proc.pid)
+            if now >= next_kill:
+                running = [i for i, s in enumerate(slots) if s is not None and s[0].poll() is None]
+                if running:
+                    i = rng.choice(running)
+                    slots[i][0].kill()
+                    finish(i, killed=True)
+                    start(i)
+                next_kill = now + kill_every
+            if now >= next_sample:
+                try:
+                    p = psutil.Process(d.proc.pid)
+                    out["rss_mib"].append(round(p.memory_info().rss / 2**20, 1))
+                    out["fds"].append(p.num_fds())
+                except psutil.Error:
+                    pass
+                next_sample = now + 1.0
+            for i, s in enumerate(slots):
+                if s is not None and s[0].poll() is not None:
+                    finish(i)
+                    start(i)
+            time.sleep(0.05)
+        for i, s in enumerate(slots):           # let the last ones finish
+            if s is not None:
+                try:
+                    s[0].wait(120)
+                except subprocess.TimeoutExpired:
+                    s[0].kill()
+                finish(i)
+        out["pins_after"], out["sessions_after"] = _pins(sock)
+    finally:
+        for s in slots:
+            if s is not None:
+                s[0].kill()
+        rc = d.stop()
+    out["daemon_exit"] = rc
+    out["leftover_shm"] = _ours(pids)
+    out["leftover_files"] = sorted(f for f in os.listdir(work)
+                                   if not f.endswith((".log", ".err")))
+    out.update(model=model, clients=clients, minutes=minutes, n_tokens=n_tokens,
+               kill_every_s=kill_every, cache_bytes=cache_bytes)
+    if out["errors"] or out["wrong"] or out["leftover_files"]:
+        out["workdir"] = work          # kept: the daemon's and the clients' logs tell why
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _pins(sock: str) -> tuple:
+    """(pinned slots, sessions) hobbitd reports once the clients are gone (after its reaper
+    ran: a killed client's session ends when hobbitd sees its process is gone)."""
+    from ..client.expert_client import ExpertClient
+
+    time.sleep(2.0)
+    c = ExpertClient(sock, None, timeout=5, retries=0, reconnect_s=0)
+    try:
+        st = c.stats()
+    finally:
+        c.close()
+    pins = sum(r["pinned"] for mo in st["models"].values() for r in mo["regions"].values())
+    return pins, sum(s["pid"] != os.getpid() for s in st["sessions"])    # not ourselves
+
+
+def print_table(r: dict) -> None:
+    print(f"bench soak: {r['model']}, {r['clients']} clients for {r['minutes']:g} min, "
+          f"{r['n_tokens']} tokens per answer, a client SIGKILLed every {r['kill_every_s']:g} s, "
+          f"hobbitd SIGKILLed and restarted {r['daemon_kills']} times")
+    print(f"  answers completed      {r['answers']} ({r['correct']} equal to in-process, {r['wrong']} not)")
+    print(f"  clients killed         {r['clients_killed']}")
+    errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
+    print(f"  errors                 {errors}")
+    print(f"  pins held afterwards   {r['pins_after']} (sessions left: {r['sessions_after']})")
+    print(f"  left in /dev/shm       {', '.join(r['leftover_shm']) or 'nothing'}")
+    print(f"  left in the socket dir {', '.join(r['leftover_files']) or 'nothing'}")
+    rss, fds = r["rss_mib"], r["fds"]
+    if rss:
+        print(f"  hobbitd RSS MiB        first {rss[0]}, max {max(rss)}, last {rss[-1]}")
+        print(f"  hobbitd open files     first {fds[0]}, max {max(fds)}, last {fds[-1]}")
+    print(f"  hobbitd exit code      {r['daemon_exit']}")
+    if r.get("workdir"):
+        print(f"  logs kept in           {r['workdir']}")
+
+
+def add_parser(kinds, add_output_options, report) -> None:
+    p = kinds.add_parser("soak", prog="hobbit-cli bench soak",
+                         help="clients on one hobbitd for minutes, with client and daemon SIGKILLs",
+                         description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a MoE GGUF (default: bench offload's small synthetic model)")
+    p.add_argument("--clients", type=int, default=4, metavar="N", help="client slots (default 4)")
+    p.add_argument("--minutes", type=float, default=1.0, metavar="M", help="how long (default 1)")
+    p.add_argument("-n", "--n-tokens", type=int, default=16, metavar="N",
+                   help="tokens per answer (default 16)")
+    p.add_argument("--kill-every", type=float, default=5.0, metavar="S",
+                   help="SIGKILL a random client every S seconds (default 5)")
+    p.add_argument("--daemon-kills", type=int, default=1, metavar="K",
+                   help="SIGKILL and restart hobbitd K times, spread over the run (default 1)")
+    p.add_argument("--cache", type=float, default=0.25, metavar="F",
+                   help="hobbitd's cache as a share of the expert bytes (default 0.25)")
+    add_output_options(p)
+
+    def cmd(args):
+        return report(args, run(args.model, args.clients, args.minutes, args.n_tokens,
+                                args.kill_every, args.daemon_kills, args.cache), print_table)
+    p.set_defaults(func=cmd)
