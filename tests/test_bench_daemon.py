@@ -145,15 +145,19 @@ def test_bench_fit_runs_every_engine_side_by_side(synth):
 
 
 def test_bench_soak_loses_nothing(synth):
-    """The soak's short form: two clients on one hobbitd for ~25 s, a client SIGKILLed every
-    4 s and hobbitd SIGKILLed and restarted once: every answer that completes is the
-    in-process one, no client fails, and afterwards hobbitd holds no pins and no daemon left
-    anything in /dev/shm or its socket folder."""
+    """The soak's short form: two `generate` clients and a `serve` on one hobbitd for ~25 s,
+    a client SIGKILLed every 4 s and hobbitd SIGKILLed and restarted once: every answer that
+    completes is the in-process one, no client fails (serve answers on across the restart),
+    and afterwards hobbitd holds no pins and no daemon left anything in /dev/shm or its
+    socket folder."""
     r = cli_json("bench", "soak", synth(**MODEL), "--clients", "2", "--minutes", "0.4",
                  "-n", "8", "--kill-every", "4", "--daemon-kills", "1", timeout=600)
     assert r["daemon_kills"] == 1 and r["clients_killed"] >= 2
     assert r["answers"] >= 2 and r["wrong"] == 0, r
     assert r["errors"] == {}, r["errors"]
+    sv = r["serve"]
+    assert sv["answers"] >= 2 and sv["correct"] == sv["answers"] and sv["errors"] == {}, sv
+    assert r["serve_exit"] == 0
     assert r["pins_after"] == 0 and r["sessions_after"] == 0
     assert r["leftover_shm"] == [] and r["leftover_files"] == []
     assert r["daemon_exit"] == 0

@@ -207,3 +207,29 @@ def test_generate_exits_when_no_daemon_comes_back(model, tmp_path):
     assert last.startswith("hobbit-cli: error: hobbitd at ") and "is gone" in last, err
     assert "Traceback" not in err
     assert took < 2 + 3, took
+
+
+def test_a_client_started_while_its_daemon_restarts_waits_for_it(model, reference, tmp_path):
+    """hobbitd SIGKILLed (its socket file left behind) and restarted a moment later, as
+    systemd does: a `generate` started in between waits for the new one (up to its
+    reconnect deadline) instead of failing, and prints the usual text."""
+    size = cache_bytes(model, 0.25)
+    with run_daemon([model], size, tmp_path) as d:
+        d.proc.kill()
+        d.proc.wait()
+        assert os.path.exists(d.socket)
+        cli = subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature",
+                                "0", "--socket", d.socket, "--reconnect-deadline", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            waiting = cli.stderr.readline()          # once it found nobody at the socket
+            assert "waiting up to 60 s" in waiting, waiting + cli.communicate()[1]
+            time.sleep(0.5)
+            assert cli.poll() is None
+            with run_daemon([model], size, tmp_path):
+                out, err = cli.communicate(timeout=120)
+        finally:
+            cli.kill()
+            d.died()
+    assert cli.returncode == 0, err
+    assert out == reference

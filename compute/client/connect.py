@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from ...protocol.errors import DaemonError
 from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
@@ -47,6 +48,20 @@ class PrivateDaemon(DaemonProcess):
         return rc
 
 
+def _wait_for_restart(socket: str, deadline_s: float, quiet: bool) -> None:
+    """A socket file nobody answers at: its hobbitd died and may be restarting (systemd
+    restarts it within seconds), so look again with backoff for up to deadline_s seconds,
+    as a client that lost its daemon does."""
+    deadline = time.monotonic() + deadline_s
+    if not quiet:
+        print(f"hobbit: hobbitd at {socket} does not answer; waiting up to {deadline_s:.0f} s "
+              "for it to restart", file=sys.stderr)
+    pause = 0.1
+    while time.monotonic() < deadline and not daemon_answers(socket):
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, 1.0)
+
+
 def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = False,
             reconnect_s: float = RECONNECT_S):
     """An ExpertClient for `model_path`: through the hobbitd at `socket` when one answers,
@@ -55,6 +70,8 @@ def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = 
     client looks for a hobbitd again once its own is gone."""
     from .expert_client import ExpertClient
 
+    if not autostart and not daemon_answers(socket) and os.path.exists(socket):
+        _wait_for_restart(socket, reconnect_s, quiet)
     if daemon_answers(socket):
         client = ExpertClient(socket, model_path, reconnect_s=reconnect_s)
         if not quiet:

@@ -1,7 +1,9 @@
 """`hobbit-cli bench soak`: many clients on one hobbitd for minutes, with crashes.
 
 N client slots each run `hobbit-cli generate` (greedy, the same prompt) through one hobbitd
-again and again; every few seconds a random running client is SIGKILLed, and hobbitd itself
+again and again, and one `hobbit-cli serve` on the same hobbitd answers completion requests
+(the same prompt, greedy) one after another for the whole run; every few seconds a random
+running `generate` client is SIGKILLed, and hobbitd itself
 is SIGKILLed and started again on the same socket (systemd's Restart=on-failure) a given
 number of times, spread over the run. At the end it checks and prints: answers completed
 and whether each equals the in-process answer (hobbitd serves exactly unless calibrated, so
@@ -12,12 +14,17 @@ folder, and hobbitd's RSS and open files over time. No timed assertions: it repo
 from __future__ import annotations
 
 import os
+import json
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 SHM = "/dev/shm"
@@ -45,9 +52,61 @@ def _ours(pids: set) -> list[str]:
                   and int(n.split("-")[1]) in pids)
 
 
+class _Served:
+    """`hobbit-cli serve` on a free port through the soak's hobbitd, asked for the prompt's
+    greedy completion again and again from a thread until stop()."""
+
+    def __init__(self, model: str, socket: str, work: str, n_tokens: int, expected: str):
+        self.log_path = os.path.join(work, "serve.log")
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hobbit.compute.apps.cli", "serve", model, "--port", "0",
+                 "--socket", socket, "--reconnect-deadline", "60"], stdout=log, stderr=log)
+        deadline, self.url = time.monotonic() + 120, None
+        while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
+            with open(self.log_path) as f:
+                found = re.search(r"listening on (http://[\d.]+:\d+)/v1", f.read())
+            self.url = found and found.group(1)
+            time.sleep(0.1)
+        if self.url is None:
+            self.proc.kill()
+            raise RuntimeError(f"serve did not start: {open(self.log_path).read()[-300:]}")
+        self.body = json.dumps({"prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0}).encode()
+        self.expected = expected
+        self.answers = self.correct = 0
+        self.errors: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ask, daemon=True)
+        self._thread.start()
+
+    def _ask(self) -> None:
+        while not self._stop.is_set():
+            req = urllib.request.Request(self.url + "/v1/completions", self.body,
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    text = json.loads(r.read())["choices"][0]["text"]
+                self.answers += 1
+                self.correct += text == self.expected
+            except Exception as e:      # counted by kind: the soak reports, never raises
+                kind = f"serve: {type(e).__name__}: {e}"[:120]
+                self.errors[kind] = self.errors.get(kind, 0) + 1
+                time.sleep(0.5)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(180)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
 def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_tokens: int = 16,
         kill_every: float = 5.0, daemon_kills: int = 1, cache: float = 0.25, seed: int = 0,
-        progress: bool = True) -> dict:
+        serve: bool = True, progress: bool = True) -> dict:
     """The soak (see the module docstring); `cache` as a share of the expert bytes."""
     import psutil
 
@@ -70,7 +129,7 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
     kill_at = [duration * (i + 1) / (daemon_kills + 1) for i in range(daemon_kills)]
     slots: list = [None] * clients
     out = {"answers": 0, "correct": 0, "wrong": 0, "errors": {}, "clients_killed": 0,
-           "daemon_kills": 0, "rss_mib": [], "fds": []}
+           "daemon_kills": 0, "rss_mib": [], "private_mib": [], "fds": []}
     t0 = time.monotonic()
     next_kill = t0 + kill_every
     next_sample = t0
@@ -96,7 +155,10 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
             kind = (err[-1] if err else f"exit {proc.returncode}")[:120]
             out["errors"][kind] = out["errors"].get(kind, 0) + 1
 
+    served = None
     try:
+        if serve:
+            served = _Served(model, sock, work, n_tokens, reference[:-1])   # generate adds a newline
         for i in range(clients):
             start(i)
         while time.monotonic() - t0 < duration:
@@ -120,7 +182,9 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
             if now >= next_sample:
                 try:
                     p = psutil.Process(d.proc.pid)
-                    out["rss_mib"].append(round(p.memory_info().rss / 2**20, 1))
+                    mem = p.memory_info()      # shared: the cache's pages; the rest is private
+                    out["rss_mib"].append(round(mem.rss / 2**20, 1))
+                    out["private_mib"].append(round((mem.rss - mem.shared) / 2**20, 1))
                     out["fds"].append(p.num_fds())
                 except psutil.Error:
                     pass
@@ -137,11 +201,18 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
                 except subprocess.TimeoutExpired:
                     s[0].kill()
                 finish(i)
+        if served is not None:
+            out["serve_exit"] = served.stop()
+            out["serve"] = {"answers": served.answers, "correct": served.correct,
+                            "errors": served.errors}
+            served = None
         out["pins_after"], out["sessions_after"] = _pins(sock)
     finally:
         for s in slots:
             if s is not None:
                 s[0].kill()
+        if served is not None:
+            served.stop()
         rc = d.stop()
     out["daemon_exit"] = rc
     out["leftover_shm"] = _ours(pids)
@@ -149,7 +220,9 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
                                    if not f.endswith((".log", ".err")))
     out.update(model=model, clients=clients, minutes=minutes, n_tokens=n_tokens,
                kill_every_s=kill_every, cache_bytes=cache_bytes)
-    if out["errors"] or out["wrong"] or out["leftover_files"]:
+    sv = out.get("serve", {})
+    if out["errors"] or out["wrong"] or out["leftover_files"] or sv.get("errors") \
+            or sv.get("answers", 0) != sv.get("correct", 0):
         out["workdir"] = work          # kept: the daemon's and the clients' logs tell why
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -179,12 +252,19 @@ def print_table(r: dict) -> None:
     print(f"  clients killed         {r['clients_killed']}")
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
     print(f"  errors                 {errors}")
+    if "serve" in r:
+        sv = r["serve"]
+        serrors = ", ".join(f"{k}: {v}" for k, v in sv["errors"].items()) or "none"
+        print(f"  serve                  {sv['answers']} answers ({sv['correct']} equal to in-process), "
+              f"errors: {serrors}; exit code {r['serve_exit']}")
     print(f"  pins held afterwards   {r['pins_after']} (sessions left: {r['sessions_after']})")
     print(f"  left in /dev/shm       {', '.join(r['leftover_shm']) or 'nothing'}")
     print(f"  left in the socket dir {', '.join(r['leftover_files']) or 'nothing'}")
     rss, fds = r["rss_mib"], r["fds"]
     if rss:
-        print(f"  hobbitd RSS MiB        first {rss[0]}, max {max(rss)}, last {rss[-1]}")
+        prv = r["private_mib"]
+        print(f"  hobbitd RSS MiB        first {rss[0]}, max {max(rss)}, last {rss[-1]} "
+              f"(not shared: first {prv[0]}, max {max(prv)}, last {prv[-1]})")
         print(f"  hobbitd open files     first {fds[0]}, max {max(fds)}, last {fds[-1]}")
     print(f"  hobbitd exit code      {r['daemon_exit']}")
     if r.get("workdir"):
@@ -207,9 +287,11 @@ def add_parser(kinds, add_output_options, report) -> None:
                    help="SIGKILL and restart hobbitd K times, spread over the run (default 1)")
     p.add_argument("--cache", type=float, default=0.25, metavar="F",
                    help="hobbitd's cache as a share of the expert bytes (default 0.25)")
+    p.add_argument("--no-serve", action="store_true", help="no `serve` client, only `generate` ones")
     add_output_options(p)
 
     def cmd(args):
         return report(args, run(args.model, args.clients, args.minutes, args.n_tokens,
-                                args.kill_every, args.daemon_kills, args.cache), print_table)
+                                args.kill_every, args.daemon_kills, args.cache,
+                                serve=not args.no_serve), print_table)
     p.set_defaults(func=cmd)
