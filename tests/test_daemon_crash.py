@@ -10,6 +10,7 @@ import fcntl
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -213,3 +214,32 @@ def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
         assert request(sock, "cut", 0, [0], rid=7) == held
         assert "changed after hobbitd opened it" in d.stderr
         sock.close(linger=0)
+
+
+def test_a_private_daemon_killed_with_its_owner_leaves_nothing_after_the_next_start(synth, tmp_path):
+    """Owner and private hobbitd SIGKILLed together (its process group and itself): nobody
+    could clean up, so the next private daemon's start removes the dead pair's folder (and
+    the next hobbitd start their segment); a live owner's folder is never touched."""
+    path = synth(**SYNTH)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    owners = [subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        (dead_daemon, dead), (_, live) = (o.stdout.readline().split() for o in owners)
+        os.kill(int(dead_daemon), signal.SIGKILL)
+        owners[0].kill()
+        owners[0].wait()
+        assert os.path.isdir(dead) and os.path.isdir(live)
+        third = subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            _, fresh = third.stdout.readline().split()
+            assert not os.path.exists(dead) and os.path.isdir(live) and os.path.isdir(fresh)
+            assert not segments(int(dead_daemon))
+        finally:
+            third.kill()
+            third.wait()
+    finally:
+        for o in owners:
+            o.kill()
+            o.wait()

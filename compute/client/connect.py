@@ -21,6 +21,42 @@ from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
 from .expert_client import RECONNECT_S
 
 
+PRIVATE_FILES = {"hobbitd.sock", "hobbitd.log"}
+
+
+def _sweep_private_folders(base: str) -> None:
+    """Remove the folders of private daemons whose owner and daemon both died (SIGKILLed
+    together: neither could clean up): ours by name (hobbit-PID-...), holding only what a
+    private daemon writes, its owner pid gone, nobody answering at its socket."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "hobbit" or not parts[1].isdigit():
+            continue
+        path = os.path.join(base, name)
+        try:
+            if not os.path.isdir(path) or os.path.islink(path) or os.stat(path).st_uid != os.getuid() \
+                    or not set(os.listdir(path)) <= PRIVATE_FILES or _alive(int(parts[1])):
+                continue
+        except OSError:
+            continue
+        if not daemon_answers(os.path.join(path, "hobbitd.sock"), timeout=0.5):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class PrivateDaemon(DaemonProcess):
     """A hobbitd subprocess owned by this process (see the module docstring)."""
 
@@ -28,7 +64,9 @@ class PrivateDaemon(DaemonProcess):
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not base or not os.access(base, os.W_OK):
             base = None
-        self.folder = tempfile.mkdtemp(prefix="hobbit-", dir=base)    # mode 0700
+        _sweep_private_folders(base or tempfile.gettempdir())
+        # mode 0700; named by its owner's pid, so that a later owner can tell it is dead
+        self.folder = tempfile.mkdtemp(prefix=f"hobbit-{os.getpid()}-", dir=base)
         env = {k: v for k, v in os.environ.items() if k not in ("HOBBIT_SOCKET", "NOTIFY_SOCKET")}
         super().__init__([model_path], os.path.join(self.folder, "hobbitd.sock"),
                          log_path=os.path.join(self.folder, "hobbitd.log"), cache_size=cache_size,
