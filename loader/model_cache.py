@@ -98,7 +98,7 @@ class ModelCache:
 
         mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
         th, w = self.thresholds, self.policy.weights
-        return {"requested": self.requested, "hits": self.hits, "misses": self.misses,
+        return {"path": self.path, "requested": self.requested, "hits": self.hits, "misses": self.misses,
                 "waits": self.waits, "skipped": self.skipped,
                 **{k: self.by_precision[k] for k in ("hits_high", "hits_low", "misses_high", "misses_low")},
                 "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,

@@ -233,3 +233,19 @@ def test_a_client_started_while_its_daemon_restarts_waits_for_it(model, referenc
             d.died()
     assert cli.returncode == 0, err
     assert out == reference
+
+
+def test_models_lists_what_the_running_daemon_serves(model, tmp_path):
+    """`hobbit-cli models` asks the hobbitd at the socket what it serves (and says so when
+    none runs there)."""
+    import json
+
+    with run_daemon([model], cache_bytes(model, 0.25), tmp_path) as d:
+        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        served = json.loads(r.stdout)["served"]
+        assert [m["path"] for m in served.values()] == [os.path.realpath(model)]
+        assert "exact" in next(iter(served.values()))["mode"]
+    r = subprocess.run([*CLI, "models", "--socket", d.socket], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "not running" in r.stdout.splitlines()[0], r.stdout + r.stderr

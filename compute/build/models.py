@@ -1,6 +1,6 @@
 """The prepared models under the user's data folder ($XDG_DATA_HOME/hobbit/models):
-`hobbit-cli models` lists them, `hobbit-cli prepare` builds the default MoE (or a variant)
-with moefy (build/moefy.py)."""
+`hobbit-cli models` lists them (and what a running hobbitd serves), `hobbit-cli prepare`
+builds the default MoE (or a variant) with moefy (build/moefy.py)."""
 from __future__ import annotations
 
 import os
@@ -41,14 +41,41 @@ def list_models() -> list[dict]:
 
 # ---- command line ---------------------------------------------------------------------------------
 
+def served_models(socket: str) -> dict | None:
+    """{name: {path, mode, holds_all}} of the hobbitd answering at `socket`; None if none does."""
+    from ..client.daemon import daemon_answers
+    from ..client.expert_client import ExpertClient
+
+    if not daemon_answers(socket):
+        return None
+    client = ExpertClient(socket, None, timeout=5, retries=0, reconnect_s=0)
+    try:
+        st = client.stats()
+    finally:
+        client.close()
+    return {name: {"path": ms.get("path"), "mode": ms.get("hobbit", {}).get("mode"),
+                   "holds_all": ms.get("holds_all")} for name, ms in st.get("models", {}).items()}
+
+
 def cmd_models(args) -> int:
     import json
 
+    from ...hobbitd.config import default_socket
+
     models = list_models()
     default = default_model_file()
+    socket = args.socket or default_socket()
+    served = served_models(socket)
     if args.json:
-        print(json.dumps({"dir": models_dir(), "default": default, "models": models}))
+        print(json.dumps({"dir": models_dir(), "default": default, "models": models,
+                          "socket": socket, "served": served}))
         return 0
+    if served is None:
+        print(f"hobbitd at {socket}: not running (commands start a private one for their model)")
+    else:
+        print(f"hobbitd at {socket} serves:")
+        for name, m in served.items():
+            print(f"  {name}  {m['path']}  {m['mode'] or ''}{'  (every expert cached)' if m['holds_all'] else ''}")
     print(f"{models_dir()}:")
     if not models:
         print("  (none prepared yet: hobbit-cli prepare builds the default model)")
@@ -81,9 +108,13 @@ def cmd_prepare(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", prog="hobbit-cli models", help="list the prepared models",
-                       description="List the models prepared under the user's data folder "
-                                   "($XDG_DATA_HOME/hobbit/models): path, size, experts, top-k, recipe.")
+                       description="List what the running hobbitd serves (at --socket, "
+                                   "$HOBBIT_SOCKET or the default socket), then the models prepared "
+                                   "under the user's data folder ($XDG_DATA_HOME/hobbit/models): "
+                                   "path, size, experts, top-k, recipe.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
     p.set_defaults(func=cmd_models)
 
     d = default_options()
