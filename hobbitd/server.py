@@ -72,6 +72,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._requests: set[asyncio.Task] = set()
         self._bound = False
+        self._stale_socket = False   # a dead hobbitd's socket file is at our path
         self._peer = None            # the frame last received (its metadata: the peer)
         self.owner_gone = False      # stopped because owner_pid exited
         self.started = time.monotonic()
@@ -186,10 +187,12 @@ class Daemon:
     # ---- startup pieces ------------------------------------------------------------------
 
     async def _claim_socket(self) -> None:
-        """Refuse if a live daemon answers on our socket; remove a stale socket file."""
+        """Refuse if a live daemon answers on our socket. A stale socket file stays until
+        _bind() replaces it: clients that find it wait for us (a missing file means no
+        hobbitd, and they would give up at once)."""
         path = self.socket_path
-        if len(path.encode()) > SUN_PATH_MAX:
-            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes; "
+        if len(self._new_socket_path().encode()) > SUN_PATH_MAX:
+            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX - 10} bytes; "
                              "choose a shorter --socket")
         if not os.path.lexists(path):
             return
@@ -197,12 +200,10 @@ class Daemon:
             raise InputError(f"{path} exists and is not a socket; refusing to replace it")
         if await self._probe(path):
             raise DaemonError("socket_in_use", f"another hobbitd is serving on {path}")
-        try:
-            os.unlink(path)
-        except OSError as e:
-            raise DaemonError("socket_in_use", f"cannot remove stale socket {path}: "
-                                               f"{e.strerror}") from None
-        log.info("removed stale socket %s", path)
+        self._stale_socket = True
+
+    def _new_socket_path(self) -> str:
+        return os.path.join(os.path.dirname(self.socket_path), f".{os.getpid()}.new")
 
     async def _probe(self, path: str) -> bool:
         """True if something answers a HELLO on ipc://path within PROBE_S."""
@@ -221,19 +222,28 @@ class Daemon:
             s.close(linger=0)
 
     def _bind(self) -> None:
-        path = self.socket_path
+        """Listen on a new socket file and rename it over the path: at no moment is there
+        no file there while we start (a client started meanwhile waits, as for a restart)."""
+        path, new = self.socket_path, self._new_socket_path()
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
         old = os.umask(0o117)            # the socket file is born 0660: no window of 0777
         try:
-            self.router.bind(f"ipc://{path}")
-        except zmq.ZMQError as e:
+            self.router.bind(f"ipc://{new}")
+            os.chmod(new, 0o660)
+            os.rename(new, path)         # atomic: the stale file, then ours
+        except (zmq.ZMQError, OSError) as e:
+            self.router.close(linger=0)
+            self.router = None
+            if os.path.lexists(new):
+                os.unlink(new)
             raise DaemonError("socket_in_use", f"cannot listen on {path}: {e}") from None
         finally:
             os.umask(old)
         self._bound = True
-        os.chmod(path, 0o660)
+        if self._stale_socket:
+            log.info("replaced stale socket %s", path)
 
     # ---- receiving -----------------------------------------------------------------------
 

@@ -162,13 +162,16 @@ class ExpertCache:
     def check_pins(self, owner: int, mo: ModelCache, n_new: int, share: float) -> None:
         """RequestError pin_limit if owner, pinning `n_new` more slots of mo, would hold
         more than `share` of mo's slots (never less than one layer's experts, which one
-        forward may need at once): one client must not pin the cache and starve the others.
-        An owner with every expert resident (it pins them all by design) is not limited."""
+        forward may need at once), counting what it pinned in its own row: one client must
+        not pin the cache and starve the others. An owner with every expert resident (it pins them all by design) is not limited."""
         o = self.owners.get(owner)
         if o is None or mo.name in o.resident:
             return
         limit = max(mo.n_expert, int(share * sum(r.n_slots for r in mo.regions.values())))
         held = sum(n for slot, n in o.pins.items() if slot.region.model == mo.name)
+        if o.row is not None:     # and the hits it pinned itself, in its row
+            held += sum(int((r.shared.pins[o.row] > 0).sum()) for r in mo.regions.values()
+                        if r.shared is not None)
         if held + n_new > limit:
             raise RequestError("pin_limit", f"this client holds {held} pinned slots of "
                                f"{mo.name} and asks for {n_new} more: over the limit of "
@@ -252,7 +255,7 @@ class ExpertCache:
             self.io.plug()
             try:
                 for key, slot in zip(keys, slots):
-                    if slot is None and (slot := region.take(key, mo.policy)) is not None:
+                    if slot is None and (slot := region.take(key, mo.policy, demand=False)) is not None:
                         mo.misses += 1           # not cached, read: a miss nobody waits on
                         mo.by_precision["misses_high"] += 1
                         self._load(mo, slot, key, HIGH, PREFETCH)
@@ -482,7 +485,7 @@ class ExpertCache:
                 budget -= mo.source_of(prec).expert_bytes(key[0])
                 if budget < 0 and i > 0:
                     break
-                slot = mo.regions[prec].take(key, mo.policy)
+                slot = mo.regions[prec].take(key, mo.policy, demand=False)
                 if slot is None:
                     break
                 slot.protected = slot.prefetched = True

@@ -52,16 +52,17 @@ class Region:
     def lookup(self, key: tuple) -> Slot | None:
         return self.by_key.get(key)
 
-    def take(self, key: tuple, policy) -> Slot | None:
+    def take(self, key: tuple, policy, demand: bool = True) -> Slot | None:
         """A slot to load `key` into: an empty one, else the policy's victim among the
-        evictable ones. None when every slot is pinned or loading."""
+        evictable ones; for a demand load, when nothing else is, one a hint protects (a
+        prediction must never make a request wait). None when every slot is pinned or
+        loading."""
         slot = self.free.pop() if self.free else None
         if slot is None:
-            candidates = [s for s in self.slots if s.evictable]
-            if candidates and self.shared is not None:
-                slot = self.shared.evict(candidates, policy)
-            elif candidates:
-                slot = policy.victim(candidates)
+            slot = self._victim([s for s in self.slots if s.evictable], policy)
+            if slot is None and demand:
+                slot = self._victim([s for s in self.slots if s.protected and not s.pins
+                                     and s.state != "loading"], policy)
             if slot is None:
                 return None
             del self.by_key[slot.key]
@@ -70,6 +71,11 @@ class Region:
         policy.reset(slot)
         self.by_key[key] = slot
         return slot
+
+    def _victim(self, candidates: list, policy) -> Slot | None:
+        if candidates and self.shared is not None:
+            return self.shared.evict(candidates, policy)     # skips what clients pin
+        return policy.victim(candidates) if candidates else None
 
     def ready(self, slot: Slot) -> None:
         """Its read completed: it may be served (and, published, pinned by clients)."""

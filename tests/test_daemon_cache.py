@@ -197,6 +197,27 @@ def test_a_hit_the_client_pinned_itself_survives_churn_and_is_counted(daemon, cl
         cb.close()
 
 
+def test_hits_pinned_in_the_row_count_toward_the_pin_limit(daemon, client):
+    """A client cannot get around its share of the cache by pinning hits itself: what its
+    row pins counts toward pin_limit as what hobbitd pinned for it does."""
+    cb, row, directory, first = control_of(client.welcome, daemon.model)
+    try:
+        held = request(client, daemon.model, 0, range(3))
+        release(client, daemon.model, held)
+        for _, index in held:
+            row[first + index] += 1
+        cmd, msg = call(client, m.Cmd.REQUEST, id=7, model=daemon.model, layer=1,
+                        experts=list(range(EXPERTS)))
+        assert (cmd, msg["code"]) == (m.Cmd.ERROR, "pin_limit"), msg
+        assert "holds 3 pinned slots" in msg["message"], msg
+        for _, index in held:
+            row[first + index] -= 1
+        release(client, daemon.model, request(client, daemon.model, 1, range(EXPERTS)))
+    finally:
+        row = directory = None
+        cb.close()
+
+
 def test_a_session_that_ends_loses_its_row_pins(daemon):
     """Pins in a client's row go with its session (BYE here; a dead client's goes when its
     process is gone): hobbitd zeroes the row, before any other session can be given it."""

@@ -111,6 +111,32 @@ def test_dead_daemons_leftovers_are_removed_live_ones_never(synth, tmp_path):
                 os.unlink(p)
 
 
+def test_a_restarting_daemon_replaces_the_stale_socket_without_a_gap(synth, tmp_path):
+    """Between a SIGKILL and the new hobbitd answering there is always a socket file at the
+    path (the dead one's, then the new one's, swapped by a rename): a client that starts
+    meanwhile sees a daemon restarting, never "no daemon", and waits."""
+    path = synth(**SYNTH)
+    with run_daemon([path], "4M", tmp_path) as d:
+        kill(d)
+        stale = os.lstat(d.socket).st_ino
+        new = RunningDaemon([path], d.socket, log_path=str(tmp_path / "new.log"),
+                                        cache_size="4M")
+        try:
+            missing, deadline = 0, time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and new.proc.poll() is None:
+                try:
+                    if os.lstat(d.socket).st_ino != stale:
+                        break
+                except FileNotFoundError:
+                    missing += 1
+            assert missing == 0, "the socket path was missing while hobbitd started"
+            new.wait_ready()
+            assert "replaced stale socket" in new.stderr
+            assert not glob.glob(os.path.join(os.path.dirname(d.socket), ".*.new"))
+        finally:
+            new.stop()
+
+
 OWNER = textwrap.dedent("""
     import os, sys, time
     from hobbit.compute.client.connect import connect

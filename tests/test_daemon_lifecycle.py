@@ -54,7 +54,7 @@ def test_start_serve_stop(synth, tmp_path):
         st = os.stat(d.socket)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
         assert stat.S_IMODE(os.stat(shm).st_mode) == 0o660
-        assert "removed stale socket" in d.stderr
+        assert "replaced stale socket" in d.stderr
         d.stop(signal.SIGTERM)
         assert notify.recv(4096) == b"STOPPING=1"
         assert not os.path.exists(shm)

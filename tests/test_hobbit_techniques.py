@@ -129,14 +129,17 @@ def test_lru_evicts_the_least_recently_used():
     assert pol.victim(r.slots).key == (0, 1)
 
 
-def test_pinned_protected_and_loading_slots_are_never_victims():
+def test_pinned_and_loading_slots_are_never_victims_protected_ones_only_for_a_demand():
     r = _region(3)
     pol = LRUPolicy()
     a, b, c = (_use(r, pol, (0, e)) for e in range(3))
     a.pins[7] += 1
     b.protected = True
     c.state = "loading"
-    assert r.take((1, 0), pol) is None
+    assert r.take((1, 0), pol, demand=False) is None     # a prefetch never displaces a hint's
+    assert r.take((1, 0), pol) is b                      # a demand does: a guess never blocks it
+    assert not b.protected and r.lookup((0, 1)) is None
+    assert r.take((1, 1), pol) is None                   # pinned and loading: never
 
 
 # ---- layer-level adaptive prefetch (the real daemon) ---------------------------------------

@@ -90,16 +90,20 @@ class DaemonProcess:
                                          stderr=log, **self._popen)
 
     def restart(self, timeout: float = START_TIMEOUT) -> None:
-        """Start it again (same command, same socket, its log appended) after it died."""
-        self.died()
+        """Start it again (same command, same socket, its log appended) after it died. Its
+        socket file stays for the new one to replace, as systemd keeps the folder
+        (RuntimeDirectoryPreserve=restart): clients started meanwhile wait for it."""
+        self.died(keep_socket=True)
         self._start("a")
         self.wait_ready(timeout)
 
-    def died(self) -> bool:
+    def died(self, keep_socket: bool = False) -> bool:
         """Whether it has exited; if so, its leftovers are removed (see the module docstring)."""
         if self.proc.poll() is None:
             return False
         remove_stale(self.proc.pid)
+        if keep_socket:
+            return True
         try:
             if self._socket_ino is not None and os.lstat(self.socket).st_ino == self._socket_ino \
                     and not _listening(self.socket):    # not a new daemon's (inodes get reused)
