@@ -1,9 +1,10 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
-TOML keys are the field names (models, cache_size, socket, io_threads, io_limit,
+TOML keys are the field names (models, model_dirs, cache_size, socket, io_threads, io_limit,
 direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type,
 low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
-"400M", "2G", "1.5GiB". Relative model paths are relative to the config file's folder.
+"400M", "2G", "1.5GiB". Relative model paths and folders are relative to the config file's
+folder.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
 @dataclass
 class DaemonConfig:
     models: list[str] = field(default_factory=list)   # GGUF paths
+    model_dirs: list[str] = field(default_factory=list)  # folders whose GGUFs a client may
+                                 # ask for by path (opened then); nothing outside them
     cache_size: int = 0          # bytes of shared memory for expert slots; 0 = 50% of available
     socket: str = ""             # "" = default_socket()
     io_threads: int = 4          # reader threads
@@ -111,6 +114,7 @@ def load_config(path: str) -> DaemonConfig:
         setattr(cfg, key, _coerce(path, key, value))
     base = os.path.dirname(os.path.abspath(path))
     cfg.models = [os.path.join(base, os.path.expanduser(m)) for m in cfg.models]
+    cfg.model_dirs = [os.path.join(base, os.path.expanduser(d)) for d in cfg.model_dirs]
     return cfg
 
 
@@ -119,9 +123,9 @@ def _coerce(path: str, key: str, value):
     def bad(want):
         return InputError(f"{path}: {key} must be {want}, not {value!r}")
 
-    if key == "models":
+    if key in ("models", "model_dirs"):
         if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-            raise bad("a list of GGUF paths")
+            raise bad("a list of GGUF paths" if key == "models" else "a list of folders")
         return list(value)
     if key in ("cache_size", "io_limit"):
         try:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="GGUF",
                    help="a MoE GGUF to serve (repeat for several; replaces the config's list; "
                         "with none anywhere: the default model, built on first use)")
+    p.add_argument("--model-dir", action="append", metavar="DIR", dest="model_dirs",
+                   help="a folder whose GGUFs clients may ask for by path, opened when first "
+                        "asked (repeat for several; replaces the config's model_dirs)")
     p.add_argument("--cache-size", type=_size, metavar="SIZE",
                    help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)")
     p.add_argument("--socket", metavar="PATH", help="where to listen (default: $HOBBIT_SOCKET, "
@@ -92,6 +95,8 @@ def config_from_args(args) -> DaemonConfig:
     cfg = load_config(args.config) if args.config else DaemonConfig()
     if args.model:
         cfg.models = args.model
+    if args.model_dirs:
+        cfg.model_dirs = [os.path.abspath(d) for d in args.model_dirs]
     for key in ("cache_size", "socket", "io_threads", "io_limit", "client_timeout", "slot_wait",
                 "max_sessions", "client_pin_share", "owner_pid",
                 "low_type", "low_share", "policy", "dynamic", "low_only", "prefetch",
@@ -104,8 +109,9 @@ def config_from_args(args) -> DaemonConfig:
 
 
 def with_default_model(cfg: DaemonConfig) -> DaemonConfig:
-    """No model named anywhere: serve the default one, if a client has built it."""
-    if not cfg.models:
+    """No model named anywhere: serve the default one, if a client has built it (a daemon
+    with model folders may start with none: clients ask for theirs)."""
+    if not cfg.models and not cfg.model_dirs:
         path = default_model_file()
         if not os.path.exists(path):
             raise InputError(f"no model to serve, and the default model is not built yet: run "

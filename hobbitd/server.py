@@ -38,11 +38,12 @@ from ..loader import control
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
-from ..loader.models import ModelOptions, open_models, plan_cache
+from ..loader.models import ModelOptions, model_name, open_model, open_models, plan_added, plan_cache
 from ..loader.shm import SHM_DIR, Segment, new_name, pid_alive, remove_stale
 from ..protocol import messages as m
-from ..protocol.errors import DaemonError, InputError, ProtocolError, RequestError
+from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError, RequestError
 from .config import DaemonConfig, default_socket
+from .model_dirs import allowed_model, listed_models
 from .notify import sd_notify
 from .sessions import PROBE, Session, Sessions
 
@@ -66,6 +67,8 @@ class Daemon:
         self.sessions: Sessions | None = None
         self.shm: Segment | None = None
         self.control: control.ControlBlock | None = None
+        self.opened: dict[str, dict] = {}   # models opened on demand: their segment and block
+        self._opening = asyncio.Lock()      # one model opened on demand at a time
         self.io: IOEngine | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.router = None
@@ -82,9 +85,10 @@ class Daemon:
     async def startup(self) -> None:
         """Raise HobbitError (nothing left behind) if the daemon cannot serve."""
         cfg = self.cfg
-        opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
-        self.models = open_models(cfg.models, opts)
-        size = cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
+        self.opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
+        # with model folders a daemon may start empty: clients ask for their models
+        self.models = open_models(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
+        size = self.cache_size = cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
         await self._claim_socket()
@@ -163,6 +167,10 @@ class Daemon:
                 self.shm.close()         # unmaps and unlinks
         if self.control is not None:
             self.control.close()
+        for extra in self.opened.values():
+            extra["shm"].close()
+            if extra["control"] is not None:
+                extra["control"].close()
         if self._bound:
             try:
                 os.unlink(self.socket_path)
@@ -175,8 +183,11 @@ class Daemon:
 
     def abandon(self) -> None:
         """A forced exit: remove the shared memory and socket files now, wait for nothing."""
+        extra = [seg.path for e in self.opened.values()
+                 for seg in (e["shm"], e["control"] and e["control"].seg) if seg is not None]
         for path, ours in ((self.shm and self.shm.path, self.shm is not None),
                            (self.control and self.control.seg.path, self.control is not None),
+                           *((p, True) for p in extra),
                            (self.socket_path, self._bound)):
             if ours:
                 try:
@@ -302,11 +313,82 @@ class Daemon:
         if msg["version"] != m.VERSION:
             return self._error(ident, "bad_version", f"protocol version {msg['version']}; "
                                                      f"hobbitd speaks {m.VERSION}")
+        path, peer = msg.get("model"), _peer_pid(self._peer)
+        if path is not None and self.cfg.model_dirs and not self._serves(path):
+            task = asyncio.create_task(self._hello_on_demand(ident, msg, path, peer))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+            return
+        self._welcome(ident, msg, peer)
+
+    async def _hello_on_demand(self, ident: bytes, msg: dict, path, peer: int | None) -> None:
+        """A HELLO for a model not served yet: open it (if allowed), then welcome."""
+        try:
+            await self.open_on_demand(path)
+        except HobbitError as e:      # not allowed, not a model we can serve, no room
+            return self._error(ident, e.code, str(e))
+        except Exception as e:        # a bug: tell the client, keep serving
+            log.exception("internal error opening %s", path)
+            return self._error(ident, "internal", f"hobbitd: {e!r}")
+        self._welcome(ident, msg, peer)
+
+    def _serves(self, path) -> bool:
+        real = os.path.realpath(path) if isinstance(path, str) else None
+        return any(os.path.realpath(mo.path) == real for mo in self.models.values())
+
+    async def open_on_demand(self, path: str) -> None:
+        """Serve the GGUF at `path` too, if it is allowed (hobbitd/model_dirs.py): opened
+        on a thread, given the share of the cache plan_added says (taken from the other
+        models, whose slots nobody holds go at once and the rest when released) in a
+        segment and control block of its own. HobbitError (one line) if it cannot be."""
+        real = allowed_model(path, self.cfg.models, self.cfg.model_dirs)
+        async with self._opening:
+            if self._serves(real) or self.cache.stopping:
+                return
+            name, n = model_name(real), 1
+            while name in self.models:         # another folder's file of the same name
+                n += 1
+                name = f"{model_name(real)}-{n}"
+            mo = await asyncio.to_thread(open_model, real, name, self.opts)
+            try:
+                shrink, plan, total = plan_added(self.models, mo, self.cache_size, self.cfg.low_share)
+            except InputError as e:
+                raise InputError(f"cannot open {real}: {e}") from None
+            free = _shm_free()
+            if free is not None and total > free:
+                raise InputError(f"cannot open {real}: it needs {total / MiB:.0f} MiB of shared "
+                                 f"memory but {SHM_DIR} has {free / MiB:.0f} MiB free")
+            shm = Segment(new_name(), total, create=True)
+            block = None
+            if self.control is not None:
+                lay = control.layout([(name, p, mo.n_layer, mo.n_expert, k) for _, p, _, _, k in plan])
+                block = control.ControlBlock.create(shm.name + "-ctl", lay)
+            self.cache.shrink(shrink)
+            self.cache.add_model(mo, plan, shm, block)
+            self.opened[name] = {"shm": shm, "control": block}
+            log.info("opened %s on demand as %s: %s; %s", real, name,
+                     ", ".join(f"{r.n_slots} {p} slots" for p, r in mo.regions.items()),
+                     ", ".join(f"{m_} {p} down to {k}" for (m_, p), k in shrink.items())
+                     or "nothing taken from the others")
+
+    def _model_info(self, name: str) -> dict:
+        info = self.models[name].info()
+        extra = self.opened.get(name)
+        if extra is not None:
+            info.update(shm=extra["shm"].name, shm_size=extra["shm"].size)
+            if extra["control"] is not None:
+                cb = extra["control"]
+                info["control"] = {"shm": cb.seg.name, "size": cb.seg.size,
+                                   "rows_offset": cb.layout["rows_offset"],
+                                   "n_slots": cb.layout["n_slots"]}
+        return info
+
+    def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
         if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
             return self._error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
                                f"clients, its limit (max_sessions {self.cfg.max_sessions})")
-        s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], _peer_pid(self._peer))
+        s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], peer)
         extra = {}
         if self.control is not None:
             lay = self.control.layout
@@ -315,12 +397,13 @@ class Daemon:
                                 "row": self.cache.owners[s.sid].row}
         self._send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=self.shm.name,
                    shm_size=self.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
-                   models={n: mo.info() for n, mo in self.models.items()}, **extra)
+                   models={n: self._model_info(n) for n in self.models}, **extra)
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             self.sessions.reap(self.cfg.client_timeout)
+            self.cache.sweep()        # memory of slots given up to a model opened on demand
             if self.cfg.owner_pid and not pid_alive(self.cfg.owner_pid):
                 log.info("owner pid %d exited: stopping", self.cfg.owner_pid)
                 self.owner_gone = True
@@ -453,6 +536,8 @@ class Daemon:
         return {"uptime_s": round(time.monotonic() - self.started, 3),
                 "clients": len(self.sessions), "sessions": self.sessions.stats(),
                 "models": {n: mo.stats() for n, mo in self.models.items()},
+                "model_dirs": self.cfg.model_dirs,
+                "can_open": [p for p in listed_models(self.cfg.model_dirs) if not self._serves(p)],
                 "io": {"bytes_read": io.bytes_read, "reads": io.reads,
                        "direct_reads": io.direct_reads, "pending": io.pending(),
                        "read_seconds": round(io.read_seconds, 6)}}

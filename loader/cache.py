@@ -83,18 +83,45 @@ class ExpertCache:
         slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
         act on hints at all; prefetch_budget: only as many bytes as flash reads while the
         client computes."""
-        self.models, self.shm, self.io, self.control = models, shm, io, control
+        self.models, self.io, self.control = models, io, control
         self.slot_wait, self.prefetch, self.prefetch_budget = slot_wait, prefetch, prefetch_budget
-        for name, precision, fmt, offset, n in plan:
-            region = models[name].regions[precision] = Region(name, precision, fmt, offset, n)
-            if control is not None:
-                at = control.layout["regions"][name, precision]
-                region.shared = SharedSlots(control, at["directory"], at["first_slot"],
-                                            models[name].n_layer, models[name].n_expert, n)
+        self._place(plan, shm, control)
+        self.extra_controls: list[ControlBlock] = []   # those of models opened on demand
         self.owners: dict[int, Owner] = {}
         self.stopping = False
         self._freed = Signal()       # a slot may have become takeable (release, read done)
         self._jobs: dict = {}        # (model, precision, key) -> ReadJob submitted, not completed
+
+    def _place(self, plan: list, shm: Segment, control: ControlBlock | None) -> None:
+        for name, precision, fmt, offset, n in plan:
+            mo = self.models[name]
+            region = mo.regions[precision] = Region(name, precision, fmt, offset, n, shm)
+            if control is not None:
+                at = control.layout["regions"][name, precision]
+                region.shared = SharedSlots(control, at["directory"], at["first_slot"],
+                                            mo.n_layer, mo.n_expert, n)
+
+    # ---- models opened on demand ---------------------------------------------------------
+
+    def add_model(self, mo: ModelCache, plan: list, shm: Segment,
+                  control: ControlBlock | None) -> None:
+        """Serve mo too: its regions `plan` (loader.models.plan_added) in a segment and a
+        control block of its own (the caller's, closed by the caller)."""
+        self.models[mo.name] = mo
+        self._place(plan, shm, control)
+        if control is not None:
+            self.extra_controls.append(control)
+
+    def shrink(self, sizes: dict) -> None:
+        """Give up slots {(model, precision): n_slots to keep} for a model opened on demand.
+        What nobody holds goes at once; slots still pinned go when released (sweep)."""
+        for (name, prec), n in sizes.items():
+            self.models[name].regions[prec].shrink(n)
+
+    def sweep(self) -> int:
+        """Give back the memory of given-up slots nothing holds any more; their count."""
+        return sum(r.sweep() for mo in self.models.values() for r in mo.regions.values()
+                   if r.retiring)
 
     # ---- owners and pins -----------------------------------------------------------------
 
@@ -121,6 +148,8 @@ class ExpertCache:
         for slot in o.pins:
             slot.pins.pop(owner, None)
         if o.row is not None:
+            for cb in self.extra_controls:
+                cb.rows[o.row] = 0
             self.control.free_row(o.row)
         for slot in o.protected:
             slot.protected = False
@@ -134,8 +163,8 @@ class ExpertCache:
         hold (released twice, lost with a closed owner, out of range) are ignored."""
         for prec, index in slots:
             region = mo.regions.get(prec)
-            if region is not None and isinstance(index, int) and 0 <= index < region.n_slots:
-                self._unpin(owner, region.slots[index])
+            if region is not None and isinstance(index, int) and 0 <= index < len(region.slots):
+                self._unpin(owner, region.slots[index])   # also a slot given up since
         self._freed.fire()
 
     def _pin(self, owner: int, slot: Slot) -> None:
@@ -387,7 +416,7 @@ class ExpertCache:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         mo.loads[prec, key] = fut
         src = mo.source_of(prec)
-        base = self.shm.address + slot.offset
+        base = slot.region.segment.address + slot.offset
         verify = None
         if prec == LOW:   # one aligned read of the whole slot image, then its crc32
             segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]

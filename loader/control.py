@@ -135,6 +135,13 @@ class SharedSlots:
         if slot.key is not None and self.dir[slot.key] == slot.index:
             self.dir[slot.key] = -1
 
+    def retire(self, slots: list) -> None:
+        """Unpublish slots for good (their region shrank): after the fence no client pins
+        them any more, and pinned() shows who still does."""
+        for slot in slots:
+            self.unpublish(slot)
+        fence()
+
     def pinned(self) -> np.ndarray:
         """bool [n_slots]: pinned by some client row (a snapshot)."""
         return (self.pins > 0).any(axis=0)

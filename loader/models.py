@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..protocol.errors import InputError, ModelError
+from .layout import PAGE
 from .model_cache import ModelCache
 from .policy import PolicyWeights, make_policy
 from .pool import plan_regions
@@ -140,5 +141,30 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
     # unused tail of a region is never touched so it costs no memory
     plan = [(name, p, fmt, off, min(n, models[name].n_layer * models[name].n_expert))
             for name, p, fmt, off, n in plan]
-    total = max(off + n * fmt.slot_bytes for _, _, fmt, off, n in plan)
+    total = max((off + n * fmt.slot_bytes for _, _, fmt, off, n in plan), default=PAGE)
     return plan, total
+
+
+def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
+               low_share: float) -> tuple[dict, list, int]:
+    """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share:
+    each model gets the bytes plan_cache would give it with `new` among them (so the cache
+    looks as if all had been configured), the others by shrinking their regions alike.
+    Returns ({(model, precision): n_slots to keep} for regions that shrink, new's regions
+    placed from offset 0 of a segment of its own, that segment's size). InputError when
+    the cache cannot hold one layer's experts of each."""
+    everyone = {**models, new.name: new}
+    joint, _ = plan_cache(everyone, size, low_share)
+    want = {name: 0 for name in everyone}
+    for name, _, fmt, _, n in joint:
+        want[name] += n * fmt.slot_bytes
+    shrink = {}
+    for name, mo in models.items():
+        have = sum(r.n_slots * r.format.slot_bytes for r in mo.regions.values())
+        factor = min(1.0, want[name] / have) if have else 1.0
+        for prec, r in mo.regions.items():
+            n = max(mo.n_expert, int(r.n_slots * factor))
+            if n < r.n_slots:
+                shrink[name, prec] = n
+    plan, total = plan_cache({new.name: new}, want[new.name], low_share)
+    return shrink, plan, total

@@ -117,8 +117,8 @@ class HobbitPolicy:
 
     def _region_arrays(self, region):
         if region not in self.layers:
-            self.layers[region] = np.zeros(region.n_slots, np.int64)
-            self.last_use[region] = np.zeros(region.n_slots, np.int64)
+            self.layers[region] = np.zeros(len(region.slots), np.int64)
+            self.last_use[region] = np.zeros(len(region.slots), np.int64)
         return self.layers[region], self.last_use[region]
 
     def reset(self, slot) -> None:
@@ -140,7 +140,7 @@ class HobbitPolicy:
             return
         a = self.counts.get((sid, slot.region))
         if a is None:
-            a = self.counts[sid, slot.region] = np.zeros((slot.region.n_slots, 3))
+            a = self.counts[sid, slot.region] = np.zeros((len(slot.region.slots), 3))
         a[slot.index, 0] = c[1]
         a[slot.index, 1] += 1
         a[slot.index, 2] += bool(high)
@@ -148,7 +148,7 @@ class HobbitPolicy:
     def priorities(self, region) -> np.ndarray:
         """The keep-priority of every slot of `region` (0 where no client used it)."""
         layers, _ = self._region_arrays(region)
-        best = np.zeros(region.n_slots)
+        best = np.zeros(len(region.slots))
         w = self.weights
         for sid, (_, token, l_now) in self.clients.items():
             a = self.counts.get((sid, region))

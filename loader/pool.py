@@ -24,7 +24,7 @@ class Slot:
     region: "Region"
     index: int
     key: tuple | None = None            # (layer, expert) held, None when empty
-    state: str = "free"                 # free, loading, ready
+    state: str = "free"                 # free, loading, ready; retired (given up by shrink)
     pins: Counter = field(default_factory=Counter)   # owner -> count
     last_use: int = 0                   # policy bookkeeping (token clock)
     uses: int = 0
@@ -41,13 +41,18 @@ class Slot:
 
 
 class Region:
-    def __init__(self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int):
+    """One model's slots of one precision: slots[:n_slots] in use, any beyond given up by
+    shrink(). `segment`: the Segment they live in (None: bookkeeping only, no memory)."""
+
+    def __init__(self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int,
+                 segment=None):
         self.model, self.precision, self.format = model, precision, fmt
-        self.offset, self.n_slots = offset, n_slots
+        self.offset, self.n_slots, self.segment = offset, n_slots, segment
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
         self.free = self.slots[::-1]        # empty slots; take() pops from the end
         self.shared = None                  # control.SharedSlots, when clients pin hits
+        self.retiring: list[Slot] = []      # given up by shrink(), memory not given back yet
 
     def lookup(self, key: tuple) -> Slot | None:
         return self.by_key.get(key)
@@ -59,9 +64,10 @@ class Region:
         loading."""
         slot = self.free.pop() if self.free else None
         if slot is None:
-            slot = self._victim([s for s in self.slots if s.evictable], policy)
+            live = self.slots[:self.n_slots]
+            slot = self._victim([s for s in live if s.evictable], policy)
             if slot is None and demand:
-                slot = self._victim([s for s in self.slots if s.protected and not s.pins
+                slot = self._victim([s for s in live if s.protected and not s.pins
                                      and s.state != "loading"], policy)
             if slot is None:
                 return None
@@ -80,7 +86,7 @@ class Region:
     def ready(self, slot: Slot) -> None:
         """Its read completed: it may be served (and, published, pinned by clients)."""
         slot.state = "ready"
-        if self.shared is not None:
+        if self.shared is not None and slot.index < self.n_slots:   # a retired one: never
             self.shared.publish(slot)
 
     def drop(self, slot: Slot) -> None:
@@ -89,17 +95,50 @@ class Region:
             self.shared.unpublish(slot)
         if slot.key is not None and self.by_key.get(slot.key) is slot:
             del self.by_key[slot.key]
-        if slot.key is not None or slot.state != "free":
+        if (slot.key is not None or slot.state != "free") and slot.index < self.n_slots:
             self.free.append(slot)
         slot.key, slot.state, slot.protected = None, "free", False
 
+    def shrink(self, n: int) -> None:
+        """Keep slots [0, n) (a model opened on demand takes the memory of the others): the
+        rest are forgotten at once, so nobody finds them any more, and their memory is given
+        back (sweep) as soon as nothing pins or loads them."""
+        if n >= self.n_slots:
+            return
+        tail = self.slots[n:self.n_slots]
+        self.n_slots = n
+        self.free = [s for s in self.free if s.index < n]
+        for slot in tail:
+            if slot.key is not None and self.by_key.get(slot.key) is slot:
+                del self.by_key[slot.key]
+            slot.protected = False
+        if self.shared is not None:
+            self.shared.retire(tail)
+        self.retiring += tail
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Give back the memory of retired slots that nothing holds any more (pinned by
+        hobbitd for a session or in a client's row, or being read into); their count."""
+        held = self.shared.pinned() if self.shared is not None else None
+        keep = []
+        for slot in self.retiring:
+            if slot.pins or slot.state == "loading" or (held is not None and held[slot.index]):
+                keep.append(slot)
+                continue
+            slot.key, slot.state = None, "retired"
+            if self.segment is not None:
+                self.segment.discard(slot.offset, self.format.slot_bytes)
+        done, self.retiring = len(self.retiring) - len(keep), keep
+        return done
+
     def counts(self) -> dict:
-        ready = sum(s.state == "ready" for s in self.slots)
-        shared = self.shared.pinned() if self.shared is not None else np.zeros(self.n_slots, bool)
-        return {"slots": self.n_slots, "ready": ready,
-                "loading": sum(s.state == "loading" for s in self.slots),
-                "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in self.slots),
-                "slot_bytes": self.format.slot_bytes}
+        live = self.slots[:self.n_slots]
+        shared = self.shared.pinned() if self.shared is not None else np.zeros(len(self.slots), bool)
+        return {"slots": self.n_slots, "ready": sum(s.state == "ready" for s in live),
+                "loading": sum(s.state == "loading" for s in live),
+                "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in live),
+                "retiring": len(self.retiring), "slot_bytes": self.format.slot_bytes}
 
 
 def plan_regions(specs, total_bytes: int) -> list[tuple]:

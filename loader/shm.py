@@ -51,6 +51,15 @@ class Segment:
         self.array = np.frombuffer(self.mm, dtype=np.uint8)
         self.address = self.array.ctypes.data
 
+    def discard(self, offset: int, length: int) -> None:
+        """Give the pages wholly inside [offset, offset + length) back to the system (the
+        creator's call: tmpfs frees them, every mapping then reads zeros there). Pages that
+        hold bytes outside the range are kept, so a neighbour is never touched."""
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self.mm.madvise(mmap.MADV_REMOVE, start, end - start)
+
     def close(self) -> None:
         if self.mm is None:
             return

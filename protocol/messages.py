@@ -5,7 +5,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 
 | cmd | direction | fields | reply |
 |---|---|---|---|
-| HELLO | client→daemon | version, pid, name | WELCOME |
+| HELLO | client→daemon | version, pid, name, model (opt.: the GGUF path the client runs; a daemon with model folders opens it if it is in one, else ERROR not_allowed) | WELCOME |
 | WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s, control (opt.: {shm, size, rows_offset, n_slots, row}: the control block and this client's pin row; absent or row None: ask for every expert) | — |
 | REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts), release, hits (opt.: as RELEASE's slots and HITS's hits, applied first) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert: None = skipped by the precision rule] (pinned for the client) | — |
@@ -22,14 +22,17 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | HITS | client→daemon | model, hits [[layer, experts [int], slots [[precision, index] or None], scores [float]]] (experts the client pinned itself in its row of the control block), release (opt., as RELEASE's slots), seq, token, tokens | none |
 
 model info: {path, n_layer, n_expert, holds_all, thresholds {t1, t2, dynamic, low_only},
-regions {precision: {offset, n_slots, format, directory, first_slot}}}, where format is
+regions {precision: {offset, n_slots, format, directory, first_slot}}, and for a model
+opened on demand its own segment and control block: shm, shm_size, control {shm, size,
+rows_offset, n_slots} (the pin row is the WELCOME's)}, where format is
 loader.layout.SlotFormat.to_wire(). A slot [precision, i] of a model starts at shm offset
-regions[precision].offset + i * format.slot_bytes; with a control block (loader/control.py)
+regions[precision].offset + i * format.slot_bytes (of the model's segment); with a control block (loader/control.py)
 its directory (int32 [n_layer, n_expert]) is at `directory` there and its pin count at
 rows_offset + 4 * (row * n_slots + first_slot + i).
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
-too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, bad_request,
+too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, not_allowed (a
+HELLO's model outside the daemon's models and model folders), bad_request,
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
 io (a failed read; its message says "stale" when the file changed after the daemon opened
 it), checksum, shutting_down, internal (a daemon bug).
@@ -48,10 +51,11 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 5   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+VERSION = 6   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
               # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
               # 4: the control block (clients pin hits themselves), HITS, batched releases;
               # 5: errors too_many_sessions and pin_limit
+              # 6: HELLO's model, models opened on demand (their own segments), not_allowed
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous

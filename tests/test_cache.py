@@ -86,7 +86,7 @@ def copy_model(model, tmp_path) -> str:
 def slot_bytes_of(cache, slot) -> bytes:
     """What a slot holds, part by part (without the alignment padding)."""
     fmt, base = slot.region.format, slot.offset
-    return b"".join(cache.shm.array[base + o:base + o + n].tobytes()
+    return b"".join(slot.region.segment.array[base + o:base + o + n].tobytes()
                     for o, n in zip(fmt.part_offsets, fmt.part_nbytes(slot.key[0])))
 
 
@@ -244,7 +244,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
         with open(comp, "rb") as f:
             f.seek(companion.slot_image_offset(mo.low, 1, 3))
             want = f.read(mo.low.format.slot_bytes)
-        assert cache.shm.array[slot.offset:slot.offset + len(want)].tobytes() == want
+        assert slot.region.segment.array[slot.offset:slot.offset + len(want)].tobytes() == want
         with pytest.raises(RequestError) as err:               # still refused, never cached
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum"

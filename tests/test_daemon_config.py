@@ -32,6 +32,7 @@ def test_parse_size_rejects(text):
 def test_example_config_loads():
     cfg = load_config(EXAMPLE)
     assert cfg.models == ["/srv/models/Mixtral-8x7B-Instruct-v0.1.Q4_K_M.gguf"]
+    assert cfg.model_dirs == ["/srv/models"]
     assert cfg.cache_size == 8 << 30 and cfg.io_threads == 4 and cfg.direct_io is True
     assert (cfg.client_timeout, cfg.slot_wait, cfg.socket) == (5.0, 30.0, "")
 
@@ -39,9 +40,11 @@ def test_example_config_loads():
 def test_config_values_and_relative_models(tmp_path):
     p = tmp_path / "d.toml"
     p.write_text('models = ["m/a.gguf", "/abs/b.gguf"]\ncache_size = 1073741824\n'
-                 'io_limit = "400M"\ndirect_io = false\nclient_timeout = 2\n')
+                 'io_limit = "400M"\ndirect_io = false\nclient_timeout = 2\n'
+                 'model_dirs = ["m", "/srv/models"]\n')
     cfg = load_config(str(p))
     assert cfg.models == [str(tmp_path / "m/a.gguf"), "/abs/b.gguf"]
+    assert cfg.model_dirs == [str(tmp_path / "m"), "/srv/models"]
     assert (cfg.cache_size, cfg.io_limit, cfg.direct_io) == (1 << 30, 400 << 20, False)
     assert cfg.client_timeout == 2.0
 

@@ -249,3 +249,48 @@ def test_models_lists_what_the_running_daemon_serves(model, tmp_path):
         assert "exact" in next(iter(served.values()))["mode"]
     r = subprocess.run([*CLI, "models", "--socket", d.socket], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "not running" in r.stdout.splitlines()[0], r.stdout + r.stderr
+
+
+def test_a_daemon_with_model_folders_opens_a_model_asked_for_by_path(model, reference, synth,
+                                                                      tmp_path):
+    """Models on demand: hobbitd started with one model and a model folder serves a second
+    model from the folder when a client asks for it by path (text equal to in-process),
+    its share of the cache taken from the first (which still answers right); a file outside
+    the folder, also through a symlink inside it, is refused with one line."""
+    import json
+    import shutil
+
+    folder, outside = tmp_path / "models", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    other = str(folder / "other.gguf")
+    shutil.copy(synth(**{**MODEL, "seed": 1}), other)
+    stray = str(outside / "stray.gguf")
+    shutil.copy(model, stray)
+    os.symlink(stray, folder / "link.gguf")
+    want = generate(other, "--no-daemon")
+    assert want != reference
+    with run_daemon([model], cache_bytes(model, 0.5), tmp_path, flags=["--model-dir", str(folder)]) as d:
+        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True,
+                           text=True, timeout=60)
+        assert json.loads(r.stdout)["can_open"] == [os.path.realpath(other)], r.stdout
+        first = model_stats(d.socket)["regions"]["high"]["slots"]
+        assert generate(model, "--socket", d.socket) == reference     # its slots filled
+        s = connect(d.socket)
+        segment = os.path.join("/dev/shm", hello(s)["shm"])
+        held = os.stat(segment).st_blocks
+        assert generate(other, "--socket", d.socket) == want
+        served = stats(s)["models"]
+        s.close(linger=0)
+        assert os.stat(segment).st_blocks < held       # the slots given up went back to the system
+        assert sorted(ms["path"] for ms in served.values()) == sorted(map(os.path.realpath, [model, other]))
+        mine = next(ms for ms in served.values() if ms["path"] == os.path.realpath(model))
+        assert mine["regions"]["high"]["slots"] < first          # its share went to the other
+        assert generate(model, "--socket", d.socket) == reference
+        assert "opened " + os.path.realpath(other) in d.stderr
+        for path in (str(folder / "link.gguf"), stray):
+            r = subprocess.run([*CLI, "generate", path, "-p", PROMPT, "-n", "4", "--socket", d.socket],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode != 0 and r.stdout == "", r.stdout
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "not one of hobbitd's models nor inside its model folders" in r.stderr, r.stderr

@@ -42,7 +42,9 @@ def list_models() -> list[dict]:
 # ---- command line ---------------------------------------------------------------------------------
 
 def served_models(socket: str) -> dict | None:
-    """{name: {path, mode, holds_all}} of the hobbitd answering at `socket`; None if none does."""
+    """What the hobbitd answering at `socket` serves, {"served": {name: {path, mode,
+    holds_all}}, "model_dirs": [folder], "can_open": [GGUF path it opens when asked for]};
+    None if none answers there."""
     from ..client.daemon import daemon_answers
     from ..client.expert_client import ExpertClient
 
@@ -53,8 +55,10 @@ def served_models(socket: str) -> dict | None:
         st = client.stats()
     finally:
         client.close()
-    return {name: {"path": ms.get("path"), "mode": ms.get("hobbit", {}).get("mode"),
-                   "holds_all": ms.get("holds_all")} for name, ms in st.get("models", {}).items()}
+    served = {name: {"path": ms.get("path"), "mode": ms.get("hobbit", {}).get("mode"),
+                     "holds_all": ms.get("holds_all")} for name, ms in st.get("models", {}).items()}
+    return {"served": served, "model_dirs": st.get("model_dirs", []),
+            "can_open": st.get("can_open", [])}
 
 
 def cmd_models(args) -> int:
@@ -65,17 +69,25 @@ def cmd_models(args) -> int:
     models = list_models()
     default = default_model_file()
     socket = args.socket or default_socket()
-    served = served_models(socket)
+    daemon = served_models(socket)
     if args.json:
         print(json.dumps({"dir": models_dir(), "default": default, "models": models,
-                          "socket": socket, "served": served}))
+                          "socket": socket, **(daemon or {"served": None})}))
         return 0
-    if served is None:
+    if daemon is None:
         print(f"hobbitd at {socket}: not running (commands start a private one for their model)")
     else:
         print(f"hobbitd at {socket} serves:")
-        for name, m in served.items():
+        for name, m in daemon["served"].items():
             print(f"  {name}  {m['path']}  {m['mode'] or ''}{'  (every expert cached)' if m['holds_all'] else ''}")
+        if not daemon["served"]:
+            print("  (nothing yet)")
+        if daemon["model_dirs"]:
+            print(f"and opens when asked for (from {', '.join(daemon['model_dirs'])}):")
+            for path in daemon["can_open"]:
+                print(f"  {path}")
+            if not daemon["can_open"]:
+                print("  (no other GGUF there)")
     print(f"{models_dir()}:")
     if not models:
         print("  (none prepared yet: hobbit-cli prepare builds the default model)")

@@ -140,8 +140,12 @@ class ExpertClient:
         return self._lost
 
     def _hello(self) -> None:
-        self._welcome(self._call(m.Cmd.HELLO, m.Cmd.WELCOME, version=m.VERSION,
-                                 pid=os.getpid(), name=self.name, _hello=True))
+        self._welcome(self._call(m.Cmd.HELLO, m.Cmd.WELCOME, _hello=True, **self._hello_fields()))
+
+    def _hello_fields(self) -> dict:
+        # our model's path: a daemon with model folders opens it if it does not serve it yet
+        model = {} if self.model_path is None else {"model": self.model_path}
+        return {"version": m.VERSION, "pid": os.getpid(), "name": self.name, **model}
 
     def _welcome(self, welcome: dict) -> None:
         """Take a WELCOME: our model's name and regions there, its shared memory mapped."""
@@ -168,12 +172,17 @@ class ExpertClient:
                         for p, r in info["regions"].items()}
         self.thresholds = Thresholds(**info["thresholds"])
         self.holds_all = bool(info["holds_all"])
-        if self.shm is None or self.shm.name != welcome["shm"]:
+        # a model opened on demand has its own segment and control block (our row is the same)
+        shm, size = info.get("shm", welcome["shm"]), info.get("shm_size", welcome["shm_size"])
+        if self.shm is None or self.shm.name != shm:
             old = self.shm
-            self.shm = Segment(welcome["shm"], welcome["shm_size"])
+            self.shm = Segment(shm, size)
             if old is not None:
                 old.close()
-        self._attach_control(welcome.get("control"), info)
+        ctl = welcome.get("control")
+        if ctl and "control" in info:
+            ctl = {**info["control"], "row": ctl["row"]}
+        self._attach_control(ctl, info)
 
     def _attach_control(self, ctl: dict | None, info: dict) -> None:
         """Map the control block and our pin row (a new HELLO: what was pending belonged to
@@ -365,7 +374,7 @@ class ExpertClient:
                     self._say(f"hobbit: restarting the private hobbitd failed: {e}")
             if os.path.exists(self.socket_path):
                 self._open_socket()
-                self._send(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name=self.name)
+                self._send(m.Cmd.HELLO, **self._hello_fields())
                 try:
                     reply = self._receive(None, min(HELLO_S, max(deadline - time.monotonic(), 0.1)))
                 except _Lost:
