@@ -74,6 +74,14 @@ class Signal:
             return False
 
 
+class NoSlot(Exception):
+    """No slot of `precision` could be taken for a miss (all pinned or loading)."""
+
+    def __init__(self, precision: str):
+        super().__init__(precision)
+        self.precision = precision
+
+
 class ExpertCache:
     def __init__(self, models: dict[str, ModelCache], plan: list, shm: Segment, io: IOEngine,
                  *, control: ControlBlock | None = None, slot_wait: float = 30.0,
@@ -230,25 +238,37 @@ class ExpertCache:
     async def acquire(self, owner: int, mo: ModelCache, layer: int, experts: list,
                       scores: list) -> list:
         """[Slot, or None for an expert the rule skips] for the request, each pinned once
-        for owner: decide each expert's precision, get them concurrently (misses are read,
-        waiting up to slot_wait for a free slot). On any failure unpin what was got and
-        raise the first failure (RequestError: cache_full, io, checksum, shutting_down)."""
+        for owner: decide each expert's precision, get them concurrently (misses are read).
+        All or nothing: when some expert finds no slot to take, the others are unpinned
+        again before waiting (up to slot_wait) for a release and asking again, so two
+        requests that each hold part of the cache never wait for each other. On any failure
+        raise the first (RequestError: cache_full, io, checksum, shutting_down), nothing
+        left pinned."""
         t0, bytes0 = time.monotonic(), mo.bytes_read
         precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
         self._count_request(owner, mo, precs)
-        self.io.plug()      # the misses' reads start together, so adjacent ones merge
-        acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1)
-                                    for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
-                                  return_exceptions=True)
-        asyncio.get_running_loop().call_soon(self.io.unplug)   # after each _acquire's first step
-        got = await acquired
-        failed = [g for g in got if isinstance(g, BaseException)]
-        if failed:
+        deadline = t0 + self.slot_wait
+        while True:
+            self.io.plug()      # the misses' reads start together, so adjacent ones merge
+            acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1)
+                                        for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
+                                      return_exceptions=True)
+            asyncio.get_running_loop().call_soon(self.io.unplug)   # after each one's first step
+            got = await acquired
+            failed = [g for g in got if isinstance(g, BaseException)]
+            if not failed:
+                break
             for g in got:
                 if isinstance(g, Slot):
                     self._unpin(owner, g)
             self._freed.fire()
-            raise failed[0]
+            if not all(isinstance(g, NoSlot) for g in failed):
+                raise next(g for g in failed if not isinstance(g, NoSlot))
+            if not await self._freed.wait(deadline - time.monotonic()):
+                region = mo.regions[failed[0].precision]
+                raise RequestError("cache_full", f"no free slot for {mo.name} within "
+                                   f"{self.slot_wait:g} s: all {region.n_slots} "
+                                   f"{region.precision} slots are pinned")
         now = time.monotonic()
         if mo.bytes_read > bytes0 and now > t0:
             rate = (mo.bytes_read - bytes0) / (now - t0)
@@ -366,9 +386,10 @@ class ExpertCache:
 
     async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
                        important: bool) -> Slot:
-        """The slot holding `key` in mo's `prec` region, ready and pinned once for owner."""
+        """The slot holding `key` in mo's `prec` region, ready and pinned once for owner;
+        NoSlot when a miss finds every slot pinned or loading."""
         region = mo.regions[prec]
-        waited, deadline = False, None
+        waited = False
         while True:
             slot = region.lookup(key)
             if slot is not None and slot.state == "ready":
@@ -384,13 +405,8 @@ class ExpertCache:
             if self.stopping:         # hits still count while draining; no new reads or waits
                 raise RequestError("shutting_down", "hobbitd is shutting down")
             slot = region.take(key, mo.policy)
-            if slot is None:          # every slot pinned or loading: wait for a release
-                deadline = deadline or time.monotonic() + self.slot_wait
-                if not await self._freed.wait(deadline - time.monotonic()):
-                    raise RequestError("cache_full", f"no free slot for {mo.name} within "
-                                       f"{self.slot_wait:g} s: all {region.n_slots} {prec} "
-                                       "slots are pinned")
-                continue
+            if slot is None:          # every slot pinned or loading: acquire() waits
+                raise NoSlot(prec)
             mo.misses += 1
             self._counts(owner).misses += 1
             mo.by_precision[f"misses_{prec}"] += 1

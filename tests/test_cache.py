@@ -131,6 +131,24 @@ async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
 
 
 @in_loop
+async def test_a_request_that_waits_for_slots_holds_none_meanwhile(model, tmp_path):
+    """All or nothing: a request finding too few slots does not sit on the ones it could
+    take while it waits (two such requests would wait for each other until cache_full);
+    it gets all of them once a release makes room."""
+    with cache_of(copy_model(model, tmp_path), slots=4, slot_wait=5) as (cache, mo):
+        held = await acquire(cache, mo, 0, [0, 1, 2])          # 3 of 4 slots
+        waiting = asyncio.ensure_future(acquire(cache, mo, 1, [0, 1], owner=OTHER))
+        await asyncio.sleep(0.2)                                # its two misses, one slot free
+        assert not waiting.done()
+        assert sum(bool(s.pins) for s in mo.regions[HIGH].slots) == 3   # only OWNER's
+        assert cache.owners[OTHER].pins == {} or not any(cache.owners[OTHER].pins.values())
+        release(cache, mo, held[:1])
+        got = await waiting
+        assert sorted(s.key for s in got) == [(1, 0), (1, 1)]
+        assert all(s.pins == {OTHER: 1} for s in got)
+
+
+@in_loop
 async def test_a_pinned_slot_is_kept_until_released(model, tmp_path):
     with cache_of(copy_model(model, tmp_path)) as (cache, mo):
         held = await acquire(cache, mo, 0, [0, 1, 2, 3])      # all 4 slots pinned by OWNER
