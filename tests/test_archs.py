@@ -1,4 +1,5 @@
-"""The MoE architectures besides llama/Mixtral (qwen3moe, olmoe, qwen2moe, phimoe), each on
+"""The MoE architectures besides llama/Mixtral (qwen3moe, olmoe, qwen2moe, phimoe,
+granitemoe), each on
 synthetic files of two sizes laid out as its real files are: llama.cpp loads them, our
 engine matches it in-process and through a real hobbitd whose cache holds a quarter of the
 experts, the low-precision companion converts, and a mixed-precision run stays close to
@@ -30,7 +31,7 @@ from hobbit.protocol.errors import InputError, ModelError
 from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
-ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe")
+ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -46,6 +47,8 @@ def options(arch: str, size: str) -> dict:
         kw["kv_heads"] = kw["heads"]
     if arch == "qwen3moe" and size == "m":
         kw["head_dim"] = 64             # H * Dh = 512 != D = 256, as Qwen3's 32 x 128 vs 2048
+    if arch == "granitemoe" and size == "m":
+        kw["shared_ff"] = 384           # Granite MoE Shared: an ungated shared expert
     return kw
 
 
@@ -67,8 +70,13 @@ def test_args_read_from_the_file(synth, arch, size):
         (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
     assert a.head_dim == o.get("head_dim", o["d_model"] // o["heads"])
     assert a.qk_norm == {"qwen3moe": "head", "olmoe": "full"}.get(arch, "")
-    assert a.norm_weights == (arch in ("qwen3moe", "phimoe"))
-    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else 0)
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe"))
+    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else o.get("shared_ff", 0))
+    scales = (a.embedding_scale, a.residual_scale, a.attention_scale, a.logit_scale)
+    if arch == "granitemoe":    # Granite's multipliers, read from the file
+        assert scales == pytest.approx((12.0, 0.22, 1 / a.head_dim, 6.0))
+    else:
+        assert scales == (0, 0, 0, 0)
     if arch == "phimoe":      # LongRoPE: 32x the original context, its attention factor
         assert (a.n_ctx_train, a.n_ctx_orig) == (32 * 4096, 4096)
         assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)

@@ -234,7 +234,7 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss")]
+           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:

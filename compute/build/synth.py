@@ -15,6 +15,11 @@ gives varied, deterministic text. Per architecture (opts.arch):
   phimoe    Phi-3.5-MoE: + biases on the norms, q/k/v, attn_output and output; LongRoPE
             rope_factors_{long,short} [Dh/2] with their attention factor, the context
             length 32x the original one (opts.ctx), as the real file has
+  granitemoe Granite-3.x MoE: llama's layout with Granite's four multipliers in the metadata
+            (embedding GRANITE_SCALES, as Granite-3.0-1B-A400M's); with opts.shared_ff a
+            Granite MoE Shared file (an ungated ffn_{gate,up,down}_shexp). The token
+            embeddings and the residual branches are drawn smaller by the multipliers, so
+            the residual stream has the scale of the other architectures'
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -56,12 +61,15 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
-ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss")
+ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe")
 # architectures whose attention projections are [D, D]: one head is D / heads wide
 SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
 GPT_OSS_YARN = 32        # gpt-oss: YaRN factor, context_length / original length (128k / 4k)
 GPT_OSS_SWA = 128        # gpt-oss: its sliding window (tokens)
+# granitemoe: embedding, residual and logit multipliers of Granite-3.0-1B-A400M (its
+# attention multiplier, 1/64, is 1/head_dim there: we write 1/head_dim)
+GRANITE_SCALES = {"embedding": 12.0, "residual": 0.22, "logit": 6.0}
 
 
 @dataclass
@@ -79,7 +87,8 @@ class SynthOptions:
     vocab_from: str | None = None   # GGUF to copy tokenizer.* metadata and vocab size from
     ctx: int = 4096          # {arch}.context_length (phimoe, gpt-oss: the original one)
     arch: str = "llama"      # one of ARCHS
-    shared_ff: int = 0       # qwen2moe's shared expert width; 0: 4 x d_ff (as Qwen1.5-MoE)
+    shared_ff: int = 0       # qwen2moe's shared expert width, 0: 4 x d_ff (as Qwen1.5-MoE);
+                             # granitemoe's, 0: none
     swa: int = 0             # gpt-oss's sliding window in tokens; 0: GPT_OSS_SWA
 
 
@@ -107,7 +116,9 @@ def head_dim(opts: SynthOptions) -> int:
 
 
 def shared_ff(opts: SynthOptions) -> int:
-    """The shared expert's width (qwen2moe), 0 for other architectures."""
+    """The shared expert's width (qwen2moe, Granite MoE Shared), 0 for none."""
+    if opts.arch == "granitemoe":
+        return opts.shared_ff
     return (opts.shared_ff or 4 * opts.d_ff) if opts.arch == "qwen2moe" else 0
 
 
@@ -197,8 +208,12 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     # O(1) and the current token's embedding is not drowned out in deep models (which would
     # make greedy decoding repeat one token).
     branch = (2 * opts.layers) ** -0.5
+    embd = 1.0
+    if arch == "granitemoe":          # what the multipliers scale up or down, drawn inversely
+        branch /= GRANITE_SCALES["residual"]
+        embd /= GRANITE_SCALES["embedding"]
     qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss")
-    ts = [mat("token_embd.weight", (D, V), 1.0)]
+    ts = [mat("token_embd.weight", (D, V), embd)]
     if arch == "phimoe":
         # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
         # larger for the long one (one copy each, shared by all layers)
@@ -235,8 +250,9 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
                    mat(p + "ffn_up.weight", (D, F), D ** -0.5),
                    mat(p + "ffn_down.weight", (F, D), F ** -0.5 * branch)]
         if Fs := shared_ff(opts):
-            ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D ** -0.5),
-                   mat(p + "ffn_gate_shexp.weight", (D, Fs), D ** -0.5),
+            if arch == "qwen2moe":      # the shared expert's sigmoid gate
+                ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D ** -0.5)]
+            ts += [mat(p + "ffn_gate_shexp.weight", (D, Fs), D ** -0.5),
                    mat(p + "ffn_up_shexp.weight", (D, Fs), D ** -0.5),
                    mat(p + "ffn_down_shexp.weight", (Fs, D), Fs ** -0.5 * branch)]
     ts += norm("output_norm")
@@ -295,11 +311,16 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_context_length(opts.ctx)
     w.add_embedding_length(opts.d_model)
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
-    w.add_feed_forward_length(shared_ff(opts) or opts.d_ff)
+    w.add_feed_forward_length(shared_ff(opts) if opts.arch == "qwen2moe" else opts.d_ff)
     if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss"):
         w.add_expert_feed_forward_length(opts.d_ff)
-    if opts.arch == "qwen2moe":
+    if shared_ff(opts):
         w.add_expert_shared_feed_forward_length(shared_ff(opts))
+    if opts.arch == "granitemoe":
+        w.add_embedding_scale(GRANITE_SCALES["embedding"])
+        w.add_residual_scale(GRANITE_SCALES["residual"])
+        w.add_attention_scale(1.0 / head_dim(opts))
+        w.add_logit_scale(GRANITE_SCALES["logit"])
     w.add_head_count(opts.heads)
     w.add_head_count_kv(opts.kv_heads)
     if head_dim(opts) != opts.d_model // opts.heads:

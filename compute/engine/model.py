@@ -413,6 +413,7 @@ class Model:
         T_in = T if all_logits or first < L else 1     # the head sees only the last row
         if first == 0:
             x = lib.ggml_get_rows(c, W("token_embd.weight"), inp("tokens", ggml.I32, (T,)))  # [D, T]
+            x = self._scaled(c, x, a.embedding_scale)
         else:
             x = inp("x", ggml.F32, (a.n_embd, T_in))
             h = self._norm(c, x, f"blk.{first - 1}.{a.ffn_norm}")
@@ -428,7 +429,7 @@ class Model:
                     y = f if y is None else lib.ggml_add(c, y, f)
             y = self._add_shared_expert(c, h, first - 1, y)
             if y is not None:      # None: every routed expert skipped, no shared one
-                x = lib.ggml_add(c, y, x)
+                x = lib.ggml_add(c, self._scaled(c, y, a.residual_scale), x)
         if first < L:
             pos = inp("pos", ggml.I32, (T,))
         kv_inputs = {}
@@ -449,7 +450,7 @@ class Model:
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
                 att, x = _last_row(c, att, T), _last_row(c, x, T)
-            x = lib.ggml_add(c, att, x)                                       # [D, T']
+            x = lib.ggml_add(c, self._scaled(c, att, a.residual_scale), x)  # [D, T']
             h = self._norm(c, x, p + a.ffn_norm)
             if "ffn_in" in self.opts.taps:
                 out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
@@ -479,16 +480,22 @@ class Model:
                 f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
             if "ffn_out" in self.opts.taps:
                 out(f"ffn_out.{il}", f)
-            x = lib.ggml_add(c, f, x)                                        # [D, T']
+            x = lib.ggml_add(c, self._scaled(c, f, a.residual_scale), x)    # [D, T']
         if segment is None or segment == L:
             x = self._norm(c, x, "output_norm")
-            out("logits", self._linear(c, "output", x))                      # [V, T']
+            logits = self._linear(c, "output", x)                            # [V, T']
+            out("logits", self._scaled(c, logits, 1.0 / a.logit_scale if a.logit_scale else 0.0))
 
         g.galloc = lib.ggml_gallocr_new(self.buft)
         if not lib.ggml_gallocr_alloc_graph(g.galloc, g.graph):
             g.free()
             raise MemoryError(f"could not allocate activations for a {T}-token graph")
         return g
+
+    @staticmethod
+    def _scaled(c, x, factor: float):
+        """x times factor (Granite's multipliers); 0: x as it is."""
+        return lib.ggml_scale(c, x, factor) if factor else x
 
     def _norm(self, c, x, name):
         """RMS norm times `name`.weight, plus `name`.bias where the file has one (phimoe)."""
@@ -503,15 +510,17 @@ class Model:
         return y if bias is None else lib.ggml_add(c, y, bias)
 
     def _add_shared_expert(self, c, h, il, routed):
-        """routed + the layer's shared expert (qwen2moe), which is always resident: it is
-        computed from the mmapped file, never asked of the expert provider. Its output is
-        scaled by sigmoid(gate_inp_shexp . h), one gate per token. h: [D, T] -> [D, T]."""
+        """routed + the layer's shared expert (qwen2moe, Granite MoE Shared), which is always
+        resident: it is computed from the mmapped file, never asked of the expert provider.
+        Its output is scaled by sigmoid(gate_inp_shexp . h), one gate per token, where the
+        file has that gate (qwen2moe's). h: [D, T] -> [D, T]."""
         if not self.args.n_ff_shexp:
             return routed
         W = lambda n: self.t[f"blk.{il}.{n}.weight"]  # noqa: E731
         y = dense_ffn(c, h, W("ffn_gate_shexp"), W("ffn_up_shexp"), W("ffn_down_shexp"))  # [D, T]
-        gate = lib.ggml_sigmoid(c, lib.ggml_mul_mat(c, W("ffn_gate_inp_shexp"), h))        # [1, T]
-        y = lib.ggml_mul(c, y, gate)
+        gate = self.t.get(f"blk.{il}.ffn_gate_inp_shexp.weight")   # granite's has none
+        if gate is not None:
+            y = lib.ggml_mul(c, y, lib.ggml_sigmoid(c, lib.ggml_mul_mat(c, gate, h)))    # [1, T]
         return y if routed is None else lib.ggml_add(c, routed, y)
 
     def _attention(self, c, h, il, pos, kv_idx, mask, N, T):
@@ -538,7 +547,7 @@ class Model:
         es = 2  # F16 bytes
         kv = lambda t: lib.ggml_permute(  # noqa: E731
             c, lib.ggml_view_3d(c, t, Dh, Hkv, N, Dh * es, Dh * Hkv * es, 0), 0, 2, 1, 3)  # [Dh, N, Hkv]
-        scale = 1.0 / Dh ** 0.5
+        scale = a.attention_scale or 1.0 / Dh ** 0.5
         if a.scale_q_first:     # the same product, rounded as llama.cpp's phi3 graph rounds it
             q, scale = lib.ggml_scale(c, q, scale), 1.0
         qp = lib.ggml_permute(c, q, 0, 2, 1, 3)                              # [Dh, T, H]

@@ -40,6 +40,8 @@ class Arch:
     swa_pattern: int = 0             # sliding-window attention (window from the file) on
                                      # every layer il with il % n < n - 1, full attention
                                      # on the others (gpt-oss: 2, even layers); 0: none
+    multipliers: bool = False        # Granite's scales from the file: embedding, residual
+                                     # branches, attention logits and output logits
     layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
     global_tensors: tuple = ()       # further tensors the file must have
 
@@ -48,7 +50,8 @@ ARCHS = {
     "llama": Arch(),                                          # dense llama, or Mixtral
     "qwen3moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True),
     "olmoe": Arch(rope=ggml.ROPE_NEOX, qk_norm="full", norm_weights=False, moe=True),
-    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert=True, moe=True),
+    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert=True, moe=True,
+                     layer_tensors=("ffn_gate_inp_shexp.weight",)),
     # phimoe runs llama.cpp's phi3 graph: RMS norms with biases, LongRoPE factors
     "phimoe": Arch(rope=ggml.ROPE_NEOX, scale_q_first=True, moe=True,
                    layer_tensors=("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"),
@@ -60,6 +63,9 @@ ARCHS = {
                     layer_tensors=("attn_sinks.weight", "attn_q.bias", "attn_k.bias",
                                    "attn_v.bias", "attn_output.bias", "ffn_gate_inp.bias",
                                    "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")),
+    # granitemoe runs llama.cpp's granite graph: llama's with four multipliers (and, in
+    # Granite MoE Shared files, an ungated shared expert)
+    "granitemoe": Arch(moe=True, multipliers=True),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -102,6 +108,11 @@ class ModelArgs:
     n_swa: int = 0                  # sliding window in tokens (a query sees n_swa positions,
                                     # its own included); 0: none
     swa_layers: tuple = ()          # per layer: True where attention is windowed
+    # Granite's multipliers (Arch.multipliers); 0: none (attention: 1/sqrt(Dh))
+    embedding_scale: float = 0.0    # the token embeddings times this
+    residual_scale: float = 0.0     # each attention and FFN output times this before the add
+    attention_scale: float = 0.0    # the attention logits' scale
+    logit_scale: float = 0.0        # the output logits divided by this
 
     @property
     def is_moe(self) -> bool:
@@ -201,6 +212,7 @@ def read_args(reader, path: str) -> ModelArgs:
     n_ff_dense = k("feed_forward_length", required=False)
     n_layer = int(k("block_count"))
     n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
+    scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0  # noqa: E731
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
@@ -222,9 +234,12 @@ def read_args(reader, path: str) -> ModelArgs:
         qk_norm=spec.qk_norm,
         scale_q_first=spec.scale_q_first,
         norm_weights=spec.norm_weights,
-        # llama.cpp: the shared expert is as wide as the dense FFN unless the file says
+        # llama.cpp: the shared expert is as wide as the dense FFN unless the file says;
+        # granite has one only where the file gives its width (Granite MoE Shared)
         n_ff_shexp=int(k("expert_shared_feed_forward_length", default=0, required=False)
-                       or n_ff_dense or 0) if spec.shared_expert else 0,
+                       or n_ff_dense or 0) if spec.shared_expert else
+        int(k("expert_shared_feed_forward_length", default=0, required=False) or 0)
+        if spec.multipliers else 0,
         gating=spec.gating,
         ffn_act=spec.ffn_act,
         ffn_norm=spec.ffn_norm,
@@ -233,6 +248,10 @@ def read_args(reader, path: str) -> ModelArgs:
         rope_base_swa=float(k("rope.freq_base_swa", default=0.0, required=False) or 0.0),
         n_swa=n_swa,
         swa_layers=swa_layers(reader, arch, n_layer, spec.swa_pattern) if n_swa else (),
+        embedding_scale=scale("embedding_scale"),
+        residual_scale=scale("residual_scale"),
+        attention_scale=scale("attention.scale"),
+        logit_scale=scale("logit_scale"),
     )
 
 
@@ -288,9 +307,8 @@ def _check_tensors(w: Weights) -> None:
                       "ffn_down_exps.weight"]
         else:
             names += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
-        if a.n_ff_shexp:
-            names += ["ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
-                      "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
+        if a.n_ff_shexp:      # (qwen2moe's gate ffn_gate_inp_shexp: its layer_tensors)
+            names += ["ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
         need += [f"blk.{i}.{n}" for n in names]
     for name in need:
         if name not in w.tensors:
