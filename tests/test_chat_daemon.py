@@ -39,6 +39,26 @@ def test_chat_starts_a_private_daemon_and_stops_it(default_moe, tmp_path):
     assert not _hobbitd_children(proc.pid)
 
 
+def test_chat_samples_through_hobbitd_what_it_samples_in_process(default_moe, tmp_path):
+    """The first sampled answers (the default temperature, top-k and top-p, one seed) are
+    the same through a private hobbitd as in-process: an uncalibrated model is served
+    exactly, so nothing but the seed decides."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "HOBBIT_SOCKET"}
+    env.update(XDG_RUNTIME_DIR=str(runtime), HOBBIT_SOCKET="")
+    talk = "What is the capital of France?\nAnd of Italy?\n/quit\n"
+    outs, errs = [], []
+    for where in ([], ["--no-daemon"]):
+        r = subprocess.run([*CLI, "chat", "--seed", "7", "-n", "32", *where], env=env, input=talk,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+        errs.append(r.stderr)
+    assert "through hobbitd" in errs[0] and "through hobbitd" not in errs[1], errs
+    assert len(outs[0].strip()) > 20 and outs[0] == outs[1], outs
+
+
 def test_chat_with_an_explicit_socket_and_no_daemon_is_an_error(default_moe, tmp_path):
     env = {**os.environ, "HOBBIT_SOCKET": str(tmp_path / "none.sock")}
     r = subprocess.run([*CLI, "chat"], env=env, input="hi\n", capture_output=True, text=True,
