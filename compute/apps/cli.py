@@ -238,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(next to the model, or under ~/.cache/hobbit).")
     p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
     p.add_argument("--low", metavar="TYPE", default=None,
-                   help="ggml type of the low-precision experts (default: Q4_0 for 8/16-bit "
-                        "experts, Q2_K for 4-bit ones)")
+                   help="ggml type of the low-precision experts (default: Q4_K for 8/16-bit "
+                        "experts, Q4_0 where rows are not 256-blocks; Q3_K for 5/6-bit ones, "
+                        "Q2_K for 4-bit ones)")
     p.add_argument("--out", metavar="PATH", default=None, help="where to write it")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
