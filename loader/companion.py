@@ -79,6 +79,16 @@ def default_low_type(high: SlotFormat) -> int | None:
     return choices[0] if choices else None
 
 
+def made_companion(gguf_path: str, high: SlotFormat) -> str | None:
+    """The companion file of the best suitable type that exists for the model (the one
+    `convert` makes by default, else one made earlier of another suitable type); None."""
+    for low in low_type_choices(high):
+        path = companion_path(gguf_path, low)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def auto_low_type(high: SlotFormat, path: str) -> int:
     """default_low_type, or ModelError naming the file when there is none."""
     low = default_low_type(high)

@@ -81,7 +81,7 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
     """The companion to serve, or None. "auto" without a file is fine (high precision
     only), unless low_only asks for it; a named type without its file is a ModelError."""
     from . import ggml_types
-    from .companion import companion_path, low_type_choices
+    from .companion import companion_path, low_type_choices, made_companion
 
     kind = opts.low_type.lower()
     if kind == "none":
@@ -90,9 +90,10 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
         choices = low_type_choices(high_format)
         if not choices:          # 2- and 3-bit experts: nothing smaller worth loading
             return None
-        # the best type's file, else one made earlier of another suitable type
-        made = [c for c in choices if os.path.exists(companion_path(gguf_path, c))]
-        t = (made or choices)[0]
+        made = made_companion(gguf_path, high_format)
+        if made is not None:
+            return made
+        t = choices[0]
     else:
         t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
         if t is None:

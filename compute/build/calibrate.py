@@ -165,7 +165,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
 
 def cmd_calibrate(args) -> int:
     from ..engine import ggml
-    from ...loader.companion import auto_low_type, companion_path
+    from ...loader.companion import auto_low_type, companion_path, made_companion
     from ...loader.layout import gguf_experts
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
@@ -176,9 +176,11 @@ def cmd_calibrate(args) -> int:
     if os.path.basename(args.text) == "wiki.test.raw":
         raise HobbitError(f"{args.text}: that is evaluation text; calibrate on other text")
     high = gguf_experts(weights)
-    low = ggml.TYPES_BY_NAME[args.low.upper()] if args.low else \
-        auto_low_type(high.format, args.model)
-    companion = args.companion or companion_path(weights.path, low)
+    if args.companion or args.low:
+        companion = args.companion or companion_path(weights.path, ggml.TYPES_BY_NAME[args.low.upper()])
+    else:      # the one hobbitd would serve (low_type "auto")
+        companion = made_companion(weights.path, high.format) or \
+            companion_path(weights.path, auto_low_type(high.format, args.model))
     if not os.path.exists(companion):
         raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {args.model} first")
     with open(args.text, encoding="utf-8", errors="replace") as f:
@@ -205,7 +207,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="a MoE GGUF (convert it first)")
     p.add_argument("--text", required=True, help="calibration text (never the evaluation text)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
-    p.add_argument("--low", metavar="TYPE", default=None, help="the companion's type (default as convert)")
+    p.add_argument("--low", metavar="TYPE", default=None, help="the companion's type (default: the one hobbitd serves: the best type made)")
     p.add_argument("--companion", metavar="PATH", default=None, help="the companion file (default: found)")
     p.add_argument("--cache", type=float, default=0.25, help="cache size as a fraction of expert bytes (0.25)")
     p.add_argument("--low-share", type=float, default=0.25, help="share of the cache for low precision (0.25)")
