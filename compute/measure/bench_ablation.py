@@ -112,7 +112,7 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
     companion (converted now when missing; ModelError for experts that have no smaller
     type) and a cache hobbitd accepts for the mixed configurations. Returns the threshold
     flags for (b)-(d): none for a calibrated model, else the paper's."""
-    from ...loader.companion import auto_low_type, companion_path, low_type_choices
+    from ...loader.companion import auto_low_type, companion_path, made_companion
     from ...loader.layout import gguf_experts
     from ...loader.models import ModelOptions, open_models, plan_cache
     from ...loader.precision import PAPER_T1, PAPER_T2
@@ -120,31 +120,29 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
 
     path = weights.path
     fmt = gguf_experts(weights).format
-    made = [c for c in low_type_choices(fmt) if os.path.exists(companion_path(path, c))]
-    if not made:
+    if made_companion(path, fmt) is None:
         low = auto_low_type(fmt, path)
         if progress:
             print(f"[ablation] {path} has no low-precision companion: converting it "
                   f"({companion_path(path, low)})", file=sys.stderr, flush=True)
         convert(weights, low, progress=progress)
-        made = [low]
     # the daemon's own cache plan, so a too-small cache fails now, not at (b)
     plan_cache(open_models([path], ModelOptions(t1=PAPER_T1, t2=PAPER_T2)), cache, 0.25)
     return lossy_flags(path)
 
 
 def lossy_flags(path: str) -> list:
-    """hobbitd flags for a benchmark's dynamic-loading runs: none when the model's companion
-    is calibrated (hobbitd uses its thresholds), else the paper's T1/T2 (an uncalibrated
-    model is served exactly unless asked otherwise)."""
+    """hobbitd flags for a benchmark's dynamic-loading runs: none when the companion
+    hobbitd will serve (the best suitable type made) is calibrated (hobbitd uses its
+    thresholds), else the paper's T1/T2 (an uncalibrated model is served exactly unless
+    asked otherwise)."""
     from ...loader.calibration import load_calibration
-    from ...loader.companion import companion_path, low_type_choices
+    from ...loader.companion import made_companion
     from ...loader.layout import gguf_experts
     from ...loader.gguf_file import open_gguf
     from ...loader.precision import PAPER_T1, PAPER_T2
 
-    fmt = gguf_experts(open_gguf(path)).format
-    if any(load_calibration(companion_path(path, c)) for c in low_type_choices(fmt)):
+    if load_calibration(made_companion(path, gguf_experts(open_gguf(path)).format)):
         return []
     return ["--t1", f"{PAPER_T1:g}", "--t2", f"{PAPER_T2:g}"]
 

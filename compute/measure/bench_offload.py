@@ -61,7 +61,7 @@ def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = N
     """The synthetic model (and its low-precision companion), made once under
     $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget. quantize:
     made F16 and quantised by llama.cpp's quantizer to that file type (its real mix)."""
-    from ...loader.companion import auto_low_type, companion_path
+    from ...loader.companion import auto_low_type, made_companion
     from ..build.convert import convert
     from ...loader.layout import gguf_experts
     from ..build.synth import SynthOptions, make_quantized, make_synthetic
@@ -84,9 +84,8 @@ def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = N
             make_synthetic(path, SynthOptions(**spec), progress=progress)
     w = open_model(path)
     high = gguf_experts(w)
-    low = auto_low_type(high.format, path)
-    if not os.path.exists(companion_path(path, low)):
-        convert(w, low, progress=progress)
+    if made_companion(path, high.format) is None:    # any suitable one made earlier will do
+        convert(w, auto_low_type(high.format, path), progress=progress)
     return path
 
 
