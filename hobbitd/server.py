@@ -360,9 +360,13 @@ class Daemon:
                                  f"memory but {SHM_DIR} has {free / MiB:.0f} MiB free")
             shm = Segment(new_name(), total, create=True)
             block = None
-            if self.control is not None:
-                lay = control.layout([(name, p, mo.n_layer, mo.n_expert, k) for _, p, _, _, k in plan])
-                block = control.ControlBlock.create(shm.name + "-ctl", lay)
+            try:
+                if self.control is not None:
+                    lay = control.layout([(name, p, mo.n_layer, mo.n_expert, k) for _, p, _, _, k in plan])
+                    block = control.ControlBlock.create(shm.name + "-ctl", lay)
+            except OSError as e:           # nothing half-made left in /dev/shm
+                shm.close()
+                raise InputError(f"cannot open {real}: its control block: {e}") from None
             self.cache.shrink(shrink)
             self.cache.add_model(mo, plan, shm, block)
             self.opened[name] = {"shm": shm, "control": block}
