@@ -332,6 +332,13 @@ class Daemon:
             return self._error(ident, "internal", f"hobbitd: {e!r}")
         self._welcome(ident, msg, peer)
 
+    def _can_open(self) -> list[str]:
+        """GGUFs inside the model folders not served yet (walked only when there are folders)."""
+        if not self.cfg.model_dirs:
+            return []
+        served = {os.path.realpath(mo.path) for mo in self.models.values()}
+        return [p for p in listed_models(self.cfg.model_dirs) if p not in served]
+
     def _serves(self, path) -> bool:
         real = os.path.realpath(path) if isinstance(path, str) else None
         return any(os.path.realpath(mo.path) == real for mo in self.models.values())
@@ -541,7 +548,7 @@ class Daemon:
                 "clients": len(self.sessions), "sessions": self.sessions.stats(),
                 "models": {n: mo.stats() for n, mo in self.models.items()},
                 "model_dirs": self.cfg.model_dirs,
-                "can_open": [p for p in listed_models(self.cfg.model_dirs) if not self._serves(p)],
+                "can_open": self._can_open(),
                 "io": {"bytes_read": io.bytes_read, "reads": io.reads,
                        "direct_reads": io.direct_reads, "pending": io.pending(),
                        "read_seconds": round(io.read_seconds, 6)}}

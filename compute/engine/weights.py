@@ -213,6 +213,13 @@ def read_args(reader, path: str) -> ModelArgs:
     n_layer = int(k("block_count"))
     n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
     scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0  # noqa: E731
+    # a shared expert: llama.cpp makes qwen2moe's as wide as the dense FFN unless the file
+    # says; granite has one only where the file gives its width (Granite MoE Shared)
+    n_ff_shexp = 0
+    if spec.shared_expert or spec.multipliers:
+        n_ff_shexp = int(k("expert_shared_feed_forward_length", default=0, required=False) or 0)
+        if spec.shared_expert and not n_ff_shexp:
+            n_ff_shexp = int(n_ff_dense or 0)
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
@@ -234,12 +241,7 @@ def read_args(reader, path: str) -> ModelArgs:
         qk_norm=spec.qk_norm,
         scale_q_first=spec.scale_q_first,
         norm_weights=spec.norm_weights,
-        # llama.cpp: the shared expert is as wide as the dense FFN unless the file says;
-        # granite has one only where the file gives its width (Granite MoE Shared)
-        n_ff_shexp=int(k("expert_shared_feed_forward_length", default=0, required=False)
-                       or n_ff_dense or 0) if spec.shared_expert else
-        int(k("expert_shared_feed_forward_length", default=0, required=False) or 0)
-        if spec.multipliers else 0,
+        n_ff_shexp=n_ff_shexp,
         gating=spec.gating,
         ffn_act=spec.ffn_act,
         ffn_norm=spec.ffn_norm,
