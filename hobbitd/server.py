@@ -346,7 +346,7 @@ class Daemon:
     async def open_on_demand(self, path: str) -> None:
         """Serve the GGUF at `path` too, if it is allowed (hobbitd/model_dirs.py): opened
         on a thread, given the share of the cache plan_added says (taken from the other
-        models, whose slots nobody holds go at once and the rest when released) in a
+        models by their use: slots nobody holds go at once, the rest when released) in a
         segment and control block of its own. HobbitError (one line) if it cannot be."""
         real = allowed_model(path, self.cfg.models, self.cfg.model_dirs)
         async with self._opening:

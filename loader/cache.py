@@ -372,7 +372,7 @@ class ExpertCache:
         """Serve a ready slot: pin it (unless the client did), tell the policy, count the hit."""
         if pin:
             self._pin(owner, slot)
-        mo.policy.touch(slot, owner, important)
+        self._use(mo, slot, owner, important)
         slot.protected = False    # used: the hint that protected it is fulfilled
         if slot.prefetched:       # a prefetch that paid off
             slot.prefetched = False
@@ -416,8 +416,15 @@ class ExpertCache:
             except BaseException:
                 self._unpin(owner, slot)
                 raise
-            mo.policy.touch(slot, owner, important)
+            self._use(mo, slot, owner, important)
             return slot
+
+    @staticmethod
+    def _use(mo: ModelCache, slot: Slot, owner: int, important: bool) -> None:
+        """owner used slot now: tell the policy, and note the time (a model opened on
+        demand takes the slots used longest ago, loader.models.plan_added)."""
+        mo.policy.touch(slot, owner, important)
+        slot.used_at = time.monotonic()
 
     # ---- loads ---------------------------------------------------------------------------
 

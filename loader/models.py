@@ -148,24 +148,39 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
 
 def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
                low_share: float) -> tuple[dict, list, int]:
-    """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share:
-    each model gets the bytes plan_cache would give it with `new` among them (so the cache
-    looks as if all had been configured), the others by shrinking their regions alike.
-    Returns ({(model, precision): n_slots to keep} for regions that shrink, new's regions
-    placed from offset 0 of a segment of its own, that segment's size). InputError when
-    the cache cannot hold one layer's experts of each."""
-    everyone = {**models, new.name: new}
-    joint, _ = plan_cache(everyone, size, low_share)
-    want = {name: 0 for name in everyone}
-    for name, _, fmt, _, n in joint:
-        want[name] += n * fmt.slot_bytes
-    shrink = {}
+    """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share.
+    new gets the bytes plan_cache would give it with `new` among them (as if it had been
+    configured); what the cache has not handed out yet goes first, the rest is taken from
+    the others by their use (take_by_use). Returns ({(model, precision): n_slots to keep}
+    for regions that shrink, new's regions placed from offset 0 of a segment of its own,
+    that segment's size). InputError when the cache cannot hold one layer's experts of each."""
+    joint, _ = plan_cache({**models, new.name: new}, size, low_share)
+    share = sum(n * fmt.slot_bytes for name, _, fmt, _, n in joint if name == new.name)
+    plan, total = plan_cache({new.name: new}, share, low_share)
+    need = sum(n * fmt.slot_bytes for _, _, fmt, _, n in plan)
+    held = sum(r.n_slots * r.format.slot_bytes for mo in models.values() for r in mo.regions.values())
+    return take_by_use(models, need - (size - held)), plan, total
+
+
+def take_by_use(models: dict[str, ModelCache], nbytes: int) -> dict:
+    """{(model, precision): n_slots to keep} that frees at least `nbytes` of the regions
+    of `models`: the slots used longest ago go first (empty and never-used ones before
+    any), so an idle model gives up its part before a busy one; every region keeps one
+    layer's experts. Ties (a cache nobody has used yet) are shared out in proportion to
+    the regions' sizes."""
+    if nbytes <= 0:
+        return {}
+    spare = []        # (last use, rank in its region / its size, bytes, region)
     for name, mo in models.items():
-        have = sum(r.n_slots * r.format.slot_bytes for r in mo.regions.values())
-        factor = min(1.0, want[name] / have) if have else 1.0
         for prec, r in mo.regions.items():
-            n = max(mo.n_expert, int(r.n_slots * factor))
-            if n < r.n_slots:
-                shrink[name, prec] = n
-    plan, total = plan_cache({new.name: new}, want[new.name], low_share)
-    return shrink, plan, total
+            coldest = sorted(r.slots[:r.n_slots], key=lambda s: s.used_at)
+            for rank, slot in enumerate(coldest[:r.n_slots - mo.n_expert]):
+                spare.append((slot.used_at, rank / r.n_slots, r.format.slot_bytes, (name, prec)))
+    spare.sort(key=lambda item: item[:2])
+    given: dict = {}
+    for _, _, slot_bytes, region in spare:
+        if nbytes <= 0:
+            break
+        given[region] = given.get(region, 0) + 1
+        nbytes -= slot_bytes
+    return {(name, prec): models[name].regions[prec].n_slots - k for (name, prec), k in given.items()}

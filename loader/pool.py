@@ -28,6 +28,7 @@ class Slot:
     pins: Counter = field(default_factory=Counter)   # owner -> count
     last_use: int = 0                   # policy bookkeeping (token clock)
     uses: int = 0
+    used_at: float = 0.0                # time.monotonic() of its last use, 0: never
     protected: bool = False             # predicted by a hint: not evicted until used
     prefetched: bool = False            # loaded by a prefetch and not used yet
 

@@ -266,3 +266,43 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
         with pytest.raises(RequestError) as err:               # still refused, never cached
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum"
+
+
+@in_loop
+async def test_a_model_opened_on_demand_takes_its_share_from_the_least_used(model, tmp_path):
+    """plan_added: of two served models, the idle one gives up its spare slots before the
+    busy one gives any (the slots used longest ago go first); with nothing used yet both
+    give alike. Every region keeps one layer's experts (4 slots)."""
+    from hobbit.loader.models import open_model, plan_added
+
+    opts = ModelOptions(low_type="none", policy="lru")
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = str(tmp_path / f"{name}.gguf")
+        shutil.copy(model, paths[name])
+    models = open_models([paths["a"], paths["b"]], opts)
+    slot_bytes = models["a"].source.format.slot_bytes
+    size = 16 * slot_bytes
+    plan, total = plan_cache(models, size, 0.25)
+    shm = Segment(new_name("hobbit-test"), total, create=True)
+    io = IOEngine(2)
+    try:
+        cache = ExpertCache(models, plan, shm, io, prefetch_budget=False)
+        cache.open_owner(OWNER)
+        a, b = models["a"], models["b"]
+        assert a.regions[HIGH].n_slots == b.regions[HIGH].n_slots == 8
+        new = open_model(paths["c"], "c", opts)
+
+        shrink, _, _ = plan_added(models, new, size, 0.25)      # nothing used yet: alike
+        assert abs(shrink["a", HIGH] - shrink["b", HIGH]) <= 1, shrink
+
+        for layer in (0, 1):                                  # a is used, b is not
+            release(cache, a, await acquire(cache, a, layer, [0, 1, 2, 3]))
+        shrink, new_plan, _ = plan_added(models, new, size, 0.25)
+        given = sum(n for *_, n in new_plan)
+        assert given >= 4
+        assert shrink["b", HIGH] == 4, shrink                 # the idle one down to one layer
+        assert shrink["a", HIGH] == 8 - (given - 4), shrink   # the busy one the rest only
+    finally:
+        io.close()
+        shm.close()
