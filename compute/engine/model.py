@@ -46,6 +46,7 @@ from .weights import ModelArgs, Routing, Weights
 
 GRAPH_SIZE = 8192        # max nodes per graph
 KV_PAD = 256             # N is rounded up to this, so decode graphs are reused for 256 tokens
+WIDE = 16                # tokens from which a forward through hobbitd computes on every core
 MAX_PLANS = 12           # shapes kept per model (each owns its activation buffers)
 PARTS = ("gate", "up", "down")
 SWIGLU_OAI = (1.702, 7.0)   # gpt-oss's swiglu: alpha, limit (llama.cpp's build_moe_ffn)
@@ -266,7 +267,7 @@ class Model:
                 self.experts.used(T * self.args.n_layer * self.args.n_expert_used, self.seq,
                                   self.n_past + T, T)
         else:
-            self._set_threads(self.opts.n_threads or default_threads(self.experts))
+            self._set_threads(self.opts.n_threads or default_threads(self.experts, T))
             logits = self._run_segments(plan, feed)
         self.n_past += T
         if self.swa_cells:
@@ -649,13 +650,16 @@ class PrefetchStats:
                     "n": n} for d, (h, n) in sorted(self.top1.items())}
 
 
-def default_threads(experts: ExpertProvider | None = None) -> int:
-    """Physical cores; one fewer when hobbitd serves the experts: it reads, answers and
-    copies on the same cores, and ggml's OpenMP workers spin between graphs, so on two
-    cores computing with both made every expert request and hint wait for a core
-    (measured: ~25 vs ~12 ms per token outside compute and the daemon, same compute)."""
+def default_threads(experts: ExpertProvider | None = None, tokens: int = 1) -> int:
+    """Physical cores; one fewer when hobbitd serves the experts of a forward of fewer
+    than WIDE tokens: hobbitd reads, answers and copies on the same cores, and ggml's
+    OpenMP workers spin between graphs, so on two cores computing a decode step with both
+    made every expert request and hint wait for a core (measured: ~25 vs ~12 ms per
+    token outside compute and the daemon, same compute). A prompt's graphs are long and
+    hobbitd answers one request per layer: there the spare core would idle."""
     cores = ggml.physical_cores()
-    return max(1, cores - 1) if experts is not None and experts.remote else cores
+    remote = experts is not None and experts.remote
+    return max(1, cores - 1) if remote and tokens < WIDE else cores
 
 
 def _last_row(c, x, T):
