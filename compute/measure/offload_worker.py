@@ -19,7 +19,8 @@ from ...protocol.errors import HobbitError
 
 def worker(spec: dict) -> dict:
     """One engine over the runs; returns per run: prefill s, decode tok/s, bytes read per
-    decoded token, greedy tokens, and for hobbit the per-token time split."""
+    decoded token, greedy tokens, and for hobbit the per-token time split and the
+    prefill's seconds of compute and of waiting for experts."""
     from ..engine.ggml import physical_cores
     from ..engine.model import RunOptions
     from ..runs import ThroughDaemon, open_run
@@ -39,6 +40,7 @@ def worker(spec: dict) -> dict:
     try:
         for n_prompt, n_decode in spec["runs"]:
             prompt = bench_prompt(spec["model"], n_prompt, spec.get("skip", 0))
+            before = timing and (timing.compute_s, timing.expert_wait_s)
             t0 = time.perf_counter()
             logits = eng.prefill(prompt)
             prefill_s = time.perf_counter() - t0
@@ -52,6 +54,9 @@ def worker(spec: dict) -> dict:
                  "decode_start": start, "decode_end": time.time(),   # wall clock: clients overlap
                  "decode_tok_s": n_decode / decode_s,
                  "bytes_per_token": (eng.bytes_read() - b0) / n_decode, "tokens": tokens}
+            if before:
+                r["prefill_split_s"] = {"compute": timing0[0] - before[0],
+                                        "expert_wait": timing0[1] - before[1]}
             if timing0:
                 c = timing.compute_s - timing0[0]
                 w = timing.expert_wait_s - timing0[1]
