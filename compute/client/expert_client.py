@@ -480,6 +480,12 @@ class ExpertClient:
                    experts=[[int(e) for e in ex] for _, ex, _ in predictions],
                    scores=[[float(x) for x in sc] for _, _, sc in predictions], **self._batched())
 
+    def holds(self, first: int, last: int) -> bool:
+        """The directory holds every expert of layers [first, last) in high precision (low
+        for a low-only model): _cached finds any prediction of them, whatever its scores."""
+        d = self._dirs.get(LOW if self.thresholds.low_only else HIGH)
+        return d is not None and bool((d[first:last] >= 0).all())
+
     def resident(self):
         """The (n_layer, n_expert) int32 slot table of every expert, pinned for us until
         close(), once hobbitd holds them all in high precision (it starts reading the

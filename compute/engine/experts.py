@@ -62,6 +62,10 @@ class ExpertProvider(Protocol):
     def hint(self, layer: int, predictions) -> None:
         """predictions [(target layer, experts, scores)], nearest first; no answer."""
 
+    def holds(self, first: int, last: int) -> bool:
+        """Every expert of layers [first, last) is where a fetch finds it without asking:
+        a hint for them would do nothing, so the forward skips predicting them."""
+
     def resident(self):
         """(n_layer, n_expert) int32 high-precision slot indices of every expert, pinned
         until the provider is closed, when it holds them all; else None (while loading:
@@ -118,6 +122,9 @@ class LocalExperts:
 
     def hint(self, layer: int, predictions) -> None:
         pass
+
+    def holds(self, first: int, last: int) -> bool:
+        return True           # every expert is in this process already
 
     def resident(self):
         return None      # in-process without a provider already runs one graph per forward

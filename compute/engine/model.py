@@ -353,6 +353,8 @@ class Model:
         token is predicted to use, at its most important use."""
         a = self.args
         last = min(a.n_layer, il + 1 + self.opts.lookahead)
+        if self.experts.holds(il + 1, last):   # cached already (most of a model that fits)
+            return
         logits = np.einsum("led,td->lte", self.routers[il + 1:last], h) \
             + self.router_biases[il + 1:last, None, :]                        # (p, T', E)
         sel, _, scores = route(router_probs(logits, a.routing), a.routing)    # (p, T', K)
@@ -622,7 +624,8 @@ def _expert_inputs(sel, w, pairs) -> dict:
 
 class PrefetchStats:
     """How well the lookahead predicted each layer's experts, per distance d (layers
-    ahead): top-1 hits (the actual top expert was predicted) and expert recall."""
+    ahead): top-1 hits (the actual top expert was predicted) and expert recall. Only
+    predictions made count: none is made while the coming layers are all cached."""
 
     def __init__(self):
         self.pending: dict = {}      # target layer -> [(distance, predicted set, predicted top1)]
