@@ -445,8 +445,8 @@ class ExpertCache:
             segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
             verify = lambda job: check_image(src, mo.crcs, key[0], key[1], base)  # noqa: E731
         else:
-            segments = [(src.path, off, n, base + src.format.part_offsets[p])
-                        for p, (off, n) in enumerate(src.ranges(*key))]
+            segments = [(src.path, off, n, base + o)
+                        for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))]
         t0 = time.monotonic()
 
         def done(job, error):          # on a reader thread

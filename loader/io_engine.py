@@ -31,8 +31,10 @@ MERGE_PART = 1 << 20      # parts this long already read at full speed: not merg
 class ReadJob:
     """Read `segments` [(path, file offset, nbytes, destination address)], then call
     done(job, error) from the reader thread (error None on success). `verify(job)` may
-    raise to reject what was read (e.g. a checksum). Destinations must be page-aligned
-    with align(nbytes) + PAGE bytes of room."""
+    raise to reject what was read (e.g. a checksum). A destination is page-aligned, or
+    as far past a page boundary as its file offset is (the bytes from that boundary are
+    the caller's too: it is read in place); either way with align(nbytes) + PAGE bytes of
+    room from the page boundary."""
     priority: int
     seq: int
     key: object = field(compare=False)
@@ -59,6 +61,7 @@ class IOEngine:
         self.read_seconds = 0.0          # summed over threads
         self.reads = 0
         self.direct_reads = 0
+        self.moved_bytes = 0             # moved into place after a direct read (not read in place)
         self._threads = [threading.Thread(target=self._run, name=f"hobbit-io-{i}", daemon=True)
                          for i in range(n_threads)]
         for t in self._threads:
@@ -223,16 +226,21 @@ class IOEngine:
         t0 = time.perf_counter()
         skip = start % PAGE if direct else 0
         length = align(end - start + skip) if direct else end - start
+        in_place, moved = False, 0
         if len(run) == 1:
             dest = run[0][3]     # room for align(n) + PAGE bytes: see ReadJob
+            in_place = skip and (dest - skip) % PAGE == 0
+            if in_place:         # the data lands at dest: no move after the read
+                dest -= skip
         else:
             dest = bounce.get(length)
         got = _pread_into(fd, dest, length, start - skip)
         if got < skip + end - start:
             raise EOFError(f"{path}: short read at {start}: file truncated?")
         if len(run) == 1:
-            if skip:
+            if skip and not in_place:
                 ctypes.memmove(dest, dest + skip, end - start)   # the part starts mid-page
+                moved = end - start
         else:
             for _, off, n, to in run:
                 ctypes.memmove(to, dest + skip + off - start, n)
@@ -242,6 +250,7 @@ class IOEngine:
             self.read_seconds += dt
             self.reads += 1
             self.direct_reads += direct
+            self.moved_bytes += moved
 
 
 def _nbytes(job: ReadJob) -> int:

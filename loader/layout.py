@@ -34,25 +34,38 @@ class SlotFormat:
     layer_nbytes[l][p]. Each part starts at part_offsets[p], sized for the largest layer's
     part, so any slot holds any layer's expert (slots sized for the largest layer; the
     alternative, a region per size class, is measured in BENCHMARKS.md).
+    A layer's part whose experts all start the same number of bytes past a page boundary in
+    their file (a GGUF aligns tensors to 32 bytes only) starts that many bytes, its
+    layer_shifts entry, past part_offsets[p] in the slot: a direct read from the page
+    boundary then puts it in place, where otherwise it would be moved after the read.
+    offsets(layer) gives where a layer's parts start.
     parts names the parts in slot order: PARTS, then BIAS_PARTS where the model has expert
     biases; every per-part tuple below follows that order."""
     shapes: tuple         # ggml ne per part, every layer: ((D, F), (D, F), (F, D)[, (F,), (F,), (D,)])
     layer_types: tuple    # [n_layer][parts] ggml type
     layer_nbytes: tuple   # [n_layer][parts] bytes of each part's data
-    part_offsets: tuple   # byte offset of each part in the slot, multiples of PAGE
+    part_offsets: tuple   # byte offset of each part's room in the slot, multiples of PAGE
     slot_bytes: int       # multiple of PAGE
     parts: tuple = PARTS
+    layer_shifts: tuple = ()   # [n_layer][parts] bytes (< PAGE) a part starts past its room; () = 0
 
     @classmethod
-    def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS) -> "SlotFormat":
-        # One spare page per part: a direct read of a part that starts mid-page in its file
-        # reads from the page start, so it needs up to a page more room before it is moved.
+    def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS, layer_shifts=()) -> "SlotFormat":
+        # One spare page per part: a part that starts mid-page in its file is read from the
+        # page start, so its room is a page longer than its largest layer's bytes.
         offsets, at = [], 0
         for p in range(len(parts)):
             offsets.append(at)
             at += align(max(n[p] for n in layer_nbytes)) + PAGE
         return cls(tuple(tuple(s) for s in shapes), tuple(tuple(t) for t in layer_types),
-                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at, tuple(parts))
+                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at, tuple(parts),
+                   tuple(tuple(x) for x in layer_shifts))
+
+    def offsets(self, layer: int) -> tuple:
+        """Byte offsets of layer's parts in a slot."""
+        if not self.layer_shifts:
+            return self.part_offsets
+        return tuple(o + x for o, x in zip(self.part_offsets, self.layer_shifts[layer]))
 
     @property
     def has_biases(self) -> bool:
@@ -82,13 +95,14 @@ class SlotFormat:
                 "layer_types": [list(t) for t in self.layer_types],
                 "layer_nbytes": [list(n) for n in self.layer_nbytes],
                 "part_offsets": list(self.part_offsets), "slot_bytes": self.slot_bytes,
-                "parts": list(self.parts)}
+                "parts": list(self.parts), "layer_shifts": [list(x) for x in self.layer_shifts]}
 
     @classmethod
     def from_wire(cls, d: dict) -> "SlotFormat":
         return cls(tuple(tuple(s) for s in d["shapes"]), tuple(tuple(t) for t in d["layer_types"]),
                    tuple(tuple(n) for n in d["layer_nbytes"]), tuple(d["part_offsets"]),
-                   int(d["slot_bytes"]), tuple(d["parts"]))
+                   int(d["slot_bytes"]), tuple(d["parts"]),
+                   tuple(tuple(x) for x in d.get("layer_shifts", ())))   # () in companions
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,11 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
             raise ModelError(f"{file.path}: layer {il} experts differ in shape from layer 0; "
                              "hobbit needs one expert shape across layers")
     nbytes = [[t.nbytes // n_expert for t in ts] for ts in layers]
-    fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes, parts)
+    # where every expert of a part is the same distance past a page boundary, the slot
+    # keeps that distance, so its direct read lands in place (SlotFormat)
+    shifts = [[t.offset % PAGE if n % PAGE == 0 else 0 for t, n in zip(ts, ns)]
+              for ts, ns in zip(layers, nbytes)]
+    fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes, parts, shifts)
     return ExpertSource(file.path, "high", n_layer, n_expert, fmt,
                         tuple(tuple(t.offset for t in ts) for ts in layers),
                         tuple(tuple(n) for n in nbytes))

@@ -51,11 +51,12 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 6   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+VERSION = 7   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
               # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
               # 4: the control block (clients pin hits themselves), HITS, batched releases;
               # 5: errors too_many_sessions and pin_limit
               # 6: HELLO's model, models opened on demand (their own segments), not_allowed
+              # 7: slot formats' layer_shifts (a part read in place starts past its room)
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
 MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous

@@ -147,7 +147,7 @@ class SlotView:
         """The parts slot `index` holds, each as long as a part of `layer`'s experts."""
         base = self.region["offset"] + index * self.fmt.slot_bytes
         return [self.seg.array[base + off: base + off + n].tobytes()
-                for off, n in zip(self.fmt.part_offsets, self.fmt.part_nbytes(layer))]
+                for off, n in zip(self.fmt.offsets(layer), self.fmt.part_nbytes(layer))]
 
     def file_parts(self, layer: int, expert: int) -> list[bytes]:
         with open(self.path, "rb") as f:

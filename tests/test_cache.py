@@ -87,7 +87,7 @@ def slot_bytes_of(cache, slot) -> bytes:
     """What a slot holds, part by part (without the alignment padding)."""
     fmt, base = slot.region.format, slot.offset
     return b"".join(slot.region.segment.array[base + o:base + o + n].tobytes()
-                    for o, n in zip(fmt.part_offsets, fmt.part_nbytes(slot.key[0])))
+                    for o, n in zip(fmt.offsets(slot.key[0]), fmt.part_nbytes(slot.key[0])))
 
 
 def file_bytes_of(src, layer, expert) -> bytes:

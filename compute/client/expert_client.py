@@ -206,10 +206,10 @@ class ExpertClient:
     # the ExpertProvider protocol the segmented forward uses (engine/experts.py)
 
     def part_bases(self, precision: str, layer: int) -> tuple:
-        """Addresses of slot 0's parts (gate/up/down, then any biases) in our mapping (the
-        same for every layer)."""
+        """Addresses of slot 0's parts of `layer` (gate/up/down, then any biases) in our
+        mapping (SlotFormat.offsets)."""
         base = self.region_address(precision)
-        return tuple(base + o for o in self.regions[precision]["format"].part_offsets)
+        return tuple(base + o for o in self.regions[precision]["format"].offsets(layer))
 
     def part_strides(self, precision: str, layer: int) -> tuple:
         """One slot to the next: the same for every layer (slots fit the largest layer)."""

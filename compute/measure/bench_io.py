@@ -46,7 +46,7 @@ def engine_pass(src, engine: IOEngine, seg: Segment) -> tuple[int, float]:
         layer, e = divmod(i, src.n_expert)
         inflight.acquire()
         base = seg.address + (i % RING) * fmt.slot_bytes
-        segs = [(src.path, off, n, base + fmt.part_offsets[p]) for p, (off, n) in enumerate(src.ranges(layer, e))]
+        segs = [(src.path, off, n, base + o) for (off, n), o in zip(src.ranges(layer, e), fmt.offsets(layer))]
         engine.submit(("bench", i), segs, DEMAND, done)
     done_all.wait()
     dt = time.perf_counter() - t0
