@@ -4,9 +4,10 @@ An expert is three matrices: gate [D, F], up [D, F], down [F, D] in ggml order, 
 some architectures (gpt-oss) three F32 bias vectors: gate [F], up [F], down [D]. Each is a
 part. In a GGUF they are slices of the stacked tensors blk.L.ffn_{gate,up,down}_exps.weight
 (and .bias, [F or D, E]); in the companion low-precision file each expert is contiguous and
-4 KiB-aligned. In a cache slot each part starts at a 4 KiB-aligned offset, so a slot can be
-filled by direct I/O and the compute side can view all slots of one precision as one
-stacked tensor per part (stride slot_bytes). The biases travel in the slot, so an expert
+4 KiB-aligned. In a cache slot each part has a room that starts at a 4 KiB-aligned offset,
+so a slot can be filled by direct I/O, and within it the part starts where its read lands
+(SlotFormat.offsets, per layer); the compute side views all slots of one precision as one
+stacked tensor per part and layer (stride slot_bytes). The biases travel in the slot, so an expert
 is cached, evicted and handed out whole.
 """
 from __future__ import annotations
