@@ -7,8 +7,8 @@ part. In a GGUF they are slices of the stacked tensors blk.L.ffn_{gate,up,down}_
 4 KiB-aligned. In a cache slot each part has a room that starts at a 4 KiB-aligned offset,
 so a slot can be filled by direct I/O, and within it the part starts where its read lands
 (SlotFormat.offsets, per layer); the compute side views all slots of one precision as one
-stacked tensor per part and layer (stride slot_bytes). The biases travel in the slot, so an expert
-is cached, evicted and handed out whole.
+stacked tensor per part and layer (stride slot_bytes). The biases travel in the slot, so
+an expert is cached, evicted and handed out whole.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ class SlotFormat:
 
     llama.cpp's quantizer mixes types across layers (Q4_K_M gives some layers' down
     experts Q6_K), so a part's type and size are per layer: layer_types[l][p] and
-    layer_nbytes[l][p]. Each part starts at part_offsets[p], sized for the largest layer's
-    part, so any slot holds any layer's expert (slots sized for the largest layer; the
+    layer_nbytes[l][p]. Each part's room starts at part_offsets[p], sized for the largest
+    layer's part, so any slot holds any layer's expert (slots sized for the largest layer; the
     alternative, a region per size class, is measured in BENCHMARKS.md).
     A layer's part whose experts all start the same number of bytes past a page boundary in
     their file (a GGUF aligns tensors to 32 bytes only) starts that many bytes, its
