@@ -16,7 +16,8 @@ from ..protocol.errors import ModelError
 GGUF_MAGIC = b"GGUF"
 
 # The architectures hobbit runs (compute/engine/weights.py has each one's graph options).
-SUPPORTED_ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe")
+SUPPORTED_ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe",
+                   "glm4moe")
 
 
 @dataclass(frozen=True)

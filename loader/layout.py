@@ -138,18 +138,40 @@ class ExpertSource:
         return self.n_expert * sum(self.expert_bytes(il) for il in range(self.n_layer))
 
 
+def trunk_blocks(file: GGUFFile) -> int:
+    """The blocks inference runs: block_count, less the next-token-prediction blocks some
+    files append ({arch}.nextn_predict_layers, glm4moe's MTP block), which it skips."""
+    arch = file.check_architecture()
+    return int(file.require(f"{arch}.block_count")) - int(file.field(f"{arch}.nextn_predict_layers", 0) or 0)
+
+
+def moe_blocks(file: GGUFFile) -> tuple:
+    """The blocks of the trunk that have routed experts, in order. These are the MoE layers
+    hobbitd serves: a layer index anywhere in the loader, the daemon and the wire is a
+    position in this tuple, not a block number. Leading dense blocks (glm4moe, deepseek2)
+    have none, and their FFN stays with the compute side like attention does."""
+    names = [f"ffn_{p}_exps.weight" for p in PARTS]
+    return tuple(il for il in range(trunk_blocks(file))
+                 if any(f"blk.{il}.{n}" in file.tensors for n in names))
+
+
 def gguf_experts(file: GGUFFile) -> ExpertSource:
     """The high-precision experts of an open MoE GGUF, read in place (no copy of the file),
-    with their biases where every layer has all three (gpt-oss). ModelError when the file
-    has no routed experts in the stacked layout, or biases on some parts or layers only."""
+    with their biases where every layer has all three (gpt-oss). Its layer l is block
+    moe_blocks(file)[l]. ModelError when the file has no routed experts in the stacked
+    layout, or biases on some parts or layers only."""
     arch = file.check_architecture()
-    n_layer = int(file.require(f"{arch}.block_count"))
     n_expert = int(file.field(f"{arch}.expert_count", 0))
     if n_expert <= 0:
         raise ModelError(f"{file.path}: not a mixture-of-experts model (expert_count is 0); "
                          "hobbitd serves MoE models only")
+    blocks = moe_blocks(file)
+    if not blocks:
+        raise ModelError(f"{file.path}: tensor blk.0.ffn_gate_exps.weight is missing "
+                         "(no block has routed experts)")
+    n_layer = len(blocks)
     names = [f"ffn_{p}_exps.weight" for p in PARTS]
-    bias_names = [f"blk.{il}.ffn_{p}_exps.bias" for il in range(n_layer) for p in PARTS]
+    bias_names = [f"blk.{il}.ffn_{p}_exps.bias" for il in blocks for p in PARTS]
     have = [n in file.tensors for n in bias_names]
     if any(have) and not all(have):
         raise ModelError(f"{file.path}: tensor {bias_names[have.index(False)]} is missing "
@@ -157,16 +179,16 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
     parts = PARTS + BIAS_PARTS if all(have) else PARTS
     if all(have):
         names += [f"ffn_{p}_exps.bias" for p in PARTS]
-    missing = [f"blk.{il}.{n}" for il in range(n_layer) for n in names
+    missing = [f"blk.{il}.{n}" for il in blocks for n in names
                if f"blk.{il}.{n}" not in file.tensors]
     if missing:
         raise ModelError(f"{file.path}: tensor {missing[0]} is missing")
-    layers = [[file.tensors[f"blk.{il}.{n}"] for n in names] for il in range(n_layer)]
+    layers = [[file.tensors[f"blk.{il}.{n}"] for n in names] for il in blocks]
     # per expert: a matrix's first two dimensions, a bias's first (the last one is E)
     shapes = [t.shape[:-1] for t in layers[0]]
     for il, ts in enumerate(layers):
         if [t.shape for t in ts] != [t.shape for t in layers[0]]:
-            raise ModelError(f"{file.path}: layer {il} experts differ in shape from layer 0; "
+            raise ModelError(f"{file.path}: block {blocks[il]} experts differ in shape from block {blocks[0]}; "
                              "hobbit needs one expert shape across layers")
     nbytes = [[t.nbytes // n_expert for t in ts] for ts in layers]
     # where every expert of a part is the same distance past a page boundary, the slot

@@ -1,5 +1,5 @@
 """The MoE architectures besides llama/Mixtral (qwen3moe, olmoe, qwen2moe, phimoe,
-granitemoe), each on
+granitemoe, glm4moe), each on
 synthetic files of two sizes laid out as its real files are: llama.cpp loads them, our
 engine matches it in-process and through a real hobbitd whose cache holds a quarter of the
 experts, the low-precision companion converts, and a mixed-precision run stays close to
@@ -31,7 +31,7 @@ from hobbit.protocol.errors import InputError, ModelError
 from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
-ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe")
+ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -49,6 +49,11 @@ def options(arch: str, size: str) -> dict:
         kw["head_dim"] = 64             # H * Dh = 512 != D = 256, as Qwen3's 32 x 128 vs 2048
     if arch == "granitemoe" and size == "m":
         kw["shared_ff"] = 384           # Granite MoE Shared: an ungated shared expert
+    if arch == "glm4moe":               # leading dense blocks (GLM-4.5-Air 1, GLM-4.5 3),
+        # one more block so a quarter of the experts still holds one MoE layer; the larger
+        # has GLM-4.5's QK norm and its wider heads (96 x 128 vs 5120)
+        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
+            kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
     return kw
 
 
@@ -68,10 +73,18 @@ def test_args_read_from_the_file(synth, arch, size):
     a = w.args
     assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used) == \
         (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
+    assert a.moe_layers == tuple(range(o.get("dense", 0), o["layers"]))
     assert a.head_dim == o.get("head_dim", o["d_model"] // o["heads"])
-    assert a.qk_norm == {"qwen3moe": "head", "olmoe": "full"}.get(arch, "")
-    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe"))
-    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else o.get("shared_ff", 0))
+    assert a.qk_norm == ("head" if arch == "qwen3moe" or o.get("qk_norm") else
+                         "full" if arch == "olmoe" else "")
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "glm4moe"))
+    assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "glm4moe": o["d_ff"]}.get(arch, o.get("shared_ff", 0))
+    # glm4moe: sigmoid routing, weights scaled, RoPE on half of each head; the trailing MTP
+    # block is in the file (block_count) but not run, and hobbitd serves the MoE blocks only
+    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if arch == "glm4moe" else ("softmax", 0.0))
+    assert a.rope_dim == a.head_dim // (2 if arch == "glm4moe" else 1)
+    assert w.field(f"{arch}.block_count") == o["layers"] + (arch == "glm4moe")
+    assert gguf_experts(w).n_layer == len(a.moe_layers)
     scales = (a.embedding_scale, a.residual_scale, a.attention_scale, a.logit_scale)
     if arch == "granitemoe":    # Granite's multipliers, read from the file
         assert scales == pytest.approx((12.0, 0.22, 1 / a.head_dim, 6.0))
@@ -80,6 +93,28 @@ def test_args_read_from_the_file(synth, arch, size):
     if arch == "phimoe":      # LongRoPE: 32x the original context, its attention factor
         assert (a.n_ctx_train, a.n_ctx_orig) == (32 * 4096, 4096)
         assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_glm4moe_selection_bias_changes_which_experts_run(synth, size):
+    """exp_probs_b moves the choice of experts (not their weights) for many tokens of the
+    synthetic files, so the parity tests check it is applied, and applied for choosing only."""
+    from hobbit.compute.engine.model import Routers
+
+    path = synth(**options("glm4moe", size))
+    w = open_model(path)
+    model = Model(w, RunOptions(n_ctx=256, taps=("ffn_in",)))
+    try:
+        model.forward(Tokenizer(path).encode(PROMPT), all_logits=True)
+        h = np.stack([model.taps[f"ffn_in.{il}"] for il in w.args.moe_layers])     # (M, T, D)
+    finally:
+        model.close()
+    routers = Routers(w)
+    biased, _, _ = routers.route(h, 0, len(h))
+    routers.selection[:] = 0
+    unbiased, _, _ = routers.route(h, 0, len(h))
+    changed = np.any(np.sort(biased, -1) != np.sort(unbiased, -1), axis=-1).mean()
+    assert 0.2 < changed < 0.9, f"the bias changes the experts of {changed:.0%} of the tokens"
 
 
 def with_per_layer(src: str, dst: str, arrays: dict) -> str:
@@ -101,6 +136,18 @@ def with_per_layer(src: str, dst: str, arrays: dict) -> str:
     write_gguf(w, [TensorEntry(t.name, t.type, t.shape, t.nbytes) for t in f.tensors.values()],
                lambda e: [data[f.tensors[e.name].offset:f.tensors[e.name].offset + e.nbytes]])
     return dst
+
+
+def test_glm4moe_refuses_what_its_graph_would_compute_otherwise(synth, tmp_path):
+    """Group-limited routing (DeepSeek-V3's) and multimodal RoPE sections, which hobbit does
+    not compute: one line naming the key, not wrong output."""
+    src = synth(**options("glm4moe", "s"))
+    for key, value, words in (("expert_group_count", [4], "group-limited expert routing"),
+                              ("rope.dimension_sections", [8, 4, 4, 0], "multimodal RoPE")):
+        bad = with_per_layer(src, str(tmp_path / f"{key}.gguf"), {f"glm4moe.{key}": value})
+        with pytest.raises(ModelError) as e:
+            open_model(bad)
+        assert str(e.value).startswith(f"{bad}: glm4moe.{key}") and words in str(e.value)
 
 
 def test_per_layer_expert_arrays(synth, tmp_path):

@@ -31,7 +31,7 @@ from ...protocol.errors import HobbitError
 from ..divergence import mean_kld
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
-from ..engine.model import Model, RunOptions, route, router_probs
+from ..engine.model import Model, Routers, RunOptions
 
 T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
@@ -42,18 +42,16 @@ def routing_trace(weights, tokens, n_ctx=512):
     unimportance scores, shapes (tokens, L, K), from an all-high in-process run."""
     a = weights.args
     model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
-    routers = np.stack([weights.router(il) for il in range(a.n_layer)])     # (L, E, D)
-    biases = np.stack([weights.router_bias(il) for il in range(a.n_layer)])  # (L, E)
+    routers = Routers(weights)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
         chunk = tokens[start:start + n_ctx]
         model.reset()
         model.forward(chunk, all_logits=True)
-        h = np.stack([model.taps[f"ffn_in.{il}"] for il in range(a.n_layer)], axis=1)  # (T, L, D)
-        logits = np.einsum("tld,led->tle", h, routers) + biases
-        sel, _, score = route(router_probs(logits, a.routing), a.routing)  # as the segmented forward routes
-        sels.append(sel)
-        scores.append(score)
+        h = np.stack([model.taps[f"ffn_in.{il}"] for il in a.moe_layers])  # (L, T, D)
+        sel, _, score = routers.route(h, 0, len(h))  # as the segmented forward routes: (L, T, K)
+        sels.append(sel.transpose(1, 0, 2))
+        scores.append(score.transpose(1, 0, 2))
     model.close()
     return np.concatenate(sels), np.concatenate(scores)
 
@@ -122,7 +120,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     low_src, _ = open_companion(weights, companion)
     ratio = low_src.total_bytes / high_src.total_bytes
     a = weights.args
-    budget = cache_fraction * a.n_layer * a.n_expert * high_src.format.slot_bytes
+    budget = cache_fraction * a.n_moe_layer * a.n_expert * high_src.format.slot_bytes
     high_slots = max(a.n_expert, int(budget * (1 - low_share)) // high_src.format.slot_bytes)
     low_slots = max(a.n_expert, int(budget * low_share) // low_src.format.slot_bytes)
     t0 = time.perf_counter()

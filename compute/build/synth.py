@@ -20,6 +20,14 @@ gives varied, deterministic text. Per architecture (opts.arch):
             Granite MoE Shared file (an ungated ffn_{gate,up,down}_shexp). The token
             embeddings and the residual branches are drawn smaller by the multipliers, so
             the residual stream has the scale of the other architectures'
+  glm4moe   GLM-4.5 / GLM-4.5-Air: opts.dense leading dense blocks (ffn_{gate,up,down}, 4 x
+            d_ff wide), then MoE blocks with q/k/v biases, post_attention_norm as the FFN's
+            norm, a sigmoid router with a selection bias exp_probs_b [E], weights
+            normalised and scaled (GLM4_SCALE), an ungated shared expert as wide as one
+            expert; RoPE on half of each head (partial_rotary_factor 0.5); with
+            opts.qk_norm attn_{q,k}_norm per head (GLM-4.5's; the Air has none); one
+            trailing MTP block (nextn_predict_layers 1: a full MoE block plus nextn.eh_proj,
+            enorm, hnorm, shared_head_norm), which inference skips
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -61,7 +69,7 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
-ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe")
+ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe")
 # architectures whose attention projections are [D, D]: one head is D / heads wide
 SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
@@ -70,6 +78,7 @@ GPT_OSS_SWA = 128        # gpt-oss: its sliding window (tokens)
 # granitemoe: embedding, residual and logit multipliers of Granite-3.0-1B-A400M (its
 # attention multiplier, 1/64, is 1/head_dim there: we write 1/head_dim)
 GRANITE_SCALES = {"embedding": 12.0, "residual": 0.22, "logit": 6.0}
+GLM4_SCALE = 2.5         # glm4moe: expert_weights_scale (GLM-4.5's routed_scaling_factor)
 
 
 @dataclass
@@ -90,6 +99,8 @@ class SynthOptions:
     shared_ff: int = 0       # qwen2moe's shared expert width, 0: 4 x d_ff (as Qwen1.5-MoE);
                              # granitemoe's, 0: none
     swa: int = 0             # gpt-oss's sliding window in tokens; 0: GPT_OSS_SWA
+    dense: int = 1           # glm4moe's leading dense blocks
+    qk_norm: bool = False    # glm4moe: per-head Q and K norms (GLM-4.5's)
 
 
 @dataclass
@@ -119,6 +130,8 @@ def shared_ff(opts: SynthOptions) -> int:
     """The shared expert's width (qwen2moe, Granite MoE Shared), 0 for none."""
     if opts.arch == "granitemoe":
         return opts.shared_ff
+    if opts.arch == "glm4moe":
+        return opts.d_ff
     return (opts.shared_ff or 4 * opts.d_ff) if opts.arch == "qwen2moe" else 0
 
 
@@ -142,6 +155,8 @@ def check(opts: SynthOptions) -> None:
         raise InputError(f"--shared-ff {opts.shared_ff} must be at least 0")
     if opts.swa < 0:
         raise InputError(f"--swa {opts.swa} must be at least 0")
+    if opts.arch == "glm4moe" and not 0 <= opts.dense < opts.layers:
+        raise InputError(f"--dense {opts.dense} must be between 0 and --layers - 1 ({opts.layers - 1})")
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
     if not opts.head_dim and opts.d_model % opts.heads:
@@ -212,15 +227,17 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     if arch == "granitemoe":          # what the multipliers scale up or down, drawn inversely
         branch /= GRANITE_SCALES["residual"]
         embd /= GRANITE_SCALES["embedding"]
-    qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss")
+    qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss", "glm4moe")
+    glm = arch == "glm4moe"
     ts = [mat("token_embd.weight", (D, V), embd)]
     if arch == "phimoe":
         # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
         # larger for the long one (one copy each, shared by all layers)
         ts += [_Tensor("rope_factors_long.weight", ggml.F32, (Dh // 2,), 1.0, 4.0),
                _Tensor("rope_factors_short.weight", ggml.F32, (Dh // 2,), 0.05, 1.0)]
-    for i in range(opts.layers):
+    for i in range(opts.layers + (1 if glm else 0)):     # glm4moe: + its MTP block
         p = f"blk.{i}."
+        moe_block = E and not (glm and i < opts.dense)
         ts += norm(p + "attn_norm")
         ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
         ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
@@ -228,17 +245,20 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch in ("phimoe", "gpt-oss"))
         if oss:       # one sink logit per head, as large as the attention logits
             ts += [_Tensor(p + "attn_sinks.weight", ggml.F32, (opts.heads,), 1.0)]
-        if arch == "qwen3moe":          # per head
+        if arch == "qwen3moe" or (glm and opts.qk_norm):          # per head
             ts += norm(p + "attn_q_norm", Dh) + norm(p + "attn_k_norm", Dh)
         elif arch == "olmoe":           # over all heads
             ts += norm(p + "attn_q_norm", Q) + norm(p + "attn_k_norm", KV)
-        ts += norm(p + ("post_attention_norm" if oss else "ffn_norm"))
-        if E:
+        ts += norm(p + ("post_attention_norm" if oss or glm else "ffn_norm"))
+        if moe_block:
             # F32 router: tiny, and its top-k choice is sensitive to rounding. Logit std ~2,
             # so routing is decisive yet differs from token to token.
             wide = 2.0 if oss else 1.0
             ts += [_Tensor(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 2 * D ** -0.5)]
             ts += [bias(p + "ffn_gate_inp", E, 0.5)] if oss else []
+            # glm4moe's selection bias: it moves which experts are chosen (now and then: it
+            # is small beside the spread of the sigmoids), not their weights
+            ts += [bias(p + "exp_probs_b", E, 0.1)] if glm else []
             ts += [mat(p + "ffn_gate_exps.weight", (D, F, E), wide * D ** -0.5),
                    mat(p + "ffn_up_exps.weight", (D, F, E), wide * D ** -0.5),
                    mat(p + "ffn_down_exps.weight", (F, D, E), F ** -0.5 * branch / wide)]
@@ -246,15 +266,19 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
                 ts += [bias(p + "ffn_gate_exps", (F, E)), bias(p + "ffn_up_exps", (F, E)),
                        bias(p + "ffn_down_exps", (D, E), 0.1 * branch)]
         else:
-            ts += [mat(p + "ffn_gate.weight", (D, F), D ** -0.5),
-                   mat(p + "ffn_up.weight", (D, F), D ** -0.5),
-                   mat(p + "ffn_down.weight", (F, D), F ** -0.5 * branch)]
-        if Fs := shared_ff(opts):
+            Fd = 4 * F if glm else F        # glm4moe's dense blocks: feed_forward_length
+            ts += [mat(p + "ffn_gate.weight", (D, Fd), D ** -0.5),
+                   mat(p + "ffn_up.weight", (D, Fd), D ** -0.5),
+                   mat(p + "ffn_down.weight", (Fd, D), Fd ** -0.5 * branch)]
+        if (Fs := shared_ff(opts)) and moe_block:
             if arch == "qwen2moe":      # the shared expert's sigmoid gate
                 ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D ** -0.5)]
             ts += [mat(p + "ffn_gate_shexp.weight", (D, Fs), D ** -0.5),
                    mat(p + "ffn_up_shexp.weight", (D, Fs), D ** -0.5),
                    mat(p + "ffn_down_shexp.weight", (Fs, D), Fs ** -0.5 * branch)]
+        if glm and i == opts.layers:     # the MTP block's own tensors
+            ts += [mat(p + "nextn.eh_proj.weight", (2 * D, D), (2 * D) ** -0.5)]
+            ts += norm(p + "nextn.enorm") + norm(p + "nextn.hnorm") + norm(p + "nextn.shared_head_norm")
     ts += norm("output_norm")
     ts += linear("output", (D, V), D ** -0.5, arch == "phimoe")   # gpt-oss: no output bias
     return ts
@@ -293,7 +317,7 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
     w.add_file_type(FILE_TYPES[opts.type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(n_vocab)
-    w.add_block_count(opts.layers)
+    w.add_block_count(opts.layers + (1 if opts.arch == "glm4moe" else 0))
     if opts.arch == "phimoe":   # LongRoPE: the long context, the original one, the factor
         long = PHIMOE_LONG * opts.ctx
         w.add_context_length(long)
@@ -311,10 +335,19 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_context_length(opts.ctx)
     w.add_embedding_length(opts.d_model)
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
-    w.add_feed_forward_length(shared_ff(opts) if opts.arch == "qwen2moe" else opts.d_ff)
-    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss"):
+    w.add_feed_forward_length({"qwen2moe": shared_ff(opts), "glm4moe": 4 * opts.d_ff}.get(opts.arch, opts.d_ff))
+    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", "glm4moe"):
         w.add_expert_feed_forward_length(opts.d_ff)
-    if shared_ff(opts):
+    if opts.arch == "glm4moe":      # as GLM-4.5's converted file says it
+        import gguf
+
+        w.add_leading_dense_block_count(opts.dense)
+        w.add_expert_shared_count(1)
+        w.add_expert_weights_scale(GLM4_SCALE)
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_nextn_predict_layers(1)
+    elif shared_ff(opts):
         w.add_expert_shared_feed_forward_length(shared_ff(opts))
     if opts.arch == "granitemoe":
         w.add_embedding_scale(GRANITE_SCALES["embedding"])
@@ -327,7 +360,7 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_key_length(head_dim(opts))
         w.add_value_length(head_dim(opts))
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(head_dim(opts))
+    w.add_rope_dimension_count(head_dim(opts) // 2 if opts.arch == "glm4moe" else head_dim(opts))
     w.add_layer_norm_rms_eps(1e-5)
     if opts.experts:
         w.add_expert_count(opts.experts)
@@ -402,7 +435,8 @@ def cmd_synth(args) -> int:
                         kv_heads=args.kv_heads, head_dim=args.head_dim,
                         type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
-                        arch=args.arch, shared_ff=args.shared_ff, swa=args.swa)
+                        arch=args.arch, shared_ff=args.shared_ff, swa=args.swa,
+                        dense=args.dense, qk_norm=args.qk_norm)
     t0 = time.perf_counter()
     if args.quantize:
         make_quantized(args.out, opts, args.quantize, progress=True)
@@ -436,9 +470,12 @@ def add_parser(sub) -> None:
             ("--seed", d.seed, "random seed"),
             ("--ctx", d.ctx, "training context length written to the file"),
             ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff"),
-            ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}")):
+            ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}"),
+            ("--dense", d.dense, "glm4moe: leading dense blocks")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
+    p.add_argument("--qk-norm", action="store_true",
+                   help="glm4moe: per-head Q and K norms, as GLM-4.5 has (the Air has none)")
     p.add_argument("--arch", default=d.arch, metavar="NAME",
                    help=f"architecture, as llama.cpp names it: {' '.join(ARCHS)} (default {d.arch})")
     p.add_argument("--type", default=None, metavar="TYPE",

@@ -154,6 +154,7 @@ class Model:
                    for i, c in enumerate(self.v_cache)]
         self.plans: OrderedDict[tuple, list[_Graph]] = OrderedDict()
 
+        self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}   # block -> MoE layer
         self.experts = experts
         self.prefetch = PrefetchStats()
         if experts is not None:
@@ -165,29 +166,28 @@ class Model:
             for prec, r in experts.regions.items():
                 f = r["format"]
                 self.pool[prec] = []
-                for il in range(a.n_layer):
-                    strides, views = experts.part_strides(prec, il), []
+                for m, il in enumerate(a.moe_layers):
+                    strides, views = experts.part_strides(prec, m), []
                     for p, name in enumerate(f.parts):
                         shape = f.shapes[p]
-                        t = self.wctx.tensor(f.types(il)[p], (*shape, r["n_slots"]),
+                        t = self.wctx.tensor(f.types(m)[p], (*shape, r["n_slots"]),
                                              f"pool_{prec}_{name}_l{il}")
                         t.contents.nb[len(shape)] = strides[p]
                         for d in range(len(shape) + 1, ggml.MAX_DIMS):
                             t.contents.nb[d] = strides[p] * r["n_slots"]
                         views.append(t)
                     self.pool[prec].append(views)
-            # routers of every layer, stacked for the lookahead prediction: (L, E, D), (L, E)
-            self.routers = np.stack([weights.router(il) for il in range(a.n_layer)])
-            self.router_biases = np.stack([weights.router_bias(il) for il in range(a.n_layer)])
-            # the provider's slot of each expert, per layer [1, E] i32, for the one-graph
+            self.routers = Routers(weights)      # for the lookahead prediction
+            # the provider's slot of each expert, per MoE layer [1, E] i32, for the one-graph
             # forward on resident experts (routing in the graph, then a lookup of the slots)
-            self.slot_table = np.zeros((a.n_layer, a.n_expert), np.int32)
+            self.slot_table = np.zeros((a.n_moe_layer, a.n_expert), np.int32)
             self._resident_table = None   # the provider's table the views point at
             self.t_slots = [self.wctx.tensor(ggml.I32, (1, a.n_expert), f"slots_l{il}",
-                                             self.slot_table[il].ctypes.data)
-                            for il in range(a.n_layer)]
+                                             self.slot_table[m].ctypes.data)
+                            for m, il in enumerate(a.moe_layers)]
 
     def _point_pool(self, layer: int) -> None:
+        """Point the pool views of MoE layer `layer` at the provider's slots."""
         for prec, layers in self.pool.items():
             for t, base in zip(layers[layer], self.experts.part_bases(prec, layer)):
                 t.contents.data = base
@@ -255,8 +255,8 @@ class Model:
             self._set_threads(self.opts.n_threads or ggml.physical_cores())
             if table is not self._resident_table:    # new pins (a new hobbitd): re-point
                 np.copyto(self.slot_table, table)
-                for il in range(self.args.n_layer):
-                    self._point_pool(il)
+                for m in range(self.args.n_moe_layer):
+                    self._point_pool(m)
                 self._resident_table = table
         plan = self._plan(T, N, all_logits, resident=table is not None)
         if self.experts is None or table is not None:
@@ -264,7 +264,7 @@ class Model:
             logits = outs.pop("logits")
             self.taps = outs
             if table is not None:
-                self.experts.used(T * self.args.n_layer * self.args.n_expert_used, self.seq,
+                self.experts.used(T * self.args.n_moe_layer * self.args.n_expert_used, self.seq,
                                   self.n_past + T, T)
         else:
             self._set_threads(self.opts.n_threads or default_threads(self.experts, T))
@@ -312,34 +312,35 @@ class Model:
         return {name: _read(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in g.outputs.items()}
 
     def _run_segments(self, plan: list, feed: dict) -> np.ndarray:
-        """Segment by segment; between them, route and fetch the experts of one layer."""
+        """Segment by segment; between them, route and fetch the experts of one MoE
+        layer (m: its index among the MoE layers, as the provider numbers them)."""
         a, provider = self.args, self.experts
         held, variant = [], None
         try:
-            for il, variants in enumerate(plan):
-                if il > 0:
-                    self._point_pool(il - 1)
+            for m, variants in enumerate(plan):
+                if m > 0:
+                    self._point_pool(m - 1)
                 out = self._run(variants(variant), feed)
                 provider.release(held)          # the previous layer's experts are done with
                 held = []
-                if il == a.n_layer:
+                if m == a.n_moe_layer:
                     return out["logits"]
                 probs = out["probs"]                                          # (T', E)
-                sel, w, scores = route(probs, a.routing)                     # (T', K) each
+                sel, w, scores = route(probs, a.routing, self.routers.selection[m])  # (T', K) each
                 if "topk_w" in out:   # softmax over the top K, ggml's own to the bit
                     w = out["topk_w"]
-                self.prefetch.observe(il, sel)
+                self.prefetch.observe(m, sel)
                 wanted, best = _wanted(sel, scores)
                 t0 = time.perf_counter()
                 T = feed["tokens"].size      # the last layer routes only the last row
-                held = provider.fetch(il, wanted, best, seq=self.seq,
+                held = provider.fetch(m, wanted, best, seq=self.seq,
                                       token=self.n_past + T, n_tokens=T)
                 self.timing.expert_wait_s += time.perf_counter() - t0
                 # after the demand (never ahead of it): the coming layers' reads overlap
                 # with this layer's compute (in a prompt too: the next layer streams in)
-                if self.opts.lookahead > 0 and il + 1 < a.n_layer:
-                    self._hint(il, out["h"])
-                pairs = provider.fetch_pairs(il, sel, scores, dict(zip(wanted, held)))
+                if self.opts.lookahead > 0 and m + 1 < a.n_moe_layer:
+                    self._hint(m, out["h"])
+                pairs = provider.fetch_pairs(m, sel, scores, dict(zip(wanted, held)))
                 feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
@@ -347,17 +348,14 @@ class Model:
             provider.flush()
 
     def _hint(self, il: int, h: np.ndarray) -> None:
-        """Predict layers il+1..il+p from layer il's gate input h (T', D) (one stacked
-        matmul) and hint them; the daemon walks them and prefetches at the first predicted
-        miss. Several tokens (a prompt): each layer's prediction is every expert some
-        token is predicted to use, at its most important use."""
-        a = self.args
-        last = min(a.n_layer, il + 1 + self.opts.lookahead)
+        """Predict MoE layers il+1..il+p from MoE layer il's gate input h (T', D) (one
+        stacked matmul) and hint them; the daemon walks them and prefetches at the first
+        predicted miss. Several tokens (a prompt): each layer's prediction is every expert
+        some token is predicted to use, at its most important use."""
+        last = min(self.args.n_moe_layer, il + 1 + self.opts.lookahead)
         if self.experts.holds(il + 1, last):   # cached already (most of a model that fits)
             return
-        logits = np.einsum("led,td->lte", self.routers[il + 1:last], h) \
-            + self.router_biases[il + 1:last, None, :]                        # (p, T', E)
-        sel, _, scores = route(router_probs(logits, a.routing), a.routing)    # (p, T', K)
+        sel, _, scores = self.routers.route(h, il + 1, last)                 # (p, T', K)
         if h.shape[0] == 1:
             preds = [(il + 1 + d, sel[d, 0].tolist(), scores[d, 0].tolist()) for d in range(len(sel))]
             self.prefetch.predict(il, preds)
@@ -381,7 +379,7 @@ class Model:
         if self.experts is None or resident:
             plan = [self._build(T, N, all_logits, None, resident=resident)]
         else:
-            plan = [_Variants(self, T, N, all_logits, il) for il in range(self.args.n_layer + 1)]
+            plan = [_Variants(self, T, N, all_logits, m) for m in range(self.args.n_moe_layer + 1)]
         self.plans[key] = plan
         return plan
 
@@ -390,11 +388,13 @@ class Model:
     def _build(self, T: int, N: int, all_logits: bool, segment: int | None, variant=None,
                resident: bool = False) -> _Graph:
         """The whole forward (segment None; its experts the file's, or with resident the
-        provider's high-precision slots through slot_table), or segment l: layer l-1's
-        experts (l > 0; in high and/or low precision per variant = (has_high, has_low)),
-        then layer l's attention and router (l < n_layer), or the output head (l = n_layer)."""
+        provider's high-precision slots through slot_table), or segment m: MoE layer m-1's
+        experts (m > 0; in high and/or low precision per variant = (has_high, has_low)),
+        the dense blocks after it, then MoE layer m's attention and router (m < the MoE
+        layers' count M), or the output head (m = M)."""
         a = self.args
-        L = a.n_layer
+        L, moe = a.n_layer, a.moe_layers
+        M = len(moe)
         ctx = ggml.Context(GRAPH_SIZE, GRAPH_SIZE)
         c = ctx.ptr
         g = _Graph(ctx, lib.ggml_new_graph_custom(c, GRAPH_SIZE, False))
@@ -411,29 +411,32 @@ class Model:
             g.outputs[name] = x
 
         W = self.t.__getitem__
-        first = segment or 0
-        layers = range(0, L) if segment is None else range(segment, min(segment + 1, L))
-        T_in = T if all_logits or first < L else 1     # the head sees only the last row
-        if first == 0:
+        if segment is None:
+            blocks = range(0, L)
+        else:       # from the block after MoE layer m-1's to MoE layer m's (or the last)
+            blocks = range(moe[segment - 1] + 1 if segment else 0, moe[segment] + 1 if segment < M else L)
+        if not segment:
             x = lib.ggml_get_rows(c, W("token_embd.weight"), inp("tokens", ggml.I32, (T,)))  # [D, T]
             x = self._scaled(c, x, a.embedding_scale)
         else:
+            b = moe[segment - 1]
+            T_in = 1 if b == L - 1 and not all_logits else T   # the last block keeps the last row
             x = inp("x", ggml.F32, (a.n_embd, T_in))
-            h = self._norm(c, x, f"blk.{first - 1}.{a.ffn_norm}")
+            h = self._norm(c, x, f"blk.{b}.{a.ffn_norm}")
             K = a.n_expert_used
             y = None
             for prec, present in zip(("high", "low"), variant):
                 if present:
                     ids = inp(f"ids_{prec}", ggml.I32, (K, T_in))
                     wts = inp(f"w_{prec}", ggml.F32, (1, K, T_in))
-                    views = self.pool[prec][first - 1]
+                    views = self.pool[prec][segment - 1]
                     f = moe_ffn(c, h, views[:3], a.routing, biases=views[3:] or None, sel=ids,
                                 weights=wts, act=a.ffn_act)
                     y = f if y is None else lib.ggml_add(c, y, f)
-            y = self._add_shared_expert(c, h, first - 1, y)
+            y = self._add_shared_expert(c, h, b, y)
             if y is not None:      # None: every routed expert skipped, no shared one
                 x = lib.ggml_add(c, self._scaled(c, y, a.residual_scale), x)
-        if first < L:
+        if blocks:
             pos = inp("pos", ggml.I32, (T,))
         kv_inputs = {}
 
@@ -447,7 +450,7 @@ class Model:
                 kv_inputs[swa] = (inp("kv_idx" + sfx, ggml.I64, (T,)), inp("mask" + sfx, ggml.F16, (n, T)), n)
             return kv_inputs[swa]
 
-        for il in layers:
+        for il in blocks:
             p = f"blk.{il}."
             att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
             if il == L - 1 and not all_logits:
@@ -457,7 +460,8 @@ class Model:
             h = self._norm(c, x, p + a.ffn_norm)
             if "ffn_in" in self.opts.taps:
                 out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
-            if segment is not None:   # stop at the router: Python fetches the experts
+            m = self.moe_index.get(il)      # its MoE layer; None: a dense block
+            if segment is not None and m == segment:   # stop at the router: Python fetches the experts
                 out("x", x)
                 out("h", h)
                 probs = router(c, h, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
@@ -466,9 +470,9 @@ class Model:
                 if a.routing.gating == "softmax_weight":
                     out("topk_w", topk_weights(c, probs, a.routing)[1])
                 break
-            if a.is_moe:
+            if m is not None:
                 if resident:     # the provider's slots, looked up through slot_table
-                    views = self.pool[HIGH][il]
+                    views = self.pool[HIGH][m]
                     experts, biases = views[:3], views[3:] or None
                 else:
                     experts = [W(p + f"ffn_{n}_exps.weight") for n in PARTS]
@@ -476,15 +480,16 @@ class Model:
                     biases = biases if all(b is not None for b in biases) else None
                 f = moe_ffn(c, h, experts, a.routing, biases=biases,
                             gate_inp=W(p + "ffn_gate_inp.weight"),
-                            gate_inp_b=self.t.get(p + "ffn_gate_inp.bias"), act=a.ffn_act,
-                            slot_table=self.t_slots[il] if resident else None)
+                            gate_inp_b=self.t.get(p + "ffn_gate_inp.bias"),
+                            sel_bias=self.t.get(p + "exp_probs_b.bias"), act=a.ffn_act,
+                            slot_table=self.t_slots[m] if resident else None)
                 f = self._add_shared_expert(c, h, il, f)
             else:
                 f = dense_ffn(c, h, W(p + "ffn_gate.weight"), W(p + "ffn_up.weight"), W(p + "ffn_down.weight"))
             if "ffn_out" in self.opts.taps:
                 out(f"ffn_out.{il}", f)
             x = lib.ggml_add(c, self._scaled(c, f, a.residual_scale), x)    # [D, T']
-        if segment is None or segment == L:
+        if segment is None or segment == M:
             x = self._norm(c, x, "output_norm")
             logits = self._linear(c, "output", x)                            # [V, T']
             out("logits", self._scaled(c, logits, 1.0 / a.logit_scale if a.logit_scale else 0.0))
@@ -684,22 +689,29 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def router_probs(logits: np.ndarray, routing: Routing) -> np.ndarray:
-    """What route() takes, from a router's logits (T, E) (bias added): their softmax, or
-    for softmax-weight gating the logits themselves (the top K are picked on them)."""
-    return softmax(logits) if routing.gating == "softmax" else logits
+    """What route() takes, from a router's logits (T, E) (bias added): their softmax or
+    sigmoid, or for softmax-weight gating the logits themselves (the top K are picked on
+    them)."""
+    if routing.gating == "softmax":
+        return softmax(logits)
+    if routing.gating == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits
 
 
-def route(probs: np.ndarray, routing: Routing):
+def route(probs: np.ndarray, routing: Routing, selection_bias=None):
     """Python's routing, as moe_ffn routes in the graph: probs (T, E), a router's softmax
-    (softmax-weight gating: its logits; see router_probs) -> (sel, w, scores), each (T, K):
-    the top-K experts by probability (ties to the lower index, as ggml's argsort), the
-    weights their outputs are scaled by (renormalised to sum 1 or the probabilities as they
-    are, per routing; softmax-weight: the softmax of the K logits, here in numpy, which
-    rounds differently from ggml — the segmented forward takes ggml's, topk_weights), and
-    HOBBIT's unimportance scores. The scores always come from the renormalised weights,
-    whatever the FFN is fed: the thresholds T1/T2 are shares of the chosen experts' total
-    weight."""
-    sel = np.argsort(-probs, axis=-1, kind="stable")[..., :routing.n_used]
+    or sigmoid (softmax-weight gating: its logits; see router_probs) -> (sel, w, scores),
+    each (T, K): the top-K experts by probability plus selection_bias (E,) where given
+    (ties to the lower index, as ggml's argsort), the weights their outputs are scaled by
+    (the unbiased probabilities, renormalised to sum 1 or as they are per routing, then
+    times routing.scale; softmax-weight: the softmax of the K logits, here in numpy,
+    which rounds differently from ggml — the segmented forward takes ggml's,
+    topk_weights), and HOBBIT's unimportance scores. The scores always come from the
+    renormalised weights, whatever the FFN is fed: the thresholds T1/T2 are shares of the
+    chosen experts' total weight."""
+    choose = probs if selection_bias is None else probs + selection_bias
+    sel = np.argsort(-choose, axis=-1, kind="stable")[..., :routing.n_used]
     w = np.take_along_axis(probs, sel, axis=-1)
     if routing.gating == "softmax_weight":
         w = softmax(w)
@@ -707,25 +719,59 @@ def route(probs: np.ndarray, routing: Routing):
     total = w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
     share = w / np.maximum(total, np.float32(6.103515625e-5))
     scores = unimportance(share.reshape(-1, share.shape[-1])).reshape(share.shape)
-    return sel, (share if routing.norm_weights else w), scores
+    w = share if routing.norm_weights else w
+    if routing.scale and routing.scale != 1.0:
+        w = w * np.float32(routing.scale)
+    return sel, w, scores
+
+
+class Routers:
+    """Every MoE layer's router in numpy, for routing outside the graph (the lookahead's
+    prediction, calibration's traces): weights (M, E, D), biases and selection biases
+    (M, E), routed as route() routes."""
+
+    def __init__(self, weights: Weights):
+        blocks = weights.args.moe_layers
+        self.routing = weights.args.routing
+        self.weights = np.stack([weights.router(b) for b in blocks])
+        self.biases = np.stack([weights.router_bias(b) for b in blocks])
+        self.selection = np.stack([weights.selection_bias(b) for b in blocks])
+
+    def route(self, h: np.ndarray, first: int, last: int):
+        """Route MoE layers first..last-1 on gate inputs h: (T, D), the same for every
+        layer, or (p, T, D), one per layer. Returns route()'s (sel, w, scores), (p, T, K)."""
+        if h.ndim == 2:
+            logits = np.einsum("led,td->lte", self.weights[first:last], h)
+        else:
+            logits = np.einsum("led,ltd->lte", self.weights[first:last], h)
+        logits = logits + self.biases[first:last, None, :]                    # (p, T, E)
+        return route(router_probs(logits, self.routing), self.routing,
+                     self.selection[first:last, None, :])
 
 
 def router(c, h, gate_inp, gate_inp_b, routing: Routing):
-    """A router in the graph: gate_inp h (+ bias) -> [E, T], softmaxed unless the gating is
-    softmax-weight (route()'s probs, as llama.cpp's build_moe_ffn computes them)."""
+    """A router in the graph: gate_inp h (+ bias) -> [E, T], through a softmax or sigmoid
+    unless the gating is softmax-weight (route()'s probs, as llama.cpp's build_moe_ffn
+    computes them)."""
     logits = lib.ggml_mul_mat(c, gate_inp, h)                                # [E, T]
     if gate_inp_b is not None:
         logits = lib.ggml_add(c, logits, gate_inp_b)
-    return lib.ggml_soft_max(c, logits) if routing.gating == "softmax" else logits
+    if routing.gating == "softmax":
+        return lib.ggml_soft_max(c, logits)
+    if routing.gating == "sigmoid":
+        return lib.ggml_sigmoid(c, logits)
+    return logits
 
 
-def topk_weights(c, probs, routing: Routing):
+def topk_weights(c, probs, routing: Routing, selection_bias=None):
     """(sel [K, T] i32, weights [K, T]) of a router's probs [E, T] in the graph: the top-K
-    experts (argsort, descending), their probabilities; softmax over the K for
-    softmax-weight gating, renormalised to sum 1 if routing.norm_weights."""
+    experts by probs + selection_bias [E] if given (argsort, descending), their unbiased
+    probabilities; softmax over the K for softmax-weight gating, renormalised to sum 1 if
+    routing.norm_weights, times routing.scale if set."""
     E, T = probs.contents.ne[0], probs.contents.ne[1]
     K = routing.n_used
-    sel = lib.ggml_argsort_top_k(c, probs, K)                                # [K, T] i32
+    choose = probs if selection_bias is None else lib.ggml_add(c, probs, selection_bias)
+    sel = lib.ggml_argsort_top_k(c, choose, K)                               # [K, T] i32
     w = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)   # [1, K, T]
     w = lib.ggml_reshape_2d(c, w, K, T)
     if routing.gating == "softmax_weight":
@@ -733,11 +779,13 @@ def topk_weights(c, probs, routing: Routing):
     if routing.norm_weights:
         s = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
         w = lib.ggml_div(c, w, s)
+    if routing.scale and routing.scale != 1.0:
+        w = lib.ggml_scale(c, w, routing.scale)
     return sel, w
 
 
 def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate_inp_b=None,
-            sel=None, weights=None, act="swiglu", slot_table=None):
+            sel_bias=None, sel=None, weights=None, act="swiglu", slot_table=None):
     """Mixture of gated experts. h: [D, T] -> [D, T].
 
     experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
@@ -748,15 +796,16 @@ def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate
     Routing in the graph (gate_inp, and its bias gate_inp_b if any, given): router() and
     topk_weights(): softmax over E logits then top-K, weights renormalised to sum 1 if
     routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2); or top-K logits
-    and their softmax (gpt-oss). Or given: sel [K, T] i32 (indices into S) and weights
-    [1, K, T] (from route()).
+    and their softmax (gpt-oss); or sigmoids, top-K of them plus sel_bias [E], scaled
+    (glm4moe). Or given: sel [K, T] i32 (indices into S) and weights [1, K, T] (from
+    route()).
     slot_table [1, E] i32 (with gate_inp): expert e is index slot_table[e] of the stacked
     tensors (a pool of cache slots holding every expert).
     """
     D, T = h.contents.ne[0], h.contents.ne[1]
     K = routing.n_used
     if sel is None:
-        sel, w = topk_weights(c, router(c, h, gate_inp, gate_inp_b, routing), routing)
+        sel, w = topk_weights(c, router(c, h, gate_inp, gate_inp_b, routing), routing, sel_bias)
         weights = lib.ggml_reshape_3d(c, w, 1, K, T)                         # [1, K, T]
     if slot_table is not None:           # expert ids -> the slots holding them
         flat = lib.ggml_reshape_2d(c, lib.ggml_cont(c, sel), K * T, 1)

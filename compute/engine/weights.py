@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...loader.gguf_file import SUPPORTED_ARCHS, GGUFFile, open_gguf
+from ...loader.layout import moe_blocks, trunk_blocks
 from ...protocol.errors import ModelError
 from . import ggml
 
@@ -25,15 +26,28 @@ class Arch:
     rope: int = ggml.ROPE_NORMAL     # NORMAL: adjacent pairs rotate; NEOX: halves rotate
     qk_norm: str = ""                # "": none; "head": RMS over each head's Dh (qwen3moe);
                                      # "full": RMS over all heads' H*Dh, before the head split (olmoe)
+    qk_norm_optional: bool = False   # qk_norm only where the file has attn_q_norm (glm4moe:
+                                     # GLM-4.5 has it, GLM-4.5-Air not)
     norm_weights: bool = True        # the top-K weights renormalised to sum 1 (Mixtral, Qwen3)
-    shared_expert: bool = False      # an always-on expert ffn_*_shexp scaled by
-                                     # sigmoid(ffn_gate_inp_shexp . h) (qwen2moe)
+    routing_from_file: bool = False  # the file's expert_weights_norm, expert_weights_scale
+                                     # and expert_gating_func override norm_weights, 1 and
+                                     # gating (glm4moe, as llama.cpp reads them)
+    shared_expert: str = ""          # an always-on expert ffn_*_shexp: "gated": scaled by
+                                     # sigmoid(ffn_gate_inp_shexp . h), as wide as the file's
+                                     # expert_shared_feed_forward_length or else the dense
+                                     # FFN (qwen2moe); "sized": ungated, where the file gives
+                                     # that width (Granite MoE Shared); "counted": ungated,
+                                     # expert_shared_count experts wide (glm4moe)
     scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
                                      # it (phi3's graph; F16 rounding differs by ~1e-2)
-    moe: bool = False                # every layer must have routed experts
+    moe: bool = False                # every layer past the leading dense ones
+                                     # ({arch}.leading_dense_block_count) has routed experts
     gating: str = "softmax"          # "softmax": softmax over the E router logits, then top-K;
                                      # "softmax_weight": top-K of the logits, softmax over
-                                     # those K (llama.cpp's SOFTMAX_WEIGHT, gpt-oss)
+                                     # those K (llama.cpp's SOFTMAX_WEIGHT, gpt-oss);
+                                     # "sigmoid": each logit's sigmoid, then top-K (glm4moe).
+                                     # A selection bias exp_probs_b, where the file has one,
+                                     # is added for choosing the K only (DeepSeek-V3's)
     ffn_act: str = "swiglu"          # "swiglu_oai": gpt-oss's clamped SwiGLU (alpha 1.702,
                                      # limit 7.0), ggml_swiglu_oai
     ffn_norm: str = "ffn_norm"       # the FFN's input norm (gpt-oss: post_attention_norm)
@@ -50,7 +64,7 @@ ARCHS = {
     "llama": Arch(),                                          # dense llama, or Mixtral
     "qwen3moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True),
     "olmoe": Arch(rope=ggml.ROPE_NEOX, qk_norm="full", norm_weights=False, moe=True),
-    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert=True, moe=True,
+    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert="gated", moe=True,
                      layer_tensors=("ffn_gate_inp_shexp.weight",)),
     # phimoe runs llama.cpp's phi3 graph: RMS norms with biases, LongRoPE factors
     "phimoe": Arch(rope=ggml.ROPE_NEOX, scale_q_first=True, moe=True,
@@ -65,7 +79,14 @@ ARCHS = {
                                    "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")),
     # granitemoe runs llama.cpp's granite graph: llama's with four multipliers (and, in
     # Granite MoE Shared files, an ungated shared expert)
-    "granitemoe": Arch(moe=True, multipliers=True),
+    "granitemoe": Arch(moe=True, multipliers=True, shared_expert="sized"),
+    # glm4moe (GLM-4.5, GLM-4.5-Air): leading dense blocks, sigmoid routing with a selection
+    # bias and scaled weights, an ungated shared expert, q/k/v biases, partial RoPE, QK norm
+    # in some files; the file's trailing MTP block (nextn_predict_layers) is not run
+    "glm4moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", qk_norm_optional=True, moe=True,
+                    norm_weights=False, routing_from_file=True, gating="sigmoid",
+                    shared_expert="counted", ffn_norm="post_attention_norm",
+                    layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -97,6 +118,10 @@ class ModelArgs:
     norm_weights: bool = True       # renormalise the top-K routing weights
     n_ff_shexp: int = 0             # F of the shared expert; 0: none
     gating: str = "softmax"         # Arch.gating
+    weights_scale: float = 0.0      # the top-K weights times this (glm4moe); 0: none
+    moe_layers: tuple = ()          # the blocks with routed experts, in order (all of them
+                                    # but the leading dense ones); MoE layer m is block
+                                    # moe_layers[m], and hobbitd numbers layers by m
     ffn_act: str = "swiglu"         # Arch.ffn_act
     ffn_norm: str = "ffn_norm"      # Arch.ffn_norm
     # RoPE scaling as llama.cpp's rope_ext takes it (YaRN: freq_scale 1/factor, ext_factor 1)
@@ -123,8 +148,12 @@ class ModelArgs:
         return self.n_head_kv * self.head_dim
 
     @property
+    def n_moe_layer(self) -> int:
+        return len(self.moe_layers)
+
+    @property
     def routing(self) -> "Routing":
-        return Routing(self.n_expert_used, self.norm_weights, self.gating)
+        return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale)
 
     def is_swa(self, layer: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[layer]
@@ -133,11 +162,12 @@ class ModelArgs:
 @dataclass(frozen=True)
 class Routing:
     """How a router's logits become K experts and their weights (llama.cpp's
-    build_moe_ffn with softmax or softmax-weight gating and its norm_w flag); the graph
-    and Python's routing (compute/model.py) both follow it."""
+    build_moe_ffn with softmax, softmax-weight or sigmoid gating, its norm_w flag and
+    w_scale); the graph and Python's routing (compute/model.py) both follow it."""
     n_used: int                 # K
     norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
     gating: str = "softmax"     # Arch.gating
+    scale: float = 0.0          # then times this; 0 (or 1): as they are
 
 
 class Weights(GGUFFile):
@@ -154,13 +184,21 @@ class Weights(GGUFFile):
         n = info.shape[0] * info.shape[1]
         return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
 
-    def router(self, layer: int):
-        """Layer's router (ffn_gate_inp) as float32 (E, D)."""
-        return self.dequantized(f"blk.{layer}.ffn_gate_inp.weight")
+    def router(self, block: int):
+        """A block's router (ffn_gate_inp) as float32 (E, D)."""
+        return self.dequantized(f"blk.{block}.ffn_gate_inp.weight")
 
-    def router_bias(self, layer: int):
-        """Layer's router bias as float32 (E,), zeros where the file has none."""
-        info = self.tensors.get(f"blk.{layer}.ffn_gate_inp.bias")
+    def router_bias(self, block: int):
+        """A block's router bias as float32 (E,), zeros where the file has none."""
+        return self._vector(f"blk.{block}.ffn_gate_inp.bias")
+
+    def selection_bias(self, block: int):
+        """A block's expert selection bias (exp_probs_b) as float32 (E,), zeros where the
+        file has none."""
+        return self._vector(f"blk.{block}.exp_probs_b.bias")
+
+    def _vector(self, name: str):
+        info = self.tensors.get(name)
         if info is None:
             return np.zeros(self.args.n_expert, np.float32)
         raw = self.reader.data[info.offset:info.offset + info.nbytes]
@@ -188,8 +226,12 @@ def _uniform(value, key: str, path: str):
     return value[0] if value else None
 
 
-def read_args(reader, path: str) -> ModelArgs:
-    arch = GGUFFile(path, reader, {}).check_architecture()
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}    # llama.cpp's expert_gating_func values
+
+
+def read_args(file: GGUFFile) -> ModelArgs:
+    reader, path = file.reader, file.path
+    arch = file.check_architecture()
     spec = ARCHS[arch]
     k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw),  # noqa: E731
                                     f"{arch}.{name}", path)
@@ -210,16 +252,40 @@ def read_args(reader, path: str) -> ModelArgs:
     if yarn:
         attn_factor = yarn_attn_factor(freq_scale, attn_factor)
     n_ff_dense = k("feed_forward_length", required=False)
-    n_layer = int(k("block_count"))
+    n_layer = trunk_blocks(file)
     n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
     scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0  # noqa: E731
     # a shared expert: llama.cpp makes qwen2moe's as wide as the dense FFN unless the file
     # says; granite has one only where the file gives its width (Granite MoE Shared)
+    n_ff = int(k("expert_feed_forward_length", default=0, required=False) or k("feed_forward_length"))
     n_ff_shexp = 0
-    if spec.shared_expert or spec.multipliers:
+    if spec.shared_expert in ("gated", "sized"):
         n_ff_shexp = int(k("expert_shared_feed_forward_length", default=0, required=False) or 0)
-        if spec.shared_expert and not n_ff_shexp:
+        if spec.shared_expert == "gated" and not n_ff_shexp:
             n_ff_shexp = int(n_ff_dense or 0)
+    elif spec.shared_expert == "counted":
+        n_ff_shexp = n_ff * int(k("expert_shared_count", default=0, required=False) or 0)
+    norm_weights, gating, weights_scale = spec.norm_weights, spec.gating, 0.0
+    if spec.routing_from_file:
+        norm_weights = bool(k("expert_weights_norm", default=norm_weights, required=False))
+        weights_scale = float(k("expert_weights_scale", default=0.0, required=False) or 0.0)
+        func = int(k("expert_gating_func", default=0, required=False) or 0)
+        if func and func not in GATING_FUNCS:
+            raise ModelError(f"{path}: {arch}.expert_gating_func {func} is not supported "
+                             "(1: softmax, 2: sigmoid)")
+        gating = GATING_FUNCS.get(func, gating)
+    groups = int(k("expert_group_count", default=0, required=False) or 0)
+    if groups > 1:
+        raise ModelError(f"{path}: {arch}.expert_group_count {groups}: group-limited expert "
+                         "routing is not supported")
+    sections = _field(reader, f"{arch}.rope.dimension_sections", required=False)
+    if sections and any(sections if isinstance(sections, list) else [sections]):
+        raise ModelError(f"{path}: {arch}.rope.dimension_sections: multimodal RoPE is not supported")
+    n_expert = int(k("expert_count", default=0, required=False) or 0)
+    n_lead = int(k("leading_dense_block_count", default=0, required=False) or 0)
+    qk_norm = spec.qk_norm
+    if spec.qk_norm_optional and "blk.0.attn_q_norm.weight" not in file.tensors:
+        qk_norm = ""
     return ModelArgs(
         arch=arch,
         n_vocab=n_vocab,
@@ -228,21 +294,23 @@ def read_args(reader, path: str) -> ModelArgs:
         n_head=n_head,
         n_head_kv=int(k("attention.head_count_kv", default=n_head)),
         head_dim=head_dim,
-        n_ff=int(k("expert_feed_forward_length", default=0, required=False) or k("feed_forward_length")),
+        n_ff=n_ff,
         n_ctx_train=n_ctx_train,
         rope_base=float(k("rope.freq_base", default=10000.0)),
         rope_dim=int(k("rope.dimension_count", default=head_dim)),
         rms_eps=float(k("attention.layer_norm_rms_epsilon")),
-        n_expert=int(k("expert_count", default=0, required=False)),
+        n_expert=n_expert,
         n_expert_used=int(k("expert_used_count", default=0, required=False)),
         rope_type=spec.rope,
         rope_attn_factor=float(attn_factor),
         n_ctx_orig=int(k("rope.scaling.original_context_length", default=n_ctx_train)),
-        qk_norm=spec.qk_norm,
+        qk_norm=qk_norm,
         scale_q_first=spec.scale_q_first,
-        norm_weights=spec.norm_weights,
+        norm_weights=norm_weights,
         n_ff_shexp=n_ff_shexp,
-        gating=spec.gating,
+        gating=gating,
+        weights_scale=weights_scale,
+        moe_layers=tuple(range(n_lead, n_layer)) if n_expert else (),
         ffn_act=spec.ffn_act,
         ffn_norm=spec.ffn_norm,
         rope_freq_scale=float(freq_scale),
@@ -288,7 +356,7 @@ def swa_layers(reader, arch: str, n_layer: int, pattern: int) -> tuple:
 def open_model(path: str) -> Weights:
     """Open and validate a GGUF model; raise ModelError naming the file and the reason."""
     f = open_gguf(path)
-    w = Weights(f, read_args(f.reader, path))
+    w = Weights(f, read_args(f))
     _check_tensors(w)
     return w
 
@@ -299,18 +367,19 @@ def _check_tensors(w: Weights) -> None:
     if spec.moe and not a.is_moe:
         raise ModelError(f"{w.path}: a {a.arch} model needs {a.arch}.expert_count > 0")
     need = ["token_embd.weight", "output_norm.weight", *spec.global_tensors]
+    moe = set(a.moe_layers)
     for i in range(a.n_layer):
         names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                 "attn_output.weight", f"{a.ffn_norm}.weight", *spec.layer_tensors]
+                 "attn_output.weight", f"{a.ffn_norm}.weight"]
         if a.qk_norm:
             names += ["attn_q_norm.weight", "attn_k_norm.weight"]
-        if a.is_moe:
+        if i in moe:
             names += ["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
-                      "ffn_down_exps.weight"]
+                      "ffn_down_exps.weight", *spec.layer_tensors]
+            if a.n_ff_shexp:      # (qwen2moe's gate ffn_gate_inp_shexp: its layer_tensors)
+                names += ["ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
         else:
             names += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
-        if a.n_ff_shexp:      # (qwen2moe's gate ffn_gate_inp_shexp: its layer_tensors)
-            names += ["ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
         need += [f"blk.{i}.{n}" for n in names]
     for name in need:
         if name not in w.tensors:
@@ -319,6 +388,9 @@ def _check_tensors(w: Weights) -> None:
         if t not in ggml.WEIGHT_TYPES:
             raise ModelError(f"{w.path}: tensor {name} has type {ggml.type_name(t)}, "
                              f"which hobbit does not compute on")
+    if a.is_moe and a.moe_layers != moe_blocks(w):
+        raise ModelError(f"{w.path}: blocks {list(moe_blocks(w))} have routed experts, but "
+                         f"{a.arch}.leading_dense_block_count says blocks {list(a.moe_layers)}")
     if a.is_moe and not 0 < a.n_expert_used <= a.n_expert:
         raise ModelError(f"{w.path}: expert_used_count {a.n_expert_used} is not in 1..{a.n_expert}")
     if a.n_head % a.n_head_kv:

@@ -27,21 +27,6 @@ from ...protocol.errors import InputError, ModelError
 SHUFFLE_SEED = 0
 
 
-def route_inputs(x: np.ndarray, router: np.ndarray, k: int, bias=None,
-                 gating: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
-    """(selected experts (T, K), renormalised weights (T, K)) for FFN inputs x (T, D) and a
-    router (E, D) with its bias (E,) if any, routed as the model routes (engine/model.py
-    route(); gating as weights.Arch.gating), the weights always renormalised: the shares
-    the unimportance scores are taken of."""
-    from ..engine.model import route, router_probs
-    from ..engine.weights import Routing
-
-    routing = Routing(k, norm_weights=True, gating=gating)
-    logits = x.astype(np.float32) @ router.T + (0 if bias is None else bias)
-    sel, share, _ = route(router_probs(logits, routing), routing)
-    return sel, share
-
-
 def _locality(sel_chunks: list, n_expert: int) -> dict:
     """Overlap of each token's experts with the previous token's, within chunks."""
     overlap, any_, all_ = [], [], []
@@ -100,6 +85,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
                   progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
     "ffn_in"); see the module docstring for what is returned."""
+    from ..engine.model import Routers
     from ..progress import progress_bar
 
     a = model.args
@@ -110,28 +96,28 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
     if len(tokens) < 2:
         raise InputError("the text has fewer than 2 tokens")
     ctx = min(ctx, model.n_ctx)
-    routers = [model.w.router(il) for il in range(a.n_layer)]                         # (E, D)
-    sels = [[] for _ in range(a.n_layer)]
-    ws = [[] for _ in range(a.n_layer)]
+    routers = Routers(model.w)
+    M = a.n_moe_layer
+    sels = [[] for _ in range(M)]
+    ws = [[] for _ in range(M)]
     starts = range(0, len(tokens), ctx)
     with progress_bar(len(tokens), "routing", progress, "tok") as bar:
         for start in starts:
             chunk = list(tokens[start:start + ctx])
             model.reset()
             model.forward(chunk, all_logits=True)
-            for il in range(a.n_layer):
-                sel, w = route_inputs(model.taps[f"ffn_in.{il}"], routers[il], a.n_expert_used,
-                                      model.w.router_bias(il), a.gating)
-                sels[il].append(sel)
-                ws[il].append(w)
+            for m, il in enumerate(a.moe_layers):   # routed as the model routes
+                sel, w, _ = routers.route(model.taps[f"ffn_in.{il}"], m, m + 1)
+                sels[m].append(sel[0])           # the weights as shares of their sum
+                ws[m].append(w[0] / w[0].sum(axis=-1, keepdims=True))
             bar.update(len(chunk))
-    layers = [layer_stats(sels[il], ws[il], a.n_expert, t1, t2) for il in range(a.n_layer)]
+    layers = [layer_stats(sels[m], ws[m], a.n_expert, t1, t2) for m in range(M)]
     keys = ("max_over_mean", "entropy", "top_quarter_share", "rate_min", "rate_max", "overlap", "reuse_any", "reuse_all",
             "top1_weight", "high", "low", "skip")
     mean = {k: float(np.mean([ls[k] for ls in layers])) for k in keys}
     mean["shuffled"] = {k: float(np.mean([ls["shuffled"][k] for ls in layers]))
                         for k in ("overlap", "reuse_any", "reuse_all")}
-    return {"tokens": len(tokens), "ctx": ctx, "n_layer": a.n_layer, "experts": a.n_expert,
+    return {"tokens": len(tokens), "ctx": ctx, "n_layer": M, "experts": a.n_expert,
             "top_k": a.n_expert_used, "thresholds": [t1, t2],
             "uniform": uniform_baseline(a.n_expert, a.n_expert_used), "mean": mean, "layers": layers}
 
