@@ -1,5 +1,5 @@
 """The MoE architectures besides llama/Mixtral (qwen3moe, olmoe, qwen2moe, phimoe,
-granitemoe, glm4moe), each on
+granitemoe, glm4moe, bailingmoe2), each on
 synthetic files of two sizes laid out as its real files are: llama.cpp loads them, our
 engine matches it in-process and through a real hobbitd whose cache holds a quarter of the
 experts, the low-precision companion converts, and a mixed-precision run stays close to
@@ -31,7 +31,7 @@ from hobbit.protocol.errors import InputError, ModelError
 from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
-ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe")
+ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -54,6 +54,9 @@ def options(arch: str, size: str) -> dict:
         # has GLM-4.5's QK norm and its wider heads (96 x 128 vs 5120)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
             kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
+    if arch == "bailingmoe2":           # the same depths; 4 expert groups, 2 of them used
+        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
+            kw.update(layers=kw["layers"] + 2, dense=2)
     return kw
 
 
@@ -75,15 +78,18 @@ def test_args_read_from_the_file(synth, arch, size):
         (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
     assert a.moe_layers == tuple(range(o.get("dense", 0), o["layers"]))
     assert a.head_dim == o.get("head_dim", o["d_model"] // o["heads"])
-    assert a.qk_norm == ("head" if arch == "qwen3moe" or o.get("qk_norm") else
+    assert a.qk_norm == ("head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else
                          "full" if arch == "olmoe" else "")
-    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "glm4moe"))
-    assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "glm4moe": o["d_ff"]}.get(arch, o.get("shared_ff", 0))
-    # glm4moe: sigmoid routing, weights scaled, RoPE on half of each head; the trailing MTP
-    # block is in the file (block_count) but not run, and hobbitd serves the MoE blocks only
-    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if arch == "glm4moe" else ("softmax", 0.0))
-    assert a.rope_dim == a.head_dim // (2 if arch == "glm4moe" else 1)
-    assert w.field(f"{arch}.block_count") == o["layers"] + (arch == "glm4moe")
+    mtp = arch in ("glm4moe", "bailingmoe2")
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe") or mtp)
+    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else o["d_ff"] if mtp else o.get("shared_ff", 0))
+    # glm4moe, bailingmoe2: sigmoid routing, weights scaled, RoPE on half of each head; the
+    # trailing MTP block is in the file (block_count) but not run, and hobbitd serves the
+    # MoE blocks only; bailingmoe2 chooses its experts in the best 2 of 4 groups
+    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else ("softmax", 0.0))
+    assert (a.n_expert_groups, a.n_group_used) == ((4, 2) if arch == "bailingmoe2" else (0, 0))
+    assert a.rope_dim == a.head_dim // (2 if mtp else 1)
+    assert w.field(f"{arch}.block_count") == o["layers"] + mtp
     assert gguf_experts(w).n_layer == len(a.moe_layers)
     scales = (a.embedding_scale, a.residual_scale, a.attention_scale, a.logit_scale)
     if arch == "granitemoe":    # Granite's multipliers, read from the file
@@ -95,13 +101,17 @@ def test_args_read_from_the_file(synth, arch, size):
         assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_glm4moe_selection_bias_changes_which_experts_run(synth, size):
-    """exp_probs_b moves the choice of experts (not their weights) for many tokens of the
-    synthetic files, so the parity tests check it is applied, and applied for choosing only."""
+@pytest.mark.parametrize("arch, size", [pytest.param(a, s, id=f"{a}-{s}")
+                                        for a in ("glm4moe", "bailingmoe2") for s in SIZES])
+def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, size):
+    """exp_probs_b (and bailingmoe2's expert groups) move the choice of experts, not their
+    weights, for many tokens of the synthetic files, so the parity tests check that they
+    are applied, and applied for choosing only."""
+    from dataclasses import replace
+
     from hobbit.compute.engine.model import Routers
 
-    path = synth(**options("glm4moe", size))
+    path = synth(**options(arch, size))
     w = open_model(path)
     model = Model(w, RunOptions(n_ctx=256, taps=("ffn_in",)))
     try:
@@ -110,11 +120,30 @@ def test_glm4moe_selection_bias_changes_which_experts_run(synth, size):
     finally:
         model.close()
     routers = Routers(w)
-    biased, _, _ = routers.route(h, 0, len(h))
+    changed = lambda x, y: np.any(np.sort(x, -1) != np.sort(y, -1), axis=-1).mean()  # noqa: E731
+    chosen, _, _ = routers.route(h, 0, len(h))
+    if arch == "bailingmoe2":
+        routers.routing = replace(routers.routing, groups=0, groups_used=0)
+        ungrouped, _, _ = routers.route(h, 0, len(h))
+        assert 0.2 < changed(chosen, ungrouped) < 0.9, "groups"
+        chosen = ungrouped
     routers.selection[:] = 0
     unbiased, _, _ = routers.route(h, 0, len(h))
-    changed = np.any(np.sort(biased, -1) != np.sort(unbiased, -1), axis=-1).mean()
-    assert 0.2 < changed < 0.9, f"the bias changes the experts of {changed:.0%} of the tokens"
+    assert 0.2 < changed(chosen, unbiased) < 0.9, "bias"
+
+
+def test_glm4moe_refuses_what_its_graph_would_compute_otherwise(synth, tmp_path):
+    """Multimodal RoPE sections, which hobbit does not compute, and expert groups that do not
+    divide the experts: one line naming the key or the numbers, not wrong output."""
+    src = synth(**options("glm4moe", "s"))
+    for keys, start in (({"glm4moe.rope.dimension_sections": [8, 4, 4, 0]},
+                         "glm4moe.rope.dimension_sections: multimodal RoPE is not supported"),
+                        ({"glm4moe.expert_group_count": [3], "glm4moe.expert_group_used_count": [2]},
+                         "expert groups 3 (using 2) do not fit 8 experts, 2 used")):
+        bad = with_per_layer(src, str(tmp_path / "bad.gguf"), keys)
+        with pytest.raises(ModelError) as e:
+            open_model(bad)
+        assert str(e.value) == f"{bad}: {start}"
 
 
 def with_per_layer(src: str, dst: str, arrays: dict) -> str:
@@ -136,18 +165,6 @@ def with_per_layer(src: str, dst: str, arrays: dict) -> str:
     write_gguf(w, [TensorEntry(t.name, t.type, t.shape, t.nbytes) for t in f.tensors.values()],
                lambda e: [data[f.tensors[e.name].offset:f.tensors[e.name].offset + e.nbytes]])
     return dst
-
-
-def test_glm4moe_refuses_what_its_graph_would_compute_otherwise(synth, tmp_path):
-    """Group-limited routing (DeepSeek-V3's) and multimodal RoPE sections, which hobbit does
-    not compute: one line naming the key, not wrong output."""
-    src = synth(**options("glm4moe", "s"))
-    for key, value, words in (("expert_group_count", [4], "group-limited expert routing"),
-                              ("rope.dimension_sections", [8, 4, 4, 0], "multimodal RoPE")):
-        bad = with_per_layer(src, str(tmp_path / f"{key}.gguf"), {f"glm4moe.{key}": value})
-        with pytest.raises(ModelError) as e:
-            open_model(bad)
-        assert str(e.value).startswith(f"{bad}: glm4moe.{key}") and words in str(e.value)
 
 
 def test_per_layer_expert_arrays(synth, tmp_path):

@@ -234,7 +234,7 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe")]
+           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
@@ -248,7 +248,7 @@ def arch_q4_k_m(quantized, arch: str) -> str:
 def test_q4_k_m_of_every_architecture_mixes_and_matches_llama_cpp(quantized, arch):
     path = arch_q4_k_m(quantized, arch)
     t = types_of(path)
-    if arch == "glm4moe":     # 2 dense blocks, 6 MoE ones and the MTP block: the rule
+    if arch in ("glm4moe", "bailingmoe2"):    # 2 dense blocks, 6 MoE ones, the MTP block: the rule
         # counts all 9 blocks (n_layer_all), so blocks 3, 6 and 7 get Q6_K
         assert [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(2, 8)] == [
             ffn_down_type("Q4_K_M", i, 9) for i in range(2, 8)] == ["Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]

@@ -28,6 +28,11 @@ gives varied, deterministic text. Per architecture (opts.arch):
             opts.qk_norm attn_{q,k}_norm per head (GLM-4.5's; the Air has none); one
             trailing MTP block (nextn_predict_layers 1: a full MoE block plus nextn.eh_proj,
             enorm, hnorm, shared_head_norm), which inference skips
+  bailingmoe2 Ling-mini-2.0 / Ling-flash-2.0: glm4moe's blocks (sigmoid routing with a
+            selection bias, scaled weights, one shared expert, partial RoPE, opts.dense
+            leading dense blocks, a trailing MTP block) with a fused attn_qkv projection,
+            ffn_norm, QK norm per head always, no q/k/v biases, and experts in
+            opts.groups groups of which the best half are chosen in
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -69,9 +74,11 @@ TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
-ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe")
+ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe",
+         "bailingmoe2")
+MTP_ARCHS = ("glm4moe", "bailingmoe2")   # leading dense blocks and a trailing MTP block
 # architectures whose attention projections are [D, D]: one head is D / heads wide
-SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe")
+SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe", "bailingmoe2")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
 GPT_OSS_YARN = 32        # gpt-oss: YaRN factor, context_length / original length (128k / 4k)
 GPT_OSS_SWA = 128        # gpt-oss: its sliding window (tokens)
@@ -99,7 +106,8 @@ class SynthOptions:
     shared_ff: int = 0       # qwen2moe's shared expert width, 0: 4 x d_ff (as Qwen1.5-MoE);
                              # granitemoe's, 0: none
     swa: int = 0             # gpt-oss's sliding window in tokens; 0: GPT_OSS_SWA
-    dense: int = 1           # glm4moe's leading dense blocks
+    dense: int = 1           # glm4moe's and bailingmoe2's leading dense blocks
+    groups: int = 4          # bailingmoe2's expert groups (half of them used)
     qk_norm: bool = False    # glm4moe: per-head Q and K norms (GLM-4.5's)
 
 
@@ -130,7 +138,7 @@ def shared_ff(opts: SynthOptions) -> int:
     """The shared expert's width (qwen2moe, Granite MoE Shared), 0 for none."""
     if opts.arch == "granitemoe":
         return opts.shared_ff
-    if opts.arch == "glm4moe":
+    if opts.arch in MTP_ARCHS:
         return opts.d_ff
     return (opts.shared_ff or 4 * opts.d_ff) if opts.arch == "qwen2moe" else 0
 
@@ -155,7 +163,12 @@ def check(opts: SynthOptions) -> None:
         raise InputError(f"--shared-ff {opts.shared_ff} must be at least 0")
     if opts.swa < 0:
         raise InputError(f"--swa {opts.swa} must be at least 0")
-    if opts.arch == "glm4moe" and not 0 <= opts.dense < opts.layers:
+    if opts.arch == "bailingmoe2" and (opts.groups < 2 or opts.experts % opts.groups
+                                       or opts.groups // 2 * (opts.experts // opts.groups) < opts.top_k
+                                       or opts.experts // opts.groups < 2):
+        raise InputError(f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
+                         f"of 2 or more, half of them holding --top-k {opts.top_k}")
+    if opts.arch in MTP_ARCHS and not 0 <= opts.dense < opts.layers:
         raise InputError(f"--dense {opts.dense} must be between 0 and --layers - 1 ({opts.layers - 1})")
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
@@ -228,7 +241,9 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         branch /= GRANITE_SCALES["residual"]
         embd /= GRANITE_SCALES["embedding"]
     qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss", "glm4moe")
-    glm = arch == "glm4moe"
+    post = oss or arch == "glm4moe"   # post_attention_norm as the FFN's norm
+    glm = arch in MTP_ARCHS         # glm4moe and bailingmoe2
+    fused = arch == "bailingmoe2"
     ts = [mat("token_embd.weight", (D, V), embd)]
     if arch == "phimoe":
         # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
@@ -239,17 +254,20 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         p = f"blk.{i}."
         moe_block = E and not (glm and i < opts.dense)
         ts += norm(p + "attn_norm")
-        ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
-        ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
-        ts += linear(p + "attn_v", (D, KV), D ** -0.5, qkv_bias)
+        if fused:
+            ts += linear(p + "attn_qkv", (D, Q + 2 * KV), D ** -0.5, False)
+        else:
+            ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
+            ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
+            ts += linear(p + "attn_v", (D, KV), D ** -0.5, qkv_bias)
         ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch in ("phimoe", "gpt-oss"))
         if oss:       # one sink logit per head, as large as the attention logits
             ts += [_Tensor(p + "attn_sinks.weight", ggml.F32, (opts.heads,), 1.0)]
-        if arch == "qwen3moe" or (glm and opts.qk_norm):          # per head
+        if arch == "qwen3moe" or fused or (glm and opts.qk_norm):          # per head
             ts += norm(p + "attn_q_norm", Dh) + norm(p + "attn_k_norm", Dh)
         elif arch == "olmoe":           # over all heads
             ts += norm(p + "attn_q_norm", Q) + norm(p + "attn_k_norm", KV)
-        ts += norm(p + ("post_attention_norm" if oss or glm else "ffn_norm"))
+        ts += norm(p + ("post_attention_norm" if post else "ffn_norm"))
         if moe_block:
             # F32 router: tiny, and its top-k choice is sensitive to rounding. Logit std ~2,
             # so routing is decisive yet differs from token to token.
@@ -279,6 +297,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         if glm and i == opts.layers:     # the MTP block's own tensors
             ts += [mat(p + "nextn.eh_proj.weight", (2 * D, D), (2 * D) ** -0.5)]
             ts += norm(p + "nextn.enorm") + norm(p + "nextn.hnorm") + norm(p + "nextn.shared_head_norm")
+            ts += norm(p + "layer_output_norm") if fused else []
     ts += norm("output_norm")
     ts += linear("output", (D, V), D ** -0.5, arch == "phimoe")   # gpt-oss: no output bias
     return ts
@@ -317,7 +336,7 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
     w.add_file_type(FILE_TYPES[opts.type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(n_vocab)
-    w.add_block_count(opts.layers + (1 if opts.arch == "glm4moe" else 0))
+    w.add_block_count(opts.layers + (1 if opts.arch in MTP_ARCHS else 0))
     if opts.arch == "phimoe":   # LongRoPE: the long context, the original one, the factor
         long = PHIMOE_LONG * opts.ctx
         w.add_context_length(long)
@@ -335,10 +354,15 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_context_length(opts.ctx)
     w.add_embedding_length(opts.d_model)
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
-    w.add_feed_forward_length({"qwen2moe": shared_ff(opts), "glm4moe": 4 * opts.d_ff}.get(opts.arch, opts.d_ff))
-    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", "glm4moe"):
+    w.add_feed_forward_length({"qwen2moe": shared_ff(opts)}.get(
+        opts.arch, 4 * opts.d_ff if opts.arch in MTP_ARCHS else opts.d_ff))
+    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", *MTP_ARCHS):
         w.add_expert_feed_forward_length(opts.d_ff)
-    if opts.arch == "glm4moe":      # as GLM-4.5's converted file says it
+    if opts.arch == "bailingmoe2":      # as Ling-mini-2.0's converted file says it
+        w.add_expert_shared_feed_forward_length(opts.d_ff)
+        w.add_expert_group_count(opts.groups)
+        w.add_expert_group_used_count(opts.groups // 2)
+    if opts.arch in MTP_ARCHS:      # as GLM-4.5's converted file says it
         import gguf
 
         w.add_leading_dense_block_count(opts.dense)
@@ -360,7 +384,7 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_key_length(head_dim(opts))
         w.add_value_length(head_dim(opts))
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(head_dim(opts) // 2 if opts.arch == "glm4moe" else head_dim(opts))
+    w.add_rope_dimension_count(head_dim(opts) // 2 if opts.arch in MTP_ARCHS else head_dim(opts))
     w.add_layer_norm_rms_eps(1e-5)
     if opts.experts:
         w.add_expert_count(opts.experts)
@@ -436,7 +460,7 @@ def cmd_synth(args) -> int:
                         type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
                         arch=args.arch, shared_ff=args.shared_ff, swa=args.swa,
-                        dense=args.dense, qk_norm=args.qk_norm)
+                        dense=args.dense, qk_norm=args.qk_norm, groups=args.groups)
     t0 = time.perf_counter()
     if args.quantize:
         make_quantized(args.out, opts, args.quantize, progress=True)
@@ -471,7 +495,8 @@ def add_parser(sub) -> None:
             ("--ctx", d.ctx, "training context length written to the file"),
             ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff"),
             ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}"),
-            ("--dense", d.dense, "glm4moe: leading dense blocks")):
+            ("--dense", d.dense, "glm4moe, bailingmoe2: leading dense blocks"),
+            ("--groups", d.groups, "bailingmoe2: expert groups, half of them used")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
     p.add_argument("--qk-norm", action="store_true",

@@ -96,6 +96,7 @@ _SIGNATURES = {
     "ggml_view_3d": (T, [CTX, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
     "ggml_reshape_2d": (T, [CTX, T, c_int64, c_int64]),
     "ggml_reshape_3d": (T, [CTX, T, c_int64, c_int64, c_int64]),
+    "ggml_reshape_4d": (T, [CTX, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_cont": (T, [CTX, T]),
     "ggml_permute": (T, [CTX, T, c_int, c_int, c_int, c_int]),
     # ops
@@ -104,6 +105,7 @@ _SIGNATURES = {
     "ggml_div": (T, [CTX, T, T]),
     "ggml_scale": (T, [CTX, T, c_float]),
     "ggml_clamp": (T, [CTX, T, c_float, c_float]),
+    "ggml_fill": (T, [CTX, T, c_float]),
     "ggml_sum_rows": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
     "ggml_swiglu_split": (T, [CTX, T, T]),

@@ -537,9 +537,16 @@ class Model:
         a = self.args
         p = f"blk.{il}."
         Dh, H, Hkv = a.head_dim, a.n_head, a.n_head_kv
-        q = self._linear(c, p + "attn_q", h)                                 # [H*Dh, T]
-        k = self._linear(c, p + "attn_k", h)                                 # [Hkv*Dh, T]
-        v = self._linear(c, p + "attn_v", h)                                 # [Hkv*Dh, T]
+        if p + "attn_qkv.weight" in self.t:     # one projection: Q, K, V rows (bailingmoe2)
+            qkv = self._linear(c, p + "attn_qkv", h)                         # [(H+2Hkv)*Dh, T]
+            nb1, f32 = qkv.contents.nb[1], 4
+            q = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, H * Dh, T, nb1, 0))
+            k = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, Hkv * Dh, T, nb1, H * Dh * f32))
+            v = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, Hkv * Dh, T, nb1, (H + Hkv) * Dh * f32))
+        else:
+            q = self._linear(c, p + "attn_q", h)                             # [H*Dh, T]
+            k = self._linear(c, p + "attn_k", h)                             # [Hkv*Dh, T]
+            v = self._linear(c, p + "attn_v", h)                             # [Hkv*Dh, T]
         if a.qk_norm == "full":      # olmoe: one RMS norm over all heads
             q, k = self._norm(c, q, p + "attn_q_norm"), self._norm(c, k, p + "attn_k_norm")
         q = lib.ggml_reshape_3d(c, q, Dh, H, T)
@@ -711,6 +718,8 @@ def route(probs: np.ndarray, routing: Routing, selection_bias=None):
     renormalised weights, whatever the FFN is fed: the thresholds T1/T2 are shares of the
     chosen experts' total weight."""
     choose = probs if selection_bias is None else probs + selection_bias
+    if routing.groups:
+        choose = _best_groups(choose, routing)
     sel = np.argsort(-choose, axis=-1, kind="stable")[..., :routing.n_used]
     w = np.take_along_axis(probs, sel, axis=-1)
     if routing.gating == "softmax_weight":
@@ -723,6 +732,19 @@ def route(probs: np.ndarray, routing: Routing, selection_bias=None):
     if routing.scale and routing.scale != 1.0:
         w = w * np.float32(routing.scale)
     return sel, w, scores
+
+
+def _best_groups(choose: np.ndarray, routing: Routing) -> np.ndarray:
+    """choose (.., E) with every expert outside the routing.groups_used best groups at
+    -inf; a group's score is the sum of its two highest values (group_mask's twin)."""
+    G = routing.groups
+    grouped = choose.reshape(*choose.shape[:-1], G, -1)                        # (.., G, E/G)
+    top2 = np.sort(grouped, axis=-1)[..., -2:]
+    score = top2[..., 1] + top2[..., 0]                                        # (.., G)
+    best = np.argsort(-score, axis=-1, kind="stable")[..., :routing.groups_used]
+    keep = np.zeros(score.shape, bool)
+    np.put_along_axis(keep, best, True, axis=-1)
+    return np.where(keep[..., None], grouped, -np.inf).reshape(choose.shape).astype(choose.dtype)
 
 
 class Routers:
@@ -771,6 +793,8 @@ def topk_weights(c, probs, routing: Routing, selection_bias=None):
     E, T = probs.contents.ne[0], probs.contents.ne[1]
     K = routing.n_used
     choose = probs if selection_bias is None else lib.ggml_add(c, probs, selection_bias)
+    if routing.groups:
+        choose = group_mask(c, choose, routing)
     sel = lib.ggml_argsort_top_k(c, choose, K)                               # [K, T] i32
     w = lib.ggml_get_rows(c, lib.ggml_reshape_3d(c, probs, 1, E, T), sel)   # [1, K, T]
     w = lib.ggml_reshape_2d(c, w, K, T)
@@ -782,6 +806,23 @@ def topk_weights(c, probs, routing: Routing, selection_bias=None):
     if routing.scale and routing.scale != 1.0:
         w = lib.ggml_scale(c, w, routing.scale)
     return sel, w
+
+
+def group_mask(c, choose, routing: Routing):
+    """choose [E, T] with every expert outside the routing.groups_used best groups at
+    -inf, a group's score being the sum of its two highest values (llama.cpp's
+    build_moe_ffn with expert groups)."""
+    E, T = choose.contents.ne[0], choose.contents.ne[1]
+    G = routing.groups
+    n = E // G
+    grouped = lib.ggml_reshape_3d(c, choose, n, G, T)                        # [E/G, G, T]
+    top2 = lib.ggml_argsort_top_k(c, grouped, 2)                             # [2, G, T]
+    top2 = lib.ggml_get_rows(c, lib.ggml_reshape_4d(c, grouped, 1, n, G, T), top2)   # [1, 2, G, T]
+    score = lib.ggml_sum_rows(c, lib.ggml_reshape_3d(c, top2, 2, G, T))      # [1, G, T]
+    best = lib.ggml_argsort_top_k(c, lib.ggml_reshape_2d(c, score, G, T), routing.groups_used)
+    kept = lib.ggml_get_rows(c, grouped, best)                               # [E/G, used, T]
+    masked = lib.ggml_set_rows(c, lib.ggml_fill(c, grouped, float("-inf")), kept, best)
+    return lib.ggml_reshape_2d(c, masked, E, T)
 
 
 def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate_inp_b=None,

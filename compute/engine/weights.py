@@ -37,7 +37,9 @@ class Arch:
                                      # expert_shared_feed_forward_length or else the dense
                                      # FFN (qwen2moe); "sized": ungated, where the file gives
                                      # that width (Granite MoE Shared); "counted": ungated,
-                                     # expert_shared_count experts wide (glm4moe)
+                                     # expert_shared_count times the file's
+                                     # expert_shared_feed_forward_length (or else one
+                                     # expert's width) wide (glm4moe, bailingmoe2)
     scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
                                      # it (phi3's graph; F16 rounding differs by ~1e-2)
     moe: bool = False                # every layer past the leading dense ones
@@ -56,6 +58,7 @@ class Arch:
                                      # on the others (gpt-oss: 2, even layers); 0: none
     multipliers: bool = False        # Granite's scales from the file: embedding, residual
                                      # branches, attention logits and output logits
+    fused_qkv: bool = False          # one attn_qkv projection, Q then K then V rows (bailingmoe2)
     layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
     global_tensors: tuple = ()       # further tensors the file must have
 
@@ -87,6 +90,11 @@ ARCHS = {
                     norm_weights=False, routing_from_file=True, gating="sigmoid",
                     shared_expert="counted", ffn_norm="post_attention_norm",
                     layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+    # bailingmoe2 (Ling-mini-2.0, Ling-flash-2.0): glm4moe's routing with expert groups
+    # (the top-2 sum of each group picks the groups the K experts are chosen in), a fused
+    # QKV projection, QK norm per head, partial RoPE, leading dense blocks, an MTP block
+    "bailingmoe2": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True, norm_weights=False,
+                        routing_from_file=True, shared_expert="counted", fused_qkv=True),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -119,6 +127,8 @@ class ModelArgs:
     n_ff_shexp: int = 0             # F of the shared expert; 0: none
     gating: str = "softmax"         # Arch.gating
     weights_scale: float = 0.0      # the top-K weights times this (glm4moe); 0: none
+    n_expert_groups: int = 0        # experts in this many groups, chosen within the best
+    n_group_used: int = 0           # n_group_used of them (bailingmoe2); 0: no groups
     moe_layers: tuple = ()          # the blocks with routed experts, in order (all of them
                                     # but the leading dense ones); MoE layer m is block
                                     # moe_layers[m], and hobbitd numbers layers by m
@@ -153,7 +163,8 @@ class ModelArgs:
 
     @property
     def routing(self) -> "Routing":
-        return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale)
+        return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale,
+                       self.n_expert_groups, self.n_group_used)
 
     def is_swa(self, layer: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[layer]
@@ -168,6 +179,9 @@ class Routing:
     norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
     gating: str = "softmax"     # Arch.gating
     scale: float = 0.0          # then times this; 0 (or 1): as they are
+    groups: int = 0             # E experts in this many groups of E / groups; a group's
+    groups_used: int = 0        # score is its top-2 sum and the K are chosen within the
+                                # best groups_used groups (DeepSeek-V3's); 0: no groups
 
 
 class Weights(GGUFFile):
@@ -264,7 +278,8 @@ def read_args(file: GGUFFile) -> ModelArgs:
         if spec.shared_expert == "gated" and not n_ff_shexp:
             n_ff_shexp = int(n_ff_dense or 0)
     elif spec.shared_expert == "counted":
-        n_ff_shexp = n_ff * int(k("expert_shared_count", default=0, required=False) or 0)
+        width = int(k("expert_shared_feed_forward_length", default=0, required=False) or 0) or n_ff
+        n_ff_shexp = width * int(k("expert_shared_count", default=0, required=False) or 0)
     norm_weights, gating, weights_scale = spec.norm_weights, spec.gating, 0.0
     if spec.routing_from_file:
         norm_weights = bool(k("expert_weights_norm", default=norm_weights, required=False))
@@ -275,9 +290,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
                              "(1: softmax, 2: sigmoid)")
         gating = GATING_FUNCS.get(func, gating)
     groups = int(k("expert_group_count", default=0, required=False) or 0)
-    if groups > 1:
-        raise ModelError(f"{path}: {arch}.expert_group_count {groups}: group-limited expert "
-                         "routing is not supported")
+    groups_used = int(k("expert_group_used_count", default=0, required=False) or 0)
     sections = _field(reader, f"{arch}.rope.dimension_sections", required=False)
     if sections and any(sections if isinstance(sections, list) else [sections]):
         raise ModelError(f"{path}: {arch}.rope.dimension_sections: multimodal RoPE is not supported")
@@ -310,6 +323,8 @@ def read_args(file: GGUFFile) -> ModelArgs:
         n_ff_shexp=n_ff_shexp,
         gating=gating,
         weights_scale=weights_scale,
+        n_expert_groups=groups if groups > 1 else 0,
+        n_group_used=groups_used if groups > 1 else 0,
         moe_layers=tuple(range(n_lead, n_layer)) if n_expert else (),
         ffn_act=spec.ffn_act,
         ffn_norm=spec.ffn_norm,
@@ -369,8 +384,9 @@ def _check_tensors(w: Weights) -> None:
     need = ["token_embd.weight", "output_norm.weight", *spec.global_tensors]
     moe = set(a.moe_layers)
     for i in range(a.n_layer):
-        names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                 "attn_output.weight", f"{a.ffn_norm}.weight"]
+        names = ["attn_norm.weight", "attn_output.weight", f"{a.ffn_norm}.weight"]
+        names += ["attn_qkv.weight"] if spec.fused_qkv else \
+            ["attn_q.weight", "attn_k.weight", "attn_v.weight"]
         if a.qk_norm:
             names += ["attn_q_norm.weight", "attn_k_norm.weight"]
         if i in moe:
@@ -391,6 +407,11 @@ def _check_tensors(w: Weights) -> None:
     if a.is_moe and a.moe_layers != moe_blocks(w):
         raise ModelError(f"{w.path}: blocks {list(moe_blocks(w))} have routed experts, but "
                          f"{a.arch}.leading_dense_block_count says blocks {list(a.moe_layers)}")
+    G = a.n_expert_groups
+    if G and (a.n_expert % G or not 0 < a.n_group_used <= G
+              or a.n_group_used * (a.n_expert // G) < a.n_expert_used or a.n_expert // G < 2):
+        raise ModelError(f"{w.path}: expert groups {G} (using {a.n_group_used}) do not fit "
+                         f"{a.n_expert} experts, {a.n_expert_used} used")
     if a.is_moe and not 0 < a.n_expert_used <= a.n_expert:
         raise ModelError(f"{w.path}: expert_used_count {a.n_expert_used} is not in 1..{a.n_expert}")
     if a.n_head % a.n_head_kv:
