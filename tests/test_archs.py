@@ -31,7 +31,8 @@ from hobbit.protocol.errors import InputError, ModelError
 from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
-ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2")
+ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2",
+         "ernie4_5-moe")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -54,7 +55,8 @@ def options(arch: str, size: str) -> dict:
         # has GLM-4.5's QK norm and its wider heads (96 x 128 vs 5120)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
             kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
-    if arch == "bailingmoe2":           # the same depths; 4 expert groups, 2 of them used
+    if arch in ("bailingmoe2", "ernie4_5-moe"):   # the same depths (bailingmoe2: 4 expert
+        # groups, 2 of them used; ernie4_5-moe: its shared expert two experts wide)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
             kw.update(layers=kw["layers"] + 2, dense=2)
     return kw
@@ -81,8 +83,9 @@ def test_args_read_from_the_file(synth, arch, size):
     assert a.qk_norm == ("head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else
                          "full" if arch == "olmoe" else "")
     mtp = arch in ("glm4moe", "bailingmoe2")
-    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe") or mtp)
-    assert a.n_ff_shexp == (4 * o["d_ff"] if arch == "qwen2moe" else o["d_ff"] if mtp else o.get("shared_ff", 0))
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "ernie4_5-moe") or mtp)
+    assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "ernie4_5-moe": 2 * o["d_ff"]}.get(
+        arch, o["d_ff"] if mtp else o.get("shared_ff", 0))
     # glm4moe, bailingmoe2: sigmoid routing, weights scaled, RoPE on half of each head; the
     # trailing MTP block is in the file (block_count) but not run, and hobbitd serves the
     # MoE blocks only; bailingmoe2 chooses its experts in the best 2 of 4 groups
@@ -102,7 +105,8 @@ def test_args_read_from_the_file(synth, arch, size):
 
 
 @pytest.mark.parametrize("arch, size", [pytest.param(a, s, id=f"{a}-{s}")
-                                        for a in ("glm4moe", "bailingmoe2") for s in SIZES])
+                                        for a in ("glm4moe", "bailingmoe2", "ernie4_5-moe")
+                                        for s in SIZES])
 def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, size):
     """exp_probs_b (and bailingmoe2's expert groups) move the choice of experts, not their
     weights, for many tokens of the synthetic files, so the parity tests check that they

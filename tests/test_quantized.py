@@ -234,7 +234,8 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2")]
+           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2",
+                     "ernie4_5-moe")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
@@ -248,13 +249,13 @@ def arch_q4_k_m(quantized, arch: str) -> str:
 def test_q4_k_m_of_every_architecture_mixes_and_matches_llama_cpp(quantized, arch):
     path = arch_q4_k_m(quantized, arch)
     t = types_of(path)
-    if arch in ("glm4moe", "bailingmoe2"):    # 2 dense blocks, 6 MoE ones, the MTP block: the rule
-        # counts all 9 blocks (n_layer_all), so blocks 3, 6 and 7 get Q6_K
-        assert [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(2, 8)] == [
-            ffn_down_type("Q4_K_M", i, 9) for i in range(2, 8)] == ["Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
-    else:
-        assert [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(6)] == [
-            ffn_down_type("Q4_K_M", i, 6) for i in range(6)] == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    # the rule counts every block of the file (llama.cpp's n_layer_all): with 2 leading dense
+    # blocks and, for glm4moe and bailingmoe2, the MTP block, the Q6_K ones fall elsewhere
+    first = 2 if arch in ("glm4moe", "bailingmoe2", "ernie4_5-moe") else 0
+    n = first + 6 + (arch in ("glm4moe", "bailingmoe2"))
+    got = [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(first, first + 6)]
+    assert got == [ffn_down_type("Q4_K_M", i, n) for i in range(first, first + 6)]
+    assert set(got) == {"Q4_K", "Q6_K"}
     assert_parity(path)
 
 

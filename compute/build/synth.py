@@ -33,6 +33,10 @@ gives varied, deterministic text. Per architecture (opts.arch):
             leading dense blocks, a trailing MTP block) with a fused attn_qkv projection,
             ffn_norm, QK norm per head always, no q/k/v biases, and experts in
             opts.groups groups of which the best half are chosen in
+  ernie4_5-moe ERNIE-4.5-21B-A3B: llama's blocks, opts.dense leading dense ones (4 x d_ff
+            wide), then MoE blocks (interleave_moe_layer_step 1) with a softmax router, a
+            selection bias exp_probs_b [E] (small beside the probabilities), an ungated
+            shared expert of opts.shared_ff (0: two experts wide, as the real one); no MTP
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -75,8 +79,9 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
 ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe",
-         "bailingmoe2")
+         "bailingmoe2", "ernie4_5-moe")
 MTP_ARCHS = ("glm4moe", "bailingmoe2")   # leading dense blocks and a trailing MTP block
+DENSE_LEAD = (*MTP_ARCHS, "ernie4_5-moe")   # leading dense blocks (opts.dense)
 # architectures whose attention projections are [D, D]: one head is D / heads wide
 SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe", "bailingmoe2")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
@@ -140,6 +145,8 @@ def shared_ff(opts: SynthOptions) -> int:
         return opts.shared_ff
     if opts.arch in MTP_ARCHS:
         return opts.d_ff
+    if opts.arch == "ernie4_5-moe":
+        return opts.shared_ff or 2 * opts.d_ff
     return (opts.shared_ff or 4 * opts.d_ff) if opts.arch == "qwen2moe" else 0
 
 
@@ -168,7 +175,7 @@ def check(opts: SynthOptions) -> None:
                                        or opts.experts // opts.groups < 2):
         raise InputError(f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
                          f"of 2 or more, half of them holding --top-k {opts.top_k}")
-    if opts.arch in MTP_ARCHS and not 0 <= opts.dense < opts.layers:
+    if opts.arch in DENSE_LEAD and not 0 <= opts.dense < opts.layers:
         raise InputError(f"--dense {opts.dense} must be between 0 and --layers - 1 ({opts.layers - 1})")
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
@@ -243,6 +250,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     qkv_bias = arch in ("qwen2moe", "phimoe", "gpt-oss", "glm4moe")
     post = oss or arch == "glm4moe"   # post_attention_norm as the FFN's norm
     glm = arch in MTP_ARCHS         # glm4moe and bailingmoe2
+    lead = opts.dense if arch in DENSE_LEAD else 0
     fused = arch == "bailingmoe2"
     ts = [mat("token_embd.weight", (D, V), embd)]
     if arch == "phimoe":
@@ -252,7 +260,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
                _Tensor("rope_factors_short.weight", ggml.F32, (Dh // 2,), 0.05, 1.0)]
     for i in range(opts.layers + (1 if glm else 0)):     # glm4moe: + its MTP block
         p = f"blk.{i}."
-        moe_block = E and not (glm and i < opts.dense)
+        moe_block = E and i >= lead
         ts += norm(p + "attn_norm")
         if fused:
             ts += linear(p + "attn_qkv", (D, Q + 2 * KV), D ** -0.5, False)
@@ -277,6 +285,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
             # glm4moe's selection bias: it moves which experts are chosen (now and then: it
             # is small beside the spread of the sigmoids), not their weights
             ts += [bias(p + "exp_probs_b", E, 0.1)] if glm else []
+            ts += [bias(p + "exp_probs_b", E, 0.5 / E)] if arch == "ernie4_5-moe" else []
             ts += [mat(p + "ffn_gate_exps.weight", (D, F, E), wide * D ** -0.5),
                    mat(p + "ffn_up_exps.weight", (D, F, E), wide * D ** -0.5),
                    mat(p + "ffn_down_exps.weight", (F, D, E), F ** -0.5 * branch / wide)]
@@ -284,7 +293,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
                 ts += [bias(p + "ffn_gate_exps", (F, E)), bias(p + "ffn_up_exps", (F, E)),
                        bias(p + "ffn_down_exps", (D, E), 0.1 * branch)]
         else:
-            Fd = 4 * F if glm else F        # glm4moe's dense blocks: feed_forward_length
+            Fd = 4 * F if lead else F       # leading dense blocks: feed_forward_length
             ts += [mat(p + "ffn_gate.weight", (D, Fd), D ** -0.5),
                    mat(p + "ffn_up.weight", (D, Fd), D ** -0.5),
                    mat(p + "ffn_down.weight", (Fd, D), Fd ** -0.5 * branch)]
@@ -355,13 +364,16 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
     w.add_embedding_length(opts.d_model)
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
     w.add_feed_forward_length({"qwen2moe": shared_ff(opts)}.get(
-        opts.arch, 4 * opts.d_ff if opts.arch in MTP_ARCHS else opts.d_ff))
-    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", *MTP_ARCHS):
+        opts.arch, 4 * opts.d_ff if opts.arch in DENSE_LEAD else opts.d_ff))
+    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", *DENSE_LEAD):
         w.add_expert_feed_forward_length(opts.d_ff)
     if opts.arch == "bailingmoe2":      # as Ling-mini-2.0's converted file says it
         w.add_expert_shared_feed_forward_length(opts.d_ff)
         w.add_expert_group_count(opts.groups)
         w.add_expert_group_used_count(opts.groups // 2)
+    if opts.arch == "ernie4_5-moe":     # as ERNIE-4.5-21B-A3B's converted file says it
+        w.add_leading_dense_block_count(opts.dense)
+        w.add_interleave_moe_layer_step(1)
     if opts.arch in MTP_ARCHS:      # as GLM-4.5's converted file says it
         import gguf
 
@@ -495,7 +507,7 @@ def add_parser(sub) -> None:
             ("--ctx", d.ctx, "training context length written to the file"),
             ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff"),
             ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}"),
-            ("--dense", d.dense, "glm4moe, bailingmoe2: leading dense blocks"),
+            ("--dense", d.dense, "glm4moe, bailingmoe2, ernie4_5-moe: leading dense blocks"),
             ("--groups", d.groups, "bailingmoe2: expert groups, half of them used")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")

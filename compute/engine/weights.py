@@ -43,7 +43,8 @@ class Arch:
     scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
                                      # it (phi3's graph; F16 rounding differs by ~1e-2)
     moe: bool = False                # every layer past the leading dense ones
-                                     # ({arch}.leading_dense_block_count) has routed experts
+                                     # ({arch}.leading_dense_block_count) has routed experts,
+                                     # or every {arch}.interleave_moe_layer_step-th (ernie4_5-moe)
     gating: str = "softmax"          # "softmax": softmax over the E router logits, then top-K;
                                      # "softmax_weight": top-K of the logits, softmax over
                                      # those K (llama.cpp's SOFTMAX_WEIGHT, gpt-oss);
@@ -95,6 +96,10 @@ ARCHS = {
     # QKV projection, QK norm per head, partial RoPE, leading dense blocks, an MTP block
     "bailingmoe2": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True, norm_weights=False,
                         routing_from_file=True, shared_expert="counted", fused_qkv=True),
+    # ernie4_5-moe (ERNIE-4.5-21B-A3B, -300B-A47B): llama's blocks with a leading dense one,
+    # MoE every interleave_moe_layer_step-th block after it, a selection bias, an ungated
+    # shared expert, an attn_output bias where the file has one
+    "ernie4_5-moe": Arch(moe=True, shared_expert="sized"),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -296,6 +301,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
         raise ModelError(f"{path}: {arch}.rope.dimension_sections: multimodal RoPE is not supported")
     n_expert = int(k("expert_count", default=0, required=False) or 0)
     n_lead = int(k("leading_dense_block_count", default=0, required=False) or 0)
+    step = int(k("interleave_moe_layer_step", default=1, required=False) or 1)
     qk_norm = spec.qk_norm
     if spec.qk_norm_optional and "blk.0.attn_q_norm.weight" not in file.tensors:
         qk_norm = ""
@@ -325,7 +331,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
         weights_scale=weights_scale,
         n_expert_groups=groups if groups > 1 else 0,
         n_group_used=groups_used if groups > 1 else 0,
-        moe_layers=tuple(range(n_lead, n_layer)) if n_expert else (),
+        moe_layers=tuple(il for il in range(n_lead, n_layer) if (il + 1) % step == 0) if n_expert else (),
         ffn_act=spec.ffn_act,
         ffn_norm=spec.ffn_norm,
         rope_freq_scale=float(freq_scale),
