@@ -32,7 +32,7 @@ from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
 ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2",
-         "ernie4_5-moe")
+         "ernie4_5-moe", "smallthinker")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -55,6 +55,8 @@ def options(arch: str, size: str) -> dict:
         # has GLM-4.5's QK norm and its wider heads (96 x 128 vs 5120)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
             kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
+    if arch == "smallthinker":          # the 4B's softmax; the 21B's sigmoid and windows
+        kw.update(gating="softmax") if size == "s" else kw.update(gating="sigmoid", swa=64)
     if arch in ("bailingmoe2", "ernie4_5-moe"):   # the same depths (bailingmoe2: 4 expert
         # groups, 2 of them used; ernie4_5-moe: its shared expert two experts wide)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
@@ -83,13 +85,18 @@ def test_args_read_from_the_file(synth, arch, size):
     assert a.qk_norm == ("head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else
                          "full" if arch == "olmoe" else "")
     mtp = arch in ("glm4moe", "bailingmoe2")
-    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "ernie4_5-moe") or mtp)
+    assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "ernie4_5-moe", "smallthinker") or mtp)
     assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "ernie4_5-moe": 2 * o["d_ff"]}.get(
         arch, o["d_ff"] if mtp else o.get("shared_ff", 0))
     # glm4moe, bailingmoe2: sigmoid routing, weights scaled, RoPE on half of each head; the
     # trailing MTP block is in the file (block_count) but not run, and hobbitd serves the
     # MoE blocks only; bailingmoe2 chooses its experts in the best 2 of 4 groups
-    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else ("softmax", 0.0))
+    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else (o.get("gating", "softmax"), 0.0))
+    # smallthinker: with a window, llama.cpp's 4096 on layers il % 4 != 0, no RoPE on the others
+    windowed = arch == "smallthinker" and o.get("swa")
+    assert a.n_swa == (4096 if windowed else 0)
+    assert a.swa_layers == a.rope_layers == (tuple(il % 4 != 0 for il in range(a.n_layer)) if windowed else ())
+    assert a.router_first == (arch == "smallthinker")
     assert (a.n_expert_groups, a.n_group_used) == ((4, 2) if arch == "bailingmoe2" else (0, 0))
     assert a.rope_dim == a.head_dim // (2 if mtp else 1)
     assert w.field(f"{arch}.block_count") == o["layers"] + mtp
@@ -117,10 +124,10 @@ def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, 
 
     path = synth(**options(arch, size))
     w = open_model(path)
-    model = Model(w, RunOptions(n_ctx=256, taps=("ffn_in",)))
+    model = Model(w, RunOptions(n_ctx=256, taps=("router_in",)))
     try:
         model.forward(Tokenizer(path).encode(PROMPT), all_logits=True)
-        h = np.stack([model.taps[f"ffn_in.{il}"] for il in w.args.moe_layers])     # (M, T, D)
+        h = np.stack([model.taps[f"router_in.{il}"] for il in w.args.moe_layers])     # (M, T, D)
     finally:
         model.close()
     routers = Routers(w)

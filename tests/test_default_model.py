@@ -141,7 +141,7 @@ def test_routing_is_skewed_and_local(default_moe, wiki_tokens):
     """Real text routes like a real MoE: popular experts, and a token reuses more of the
     previous token's experts than it would in shuffled order."""
     tokens = wiki_tokens[:1024]      # SmolLM2's tokens: moefy copies its tokenizer
-    model = Model(open_model(default_moe), RunOptions(n_ctx=512, taps=("ffn_in",)))
+    model = Model(open_model(default_moe), RunOptions(n_ctx=512, taps=("router_in",)))
     r = routing_stats(model, tokens, ctx=512)
     model.close()
     m = r["mean"]

@@ -235,7 +235,7 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
            for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2",
-                     "ernie4_5-moe")]
+                     "ernie4_5-moe", "smallthinker")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:

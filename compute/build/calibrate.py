@@ -41,14 +41,14 @@ def routing_trace(weights, tokens, n_ctx=512):
     """(sel, scores): per token and layer the top-k experts (rank order) and their
     unimportance scores, shapes (tokens, L, K), from an all-high in-process run."""
     a = weights.args
-    model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("ffn_in",)))
+    model = Model(weights, RunOptions(n_ctx=n_ctx, taps=("router_in",)))
     routers = Routers(weights)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
         chunk = tokens[start:start + n_ctx]
         model.reset()
         model.forward(chunk, all_logits=True)
-        h = np.stack([model.taps[f"ffn_in.{il}"] for il in a.moe_layers])  # (L, T, D)
+        h = np.stack([model.taps[f"router_in.{il}"] for il in a.moe_layers])  # (L, T, D)
         sel, _, score = routers.route(h, 0, len(h))  # as the segmented forward routes: (L, T, K)
         sels.append(sel.transpose(1, 0, 2))
         scores.append(score.transpose(1, 0, 2))

@@ -37,6 +37,10 @@ gives varied, deterministic text. Per architecture (opts.arch):
             wide), then MoE blocks (interleave_moe_layer_step 1) with a softmax router, a
             selection bias exp_probs_b [E] (small beside the probabilities), an ungated
             shared expert of opts.shared_ff (0: two experts wide, as the real one); no MTP
+  smallthinker SmallThinker-4B-A0.6B / -21B-A3B: llama's layout with ReLU-gated experts
+            routed from the block's input, expert_gating_func opts.gating; with opts.swa a
+            sliding window (llama.cpp then uses 4096 whatever the value) on 3 of 4 layers,
+            the others without RoPE
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -79,7 +83,7 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
 ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe",
-         "bailingmoe2", "ernie4_5-moe")
+         "bailingmoe2", "ernie4_5-moe", "smallthinker")
 MTP_ARCHS = ("glm4moe", "bailingmoe2")   # leading dense blocks and a trailing MTP block
 DENSE_LEAD = (*MTP_ARCHS, "ernie4_5-moe")   # leading dense blocks (opts.dense)
 # architectures whose attention projections are [D, D]: one head is D / heads wide
@@ -113,6 +117,7 @@ class SynthOptions:
     swa: int = 0             # gpt-oss's sliding window in tokens; 0: GPT_OSS_SWA
     dense: int = 1           # glm4moe's and bailingmoe2's leading dense blocks
     groups: int = 4          # bailingmoe2's expert groups (half of them used)
+    gating: str = "softmax"  # smallthinker's expert_gating_func: softmax or sigmoid
     qk_norm: bool = False    # glm4moe: per-head Q and K norms (GLM-4.5's)
 
 
@@ -175,6 +180,8 @@ def check(opts: SynthOptions) -> None:
                                        or opts.experts // opts.groups < 2):
         raise InputError(f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
                          f"of 2 or more, half of them holding --top-k {opts.top_k}")
+    if opts.gating not in ("softmax", "sigmoid"):
+        raise InputError(f"--gating {opts.gating!r} is not softmax or sigmoid")
     if opts.arch in DENSE_LEAD and not 0 <= opts.dense < opts.layers:
         raise InputError(f"--dense {opts.dense} must be between 0 and --layers - 1 ({opts.layers - 1})")
     if opts.type not in TYPES:
@@ -365,12 +372,18 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
     # qwen2moe: feed_forward_length is the shared expert's (Qwen1.5-MoE's intermediate_size)
     w.add_feed_forward_length({"qwen2moe": shared_ff(opts)}.get(
         opts.arch, 4 * opts.d_ff if opts.arch in DENSE_LEAD else opts.d_ff))
-    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", *DENSE_LEAD):
+    if opts.arch in ("qwen3moe", "qwen2moe", "gpt-oss", "smallthinker", *DENSE_LEAD):
         w.add_expert_feed_forward_length(opts.d_ff)
     if opts.arch == "bailingmoe2":      # as Ling-mini-2.0's converted file says it
         w.add_expert_shared_feed_forward_length(opts.d_ff)
         w.add_expert_group_count(opts.groups)
         w.add_expert_group_used_count(opts.groups // 2)
+    if opts.arch == "smallthinker":
+        import gguf
+
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType[opts.gating.upper()])
+        if opts.swa:
+            w.add_sliding_window(opts.swa)
     if opts.arch == "ernie4_5-moe":     # as ERNIE-4.5-21B-A3B's converted file says it
         w.add_leading_dense_block_count(opts.dense)
         w.add_interleave_moe_layer_step(1)
@@ -472,7 +485,8 @@ def cmd_synth(args) -> int:
                         type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
                         arch=args.arch, shared_ff=args.shared_ff, swa=args.swa,
-                        dense=args.dense, qk_norm=args.qk_norm, groups=args.groups)
+                        dense=args.dense, qk_norm=args.qk_norm, groups=args.groups,
+                        gating=args.gating)
     t0 = time.perf_counter()
     if args.quantize:
         make_quantized(args.out, opts, args.quantize, progress=True)
@@ -506,11 +520,14 @@ def add_parser(sub) -> None:
             ("--seed", d.seed, "random seed"),
             ("--ctx", d.ctx, "training context length written to the file"),
             ("--shared-ff", d.shared_ff, "qwen2moe: the shared expert's width; 0 = 4 x --d-ff"),
-            ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}"),
+            ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}; "
+                             "smallthinker: 0 = none"),
             ("--dense", d.dense, "glm4moe, bailingmoe2, ernie4_5-moe: leading dense blocks"),
             ("--groups", d.groups, "bailingmoe2: expert groups, half of them used")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
+    p.add_argument("--gating", default=d.gating, choices=("softmax", "sigmoid"),
+                   help=f"smallthinker: how the router's logits become weights (default {d.gating})")
     p.add_argument("--qk-norm", action="store_true",
                    help="glm4moe: per-head Q and K norms, as GLM-4.5 has (the Air has none)")
     p.add_argument("--arch", default=d.arch, metavar="NAME",

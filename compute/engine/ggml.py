@@ -109,6 +109,7 @@ _SIGNATURES = {
     "ggml_sum_rows": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
     "ggml_swiglu_split": (T, [CTX, T, T]),
+    "ggml_reglu_split": (T, [CTX, T, T]),
     "ggml_swiglu_oai": (T, [CTX, T, T, c_float, c_float]),
     "ggml_add_id": (T, [CTX, T, T, T]),
     "ggml_rms_norm": (T, [CTX, T, c_float]),

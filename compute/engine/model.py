@@ -59,7 +59,9 @@ class RunOptions:
     n_batch: int = 512
     n_threads: int = 0   # 0: physical cores, one fewer when hobbitd serves the experts
     taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
-                         # input), "ffn_out" (its FFN output; in-process runs only)
+                         # input), "router_in" (each MoE layer's router input: ffn_in, or
+                         # the block's input where the router reads it), "ffn_out" (its FFN
+                         # output; in-process runs only)
     lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
     resident: bool = True    # when the provider holds every expert (ExpertProvider.resident),
                              # compute each forward in one graph, asking nothing per layer
@@ -301,7 +303,9 @@ class Model:
 
     def _run(self, g: _Graph, feed: dict) -> dict:
         for name, x in g.inputs.items():
-            if name in feed:
+            # an input no node reads has no memory (positions in a segment whose layers
+            # all go without RoPE)
+            if name in feed and x.contents.data:
                 _write(x, feed[name])
         t0 = time.perf_counter()
         status = lib.ggml_backend_graph_compute(self.backend, g.graph)
@@ -452,19 +456,25 @@ class Model:
 
         for il in blocks:
             p = f"blk.{il}."
+            block_in = x
             att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
-                att, x = _last_row(c, att, T), _last_row(c, x, T)
+                att, x, block_in = _last_row(c, att, T), _last_row(c, x, T), _last_row(c, block_in, T)
             x = lib.ggml_add(c, self._scaled(c, att, a.residual_scale), x)  # [D, T']
             h = self._norm(c, x, p + a.ffn_norm)
-            if "ffn_in" in self.opts.taps:
-                out(f"ffn_in.{il}", h)     # a debug/calibration tap: [D, T']
             m = self.moe_index.get(il)      # its MoE layer; None: a dense block
+            r_in = block_in if a.router_first else h
+            if "ffn_in" in self.opts.taps:     # debug/calibration taps: [D, T']
+                out(f"ffn_in.{il}", h)
+            if "router_in" in self.opts.taps and m is not None:
+                out(f"router_in.{il}", r_in)
             if segment is not None and m == segment:   # stop at the router: Python fetches the experts
                 out("x", x)
-                out("h", h)
-                probs = router(c, h, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
+                # the lookahead predicts the next layers' routers from: the residual stream
+                # where they read the block's input, else (as trained) the normed FFN input
+                out("h", x if a.router_first else h)
+                probs = router(c, r_in, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
                                a.routing)
                 out("probs", probs)
                 if a.routing.gating == "softmax_weight":
@@ -478,7 +488,7 @@ class Model:
                     experts = [W(p + f"ffn_{n}_exps.weight") for n in PARTS]
                     biases = [self.t.get(p + f"ffn_{n}_exps.bias") for n in PARTS]
                     biases = biases if all(b is not None for b in biases) else None
-                f = moe_ffn(c, h, experts, a.routing, biases=biases,
+                f = moe_ffn(c, h, experts, a.routing, biases=biases, router_in=r_in,
                             gate_inp=W(p + "ffn_gate_inp.weight"),
                             gate_inp_b=self.t.get(p + "ffn_gate_inp.bias"),
                             sel_bias=self.t.get(p + "exp_probs_b.bias"), act=a.ffn_act,
@@ -553,8 +563,9 @@ class Model:
         k = lib.ggml_reshape_3d(c, k, Dh, Hkv, T)
         if a.qk_norm == "head":      # qwen3moe: each head normed on its own
             q, k = self._norm(c, q, p + "attn_q_norm"), self._norm(c, k, p + "attn_k_norm")
-        q = self._rope(c, q, pos, il)                                        # [Dh, H, T]
-        k = self._rope(c, k, pos, il)                                        # [Dh, Hkv, T]
+        if not a.rope_layers or a.rope_layers[il]:       # (smallthinker: some layers have none)
+            q = self._rope(c, q, pos, il)                                    # [Dh, H, T]
+            k = self._rope(c, k, pos, il)                                    # [Dh, Hkv, T]
 
         # write this chunk's K and V into their cache slots, then attend over N slots
         kc = lib.ggml_set_rows(c, self.tk[il], lib.ggml_reshape_2d(c, k, Dh * Hkv, T), kv_idx)
@@ -826,14 +837,16 @@ def group_mask(c, choose, routing: Routing):
 
 
 def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate_inp_b=None,
-            sel_bias=None, sel=None, weights=None, act="swiglu", slot_table=None):
+            sel_bias=None, router_in=None, sel=None, weights=None, act="swiglu", slot_table=None):
     """Mixture of gated experts. h: [D, T] -> [D, T].
 
     experts: (gate [D, F, S], up [D, F, S], down [F, D, S]) stacked tensors, computed on in
     their quantised form by mul_mat_id; S is E for a GGUF's own tensors or the number of
     cache slots for a shared-memory pool view. biases: None, or the experts' (gate [F, S],
     up [F, S], down [D, S]) F32 biases, added per selected expert (ggml_add_id; gpt-oss).
-    act: "swiglu" (silu(gate) * up) or "swiglu_oai" (gpt-oss's clamped one, SWIGLU_OAI).
+    act: "swiglu" (silu(gate) * up), "swiglu_oai" (gpt-oss's clamped one, SWIGLU_OAI) or
+    "reglu" (relu(gate) * up, smallthinker). router_in [D, T]: what the router reads, if
+    not h (smallthinker's: the block's input).
     Routing in the graph (gate_inp, and its bias gate_inp_b if any, given): router() and
     topk_weights(): softmax over E logits then top-K, weights renormalised to sum 1 if
     routing.norm_weights (Mixtral, Qwen3, Phi) or kept (OLMoE, Qwen2); or top-K logits
@@ -846,7 +859,8 @@ def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate
     D, T = h.contents.ne[0], h.contents.ne[1]
     K = routing.n_used
     if sel is None:
-        sel, w = topk_weights(c, router(c, h, gate_inp, gate_inp_b, routing), routing, sel_bias)
+        probs = router(c, h if router_in is None else router_in, gate_inp, gate_inp_b, routing)
+        sel, w = topk_weights(c, probs, routing, sel_bias)
         weights = lib.ggml_reshape_3d(c, w, 1, K, T)                         # [1, K, T]
     if slot_table is not None:           # expert ids -> the slots holding them
         flat = lib.ggml_reshape_2d(c, lib.ggml_cont(c, sel), K * T, 1)
@@ -862,6 +876,8 @@ def moe_ffn(c, h, experts, routing: Routing, *, biases=None, gate_inp=None, gate
         gate = lib.ggml_add_id(c, gate, gate_b, sel)
     if act == "swiglu_oai":
         g = lib.ggml_swiglu_oai(c, gate, up, *SWIGLU_OAI)                    # [F, K, T]
+    elif act == "reglu":
+        g = lib.ggml_reglu_split(c, gate, up)
     else:
         g = lib.ggml_swiglu_split(c, gate, up)
     y = lib.ggml_mul_mat_id(c, down_exps, g, sel)                            # [D, K, T]

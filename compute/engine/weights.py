@@ -29,9 +29,10 @@ class Arch:
     qk_norm_optional: bool = False   # qk_norm only where the file has attn_q_norm (glm4moe:
                                      # GLM-4.5 has it, GLM-4.5-Air not)
     norm_weights: bool = True        # the top-K weights renormalised to sum 1 (Mixtral, Qwen3)
-    routing_from_file: bool = False  # the file's expert_weights_norm, expert_weights_scale
-                                     # and expert_gating_func override norm_weights, 1 and
-                                     # gating (glm4moe, as llama.cpp reads them)
+    routing_keys: tuple = ()         # what the file says of the routing, where it says it,
+                                     # as llama.cpp reads it for the architecture: "norm"
+                                     # (expert_weights_norm over norm_weights), "scale"
+                                     # (expert_weights_scale), "gating" (expert_gating_func)
     shared_expert: str = ""          # an always-on expert ffn_*_shexp: "gated": scaled by
                                      # sigmoid(ffn_gate_inp_shexp . h), as wide as the file's
                                      # expert_shared_feed_forward_length or else the dense
@@ -52,11 +53,17 @@ class Arch:
                                      # A selection bias exp_probs_b, where the file has one,
                                      # is added for choosing the K only (DeepSeek-V3's)
     ffn_act: str = "swiglu"          # "swiglu_oai": gpt-oss's clamped SwiGLU (alpha 1.702,
-                                     # limit 7.0), ggml_swiglu_oai
+                                     # limit 7.0), ggml_swiglu_oai; "reglu": relu(gate) * up
+    router_first: bool = False       # the router reads the block's input, before attention
+                                     # (smallthinker), not the FFN's normed input
     ffn_norm: str = "ffn_norm"       # the FFN's input norm (gpt-oss: post_attention_norm)
     swa_pattern: int = 0             # sliding-window attention (window from the file) on
                                      # every layer il with il % n < n - 1, full attention
                                      # on the others (gpt-oss: 2, even layers); 0: none
+    swa_dense_first: bool = False    # windowed where il % n != 0 instead (smallthinker)
+    swa_window: int = 0              # the window whatever the file says, where it has one
+                                     # (smallthinker: 4096, as llama.cpp); 0: the file's
+    nope_unwindowed: bool = False    # with a window, the unwindowed layers have no RoPE
     multipliers: bool = False        # Granite's scales from the file: embedding, residual
                                      # branches, attention logits and output logits
     fused_qkv: bool = False          # one attn_qkv projection, Q then K then V rows (bailingmoe2)
@@ -88,18 +95,25 @@ ARCHS = {
     # bias and scaled weights, an ungated shared expert, q/k/v biases, partial RoPE, QK norm
     # in some files; the file's trailing MTP block (nextn_predict_layers) is not run
     "glm4moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", qk_norm_optional=True, moe=True,
-                    norm_weights=False, routing_from_file=True, gating="sigmoid",
+                    norm_weights=False, routing_keys=("norm", "scale", "gating"), gating="sigmoid",
                     shared_expert="counted", ffn_norm="post_attention_norm",
                     layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
     # bailingmoe2 (Ling-mini-2.0, Ling-flash-2.0): glm4moe's routing with expert groups
     # (the top-2 sum of each group picks the groups the K experts are chosen in), a fused
     # QKV projection, QK norm per head, partial RoPE, leading dense blocks, an MTP block
     "bailingmoe2": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True, norm_weights=False,
-                        routing_from_file=True, shared_expert="counted", fused_qkv=True),
+                        routing_keys=("norm", "scale", "gating"), shared_expert="counted",
+                        fused_qkv=True),
     # ernie4_5-moe (ERNIE-4.5-21B-A3B, -300B-A47B): llama's blocks with a leading dense one,
     # MoE every interleave_moe_layer_step-th block after it, a selection bias, an ungated
     # shared expert, an attn_output bias where the file has one
     "ernie4_5-moe": Arch(moe=True, shared_expert="sized"),
+    # smallthinker (SmallThinker-21B-A3B, -4B-A0.6B): the router reads the block's input,
+    # ReLU-gated experts, the gating from the file; with a window, 3 of 4 layers windowed
+    # (4096 tokens) and the others without RoPE
+    "smallthinker": Arch(rope=ggml.ROPE_NEOX, moe=True, routing_keys=("gating",), ffn_act="reglu",
+                         router_first=True, swa_pattern=4, swa_dense_first=True, swa_window=4096,
+                         nope_unwindowed=True),
 }
 assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
 
@@ -148,6 +162,9 @@ class ModelArgs:
     n_swa: int = 0                  # sliding window in tokens (a query sees n_swa positions,
                                     # its own included); 0: none
     swa_layers: tuple = ()          # per layer: True where attention is windowed
+    rope_layers: tuple = ()         # per layer: False where queries and keys get no RoPE;
+                                    # (): every layer has it
+    router_first: bool = False      # Arch.router_first
     # Granite's multipliers (Arch.multipliers); 0: none (attention: 1/sqrt(Dh))
     embedding_scale: float = 0.0    # the token embeddings times this
     residual_scale: float = 0.0     # each attention and FFN output times this before the add
@@ -272,7 +289,12 @@ def read_args(file: GGUFFile) -> ModelArgs:
         attn_factor = yarn_attn_factor(freq_scale, attn_factor)
     n_ff_dense = k("feed_forward_length", required=False)
     n_layer = trunk_blocks(file)
-    n_swa = int(k("attention.sliding_window")) if spec.swa_pattern else 0
+    n_swa = 0
+    if spec.swa_window:           # a window only where the file has one, of a fixed size
+        n_swa = spec.swa_window if int(k("attention.sliding_window", default=0, required=False) or 0) > 0 else 0
+    elif spec.swa_pattern:
+        n_swa = int(k("attention.sliding_window"))
+    windowed = swa_layers(reader, arch, n_layer, spec.swa_pattern, spec.swa_dense_first) if n_swa else ()
     scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0  # noqa: E731
     # a shared expert: llama.cpp makes qwen2moe's as wide as the dense FFN unless the file
     # says; granite has one only where the file gives its width (Granite MoE Shared)
@@ -286,9 +308,11 @@ def read_args(file: GGUFFile) -> ModelArgs:
         width = int(k("expert_shared_feed_forward_length", default=0, required=False) or 0) or n_ff
         n_ff_shexp = width * int(k("expert_shared_count", default=0, required=False) or 0)
     norm_weights, gating, weights_scale = spec.norm_weights, spec.gating, 0.0
-    if spec.routing_from_file:
+    if "norm" in spec.routing_keys:
         norm_weights = bool(k("expert_weights_norm", default=norm_weights, required=False))
+    if "scale" in spec.routing_keys:
         weights_scale = float(k("expert_weights_scale", default=0.0, required=False) or 0.0)
+    if "gating" in spec.routing_keys:
         func = int(k("expert_gating_func", default=0, required=False) or 0)
         if func and func not in GATING_FUNCS:
             raise ModelError(f"{path}: {arch}.expert_gating_func {func} is not supported "
@@ -338,7 +362,9 @@ def read_args(file: GGUFFile) -> ModelArgs:
         rope_ext_factor=1.0 if yarn else 0.0,
         rope_base_swa=float(k("rope.freq_base_swa", default=0.0, required=False) or 0.0),
         n_swa=n_swa,
-        swa_layers=swa_layers(reader, arch, n_layer, spec.swa_pattern) if n_swa else (),
+        swa_layers=windowed,
+        rope_layers=tuple(not spec.nope_unwindowed or w for w in windowed),
+        router_first=spec.router_first,
         embedding_scale=scale("embedding_scale"),
         residual_scale=scale("residual_scale"),
         attention_scale=scale("attention.scale"),
@@ -358,11 +384,11 @@ def yarn_attn_factor(freq_scale, attn_factor: float) -> np.float32:
     return mscale * (f32(1.0) / (f32(1.0) + f32(0.1) * log)) * f32(attn_factor)
 
 
-def swa_layers(reader, arch: str, n_layer: int, pattern: int) -> tuple:
+def swa_layers(reader, arch: str, n_layer: int, pattern: int, dense_first: bool = False) -> tuple:
     """Which layers use sliding-window attention, as llama.cpp's load_swa_pattern reads it:
     the file's {arch}.attention.sliding_window_pattern (one flag per layer, or a period n),
     else the architecture's period; with period n, layer il is windowed when
-    il % n < n - 1 (n = 0: every layer)."""
+    il % n < n - 1, or with dense_first when il % n != 0 (n = 0: every layer)."""
     f = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
     value = f.contents() if f is not None else pattern
     if isinstance(value, list):
@@ -371,6 +397,8 @@ def swa_layers(reader, arch: str, n_layer: int, pattern: int) -> tuple:
                              f"for {n_layer} layers")
         return tuple(bool(v) for v in value)
     n = int(value)
+    if dense_first:
+        return tuple(n == 0 or il % n != 0 for il in range(n_layer))
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 

@@ -84,15 +84,15 @@ def layer_stats(sel_chunks: list, w_chunks: list, n_expert: int, t1: float, t2: 
 def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.9,
                   progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
-    "ffn_in"); see the module docstring for what is returned."""
+    "router_in"); see the module docstring for what is returned."""
     from ..engine.model import Routers
     from ..progress import progress_bar
 
     a = model.args
     if not a.is_moe:
         raise ModelError(f"{model.w.path}: a dense model has no router to study")
-    if "ffn_in" not in model.opts.taps:
-        raise InputError("routing_stats needs a Model run with taps=('ffn_in',)")
+    if "router_in" not in model.opts.taps:
+        raise InputError("routing_stats needs a Model run with taps=('router_in',)")
     if len(tokens) < 2:
         raise InputError("the text has fewer than 2 tokens")
     ctx = min(ctx, model.n_ctx)
@@ -107,7 +107,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
             model.reset()
             model.forward(chunk, all_logits=True)
             for m, il in enumerate(a.moe_layers):   # routed as the model routes
-                sel, w, _ = routers.route(model.taps[f"ffn_in.{il}"], m, m + 1)
+                sel, w, _ = routers.route(model.taps[f"router_in.{il}"], m, m + 1)
                 sels[m].append(sel[0])           # the weights as shares of their sum
                 ws[m].append(w[0] / w[0].sum(axis=-1, keepdims=True))
             bar.update(len(chunk))
@@ -165,7 +165,7 @@ def cmd_routing(args) -> int:
         if not weights.args.is_moe:
             raise ModelError(f"{weights.path}: a dense model has no router to study")
 
-    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads, taps=("ffn_in",))
+    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads, taps=("router_in",))
     with open_run(args.model, opts, check=check) as run:
         tokens = tokenize_text(run.tok, read_text(args.text))[:args.tokens]
         r = routing_stats(run.model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
