@@ -18,7 +18,7 @@ GGUF_MAGIC = b"GGUF"
 # The architectures hobbit runs (compute/engine/weights.py has each one's graph options).
 SUPPORTED_ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe",
                    "glm4moe", "bailingmoe2", "ernie4_5-moe",
-                   "smallthinker")
+                   "deepseek2", "smallthinker")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
 ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2",
-         "ernie4_5-moe", "smallthinker")
+         "ernie4_5-moe", "smallthinker", "deepseek2")
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -57,6 +57,9 @@ def options(arch: str, size: str) -> dict:
             kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
     if arch == "smallthinker":          # the 4B's softmax; the 21B's sigmoid and windows
         kw.update(gating="softmax") if size == "s" else kw.update(gating="sigmoid", swa=64)
+    if arch == "deepseek2":     # V2-Lite's one query projection; V2's low-rank one and YaRN
+        kw.update(layers=kw["layers"] + 1, dense=1, kv_lora=64) if size == "s" else \
+            kw.update(layers=kw["layers"] + 2, dense=2, kv_lora=128, q_lora=96, yarn=True)
     if arch in ("bailingmoe2", "ernie4_5-moe"):   # the same depths (bailingmoe2: 4 expert
         # groups, 2 of them used; ernie4_5-moe: its shared expert two experts wide)
         kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
@@ -81,29 +84,41 @@ def test_args_read_from_the_file(synth, arch, size):
     assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used) == \
         (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
     assert a.moe_layers == tuple(range(o.get("dense", 0), o["layers"]))
-    assert a.head_dim == o.get("head_dim", o["d_model"] // o["heads"])
+    Dh = o.get("head_dim", o["d_model"] // o["heads"])
+    if arch == "deepseek2":     # MLA: the cached latent and its RoPE part, one "KV head"
+        assert (a.head_dim, a.n_head_kv, a.kv_lora_rank, a.mla_head_k, a.mla_head_v, a.rope_dim) == \
+            (o["kv_lora"] + Dh // 2, 1, o["kv_lora"], Dh, Dh, Dh // 2)
+        assert ("blk.1.attn_q_a.weight" in w.tensors) == bool(o.get("q_lora"))
+        assert (a.rope_ext_factor, a.n_ctx_train) == ((1.0, 40 * 4096) if o.get("yarn") else (0.0, 4096))
+    else:
+        assert a.head_dim == Dh and a.kv_lora_rank == 0
     assert a.qk_norm == ("head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else
                          "full" if arch == "olmoe" else "")
     mtp = arch in ("glm4moe", "bailingmoe2")
+    shexp_one = mtp or arch == "deepseek2"      # one shared expert as wide as a routed one
     assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "ernie4_5-moe", "smallthinker") or mtp)
     assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "ernie4_5-moe": 2 * o["d_ff"]}.get(
-        arch, o["d_ff"] if mtp else o.get("shared_ff", 0))
+        arch, o["d_ff"] if shexp_one else o.get("shared_ff", 0))
     # glm4moe, bailingmoe2: sigmoid routing, weights scaled, RoPE on half of each head; the
     # trailing MTP block is in the file (block_count) but not run, and hobbitd serves the
     # MoE blocks only; bailingmoe2 chooses its experts in the best 2 of 4 groups
-    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else (o.get("gating", "softmax"), 0.0))
+    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else
+                                           (o.get("gating", "softmax"), 1.0 if arch == "deepseek2" else 0.0))
     # smallthinker: with a window, llama.cpp's 4096 on layers il % 4 != 0, no RoPE on the others
     windowed = arch == "smallthinker" and o.get("swa")
     assert a.n_swa == (4096 if windowed else 0)
     assert a.swa_layers == a.rope_layers == (tuple(il % 4 != 0 for il in range(a.n_layer)) if windowed else ())
     assert a.router_first == (arch == "smallthinker")
     assert (a.n_expert_groups, a.n_group_used) == ((4, 2) if arch == "bailingmoe2" else (0, 0))
-    assert a.rope_dim == a.head_dim // (2 if mtp else 1)
+    assert a.rope_dim == (Dh // 2 if mtp or arch == "deepseek2" else Dh)
     assert w.field(f"{arch}.block_count") == o["layers"] + mtp
     assert gguf_experts(w).n_layer == len(a.moe_layers)
     scales = (a.embedding_scale, a.residual_scale, a.attention_scale, a.logit_scale)
     if arch == "granitemoe":    # Granite's multipliers, read from the file
         assert scales == pytest.approx((12.0, 0.22, 1 / a.head_dim, 6.0))
+    elif arch == "deepseek2":   # 1/sqrt(a head's key width), times YaRN's mscale^2 (llama.cpp's)
+        mscale = (1 + 0.1 * 0.707 * np.log(40)) if o.get("yarn") else 1.0
+        assert scales == pytest.approx((0, 0, mscale ** 2 / Dh ** 0.5, 0), rel=1e-6)
     else:
         assert scales == (0, 0, 0, 0)
     if arch == "phimoe":      # LongRoPE: 32x the original context, its attention factor
@@ -244,6 +259,36 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
     assert agree >= 0.8, f"top-1 agreement {agree:.2f}"
 
 
+# The architectures of issue #19, each at both sizes in both file types people have: uniform
+# Q8_0 and llama.cpp's Q4_K_M (the suite's default cases above are "s" Q8_0, "m" Q4_0 and,
+# in test_quantized, "m" Q4_K_M; these are the other two corners). `-m every_ftype`.
+NEW_ARCHS = ("glm4moe", "bailingmoe2", "ernie4_5-moe", "deepseek2", "smallthinker")
+
+
+@pytest.mark.every_ftype
+@pytest.mark.parametrize("arch, size, source", [
+    pytest.param(a, s, t, id=f"{a}-{s}-{t}") for a in NEW_ARCHS for s, t in (("m", "Q8_0"), ("s", "Q4_K_M"))])
+def test_both_sizes_in_both_file_types(synth, quantized, tmp_path, arch, size, source):
+    """In-process and through a quarter-cache hobbitd (high precision) the tokens and
+    logits are llama.cpp's; mixed precision with the default companion stays close."""
+    kw = options(arch, size)
+    if source == "Q8_0":
+        src = synth(**{**kw, "type": "Q8_0"})
+    else:
+        kw.pop("type")
+        src = quantized(source, **kw)
+    path = str(tmp_path / f"{arch}-{size}-{source}.gguf")
+    shutil.copy(src, path)
+    assert_parity(path)
+    assert assert_parity_through_daemon(path, tmp_path) == {"high"}
+    low = type_name(default_low_type(gguf_experts(open_model(path)).format))
+    kld, agree, m = mixed_precision_vs_high(path, tmp_path, low)
+    print(f"{arch} {size} {source} -> {low}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    assert m["misses_low"] > 0, "no expert was loaded in low precision"
+    assert kld < 0.1 and agree >= 0.5, (kld, agree)
+
+
 def mixed_precision_vs_high(path: str, tmp_path, low_type: str, n_decode: int = 16):
     """`hobbit-cli convert` the file (its companion beside it), then decode greedily through a
     hobbitd with both precisions, the all-high in-process model fed the same tokens. Returns
@@ -279,7 +324,7 @@ def mixed_precision_vs_high(path: str, tmp_path, low_type: str, n_decode: int = 
 
 
 def _header_only(path: str, arch: str) -> str:
-    """A GGUF with the metadata of a real model of `arch` (DeepSeek-V2-Lite's, DBRX's, ...)
+    """A GGUF with the metadata of a real model of `arch` (Qwen3-Next's, DBRX's, ...)
     and no tensors: enough to be recognised, and refused."""
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(27)
@@ -294,7 +339,7 @@ def _header_only(path: str, arch: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "dbrx", "mamba"])
+@pytest.mark.parametrize("arch", ["qwen3next", "dbrx", "mamba"])
 def test_an_unsupported_architecture_is_one_line_naming_the_supported(tmp_path, arch):
     path = _header_only(str(tmp_path / f"{arch}.gguf"), arch)
     with pytest.raises(ModelError) as e:

@@ -235,7 +235,7 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
            for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2",
-                     "ernie4_5-moe", "smallthinker")]
+                     "ernie4_5-moe", "smallthinker", "deepseek2")]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
@@ -251,7 +251,7 @@ def test_q4_k_m_of_every_architecture_mixes_and_matches_llama_cpp(quantized, arc
     t = types_of(path)
     # the rule counts every block of the file (llama.cpp's n_layer_all): with 2 leading dense
     # blocks and, for glm4moe and bailingmoe2, the MTP block, the Q6_K ones fall elsewhere
-    first = 2 if arch in ("glm4moe", "bailingmoe2", "ernie4_5-moe") else 0
+    first = 2 if arch in ("glm4moe", "bailingmoe2", "ernie4_5-moe", "deepseek2") else 0
     n = first + 6 + (arch in ("glm4moe", "bailingmoe2"))
     got = [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(first, first + 6)]
     assert got == [ffn_down_type("Q4_K_M", i, n) for i in range(first, first + 6)]

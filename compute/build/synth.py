@@ -41,6 +41,13 @@ gives varied, deterministic text. Per architecture (opts.arch):
             routed from the block's input, expert_gating_func opts.gating; with opts.swa a
             sliding window (llama.cpp then uses 4096 whatever the value) on 3 of 4 layers,
             the others without RoPE
+  deepseek2 DeepSeek-V2-Lite / -V2: multi-head latent attention as current conversions
+            write it (attn_kv_a_mqa [D, R + r], attn_kv_a_norm, attn_k_b [nope, R, H],
+            attn_v_b [R, Dv, H]; the query through attn_q, or with opts.q_lora through
+            attn_q_a, its norm and attn_q_b), R = opts.kv_lora, r = Dh / 2 rotated, nope
+            = Dh / 2, Dv = Dh; opts.dense leading dense blocks; softmax routing, an ungated
+            shared expert as wide as one expert; with opts.yarn YaRN as V2's (factor 40,
+            mscale_all_dim 0.707, the context 40x the original one, opts.ctx)
   gpt-oss   gpt-oss-20b/120b: biases on q/k/v/o, the router and every expert (F32, stacked
             [F or D, E] beside the experts), attention sinks [H], post_attention_norm as
             the FFN's norm, sliding window opts.swa on even layers, YaRN RoPE (factor 32,
@@ -83,9 +90,10 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
 ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe",
-         "bailingmoe2", "ernie4_5-moe", "smallthinker")
+         "bailingmoe2", "ernie4_5-moe", "smallthinker", "deepseek2")
 MTP_ARCHS = ("glm4moe", "bailingmoe2")   # leading dense blocks and a trailing MTP block
-DENSE_LEAD = (*MTP_ARCHS, "ernie4_5-moe")   # leading dense blocks (opts.dense)
+DENSE_LEAD = (*MTP_ARCHS, "ernie4_5-moe", "deepseek2")   # leading dense blocks (opts.dense)
+DEEPSEEK_YARN = (40.0, 0.707)  # deepseek2 with opts.yarn: YaRN factor and mscale_all_dim (V2's)
 # architectures whose attention projections are [D, D]: one head is D / heads wide
 SQUARE_ATTN = ("olmoe", "qwen2moe", "phimoe", "bailingmoe2")
 PHIMOE_LONG = 32         # phimoe: context_length / original context length (128k / 4k)
@@ -118,6 +126,9 @@ class SynthOptions:
     dense: int = 1           # glm4moe's and bailingmoe2's leading dense blocks
     groups: int = 4          # bailingmoe2's expert groups (half of them used)
     gating: str = "softmax"  # smallthinker's expert_gating_func: softmax or sigmoid
+    kv_lora: int = 64        # deepseek2: the cached latent's width R
+    q_lora: int = 0          # deepseek2: the query's low rank; 0: one attn_q (V2-Lite)
+    yarn: bool = False       # deepseek2: YaRN RoPE scaling as V2's
     qk_norm: bool = False    # glm4moe: per-head Q and K norms (GLM-4.5's)
 
 
@@ -148,7 +159,7 @@ def shared_ff(opts: SynthOptions) -> int:
     """The shared expert's width (qwen2moe, Granite MoE Shared), 0 for none."""
     if opts.arch == "granitemoe":
         return opts.shared_ff
-    if opts.arch in MTP_ARCHS:
+    if opts.arch in (*MTP_ARCHS, "deepseek2"):
         return opts.d_ff
     if opts.arch == "ernie4_5-moe":
         return opts.shared_ff or 2 * opts.d_ff
@@ -180,6 +191,9 @@ def check(opts: SynthOptions) -> None:
                                        or opts.experts // opts.groups < 2):
         raise InputError(f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
                          f"of 2 or more, half of them holding --top-k {opts.top_k}")
+    if opts.arch == "deepseek2" and (head_dim(opts) % 4 or opts.kv_lora < 1 or opts.q_lora < 0):
+        raise InputError(f"deepseek2 needs a head dimension divisible by 4 (it is {head_dim(opts)}), "
+                         "--kv-lora at least 1 and --q-lora at least 0")
     if opts.gating not in ("softmax", "sigmoid"):
         raise InputError(f"--gating {opts.gating!r} is not softmax or sigmoid")
     if opts.arch in DENSE_LEAD and not 0 <= opts.dense < opts.layers:
@@ -269,13 +283,26 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
         p = f"blk.{i}."
         moe_block = E and i >= lead
         ts += norm(p + "attn_norm")
-        if fused:
+        if arch == "deepseek2":       # MLA: a head's query/key Dh (half rotated), value Dh
+            Rk, r = opts.kv_lora, Dh // 2
+            if opts.q_lora:
+                ts += [mat(p + "attn_q_a.weight", (D, opts.q_lora), D ** -0.5)]
+                ts += norm(p + "attn_q_a_norm", opts.q_lora)
+                ts += [mat(p + "attn_q_b.weight", (opts.q_lora, Q), opts.q_lora ** -0.5)]
+            else:
+                ts += [mat(p + "attn_q.weight", (D, Q), D ** -0.5)]
+            ts += [mat(p + "attn_kv_a_mqa.weight", (D, Rk + r), D ** -0.5)] + norm(p + "attn_kv_a_norm", Rk)
+            ts += [mat(p + "attn_k_b.weight", (Dh - r, Rk, opts.heads), (Dh - r) ** -0.5),
+                   mat(p + "attn_v_b.weight", (Rk, Dh, opts.heads), Rk ** -0.5)]
+            ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, False)
+        elif fused:
             ts += linear(p + "attn_qkv", (D, Q + 2 * KV), D ** -0.5, False)
         else:
             ts += linear(p + "attn_q", (D, Q), D ** -0.5, qkv_bias)
             ts += linear(p + "attn_k", (D, KV), D ** -0.5, qkv_bias)
             ts += linear(p + "attn_v", (D, KV), D ** -0.5, qkv_bias)
-        ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch in ("phimoe", "gpt-oss"))
+        if arch != "deepseek2":
+            ts += linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, arch in ("phimoe", "gpt-oss"))
         if oss:       # one sink logit per head, as large as the attention logits
             ts += [_Tensor(p + "attn_sinks.weight", ggml.F32, (opts.heads,), 1.0)]
         if arch == "qwen3moe" or fused or (glm and opts.qk_norm):          # per head
@@ -358,6 +385,15 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_context_length(long)
         w.add_rope_scaling_orig_ctx_len(opts.ctx)
         w.add_rope_scaling_attn_factors((1 + math.log(long / opts.ctx) / math.log(opts.ctx)) ** 0.5)
+    elif opts.arch == "deepseek2" and opts.yarn:   # YaRN as V2's: 163840 = 40 x 4096
+        import gguf
+
+        factor, mscale_all_dim = DEEPSEEK_YARN
+        w.add_context_length(int(factor * opts.ctx))
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(opts.ctx)
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
     elif opts.arch == "gpt-oss":   # YaRN, as the real file: 131072 = 32 x 4096
         import gguf
 
@@ -404,12 +440,29 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs):
         w.add_attention_scale(1.0 / head_dim(opts))
         w.add_logit_scale(GRANITE_SCALES["logit"])
     w.add_head_count(opts.heads)
-    w.add_head_count_kv(opts.kv_heads)
-    if head_dim(opts) != opts.d_model // opts.heads:
+    if opts.arch == "deepseek2":      # MLA: one cached latent (+ its RoPE part) per token
+        import gguf
+
+        Dh = head_dim(opts)
+        w.add_head_count_kv(1)
+        w.add_key_length(opts.kv_lora + Dh // 2)
+        w.add_value_length(opts.kv_lora)
+        w.add_key_length_mla(Dh)
+        w.add_value_length_mla(Dh)
+        w.add_kv_lora_rank(opts.kv_lora)
+        w.add_q_lora_rank(opts.q_lora)
+        w.add_leading_dense_block_count(opts.dense)
+        w.add_expert_shared_count(1)
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_weights_norm(False)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    else:
+        w.add_head_count_kv(opts.kv_heads)
+    if head_dim(opts) != opts.d_model // opts.heads and opts.arch != "deepseek2":
         w.add_key_length(head_dim(opts))
         w.add_value_length(head_dim(opts))
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(head_dim(opts) // 2 if opts.arch in MTP_ARCHS else head_dim(opts))
+    w.add_rope_dimension_count(head_dim(opts) // 2 if opts.arch in (*MTP_ARCHS, "deepseek2") else head_dim(opts))
     w.add_layer_norm_rms_eps(1e-5)
     if opts.experts:
         w.add_expert_count(opts.experts)
@@ -486,7 +539,7 @@ def cmd_synth(args) -> int:
                         seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
                         arch=args.arch, shared_ff=args.shared_ff, swa=args.swa,
                         dense=args.dense, qk_norm=args.qk_norm, groups=args.groups,
-                        gating=args.gating)
+                        gating=args.gating, kv_lora=args.kv_lora, q_lora=args.q_lora, yarn=args.yarn)
     t0 = time.perf_counter()
     if args.quantize:
         make_quantized(args.out, opts, args.quantize, progress=True)
@@ -523,11 +576,14 @@ def add_parser(sub) -> None:
             ("--swa", d.swa, f"gpt-oss: the sliding window in tokens; 0 = {GPT_OSS_SWA}; "
                              "smallthinker: 0 = none"),
             ("--dense", d.dense, "glm4moe, bailingmoe2, ernie4_5-moe: leading dense blocks"),
-            ("--groups", d.groups, "bailingmoe2: expert groups, half of them used")):
+            ("--groups", d.groups, "bailingmoe2: expert groups, half of them used"),
+            ("--kv-lora", d.kv_lora, "deepseek2: the cached latent's width"),
+            ("--q-lora", d.q_lora, "deepseek2: the query's low rank; 0 = one attn_q")):
         p.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{text} (default {default})")
     p.add_argument("--gating", default=d.gating, choices=("softmax", "sigmoid"),
                    help=f"smallthinker: how the router's logits become weights (default {d.gating})")
+    p.add_argument("--yarn", action="store_true", help="deepseek2: YaRN RoPE scaling as DeepSeek-V2's")
     p.add_argument("--qk-norm", action="store_true",
                    help="glm4moe: per-head Q and K norms, as GLM-4.5 has (the Air has none)")
     p.add_argument("--arch", default=d.arch, metavar="NAME",

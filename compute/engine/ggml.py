@@ -98,6 +98,7 @@ _SIGNATURES = {
     "ggml_reshape_3d": (T, [CTX, T, c_int64, c_int64, c_int64]),
     "ggml_reshape_4d": (T, [CTX, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_cont": (T, [CTX, T]),
+    "ggml_concat": (T, [CTX, T, T, c_int]),
     "ggml_permute": (T, [CTX, T, c_int, c_int, c_int, c_int]),
     # ops
     "ggml_add": (T, [CTX, T, T]),

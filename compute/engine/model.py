@@ -5,11 +5,18 @@ Legend of dimensions (ggml order, contiguous axis first):
   E experts               K experts used per token
   H query heads           Hkv KV heads  Dh head dim           N KV slots visible (n_kv)
 
-One forward for every supported architecture (llama/Mixtral, qwen3moe, olmoe, qwen2moe,
-phimoe, gpt-oss): they differ only through ModelArgs (QK norm, RoPE type and scaling,
-routing, the FFN activation, sliding-window layers, a shared expert; see weights.Arch) and
-through the optional tensors their files have (biases, attention sinks, RoPE factors), as
-llama.cpp's graphs do; moe_ffn is the one MoE function, route() its Python twin.
+One forward for every supported architecture (weights.ARCHS: llama/Mixtral, qwen3moe,
+olmoe, qwen2moe, phimoe, gpt-oss, granitemoe, glm4moe, bailingmoe2, ernie4_5-moe,
+deepseek2, smallthinker): they differ only through ModelArgs (QK norm, RoPE type and
+scaling, routing, the FFN activation, sliding-window layers, shared experts, leading dense
+blocks; see weights.Arch) and through the optional tensors their files have (biases,
+attention sinks, RoPE factors, selection biases), as llama.cpp's graphs do; moe_ffn is the
+one MoE function, route() its Python twin. deepseek2's multi-head latent attention is its
+own function (_attention_mla) beside _attention.
+
+Blocks and MoE layers: a model's blocks are its transformer layers; the MoE layers are the
+blocks with routed experts (ModelArgs.moe_layers), numbered 0.. as hobbitd numbers them.
+Leading dense blocks run like attention does, always in this process.
 
 Sliding-window layers (gpt-oss) keep their own, smaller KV cache, as llama.cpp does: a ring
 of swa_cells slots (slot = position mod swa_cells) that holds the window plus one batch.
@@ -19,7 +26,8 @@ Two ways to run, one set of layer functions:
   inside the graph; one graph per forward.
 - with an expert provider (ExpertClient: hobbitd's shared memory; LocalExperts: the
   model's own files in two precisions): the forward is cut into segments at each router.
-  Segment l runs layer l-1's experts and layer l's attention and router; between segments
+  Segment m runs MoE layer m-1's experts, the dense blocks after it, and MoE layer m's
+  attention and router; between segments
   Python picks the experts, scores their importance, fetches them (each in the precision
   the provider chose, or skipped), hints the coming layers' predicted experts, and
   releases the previous layer's experts.
@@ -149,11 +157,12 @@ class Model:
         self.swa_pos = np.full(self.swa_cells, -1, np.int64)
         cells = [self.swa_cells if a.is_swa(il) else self.n_ctx for il in range(a.n_layer)]
         self.k_cache = [np.zeros((n, a.n_embd_kv), np.float16) for n in cells]
-        self.v_cache = [np.zeros((n, a.n_embd_kv), np.float16) for n in cells]
+        # MLA caches one latent per token, its first kv_lora_rank values are the V
+        self.v_cache = [np.zeros((n, 0 if a.kv_lora_rank else a.n_embd_kv), np.float16) for n in cells]
         self.tk = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_k_l{i}", c.ctypes.data)
                    for i, c in enumerate(self.k_cache)]
         self.tv = [self.wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_v_l{i}", c.ctypes.data)
-                   for i, c in enumerate(self.v_cache)]
+                   for i, c in enumerate(self.v_cache)] if not a.kv_lora_rank else []
         self.plans: OrderedDict[tuple, list[_Graph]] = OrderedDict()
 
         self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}   # block -> MoE layer
@@ -457,7 +466,8 @@ class Model:
         for il in blocks:
             p = f"blk.{il}."
             block_in = x
-            att = self._attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
+            attention = self._attention_mla if a.kv_lora_rank else self._attention
+            att = attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early
                 att, x, block_in = _last_row(c, att, T), _last_row(c, x, T), _last_row(c, block_in, T)
@@ -585,6 +595,49 @@ class Model:
             lib.ggml_prec_set_acc(o, ggml.PREC_F32)
         o = lib.ggml_reshape_2d(c, o, Dh * H, T)                             # [H*Dh, T]
         return self._linear(c, p + "attn_output", o)                         # [D, T]
+
+    def _attention_mla(self, c, h, il, pos, kv_idx, mask, N, T):
+        """Layer il's multi-head latent attention (deepseek2), as llama.cpp computes it:
+        each token caches one latent [R] (normed) and its RoPE part [r]; a head's query is
+        its no-RoPE part folded through attn_k_b into latent space [R] beside its RoPE part
+        [r]; keys are the cached [R + r], values the cached latents [R], and attn_v_b takes
+        each head's output from latent space to its value width Dv."""
+        a = self.args
+        p = f"blk.{il}."
+        W = lambda n: self.t[p + n + ".weight"]  # noqa: E731
+        H, R, r = a.n_head, a.kv_lora_rank, a.rope_dim
+        Dk, Dv, f32, f16 = a.mla_head_k, a.mla_head_v, 4, 2
+        nope = Dk - r
+        if p + "attn_q_a.weight" in self.t:      # the query through its own low rank (V2, V3)
+            q = lib.ggml_mul_mat(c, W("attn_q_b"), self._norm(c, lib.ggml_mul_mat(c, W("attn_q_a"), h),
+                                                               p + "attn_q_a_norm"))
+        else:                                   # V2-Lite
+            q = lib.ggml_mul_mat(c, W("attn_q"), h)
+        q = lib.ggml_reshape_3d(c, q, Dk, H, T)                               # [Dk, H, T]
+        kv_pe = lib.ggml_mul_mat(c, W("attn_kv_a_mqa"), h)                    # [R + r, T]
+        row = kv_pe.contents.nb[1]
+        latent = self._norm(c, lib.ggml_view_2d(c, kv_pe, R, T, row, 0), p + "attn_kv_a_norm")
+        k_pe = self._rope(c, lib.ggml_view_3d(c, kv_pe, r, 1, T, row, row, R * f32), pos, il)  # [r, 1, T]
+        nb1, nb2 = q.contents.nb[1], q.contents.nb[2]
+        q_nope = lib.ggml_view_3d(c, q, nope, H, T, nb1, nb2, 0)
+        q_pe = self._rope(c, lib.ggml_view_3d(c, q, r, H, T, nb1, nb2, nope * f32), pos, il)
+        # W_kb [nope, R, H] per head: [nope, T, H] -> [R, T, H], back to [R, H, T]
+        q_lat = lib.ggml_permute(c, lib.ggml_mul_mat(c, W("attn_k_b"), lib.ggml_permute(c, q_nope, 0, 2, 1, 3)),
+                                 0, 2, 1, 3)
+        q = lib.ggml_concat(c, q_lat, q_pe, 0)                                # [R + r, H, T]
+        k = lib.ggml_concat(c, lib.ggml_reshape_3d(c, latent, R, 1, T), k_pe, 0)   # [R + r, 1, T]
+
+        kc = lib.ggml_set_rows(c, self.tk[il], lib.ggml_reshape_2d(c, k, R + r, T), kv_idx)
+        cached = lambda n: lib.ggml_permute(  # noqa: E731
+            c, lib.ggml_view_3d(c, kc, n, 1, N, (R + r) * f16, (R + r) * f16, 0), 0, 2, 1, 3)  # [n, N, 1]
+        o = lib.ggml_flash_attn_ext(c, lib.ggml_permute(c, q, 0, 2, 1, 3), cached(R + r), cached(R), mask,
+                                    a.attention_scale, 0.0, 0.0)              # [R, H, T]
+        if hasattr(lib, "ggml_prec_set_acc"):
+            lib.ggml_prec_set_acc(o, ggml.PREC_F32)
+        # W_vb [R, Dv, H] per head: [R, T, H] -> [Dv, T, H], back to [Dv, H, T]
+        o = lib.ggml_mul_mat(c, W("attn_v_b"), lib.ggml_permute(c, o, 0, 2, 1, 3))
+        o = lib.ggml_cont(c, lib.ggml_permute(c, o, 0, 2, 1, 3))
+        return self._linear(c, p + "attn_output", lib.ggml_reshape_2d(c, o, Dv * H, T))     # [D, T]
 
     def _rope(self, c, x, pos, il):
         a = self.args

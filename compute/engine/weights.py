@@ -67,6 +67,9 @@ class Arch:
     multipliers: bool = False        # Granite's scales from the file: embedding, residual
                                      # branches, attention logits and output logits
     fused_qkv: bool = False          # one attn_qkv projection, Q then K then V rows (bailingmoe2)
+    mla: bool = False                # multi-head latent attention (deepseek2): one latent of
+                                     # kv_lora_rank per token is cached with its RoPE part,
+                                     # attn_k_b folds into the queries, attn_v_b follows
     layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
     global_tensors: tuple = ()       # further tensors the file must have
 
@@ -111,6 +114,10 @@ ARCHS = {
     # smallthinker (SmallThinker-21B-A3B, -4B-A0.6B): the router reads the block's input,
     # ReLU-gated experts, the gating from the file; with a window, 3 of 4 layers windowed
     # (4096 tokens) and the others without RoPE
+    # deepseek2 (DeepSeek-V2, -V2-Lite, -V3): MLA attention, leading dense blocks, ungated
+    # shared experts, the routing from the file (softmax by default)
+    "deepseek2": Arch(moe=True, mla=True, routing_keys=("norm", "scale", "gating"),
+                      shared_expert="counted"),
     "smallthinker": Arch(rope=ggml.ROPE_NEOX, moe=True, routing_keys=("gating",), ffn_act="reglu",
                          router_first=True, swa_pattern=4, swa_dense_first=True, swa_window=4096,
                          nope_unwindowed=True),
@@ -165,6 +172,11 @@ class ModelArgs:
     rope_layers: tuple = ()         # per layer: False where queries and keys get no RoPE;
                                     # (): every layer has it
     router_first: bool = False      # Arch.router_first
+    # MLA (Arch.mla): the latent's width R, and a head's query/key and value widths
+    # (head_dim is then R + rope_dim, the cached width, and n_head_kv 1); 0: not MLA
+    kv_lora_rank: int = 0
+    mla_head_k: int = 0
+    mla_head_v: int = 0
     # Granite's multipliers (Arch.multipliers); 0: none (attention: 1/sqrt(Dh))
     embedding_scale: float = 0.0    # the token embeddings times this
     residual_scale: float = 0.0     # each attention and FFN output times this before the add
@@ -326,6 +338,25 @@ def read_args(file: GGUFFile) -> ModelArgs:
     n_expert = int(k("expert_count", default=0, required=False) or 0)
     n_lead = int(k("leading_dense_block_count", default=0, required=False) or 0)
     step = int(k("interleave_moe_layer_step", default=1, required=False) or 1)
+    kv_lora_rank = mla_k = mla_v = 0
+    attention_scale = scale("attention.scale")
+    if spec.mla:
+        if "blk.0.attn_kv_b.weight" in file.tensors:
+            raise ModelError(f"{path}: tensor blk.0.attn_kv_b.weight: a {arch} file converted "
+                             "without MLA (attn_k_b, attn_v_b), which hobbit does not run; "
+                             "convert it again with a current llama.cpp")
+        kv_lora_rank = int(k("attention.kv_lora_rank"))
+        mla_k, mla_v = int(k("attention.key_length_mla")), int(k("attention.value_length_mla"))
+        # YaRN as llama.cpp sets it up for deepseek2 (float32 throughout): the file holds
+        # 0.1 x mscale_all_dim; RoPE's factor is then 1 / (1 + 0.1 ln factor) (the two
+        # mscales cancel), and the attention logits' scale is mscale^2 / sqrt(key width)
+        f32 = np.float32
+        log_mul = f32(float(k("rope.scaling.yarn_log_multiplier", default=0.0, required=False) or 0.0)) / f32(0.1)
+        ln = f32(np.log(f32(1.0) / f32(freq_scale)))
+        if yarn and log_mul:
+            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * f32(np.log(f32(factor))))                 * f32(k("rope.scaling.attn_factor", default=1.0))
+        mscale = f32(attn_factor) * (f32(1.0) + f32(0.1) * ln) * (f32(1.0) + f32(0.1) * log_mul * ln)
+        attention_scale = float(f32(1.0) * mscale * mscale / f32(np.sqrt(f32(mla_k))))
     qk_norm = spec.qk_norm
     if spec.qk_norm_optional and "blk.0.attn_q_norm.weight" not in file.tensors:
         qk_norm = ""
@@ -367,7 +398,10 @@ def read_args(file: GGUFFile) -> ModelArgs:
         router_first=spec.router_first,
         embedding_scale=scale("embedding_scale"),
         residual_scale=scale("residual_scale"),
-        attention_scale=scale("attention.scale"),
+        attention_scale=attention_scale,
+        kv_lora_rank=kv_lora_rank,
+        mla_head_k=mla_k,
+        mla_head_v=mla_v,
         logit_scale=scale("logit_scale"),
     )
 
@@ -419,8 +453,14 @@ def _check_tensors(w: Weights) -> None:
     moe = set(a.moe_layers)
     for i in range(a.n_layer):
         names = ["attn_norm.weight", "attn_output.weight", f"{a.ffn_norm}.weight"]
-        names += ["attn_qkv.weight"] if spec.fused_qkv else \
-            ["attn_q.weight", "attn_k.weight", "attn_v.weight"]
+        if spec.mla:
+            names += ["attn_kv_a_mqa.weight", "attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight"]
+            names += ["attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight"] \
+                if f"blk.{i}.attn_q_a.weight" in w.tensors else ["attn_q.weight"]
+        elif spec.fused_qkv:
+            names += ["attn_qkv.weight"]
+        else:
+            names += ["attn_q.weight", "attn_k.weight", "attn_v.weight"]
         if a.qk_norm:
             names += ["attn_q_norm.weight", "attn_k_norm.weight"]
         if i in moe:
