@@ -262,7 +262,7 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
 # The architectures of issue #19, each at both sizes in both file types people have: uniform
 # Q8_0 and llama.cpp's Q4_K_M (the suite's default cases above are "s" Q8_0, "m" Q4_0 and,
 # in test_quantized, "m" Q4_K_M; these are the other two corners). `-m every_ftype`.
-NEW_ARCHS = ("glm4moe", "bailingmoe2", "ernie4_5-moe", "deepseek2", "smallthinker")
+NEW_ARCHS = ("granitemoe", "glm4moe", "bailingmoe2", "ernie4_5-moe", "deepseek2", "smallthinker")
 
 
 @pytest.mark.every_ftype
