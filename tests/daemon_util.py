@@ -43,7 +43,10 @@ def daemon_args(models, cache_size, socket, **flags) -> list[str]:
 
 @contextlib.contextmanager
 def run_daemon(models, cache_size, tmp_path, env=None, **flags):
-    """Yield a RunningDaemon serving `models`; stopped (and checked for exit 0) after."""
+    """Yield a RunningDaemon serving `models`; stopped (and checked for exit 0) after. It is
+    owned by this process (--owner-pid): if the test process dies (a crash in native code),
+    the daemon stops too, leaving no shared memory behind."""
+    flags.setdefault("owner_pid", os.getpid())
     d = RunningDaemon(models, str(tmp_path / "hobbitd.sock"), log_path=str(tmp_path / "hobbitd.stderr"),
                       cache_size=cache_size, env={**os.environ, **(env or {})}, **flags)
     try:
