@@ -536,7 +536,7 @@ class Daemon:
         mo = self.models.get(msg["model"])
         if mo is None:
             return self._error(s.ident, "unknown_model", f"USED: no model {msg['model']!r}")
-        s.count_forward(msg.get("seq"), msg.get("token"), msg.get("tokens"))
+        s.count_forward(msg.get("seq"), msg.get("token"), msg.get("tokens"), msg.get("forwards", 1))
         self.cache.count_used(s.sid, mo, msg["uses"])
 
     def _on_stats(self, s: Session, msg: dict) -> None:

@@ -38,13 +38,16 @@ class Session:
     last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
     peer: tuple | None = None  # (pid, start time) of its process, from the kernel (ipc)
 
-    def count_forward(self, seq, token, n_tokens) -> None:
-        """Count a forward's tokens once, at its first request (the client's first layer)."""
+    def count_forward(self, seq, token, n_tokens, forwards=1) -> None:
+        """Count a forward's tokens once, at its first request (the client's first layer);
+        `forwards` > 1: that many one-token forwards summed in one note (USED)."""
         if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1 \
                 or (seq, token) == self.last_forward:
             return
         self.last_forward = (seq, token)
-        if n_tokens == 1:
+        if isinstance(forwards, int) and not isinstance(forwards, bool) and forwards == n_tokens > 1:
+            self.tokens += forwards
+        elif n_tokens == 1:
             self.tokens += 1
         else:
             self.prompt_tokens += n_tokens

@@ -18,7 +18,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | BYE | client→daemon | — | none: the session's pins are released |
 | RESIDENT | client→daemon | id, model | RESIDENT_REPLY |
 | RESIDENT_REPLY | daemon→client | id, slots ([[index per expert] per layer]: every expert in high precision, pinned for the session until BYE; or None), ready, total (experts loaded of all; total 0: the cache cannot hold them all, ask per layer) | — |
-| USED | client→daemon | model, uses (expert uses), seq, token, tokens: a forward computed on resident experts (for the counts) | none |
+| USED | client→daemon | model, uses (expert uses), seq, token, tokens, forwards (default 1): forwards computed on resident experts (for the counts); several one-token forwards may be summed in one note, tokens = forwards | none |
 | HITS | client→daemon | model, hits [[layer, experts [int], slots [[precision, index] or None], scores [float]]] (experts the client pinned itself in its row of the control block), release (opt., as RELEASE's slots), seq, token, tokens | none |
 
 model info: {path, n_layer, n_expert, holds_all, thresholds {t1, t2, dynamic, low_only},
