@@ -85,7 +85,7 @@ def test_four_clients_at_once_all_correct(model, reference, tmp_path):
 def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
     """A cache that holds every expert: hobbitd reads them all at the first ask and pins
     them for the client, which then computes each forward in one graph with no request:
-    the in-process logits to the bit, one USED note per forward for the counts."""
+    the in-process logits to the bit, USED notes for the counts (one-token forwards summed)."""
     import numpy as np
 
     from hobbit.compute.engine.model import Model, RunOptions
@@ -106,11 +106,15 @@ def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
                 trips.append(client.round_trips)
                 if client.resident() is None:           # still reading: try again
                     continue
-            m = next(iter(client.stats()["models"].values()))
+            stats = client.stats()      # also sends the one-token forwards summed so far
+            m = next(iter(stats["models"].values()))
+            session = next(s for s in stats["sessions"] if s["pid"] == os.getpid())
         finally:
             ours.close()
             ref.close()
             client.close()
+    # each of the 11 decode steps counted once, whether reported alone or summed (USED)
+    assert (session["prompt_tokens"], session["tokens"]) == (4, 11), session
     assert m["holds_all"] and m["misses"] == a.n_layer * a.n_expert and m["skipped"] == 0
     first = next(i for i, t in enumerate(trips) if i and t == trips[i - 1])
     assert trips[first:] == [trips[first]] * (len(trips) - first), trips   # no more asks
