@@ -81,6 +81,7 @@ class LocalExperts:
 
     def __init__(self, weights, companion: str | None = None, thresholds: Thresholds | None = None):
         self.thresholds = thresholds or Thresholds()
+        self.weights = weights       # kept: bases point into its mmap
         self.sources = {HIGH: gguf_experts(weights)}
         self.bases = {HIGH: weights.reader.data.ctypes.data}
         if companion:
