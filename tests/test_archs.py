@@ -256,7 +256,10 @@ def test_convert_then_mixed_precision_through_daemon(synth, tmp_path, arch):
     kld, agree, m = mixed_precision_vs_high(path, tmp_path, "Q4_0")
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.05, f"mean KLD {kld:.4f}"
-    assert agree >= 0.8, f"top-1 agreement {agree:.2f}"
+    # KLD is the bound; top-1 agreement over 16 steps only catches gross errors: on random
+    # weights the greedy choice is often near a tie, and which experts load low depends on
+    # prefetch timing (smallthinker: 0.75-0.94 over six runs at KLD 0.0008-0.0015)
+    assert agree >= 0.6, f"top-1 agreement {agree:.2f}"
 
 
 # The architectures of issue #19, each at both sizes in both file types people have: uniform
