@@ -463,10 +463,10 @@ class Model:
                 kv_inputs[swa] = (inp("kv_idx" + sfx, ggml.I64, (T,)), inp("mask" + sfx, ggml.F16, (n, T)), n)
             return kv_inputs[swa]
 
+        attention = self._attention_mla if a.kv_lora_rank else self._attention
         for il in blocks:
             p = f"blk.{il}."
             block_in = x
-            attention = self._attention_mla if a.kv_lora_rank else self._attention
             att = attention(c, self._norm(c, x, p + "attn_norm"), il, pos, *kv(il), T)
             if il == L - 1 and not all_logits:
                 # only the last token's logits are wanted: drop the other rows early

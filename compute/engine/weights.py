@@ -354,7 +354,8 @@ def read_args(file: GGUFFile) -> ModelArgs:
         log_mul = f32(float(k("rope.scaling.yarn_log_multiplier", default=0.0, required=False) or 0.0)) / f32(0.1)
         ln = f32(np.log(f32(1.0) / f32(freq_scale)))
         if yarn and log_mul:
-            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * f32(np.log(f32(factor))))                 * f32(k("rope.scaling.attn_factor", default=1.0))
+            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * f32(np.log(f32(factor)))) \
+                * f32(k("rope.scaling.attn_factor", default=1.0))
         mscale = f32(attn_factor) * (f32(1.0) + f32(0.1) * ln) * (f32(1.0) + f32(0.1) * log_mul * ln)
         attention_scale = float(f32(1.0) * mscale * mscale / f32(np.sqrt(f32(mla_k))))
     qk_norm = spec.qk_norm
