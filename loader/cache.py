@@ -103,7 +103,7 @@ class ExpertCache:
     def _place(self, plan: list, shm: Segment, control: ControlBlock | None) -> None:
         for name, precision, fmt, offset, n in plan:
             mo = self.models[name]
-            region = mo.regions[precision] = Region(name, precision, fmt, offset, n, shm)
+            region = mo.regions[precision] = Region(name, precision, fmt, offset, n, shm, mo.n_expert)
             if control is not None:
                 at = control.layout["regions"][name, precision]
                 region.shared = SharedSlots(control, at["directory"], at["first_slot"],

@@ -46,8 +46,9 @@ class Region:
     shrink(). `segment`: the Segment they live in (None: bookkeeping only, no memory)."""
 
     def __init__(self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int,
-                 segment=None):
+                 segment=None, n_expert: int = 0):
         self.model, self.precision, self.format = model, precision, fmt
+        self.n_expert = n_expert             # > 0: an expert's home slot is layer*E + expert
         self.offset, self.n_slots, self.segment = offset, n_slots, segment
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
@@ -63,7 +64,7 @@ class Region:
         evictable ones; for a demand load, when nothing else is, one a hint protects (a
         prediction must never make a request wait). None when every slot is pinned or
         loading."""
-        slot = self.free.pop() if self.free else None
+        slot = self._empty(key)
         if slot is None:
             live = self.slots[:self.n_slots]
             slot = self._victim([s for s in live if s.evictable], policy)
@@ -78,6 +79,20 @@ class Region:
         policy.reset(slot)
         self.by_key[key] = slot
         return slot
+
+    def _empty(self, key: tuple) -> Slot | None:
+        """An empty slot, the key's home (layer * n_expert + expert, modulo the slots) when
+        that one is: a cache that holds the whole model then keeps each layer's experts side
+        by side in expert order, as the file does, and a one-graph forward computes a layer
+        on a view of just its slots (ggml's mul_mat_id does bookkeeping per slot viewed)."""
+        if not self.free:
+            return None
+        if self.n_expert and self.n_slots:
+            home = self.slots[(key[0] * self.n_expert + key[1]) % self.n_slots]
+            if home.state == "free":
+                self.free.remove(home)
+                return home
+        return self.free.pop()
 
     def _victim(self, candidates: list, policy) -> Slot | None:
         if candidates and self.shared is not None:

@@ -131,6 +131,18 @@ async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
 
 
 @in_loop
+async def test_a_cache_that_holds_the_model_keeps_each_expert_in_its_home_slot(model, tmp_path):
+    """Slot layer * E + expert, whatever order the experts are asked for in: each layer's
+    experts lie side by side in expert order, as in the file, and a one-graph forward
+    views just a layer's slots (compute/engine/model.py, Model._point_pool)."""
+    with cache_of(copy_model(model, tmp_path), slots=8) as (cache, mo):
+        for layer, experts in ((1, [3, 0]), (0, [2]), (1, [1, 2]), (0, [0, 3, 1])):
+            release(cache, mo, await acquire(cache, mo, layer, experts))
+        got = {s.key: s.index for s in mo.regions[HIGH].slots}
+        assert got == {(layer, e): layer * 4 + e for layer in range(2) for e in range(4)}
+
+
+@in_loop
 async def test_a_request_that_waits_for_slots_holds_none_meanwhile(model, tmp_path):
     """All or nothing: a request finding too few slots does not sit on the ones it could
     take while it waits (two such requests would wait for each other until cache_full);

@@ -197,11 +197,22 @@ class Model:
                                              self.slot_table[m].ctypes.data)
                             for m, il in enumerate(a.moe_layers)]
 
-    def _point_pool(self, layer: int) -> None:
-        """Point the pool views of MoE layer `layer` at the provider's slots."""
+    def _point_pool(self, layer: int, spans: dict | None = None) -> None:
+        """Point the pool views of MoE layer `layer` at the provider's slots: per precision
+        the slots spans[precision] = (first, count) (the expert ids fed are then relative to
+        first), else all of them. ggml's mul_mat_id does bookkeeping per slot it views:
+        every slot viewed for every layer cost ~10 % of a decode step on the default model."""
         for prec, layers in self.pool.items():
-            for t, base in zip(layers[layer], self.experts.part_bases(prec, layer)):
-                t.contents.data = base
+            first, count = (spans or {}).get(prec, (0, self.experts.regions[prec]["n_slots"]))
+            shapes = self.experts.regions[prec]["format"].shapes
+            strides = self.experts.part_strides(prec, layer)
+            for t, base, stride, shape in zip(layers[layer], self.experts.part_bases(prec, layer),
+                                              strides, shapes):
+                t.contents.data = base + first * stride
+                dim = len(shape)                  # the slot dimension
+                t.contents.ne[dim] = count
+                for d in range(dim + 1, ggml.MAX_DIMS):
+                    t.contents.nb[d] = stride * count
 
     # ---- public -------------------------------------------------------------------------
 
@@ -265,9 +276,10 @@ class Model:
             # and every core: hobbitd has nothing to do for this forward
             self._set_threads(self.opts.n_threads or ggml.physical_cores())
             if table is not self._resident_table:    # new pins (a new hobbitd): re-point
-                np.copyto(self.slot_table, table)
                 for m in range(self.args.n_moe_layer):
-                    self._point_pool(m)
+                    first = int(table[m].min())      # a layer's slots, usually side by side
+                    self.slot_table[m] = table[m] - first
+                    self._point_pool(m, {HIGH: (first, int(table[m].max()) - first + 1)})
                 self._resident_table = table
         plan = self._plan(T, N, all_logits, resident=table is not None)
         if self.experts is None or table is not None:
@@ -328,11 +340,12 @@ class Model:
         """Segment by segment; between them, route and fetch the experts of one MoE
         layer (m: its index among the MoE layers, as the provider numbers them)."""
         a, provider = self.args, self.experts
-        held, variant = [], None
+        held, variant, spans = [], None, None
+        self._resident_table = None      # the views are re-pointed below
         try:
             for m, variants in enumerate(plan):
                 if m > 0:
-                    self._point_pool(m - 1)
+                    self._point_pool(m - 1, spans)
                 out = self._run(variants(variant), feed)
                 provider.release(held)          # the previous layer's experts are done with
                 held = []
@@ -354,7 +367,8 @@ class Model:
                 if self.opts.lookahead > 0 and m + 1 < a.n_moe_layer:
                     self._hint(m, out["h"])
                 pairs = provider.fetch_pairs(m, sel, scores, dict(zip(wanted, held)))
-                feed = {**feed, "x": out["x"], **_expert_inputs(sel, w, pairs)}
+                inputs, spans = _expert_inputs(sel, w, pairs)
+                feed = {**feed, "x": out["x"], **inputs}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
             provider.release(held)
@@ -674,12 +688,13 @@ def _wanted(sel: np.ndarray, scores: np.ndarray) -> tuple[list, list]:
     return wanted.tolist(), [float(scores[sel == e].min()) for e in wanted]
 
 
-def _expert_inputs(sel, w, pairs) -> dict:
-    """Per precision: ids [K, T'] (slot indices) and weights [1, K, T'] for the segment,
-    from pairs[t][k] = (precision, index) or None (skipped) of token t's k-th expert.
+def _expert_inputs(sel, w, pairs) -> tuple[dict, dict]:
+    """Per precision: ids [K, T'] and weights [1, K, T'] for the segment, from pairs[t][k]
+    = (precision, slot index) or None (skipped) of token t's k-th expert; and the spans
+    {precision: (first slot, count)} the ids are relative to (Model._point_pool).
     An expert used in the other precision or skipped contributes weight 0 here; its id
     repeats an index already read for that token or batch, so no extra weights are read."""
-    out = {}
+    out, spans = {}, {}
     for prec in ("high", "low"):
         ids = np.zeros(sel.shape, np.int32)
         wts = np.zeros(sel.shape, np.float32)
@@ -694,8 +709,11 @@ def _expert_inputs(sel, w, pairs) -> dict:
             for t in range(sel.shape[0]):
                 row = ids[t][mine[t]]
                 ids[t][~mine[t]] = row[0] if row.size else fill
+            first = int(ids.min())
+            spans[prec] = (first, int(ids.max()) - first + 1)
+            ids -= first
         out[f"ids_{prec}"], out[f"w_{prec}"], out[f"has_{prec}"] = ids, wts, present
-    return out
+    return out, spans
 
 
 class PrefetchStats:
