@@ -485,8 +485,9 @@ class Daemon:
         s.replied_at = time.monotonic()
 
     def _on_hint(self, s: Session, msg: dict) -> None:
-        """Prefetch for a client's lookahead (ExpertCache.hint); its compute time between
-        requests sets the budget."""
+        """Prefetch for a client's lookahead (ExpertCache.hint); the budget is the compute
+        time the client says comes before its next request, else its measured time between
+        requests (decode steps only: a prompt's pauses exceed GAP_MAX_S)."""
         try:
             mo = self.cache.model(msg["model"])
             mo.check(msg["layer"], [])
@@ -494,7 +495,9 @@ class Daemon:
                 mo.check(layer, experts)
         except RequestError as e:
             return self._error(s.ident, e.code, f"HINT: {e}")
-        self.cache.hint(s.sid, mo, msg["layers"], msg["experts"], msg["scores"], s.gap_s)
+        compute_s = msg.get("compute_s")
+        self.cache.hint(s.sid, mo, msg["layers"], msg["experts"], msg["scores"],
+                        s.gap_s if compute_s is None else float(compute_s))
 
     def _on_release(self, s: Session, msg: dict) -> None:
         mo = self.models.get(msg["model"])

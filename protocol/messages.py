@@ -9,7 +9,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s, control (opt.: {shm, size, rows_offset, n_slots, row}: the control block and this client's pin row; absent or row None: ask for every expert) | — |
 | REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts), release, hits (opt.: as RELEASE's slots and HITS's hits, applied first) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert: None = skipped by the precision rule] (pinned for the client) | — |
-| HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first), release, hits, seq, token, tokens (opt., as REQUEST's, applied first) | none |
+| HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first), compute_s (opt.: the client's seconds of compute before its next request), release, hits, seq, token, tokens (opt., as REQUEST's, applied first) | none |
 | RELEASE | client→daemon | model, slots [[precision, index]] | none |
 | STATS | client→daemon | — | STATS_REPLY |
 | STATS_REPLY | daemon→client | stats {...} | — |
@@ -136,6 +136,9 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
                 or not all(isinstance(s, list) and _numbers(s) and len(s) == len(e)
                            for e, s in zip(rows[1], rows[2])):
             raise ProtocolError("malformed", "HINT: layers, experts and scores must line up")
+        c = msg.get("compute_s")
+        if c is not None and not (_numbers([c]) and 0 <= c < float("inf")):
+            raise ProtocolError("malformed", "HINT: compute_s must be a number of seconds >= 0")
         return cmd, msg
     if "experts" in msg and not (isinstance(msg["experts"], list) and _ints(msg["experts"])):
         raise ProtocolError("malformed", f"{cmd.name}: experts must be integers")

@@ -155,7 +155,9 @@ def test_hint_is_validated_and_not_answered(daemon, client):
                       (dict(layer=1, layers=[9], experts=[[0]], scores=[[1]]), "bad_request"),
                       (dict(layer=1, layers=[2], experts=[[8]], scores=[[1]]), "bad_request"),
                       (dict(layer=1, layers=[2], experts=[[0]]), "malformed"),
-                      (dict(layer=1, layers=[2], experts=[0], scores=[1]), "malformed")]:
+                      (dict(layer=1, layers=[2], experts=[0], scores=[1]), "malformed"),
+                      (dict(layer=1, layers=[2], experts=[[0]], scores=[[1]], compute_s=-1), "malformed"),
+                      (dict(layer=1, layers=[2], experts=[[0]], scores=[[1]], compute_s="1"), "malformed")]:
         cmd, msg = call(client, m.Cmd.HINT, model=daemon.model, **bad)
         assert (cmd, msg["code"]) == (m.Cmd.ERROR, code), (bad, msg)
     cmd, msg = call(client, m.Cmd.HINT, model="nope", layer=0, layers=[], experts=[], scores=[])

@@ -175,11 +175,13 @@ def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
         s.close(linger=0)
 
 
-@pytest.mark.parametrize("budget", [True, False])
-def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth, tmp_path, budget):
+@pytest.mark.parametrize("budget, compute_s", [(True, None), (False, None), (True, 10.0)])
+def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth, tmp_path, budget,
+                                                                           compute_s):
     """A client that asks for its next layer at once leaves no compute time to hide reads
     in: of eight predicted misses (1.7 MB each) only the most important few are prefetched,
-    at least one; with the budget off, all eight."""
+    at least one; with the budget off, all eight; and all eight when the hint says a long
+    compute comes first (a prompt's next layer: its pauses are not measured as compute)."""
     import os
     import time
 
@@ -194,14 +196,15 @@ def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth
         name = os.path.basename(path)[:-len(".gguf")]
         release(s, name, request(s, name, 0, [0, 1]))            # misses: the read rate
         release(s, name, request(s, name, 1, [0, 1], rid=2))     # at once: no compute time
+        timed = {} if compute_s is None else {"compute_s": compute_s}
         send(s, m.Cmd.HINT, model=name, layer=1, layers=[2], experts=[list(range(8))],
-             scores=[[0.0] * 8])
+             scores=[[0.0] * 8], **timed)
         for _ in range(100):
             st = stats(s)["models"][name]
             if st["prefetched"] and st["regions"]["high"]["loading"] == 0:
                 break
             time.sleep(0.05)
-        if budget:
+        if budget and compute_s is None:
             assert 1 <= st["prefetched"] < 8, st
         else:
             assert st["prefetched"] == 8, st

@@ -477,16 +477,19 @@ class ExpertClient:
             except zmq.ZMQError:
                 pass      # the daemon is gone: nothing of this matters to a new one
 
-    def hint(self, layer: int, predictions) -> None:
+    def hint(self, layer: int, predictions, compute_s: float | None = None) -> None:
         """Lookahead from `layer`: predictions [(target layer, experts, scores)], nearest
-        first. No answer; the daemon prefetches up to the first predicted miss. Not sent
-        when the directory holds every predicted expert: hobbitd would find nothing to do."""
+        first; compute_s: our seconds of compute before the next request (the daemon's
+        prefetch budget). No answer; the daemon prefetches up to the first predicted miss.
+        Not sent when the directory holds every predicted expert: nothing to do there."""
         if not predictions or all(self._cached(t, ex, sc) is not None for t, ex, sc in predictions):
             return
+        timed = {} if compute_s is None else {"compute_s": float(compute_s)}
         self._send(m.Cmd.HINT, model=self.model, layer=int(layer),
                    layers=[int(t) for t, _, _ in predictions],
                    experts=[[int(e) for e in ex] for _, ex, _ in predictions],
-                   scores=[[float(x) for x in sc] for _, _, sc in predictions], **self._batched())
+                   scores=[[float(x) for x in sc] for _, _, sc in predictions], **timed,
+                   **self._batched())
 
     def holds(self, first: int, last: int) -> bool:
         """The directory holds every expert of layers [first, last) in high precision (low

@@ -59,8 +59,10 @@ class ExpertProvider(Protocol):
     def flush(self) -> None:
         """The forward is over: send whatever the provider batched (no answer)."""
 
-    def hint(self, layer: int, predictions) -> None:
-        """predictions [(target layer, experts, scores)], nearest first; no answer."""
+    def hint(self, layer: int, predictions, compute_s: float | None = None) -> None:
+        """predictions [(target layer, experts, scores)], nearest first; no answer.
+        compute_s: about how long the client computes before its next request (seconds),
+        what a prefetch can hide behind."""
 
     def holds(self, first: int, last: int) -> bool:
         """Every expert of layers [first, last) is where a fetch finds it without asking:
@@ -121,7 +123,7 @@ class LocalExperts:
     def flush(self) -> None:
         pass
 
-    def hint(self, layer: int, predictions) -> None:
+    def hint(self, layer: int, predictions, compute_s: float | None = None) -> None:
         pass
 
     def holds(self, first: int, last: int) -> bool:

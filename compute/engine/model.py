@@ -105,6 +105,7 @@ class Timing:
     """Seconds spent, summed over forwards: computing, and waiting for the daemon."""
     compute_s: float = 0.0
     expert_wait_s: float = 0.0
+    last_graph_s: float = 0.0     # the latest graph alone: the next one of a forward takes about as long
 
 
 class Model:
@@ -330,7 +331,8 @@ class Model:
                 _write(x, feed[name])
         t0 = time.perf_counter()
         status = lib.ggml_backend_graph_compute(self.backend, g.graph)
-        self.timing.compute_s += time.perf_counter() - t0
+        self.timing.last_graph_s = time.perf_counter() - t0
+        self.timing.compute_s += self.timing.last_graph_s
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
         # outputs are [X, T'] in ggml order: (T', X) in numpy
@@ -392,7 +394,8 @@ class Model:
                 experts, best = _wanted(sel[d], scores[d])
                 order = np.argsort(best, kind="stable")
                 preds.append((il + 1 + d, [experts[i] for i in order], [best[i] for i in order]))
-        self.experts.hint(il, preds)
+        # the next segment computes about as long as this one did: hobbitd's prefetch budget
+        self.experts.hint(il, preds, self.timing.last_graph_s)
 
     def _plan(self, T: int, N: int, all_logits: bool, resident: bool = False) -> list[_Graph]:
         key = (T, N, all_logits, resident)
