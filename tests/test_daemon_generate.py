@@ -298,3 +298,57 @@ def test_a_daemon_with_model_folders_opens_a_model_asked_for_by_path(model, refe
             assert r.returncode != 0 and r.stdout == "", r.stdout
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
             assert "not one of hobbitd's models nor inside its model folders" in r.stderr, r.stderr
+
+
+
+def _resident_share(path: str, ranges) -> float:
+    """The share of the pages of `ranges` [(offset, nbytes)] of file `path` in the page
+    cache (mincore)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+        view = np.frombuffer(mm, np.uint8)
+        failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    pages = [p for off, n in ranges
+             for p in range(off // mmap.PAGESIZE, -(-(off + n) // mmap.PAGESIZE))]
+    return sum(vec[p] & 1 for p in pages) / len(pages)
+
+
+def test_a_client_reads_ahead_the_weights_it_computes_with(model, tmp_path):
+    """A Model whose experts come from hobbitd asks the kernel at once to read the tensors it
+    reads itself (attention, routers, embeddings, output) into the page cache, and not the
+    routed experts, which it never reads from the file: a first prompt on a cold page cache
+    finds them in memory instead of faulting them in from flash a few pages at a time."""
+    import shutil
+
+    from hobbit.compute.engine.model import Model, RunOptions
+
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(model, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)                                     # clean pages can be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    w = open_model(path)
+    experts = [(t.offset, t.nbytes) for n, t in w.tensors.items() if "_exps." in n]
+    own = [(t.offset, t.nbytes) for n, t in w.tensors.items() if "_exps." not in n]
+    with run_daemon([path], cache_bytes(path, 1.0), tmp_path) as d:
+        # the page cache was dropped (reading the header read ahead into the first tensor)
+        assert _resident_share(path, own) < 0.9
+        client = ExpertClient(d.socket, path)
+        Model(w, RunOptions(n_ctx=64), experts=client)
+        deadline = time.monotonic() + 10
+        while _resident_share(path, own) < 0.99 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _resident_share(path, own) >= 0.99
+        assert _resident_share(path, experts) < 0.5
+        client.close()

@@ -169,6 +169,11 @@ class Model:
         self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}   # block -> MoE layer
         self.experts = experts
         self.prefetch = PrefetchStats()
+        if experts is not None and experts.remote:
+            # what this process reads itself (attention, routers, embeddings, output): read
+            # ahead now; the routed experts come from hobbitd's slots, never from the file
+            weights.will_need({f"blk.{il}.ffn_{p}_exps.{k}" for il in a.moe_layers
+                               for p in PARTS for k in ("weight", "bias")})
         if experts is not None:
             # Per precision, layer and part: every slot of that precision as one stacked
             # tensor [.., .., S] (a bias: [.., S]) of that layer's type (quantizer mixes
