@@ -155,6 +155,13 @@ def moe_blocks(file: GGUFFile) -> tuple:
                  if any(f"blk.{il}.{n}" in file.tensors for n in names))
 
 
+def routed_expert_tensors(file: GGUFFile) -> set:
+    """Names of the stacked routed-expert tensors (weights and biases) the file has: what
+    hobbitd serves from its slots and a client never reads from the file."""
+    return {f"blk.{il}.ffn_{p}_exps.{kind}" for il in moe_blocks(file) for p in PARTS
+            for kind in ("weight", "bias")} & set(file.tensors)
+
+
 def gguf_experts(file: GGUFFile) -> ExpertSource:
     """The high-precision experts of an open MoE GGUF, read in place (no copy of the file),
     with their biases where every layer has all three (gpt-oss). Its layer l is block

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...loader.layout import routed_expert_tensors
 from ...loader.precision import HIGH, unimportance
 from ...protocol.errors import InputError
 from . import ggml
@@ -172,8 +173,7 @@ class Model:
         if experts is not None and experts.remote:
             # what this process reads itself (attention, routers, embeddings, output): read
             # ahead now; the routed experts come from hobbitd's slots, never from the file
-            weights.will_need({f"blk.{il}.ffn_{p}_exps.{k}" for il in a.moe_layers
-                               for p in PARTS for k in ("weight", "bias")})
+            weights.will_need(routed_expert_tensors(weights))
         if experts is not None:
             # Per precision, layer and part: every slot of that precision as one stacked
             # tensor [.., .., S] (a bias: [.., S]) of that layer's type (quantizer mixes
