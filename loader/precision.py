@@ -79,6 +79,6 @@ def unimportance(weights: np.ndarray) -> np.ndarray:
     """Scores s for weights of the selected experts (rows: tokens, columns in rank order,
     largest weight first, already normalised): s[:, i] = sum of weights before i."""
     w = np.asarray(weights, dtype=np.float64)
-    total = w.sum(axis=1, keepdims=True)
-    w = w / np.where(total > 0, total, 1.0)
-    return np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w, axis=1)[:, :-1]], axis=1)
+    before = np.cumsum(w, axis=1)
+    total = before[:, -1:]
+    return (before - w) / np.where(total > 0, total, 1.0)

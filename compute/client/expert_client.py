@@ -56,6 +56,15 @@ class _Lost(Exception):
     """The connection to the daemon dropped while waiting for an answer."""
 
 
+class _Pinned(list):
+    """The handles of one layer's hits pinned by ourselves (_pin_cached), with their row
+    indices: release() unpins them in one step."""
+
+    def __init__(self, handles, ids: list, generation: int):
+        super().__init__(handles)
+        self.ids, self.generation = ids, generation
+
+
 class ExpertClient:
     remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
 
@@ -91,6 +100,7 @@ class ExpertClient:
         self._used = None            # [uses, seq, token, forwards] of one-token forwards not yet sent
         self._used_sent = 0.0        # time.monotonic() of the last USED
         self._position = (0, 0, 1)   # (seq, token, n_tokens) of the forward those belong to
+        self._checked = False        # the daemon was found alive during this forward
         self.local_hits = 0          # layers served from the directory, no message
         self.round_trips = 0
         self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
@@ -225,14 +235,19 @@ class ExpertClient:
         precision hobbitd's rule would serve (local handles carry our row's index and the
         session), else asked of hobbitd."""
         self._position = (int(seq), int(token), int(n_tokens))
-        self._check_alive()      # the directory of a dead daemon would still say "cached"
+        if not self._checked:
+            # once per forward (flush() ends one): the directory of a dead daemon would
+            # still say "cached". Within a forward its slots stay mapped and whole (no one
+            # writes them any more), so what we pinned before it died computes right.
+            self._check_alive()
+            self._checked = True
         local = self._pin_cached(layer, experts, scores)
         if local is None:
             return self.request(layer, experts, scores, seq, token, n_tokens)
         self.local_hits += 1
-        self._hits.append([int(layer), [int(e) for e in experts],
+        self._hits.append([int(layer), list(map(int, experts)),
                            [None if h is None else [h[0], h[1]] for h in local],
-                           [float(x) for x in scores]])
+                           list(map(float, scores))])
         return local
 
     def _cached(self, layer: int, experts, scores):
@@ -240,16 +255,20 @@ class ExpertClient:
         precision loader.precision's rule picks (as ModelCache.decide); None if one is not."""
         if self._row is None:
             return None
-        found = {p: d[layer, experts].tolist() for p, d in self._dirs.items()}
+        th = self.thresholds
+        found = {p: d[layer].tolist() for p, d in self._dirs.items()}   # one layer: E entries
         high, low = found.get(HIGH), found.get(LOW)
-        th, out = self.thresholds, []
-        for k, score in enumerate(scores):
-            h = high[k] if high is not None else -1
-            lo = low[k] if low is not None else -1
-            if self.holds_all and not th.low_only:
-                prec, load = HIGH, h < 0
-            else:
-                prec, load = th.choose(float(score), h >= 0, lo >= 0)
+        if high is not None and not th.low_only:
+            hs = [high[e] for e in experts]
+            if min(hs) >= 0:          # the rule's first case: a high copy is used as it is
+                return [(HIGH, i) for i in hs]
+            if self.holds_all:        # hobbitd serves every expert in high precision
+                return None
+        out = []
+        for e, score in zip(experts, scores):
+            h = high[e] if high is not None else -1
+            lo = low[e] if low is not None else -1
+            prec, load = th.choose(float(score), h >= 0, lo >= 0)
             if prec is not SKIP and prec not in self._dirs:
                 return None         # hobbitd falls back to the other precision: ask it
             if load:
@@ -260,21 +279,25 @@ class ExpertClient:
     def _pin_cached(self, layer: int, experts, scores):
         """_cached's handles pinned in our row, or None (nothing pinned). The pin holds only
         if the directory still says the same after it (loader/control.py)."""
-        got = self._cached(layer, experts, np.asarray(scores))
+        got = self._cached(layer, experts, scores)
         if got is None:
             return None
-        ids = [self._first[h[0]] + h[1] for h in got if h is not None]
+        first = self._first
+        ids = [first[h[0]] + h[1] for h in got if h is not None]
         self._row[ids] += 1
-        again = self._cached(layer, experts, scores)
-        if again != got:                  # evicted meanwhile: hobbitd decides
-            self._row[ids] -= 1
+        # every entry we pinned unchanged (a slot freed and refilled with the same expert
+        # has the same key, so the same bytes)
+        now = {p: d[layer].tolist() for p, d in self._dirs.items()}
+        if any(h is not None and now[h[0]][e] != h[1] for e, h in zip(experts, got)):
+            self._row[ids] -= 1       # evicted meanwhile: hobbitd decides
             return None
         gen = self.generation
-        return [None if h is None else (h[0], h[1], self._first[h[0]] + h[1], gen) for h in got]
+        return _Pinned([None if h is None else (h[0], h[1], first[h[0]] + h[1], gen) for h in got],
+                       ids, gen)
 
     def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
         """Each use of an expert gets the one slot hobbitd gave that expert for the batch."""
-        return [[fetched[int(e)] for e in row] for row in sel]
+        return [[fetched[e] for e in row] for row in np.asarray(sel).tolist()]
 
     # ---- requests --------------------------------------------------------------------
 
@@ -453,19 +476,27 @@ class ExpertClient:
         return out
 
     def release(self, slots) -> None:
-        """End the use of fetch()'s handles: ours are unpinned at once, hobbitd's go with
-        the next message (or flush())."""
+        """End the use of one fetch()'s handles: ours are unpinned at once, hobbitd's go
+        with the next message (or flush())."""
+        if isinstance(slots, _Pinned):    # pinned by ourselves, all at once
+            if slots.generation == self.generation and self._row is not None and slots.ids:
+                self._row[slots.ids] -= 1
+            return
+        ours = []
         for h in slots:
             if h is None:
                 continue
             if len(h) == 4:
-                if h[3] == self.generation and self._row is not None:
-                    self._row[h[2]] -= 1
+                if h[3] == self.generation:
+                    ours.append(h[2])
             else:
                 self._release.append([h[0], h[1]])
+        if ours and self._row is not None:
+            self._row[ours] -= 1        # one fetch's experts: distinct slots
 
     def flush(self) -> None:
         """The forward is over: report what is batched (no answer)."""
+        self._checked = False
         try:
             self._send_used()
         except zmq.ZMQError:

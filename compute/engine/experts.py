@@ -34,7 +34,7 @@ class ExpertProvider(Protocol):
     (precision, layer): the bytes from one index to the next, per part; the format's
     types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch() returns, per
     wanted expert, its Handle; fetch_pairs() then gives the Handle of each (token, rank)
-    use; release() ends the use of fetch()'s handles, flush() ends a forward; hint() announces predicted experts of
+    use; release() ends the use of one fetch()'s handles, flush() ends a forward; hint() announces predicted experts of
     coming layers. remote: the experts come from another process (hobbitd), which needs
     CPU time of its own.
     """

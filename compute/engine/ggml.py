@@ -104,10 +104,12 @@ _SIGNATURES = {
     "ggml_add": (T, [CTX, T, T]),
     "ggml_mul": (T, [CTX, T, T]),
     "ggml_div": (T, [CTX, T, T]),
+    "ggml_sub": (T, [CTX, T, T]),
     "ggml_scale": (T, [CTX, T, c_float]),
     "ggml_clamp": (T, [CTX, T, c_float, c_float]),
     "ggml_fill": (T, [CTX, T, c_float]),
     "ggml_sum_rows": (T, [CTX, T]),
+    "ggml_cumsum": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
     "ggml_swiglu_split": (T, [CTX, T, T]),
     "ggml_reglu_split": (T, [CTX, T, T]),
@@ -246,6 +248,25 @@ class Context:
 
     def __del__(self) -> None:
         self.free()
+
+
+_NUMPY_TYPES = {F32: "float32", F16: "float16", I32: "int32", I64: "int64"}
+
+
+def array(t, shape=None):
+    """A numpy view of contiguous tensor t's data, flat or in `shape` (numpy order: the
+    last axis is ne0). The view does not own the memory: it is valid while the tensor's
+    buffer is (a graph's allocator, a mapping)."""
+    import numpy as np
+
+    x = t.contents
+    dtype = np.dtype(_NUMPY_TYPES[x.type])
+    n = 1
+    for d in range(MAX_DIMS):
+        n *= x.ne[d]
+    buf = (ctypes.c_char * (n * dtype.itemsize)).from_address(x.data)
+    view = np.frombuffer(buf, dtype)
+    return view if shape is None else view.reshape(shape)
 
 
 def physical_cores() -> int:

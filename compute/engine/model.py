@@ -38,7 +38,6 @@ its input tensors are rewritten.
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...loader.layout import routed_expert_tensors
-from ...loader.precision import HIGH, unimportance
+from ...loader.precision import HIGH, LOW, unimportance
 from ...protocol.errors import InputError
 from . import ggml
 from .experts import ExpertProvider
@@ -83,22 +82,27 @@ class _Graph:
     galloc: int = None
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+    # numpy views of the allocated inputs (flat) and outputs ((T', X)): made once, so a
+    # forward's writes and reads are plain numpy copies
+    feeds: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+    def allocate(self, buft) -> None:
+        """Give the graph its activations and make the views. An input no node reads has
+        no memory and no view (positions in a segment whose layers all go without RoPE)."""
+        self.galloc = lib.ggml_gallocr_new(buft)
+        if not lib.ggml_gallocr_alloc_graph(self.galloc, self.graph):
+            raise MemoryError("could not allocate the graph's activations")
+        self.feeds = {name: ggml.array(x) for name, x in self.inputs.items() if x.contents.data}
+        self.results = {name: ggml.array(t, (t.contents.ne[1], t.contents.ne[0]))
+                        for name, t in self.outputs.items()}
 
     def free(self) -> None:
+        self.feeds, self.results = {}, {}
         if self.galloc:
             lib.ggml_gallocr_free(self.galloc)
             self.galloc = None
         self.ctx.free()
-
-
-def _write(tensor, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array)
-    ctypes.memmove(tensor.contents.data, array.ctypes.data, array.nbytes)
-
-
-def _read(tensor, shape, dtype=np.float32) -> np.ndarray:
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(ctypes.string_at(tensor.contents.data, n), dtype=dtype).reshape(shape)
 
 
 @dataclass
@@ -194,6 +198,7 @@ class Model:
                             t.contents.nb[d] = strides[p] * r["n_slots"]
                         views.append(t)
                     self.pool[prec].append(views)
+            self._pointed = {}     # (precision, layer) -> (bases, strides, first, count) viewed now
             self.routers = Routers(weights)      # for the lookahead prediction
             # the provider's slot of each expert, per MoE layer [1, E] i32, for the one-graph
             # forward on resident experts (routing in the graph, then a lookup of the slots)
@@ -206,19 +211,25 @@ class Model:
     def _point_pool(self, layer: int, spans: dict | None = None) -> None:
         """Point the pool views of MoE layer `layer` at the provider's slots: per precision
         the slots spans[precision] = (first, count) (the expert ids fed are then relative to
-        first), else all of them. ggml's mul_mat_id does bookkeeping per slot it views:
-        every slot viewed for every layer cost ~10 % of a decode step on the default model."""
+        first; a precision not in spans is left as it is), else all of them. ggml's
+        mul_mat_id does bookkeeping per slot it views: every slot viewed for every layer
+        cost ~10 % of a decode step on the default model."""
         for prec, layers in self.pool.items():
+            if spans is not None and prec not in spans:
+                continue          # the segment computes nothing in that precision
             first, count = (spans or {}).get(prec, (0, self.experts.regions[prec]["n_slots"]))
-            shapes = self.experts.regions[prec]["format"].shapes
+            bases = self.experts.part_bases(prec, layer)
             strides = self.experts.part_strides(prec, layer)
-            for t, base, stride, shape in zip(layers[layer], self.experts.part_bases(prec, layer),
-                                              strides, shapes):
+            if self._pointed.get((prec, layer)) == (bases, strides, first, count):
+                continue
+            shapes = self.experts.regions[prec]["format"].shapes
+            for t, base, stride, shape in zip(layers[layer], bases, strides, shapes):
                 t.contents.data = base + first * stride
                 dim = len(shape)                  # the slot dimension
                 t.contents.ne[dim] = count
                 for d in range(dim + 1, ggml.MAX_DIMS):
                     t.contents.nb[d] = stride * count
+            self._pointed[prec, layer] = (bases, strides, first, count)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -329,19 +340,17 @@ class Model:
         return held
 
     def _run(self, g: _Graph, feed: dict) -> dict:
-        for name, x in g.inputs.items():
-            # an input no node reads has no memory (positions in a segment whose layers
-            # all go without RoPE)
-            if name in feed and x.contents.data:
-                _write(x, feed[name])
+        for name, view in g.feeds.items():
+            if name in feed:
+                view[:] = np.ravel(feed[name])
         t0 = time.perf_counter()
         status = lib.ggml_backend_graph_compute(self.backend, g.graph)
         self.timing.last_graph_s = time.perf_counter() - t0
         self.timing.compute_s += self.timing.last_graph_s
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
-        # outputs are [X, T'] in ggml order: (T', X) in numpy
-        return {name: _read(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in g.outputs.items()}
+        # copies: the graph's memory is rewritten by its next compute
+        return {name: view.copy() for name, view in g.results.items()}
 
     def _run_segments(self, plan: list, feed: dict) -> np.ndarray:
         """Segment by segment; between them, route and fetch the experts of one MoE
@@ -358,10 +367,7 @@ class Model:
                 held = []
                 if m == a.n_moe_layer:
                     return out["logits"]
-                probs = out["probs"]                                          # (T', E)
-                sel, w, scores = route(probs, a.routing, self.routers.selection[m])  # (T', K) each
-                if "topk_w" in out:   # softmax over the top K, ggml's own to the bit
-                    w = out["topk_w"]
+                sel, w, scores = out["sel"], out["w"], out["scores"]        # (T', K) each
                 self.prefetch.observe(m, sel)
                 wanted, best = _wanted(sel, scores)
                 t0 = time.perf_counter()
@@ -374,7 +380,7 @@ class Model:
                 if self.opts.lookahead > 0 and m + 1 < a.n_moe_layer:
                     self._hint(m, out["h"])
                 pairs = provider.fetch_pairs(m, sel, scores, dict(zip(wanted, held)))
-                inputs, spans = _expert_inputs(sel, w, pairs)
+                inputs, spans = _expert_inputs(sel, w, pairs, a.n_expert)
                 feed = {**feed, "x": out["x"], **inputs}
                 variant = (feed["has_high"], feed["has_low"])
         finally:
@@ -506,11 +512,13 @@ class Model:
                 # the lookahead predicts the next layers' routers from: the residual stream
                 # where they read the block's input, else (as trained) the normed FFN input
                 out("h", x if a.router_first else h)
+                # routed here as moe_ffn routes in one graph: only ids and weights come back
                 probs = router(c, r_in, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
                                a.routing)
-                out("probs", probs)
-                if a.routing.gating == "softmax_weight":
-                    out("topk_w", topk_weights(c, probs, a.routing)[1])
+                sel, w = topk_weights(c, probs, a.routing, self.t.get(p + "exp_probs_b.bias"))
+                out("sel", lib.ggml_cont(c, sel))      # a view of the argsort: made whole
+                out("w", w)
+                out("scores", unimportance_scores(c, w))
                 break
             if m is not None:
                 if resident:     # the provider's slots, looked up through slot_table
@@ -536,10 +544,11 @@ class Model:
             logits = self._linear(c, "output", x)                            # [V, T']
             out("logits", self._scaled(c, logits, 1.0 / a.logit_scale if a.logit_scale else 0.0))
 
-        g.galloc = lib.ggml_gallocr_new(self.buft)
-        if not lib.ggml_gallocr_alloc_graph(g.galloc, g.graph):
+        try:
+            g.allocate(self.buft)
+        except MemoryError:
             g.free()
-            raise MemoryError(f"could not allocate activations for a {T}-token graph")
+            raise MemoryError(f"could not allocate activations for a {T}-token graph") from None
         return g
 
     @staticmethod
@@ -690,37 +699,45 @@ def _wanted(sel: np.ndarray, scores: np.ndarray) -> tuple[list, list]:
     """The distinct experts of a routing sel (T', K), ascending, and each one's most
     important (lowest) score."""
     if sel.shape[0] == 1:         # one token: its experts are distinct already
-        order = np.argsort(sel[0])
-        return sel[0][order].tolist(), scores[0][order].tolist()
+        pairs = sorted(zip(sel[0].tolist(), scores[0].tolist()))
+        return [e for e, _ in pairs], [s for _, s in pairs]
     wanted = np.unique(sel)
     return wanted.tolist(), [float(scores[sel == e].min()) for e in wanted]
 
 
-def _expert_inputs(sel, w, pairs) -> tuple[dict, dict]:
+def _expert_inputs(sel, w, pairs, block: int) -> tuple[dict, dict]:
     """Per precision: ids [K, T'] and weights [1, K, T'] for the segment, from pairs[t][k]
     = (precision, slot index) or None (skipped) of token t's k-th expert; and the spans
-    {precision: (first slot, count)} the ids are relative to (Model._point_pool).
+    {precision: (first slot, count)} the ids are relative to (Model._point_pool): the
+    aligned `block` of slots that holds them all where one does (hobbitd's home slots,
+    block = E: a layer's view stays the same token after token), else just theirs.
     An expert used in the other precision or skipped contributes weight 0 here; its id
     repeats an index already read for that token or batch, so no extra weights are read."""
+    wl = w.tolist()
     out, spans = {}, {}
-    for prec in ("high", "low"):
-        ids = np.zeros(sel.shape, np.int32)
-        wts = np.zeros(sel.shape, np.float32)
-        mine = np.zeros(sel.shape, bool)
-        for t, row in enumerate(pairs):
-            for k, hd in enumerate(row):
-                if hd is not None and hd[0] == prec:
-                    ids[t, k], wts[t, k], mine[t, k] = hd[1], w[t, k], True
-        present = bool(mine.any())
-        if present:
-            fill = ids[mine][0]
-            for t in range(sel.shape[0]):
-                row = ids[t][mine[t]]
-                ids[t][~mine[t]] = row[0] if row.size else fill
-            first = int(ids.min())
-            spans[prec] = (first, int(ids.max()) - first + 1)
-            ids -= first
-        out[f"ids_{prec}"], out[f"w_{prec}"], out[f"has_{prec}"] = ids, wts, present
+    used = {hd[0] for row in pairs for hd in row if hd is not None}
+    for prec in (HIGH, LOW):
+        if prec not in used:
+            out[f"ids_{prec}"], out[f"has_{prec}"] = np.zeros(sel.shape, np.int32), False
+            out[f"w_{prec}"] = np.zeros(sel.shape, np.float32)
+            continue
+        ids, wts, fill = [], [], None
+        for row, ws in zip(pairs, wl):
+            own = [hd[1] if hd is not None and hd[0] == prec else None for hd in row]
+            first = next((i for i in own if i is not None), None)
+            if fill is None:
+                fill = first
+            ids.append([first if i is None else i for i in own])
+            wts.append([x if i is not None else 0.0 for i, x in zip(own, ws)])
+        # rows with no own use repeat the batch's first own index
+        ids = [[fill if i is None else i for i in row] for row in ids]
+        lo, hi = min(map(min, ids)), max(map(max, ids))
+        if hi - lo + 1 <= block and lo // block == hi // block:
+            lo, hi = lo - lo % block, lo - lo % block + block - 1
+        spans[prec] = (lo, hi - lo + 1)
+        out[f"ids_{prec}"] = np.array([[i - lo for i in row] for row in ids], np.int32)
+        out[f"w_{prec}"] = np.array(wts, np.float32)
+        out[f"has_{prec}"] = True
     return out, spans
 
 
@@ -896,6 +913,14 @@ def topk_weights(c, probs, routing: Routing, selection_bias=None):
     if routing.scale and routing.scale != 1.0:
         w = lib.ggml_scale(c, w, routing.scale)
     return sel, w
+
+
+def unimportance_scores(c, w):
+    """HOBBIT's unimportance scores [K, T] of the top-K weights w [K, T] (rank order) in
+    the graph, as loader.precision.unimportance computes them: the share of the token's
+    chosen weight ranked above each expert (0 for the first), whatever w's scale."""
+    total = lib.ggml_clamp(c, lib.ggml_sum_rows(c, w), 6.103515625e-5, float("inf"))  # [1, T]
+    return lib.ggml_div(c, lib.ggml_sub(c, lib.ggml_cumsum(c, w), w), total)
 
 
 def group_mask(c, choose, routing: Routing):
