@@ -142,6 +142,8 @@ def test_bench_fit_runs_every_engine_side_by_side(synth):
     assert one["wait"] == 0 and one["compute"] > 0
     assert per["compute"] > 0 and per["wait"] >= 0 and per["client_other"] > 0 and per["daemon_cpu"] >= 0
     assert r["engines"]["llamacpp"]["decode_ratio"] == 1.0
+    assert r["hit_path_ms_per_layer"] == pytest.approx(
+        (per["wait"] + per["client_other"] - one["wait"] - one["client_other"]) / r["n_moe_layer"])
 
 
 def test_bench_soak_loses_nothing(synth):

@@ -119,7 +119,14 @@ def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
     # per layer, what asking hobbitd costs over computing in one graph
     per_layer_ms = ((med["per_layer"]["decode_s"] - med["resident"]["decode_s"]) / n_decode
                     * 1e3 / a.n_layer)
+    # the hit path alone: the per-layer forward's time outside compute (pinning, routing
+    # inputs, ggml calls per segment) over the one graph's, per MoE layer; compute differs
+    # by its thread count besides (one core fewer while hobbitd may be reading)
+    split = {e: out[e]["ms_per_token"] for e in ("resident", "per_layer")}
+    outside = {e: s["wait"] + s["client_other"] for e, s in split.items()}
+    hit_path_ms = (outside["per_layer"] - outside["resident"]) / a.n_moe_layer
     return {"model": os.path.abspath(model), "n_layer": a.n_layer, "n_expert": a.n_expert,
+            "n_moe_layer": a.n_moe_layer, "hit_path_ms_per_layer": hit_path_ms,
             "top_k": a.n_expert_used, "cache_bytes": cache, "threads": n,
             "prompt_tokens": prompt_tokens, "n_decode": n_decode, "repeat": repeat,
             "loadavg_1m": os.getloadavg()[0], "engines": out, "rounds": rounds,
@@ -146,8 +153,8 @@ def print_table(r: dict) -> None:
                  + ("-" if d is None else f"{d:.2f}"))
         print(f"  {LABELS[e]:<20} {row['decode_tok_s']:12.1f} {row['decode_ratio']:10.2f}x "
               f"{row['prefill_tok_s']:13.1f} {row['prefill_ratio']:5.2f}x  {str(row['tokens_match']).lower():<11}  {s}")
-    print(f"  asking hobbitd per layer costs {r['per_layer_request_ms']:.3f} ms per layer per token "
-          "over the one-graph forward")
+    print(f"  per layer over the one graph: {r['per_layer_request_ms']:.3f} ms per layer per token "
+          f"in all; outside compute (the hit path) {r['hit_path_ms_per_layer']:.3f} ms per MoE layer")
 
 
 def add_parser(kinds, add_output_options, report) -> None:
