@@ -27,10 +27,11 @@ Two ways to run, one set of layer functions:
 - with an expert provider (ExpertClient: hobbitd's shared memory; LocalExperts: the
   model's own files in two precisions): the forward is cut into segments at each router.
   Segment m runs MoE layer m-1's experts, the dense blocks after it, and MoE layer m's
-  attention and router; between segments
-  Python picks the experts, scores their importance, fetches them (each in the precision
-  the provider chose, or skipped), hints the coming layers' predicted experts, and
-  releases the previous layer's experts.
+  attention and router, routed in the graph as in one graph: it hands back only the
+  top-K ids, their weights and unimportance scores, and the lookahead's prediction of
+  the next layers (their routers on this layer's input). Between segments Python fetches
+  the experts (each in the precision the provider chose, or skipped), hints the coming
+  layers' predicted experts, and releases the previous layer's experts.
 
 An expert provider is an ExpertProvider (engine/experts.py).
 A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
@@ -199,7 +200,6 @@ class Model:
                         views.append(t)
                     self.pool[prec].append(views)
             self._pointed = {}     # (precision, layer) -> (bases, strides, first, count) viewed now
-            self.routers = Routers(weights)      # for the lookahead prediction
             # the provider's slot of each expert, per MoE layer [1, E] i32, for the one-graph
             # forward on resident experts (routing in the graph, then a lookup of the slots)
             self.slot_table = np.zeros((a.n_moe_layer, a.n_expert), np.int32)
@@ -342,7 +342,7 @@ class Model:
     def _run(self, g: _Graph, feed: dict) -> dict:
         for name, view in g.feeds.items():
             if name in feed:
-                view[:] = np.ravel(feed[name])
+                view[:] = feed[name].ravel()
         t0 = time.perf_counter()
         status = lib.ggml_backend_graph_compute(self.backend, g.graph)
         self.timing.last_graph_s = time.perf_counter() - t0
@@ -378,7 +378,7 @@ class Model:
                 # after the demand (never ahead of it): the coming layers' reads overlap
                 # with this layer's compute (in a prompt too: the next layer streams in)
                 if self.opts.lookahead > 0 and m + 1 < a.n_moe_layer:
-                    self._hint(m, out["h"])
+                    self._hint(m, out)
                 pairs = provider.fetch_pairs(m, sel, scores, dict(zip(wanted, held)))
                 inputs, spans = _expert_inputs(sel, w, pairs, a.n_expert)
                 feed = {**feed, "x": out["x"], **inputs}
@@ -387,24 +387,24 @@ class Model:
             provider.release(held)
             provider.flush()
 
-    def _hint(self, il: int, h: np.ndarray) -> None:
-        """Predict MoE layers il+1..il+p from MoE layer il's gate input h (T', D) (one
-        stacked matmul) and hint them; the daemon walks them and prefetches at the first
-        predicted miss. Several tokens (a prompt): each layer's prediction is every expert
-        some token is predicted to use, at its most important use."""
+    def _hint(self, il: int, out: dict) -> None:
+        """Hint MoE layers il+1..il+p as MoE layer il's segment predicted them (its outputs
+        ahead_sel.d, ahead_scores.d (T', K)); the daemon walks them and prefetches at the
+        first predicted miss. Several tokens (a prompt): each layer's prediction is every
+        expert some token is predicted to use, at its most important use."""
         last = min(self.args.n_moe_layer, il + 1 + self.opts.lookahead)
         if self.experts.holds(il + 1, last):   # cached already (most of a model that fits)
             return
-        sel, _, scores = self.routers.route(h, il + 1, last)                 # (p, T', K)
-        if h.shape[0] == 1:
-            preds = [(il + 1 + d, sel[d, 0].tolist(), scores[d, 0].tolist()) for d in range(len(sel))]
+        ahead = [(il + d, out[f"ahead_sel.{d}"], out[f"ahead_scores.{d}"]) for d in range(1, last - il)]
+        if ahead[0][1].shape[0] == 1:
+            preds = [(t, sel[0].tolist(), scores[0].tolist()) for t, sel, scores in ahead]
             self.prefetch.predict(il, preds)
         else:     # most important first: hobbitd prefetches in that order, within a budget
             preds = []
-            for d in range(len(sel)):
-                experts, best = _wanted(sel[d], scores[d])
+            for t, sel, scores in ahead:
+                experts, best = _wanted(sel, scores)
                 order = np.argsort(best, kind="stable")
-                preds.append((il + 1 + d, [experts[i] for i in order], [best[i] for i in order]))
+                preds.append((t, [experts[i] for i in order], [best[i] for i in order]))
         # the next segment computes about as long as this one did: hobbitd's prefetch budget
         self.experts.hint(il, preds, self.timing.last_graph_s)
 
@@ -509,16 +509,18 @@ class Model:
                 out(f"router_in.{il}", r_in)
             if segment is not None and m == segment:   # stop at the router: Python fetches the experts
                 out("x", x)
-                # the lookahead predicts the next layers' routers from: the residual stream
-                # where they read the block's input, else (as trained) the normed FFN input
-                out("h", x if a.router_first else h)
                 # routed here as moe_ffn routes in one graph: only ids and weights come back
-                probs = router(c, r_in, W(p + "ffn_gate_inp.weight"), self.t.get(p + "ffn_gate_inp.bias"),
-                               a.routing)
-                sel, w = topk_weights(c, probs, a.routing, self.t.get(p + "exp_probs_b.bias"))
-                out("sel", lib.ggml_cont(c, sel))      # a view of the argsort: made whole
+                sel, w, scores = self._route(c, r_in, m)
+                out("sel", sel)
                 out("w", w)
-                out("scores", unimportance_scores(c, w))
+                out("scores", scores)
+                # the lookahead: the next layers' routers on this layer's input, the
+                # residual stream where they read the block's input, else (as trained) the
+                # normed FFN input
+                for d in range(1, min(self.opts.lookahead, M - 1 - m) + 1):
+                    sel, _, scores = self._route(c, x if a.router_first else h, m + d)
+                    out(f"ahead_sel.{d}", sel)
+                    out(f"ahead_scores.{d}", scores)
                 break
             if m is not None:
                 if resident:     # the provider's slots, looked up through slot_table
@@ -550,6 +552,15 @@ class Model:
             g.free()
             raise MemoryError(f"could not allocate activations for a {T}-token graph") from None
         return g
+
+    def _route(self, c, r_in, m: int):
+        """MoE layer m's routing of r_in [D, T] in the graph: (sel [K, T] i32, its weights,
+        their unimportance scores), each contiguous."""
+        p = f"blk.{self.args.moe_layers[m]}."
+        probs = router(c, r_in, self.t[p + "ffn_gate_inp.weight"], self.t.get(p + "ffn_gate_inp.bias"),
+                       self.args.routing)
+        sel, w = topk_weights(c, probs, self.args.routing, self.t.get(p + "exp_probs_b.bias"))
+        return lib.ggml_cont(c, sel), w, unimportance_scores(c, w)   # sel: a view of the argsort
 
     @staticmethod
     def _scaled(c, x, factor: float):
