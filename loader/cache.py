@@ -248,9 +248,11 @@ class ExpertCache:
         precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
         self._count_request(owner, mo, precs)
         deadline = t0 + self.slot_wait
+        counted: set = set()    # experts counted (and told the policy) by an earlier try
         while True:
             self.io.plug()      # the misses' reads start together, so adjacent ones merge
-            acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1)
+            acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1,
+                                                      counted)
                                         for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
                                       return_exceptions=True)
             asyncio.get_running_loop().call_soon(self.io.unplug)   # after each one's first step
@@ -368,10 +370,13 @@ class ExpertCache:
         o.skipped += precs.count(SKIP)
 
     def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool,
-             pin: bool = True) -> None:
-        """Serve a ready slot: pin it (unless the client did), tell the policy, count the hit."""
+             pin: bool = True, count: bool = True) -> None:
+        """Serve a ready slot: pin it (unless the client did), tell the policy, count the hit
+        (unless count is False: a request's retry, counted at its first try)."""
         if pin:
             self._pin(owner, slot)
+        if not count:
+            return
         self._use(mo, slot, owner, important)
         slot.protected = False    # used: the hint that protected it is fulfilled
         if slot.prefetched:       # a prefetch that paid off
@@ -385,15 +390,18 @@ class ExpertCache:
         mo.by_precision[f"hits_{slot.region.precision}"] += 1
 
     async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
-                       important: bool) -> Slot:
+                       important: bool, counted: set) -> Slot:
         """The slot holding `key` in mo's `prec` region, ready and pinned once for owner;
-        NoSlot when a miss finds every slot pinned or loading."""
+        NoSlot when a miss finds every slot pinned or loading. counted: the keys this
+        request has counted as a hit or miss already (acquire() tries again after a
+        NoSlot); key joins it once counted here."""
         region = mo.regions[prec]
         waited = False
         while True:
             slot = region.lookup(key)
             if slot is not None and slot.state == "ready":
-                self._hit(owner, mo, slot, important, waited)
+                self._hit(owner, mo, slot, important, waited, count=key not in counted)
+                counted.add(key)
                 return slot
             if slot is not None:      # loading (for someone else, or a prefetch): share that read
                 waited = True
@@ -407,16 +415,20 @@ class ExpertCache:
             slot = region.take(key, mo.policy)
             if slot is None:          # every slot pinned or loading: acquire() waits
                 raise NoSlot(prec)
-            mo.misses += 1
-            self._counts(owner).misses += 1
-            mo.by_precision[f"misses_{prec}"] += 1
+            fresh = key not in counted
+            counted.add(key)
+            if fresh:
+                mo.misses += 1
+                self._counts(owner).misses += 1
+                mo.by_precision[f"misses_{prec}"] += 1
             self._pin(owner, slot)    # pinned before the read: nobody can take it meanwhile
             try:
                 await asyncio.shield(self._load(mo, slot, key, prec, DEMAND))
             except BaseException:
                 self._unpin(owner, slot)
                 raise
-            self._use(mo, slot, owner, important)
+            if fresh:
+                self._use(mo, slot, owner, important)
             return slot
 
     @staticmethod

@@ -158,6 +158,8 @@ async def test_a_request_that_waits_for_slots_holds_none_meanwhile(model, tmp_pa
         got = await waiting
         assert sorted(s.key for s in got) == [(1, 0), (1, 1)]
         assert all(s.pins == {OTHER: 1} for s in got)
+        # its tries count as one request: each expert once, a hit, a wait or a miss
+        assert mo.requested == 5 and mo.hits + mo.waits + mo.misses == 5
 
 
 @in_loop
