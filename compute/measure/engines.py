@@ -8,6 +8,7 @@ logits only).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -72,14 +73,37 @@ class HobbitEngine:
         self.run.close()
 
 
+@contextlib.contextmanager
+def _model_params(llama_cpp, **fields):
+    """llama_cpp.Llama() builds its model parameters from llama_model_default_params()
+    and has no argument for some fields: while this is open, the defaults carry `fields`."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 class LlamaCppEngine:
-    def __init__(self, path: str, ctx: int, threads: int, n_batch: int = N_BATCH):
+    def __init__(self, path: str, ctx: int, threads: int, n_batch: int = N_BATCH,
+                 repack: bool = True):
+        """repack False: no CPU repacking of weights (llama.cpp's --no-repack): its repacked
+        copies (of Q4_K and friends, on CPUs with AVX2) live in anonymous memory, which a
+        memory limit below the model's size cannot hold; the weights then stay mmapped."""
         import llama_cpp
 
         from ..engine.tokenizer import quiet_stderr
 
         self.api = llama_cpp
-        with quiet_stderr():
+        with quiet_stderr(), _model_params(llama_cpp, use_extra_bufts=repack):
             self.llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=n_batch,
                                        n_threads=threads, n_threads_batch=threads,
                                        flash_attn=True, use_mmap=True, logits_all=False,

@@ -29,7 +29,8 @@ def worker(spec: dict) -> dict:
 
     ctx = max(p + n for p, n in spec["runs"]) + 8
     if spec["engine"] == "llamacpp":
-        eng = LlamaCppEngine(spec["model"], ctx, spec["threads"] or physical_cores())
+        # no repacked copies in anonymous memory: the limited runs could not hold them
+        eng = LlamaCppEngine(spec["model"], ctx, spec["threads"] or physical_cores(), repack=False)
         timing = None
     else:
         opts = RunOptions(n_ctx=ctx, n_threads=spec["threads"], lookahead=spec["lookahead"])
