@@ -49,7 +49,7 @@ def routing_trace(weights, tokens, n_ctx=512):
         model.reset()
         model.forward(chunk, all_logits=True)
         h = np.stack([model.taps[f"router_in.{il}"] for il in a.moe_layers])  # (L, T, D)
-        sel, _, score = routers.route(h, 0, len(h))  # as the segmented forward routes: (L, T, K)
+        sel, _, score = routers.route(h, 0, len(h))  # the graph's routing, in numpy: (L, T, K)
         sels.append(sel.transpose(1, 0, 2))
         scores.append(score.transpose(1, 0, 2))
     model.close()
