@@ -256,7 +256,7 @@ class ExpertClient:
         if self._row is None:
             return None
         th = self.thresholds
-        found = {p: d[layer].tolist() for p, d in self._dirs.items()}   # one layer: E entries
+        found = self._entries(layer)
         high, low = found.get(HIGH), found.get(LOW)
         if high is not None and not th.low_only:
             hs = [high[e] for e in experts]
@@ -276,6 +276,10 @@ class ExpertClient:
             out.append(None if prec is SKIP else (prec, h if prec == HIGH else lo))
         return out
 
+    def _entries(self, layer: int) -> dict:
+        """{precision: the directory's E entries of `layer`, as a list} (a snapshot)."""
+        return {p: d[layer].tolist() for p, d in self._dirs.items()}
+
     def _pin_cached(self, layer: int, experts, scores):
         """_cached's handles pinned in our row, or None (nothing pinned). The pin holds only
         if the directory still says the same after it (loader/control.py)."""
@@ -287,7 +291,7 @@ class ExpertClient:
         self._row[ids] += 1
         # every entry we pinned unchanged (a slot freed and refilled with the same expert
         # has the same key, so the same bytes)
-        now = {p: d[layer].tolist() for p, d in self._dirs.items()}
+        now = self._entries(layer)
         if any(h is not None and now[h[0]][e] != h[1] for e, h in zip(experts, got)):
             self._row[ids] -= 1       # evicted meanwhile: hobbitd decides
             return None
@@ -482,17 +486,7 @@ class ExpertClient:
             if slots.generation == self.generation and self._row is not None and slots.ids:
                 self._row[slots.ids] -= 1
             return
-        ours = []
-        for h in slots:
-            if h is None:
-                continue
-            if len(h) == 4:
-                if h[3] == self.generation:
-                    ours.append(h[2])
-            else:
-                self._release.append([h[0], h[1]])
-        if ours and self._row is not None:
-            self._row[ours] -= 1        # one fetch's experts: distinct slots
+        self._release += [[h[0], h[1]] for h in slots if h is not None]   # hobbitd's
 
     def flush(self) -> None:
         """The forward is over: report what is batched (no answer)."""
