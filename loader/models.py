@@ -125,7 +125,7 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
     for n, mo in models.items():
         th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
         low = not fits and mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
-        share = 0.0 if not low else 1.0 if th.low_only else low_share
+        share = 0.0 if not low else 1.0 if not th.loads_high else low_share
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:

@@ -9,7 +9,9 @@ expert always counts as important). The rule, for thresholds T1 <= T2:
   - on a miss: s <= T1 loads high precision, T1 < s <= T2 loads low precision, and
     s > T2 skips the expert (its output is left out, the other weights unchanged).
 Scores are below 1, so T1 = T2 = 1 (EXACT, the default until a model is calibrated) loads
-every miss in high precision: the output is the all-high model's, exactly.
+every miss in high precision: the output is the all-high model's, exactly. Scores are at
+least 0, so T1 < 0 (EVERY_MISS_LOW, a value calibration may choose) loads every miss in low
+precision, the top expert's too; the cache is then all low-precision slots.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 
 HIGH, LOW, SKIP = "high", "low", None
 EXACT = 1.0                  # T1 = T2 = 1: never low precision, never a skip
+EVERY_MISS_LOW = -1.0        # T1 below every score: no miss loads high precision
 PAPER_T1, PAPER_T2 = 0.6, 0.9   # the paper's thresholds for Mixtral: lossy, measured on nothing here
 
 
@@ -34,6 +37,11 @@ class Thresholds:
         """Every expert is used in high precision and none is skipped."""
         return not self.low_only and (not self.dynamic or self.t1 >= EXACT)
 
+    @property
+    def loads_high(self) -> bool:
+        """Some miss loads high precision (else a cache needs low-precision slots only)."""
+        return not self.low_only and (not self.dynamic or self.t1 >= 0)
+
     def describe(self, calibrated: bool) -> str:
         """One phrase for logs, `hobbit-cli stats` and `top`: exact or which lossy mode."""
         if self.low_only:
@@ -42,7 +50,8 @@ class Thresholds:
             return "exact: high precision only"
         if self.exact:
             return "exact: high precision only (" + ("calibrated" if calibrated else "not calibrated") + ")"
-        return f"lossy: T1 {self.t1:.2f} T2 {self.t2:.2f}" + (" (calibrated)" if calibrated else "")
+        t1 = "every miss low," if self.t1 < 0 else f"T1 {self.t1:.2f}"
+        return f"lossy: {t1} T2 {self.t2:.2f}" + (" (calibrated)" if calibrated else "")
 
     def on_miss(self, score: float):
         """The precision to load for a missing expert with unimportance `score`."""

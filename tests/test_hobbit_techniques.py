@@ -216,6 +216,7 @@ def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth
 def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path):
     """calibrate picks the cheapest thresholds within the KLD bound (all-high is always
     allowed), saves them beside the companion, and hobbitd serves with them."""
+    import glob
     import json
     import os
     import subprocess
@@ -244,6 +245,22 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         s.close(linger=0)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
+    # the grid offers T1 below every score (every miss low, the top expert's too) and
+    # measures its KLD; served with it, hobbitd gives the whole cache to low precision
+    calib_file = glob.glob(path + ".*.hobbit.calib.json")[0]
+    with open(calib_file) as f:
+        saved = json.load(f)
+    every_low = [row for row in saved["threshold_grid"] if row["t1"] < 0]
+    assert every_low and all(row["kld"] > 0 and row["high_miss"] == 0 for row in every_low), every_low
+    with open(calib_file, "w") as f:
+        json.dump({**saved, "t1": -1.0, "t2": 1.0}, f)
+    with run_daemon([path], "1M", tmp_path) as d:     # less than the experts: low slots only
+        s = connect(d.socket)
+        hello(s)
+        m = stats(s)["models"][name]
+        s.close(linger=0)
+    assert m["hobbit"]["mode"] == "lossy: every miss low, T2 1.00 (calibrated)", m["hobbit"]
+    assert list(m["regions"]) == ["low"], m["regions"]
     # T1 = 1 (what calibration picks when no low precision is allowed): no low region, the
     # whole cache holds high-precision experts
     with run_daemon([path], "4M", tmp_path, t1=1.0) as d:

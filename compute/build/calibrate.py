@@ -7,7 +7,9 @@ model from calibration text, and store them next to its companion file.
    distribution against the all-high-precision run, with every use of an expert in the
    precision its own score asks for on a miss (no cache; hits of the other precision in
    a real cache can cost more or less), and the modelled load cost of the trace through a
-   simulated cache. Keep the cheapest pair whose KLD is within the bound.
+   simulated cache. Keep the cheapest pair whose KLD is within the bound. The grid's T1
+   of -1 loads every miss in low precision (then hobbitd's cache is all low slots): on a
+   model whose low copies are nearly as good, that is cheapest.
 3. Policy weights: for the chosen thresholds, the cache simulation again for every
    (w_lru, w_lfu, w_lhu, w_fld) on a simplex grid; keep the lowest modelled load cost.
 Modelled load cost = high-precision misses + low-precision misses x (low bytes / high bytes),
@@ -26,14 +28,14 @@ from ...loader.calibration import save_calibration
 from ...loader.layout import PAGE
 from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
-from ...loader.precision import HIGH, LOW, SKIP, Thresholds, decide
+from ...loader.precision import EVERY_MISS_LOW, HIGH, LOW, SKIP, Thresholds, decide
 from ...protocol.errors import HobbitError
 from ..divergence import mean_kld
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, Routers, RunOptions
 
-T1_GRID = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
+T1_GRID = (EVERY_MISS_LOW, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
 
 
@@ -65,7 +67,9 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
 
     class _Fmt:          # the simulation needs slot counts only
         slot_bytes = PAGE
-    regions = {HIGH: Region("sim", HIGH, _Fmt, 0, high_slots)}
+    regions = {}
+    if high_slots:
+        regions[HIGH] = Region("sim", HIGH, _Fmt, 0, high_slots)
     if low_slots:
         regions[LOW] = Region("sim", LOW, _Fmt, 0, low_slots)
     counts = {"high_miss": 0, "low_miss": 0, "hits": 0, "skipped": 0}
@@ -121,8 +125,12 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     ratio = low_src.total_bytes / high_src.total_bytes
     a = weights.args
     budget = cache_fraction * a.n_moe_layer * a.n_expert * high_src.format.slot_bytes
-    high_slots = max(a.n_expert, int(budget * (1 - low_share)) // high_src.format.slot_bytes)
-    low_slots = max(a.n_expert, int(budget * low_share) // low_src.format.slot_bytes)
+
+    def slots(th: Thresholds) -> tuple[int, int]:
+        """(high, low) slot counts hobbitd's plan gives thresholds `th` (loader/models.py)."""
+        share = low_share if th.loads_high else 1.0
+        high = 0 if share == 1.0 else max(a.n_expert, int(budget * (1 - share)) // high_src.format.slot_bytes)
+        return high, max(a.n_expert, int(budget * share) // low_src.format.slot_bytes)
     t0 = time.perf_counter()
     sel, scores = routing_trace(weights, tokens)
     model = Model(weights, RunOptions(n_ctx=512, lookahead=0), experts=LocalExperts(weights, companion))
@@ -135,7 +143,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
             # (1, 1) loads every expert in high precision: it is the reference itself, so that
             # some pair always meets the bound (a model too sensitive for low precision gets none)
             kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
-            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio)
+            sim = simulate(sel, scores, a.n_expert, th, *slots(th), ratio)
             rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
             bar.update(1)
     ok = [r for r in rows if r["kld"] <= kld_bound]
@@ -147,10 +155,10 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     with progress_bar(len(simplex), "policy weights", progress) as bar:
         for w in simplex:
             pw = PolicyWeights(*w)
-            sim = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "hobbit", pw)
+            sim = simulate(sel, scores, a.n_expert, th, *slots(th), ratio, "hobbit", pw)
             policy_rows.append({"weights": list(w), **sim})
             bar.update(1)
-    lru = simulate(sel, scores, a.n_expert, th, high_slots, low_slots, ratio, "lru")
+    lru = simulate(sel, scores, a.n_expert, th, *slots(th), ratio, "lru")
     bestw = min(policy_rows, key=lambda r: r["cost"])
     return {
         "t1": best["t1"], "t2": best["t2"], "weights": bestw["weights"],
