@@ -198,7 +198,8 @@ def cmd_calibrate(args) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "threshold_grid"}, indent=1))
     else:
-        print(f"T1 = {r['t1']}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
+        t1 = "-1 (every miss in low precision)" if r["t1"] < 0 else r["t1"]
+        print(f"T1 = {t1}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
               f"lru/lfu/lhu/fld = {r['weights']}: modelled load cost {r['cost']:.0f} vs LRU {r['lru_cost']:.0f} "
               f"expert reads over {r['tokens']} tokens; saved to {path}")
     return 0
