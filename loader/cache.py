@@ -443,7 +443,10 @@ class ExpertCache:
     def _load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: int) -> asyncio.Future:
         """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
         threads. The future resolves when the slot is ready; the slot's state is settled
-        by _loaded, whoever is (still) waiting. Low-precision images are checksummed."""
+        by _loaded, whoever is (still) waiting. A low-precision image is checksummed the
+        first time this daemon reads it, and on every read once the file is not the one
+        opened (`ModelCache.changed`, a stat): a crc32 of every read cost a third of decode
+        speed at a 25 % cache (BENCHMARKS.md)."""
         from .companion import check_image, slot_image_offset
 
         loop = asyncio.get_running_loop()
@@ -455,7 +458,10 @@ class ExpertCache:
         verify = None
         if prec == LOW:   # one aligned read of the whole slot image, then its crc32
             segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
-            verify = lambda job: check_image(src, mo.crcs, key[0], key[1], base)  # noqa: E731
+            if key not in mo.verified or mo.changed(LOW):
+                def verify(job):          # on a reader thread; raises on a mismatch
+                    check_image(src, mo.crcs, key[0], key[1], base)
+                    mo.verified.add(key)
         else:
             segments = [(src.path, off, n, base + o)
                         for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))]

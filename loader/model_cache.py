@@ -26,6 +26,8 @@ class ModelCache:
     policy: EvictionPolicy
     low: ExpertSource | None = None                  # the companion file, if served
     crcs: list | None = None                         # the companion's per-expert crc32
+    verified: set = field(default_factory=set)       # (layer, expert): low images whose crc32
+                                                     # matched since this daemon opened the file
     thresholds: Thresholds = field(default_factory=Thresholds)
     calibrated: bool = False
     regions: dict = field(default_factory=dict)      # precision -> Region

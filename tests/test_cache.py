@@ -273,6 +273,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
 
         (slot,) = await acquire(cache, mo, 1, [3])              # a sound expert is served
         assert slot.region.precision == LOW
+        assert (1, 3) in mo.verified and (1, 2) not in mo.verified   # checked once, when read
         with open(comp, "rb") as f:
             f.seek(companion.slot_image_offset(mo.low, 1, 3))
             want = f.read(mo.low.format.slot_bytes)
