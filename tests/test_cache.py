@@ -284,6 +284,32 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
 
 
 @in_loop
+async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, tmp_path):
+    """An image is checksummed when first read; after that only if the companion is no
+    longer the file hobbitd opened, so a damaged rewrite is still never served."""
+    from hobbit.compute.build.convert import convert
+    from hobbit.compute.engine import ggml
+    from hobbit.compute.engine.weights import open_model
+
+    path = copy_model(model, tmp_path)
+    comp = convert(open_model(path), ggml.Q4_0, progress=False)
+    with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
+        release(cache, mo, await acquire(cache, mo, 0, [0, 1, 2, 3]))    # read and verified
+        assert {(0, e) for e in range(4)} <= mo.verified
+        release(cache, mo, await acquire(cache, mo, 1, [0, 1, 2, 3]))    # evicts layer 0
+        assert mo.regions[LOW].lookup((0, 2)) is None
+        offset = companion.slot_image_offset(mo.low, 0, 2) + 100
+        with open(comp, "r+b") as f:          # rewritten in place: a new mtime
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x01]))
+        with pytest.raises(RequestError) as err:
+            await acquire(cache, mo, 0, [2])
+        assert err.value.code == "checksum" and "stale" in str(err.value), err.value
+
+
+@in_loop
 async def test_a_model_opened_on_demand_takes_its_share_from_the_least_used(model, tmp_path):
     """plan_added: of two served models, the idle one gives up its spare slots before the
     busy one gives any (the slots used longest ago go first); with nothing used yet both
