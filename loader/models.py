@@ -107,6 +107,12 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
     return None
 
 
+def cache_low_share(th: Thresholds, low_share: float) -> float:
+    """The share of a model's cache in low-precision slots, given that it has some: all of
+    it when no miss loads high precision, else `low_share`."""
+    return low_share if th.loads_high else 1.0
+
+
 def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tuple[list, int]:
     """Regions [(model, precision, fmt, offset, n_slots)] and the segment size (bytes) for
     a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
@@ -125,7 +131,7 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
     for n, mo in models.items():
         th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
         low = not fits and mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
-        share = 0.0 if not low else 1.0 if not th.loads_high else low_share
+        share = cache_low_share(th, low_share) if low else 0.0
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:

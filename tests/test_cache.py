@@ -99,6 +99,15 @@ def file_bytes_of(src, layer, expert) -> bytes:
         return out
 
 
+def flip_byte(path, offset) -> None:
+    """Damage a file in place: one bit of the byte at `offset` (its mtime changes too)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
 async def acquire(cache, mo, layer, experts, owner=OWNER):
     return await cache.acquire(owner, mo, layer, experts, [0.0] * len(experts))
 
@@ -259,12 +268,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
     path = copy_model(model, tmp_path)
     comp = convert(open_model(path), ggml.Q4_0, progress=False)
     with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
-        offset = companion.slot_image_offset(mo.low, 1, 2) + 100
-        with open(comp, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_byte(comp, companion.slot_image_offset(mo.low, 1, 2) + 100)
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum" and "layer 1 expert 2" in str(err.value)
@@ -298,12 +302,7 @@ async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, t
         assert {(0, e) for e in range(4)} <= mo.verified
         release(cache, mo, await acquire(cache, mo, 1, [0, 1, 2, 3]))    # evicts layer 0
         assert mo.regions[LOW].lookup((0, 2)) is None
-        offset = companion.slot_image_offset(mo.low, 0, 2) + 100
-        with open(comp, "r+b") as f:          # rewritten in place: a new mtime
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)   # a new mtime
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 0, [2])
         assert err.value.code == "checksum" and "stale" in str(err.value), err.value
