@@ -27,6 +27,19 @@ def align(n: int, a: int = PAGE) -> int:
 
 
 @dataclass(frozen=True)
+class SlotRegion:
+    """What a compute process sees of one precision's cache slots: how many there are and
+    how an expert lies in each (its SlotFormat). offset: the region's first byte in the
+    shared-memory segment (None where the slots are a file's own tensors, LocalExperts);
+    first_slot and directory: its place in the control block (None without one)."""
+    n_slots: int
+    format: "SlotFormat"
+    offset: int | None = None
+    first_slot: int | None = None
+    directory: int | None = None
+
+
+@dataclass(frozen=True)
 class SlotFormat:
     """Layout of one expert of one precision inside a cache slot.
 

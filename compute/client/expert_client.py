@@ -37,7 +37,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ...loader import control
-from ...loader.layout import SlotFormat
+from ...loader.layout import SlotFormat, SlotRegion
 from ...loader.precision import HIGH, LOW, SKIP, Thresholds
 from ...loader.shm import Segment
 from ...protocol import messages as m
@@ -81,7 +81,7 @@ class ExpertClient:
         self.sock = None
         self.shm: Segment | None = None
         self.model = None            # name the daemon knows our model by
-        self.regions: dict = {}      # precision -> {"offset", "n_slots", "format": SlotFormat}
+        self.regions: dict[str, SlotRegion] = {}
         self._layout = None          # the regions' slot counts and formats, as sent
         self._ids = itertools.count(1)
         self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
@@ -181,7 +181,8 @@ class ExpertClient:
         self.generation += 1
         self.resident_possible = True    # this daemon may have another cache size
         self._start_heartbeat(float(welcome.get("heartbeat_s") or 1.0))
-        self.regions = {p: {**r, "format": SlotFormat.from_wire(r["format"])}
+        self.regions = {p: SlotRegion(r["n_slots"], SlotFormat.from_wire(r["format"]), r["offset"],
+                                      r.get("first_slot"), r.get("directory"))
                         for p, r in info["regions"].items()}
         self.thresholds = Thresholds(**info["thresholds"])
         self.holds_all = bool(info["holds_all"])
@@ -215,7 +216,7 @@ class ExpertClient:
             self._first[p] = r["first_slot"]
 
     def region_address(self, precision: str) -> int:
-        return self.shm.address + self.regions[precision]["offset"]
+        return self.shm.address + self.regions[precision].offset
 
     # the ExpertProvider protocol the segmented forward uses (engine/experts.py)
 
@@ -223,11 +224,11 @@ class ExpertClient:
         """Addresses of slot 0's parts of `layer` (gate/up/down, then any biases) in our
         mapping (SlotFormat.offsets)."""
         base = self.region_address(precision)
-        return tuple(base + o for o in self.regions[precision]["format"].offsets(layer))
+        return tuple(base + o for o in self.regions[precision].format.offsets(layer))
 
     def part_strides(self, precision: str, layer: int) -> tuple:
         """One slot to the next: the same for every layer (slots fit the largest layer)."""
-        fmt = self.regions[precision]["format"]
+        fmt = self.regions[precision].format
         return (fmt.slot_bytes,) * len(fmt.parts)
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:

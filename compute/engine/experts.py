@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ...loader.companion import open_companion
-from ...loader.layout import gguf_experts
+from ...loader.layout import SlotRegion, gguf_experts
 from ...loader.precision import HIGH, LOW, Thresholds
 
 
@@ -27,8 +27,7 @@ Handle = tuple    # (precision, slot index) of one fetched expert, or None: skip
 class ExpertProvider(Protocol):
     """Where the segmented forward (engine/model.py) gets a layer's routed experts.
 
-    regions: {precision: {"n_slots", "format": SlotFormat}}, the stacked tensors per
-    precision; part_bases(precision, layer): the addresses of index 0 of each of the
+    regions: {precision: SlotRegion}, the stacked tensors per precision; part_bases(precision, layer): the addresses of index 0 of each of the
     format's parts (gate/up/down, then the expert biases where the model has them) for
     that layer (re-read before every layer: a provider may move its memory); part_strides
     (precision, layer): the bytes from one index to the next, per part; the format's
@@ -39,7 +38,7 @@ class ExpertProvider(Protocol):
     CPU time of its own.
     """
     remote: bool
-    regions: dict
+    regions: dict[str, SlotRegion]
 
     def part_bases(self, precision: str, layer: int) -> tuple: ...
 
@@ -94,7 +93,7 @@ class LocalExperts:
         elif self.thresholds.low_only or self.thresholds.dynamic:
             # without a companion file there is nothing to load in low precision
             self.thresholds = Thresholds(self.thresholds.t1, self.thresholds.t2, dynamic=False)
-        self.regions = {p: {"n_slots": s.n_expert, "format": s.format} for p, s in self.sources.items()}
+        self.regions = {p: SlotRegion(s.n_expert, s.format) for p, s in self.sources.items()}
 
     def part_bases(self, precision: str, layer: int) -> tuple:
         return tuple(self.bases[precision] + b for b in self.sources[precision].part_base[layer])

@@ -143,7 +143,7 @@ class Model:
 
         # Weight tensors point straight into the mmapped GGUF; + per layer the K and V
         # caches, one view per expert part and precision (the pools below) and a slot table
-        parts = sum(len(r["format"].parts) for r in experts.regions.values()) if experts else 0
+        parts = sum(len(r.format.parts) for r in experts.regions.values()) if experts else 0
         self.wctx = ggml.Context(len(weights.tensors) + (3 + parts) * a.n_layer + 16)
         self.t = {}
         for name, info in weights.tensors.items():
@@ -186,17 +186,17 @@ class Model:
             # runs. Parts: gate, up, down, then the expert biases where the model has them.
             self.pool = {}
             for prec, r in experts.regions.items():
-                f = r["format"]
+                f = r.format
                 self.pool[prec] = []
                 for m, il in enumerate(a.moe_layers):
                     strides, views = experts.part_strides(prec, m), []
                     for p, name in enumerate(f.parts):
                         shape = f.shapes[p]
-                        t = self.wctx.tensor(f.types(m)[p], (*shape, r["n_slots"]),
+                        t = self.wctx.tensor(f.types(m)[p], (*shape, r.n_slots),
                                              f"pool_{prec}_{name}_l{il}")
                         t.contents.nb[len(shape)] = strides[p]
                         for d in range(len(shape) + 1, ggml.MAX_DIMS):
-                            t.contents.nb[d] = strides[p] * r["n_slots"]
+                            t.contents.nb[d] = strides[p] * r.n_slots
                         views.append(t)
                     self.pool[prec].append(views)
             self._pointed = {}     # (precision, layer) -> (bases, strides, first, count) viewed now
@@ -217,12 +217,12 @@ class Model:
         for prec, layers in self.pool.items():
             if spans is not None and prec not in spans:
                 continue          # the segment computes nothing in that precision
-            first, count = (spans or {}).get(prec, (0, self.experts.regions[prec]["n_slots"]))
+            first, count = (spans or {}).get(prec, (0, self.experts.regions[prec].n_slots))
             bases = self.experts.part_bases(prec, layer)
             strides = self.experts.part_strides(prec, layer)
             if self._pointed.get((prec, layer)) == (bases, strides, first, count):
                 continue
-            shapes = self.experts.regions[prec]["format"].shapes
+            shapes = self.experts.regions[prec].format.shapes
             for t, base, stride, shape in zip(layers[layer], bases, strides, shapes):
                 t.contents.data = base + first * stride
                 dim = len(shape)                  # the slot dimension
