@@ -13,6 +13,7 @@ an expert is cached, evicted and handed out whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..protocol.errors import ModelError
 from .gguf_file import GGUFFile
@@ -24,6 +25,14 @@ PAGE = 4096
 
 def align(n: int, a: int = PAGE) -> int:
     return -(-n // a) * a
+
+
+class Handle(NamedTuple):
+    """One fetched expert: the precision it is computed in and its index among that
+    precision's slots (SlotRegion; LocalExperts: its index in the file's stacked tensors).
+    Where a handle may be absent, None means the expert is skipped."""
+    precision: str
+    slot: int
 
 
 @dataclass(frozen=True)

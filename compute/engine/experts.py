@@ -17,11 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from ...loader.companion import open_companion
-from ...loader.layout import SlotRegion, gguf_experts
+from ...loader.layout import Handle, SlotRegion, gguf_experts
 from ...loader.precision import HIGH, LOW, Thresholds
-
-
-Handle = tuple    # (precision, slot index) of one fetched expert, or None: skipped
 
 
 class ExpertProvider(Protocol):
@@ -106,14 +103,14 @@ class LocalExperts:
         out = []
         for e, s in zip(experts, scores):
             p = self.thresholds.on_miss(float(s))
-            out.append(None if p is None else (p, int(e)))
+            out.append(None if p is None else Handle(p, int(e)))
         return out
 
     def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
         """Per token and rank: every expert is at hand in both precisions here, so each
         (token, expert) use gets the precision its own score asks for — as decoding one
         token at a time would — rather than one precision per expert for the batch."""
-        return [[None if (p := self.thresholds.on_miss(float(s))) is None else (p, int(e))
+        return [[None if (p := self.thresholds.on_miss(float(s))) is None else Handle(p, int(e))
                  for e, s in zip(row_e, row_s)] for row_e, row_s in zip(sel, scores)]
 
     def release(self, handles) -> None:
