@@ -628,13 +628,8 @@ class Model:
         scale = a.attention_scale or 1.0 / Dh ** 0.5
         if a.scale_q_first:     # the same product, rounded as llama.cpp's phi3 graph rounds it
             q, scale = lib.ggml_scale(c, q, scale), 1.0
-        qp = lib.ggml_permute(c, q, 0, 2, 1, 3)                              # [Dh, T, H]
-        o = lib.ggml_flash_attn_ext(c, qp, kv(kc), kv(vc), mask, scale, 0.0, 0.0)
-        sinks = self.t.get(p + "attn_sinks.weight")      # [H] F32: a per-head logit every
-        if sinks is not None:                            # query also attends to (gpt-oss)
-            lib.ggml_flash_attn_ext_add_sinks(o, sinks)
-        if hasattr(lib, "ggml_prec_set_acc"):
-            lib.ggml_prec_set_acc(o, ggml.PREC_F32)
+        # [H] F32 attention sinks: a per-head logit every query also attends to (gpt-oss)
+        o = flash_attention(c, q, kv(kc), kv(vc), mask, scale, self.t.get(p + "attn_sinks.weight"))
         o = lib.ggml_reshape_2d(c, o, Dh * H, T)                             # [H*Dh, T]
         return self._linear(c, p + "attn_output", o)                         # [D, T]
 
@@ -672,10 +667,7 @@ class Model:
         kc = lib.ggml_set_rows(c, self.tk[il], lib.ggml_reshape_2d(c, k, R + r, T), kv_idx)
         cached = lambda n: lib.ggml_permute(  # noqa: E731
             c, lib.ggml_view_3d(c, kc, n, 1, N, (R + r) * f16, (R + r) * f16, 0), 0, 2, 1, 3)  # [n, N, 1]
-        o = lib.ggml_flash_attn_ext(c, lib.ggml_permute(c, q, 0, 2, 1, 3), cached(R + r), cached(R), mask,
-                                    a.attention_scale, 0.0, 0.0)              # [R, H, T]
-        if hasattr(lib, "ggml_prec_set_acc"):
-            lib.ggml_prec_set_acc(o, ggml.PREC_F32)
+        o = flash_attention(c, q, cached(R + r), cached(R), mask, a.attention_scale)   # [R, H, T]
         # W_vb [R, Dv, H] per head: [R, T, H] -> [Dv, T, H], back to [Dv, H, T]
         o = lib.ggml_mul_mat(c, W("attn_v_b"), lib.ggml_permute(c, o, 0, 2, 1, 3))
         o = lib.ggml_cont(c, lib.ggml_permute(c, o, 0, 2, 1, 3))
@@ -793,6 +785,35 @@ def default_threads(experts: ExpertProvider | None = None, tokens: int = 1) -> i
     cores = ggml.physical_cores()
     remote = experts is not None and experts.remote
     return max(1, cores - 1) if remote and tokens < WIDE else cores
+
+
+SPLIT_KV = 512     # cells from which ggml's CPU attention splits a lone query's sums by thread
+
+
+def flash_attention(c, q, k, v, mask, scale: float, sinks=None):
+    """Attention of queries q [Dk, H, T] over k [Dk, N, Hkv] and v [Dv, N, Hkv] (views of
+    the KV cache) with mask [N, T] F16 -> [Dv, H, T], accumulated in F32.
+
+    A lone query (decode) over SPLIT_KV or more cells is computed as two identical rows:
+    ggml splits one query's sums over the cells by thread and adds the parts, so its
+    result would depend on the thread count (the one-graph and per-layer paths run with
+    different counts: relative L2 7e-3 apart from position 257 on a random-weight model,
+    growing with the context); rows are computed whole, one thread each, which is what
+    llama.cpp computes with one thread."""
+    T, N = q.contents.ne[2], k.contents.ne[1]
+    one = T == 1 and N >= SPLIT_KV
+    if one:
+        q = lib.ggml_concat(c, q, q, 2)                                      # [Dk, H, 2]
+        mask = lib.ggml_concat(c, mask, mask, 1)                             # [N, 2]
+    o = lib.ggml_flash_attn_ext(c, lib.ggml_permute(c, q, 0, 2, 1, 3), k, v, mask, scale, 0.0, 0.0)
+    if sinks is not None:
+        lib.ggml_flash_attn_ext_add_sinks(o, sinks)
+    if hasattr(lib, "ggml_prec_set_acc"):
+        lib.ggml_prec_set_acc(o, ggml.PREC_F32)
+    if one:                                                                  # the first row
+        o = lib.ggml_cont(c, lib.ggml_view_3d(c, o, o.contents.ne[0], o.contents.ne[1], 1,
+                                              o.contents.nb[1], o.contents.nb[2], 0))
+    return o                                                                 # [Dv, H, T]
 
 
 def _last_row(c, x, T):
