@@ -83,8 +83,10 @@ def quantized(synth, tmp_path_factory):
 
 def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
-    (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, the
-    same thread count (attention splits its sums across threads), and no weight repacking
+    (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512,
+    decoding with one thread (ggml splits a lone query's attention sums over 512+ KV cells
+    by thread; our engine computes them whole whatever its threads, as one thread does;
+    model.flash_attention) and prompts with every core, and no weight repacking
     (llama.cpp's --no-repack: repacked Q4_0/Q4_K/Q2_K use other kernels whose rounding
     differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout)."""
     import llama_cpp
@@ -93,7 +95,7 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     from hobbit.compute.engine.tokenizer import quiet_stderr
 
     n = physical_cores()
-    kw = {"n_threads": n, "n_threads_batch": n, **kw}
+    kw = {"n_threads": 1, "n_threads_batch": n, **kw}
     default_params = low.llama_model_default_params
 
     def no_repack():

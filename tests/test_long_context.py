@@ -40,7 +40,7 @@ def case(request, synth):
     """(model path, token sequence, llama.cpp's logits at every position (N_TOTAL, V))."""
     path = synth(**MODELS[request.param])
     tokens = np.random.default_rng(0).integers(100, 40000, N_TOTAL).tolist()
-    ref = llama_oracle(path, n_ctx=N_CTX, n_threads=1)
+    ref = llama_oracle(path, n_ctx=N_CTX)
     ref.eval(tokens[:N_PROMPT])
     for t in tokens[N_PROMPT:]:
         ref.eval([t])
