@@ -38,7 +38,7 @@ from ..loader import control
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
-from ..loader.models import ModelOptions, model_name, open_model, open_models, plan_added, plan_cache
+from ..loader.served import ModelOptions, model_name, open_served, open_served_all, plan_added, plan_cache
 from ..loader.shm import SHM_DIR, Segment, new_name, pid_alive, remove_stale
 from ..protocol import messages as m
 from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError, RequestError
@@ -87,7 +87,7 @@ class Daemon:
         cfg = self.cfg
         self.opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
         # with model folders a daemon may start empty: clients ask for their models
-        self.models = open_models(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
+        self.models = open_served_all(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
         size = self.cache_size = cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
@@ -356,7 +356,7 @@ class Daemon:
             while name in self.models:         # another folder's file of the same name
                 n += 1
                 name = f"{model_name(real)}-{n}"
-            mo = await asyncio.to_thread(open_model, real, name, self.opts)
+            mo = await asyncio.to_thread(open_served, real, name, self.opts)
             try:
                 shrink, plan, total = plan_added(self.models, mo, self.cache_size, self.cfg.low_share)
             except InputError as e:

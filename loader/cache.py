@@ -1,6 +1,6 @@
 """The expert cache: which slot holds which expert, pins, loads and prefetches.
 
-ExpertCache serves the models it is given (loader/models.py opens them and plans their
+ExpertCache serves the models it is given (loader/served.py opens them and plans their
 regions) from one shared-memory Segment, reading through an IOEngine. It runs on one
 asyncio loop: every method must be called from that loop (the engine's reader threads
 hand completions back with loop.call_soon_threadsafe), so the loop never blocks on flash.
@@ -86,7 +86,7 @@ class ExpertCache:
     def __init__(self, models: dict[str, ModelCache], plan: list, shm: Segment, io: IOEngine,
                  *, control: ControlBlock | None = None, slot_wait: float = 30.0,
                  prefetch: bool = True, prefetch_budget: bool = True):
-        """`plan`: loader.models.plan_cache's regions, placed in `shm`; control: the
+        """`plan`: loader.served.plan_cache's regions, placed in `shm`; control: the
         control block laid out for them (control.layout), or None: every hit is asked for.
         slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
         act on hints at all; prefetch_budget: only as many bytes as flash reads while the
@@ -113,7 +113,7 @@ class ExpertCache:
 
     def add_model(self, mo: ModelCache, plan: list, shm: Segment,
                   control: ControlBlock | None) -> None:
-        """Serve mo too: its regions `plan` (loader.models.plan_added) in a segment and a
+        """Serve mo too: its regions `plan` (loader.served.plan_added) in a segment and a
         control block of its own (the caller's, closed by the caller)."""
         self.models[mo.name] = mo
         self._place(plan, shm, control)
@@ -434,7 +434,7 @@ class ExpertCache:
     @staticmethod
     def _use(mo: ModelCache, slot: Slot, owner: int, important: bool) -> None:
         """owner used slot now: tell the policy, and note the time (a model opened on
-        demand takes the slots used longest ago, loader.models.plan_added)."""
+        demand takes the slots used longest ago, loader.served.plan_added)."""
         mo.policy.touch(slot, owner, important)
         slot.used_at = time.monotonic()
 

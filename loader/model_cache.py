@@ -1,7 +1,7 @@
 """One served model's share of the cache: its sources, regions, rule, policy and counters.
 
 A ModelCache is plain state; loader/cache.py's ExpertCache acts on it (lookups, loads,
-pins) and loader/models.py builds it. Keys are (layer, expert); precisions are
+pins) and loader/served.py builds it. Keys are (layer, expert); precisions are
 loader.precision's HIGH and LOW.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Opening the models a cache serves, and cutting the cache into their regions.
 
-open_models() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
+open_served_all() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
 companion (loader.companion, validated: foreign, truncated or stale files are refused) and
 its calibration (loader.calibration), and returns one empty ModelCache per model.
 plan_cache() then says where each model's regions go in the shared memory.
@@ -37,7 +37,7 @@ def model_name(path: str) -> str:
     return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
+def open_served_all(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
     """{name: ModelCache} (no regions yet) for the GGUFs at `paths`. InputError for no
     model or two of one name; ModelError for a file that cannot be served."""
     if not paths:
@@ -47,13 +47,14 @@ def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
         if names.count(name) > 1:
             raise InputError(f"two models named {name!r}; a model's name is its file name "
                              "without .gguf, so rename one")
-    return {name: open_model(path, name, opts) for path, name in zip(paths, names)}
+    return {name: open_served(path, name, opts) for path, name in zip(paths, names)}
 
 
-def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
-    """One model's ModelCache: its experts, companion (if any), thresholds (options, else
-    calibrated, else exact: nothing measured a lossy mode as safe for an uncalibrated model)
-    and eviction policy (calibrated weights, if any)."""
+def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
+    """The GGUF at `path` opened to be served as `name`: its ModelCache, with its experts,
+    companion (if any), thresholds (options, else calibrated, else exact: nothing measured
+    a lossy mode as safe for an uncalibrated model) and eviction policy (calibrated
+    weights, if any)."""
     from .calibration import load_calibration
     from .companion import open_companion
     from .gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
