@@ -26,8 +26,8 @@ class ModelOptions:
     low_type: str = "auto"   # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
     low_only: bool = False   # every expert in low precision
     dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
-    t1: float = 0.0          # thresholds; 0 = calibrated values, else 1 (exact: no low, no skip)
-    t2: float = 0.0
+    t1: float | None = None  # thresholds; None: the calibrated values, else 1 (exact: no low, no skip)
+    t2: float | None = None
     policy: str = "hobbit"   # eviction: "hobbit" or "lru"
 
 
@@ -68,8 +68,8 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
     companion = _companion_file(f.path, src.format, opts)
     low, crcs = open_companion(f, companion) if companion else (None, None)
     calib = load_calibration(companion)
-    t1 = opts.t1 or (calib or {}).get("t1", EXACT)
-    t2 = opts.t2 or (calib or {}).get("t2", EXACT)
+    t1 = opts.t1 if opts.t1 is not None else (calib or {}).get("t1", EXACT)
+    t2 = opts.t2 if opts.t2 is not None else (calib or {}).get("t2", EXACT)
     weights = PolicyWeights(*calib["weights"]) if calib else None
     return ModelCache(name, os.path.realpath(path), src.n_layer, src.n_expert, src,
                       make_policy(opts.policy, src.n_layer, weights), low=low, crcs=crcs,
