@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..protocol.errors import RequestError
 from .control import ControlBlock, SharedSlots
+from .counts import Counts, Outcome
 from .io_engine import DEMAND, PREFETCH, IOEngine
 from .model_cache import ModelCache
 from .pool import Region, Slot
@@ -39,16 +40,12 @@ EWMA = 0.2             # weight of a new sample in the prefetch budget's running
 
 
 @dataclass(eq=False)
-class Owner:
-    """What one owner holds, and what it asked for (per-client counts for hobbit-cli top)."""
+class Owner(Counts):
+    """What one owner holds; as Counts, what it asked for (per client, for hobbit-cli top)."""
     pins: Counter = field(default_factory=Counter)   # Slot -> pins held
     protected: list = field(default_factory=list)    # slots its last hint protects
     resident: set = field(default_factory=set)       # models whose every expert it pins
     row: int | None = None    # its pin row in the control block, if it pins hits itself
-    experts: int = 0
-    hits: int = 0             # served from the cache (including reads already in flight)
-    misses: int = 0
-    skipped: int = 0
 
 
 class Signal:
@@ -214,9 +211,14 @@ class ExpertCache:
                                f"{mo.name} and asks for {n_new} more: over the limit of "
                                f"{limit} per client; release slots before asking for more")
 
-    def _counts(self, owner: int) -> Owner:
-        # a closed owner's request still counts for the model; its own counts are dropped
-        return self.owners.get(owner) or Owner()
+    def _count(self, owner: int, mo: ModelCache, outcome: Outcome, precision: str | None = None,
+               n: int = 1) -> None:
+        """Count for mo and for owner (a closed owner's request still counts for the model;
+        its own counts are dropped)."""
+        mo.count(outcome, precision, n)
+        o = self.owners.get(owner)
+        if o is not None:
+            o.count(outcome, precision, n)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -307,8 +309,7 @@ class ExpertCache:
             try:
                 for key, slot in zip(keys, slots):
                     if slot is None and (slot := region.take(key, mo.policy, demand=False)) is not None:
-                        mo.misses += 1           # not cached, read: a miss nobody waits on
-                        mo.by_precision["misses_high"] += 1
+                        mo.count(Outcome.MISS, HIGH)   # read: a miss nobody waits on yet
                         self._load(mo, slot, key, HIGH, PREFETCH)
             finally:
                 self.io.unplug()
@@ -317,12 +318,8 @@ class ExpertCache:
     def count_used(self, owner: int, mo: ModelCache, uses: int) -> None:
         """A forward on resident experts used `uses` of them: hits in high precision."""
         uses = max(0, int(uses))
-        o = self._counts(owner)
-        mo.requested += uses
-        mo.hits += uses
-        mo.by_precision["hits_high"] += uses
-        o.experts += uses
-        o.hits += uses
+        self._count(owner, mo, Outcome.REQUESTED, n=uses)
+        self._count(owner, mo, Outcome.HIT, HIGH, uses)
 
     def count_hits(self, owner: int, mo: ModelCache, hits: list) -> None:
         """Hits owner pinned itself (control block): hits [[layer, experts, slots, scores]],
@@ -358,16 +355,11 @@ class ExpertCache:
                 if slot.key == (layer, e) and slot.state == "ready":
                     self._hit(owner, mo, slot, float(sc) <= mo.thresholds.t1, waited=False, pin=False)
                 else:
-                    mo.hits += 1
-                    self._counts(owner).hits += 1
-                    mo.by_precision[f"hits_{h[0]}"] += 1
+                    self._count(owner, mo, Outcome.HIT, h[0])
 
     def _count_request(self, owner: int, mo: ModelCache, precs: list) -> None:
-        o = self._counts(owner)
-        mo.requested += len(precs)
-        mo.skipped += precs.count(SKIP)
-        o.experts += len(precs)
-        o.skipped += precs.count(SKIP)
+        self._count(owner, mo, Outcome.REQUESTED, n=len(precs))
+        self._count(owner, mo, Outcome.SKIP, n=precs.count(SKIP))
 
     def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool,
              pin: bool = True, count: bool = True) -> None:
@@ -382,12 +374,7 @@ class ExpertCache:
         if slot.prefetched:       # a prefetch that paid off
             slot.prefetched = False
             mo.prefetch_used += 1
-        if waited:
-            mo.waits += 1
-        else:
-            mo.hits += 1
-        self._counts(owner).hits += 1
-        mo.by_precision[f"hits_{slot.region.precision}"] += 1
+        self._count(owner, mo, Outcome.WAIT if waited else Outcome.HIT, slot.region.precision)
 
     async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
                        important: bool, counted: set) -> Slot:
@@ -418,9 +405,7 @@ class ExpertCache:
             fresh = key not in counted
             counted.add(key)
             if fresh:
-                mo.misses += 1
-                self._counts(owner).misses += 1
-                mo.by_precision[f"misses_{prec}"] += 1
+                self._count(owner, mo, Outcome.MISS, prec)
             self._pin(owner, slot)    # pinned before the read: nobody can take it meanwhile
             try:
                 await asyncio.shield(self._load(mo, slot, key, prec, DEMAND))
