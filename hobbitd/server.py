@@ -390,8 +390,8 @@ class Daemon:
             if extra["control"] is not None:
                 cb = extra["control"]
                 info["control"] = {"shm": cb.seg.name, "size": cb.seg.size,
-                                   "rows_offset": cb.layout["rows_offset"],
-                                   "n_slots": cb.layout["n_slots"]}
+                                   "rows_offset": cb.layout.rows_offset,
+                                   "n_slots": cb.layout.n_slots}
         return info
 
     def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
@@ -404,7 +404,7 @@ class Daemon:
         if self.control is not None:
             lay = self.control.layout
             extra["control"] = {"shm": self.control.seg.name, "size": self.control.seg.size,
-                                "rows_offset": lay["rows_offset"], "n_slots": lay["n_slots"],
+                                "rows_offset": lay.rows_offset, "n_slots": lay.n_slots,
                                 "row": self.cache.owners[s.sid].row}
         self._send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=self.shm.name,
                    shm_size=self.shm.size, heartbeat_s=self.cfg.client_timeout / 3,

@@ -14,7 +14,7 @@ from ..protocol.errors import InputError, ModelError
 from .layout import PAGE
 from .model_cache import ModelCache
 from .policy import PolicyWeights, make_policy
-from .pool import plan_regions
+from .pool import RegionPlan, plan_regions
 from .precision import EXACT, HIGH, LOW, Thresholds
 
 MiB = 1 << 20
@@ -114,12 +114,13 @@ def cache_low_share(th: Thresholds, low_share: float) -> float:
     return low_share if th.loads_high else 1.0
 
 
-def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tuple[list, int]:
-    """Regions [(model, precision, fmt, offset, n_slots)] and the segment size (bytes) for
-    a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
-    is split among models in proportion to their expert bytes; a model gets at least one
-    layer's experts (else InputError naming the minimum) and at most all of them. A cache
-    that holds every expert of every model in high precision gets no low regions."""
+def plan_cache(models: dict[str, ModelCache], size: int,
+               low_share: float) -> tuple[list[RegionPlan], int]:
+    """Regions and the segment size (bytes) for a cache of `size` bytes, `low_share` of
+    each model's part in low precision. The cache is split among models in proportion to
+    their expert bytes; a model gets at least one layer's experts (else InputError naming
+    the minimum) and at most all of them. A cache that holds every expert of every model in
+    high precision gets no low regions."""
     full = {n: mo.source.total_bytes for n, mo in models.items()}
     shares = {n: b / sum(full.values()) for n, b in full.items()}
     # a cache that holds every expert in high needs no low copies (nothing is evicted)
@@ -138,23 +139,23 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
         if low:
             specs.append((n, LOW, mo.low.format, shares[n] * share))
     plan = plan_regions(specs, size)
-    for name, prec, fmt, _, n in plan:
-        mo = models[name]
-        if n < mo.n_expert:
-            need = max(models[sp[0]].n_expert * sp[2].slot_bytes / sp[3] for sp in specs)
-            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {name} "
-                             f"would get {n} {prec} slots but needs {mo.n_expert} (one layer's "
-                             f"experts); the minimum cache size is {int(need // MiB) + 1}M")
+    for r in plan:
+        mo = models[r.model]
+        if r.n_slots < mo.n_expert:
+            need = max(models[m].n_expert * fmt.slot_bytes / part for m, _, fmt, part in specs)
+            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {r.model} "
+                             f"would get {r.n_slots} {r.precision} slots but needs {mo.n_expert} "
+                             f"(one layer's experts); the minimum cache size is {int(need // MiB) + 1}M")
     # a region never needs more slots than the model has experts; the offsets stay, the
     # unused tail of a region is never touched so it costs no memory
-    plan = [(name, p, fmt, off, min(n, models[name].n_layer * models[name].n_expert))
-            for name, p, fmt, off, n in plan]
-    total = max((off + n * fmt.slot_bytes for _, _, fmt, off, n in plan), default=PAGE)
+    plan = [r._replace(n_slots=min(r.n_slots, models[r.model].n_layer * models[r.model].n_expert))
+            for r in plan]
+    total = max((r.offset + r.nbytes for r in plan), default=PAGE)
     return plan, total
 
 
 def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
-               low_share: float) -> tuple[dict, list, int]:
+               low_share: float) -> tuple[dict, list[RegionPlan], int]:
     """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share.
     new gets the bytes plan_cache would give it with `new` among them (as if it had been
     configured); what the cache has not handed out yet goes first, the rest is taken from
@@ -162,9 +163,9 @@ def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
     for regions that shrink, new's regions placed from offset 0 of a segment of its own,
     that segment's size). InputError when the cache cannot hold one layer's experts of each."""
     joint, _ = plan_cache({**models, new.name: new}, size, low_share)
-    share = sum(n * fmt.slot_bytes for name, _, fmt, _, n in joint if name == new.name)
+    share = sum(r.nbytes for r in joint if r.model == new.name)
     plan, total = plan_cache({new.name: new}, share, low_share)
-    need = sum(n * fmt.slot_bytes for _, _, fmt, _, n in plan)
+    need = sum(r.nbytes for r in plan)
     held = sum(r.n_slots * r.format.slot_bytes for mo in models.values() for r in mo.regions.values())
     return take_by_use(models, need - (size - held)), plan, total
 
