@@ -13,6 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from ..loader.precision import EVERY_MISS_LOW, EXACT
 from ..protocol.errors import InputError
 
 SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
@@ -42,8 +43,23 @@ class DaemonConfig:
     low_only: bool = False       # every expert in low precision (a baseline)
     prefetch: bool = True        # act on clients' lookahead hints
     prefetch_budget: bool = True # prefetch only what can be read while the client computes
-    t1: float = 0.0              # thresholds; 0 = calibrated values, else 1 (exact)
-    t2: float = 0.0
+    t1: float | None = None      # thresholds (THRESHOLDS); None: the calibrated values, else 1 (exact)
+    t2: float | None = None
+
+
+# The thresholds' ranges (loader/precision.py): scores are in [0, 1), so T1 < 0 loads every
+# miss in low precision (-1, EVERY_MISS_LOW, is what calibration writes) and 1 is exact;
+# T2 below 0 would skip every expert, the top one too.
+THRESHOLDS = {"t1": (EVERY_MISS_LOW, EXACT), "t2": (0.0, EXACT)}
+
+
+def check_threshold(key: str, value) -> float:
+    """`value` for threshold `key` ("t1" or "t2") as a float; InputError "must be ..." when
+    it is not a number in THRESHOLDS' range. The one check of the TOML's and the flags'."""
+    lo, hi = THRESHOLDS[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InputError(f"must be a number from {lo:g} to {hi:g}, not {value!r}")
+    return float(value)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -154,7 +170,12 @@ def _coerce(path: str, key: str, value):
         if key == "policy" and value not in ("hobbit", "lru"):
             raise bad('"hobbit" or "lru"')
         return value
-    if key in ("low_share", "t1", "t2", "client_pin_share"):
+    if key in THRESHOLDS:
+        try:
+            return check_threshold(key, value)
+        except InputError as e:
+            raise InputError(f"{path}: {key} {e}") from None
+    if key in ("low_share", "client_pin_share"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             raise bad("a number from 0 to 1")
         return float(value)

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ..protocol.errors import HobbitError, InputError
-from .config import DaemonConfig, default_model_file, load_config, parse_size
+from .config import THRESHOLDS, DaemonConfig, check_threshold, default_model_file, load_config, parse_size
 
 log = logging.getLogger("hobbitd")
 
@@ -85,13 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-prefetch-budget", dest="prefetch_budget", action="store_false", default=None,
                    help="prefetch every predicted miss of the hinted layer, not only as many "
                         "bytes as can be read while the client computes a layer")
-    h.add_argument("--t1", type=float, metavar="S", help="unimportance threshold for high precision (calibrated, else 1: exact; the paper's is 0.6)")
-    h.add_argument("--t2", type=float, metavar="S", help="unimportance threshold beyond which experts are skipped (calibrated, else 1; the paper's is 0.9)")
+    h.add_argument("--t1", type=float, metavar="S",
+                   help="unimportance threshold for high precision, -1 (every miss low) to 1 "
+                        "(calibrated, else 1: exact; the paper's is 0.6)")
+    h.add_argument("--t2", type=float, metavar="S",
+                   help="unimportance threshold beyond which experts are skipped, 0 to 1 "
+                        "(calibrated, else 1; the paper's is 0.9)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 def config_from_args(args) -> DaemonConfig:
+    """The config file's DaemonConfig (if any) with the flags given on top; InputError (one
+    line) for a bad config file or threshold."""
     cfg = load_config(args.config) if args.config else DaemonConfig()
     if args.model:
         cfg.models = args.model
@@ -101,8 +107,14 @@ def config_from_args(args) -> DaemonConfig:
                 "max_sessions", "client_pin_share", "owner_pid",
                 "low_type", "low_share", "policy", "dynamic", "low_only", "prefetch",
                 "prefetch_budget", "t1", "t2"):   # each flag's dest is its config key
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+        value = getattr(args, key)
+        if value is not None and key in THRESHOLDS:
+            try:
+                value = check_threshold(key, value)
+            except InputError as e:
+                raise InputError(f"--{key} {e}") from None
+        if value is not None:
+            setattr(cfg, key, value)
     if args.no_direct_io:
         cfg.direct_io = False
     return cfg

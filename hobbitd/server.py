@@ -1,9 +1,8 @@
-"""hobbitd's server: the ZeroMQ ROUTER, dispatch of client messages, and the lifecycle.
+"""hobbitd's server: the ZeroMQ ROUTER, sessions, the models served, and the lifecycle.
 
-The cache of expert slots is loader/cache.py's ExpertCache, the sessions hobbitd/sessions.py's;
-this module turns messages into calls on them and their results or RequestErrors into
-replies. A REQUEST all of whose experts are cached is answered at once (ExpertCache.try_hit);
-one with misses is served by a task (ExpertCache.acquire), so other clients go on meanwhile.
+The cache of expert slots is loader/cache.py's ExpertCache, the sessions hobbitd/sessions.py's,
+the shared memory hobbitd/memory.py's; this module opens the models, says HELLO and BYE,
+and hands a session's other commands to hobbitd/commands.py.
 
 Lifecycle: startup() (open models, plan the cache, claim the socket, remove the shared
 memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop()
@@ -29,6 +28,7 @@ import os
 import stat
 import time
 from dataclasses import fields
+from typing import Coroutine
 
 import psutil
 import zmq
@@ -38,14 +38,16 @@ from ..loader import control
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
-from ..loader.models import ModelOptions, model_name, open_model, open_models, plan_added, plan_cache
-from ..loader.shm import SHM_DIR, Segment, new_name, pid_alive, remove_stale
+from ..loader.served import ModelOptions, model_name, open_served, open_served_all, plan_added, plan_cache
+from ..loader.shm import SHM_DIR, pid_alive
 from ..protocol import messages as m
-from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError, RequestError
+from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError
+from .commands import Commands, Replies
 from .config import DaemonConfig, default_socket
+from .memory import ModelMemory, make_memory, remove_stale_segments
 from .model_dirs import allowed_model, listed_models
 from .notify import sd_notify
-from .sessions import PROBE, Session, Sessions
+from .sessions import PROBE, Sessions
 
 log = logging.getLogger("hobbitd")
 
@@ -65,13 +67,14 @@ class Daemon:
         self.models: dict[str, ModelCache] = {}
         self.cache: ExpertCache | None = None
         self.sessions: Sessions | None = None
-        self.shm: Segment | None = None
-        self.control: control.ControlBlock | None = None
-        self.opened: dict[str, dict] = {}   # models opened on demand: their segment and block
+        self.commands: Commands | None = None
+        self.memory: ModelMemory | None = None         # the configured models' slots
+        self.opened: dict[str, ModelMemory] = {}       # those of each model opened on demand
         self._opening = asyncio.Lock()      # one model opened on demand at a time
         self.io: IOEngine | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.router = None
+        self.out: Replies | None = None
         self._stop = asyncio.Event()
         self._requests: set[asyncio.Task] = set()
         self._bound = False
@@ -87,28 +90,23 @@ class Daemon:
         cfg = self.cfg
         self.opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
         # with model folders a daemon may start empty: clients ask for their models
-        self.models = open_models(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
+        self.models = open_served_all(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
         size = self.cache_size = cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
         await self._claim_socket()
-        _remove_stale_segments()
-        free = _shm_free()
-        if free is not None and total > free:
-            raise InputError(f"the cache needs {total / MiB:.0f} MiB of shared memory but "
-                             f"{SHM_DIR} has {free / MiB:.0f} MiB free; lower --cache-size "
-                             f"or enlarge {SHM_DIR}")
-        self.shm = Segment(new_name(), total, create=True)
-        if control.fence_available():    # clients may pin their hits themselves
-            lay = control.layout([(n, p, self.models[n].n_layer, self.models[n].n_expert, k)
-                                  for n, p, _, _, k in plan])
-            self.control = control.ControlBlock.create(self.shm.name + "-ctl", lay)
+        remove_stale_segments()
+        # with a control block clients may pin their hits themselves
+        mem = self.memory = make_memory(self.models, plan, total, control.fence_available(),
+                                        "the cache", f"; lower --cache-size or enlarge {SHM_DIR}")
         self.io = IOEngine(cfg.io_threads, cfg.io_limit or None, cfg.direct_io)
-        self.cache = ExpertCache(self.models, plan, self.shm, self.io, control=self.control,
+        self.cache = ExpertCache(self.models, plan, mem.shm, self.io, control=mem.control,
                                  slot_wait=cfg.slot_wait, prefetch=cfg.prefetch,
                                  prefetch_budget=cfg.prefetch_budget)
         self.sessions = Sessions(self.cache)
         self._bind()
+        self.out = Replies(self.router)
+        self.commands = Commands(self.cache, self.out, cfg.client_pin_share, self.spawn)
         for mo in self.models.values():
             slots = ", ".join(f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB"
                               for p, r in mo.regions.items())
@@ -116,13 +114,13 @@ class Daemon:
                      mo.n_layer, mo.n_expert, slots, mo.path, mo.policy.name,
                      mo.thresholds.describe(mo.calibrated))
         log.info("listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
-                 self.socket_path, self.shm.path, total / MiB, self.cfg.io_threads,
+                 self.socket_path, mem.shm.path, total / MiB, self.cfg.io_threads,
                  f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "")
 
     async def serve(self) -> None:
         """Receive and answer until stop(). Raises if a service task dies (a bug)."""
         sd_notify(f"READY=1\nSTATUS=serving {len(self.models)} models, "
-                  f"cache {self.shm.size / MiB:.0f} MiB")
+                  f"cache {self.memory.shm.size / MiB:.0f} MiB")
         services = [self._receive(), self._reap()]
         if os.environ.get("NOTIFY_SOCKET"):
             services.append(self._status())
@@ -142,6 +140,12 @@ class Daemon:
         """Ask serve() to return (safe from a signal handler)."""
         self._stop.set()
 
+    def spawn(self, coro: Coroutine) -> None:
+        """Run coro as a task that shutdown() drains (a request served while others go on)."""
+        task = asyncio.create_task(coro)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
     async def shutdown(self, drain: float = DRAIN_S) -> None:
         """Release everything startup() made; safe after a failed or partial startup."""
         if self.router is not None:
@@ -158,19 +162,14 @@ class Daemon:
         if self.io is not None:
             await asyncio.to_thread(self.io.close)
             await asyncio.sleep(0)       # run the completions the readers just scheduled
-        if self.shm is not None:
-            if self.cache is not None and self.cache.reads_running():
-                # a reader is stuck mid-read into the mapping: unlink, keep it mapped till exit
-                log.warning("a read is still running; leaving it to the process exit")
-                os.unlink(self.shm.path)
-            else:
-                self.shm.close()         # unmaps and unlinks
-        if self.control is not None:
-            self.control.close()
-        for extra in self.opened.values():
-            extra["shm"].close()
-            if extra["control"] is not None:
-                extra["control"].close()
+        if self.cache is not None and self.cache.reads_running():
+            # a reader is stuck mid-read into the mapping: unlink, keep it mapped till exit
+            log.warning("a read is still running; leaving it to the process exit")
+            for path in self._memory_files():
+                os.unlink(path)
+        else:
+            for mem in self._memories():
+                mem.close()              # unmaps and unlinks
         if self._bound:
             try:
                 os.unlink(self.socket_path)
@@ -183,17 +182,17 @@ class Daemon:
 
     def abandon(self) -> None:
         """A forced exit: remove the shared memory and socket files now, wait for nothing."""
-        extra = [seg.path for e in self.opened.values()
-                 for seg in (e["shm"], e["control"] and e["control"].seg) if seg is not None]
-        for path, ours in ((self.shm and self.shm.path, self.shm is not None),
-                           (self.control and self.control.seg.path, self.control is not None),
-                           *((p, True) for p in extra),
-                           (self.socket_path, self._bound)):
-            if ours:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        for path in self._memory_files() + ([self.socket_path] if self._bound else []):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _memories(self) -> list[ModelMemory]:
+        return ([self.memory] if self.memory is not None else []) + list(self.opened.values())
+
+    def _memory_files(self) -> list[str]:
+        return [path for mem in self._memories() for path in mem.files()]
 
     # ---- startup pieces ------------------------------------------------------------------
 
@@ -267,7 +266,7 @@ class Daemon:
                 self._dispatch(frames[0], frames[1:])
             except Exception as e:     # a bug: tell the client, keep serving
                 log.exception("internal error handling a message")
-                self._send(frames[0], m.Cmd.ERROR, code="internal", message=f"hobbitd: {e!r}")
+                self.out.error(frames[0], "internal", f"hobbitd: {e!r}")
 
     def _dispatch(self, ident: bytes, frames: list) -> None:
         s = self.sessions.get(ident)
@@ -276,7 +275,7 @@ class Daemon:
         try:
             cmd, msg = m.decode(frames)
         except ProtocolError as e:
-            self._send(ident, m.Cmd.ERROR, code=e.code, message=str(e))
+            self.out.error(ident, e.code, str(e))
             return
         if cmd == m.Cmd.HELLO:
             return self._hello(ident, msg)
@@ -288,37 +287,26 @@ class Daemon:
             if cmd in (m.Cmd.HEARTBEAT, m.Cmd.HINT, m.Cmd.RELEASE, m.Cmd.USED):
                 return    # they have no answer; a stale client learns at its next REQUEST
             rid = msg.get("id") if isinstance(msg.get("id"), int) else None
-            return self._error(ident, "no_session", "no session: say HELLO first", rid)
-        handler = {m.Cmd.REQUEST: self._on_request, m.Cmd.HINT: self._on_hint,
-                   m.Cmd.RELEASE: self._on_release, m.Cmd.STATS: self._on_stats,
-                   m.Cmd.RESIDENT: self._on_resident, m.Cmd.USED: self._on_used,
+            return self.out.error(ident, "no_session", "no session: say HELLO first", rid)
+        c = self.commands
+        handler = {m.Cmd.REQUEST: c.request, m.Cmd.HINT: c.hint, m.Cmd.RELEASE: c.release,
+                   m.Cmd.RESIDENT: c.resident, m.Cmd.USED: c.used,
+                   m.Cmd.STATS: lambda s, msg: self.out.send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats()),
                    m.Cmd.HITS: lambda s, msg: None,
                    m.Cmd.HEARTBEAT: lambda s, msg: None}.get(cmd)
         if handler is None:
-            return self._error(ident, "unknown_command", f"{cmd.name} is not a client command")
+            return self.out.error(ident, "unknown_command", f"{cmd.name} is not a client command")
         if msg.get("release") or msg.get("hits"):
-            self._apply_batched(s, msg)
+            c.apply_batched(s, msg)
         handler(s, msg)
-
-    def _send(self, ident: bytes, cmd: m.Cmd, **fields) -> None:
-        # ROUTER sends never block: a reply to a vanished client is dropped by ZeroMQ
-        fut = self.router.send_multipart([ident, *m.encode(cmd, **fields)])
-        fut.add_done_callback(_log_send_error)
-
-    def _error(self, ident: bytes, code: str, message: str, rid: int | None = None) -> None:
-        extra = {} if rid is None else {"id": rid}
-        self._send(ident, m.Cmd.ERROR, code=code, message=message, **extra)
 
     def _hello(self, ident: bytes, msg: dict) -> None:
         if msg["version"] != m.VERSION:
-            return self._error(ident, "bad_version", f"protocol version {msg['version']}; "
-                                                     f"hobbitd speaks {m.VERSION}")
+            return self.out.error(ident, "bad_version", f"protocol version {msg['version']}; "
+                                                        f"hobbitd speaks {m.VERSION}")
         path, peer = msg.get("model"), _peer_pid(self._peer)
         if path is not None and self.cfg.model_dirs and not self._serves(path):
-            task = asyncio.create_task(self._hello_on_demand(ident, msg, path, peer))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
-            return
+            return self.spawn(self._hello_on_demand(ident, msg, path, peer))
         self._welcome(ident, msg, peer)
 
     async def _hello_on_demand(self, ident: bytes, msg: dict, path, peer: int | None) -> None:
@@ -326,10 +314,10 @@ class Daemon:
         try:
             await self.open_on_demand(path)
         except HobbitError as e:      # not allowed, not a model we can serve, no room
-            return self._error(ident, e.code, str(e))
+            return self.out.error(ident, e.code, str(e))
         except Exception as e:        # a bug: tell the client, keep serving
             log.exception("internal error opening %s", path)
-            return self._error(ident, "internal", f"hobbitd: {e!r}")
+            return self.out.error(ident, "internal", f"hobbitd: {e!r}")
         self._welcome(ident, msg, peer)
 
     def _can_open(self) -> list[str]:
@@ -356,27 +344,19 @@ class Daemon:
             while name in self.models:         # another folder's file of the same name
                 n += 1
                 name = f"{model_name(real)}-{n}"
-            mo = await asyncio.to_thread(open_model, real, name, self.opts)
+            mo = await asyncio.to_thread(open_served, real, name, self.opts)
             try:
                 shrink, plan, total = plan_added(self.models, mo, self.cache_size, self.cfg.low_share)
             except InputError as e:
                 raise InputError(f"cannot open {real}: {e}") from None
-            free = _shm_free()
-            if free is not None and total > free:
-                raise InputError(f"cannot open {real}: it needs {total / MiB:.0f} MiB of shared "
-                                 f"memory but {SHM_DIR} has {free / MiB:.0f} MiB free")
-            shm = Segment(new_name(), total, create=True)
-            block = None
             try:
-                if self.control is not None:
-                    lay = control.layout([(name, p, mo.n_layer, mo.n_expert, k) for _, p, _, _, k in plan])
-                    block = control.ControlBlock.create(shm.name + "-ctl", lay)
-            except OSError as e:           # nothing half-made left in /dev/shm
-                shm.close()
-                raise InputError(f"cannot open {real}: its control block: {e}") from None
+                mem = make_memory({name: mo}, plan, total, self.memory.control is not None,
+                                  f"cannot open {real}: it")
+            except OSError as e:
+                raise InputError(f"cannot open {real}: its shared memory: {e}") from None
             self.cache.shrink(shrink)
-            self.cache.add_model(mo, plan, shm, block)
-            self.opened[name] = {"shm": shm, "control": block}
+            self.cache.add_model(mo, plan, mem.shm, mem.control)
+            self.opened[name] = mem
             log.info("opened %s on demand as %s: %s; %s", real, name,
                      ", ".join(f"{r.n_slots} {p} slots" for p, r in mo.regions.items()),
                      ", ".join(f"{m_} {p} down to {k}" for (m_, p), k in shrink.items())
@@ -384,30 +364,24 @@ class Daemon:
 
     def _model_info(self, name: str) -> dict:
         info = self.models[name].info()
-        extra = self.opened.get(name)
-        if extra is not None:
-            info.update(shm=extra["shm"].name, shm_size=extra["shm"].size)
-            if extra["control"] is not None:
-                cb = extra["control"]
-                info["control"] = {"shm": cb.seg.name, "size": cb.seg.size,
-                                   "rows_offset": cb.layout["rows_offset"],
-                                   "n_slots": cb.layout["n_slots"]}
+        mem = self.opened.get(name)
+        if mem is not None:
+            info.update(shm=mem.shm.name, shm_size=mem.shm.size)
+            if mem.control is not None:
+                info["control"] = mem.control.to_wire()
         return info
 
     def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
         if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
-            return self._error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
-                               f"clients, its limit (max_sessions {self.cfg.max_sessions})")
+            return self.out.error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
+                                  f"clients, its limit (max_sessions {self.cfg.max_sessions})")
         s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], peer)
-        extra = {}
-        if self.control is not None:
-            lay = self.control.layout
-            extra["control"] = {"shm": self.control.seg.name, "size": self.control.seg.size,
-                                "rows_offset": lay["rows_offset"], "n_slots": lay["n_slots"],
-                                "row": self.cache.owners[s.sid].row}
-        self._send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=self.shm.name,
-                   shm_size=self.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
+        mem, extra = self.memory, {}
+        if mem.control is not None:
+            extra["control"] = {**mem.control.to_wire(), "row": self.cache.owners[s.sid].row}
+        self.out.send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=mem.shm.name,
+                      shm_size=mem.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
                    models={n: self._model_info(n) for n in self.models}, **extra)
 
     async def _reap(self) -> None:
@@ -428,122 +402,7 @@ class Daemon:
             sd_notify(f"STATUS=serving {len(self.models)} models to {len(self.sessions)} "
                       f"clients; {hits} hits, {misses} misses")
 
-    # ---- commands ------------------------------------------------------------------------
-
-    def _on_request(self, s: Session, msg: dict) -> None:
-        """Answer SLOTS at once when every expert is a hit, else from a task that waits
-        for the misses' reads. Field types were checked by decode(); ranges here."""
-        try:
-            mo = self.cache.model(msg["model"])
-            layer, experts = msg["layer"], msg["experts"]
-            mo.check(layer, experts)
-            self.cache.check_pins(s.sid, mo, len(experts), self.cfg.client_pin_share)
-        except RequestError as e:
-            return self._error(s.ident, e.code, str(e), msg["id"])
-        scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
-        s.note_request()
-        seq, token = msg.get("seq"), msg.get("token")
-        if isinstance(seq, int) and isinstance(token, int):
-            mo.policy.begin(s.sid, seq, token, layer)
-            s.count_forward(seq, token, msg.get("tokens"))
-        slots = self.cache.try_hit(s.sid, mo, layer, experts, scores)
-        if slots is not None:
-            return self._reply_slots(s, msg["id"], slots)
-        s.inflight += 1              # before the task starts: the reaper must not drop s
-        t = asyncio.create_task(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
-        self._requests.add(t)
-        t.add_done_callback(self._requests.discard)
-
-    async def _serve_request(self, s: Session, mo: ModelCache, layer: int, experts: list,
-                             scores: list, rid: int) -> None:
-        try:
-            try:
-                slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
-            except RequestError as e:
-                if "stale:" in str(e):
-                    log.warning("%s", e)
-                if s.alive:
-                    return self._error(s.ident, e.code, str(e), rid)
-            except Exception as e:
-                if s.alive:
-                    log.error("request %s failed", rid, exc_info=e)
-                    return self._error(s.ident, "internal", f"hobbitd: {e!r}", rid)
-            if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
-                return self._error(s.ident, "no_session", "the session ended during the "
-                                   "request; say HELLO again", rid)
-            self._reply_slots(s, rid, slots)
-        except asyncio.CancelledError:
-            self._error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
-            raise
-        finally:
-            s.inflight -= 1
-            s.last_seen = max(s.last_seen, time.monotonic())   # it was waiting on us
-
-    def _reply_slots(self, s: Session, rid: int, slots: list) -> None:
-        self._send(s.ident, m.Cmd.SLOTS, id=rid, slots=[
-            None if g is None else [g.region.precision, g.index] for g in slots])
-        s.replied_at = time.monotonic()
-
-    def _on_hint(self, s: Session, msg: dict) -> None:
-        """Prefetch for a client's lookahead (ExpertCache.hint); the budget is the compute
-        time the client says comes before its next request, else its measured time between
-        requests (decode steps only: a prompt's pauses exceed GAP_MAX_S)."""
-        try:
-            mo = self.cache.model(msg["model"])
-            mo.check(msg["layer"], [])
-            for layer, experts in zip(msg["layers"], msg["experts"]):
-                mo.check(layer, experts)
-        except RequestError as e:
-            return self._error(s.ident, e.code, f"HINT: {e}")
-        compute_s = msg.get("compute_s")
-        self.cache.hint(s.sid, mo, msg["layers"], msg["experts"], msg["scores"],
-                        s.gap_s if compute_s is None else float(compute_s))
-
-    def _on_release(self, s: Session, msg: dict) -> None:
-        mo = self.models.get(msg["model"])
-        if mo is None:
-            return self._error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
-        self.cache.release(s.sid, mo, [tuple(item) for item in msg["slots"]
-                                       if isinstance(item, list) and len(item) == 2])
-
-    def _apply_batched(self, s: Session, msg: dict) -> None:
-        """A message's batched fields, before the message itself: releases of slots hobbitd
-        gave (RELEASE's), and hits the client pinned itself in its control-block row (HITS',
-        ExpertCache.count_hits; they also place the client in its sequence, and count its
-        forward when no request of that forward reached us)."""
-        mo = self.models.get(msg["model"]) if isinstance(msg.get("model"), str) else None
-        if mo is None:
-            return
-        if msg.get("release"):
-            self.cache.release(s.sid, mo, [tuple(item) for item in msg["release"]
-                                           if isinstance(item, list) and len(item) == 2])
-        hits = msg.get("hits")
-        if hits:
-            seq, token = msg.get("seq"), msg.get("token")
-            if isinstance(seq, int) and isinstance(token, int) and isinstance(hits[-1], list) \
-                    and hits[-1] and isinstance(hits[-1][0], int):
-                mo.policy.begin(s.sid, seq, token, hits[-1][0])
-                s.count_forward(seq, token, msg.get("tokens"))
-            self.cache.count_hits(s.sid, mo, hits)
-
-    def _on_resident(self, s: Session, msg: dict) -> None:
-        """Every expert of the model pinned for the session, or how far loading them is
-        (ExpertCache.resident); answered at once, never waiting for reads."""
-        try:
-            mo = self.cache.model(msg["model"])
-        except RequestError as e:
-            return self._error(s.ident, e.code, str(e), msg["id"])
-        self._send(s.ident, m.Cmd.RESIDENT_REPLY, id=msg["id"], **self.cache.resident(s.sid, mo))
-
-    def _on_used(self, s: Session, msg: dict) -> None:
-        mo = self.models.get(msg["model"])
-        if mo is None:
-            return self._error(s.ident, "unknown_model", f"USED: no model {msg['model']!r}")
-        s.count_forward(msg.get("seq"), msg.get("token"), msg.get("tokens"), msg.get("forwards", 1))
-        self.cache.count_used(s.sid, mo, msg["uses"])
-
-    def _on_stats(self, s: Session, msg: dict) -> None:
-        self._send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats())
+    # ---- STATS -------------------------------------------------------------------------
 
     def stats(self) -> dict:
         io = self.io
@@ -557,20 +416,6 @@ class Daemon:
                        "read_seconds": round(io.read_seconds, 6)}}
 
 
-def _remove_stale_segments() -> None:
-    """Shared memory of hobbitd processes that died (SIGKILL, OOM) before removing it."""
-    for name, size in remove_stale():
-        log.info("removed %s (%.0f MiB) left by a hobbitd that is gone", name, size / MiB)
-
-
-def _shm_free() -> int | None:
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
 def _peer_pid(frame) -> int | None:
     """The sending process's pid, as the kernel reported it for the unix socket (ZeroMQ's
     Peer-Address "host:uid:gid:pid" on ipc); None when unknown."""
@@ -580,7 +425,3 @@ def _peer_pid(frame) -> int | None:
         return None
     return pid if pid > 0 else None
 
-
-def _log_send_error(fut: asyncio.Future) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.debug("send failed: %s", fut.exception())

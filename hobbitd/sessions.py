@@ -64,7 +64,7 @@ class Session:
         """What hobbit-cli top shows per client; `owner`: its counts in the cache."""
         return {"name": self.name, "pid": self.pid,
                 "connected_s": round(time.monotonic() - self.connected, 3),
-                "experts": owner.experts, "hits": owner.hits, "misses": owner.misses,
+                "experts": owner.requested, "hits": owner.hits + owner.waits, "misses": owner.misses,
                 "skipped": owner.skipped, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens}
 
 

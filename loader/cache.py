@@ -1,10 +1,12 @@
-"""The expert cache: which slot holds which expert, pins, loads and prefetches.
+"""The expert cache: which slot holds which expert, pins, requests and hints.
 
-ExpertCache serves the models it is given (loader/models.py opens them and plans their
-regions) from one shared-memory Segment, reading through an IOEngine. It runs on one
-asyncio loop: every method must be called from that loop (the engine's reader threads
-hand completions back with loop.call_soon_threadsafe), so the loop never blocks on flash.
-It speaks no protocol: failures are RequestError carrying a wire error code.
+ExpertCache serves the models it is given (loader/served.py opens them and plans their
+regions) from one shared-memory Segment, reading through an IOEngine (loader/reads.py:
+the reads and prefetches). It runs on one asyncio loop: every method must be called from
+that loop (the engine's reader threads hand completions back with
+loop.call_soon_threadsafe), so the loop never blocks on flash. It speaks no protocol:
+failures are RequestError carrying a wire error code. Every expert asked for is counted
+(loader/counts.py) for its model and for its owner.
 
 Pins. Slots are pinned by owners, integer ids the caller chooses (hobbitd: one per client
 session, never reused). A slot returned by try_hit or acquire is pinned once for the owner:
@@ -29,49 +31,24 @@ from dataclasses import dataclass, field
 
 from ..protocol.errors import RequestError
 from .control import ControlBlock, SharedSlots
+from .counts import Counts, Outcome
 from .io_engine import DEMAND, PREFETCH, IOEngine
 from .model_cache import ModelCache
-from .pool import Region, Slot
-from .precision import HIGH, LOW, SKIP
+from .pool import Region, RegionPlan, Slot, SlotState
+from .precision import HIGH, SKIP
+from .reads import Reads, Signal
 from .shm import Segment
 
 EWMA = 0.2             # weight of a new sample in the prefetch budget's running averages
 
 
 @dataclass(eq=False)
-class Owner:
-    """What one owner holds, and what it asked for (per-client counts for hobbit-cli top)."""
+class Owner(Counts):
+    """What one owner holds; as Counts, what it asked for (per client, for hobbit-cli top)."""
     pins: Counter = field(default_factory=Counter)   # Slot -> pins held
     protected: list = field(default_factory=list)    # slots its last hint protects
     resident: set = field(default_factory=set)       # models whose every expert it pins
     row: int | None = None    # its pin row in the control block, if it pins hits itself
-    experts: int = 0
-    hits: int = 0             # served from the cache (including reads already in flight)
-    misses: int = 0
-    skipped: int = 0
-
-
-class Signal:
-    """Wake every waiter. Unlike asyncio.Condition, fire() needs no lock, so plain callbacks
-    (a release, a read completion) can call it."""
-
-    def __init__(self):
-        self._fut: asyncio.Future | None = None
-
-    def fire(self) -> None:
-        if self._fut is not None and not self._fut.done():
-            self._fut.set_result(None)
-        self._fut = None
-
-    async def wait(self, timeout: float) -> bool:
-        """True when fired within timeout seconds."""
-        if self._fut is None:
-            self._fut = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
-            return True
-        except asyncio.TimeoutError:
-            return False
 
 
 class NoSlot(Exception):
@@ -83,37 +60,37 @@ class NoSlot(Exception):
 
 
 class ExpertCache:
-    def __init__(self, models: dict[str, ModelCache], plan: list, shm: Segment, io: IOEngine,
-                 *, control: ControlBlock | None = None, slot_wait: float = 30.0,
+    def __init__(self, models: dict[str, ModelCache], plan: list[RegionPlan], shm: Segment,
+                 io: IOEngine, *, control: ControlBlock | None = None, slot_wait: float = 30.0,
                  prefetch: bool = True, prefetch_budget: bool = True):
-        """`plan`: loader.models.plan_cache's regions, placed in `shm`; control: the
+        """`plan`: loader.served.plan_cache's regions, placed in `shm`; control: the
         control block laid out for them (control.layout), or None: every hit is asked for.
         slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
         act on hints at all; prefetch_budget: only as many bytes as flash reads while the
         client computes."""
         self.models, self.io, self.control = models, io, control
-        self.slot_wait, self.prefetch, self.prefetch_budget = slot_wait, prefetch, prefetch_budget
+        self.slot_wait, self.prefetch = slot_wait, prefetch
         self._place(plan, shm, control)
         self.extra_controls: list[ControlBlock] = []   # those of models opened on demand
         self.owners: dict[int, Owner] = {}
         self.stopping = False
         self._freed = Signal()       # a slot may have become takeable (release, read done)
-        self._jobs: dict = {}        # (model, precision, key) -> ReadJob submitted, not completed
+        self.reads = Reads(io, self._freed, prefetch_budget)
 
-    def _place(self, plan: list, shm: Segment, control: ControlBlock | None) -> None:
-        for name, precision, fmt, offset, n in plan:
-            mo = self.models[name]
-            region = mo.regions[precision] = Region(name, precision, fmt, offset, n, shm, mo.n_expert)
+    def _place(self, plan: list[RegionPlan], shm: Segment, control: ControlBlock | None) -> None:
+        for r in plan:
+            mo = self.models[r.model]
+            region = mo.regions[r.precision] = Region(r.model, r.precision, r.format, r.offset,
+                                                      r.n_slots, shm, mo.n_expert)
             if control is not None:
-                at = control.layout["regions"][name, precision]
-                region.shared = SharedSlots(control, at["directory"], at["first_slot"],
-                                            mo.n_layer, mo.n_expert, n)
+                region.shared = SharedSlots(control, control.layout.regions[r.model, r.precision],
+                                            mo.n_layer, mo.n_expert, r.n_slots)
 
     # ---- models opened on demand ---------------------------------------------------------
 
-    def add_model(self, mo: ModelCache, plan: list, shm: Segment,
+    def add_model(self, mo: ModelCache, plan: list[RegionPlan], shm: Segment,
                   control: ControlBlock | None) -> None:
-        """Serve mo too: its regions `plan` (loader.models.plan_added) in a segment and a
+        """Serve mo too: its regions `plan` (loader.served.plan_added) in a segment and a
         control block of its own (the caller's, closed by the caller)."""
         self.models[mo.name] = mo
         self._place(plan, shm, control)
@@ -214,9 +191,14 @@ class ExpertCache:
                                f"{mo.name} and asks for {n_new} more: over the limit of "
                                f"{limit} per client; release slots before asking for more")
 
-    def _counts(self, owner: int) -> Owner:
-        # a closed owner's request still counts for the model; its own counts are dropped
-        return self.owners.get(owner) or Owner()
+    def _count(self, owner: int, mo: ModelCache, outcome: Outcome, precision: str | None = None,
+               n: int = 1) -> None:
+        """Count for mo and for owner (a closed owner's request still counts for the model;
+        its own counts are dropped)."""
+        mo.count(outcome, precision, n)
+        o = self.owners.get(owner)
+        if o is not None:
+            o.count(outcome, precision, n)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -227,7 +209,7 @@ class ExpertCache:
         precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
         slots = [None if p is SKIP else mo.regions[p].lookup((layer, e))
                  for e, p in zip(experts, precs)]
-        if any(s is None or s.state != "ready" for s, p in zip(slots, precs) if p is not SKIP):
+        if any(s is None or s.state != SlotState.READY for s, p in zip(slots, precs) if p is not SKIP):
             return None
         self._count_request(owner, mo, precs)
         for slot, p, sc in zip(slots, precs, scores):
@@ -292,7 +274,7 @@ class ExpertCache:
         region = mo.regions[HIGH]
         keys = [(il, e) for il in range(mo.n_layer) for e in range(mo.n_expert)]
         slots = [region.lookup(k) for k in keys]
-        ready = sum(s is not None and s.state == "ready" for s in slots)
+        ready = sum(s is not None and s.state == SlotState.READY for s in slots)
         if ready == total:
             o = self.owners.get(owner)
             if o is not None and mo.name not in o.resident:
@@ -307,9 +289,8 @@ class ExpertCache:
             try:
                 for key, slot in zip(keys, slots):
                     if slot is None and (slot := region.take(key, mo.policy, demand=False)) is not None:
-                        mo.misses += 1           # not cached, read: a miss nobody waits on
-                        mo.by_precision["misses_high"] += 1
-                        self._load(mo, slot, key, HIGH, PREFETCH)
+                        mo.count(Outcome.MISS, HIGH)   # read: a miss nobody waits on yet
+                        self.reads.load(mo, slot, key, HIGH, PREFETCH)
             finally:
                 self.io.unplug()
         return {"slots": None, "ready": ready, "total": total}
@@ -317,12 +298,8 @@ class ExpertCache:
     def count_used(self, owner: int, mo: ModelCache, uses: int) -> None:
         """A forward on resident experts used `uses` of them: hits in high precision."""
         uses = max(0, int(uses))
-        o = self._counts(owner)
-        mo.requested += uses
-        mo.hits += uses
-        mo.by_precision["hits_high"] += uses
-        o.experts += uses
-        o.hits += uses
+        self._count(owner, mo, Outcome.REQUESTED, n=uses)
+        self._count(owner, mo, Outcome.HIT, HIGH, uses)
 
     def count_hits(self, owner: int, mo: ModelCache, hits: list) -> None:
         """Hits owner pinned itself (control block): hits [[layer, experts, slots, scores]],
@@ -355,19 +332,14 @@ class ExpertCache:
                 if region is None or not isinstance(index, int) or not 0 <= index < region.n_slots:
                     continue
                 slot = region.slots[index]
-                if slot.key == (layer, e) and slot.state == "ready":
+                if slot.key == (layer, e) and slot.state == SlotState.READY:
                     self._hit(owner, mo, slot, float(sc) <= mo.thresholds.t1, waited=False, pin=False)
                 else:
-                    mo.hits += 1
-                    self._counts(owner).hits += 1
-                    mo.by_precision[f"hits_{h[0]}"] += 1
+                    self._count(owner, mo, Outcome.HIT, h[0])
 
     def _count_request(self, owner: int, mo: ModelCache, precs: list) -> None:
-        o = self._counts(owner)
-        mo.requested += len(precs)
-        mo.skipped += precs.count(SKIP)
-        o.experts += len(precs)
-        o.skipped += precs.count(SKIP)
+        self._count(owner, mo, Outcome.REQUESTED, n=len(precs))
+        self._count(owner, mo, Outcome.SKIP, n=precs.count(SKIP))
 
     def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool,
              pin: bool = True, count: bool = True) -> None:
@@ -382,12 +354,7 @@ class ExpertCache:
         if slot.prefetched:       # a prefetch that paid off
             slot.prefetched = False
             mo.prefetch_used += 1
-        if waited:
-            mo.waits += 1
-        else:
-            mo.hits += 1
-        self._counts(owner).hits += 1
-        mo.by_precision[f"hits_{slot.region.precision}"] += 1
+        self._count(owner, mo, Outcome.WAIT if waited else Outcome.HIT, slot.region.precision)
 
     async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
                        important: bool, counted: set) -> Slot:
@@ -399,16 +366,13 @@ class ExpertCache:
         waited = False
         while True:
             slot = region.lookup(key)
-            if slot is not None and slot.state == "ready":
+            if slot is not None and slot.state == SlotState.READY:
                 self._hit(owner, mo, slot, important, waited, count=key not in counted)
                 counted.add(key)
                 return slot
             if slot is not None:      # loading (for someone else, or a prefetch): share that read
                 waited = True
-                job = self._jobs.get((mo.name, prec, key))
-                if job is not None:
-                    self.io.promote(job.key)     # a demand overtakes the prefetch queue
-                await asyncio.shield(mo.loads[prec, key])
+                await self.reads.join(mo, prec, key)
                 continue
             if self.stopping:         # hits still count while draining; no new reads or waits
                 raise RequestError("shutting_down", "hobbitd is shutting down")
@@ -418,12 +382,10 @@ class ExpertCache:
             fresh = key not in counted
             counted.add(key)
             if fresh:
-                mo.misses += 1
-                self._counts(owner).misses += 1
-                mo.by_precision[f"misses_{prec}"] += 1
+                self._count(owner, mo, Outcome.MISS, prec)
             self._pin(owner, slot)    # pinned before the read: nobody can take it meanwhile
             try:
-                await asyncio.shield(self._load(mo, slot, key, prec, DEMAND))
+                await asyncio.shield(self.reads.load(mo, slot, key, prec, DEMAND))
             except BaseException:
                 self._unpin(owner, slot)
                 raise
@@ -434,72 +396,15 @@ class ExpertCache:
     @staticmethod
     def _use(mo: ModelCache, slot: Slot, owner: int, important: bool) -> None:
         """owner used slot now: tell the policy, and note the time (a model opened on
-        demand takes the slots used longest ago, loader.models.plan_added)."""
+        demand takes the slots used longest ago, loader.served.plan_added)."""
         mo.policy.touch(slot, owner, important)
         slot.used_at = time.monotonic()
 
-    # ---- loads ---------------------------------------------------------------------------
-
-    def _load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: int) -> asyncio.Future:
-        """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
-        threads. The future resolves when the slot is ready; the slot's state is settled
-        by _loaded, whoever is (still) waiting. A low-precision image is checksummed the
-        first time this daemon reads it, and on every read once the file is not the one
-        opened (`ModelCache.changed`, a stat): a crc32 of every read cost a third of decode
-        speed at a 25 % cache (BENCHMARKS.md)."""
-        from .companion import check_image, slot_image_offset
-
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
-        mo.loads[prec, key] = fut
-        src = mo.source_of(prec)
-        base = slot.region.segment.address + slot.offset
-        verify = None
-        if prec == LOW:   # one aligned read of the whole slot image, then its crc32
-            segments = [(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
-            if key not in mo.verified or mo.changed(LOW):
-                def verify(job):          # on a reader thread; raises on a mismatch
-                    check_image(src, mo.crcs, key[0], key[1], base)
-                    mo.verified.add(key)
-        else:
-            segments = [(src.path, off, n, base + o)
-                        for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))]
-        t0 = time.monotonic()
-
-        def done(job, error):          # on a reader thread
-            try:
-                loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
-            except RuntimeError:
-                pass                   # the loop is closed: the process is exiting
-
-        jkey = (mo.name, prec, key)
-        self._jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
-        return fut
-
-    def _loaded(self, mo, slot, key, prec, fut, t0, error) -> None:
-        from .companion import ChecksumError
-
-        self._jobs.pop((mo.name, prec, key), None)
-        if mo.loads.get((prec, key)) is fut:
-            del mo.loads[prec, key]
-        if error is not None:
-            mo.regions[prec].drop(slot)
-            code = "checksum" if isinstance(error, ChecksumError) else "io"
-            # truncated or replaced while served: say so (what is cached may be stale too)
-            note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
-            fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
-                                                 f"{key[1]} ({prec}): {error}{note}"))
-        else:
-            mo.regions[prec].ready(slot)
-            mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])
-            mo.read_seconds += time.monotonic() - t0
-            fut.set_result(slot)
-        self._freed.fire()
+    # ---- reads (loader/reads.py) and draining -------------------------------------------
 
     def reads_running(self) -> bool:
         """A reader thread is writing into the shared memory right now."""
-        return any(j.state == "running" for j in self._jobs.values())
+        return self.reads.running()
 
     def stop(self) -> None:
         """Start draining: no new reads or waits; requests waiting for a slot fail with
@@ -528,7 +433,7 @@ class ExpertCache:
             return
         for slot in o.protected:           # superseded by this newer prediction
             slot.protected = False
-            self._cancel_prefetch(mo, slot)
+            self.reads.cancel_prefetch(mo, slot)
         o.protected = []
         if not self.prefetch or self.stopping or self.io.pending():
             return    # reads are queued already: a guess must not delay a demand load
@@ -546,40 +451,5 @@ class ExpertCache:
                     slot.protected = True      # keep what the next layers will use
                     o.protected.append(slot)
             if missing:
-                return self._prefetch(o, mo, missing, self._budget(mo, compute_s))
-
-    def _prefetch(self, o: Owner, mo: ModelCache, missing: list, budget: float) -> None:
-        self.io.plug()
-        try:
-            for i, (key, prec) in enumerate(missing):   # most important first
-                budget -= mo.source_of(prec).expert_bytes(key[0])
-                if budget < 0 and i > 0:
-                    break
-                slot = mo.regions[prec].take(key, mo.policy, demand=False)
-                if slot is None:
-                    break
-                slot.protected = slot.prefetched = True
-                o.protected.append(slot)
-                mo.prefetched += 1
-                self._load(mo, slot, key, prec, PREFETCH)
-        finally:
-            self.io.unplug()
-
-    def _budget(self, mo: ModelCache, compute_s: float | None) -> float:
-        """Bytes worth prefetching now: the client's compute time per layer times the rate
-        demand loads were served at."""
-        if not self.prefetch_budget or compute_s is None or mo.demand_Bps is None:
-            return float("inf")
-        return compute_s * mo.demand_Bps
-
-    def _cancel_prefetch(self, mo: ModelCache, slot: Slot) -> None:
-        """Drop a superseded prefetch that has not started reading; its slot is freed."""
-        prec, key = slot.region.precision, slot.key
-        if slot.state != "loading" or key is None or not self.io.cancel((mo.name, prec, key)):
-            return
-        self._jobs.pop((mo.name, prec, key), None)
-        fut = mo.loads.pop((prec, key), None)
-        slot.region.drop(slot)
-        if fut is not None and not fut.done():
-            fut.set_exception(RequestError("io", "prefetch superseded"))
-        self._freed.fire()
+                o.protected += self.reads.prefetch(mo, missing, compute_s)
+                return

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,34 +64,46 @@ def fence() -> None:
         raise OSError(ctypes.get_errno(), "membarrier failed")
 
 
-def layout(regions: list[tuple]) -> dict:
+class RegionAt(NamedTuple):
+    """Where one region's entries are in a control block."""
+    directory: int     # byte offset of its int32 [n_layer, n_expert] directory
+    first_slot: int    # its slot 0's column in the pin rows
+
+
+@dataclass(frozen=True)
+class ControlLayout:
+    size: int                                      # bytes of the block
+    rows_offset: int                               # byte offset of the int32 [PIN_ROWS, n_slots] rows
+    n_slots: int                                   # the slots of every region, one column each
+    regions: dict[tuple[str, str], RegionAt]       # (model, precision) -> its entries
+
+
+def layout(regions: list[tuple[str, str, int, int, int]]) -> ControlLayout:
     """Where things are in a control block for regions [(model, precision, n_layer,
-    n_expert, n_slots)]: {"size", "rows_offset", "n_slots", "regions": {(model,
-    precision): {"directory", "first_slot"}}}; offsets in bytes, int32 entries."""
+    n_expert, n_slots)]; offsets in bytes, int32 entries."""
     at, first, out = HEADER, 0, {}
     for model, prec, n_layer, n_expert, n_slots in regions:
-        out[model, prec] = {"directory": at, "first_slot": first}
+        out[model, prec] = RegionAt(at, first)
         at += 4 * n_layer * n_expert
         first += n_slots
     at = -(-at // 64) * 64
-    return {"size": at + 4 * PIN_ROWS * max(first, 1), "rows_offset": at, "n_slots": first,
-            "regions": out}
+    return ControlLayout(at + 4 * PIN_ROWS * max(first, 1), at, first, out)
 
 
 class ControlBlock:
     """A mapped control block (hobbitd creates it; clients attach to it writable)."""
 
-    def __init__(self, seg: Segment, rows_offset: int, n_slots: int, lay: dict | None = None):
+    def __init__(self, seg: Segment, rows_offset: int, n_slots: int, lay: ControlLayout | None = None):
         self.seg, self.layout = seg, lay
-        self.n_slots = n_slots
+        self.rows_offset, self.n_slots = rows_offset, n_slots
         self.rows = np.ndarray((PIN_ROWS, max(n_slots, 1)), np.int32, seg.mm, rows_offset)
         self.free_rows = list(range(PIN_ROWS - 1, -1, -1))
 
     @classmethod
-    def create(cls, name: str, lay: dict) -> "ControlBlock":
-        seg = Segment(name, lay["size"], create=True)
-        seg.mm[:HEADER] = (MAGIC + struct.pack("<II", PIN_ROWS, lay["n_slots"])).ljust(HEADER, b"\0")
-        return cls(seg, lay["rows_offset"], lay["n_slots"], lay)
+    def create(cls, name: str, lay: ControlLayout) -> "ControlBlock":
+        seg = Segment(name, lay.size, create=True)
+        seg.mm[:HEADER] = (MAGIC + struct.pack("<II", PIN_ROWS, lay.n_slots)).ljust(HEADER, b"\0")
+        return cls(seg, lay.rows_offset, lay.n_slots, lay)
 
     @classmethod
     def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> "ControlBlock":
@@ -98,6 +112,12 @@ class ControlBlock:
             seg.close()
             raise OSError(f"shared memory {name} is not a hobbit control block")
         return cls(seg, rows_offset, n_slots)
+
+    def to_wire(self) -> dict:
+        """What a client needs to attach this block: attach()'s arguments (the protocol's
+        control {shm, size, rows_offset, n_slots})."""
+        return {"shm": self.seg.name, "size": self.seg.size, "rows_offset": self.rows_offset,
+                "n_slots": self.n_slots}
 
     def directory(self, offset: int, n_layer: int, n_expert: int) -> np.ndarray:
         """The int32 [n_layer, n_expert] directory at `offset` (a view into the block)."""
@@ -120,11 +140,10 @@ class SharedSlots:
     """hobbitd's side of one region in the control block: publish ready slots, evict
     only slots no client pinned."""
 
-    def __init__(self, cb: ControlBlock, offset: int, first_slot: int, n_layer: int,
-                 n_expert: int, n_slots: int):
-        self.offset, self.first_slot = offset, first_slot     # what a client needs to find them
-        self.dir = cb.directory(offset, n_layer, n_expert)
-        self.pins = cb.rows[:, first_slot:first_slot + n_slots]
+    def __init__(self, cb: ControlBlock, at: RegionAt, n_layer: int, n_expert: int, n_slots: int):
+        self.offset, self.first_slot = at      # what a client needs to find them
+        self.dir = cb.directory(at.directory, n_layer, n_expert)
+        self.pins = cb.rows[:, at.first_slot:at.first_slot + n_slots]
         self.dir[:] = -1
 
     def publish(self, slot) -> None:

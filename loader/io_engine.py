@@ -11,6 +11,7 @@ emulates slower flash (SD card, eMMC).
 from __future__ import annotations
 
 import ctypes
+import enum
 import heapq
 import itertools
 import mmap
@@ -18,30 +19,53 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .layout import PAGE, align
 
-DEMAND, PREFETCH = 0, 1
+
+class Priority(enum.IntEnum):
+    """A read's place in the queue: lower first."""
+    DEMAND = 0      # a request waits for it
+    PREFETCH = 1    # a guess: read while nobody waits
+
+
+DEMAND, PREFETCH = Priority.DEMAND, Priority.PREFETCH
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"        # taken by a reader (alone or merged into another's read)
+    CANCELLED = "cancelled"    # dropped, or replaced by its promotion: its heap entry is skipped
+    DONE = "done"
+
+
+class ReadSegment(NamedTuple):
+    """One contiguous read: `nbytes` at `offset` of the file at `path`, into memory at `dest`."""
+    path: str
+    offset: int
+    nbytes: int
+    dest: int
+
 MERGE_BYTES = 16 << 20    # longest merged read (and bounce buffer per reader thread)
 MERGE_PART = 1 << 20      # parts this long already read at full speed: not merged (no copy)
 
 
 @dataclass(order=True)
 class ReadJob:
-    """Read `segments` [(path, file offset, nbytes, destination address)], then call
+    """Read `segments` [ReadSegment], then call
     done(job, error) from the reader thread (error None on success). `verify(job)` may
     raise to reject what was read (e.g. a checksum). A destination is page-aligned, or
     as far past a page boundary as its file offset is (the bytes from that boundary are
     the caller's too: it is read in place); either way with align(nbytes) + PAGE bytes of
     room from the page boundary."""
-    priority: int
+    priority: Priority
     seq: int
     key: object = field(compare=False)
-    segments: list = field(compare=False)
+    segments: list[ReadSegment] = field(compare=False)
     done: Callable = field(compare=False)
     verify: Callable | None = field(compare=False, default=None)
-    state: str = field(compare=False, default="queued")   # queued, running, cancelled, done
+    state: JobState = field(compare=False, default=JobState.QUEUED)
 
 
 class IOEngine:
@@ -69,8 +93,11 @@ class IOEngine:
 
     # ---- queue ---------------------------------------------------------------------------
 
-    def submit(self, key, segments, priority: int, done, verify=None) -> ReadJob:
-        job = ReadJob(priority, next(self._seq), key, segments, done, verify)
+    def submit(self, key, segments, priority: Priority, done, verify=None) -> ReadJob:
+        """Queue a ReadJob for `segments` (ReadSegments, or tuples of their four fields)
+        under `key` (unique among the jobs not completed)."""
+        job = ReadJob(Priority(priority), next(self._seq), key,
+                      [ReadSegment(*s) for s in segments], done, verify)
         with self._cv:
             self._jobs[key] = job
             heapq.heappush(self._heap, job)
@@ -94,10 +121,10 @@ class IOEngine:
         """Make a queued prefetch a demand load. False if it is not queued any more."""
         with self._cv:
             job = self._jobs.get(key)
-            if job is None or job.state != "queued":
+            if job is None or job.state != JobState.QUEUED:
                 return False
             if job.priority != DEMAND:
-                job.state = "cancelled"            # the old heap entry is skipped when popped
+                job.state = JobState.CANCELLED      # the old heap entry is skipped when popped
                 new = ReadJob(DEMAND, next(self._seq), key, job.segments, job.done, job.verify)
                 self._jobs[key] = new
                 heapq.heappush(self._heap, new)
@@ -109,9 +136,9 @@ class IOEngine:
         prefetch promoted to a demand is kept unless prefetch_only is False."""
         with self._cv:
             job = self._jobs.get(key)
-            if job is None or job.state != "queued" or (prefetch_only and job.priority != PREFETCH):
+            if job is None or job.state != JobState.QUEUED or (prefetch_only and job.priority != PREFETCH):
                 return False
-            job.state = "cancelled"
+            job.state = JobState.CANCELLED
             del self._jobs[key]
             return True
 
@@ -141,9 +168,9 @@ class IOEngine:
                 if self._stop:
                     return
                 job = heapq.heappop(self._heap)
-                if job.state != "queued":
+                if job.state != JobState.QUEUED:
                     continue
-                job.state = "running"
+                job.state = JobState.RUNNING
                 batch = self._take_adjacent(job)
             errors = {}
             try:
@@ -159,7 +186,7 @@ class IOEngine:
                         errors[id(j)] = e
             with self._cv:
                 for j in batch:
-                    j.state = "done"
+                    j.state = JobState.DONE
                     if self._jobs.get(j.key) is j:
                         del self._jobs[j.key]
             for j in batch:
@@ -174,20 +201,21 @@ class IOEngine:
         if not _short(job):
             return [job]
         batch, size = [job], _nbytes(job)
-        ends = {(p, off + n) for p, off, n, _ in job.segments}
-        starts = {(p, off) for p, off, _, _ in job.segments}
+        ends = {(s.path, s.offset + s.nbytes) for s in job.segments}
+        starts = {(s.path, s.offset) for s in job.segments}
         grew = True
         while grew and size < MERGE_BYTES:
             grew = False
             for other in self._heap:
-                if other.state != "queued" or not _short(other) or not any(
-                        (p, off) in ends or (p, off + n) in starts for p, off, n, _ in other.segments):
+                if other.state != JobState.QUEUED or not _short(other) or not any(
+                        (s.path, s.offset) in ends or (s.path, s.offset + s.nbytes) in starts
+                        for s in other.segments):
                     continue
-                other.state = "running"     # its heap entry is skipped when popped
+                other.state = JobState.RUNNING     # its heap entry is skipped when popped
                 batch.append(other)
                 size += _nbytes(other)
-                ends |= {(p, off + n) for p, off, n, _ in other.segments}
-                starts |= {(p, off) for p, off, _, _ in other.segments}
+                ends |= {(s.path, s.offset + s.nbytes) for s in other.segments}
+                starts |= {(s.path, s.offset) for s in other.segments}
                 grew = True
         return batch
 
@@ -215,12 +243,12 @@ class IOEngine:
         if finish > now:
             time.sleep(finish - now)   # the emulated device is busy until then
 
-    def _read_run(self, run: list, bounce: "_Bounce") -> None:
-        """Read segments [(path, off, n, dest)] that follow each other in one file: one
-        segment straight into its destination, several with one read into the bounce
-        buffer and a copy to each destination."""
-        path, start = run[0][0], run[0][1]
-        end = run[-1][1] + run[-1][2]
+    def _read_run(self, run: list[ReadSegment], bounce: "_Bounce") -> None:
+        """Read segments that follow each other in one file: one segment straight into its
+        destination, several with one read into the bounce buffer and a copy to each
+        destination."""
+        path, start = run[0].path, run[0].offset
+        end = run[-1].offset + run[-1].nbytes
         fd, direct = self._fd(path)
         self._throttle(end - start)
         t0 = time.perf_counter()
@@ -228,7 +256,7 @@ class IOEngine:
         length = align(end - start + skip) if direct else end - start
         in_place, moved = False, 0
         if len(run) == 1:
-            dest = run[0][3]     # room for align(n) + PAGE bytes: see ReadJob
+            dest = run[0].dest   # room for align(n) + PAGE bytes: see ReadJob
             in_place = skip and (dest - skip) % PAGE == 0
             if in_place:         # the data lands at dest: no move after the read
                 dest -= skip
@@ -242,8 +270,8 @@ class IOEngine:
                 ctypes.memmove(dest, dest + skip, end - start)   # the part starts mid-page
                 moved = end - start
         else:
-            for _, off, n, to in run:
-                ctypes.memmove(to, dest + skip + off - start, n)
+            for seg in run:
+                ctypes.memmove(seg.dest, dest + skip + seg.offset - start, seg.nbytes)
         dt = time.perf_counter() - t0
         with self._fd_lock:
             self.bytes_read += end - start
@@ -254,20 +282,20 @@ class IOEngine:
 
 
 def _nbytes(job: ReadJob) -> int:
-    return sum(n for _, _, n, _ in job.segments)
+    return sum(s.nbytes for s in job.segments)
 
 
 def _short(job: ReadJob) -> bool:
-    return max(n for _, _, n, _ in job.segments) < MERGE_PART
+    return max(s.nbytes for s in job.segments) < MERGE_PART
 
 
-def _runs(batch: list[ReadJob]) -> list[list]:
+def _runs(batch: list[ReadJob]) -> list[list[ReadSegment]]:
     """The batch's segments sorted by file and offset, cut where they stop touching."""
-    segs = sorted((s for j in batch for s in j.segments), key=lambda s: (s[0], s[1]))
-    runs = []
+    segs = sorted((s for j in batch for s in j.segments), key=lambda s: (s.path, s.offset))
+    runs: list[list[ReadSegment]] = []
     for seg in segs:
         last = runs[-1][-1] if runs else None
-        if last is not None and last[0] == seg[0] and last[1] + last[2] == seg[1]:
+        if last is not None and last.path == seg.path and last.offset + last.nbytes == seg.offset:
             runs[-1].append(seg)
         else:
             runs.append([seg])

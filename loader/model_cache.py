@@ -1,23 +1,24 @@
 """One served model's share of the cache: its sources, regions, rule, policy and counters.
 
 A ModelCache is plain state; loader/cache.py's ExpertCache acts on it (lookups, loads,
-pins) and loader/models.py builds it. Keys are (layer, expert); precisions are
+pins) and loader/served.py builds it. Keys are (layer, expert); precisions are
 loader.precision's HIGH and LOW.
 """
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 
 from ..protocol.errors import RequestError
+from .counts import Counts
 from .layout import ExpertSource
 from .policy import EvictionPolicy
 from .precision import HIGH, LOW, Thresholds, decide
 
 
 @dataclass(eq=False)
-class ModelCache:
+class ModelCache(Counts):
+    """As Counts: the experts asked of this model, and how each was served."""
     name: str
     path: str                 # realpath of the GGUF
     n_layer: int
@@ -32,13 +33,6 @@ class ModelCache:
     calibrated: bool = False
     regions: dict = field(default_factory=dict)      # precision -> Region
     loads: dict = field(default_factory=dict)        # (precision, key) -> Future of its read
-    # hits + waits + misses + skipped = experts requested; waits: hits on a read in flight
-    requested: int = 0
-    hits: int = 0
-    misses: int = 0
-    waits: int = 0
-    skipped: int = 0
-    by_precision: Counter = field(default_factory=Counter)   # "hits_high", "misses_low", ...
     prefetched: int = 0        # prefetch reads issued
     prefetch_used: int = 0     # prefetched slots a request then hit
     bytes_read: int = 0

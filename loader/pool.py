@@ -11,12 +11,24 @@ touches it from its event loop only.
 """
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .layout import PAGE, SlotFormat, align
+
+if TYPE_CHECKING:
+    from .control import SharedSlots
+
+
+class SlotState(enum.StrEnum):
+    FREE = "free"
+    LOADING = "loading"      # the I/O engine is filling it
+    READY = "ready"          # holds its expert: may be served (and published)
+    RETIRED = "retired"      # given up by shrink(), its memory given back
 
 
 @dataclass(eq=False)
@@ -24,7 +36,7 @@ class Slot:
     region: "Region"
     index: int
     key: tuple | None = None            # (layer, expert) held, None when empty
-    state: str = "free"                 # free, loading, ready; retired (given up by shrink)
+    state: SlotState = SlotState.FREE
     pins: Counter = field(default_factory=Counter)   # owner -> count
     last_use: int = 0                   # policy bookkeeping (token clock)
     uses: int = 0
@@ -34,7 +46,7 @@ class Slot:
 
     @property
     def evictable(self) -> bool:
-        return self.state != "loading" and not self.pins and not self.protected
+        return self.state != SlotState.LOADING and not self.pins and not self.protected
 
     @property
     def offset(self) -> int:
@@ -53,7 +65,7 @@ class Region:
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
         self.free = self.slots[::-1]        # empty slots; take() pops from the end
-        self.shared = None                  # control.SharedSlots, when clients pin hits
+        self.shared: SharedSlots | None = None   # when clients pin hits
         self.retiring: list[Slot] = []      # given up by shrink(), memory not given back yet
 
     def lookup(self, key: tuple) -> Slot | None:
@@ -70,11 +82,11 @@ class Region:
             slot = self._victim([s for s in live if s.evictable], policy)
             if slot is None and demand:
                 slot = self._victim([s for s in live if s.protected and not s.pins
-                                     and s.state != "loading"], policy)
+                                     and s.state != SlotState.LOADING], policy)
             if slot is None:
                 return None
             del self.by_key[slot.key]
-        slot.key, slot.state, slot.uses, slot.protected = key, "loading", 0, False
+        slot.key, slot.state, slot.uses, slot.protected = key, SlotState.LOADING, 0, False
         slot.prefetched = False
         policy.reset(slot)
         self.by_key[key] = slot
@@ -89,7 +101,7 @@ class Region:
             return None
         if self.n_expert and self.n_slots:
             home = self.slots[(key[0] * self.n_expert + key[1]) % self.n_slots]
-            if home.state == "free":
+            if home.state == SlotState.FREE:
                 self.free.remove(home)
                 return home
         return self.free.pop()
@@ -101,7 +113,7 @@ class Region:
 
     def ready(self, slot: Slot) -> None:
         """Its read completed: it may be served (and, published, pinned by clients)."""
-        slot.state = "ready"
+        slot.state = SlotState.READY
         if self.shared is not None and slot.index < self.n_slots:   # a retired one: never
             self.shared.publish(slot)
 
@@ -111,9 +123,9 @@ class Region:
             self.shared.unpublish(slot)
         if slot.key is not None and self.by_key.get(slot.key) is slot:
             del self.by_key[slot.key]
-        if (slot.key is not None or slot.state != "free") and slot.index < self.n_slots:
+        if (slot.key is not None or slot.state != SlotState.FREE) and slot.index < self.n_slots:
             self.free.append(slot)
-        slot.key, slot.state, slot.protected = None, "free", False
+        slot.key, slot.state, slot.protected = None, SlotState.FREE, False
 
     def shrink(self, n: int) -> None:
         """Keep slots [0, n) (a model opened on demand takes the memory of the others): the
@@ -139,10 +151,10 @@ class Region:
         held = self.shared.pinned() if self.shared is not None else None
         keep = []
         for slot in self.retiring:
-            if slot.pins or slot.state == "loading" or (held is not None and held[slot.index]):
+            if slot.pins or slot.state == SlotState.LOADING or (held is not None and held[slot.index]):
                 keep.append(slot)
                 continue
-            slot.key, slot.state = None, "retired"
+            slot.key, slot.state = None, SlotState.RETIRED
             if self.segment is not None:
                 self.segment.discard(slot.offset, self.format.slot_bytes)
         done, self.retiring = len(self.retiring) - len(keep), keep
@@ -151,18 +163,31 @@ class Region:
     def counts(self) -> dict:
         live = self.slots[:self.n_slots]
         shared = self.shared.pinned() if self.shared is not None else np.zeros(len(self.slots), bool)
-        return {"slots": self.n_slots, "ready": sum(s.state == "ready" for s in live),
-                "loading": sum(s.state == "loading" for s in live),
+        return {"slots": self.n_slots, "ready": sum(s.state == SlotState.READY for s in live),
+                "loading": sum(s.state == SlotState.LOADING for s in live),
                 "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in live),
                 "retiring": len(self.retiring), "slot_bytes": self.format.slot_bytes}
 
 
-def plan_regions(specs, total_bytes: int) -> list[tuple]:
+class RegionPlan(NamedTuple):
+    """Where one region goes in its segment: n_slots slots of `format` from byte `offset`."""
+    model: str
+    precision: str
+    format: SlotFormat
+    offset: int
+    n_slots: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.format.slot_bytes
+
+
+def plan_regions(specs, total_bytes: int) -> list[RegionPlan]:
     """Split total_bytes among specs [(model, precision, SlotFormat, share)] (shares sum
-    to 1 per model count) into (model, precision, fmt, offset, n_slots), page-aligned."""
+    to 1 per model count) into regions, page-aligned."""
     out, at = [], 0
     for model, precision, fmt, share in specs:
         n = max(1, int(total_bytes * share) // fmt.slot_bytes)
-        out.append((model, precision, fmt, at, n))
+        out.append(RegionPlan(model, precision, fmt, at, n))
         at = align(at + n * fmt.slot_bytes, PAGE)
     return out

@@ -63,38 +63,32 @@ MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is gene
 
 
 class Cmd(enum.IntEnum):
-    HELLO = 1
-    WELCOME = 2
-    REQUEST = 3
-    SLOTS = 4
-    HINT = 5
-    RELEASE = 6
+    """The commands: each one's number on the wire (append-only: a number once given is
+    never reused) and its required fields with their types, checked on decode (the daemon
+    never trusts input); the optional fields are in the table above."""
+    required: dict[str, type]
+
+    def __new__(cls, number: int, required: dict[str, type] | None = None):
+        member = int.__new__(cls, number)
+        member._value_ = number
+        member.required = required or {}
+        return member
+
+    HELLO = 1, {"version": int}
+    WELCOME = 2, {"version": int, "shm": str, "models": dict}
+    REQUEST = 3, {"id": int, "model": str, "layer": int, "experts": list}
+    SLOTS = 4, {"id": int, "slots": list}
+    HINT = 5, {"model": str, "layer": int, "layers": list, "experts": list, "scores": list}
+    RELEASE = 6, {"model": str, "slots": list}
     STATS = 7
-    STATS_REPLY = 8
+    STATS_REPLY = 8, {"stats": dict}
     HEARTBEAT = 9
-    ERROR = 10
+    ERROR = 10, {"code": str, "message": str}
     BYE = 11
-    RESIDENT = 12
-    RESIDENT_REPLY = 13
-    USED = 14
-    HITS = 15
-
-
-# required fields and their types, checked on decode (the daemon never trusts input)
-_FIELDS = {
-    Cmd.HELLO: {"version": int},
-    Cmd.REQUEST: {"id": int, "model": str, "layer": int, "experts": list},
-    Cmd.HINT: {"model": str, "layer": int, "layers": list, "experts": list, "scores": list},
-    Cmd.RELEASE: {"model": str, "slots": list},
-    Cmd.SLOTS: {"id": int, "slots": list},
-    Cmd.WELCOME: {"version": int, "shm": str, "models": dict},
-    Cmd.ERROR: {"code": str, "message": str},
-    Cmd.STATS_REPLY: {"stats": dict},
-    Cmd.RESIDENT: {"id": int, "model": str},
-    Cmd.RESIDENT_REPLY: {"id": int, "ready": int, "total": int},
-    Cmd.USED: {"model": str, "uses": int},
-    Cmd.HITS: {"model": str, "hits": list},
-}
+    RESIDENT = 12, {"id": int, "model": str}
+    RESIDENT_REPLY = 13, {"id": int, "ready": int, "total": int}
+    USED = 14, {"model": str, "uses": int}
+    HITS = 15, {"model": str, "hits": list}
 
 
 def encode(cmd: Cmd, **fields) -> list[bytes]:
@@ -123,7 +117,7 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
         cmd = Cmd(msg.pop("cmd"))
     except ValueError:
         raise ProtocolError("unknown_command", "unknown command number") from None
-    for name, typ in _FIELDS.get(cmd, {}).items():
+    for name, typ in cmd.required.items():
         if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
     for name in ("release", "hits"):      # optional batched fields; entries are checked on use

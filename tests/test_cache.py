@@ -15,7 +15,7 @@ import pytest
 from hobbit.loader import companion
 from hobbit.loader.cache import ExpertCache
 from hobbit.loader.io_engine import IOEngine
-from hobbit.loader.models import ModelOptions, open_models, plan_cache
+from hobbit.loader.served import ModelOptions, open_served_all, plan_cache
 from hobbit.loader.precision import HIGH, LOW
 from hobbit.loader.shm import Segment, new_name
 from hobbit.protocol.errors import RequestError
@@ -52,7 +52,7 @@ def cache_of(path, slots=4, slot_wait=0.2, io_threads=2, **options):
     """An ExpertCache of `path` with `slots` slots (the minimum is one layer: 4), high
     precision only unless options say otherwise; owners 1 and 2 opened."""
     opts = ModelOptions(**{"low_type": "none", "policy": "lru", **options})
-    models = open_models([path], opts)
+    models = open_served_all([path], opts)
     mo = models["m"]
     fmt = (mo.low if opts.low_only else mo.source).format
     plan, total = plan_cache(models, slots * fmt.slot_bytes, 0.25)
@@ -313,14 +313,14 @@ async def test_a_model_opened_on_demand_takes_its_share_from_the_least_used(mode
     """plan_added: of two served models, the idle one gives up its spare slots before the
     busy one gives any (the slots used longest ago go first); with nothing used yet both
     give alike. Every region keeps one layer's experts (4 slots)."""
-    from hobbit.loader.models import open_model, plan_added
+    from hobbit.loader.served import open_served, plan_added
 
     opts = ModelOptions(low_type="none", policy="lru")
     paths = {}
     for name in ("a", "b", "c"):
         paths[name] = str(tmp_path / f"{name}.gguf")
         shutil.copy(model, paths[name])
-    models = open_models([paths["a"], paths["b"]], opts)
+    models = open_served_all([paths["a"], paths["b"]], opts)
     slot_bytes = models["a"].source.format.slot_bytes
     size = 16 * slot_bytes
     plan, total = plan_cache(models, size, 0.25)
@@ -331,7 +331,7 @@ async def test_a_model_opened_on_demand_takes_its_share_from_the_least_used(mode
         cache.open_owner(OWNER)
         a, b = models["a"], models["b"]
         assert a.regions[HIGH].n_slots == b.regions[HIGH].n_slots == 8
-        new = open_model(paths["c"], "c", opts)
+        new = open_served(paths["c"], "c", opts)
 
         shrink, _, _ = plan_added(models, new, size, 0.25)      # nothing used yet: alike
         assert abs(shrink["a", HIGH] - shrink["b", HIGH]) <= 1, shrink

@@ -27,9 +27,9 @@ class ServerMetrics:
         self.decode_rate = Gauge("hobbit_decode_tokens_per_second",
                                  "decode speed of the last answer of more than one token", registry=r)
         Gauge("hobbit_slots_busy", "slots generating now", registry=r).set_function(
-            lambda: len(server.slots.all) - len(server.slots.free))
+            lambda: len(server.seats.all) - len(server.seats.free))
         Gauge("hobbit_requests_waiting", "requests waiting for a free slot", registry=r).set_function(
-            lambda: server.slots.waiting)
+            lambda: server.seats.waiting)
         r.register(_DaemonCollector(server))
 
     def request(self, endpoint: str, status: int) -> None:

@@ -3,15 +3,15 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or server-sent events with
 "stream": true), GET /v1/models, /health, /metrics (Prometheus text).
 
-Concurrency: the server holds `parallel` seats (the "slots" of its options and metrics;
+Concurrency: the server holds `parallel` seats (the "slots" of its /health and metrics;
 not the cache slots of loader/pool.py); a seat is one Model with its own KV cache and its
 own hobbitd connection, so all seats share the daemon's one expert cache. A request
 takes a free seat (the one whose cached tokens share the longest prefix with its prompt,
 so a conversation's next turn computes only the new tokens) and generates in a worker
-thread; when every slot is busy, requests wait in arrival order, up to `max_queue` waiting,
+thread; when every seat is busy, requests wait in arrival order, up to `max_queue` waiting,
 beyond which they get 503. A client that disconnects stops its generation at the next token.
 
-Request → slot → tokens: handle_completion() parses (api.parse), waits for a slot
+Request → seat → tokens: handle_completion() parses (api.parse), waits for a seat
 (Seats.take), runs Seat.generate in a thread, which pushes text pieces to an asyncio queue
 that the handler streams or collects.
 """
@@ -42,8 +42,8 @@ class ServeOptions:
     model: str
     host: str = "127.0.0.1"
     port: int = 8080
-    parallel: int = 1          # slots generating at once
-    max_queue: int = 16        # requests waiting for a slot before 503
+    parallel: int = 1          # seats generating at once
+    max_queue: int = 16        # requests waiting for a seat before 503
     n_ctx: int = 2048
     n_threads: int = 0
     api_key: str | None = None  # when set, requests need "Authorization: Bearer KEY"
@@ -122,10 +122,10 @@ class Seat:
 
 
 class Seats:
-    """The free slots; take() waits (FIFO) for one, preferring the longest cached prefix."""
+    """The free seats; take() waits (FIFO) for one, preferring the longest cached prefix."""
 
-    def __init__(self, slots: list[Seat], max_queue: int):
-        self.all, self.free = slots, list(slots)
+    def __init__(self, seats: list[Seat], max_queue: int):
+        self.all, self.free = seats, list(seats)
         self.max_queue = max_queue
         self.waiting = 0
         self._cond = asyncio.Condition()
@@ -140,25 +140,25 @@ class Seats:
                 await self._cond.wait_for(lambda: self.free)
             finally:
                 self.waiting -= 1
-            slot = max(self.free, key=lambda s: s.shared_prefix(ids))
-            self.free.remove(slot)
-            slot.cancel.clear()
-            return slot
+            seat = max(self.free, key=lambda s: s.shared_prefix(ids))
+            self.free.remove(seat)
+            seat.cancel.clear()
+            return seat
 
-    async def give(self, slot: Seat) -> None:
+    async def give(self, seat: Seat) -> None:
         async with self._cond:
-            self.free.append(slot)
+            self.free.append(seat)
             self._cond.notify()
 
 
 class Server:
-    """The slots, the tokenizer, the counters; the aiohttp handlers are its methods."""
+    """The seats, the tokenizer, the counters; the aiohttp handlers are its methods."""
 
-    def __init__(self, opts: ServeOptions, slots: list[Seat], tok, daemon_socket: str | None):
+    def __init__(self, opts: ServeOptions, seats: list[Seat], tok, daemon_socket: str | None):
         self.opts, self.tok = opts, tok
         self.name = os.path.basename(opts.model).removesuffix(".gguf")
-        self.slots = Seats(slots, opts.max_queue)
-        self.pool = ThreadPoolExecutor(max_workers=len(slots) + 1, thread_name_prefix="hobbit-gen")
+        self.seats = Seats(seats, opts.max_queue)
+        self.pool = ThreadPoolExecutor(max_workers=len(seats) + 1, thread_name_prefix="hobbit-gen")
         self.daemon_socket = daemon_socket
         self._stats_client = None
         self._stats_lock = threading.Lock()
@@ -179,15 +179,15 @@ class Server:
                 raise ApiError(400, "the request body is not valid JSON") from None
             job = api.parse(body, chat, self.name)
             ids = self._tokens(job)
-            slot = await self.slots.take(ids)
+            seat = await self.seats.take(ids)
         except ApiError as e:
             self.metrics.request(endpoint, e.status)
             return _error(e)
         try:
             if job.stream:
-                return await self._stream(request, slot, ids, job)
+                return await self._stream(request, seat, ids, job)
             pieces = []
-            result = await self._run(request, slot, ids, job, pieces.append)
+            result = await self._run(request, seat, ids, job, pieces.append)
             self.metrics.request(endpoint, 200)
             return web.json_response(api.response(job, "".join(pieces), result["finish"],
                                                   api.usage(result["prompt_tokens"],
@@ -199,7 +199,7 @@ class Server:
             self.metrics.request(endpoint, 499)     # nginx's "client closed request"
             return web.Response(status=499)
         finally:
-            await self.slots.give(slot)
+            await self.seats.give(seat)
 
     def _tokens(self, job: api.Job) -> list:
         n_ctx = self.opts.n_ctx
@@ -211,7 +211,7 @@ class Server:
             ids = self.tok.encode(text, parse_special=True)
         elif isinstance(job.prompt, list):
             ids = list(job.prompt)
-            n_vocab = self.slots.all[0].model.args.n_vocab
+            n_vocab = self.seats.all[0].model.args.n_vocab
             bad = [t for t in ids if not 0 <= t < n_vocab]
             if bad:
                 raise ApiError(400, f"token id {bad[0]} is out of range 0..{n_vocab - 1}", "prompt")
@@ -223,26 +223,26 @@ class Server:
                            "messages" if job.chat else "prompt", "context_length_exceeded")
         return ids
 
-    async def _run(self, request, slot: Seat, ids: list, job: api.Job, on_piece) -> dict:
+    async def _run(self, request, seat: Seat, ids: list, job: api.Job, on_piece) -> dict:
         """Generate in a worker thread; each piece reaches on_piece (an async-side callable
-        or coroutine function) in order. A disconnected client cancels the slot."""
+        or coroutine function) in order. A disconnected client cancels the seat's generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
-        work = loop.run_in_executor(self.pool, slot.generate, ids, job, emit)
+        work = loop.run_in_executor(self.pool, seat.generate, ids, job, emit)
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         gone = False
         try:
             while (piece := await queue.get()) is not None:
                 gone = gone or request.transport is None or request.transport.is_closing()
                 if gone:
-                    slot.cancel.set()    # the client went away mid-answer: stop at the next token
+                    seat.cancel.set()    # the client went away mid-answer: stop at the next token
                     continue
                 r = on_piece(piece)
                 if asyncio.iscoroutine(r):
                     await r
         except BaseException as e:
-            slot.cancel.set()            # stop, and free the slot only once the thread is done
+            seat.cancel.set()            # stop, and free the seat only once the thread is done
             await asyncio.wait([work])
             if isinstance(e, ConnectionError):
                 raise ClientGone() from None
@@ -262,7 +262,7 @@ class Server:
                            code="shutting_down")
         return result
 
-    async def _stream(self, request, slot: Seat, ids: list, job: api.Job):
+    async def _stream(self, request, seat: Seat, ids: list, job: api.Job):
         from aiohttp import web
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -271,7 +271,7 @@ class Server:
         if job.chat:
             await send(api.chunk(job, role=True))
         try:
-            result = await self._run(request, slot, ids, job, lambda piece: send(api.chunk(job, piece)))
+            result = await self._run(request, seat, ids, job, lambda piece: send(api.chunk(job, piece)))
         except ClientGone:
             self.metrics.request(request.path, 499)
             return resp
@@ -306,8 +306,8 @@ class Server:
     async def handle_health(self, request):
         from aiohttp import web
 
-        body = {"status": "ok", "model": self.name, "slots": len(self.slots.all),
-                "slots_idle": len(self.slots.free), "waiting": self.slots.waiting}
+        body = {"status": "ok", "model": self.name, "slots": len(self.seats.all),
+                "slots_idle": len(self.seats.free), "waiting": self.seats.waiting}
         if self.daemon_socket:
             loop = asyncio.get_running_loop()
             try:
@@ -343,10 +343,10 @@ class Server:
                 raise
 
     def close(self) -> None:
-        for s in self.slots.all:
+        for s in self.seats.all:
             s.cancel.set()
         self.pool.shutdown(wait=True)
-        for s in reversed(self.slots.all):   # the first slot's client may own a private hobbitd
+        for s in reversed(self.seats.all):   # the first seat's client may own a private hobbitd
             s.model.close()
             if s.model.experts is not None:
                 s.model.experts.close()
@@ -455,13 +455,13 @@ async def run(server: Server, sock) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("hobbit serve: stopping", file=sys.stderr, flush=True)
-    for s in server.slots.all:
+    for s in server.seats.all:
         s.cancel.set()               # answers in progress end now (finish_reason "cancelled")
     await runner.cleanup()
 
 
 def serve(opts: ServeOptions, daemon, sock) -> int:
-    """Load opts.model into its slots and serve on `sock` (from bind(); closed here)."""
+    """Load opts.model into its seats and serve on `sock` (from bind(); closed here)."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="hobbit serve: %(message)s", stream=sys.stderr)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ...loader.calibration import save_calibration
 from ...loader.layout import PAGE
-from ...loader.models import cache_low_share
+from ...loader.served import cache_low_share
 from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import EVERY_MISS_LOW, HIGH, LOW, SKIP, Thresholds, decide
@@ -128,7 +128,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     budget = cache_fraction * a.n_moe_layer * a.n_expert * high_src.format.slot_bytes
 
     def slots(th: Thresholds) -> tuple[int, int]:
-        """(high, low) slot counts hobbitd's plan gives thresholds `th` (loader/models.py)."""
+        """(high, low) slot counts hobbitd's plan gives thresholds `th` (loader/served.py)."""
         share = cache_low_share(th, low_share)
         high = 0 if share == 1.0 else max(a.n_expert, int(budget * (1 - share)) // high_src.format.slot_bytes)
         return high, max(a.n_expert, int(budget * share) // low_src.format.slot_bytes)

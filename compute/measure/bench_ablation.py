@@ -114,7 +114,7 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
     flags for (b)-(d): none for a calibrated model, else the paper's."""
     from ...loader.companion import auto_low_type, companion_path, made_companion
     from ...loader.layout import gguf_experts
-    from ...loader.models import ModelOptions, open_models, plan_cache
+    from ...loader.served import ModelOptions, open_served_all, plan_cache
     from ...loader.precision import PAPER_T1, PAPER_T2
     from ..build.convert import convert
 
@@ -127,7 +127,7 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
                   f"({companion_path(path, low)})", file=sys.stderr, flush=True)
         convert(weights, low, progress=progress)
     # the daemon's own cache plan, so a too-small cache fails now, not at (b)
-    plan_cache(open_models([path], ModelOptions(t1=PAPER_T1, t2=PAPER_T2)), cache, 0.25)
+    plan_cache(open_served_all([path], ModelOptions(t1=PAPER_T1, t2=PAPER_T2)), cache, 0.25)
     return lossy_flags(path)
 
 

@@ -1,6 +1,6 @@
 """Opening the models a cache serves, and cutting the cache into their regions.
 
-open_models() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
+open_served_all() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
 companion (loader.companion, validated: foreign, truncated or stale files are refused) and
 its calibration (loader.calibration), and returns one empty ModelCache per model.
 plan_cache() then says where each model's regions go in the shared memory.
@@ -14,7 +14,7 @@ from ..protocol.errors import InputError, ModelError
 from .layout import PAGE
 from .model_cache import ModelCache
 from .policy import PolicyWeights, make_policy
-from .pool import plan_regions
+from .pool import RegionPlan, plan_regions
 from .precision import EXACT, HIGH, LOW, Thresholds
 
 MiB = 1 << 20
@@ -26,8 +26,8 @@ class ModelOptions:
     low_type: str = "auto"   # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
     low_only: bool = False   # every expert in low precision
     dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
-    t1: float = 0.0          # thresholds; 0 = calibrated values, else 1 (exact: no low, no skip)
-    t2: float = 0.0
+    t1: float | None = None  # thresholds; None: the calibrated values, else 1 (exact: no low, no skip)
+    t2: float | None = None
     policy: str = "hobbit"   # eviction: "hobbit" or "lru"
 
 
@@ -37,7 +37,7 @@ def model_name(path: str) -> str:
     return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
+def open_served_all(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
     """{name: ModelCache} (no regions yet) for the GGUFs at `paths`. InputError for no
     model or two of one name; ModelError for a file that cannot be served."""
     if not paths:
@@ -47,13 +47,14 @@ def open_models(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
         if names.count(name) > 1:
             raise InputError(f"two models named {name!r}; a model's name is its file name "
                              "without .gguf, so rename one")
-    return {name: open_model(path, name, opts) for path, name in zip(paths, names)}
+    return {name: open_served(path, name, opts) for path, name in zip(paths, names)}
 
 
-def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
-    """One model's ModelCache: its experts, companion (if any), thresholds (options, else
-    calibrated, else exact: nothing measured a lossy mode as safe for an uncalibrated model)
-    and eviction policy (calibrated weights, if any)."""
+def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
+    """The GGUF at `path` opened to be served as `name`: its ModelCache, with its experts,
+    companion (if any), thresholds (options, else calibrated, else exact: nothing measured
+    a lossy mode as safe for an uncalibrated model) and eviction policy (calibrated
+    weights, if any)."""
     from .calibration import load_calibration
     from .companion import open_companion
     from .gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
@@ -67,8 +68,8 @@ def open_model(path: str, name: str, opts: ModelOptions) -> ModelCache:
     companion = _companion_file(f.path, src.format, opts)
     low, crcs = open_companion(f, companion) if companion else (None, None)
     calib = load_calibration(companion)
-    t1 = opts.t1 or (calib or {}).get("t1", EXACT)
-    t2 = opts.t2 or (calib or {}).get("t2", EXACT)
+    t1 = opts.t1 if opts.t1 is not None else (calib or {}).get("t1", EXACT)
+    t2 = opts.t2 if opts.t2 is not None else (calib or {}).get("t2", EXACT)
     weights = PolicyWeights(*calib["weights"]) if calib else None
     return ModelCache(name, os.path.realpath(path), src.n_layer, src.n_expert, src,
                       make_policy(opts.policy, src.n_layer, weights), low=low, crcs=crcs,
@@ -113,12 +114,13 @@ def cache_low_share(th: Thresholds, low_share: float) -> float:
     return low_share if th.loads_high else 1.0
 
 
-def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tuple[list, int]:
-    """Regions [(model, precision, fmt, offset, n_slots)] and the segment size (bytes) for
-    a cache of `size` bytes, `low_share` of each model's part in low precision. The cache
-    is split among models in proportion to their expert bytes; a model gets at least one
-    layer's experts (else InputError naming the minimum) and at most all of them. A cache
-    that holds every expert of every model in high precision gets no low regions."""
+def plan_cache(models: dict[str, ModelCache], size: int,
+               low_share: float) -> tuple[list[RegionPlan], int]:
+    """Regions and the segment size (bytes) for a cache of `size` bytes, `low_share` of
+    each model's part in low precision. The cache is split among models in proportion to
+    their expert bytes; a model gets at least one layer's experts (else InputError naming
+    the minimum) and at most all of them. A cache that holds every expert of every model in
+    high precision gets no low regions."""
     full = {n: mo.source.total_bytes for n, mo in models.items()}
     shares = {n: b / sum(full.values()) for n, b in full.items()}
     # a cache that holds every expert in high needs no low copies (nothing is evicted)
@@ -137,23 +139,23 @@ def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tu
         if low:
             specs.append((n, LOW, mo.low.format, shares[n] * share))
     plan = plan_regions(specs, size)
-    for name, prec, fmt, _, n in plan:
-        mo = models[name]
-        if n < mo.n_expert:
-            need = max(models[sp[0]].n_expert * sp[2].slot_bytes / sp[3] for sp in specs)
-            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {name} "
-                             f"would get {n} {prec} slots but needs {mo.n_expert} (one layer's "
-                             f"experts); the minimum cache size is {int(need // MiB) + 1}M")
+    for r in plan:
+        mo = models[r.model]
+        if r.n_slots < mo.n_expert:
+            need = max(models[m].n_expert * fmt.slot_bytes / part for m, _, fmt, part in specs)
+            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {r.model} "
+                             f"would get {r.n_slots} {r.precision} slots but needs {mo.n_expert} "
+                             f"(one layer's experts); the minimum cache size is {int(need // MiB) + 1}M")
     # a region never needs more slots than the model has experts; the offsets stay, the
     # unused tail of a region is never touched so it costs no memory
-    plan = [(name, p, fmt, off, min(n, models[name].n_layer * models[name].n_expert))
-            for name, p, fmt, off, n in plan]
-    total = max((off + n * fmt.slot_bytes for _, _, fmt, off, n in plan), default=PAGE)
+    plan = [r._replace(n_slots=min(r.n_slots, models[r.model].n_layer * models[r.model].n_expert))
+            for r in plan]
+    total = max((r.offset + r.nbytes for r in plan), default=PAGE)
     return plan, total
 
 
 def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
-               low_share: float) -> tuple[dict, list, int]:
+               low_share: float) -> tuple[dict, list[RegionPlan], int]:
     """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share.
     new gets the bytes plan_cache would give it with `new` among them (as if it had been
     configured); what the cache has not handed out yet goes first, the rest is taken from
@@ -161,9 +163,9 @@ def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
     for regions that shrink, new's regions placed from offset 0 of a segment of its own,
     that segment's size). InputError when the cache cannot hold one layer's experts of each."""
     joint, _ = plan_cache({**models, new.name: new}, size, low_share)
-    share = sum(n * fmt.slot_bytes for name, _, fmt, _, n in joint if name == new.name)
+    share = sum(r.nbytes for r in joint if r.model == new.name)
     plan, total = plan_cache({new.name: new}, share, low_share)
-    need = sum(n * fmt.slot_bytes for _, _, fmt, _, n in plan)
+    need = sum(r.nbytes for r in plan)
     held = sum(r.n_slots * r.format.slot_bytes for mo in models.values() for r in mo.regions.values())
     return take_by_use(models, need - (size - held)), plan, total
 

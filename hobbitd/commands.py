@@ -1,0 +1,162 @@
+"""hobbitd's commands of a session on the expert cache: REQUEST, HINT, RELEASE, RESIDENT,
+USED, and the batched releases and hits any of them may carry.
+
+Commands turns a session's messages into calls on loader/cache.py's ExpertCache and their
+results or RequestErrors into replies (Replies, on the daemon's ROUTER). A REQUEST all of
+whose experts are cached is answered at once (ExpertCache.try_hit); one with misses is
+served by a task (ExpertCache.acquire), so other clients go on meanwhile. Field types were
+checked by protocol.messages.decode(); ranges are checked here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Coroutine
+
+from ..loader.cache import ExpertCache
+from ..loader.model_cache import ModelCache
+from ..protocol import messages as m
+from ..protocol.errors import RequestError
+from .sessions import Session
+
+log = logging.getLogger("hobbitd")
+
+
+class Replies:
+    """Messages to clients on the ROUTER. Sends never block: a reply to a vanished client
+    is dropped by ZeroMQ (and a failed send logged)."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def send(self, ident: bytes, cmd: m.Cmd, **fields) -> None:
+        fut = self.router.send_multipart([ident, *m.encode(cmd, **fields)])
+        fut.add_done_callback(_log_send_error)
+
+    def error(self, ident: bytes, code: str, message: str, rid: int | None = None) -> None:
+        extra = {} if rid is None else {"id": rid}
+        self.send(ident, m.Cmd.ERROR, code=code, message=message, **extra)
+
+
+class Commands:
+    def __init__(self, cache: ExpertCache, out: Replies, pin_share: float,
+                 spawn: Callable[[Coroutine], None]):
+        """pin_share: the share of a model's slots one session may pin (pin_limit beyond);
+        spawn: run a coroutine as a task the daemon drains at shutdown."""
+        self.cache, self.out, self.pin_share, self.spawn = cache, out, pin_share, spawn
+
+    def request(self, s: Session, msg: dict) -> None:
+        """Answer SLOTS at once when every expert is a hit, else from a task that waits
+        for the misses' reads."""
+        try:
+            mo = self.cache.model(msg["model"])
+            layer, experts = msg["layer"], msg["experts"]
+            mo.check(layer, experts)
+            self.cache.check_pins(s.sid, mo, len(experts), self.pin_share)
+        except RequestError as e:
+            return self.out.error(s.ident, e.code, str(e), msg["id"])
+        scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
+        s.note_request()
+        seq, token = msg.get("seq"), msg.get("token")
+        if isinstance(seq, int) and isinstance(token, int):
+            mo.policy.begin(s.sid, seq, token, layer)
+            s.count_forward(seq, token, msg.get("tokens"))
+        slots = self.cache.try_hit(s.sid, mo, layer, experts, scores)
+        if slots is not None:
+            return self._reply_slots(s, msg["id"], slots)
+        s.inflight += 1              # before the task starts: the reaper must not drop s
+        self.spawn(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
+
+    async def _serve_request(self, s: Session, mo: ModelCache, layer: int, experts: list,
+                             scores: list, rid: int) -> None:
+        try:
+            try:
+                slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
+            except RequestError as e:
+                if "stale:" in str(e):
+                    log.warning("%s", e)
+                if s.alive:
+                    return self.out.error(s.ident, e.code, str(e), rid)
+            except Exception as e:
+                if s.alive:
+                    log.error("request %s failed", rid, exc_info=e)
+                    return self.out.error(s.ident, "internal", f"hobbitd: {e!r}", rid)
+            if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
+                return self.out.error(s.ident, "no_session", "the session ended during the "
+                                      "request; say HELLO again", rid)
+            self._reply_slots(s, rid, slots)
+        except asyncio.CancelledError:
+            self.out.error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
+            raise
+        finally:
+            s.inflight -= 1
+            s.last_seen = max(s.last_seen, time.monotonic())   # it was waiting on us
+
+    def _reply_slots(self, s: Session, rid: int, slots: list) -> None:
+        self.out.send(s.ident, m.Cmd.SLOTS, id=rid, slots=[
+            None if g is None else [g.region.precision, g.index] for g in slots])
+        s.replied_at = time.monotonic()
+
+    def hint(self, s: Session, msg: dict) -> None:
+        """Prefetch for a client's lookahead (ExpertCache.hint); the budget is the compute
+        time the client says comes before its next request, else its measured time between
+        requests (decode steps only: a prompt's pauses exceed GAP_MAX_S)."""
+        try:
+            mo = self.cache.model(msg["model"])
+            mo.check(msg["layer"], [])
+            for layer, experts in zip(msg["layers"], msg["experts"]):
+                mo.check(layer, experts)
+        except RequestError as e:
+            return self.out.error(s.ident, e.code, f"HINT: {e}")
+        compute_s = msg.get("compute_s")
+        self.cache.hint(s.sid, mo, msg["layers"], msg["experts"], msg["scores"],
+                        s.gap_s if compute_s is None else float(compute_s))
+
+    def release(self, s: Session, msg: dict) -> None:
+        mo = self.cache.models.get(msg["model"])
+        if mo is None:
+            return self.out.error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
+        self.cache.release(s.sid, mo, [tuple(item) for item in msg["slots"]
+                                       if isinstance(item, list) and len(item) == 2])
+
+    def apply_batched(self, s: Session, msg: dict) -> None:
+        """A message's batched fields, before the message itself: releases of slots hobbitd
+        gave (RELEASE's), and hits the client pinned itself in its control-block row (HITS',
+        ExpertCache.count_hits; they also place the client in its sequence, and count its
+        forward when no request of that forward reached us)."""
+        mo = self.cache.models.get(msg["model"]) if isinstance(msg.get("model"), str) else None
+        if mo is None:
+            return
+        if msg.get("release"):
+            self.cache.release(s.sid, mo, [tuple(item) for item in msg["release"]
+                                           if isinstance(item, list) and len(item) == 2])
+        hits = msg.get("hits")
+        if hits:
+            seq, token = msg.get("seq"), msg.get("token")
+            if isinstance(seq, int) and isinstance(token, int) and isinstance(hits[-1], list) \
+                    and hits[-1] and isinstance(hits[-1][0], int):
+                mo.policy.begin(s.sid, seq, token, hits[-1][0])
+                s.count_forward(seq, token, msg.get("tokens"))
+            self.cache.count_hits(s.sid, mo, hits)
+
+    def resident(self, s: Session, msg: dict) -> None:
+        """Every expert of the model pinned for the session, or how far loading them is
+        (ExpertCache.resident); answered at once, never waiting for reads."""
+        try:
+            mo = self.cache.model(msg["model"])
+        except RequestError as e:
+            return self.out.error(s.ident, e.code, str(e), msg["id"])
+        self.out.send(s.ident, m.Cmd.RESIDENT_REPLY, id=msg["id"], **self.cache.resident(s.sid, mo))
+
+    def used(self, s: Session, msg: dict) -> None:
+        mo = self.cache.models.get(msg["model"])
+        if mo is None:
+            return self.out.error(s.ident, "unknown_model", f"USED: no model {msg['model']!r}")
+        s.count_forward(msg.get("seq"), msg.get("token"), msg.get("tokens"), msg.get("forwards", 1))
+        self.cache.count_used(s.sid, mo, msg["uses"])
+
+
+def _log_send_error(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("send failed: %s", fut.exception())

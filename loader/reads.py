@@ -1,0 +1,162 @@
+"""The expert cache's reads: each expert read into its slot on the IOEngine's threads, and
+the prefetches a hint asks for, within what flash delivers while the client computes.
+
+Reads is loader/cache.py's ExpertCache's read side and runs on its asyncio loop: a read's
+completion comes back from a reader thread with loop.call_soon_threadsafe, settles the
+slot (ready, or dropped on an error) and fires the cache's `freed` Signal. Failures are
+RequestError carrying a wire error code (io, checksum).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..protocol.errors import RequestError
+from .io_engine import PREFETCH, IOEngine, JobState, Priority, ReadJob, ReadSegment
+from .model_cache import ModelCache
+from .pool import Slot, SlotState
+from .precision import LOW
+
+
+class Signal:
+    """Wake every waiter. Unlike asyncio.Condition, fire() needs no lock, so plain callbacks
+    (a release, a read completion) can call it."""
+
+    def __init__(self):
+        self._fut: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+        self._fut = None
+
+    async def wait(self, timeout: float) -> bool:
+        """True when fired within timeout seconds."""
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class Reads:
+    def __init__(self, io: IOEngine, freed: Signal, prefetch_budget: bool = True):
+        """freed: fired when a read completes or a prefetch is cancelled (a slot may be
+        takeable); prefetch_budget: prefetch only as many bytes as flash reads while the
+        client computes (else every predicted miss of the layer)."""
+        self.io, self.freed, self.prefetch_budget = io, freed, prefetch_budget
+        self.jobs: dict[tuple, ReadJob] = {}   # (model, precision, key) -> submitted, not completed
+
+    def load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: Priority) -> asyncio.Future:
+        """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
+        threads. The future resolves when the slot is ready; the slot's state is settled
+        by _loaded, whoever is (still) waiting. A low-precision image is checksummed the
+        first time this daemon reads it, and on every read once the file is not the one
+        opened (`ModelCache.changed`, a stat): a crc32 of every read cost a third of decode
+        speed at a 25 % cache (BENCHMARKS.md)."""
+        from .companion import check_image, slot_image_offset
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        mo.loads[prec, key] = fut
+        src = mo.source_of(prec)
+        base = slot.region.segment.address + slot.offset
+        verify = None
+        if prec == LOW:   # one aligned read of the whole slot image, then its crc32
+            segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
+            if key not in mo.verified or mo.changed(LOW):
+                def verify(job):          # on a reader thread; raises on a mismatch
+                    check_image(src, mo.crcs, key[0], key[1], base)
+                    mo.verified.add(key)
+        else:
+            segments = [ReadSegment(src.path, off, n, base + o)
+                        for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))]
+        t0 = time.monotonic()
+
+        def done(job, error):          # on a reader thread
+            try:
+                loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
+            except RuntimeError:
+                pass                   # the loop is closed: the process is exiting
+
+        jkey = (mo.name, prec, key)
+        self.jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
+        return fut
+
+    def _loaded(self, mo, slot, key, prec, fut, t0, error) -> None:
+        from .companion import ChecksumError
+
+        self.jobs.pop((mo.name, prec, key), None)
+        if mo.loads.get((prec, key)) is fut:
+            del mo.loads[prec, key]
+        if error is not None:
+            mo.regions[prec].drop(slot)
+            code = "checksum" if isinstance(error, ChecksumError) else "io"
+            # truncated or replaced while served: say so (what is cached may be stale too)
+            note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
+            fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
+                                                 f"{key[1]} ({prec}): {error}{note}"))
+        else:
+            mo.regions[prec].ready(slot)
+            mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])
+            mo.read_seconds += time.monotonic() - t0
+            fut.set_result(slot)
+        self.freed.fire()
+
+    async def join(self, mo: ModelCache, prec: str, key: tuple) -> None:
+        """Wait for the read in flight of `key` (a demand: a queued prefetch of it is
+        promoted, so it overtakes the prefetch queue); RequestError if it fails."""
+        job = self.jobs.get((mo.name, prec, key))
+        if job is not None:
+            self.io.promote(job.key)
+        await asyncio.shield(mo.loads[prec, key])
+
+    def running(self) -> bool:
+        """A reader thread is writing into the shared memory right now."""
+        return any(j.state == JobState.RUNNING for j in self.jobs.values())
+
+    # ---- prefetch ------------------------------------------------------------------------
+
+    def prefetch(self, mo: ModelCache, missing: list, compute_s: float | None) -> list[Slot]:
+        """Read `missing` [(key, precision)], most important first, at prefetch priority,
+        up to the budget (at least one); the slots taken, protected and marked prefetched."""
+        budget = self._budget(mo, compute_s)
+        taken = []
+        self.io.plug()
+        try:
+            for i, (key, prec) in enumerate(missing):   # most important first
+                budget -= mo.source_of(prec).expert_bytes(key[0])
+                if budget < 0 and i > 0:
+                    break
+                slot = mo.regions[prec].take(key, mo.policy, demand=False)
+                if slot is None:
+                    break
+                slot.protected = slot.prefetched = True
+                taken.append(slot)
+                mo.prefetched += 1
+                self.load(mo, slot, key, prec, PREFETCH)
+        finally:
+            self.io.unplug()
+        return taken
+
+    def _budget(self, mo: ModelCache, compute_s: float | None) -> float:
+        """Bytes worth prefetching now: the client's compute time per layer times the rate
+        demand loads were served at."""
+        if not self.prefetch_budget or compute_s is None or mo.demand_Bps is None:
+            return float("inf")
+        return compute_s * mo.demand_Bps
+
+    def cancel_prefetch(self, mo: ModelCache, slot: Slot) -> None:
+        """Drop a superseded prefetch that has not started reading; its slot is freed."""
+        prec, key = slot.region.precision, slot.key
+        if slot.state != SlotState.LOADING or key is None or not self.io.cancel((mo.name, prec, key)):
+            return
+        self.jobs.pop((mo.name, prec, key), None)
+        fut = mo.loads.pop((prec, key), None)
+        slot.region.drop(slot)
+        if fut is not None and not fut.done():
+            fut.set_exception(RequestError("io", "prefetch superseded"))
+        self.freed.fire()
