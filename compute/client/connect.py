@@ -17,8 +17,8 @@ import tempfile
 import time
 
 from ...protocol.errors import DaemonError
+from .connection import RECONNECT_S
 from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
-from .expert_client import RECONNECT_S
 
 
 PRIVATE_FILES = {"hobbitd.sock", "hobbitd.log"}
