@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..loader.cache import EWMA, ExpertCache, Owner
+from ..loader.shm import pid_alive
 
 log = logging.getLogger("hobbitd")
 
@@ -110,7 +111,7 @@ class Sessions:
         seconds with no request in flight."""
         now = time.monotonic()
         for s in list(self.by_ident.values()):
-            if s.peer is not None and not _same_process(s.peer):
+            if s.peer is not None and not pid_alive(*s.peer):
                 self.drop(s, "exited")
             elif s.inflight == 0 and now - s.last_seen > timeout:
                 self.drop(s, f"silent for {now - s.last_seen:.1f} s")
@@ -129,14 +130,3 @@ def _process(pid: int | None) -> tuple | None:
         return pid, psutil.Process(pid).create_time()
     except psutil.Error:
         return None
-
-
-def _same_process(peer: tuple) -> bool:
-    """Whether the process `_process` saw still runs (a zombie does not)."""
-    try:
-        p = psutil.Process(peer[0])
-        return p.create_time() == peer[1] and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True          # not ours to inspect: alive as far as we can tell

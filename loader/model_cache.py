@@ -60,12 +60,9 @@ class ModelCache(Counts):
         return high is not None and high.n_slots >= self.n_layer * self.n_expert
 
     def decide(self, key: tuple, score: float):
-        """Token-level dynamic loading: the precision to use for one expert (SKIP: skip).
-        A model whose every expert fits in high gets high: its misses happen only while the
-        cache warms, and a low copy or a skip then would lose quality for no memory."""
-        if self.holds_all and not self.thresholds.low_only:
-            return HIGH
-        return decide(self.thresholds, self.regions, key, score)
+        """Token-level dynamic loading: the precision to use for one expert (SKIP: skip),
+        by loader.precision's rule (precision_for)."""
+        return decide(self.thresholds, self.regions, key, score, self.holds_all)
 
     def check(self, layer: int, experts: list) -> None:
         """RequestError bad_request unless layer and experts are in range, without repeats."""

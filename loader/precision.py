@@ -15,7 +15,9 @@ precision, the top expert's too; the cache is then all low-precision slots.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,15 +75,38 @@ class Thresholds:
         return p, p is not SKIP
 
 
-def decide(th: Thresholds, regions: dict, key: tuple, score: float):
+class Decision(NamedTuple):
+    """How one expert is served: in `precision` (HIGH or LOW; SKIP, None: left out), read
+    first when `load` (no copy in that precision is cached: a miss), else the cached copy."""
+    precision: str | None
+    load: bool
+
+
+def precision_for(th: Thresholds, score: float, cached_high: bool, cached_low: bool,
+                  have: Collection[str], holds_all: bool = False) -> Decision:
+    """The rule for one expert of unimportance `score`, whose copies cached in high and low
+    precision are `cached_high`, `cached_low`: the one decision hobbitd serves by
+    (ModelCache.decide) and a client's hit path pins by (client/local_pins.py). `have`: the
+    precisions the model has slots for; one it has none for (e.g. no companion) falls back
+    to the other, still a load (slots it has not, it caches nothing in). holds_all: the
+    high region has a slot for every expert, so every expert is high (unless low_only): its
+    misses happen only while the cache warms, and a low copy or a skip then would lose
+    quality for no memory."""
+    if holds_all and not th.low_only:
+        return Decision(HIGH, not cached_high)
+    prec, load = th.choose(score, cached_high, cached_low)
+    if prec is not SKIP and prec not in have:
+        prec = HIGH if HIGH in have else LOW
+    return Decision(prec, load)
+
+
+def decide(th: Thresholds, regions: dict, key: tuple, score: float, holds_all: bool = False):
     """The precision (HIGH, LOW or SKIP) to serve expert `key` = (layer, expert) in, given
-    `regions` {precision: Region} (a key held by a region, even loading, counts as cached).
-    A precision the model has no region for (e.g. no companion) falls back to the other."""
+    `regions` {precision: Region} (a key held by a region, even loading, counts as cached);
+    precision_for's rule."""
     cached = {p: r.lookup(key) is not None for p, r in regions.items()}
-    prec, _ = th.choose(score, cached.get(HIGH, False), cached.get(LOW, False))
-    if prec is not SKIP and prec not in regions:
-        prec = HIGH if HIGH in regions else LOW
-    return prec
+    return precision_for(th, score, cached.get(HIGH, False), cached.get(LOW, False), regions,
+                         holds_all).precision
 
 
 def unimportance(weights: np.ndarray) -> np.ndarray:

@@ -119,12 +119,19 @@ def remove_stale(pid: int | None = None) -> list[tuple[str, int]]:
     return removed
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (also one of another user; a zombie does not)."""
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process `pid` runs (also one of another user's; a zombie does not): the one
+    "is this process alive" check (stale segments here, private daemons' folders in
+    client/connect.py, hobbitd's sessions). `started`: its start time as psutil gave it
+    (Process.create_time()) when it was first seen; a process started at another time is
+    not it (pids are reused)."""
     if pid <= 0:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        p = psutil.Process(pid)
+        if started is not None and p.create_time() != started:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:

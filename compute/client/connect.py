@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 
+from ...loader.shm import pid_alive
 from ...protocol.errors import DaemonError
+from .connection import RECONNECT_S
 from .daemon import START_TIMEOUT, DaemonProcess, daemon_answers
-from .expert_client import RECONNECT_S
 
 
 PRIVATE_FILES = {"hobbitd.sock", "hobbitd.log"}
@@ -39,22 +40,12 @@ def _sweep_private_folders(base: str) -> None:
         path = os.path.join(base, name)
         try:
             if not os.path.isdir(path) or os.path.islink(path) or os.stat(path).st_uid != os.getuid() \
-                    or not set(os.listdir(path)) <= PRIVATE_FILES or _alive(int(parts[1])):
+                    or not set(os.listdir(path)) <= PRIVATE_FILES or pid_alive(int(parts[1])):
                 continue
         except OSError:
             continue
         if not daemon_answers(os.path.join(path, "hobbitd.sock"), timeout=0.5):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PrivateDaemon(DaemonProcess):
