@@ -47,7 +47,7 @@ def test_unset_is_none_and_zero_is_zero():
 def test_t1_0_is_served_as_0(converted, tmp_path):
     """The model is uncalibrated: unset, it is served exactly (T1 = 1); --t1 0 is T1 = 0."""
     assert served(converted, tmp_path)["hobbit"]["t1"] == 1.0
-    h = served(converted, tmp_path, t1="0")["hobbit"]      # a string: daemon_command drops 0
+    h = served(converted, tmp_path, t1=0)["hobbit"]
     assert (h["t1"], h["t2"], h["mode"]) == (0.0, 1.0, "lossy: T1 0.00 T2 1.00"), h
 
 

@@ -38,7 +38,7 @@ def daemon_command(models, socket: str, cache_size=None, flags=(), **options) ->
         flag = "--" + name.replace("_", "-")
         if value is True:
             cmd.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:     # 0 is a value (--t1 0)
             cmd += [flag, str(value)]
     return cmd + list(flags)
 
