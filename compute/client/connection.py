@@ -125,8 +125,9 @@ class Connection:
         return {"version": m.VERSION, "pid": os.getpid(), "name": self.name, **self.hello}
 
     def _hello(self) -> None:
-        self.session.welcome(self._call_locked(m.Cmd.HELLO, m.Cmd.WELCOME, True,
-                                               **self._hello_fields()))
+        with self._lock:
+            self.session.welcome(self._call_locked(m.Cmd.HELLO, m.Cmd.WELCOME, True,
+                                                   **self._hello_fields()))
 
     def send(self, cmd, **fields) -> None:
         """Send without waiting for an answer (nothing when the socket is closed)."""

@@ -91,6 +91,10 @@ class _Reports:
 
 
 class ExpertClient:
+    """The ExpertProvider over hobbitd (see the module docstring): the Session of its
+    Connection (`conn`), which hands it every WELCOME and has it renew a request asked
+    again of a new daemon."""
+
     remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
 
     def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
