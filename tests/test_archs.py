@@ -19,7 +19,8 @@ from daemon_util import daemon_args, run_daemon
 from hobbit.compute.build.convert import convert
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine import ggml
-from hobbit.compute.engine.model import Model, RunOptions, softmax
+from hobbit.compute.engine.model import Model, RunOptions
+from hobbit.compute.engine.moe import softmax
 from hobbit.compute.engine.tokenizer import Tokenizer
 from hobbit.compute.engine.weights import SUPPORTED_ARCHS, open_model
 from hobbit.loader.companion import default_low_type, open_companion
@@ -135,7 +136,7 @@ def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, 
     are applied, and applied for choosing only."""
     from dataclasses import replace
 
-    from hobbit.compute.engine.model import Routers
+    from hobbit.compute.engine.moe import Routers
 
     path = synth(**options(arch, size))
     w = open_model(path)

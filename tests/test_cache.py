@@ -143,7 +143,7 @@ async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
 async def test_a_cache_that_holds_the_model_keeps_each_expert_in_its_home_slot(model, tmp_path):
     """Slot layer * E + expert, whatever order the experts are asked for in: each layer's
     experts lie side by side in expert order, as in the file, and a one-graph forward
-    views just a layer's slots (compute/engine/model.py, Model._point_pool)."""
+    views just a layer's slots (compute/engine/pool.py, Pool.point_resident)."""
     with cache_of(copy_model(model, tmp_path), slots=8) as (cache, mo):
         for layer, experts in ((1, [3, 0]), (0, [2]), (1, [1, 2]), (0, [0, 3, 1])):
             release(cache, mo, await acquire(cache, mo, layer, experts))

@@ -148,7 +148,7 @@ def test_mul_mat_id_on_quantized_experts_in_place(name):
 def test_swiglu_oai_is_gpt_oss_clamped_swiglu():
     """gpt-oss's activation: gate clamped from above and up to [-limit, limit], then
     gate * sigmoid(alpha gate) * (up + 1)."""
-    from hobbit.compute.engine.model import SWIGLU_OAI
+    from hobbit.compute.engine.moe import SWIGLU_OAI
 
     alpha, limit = SWIGLU_OAI
     gate, up = 4 * _rand((3, 64), 6), 4 * _rand((3, 64), 7)     # both beyond the limit at times

@@ -34,7 +34,8 @@ from ...protocol.errors import HobbitError
 from ..divergence import mean_kld
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
-from ..engine.model import Model, Routers, RunOptions
+from ..engine.model import Model, RunOptions
+from ..engine.moe import Routers
 
 T1_GRID = (EVERY_MISS_LOW, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip

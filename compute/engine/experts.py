@@ -22,17 +22,18 @@ from ...loader.precision import HIGH, LOW, Thresholds
 
 
 class ExpertProvider(Protocol):
-    """Where the segmented forward (engine/model.py) gets a layer's routed experts.
+    """Where the segmented forward (engine/segments.py) gets a layer's routed experts.
 
-    regions: {precision: SlotRegion}, the stacked tensors per precision; part_bases(precision, layer): the addresses of index 0 of each of the
+    regions: {precision: SlotRegion}, the stacked tensors per precision (engine/pool.py
+    views them); part_bases(precision, layer): the addresses of index 0 of each of the
     format's parts (gate/up/down, then the expert biases where the model has them) for
     that layer (re-read before every layer: a provider may move its memory); part_strides
     (precision, layer): the bytes from one index to the next, per part; the format's
-    types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch() returns, per
-    wanted expert, its Handle; fetch_pairs() then gives the Handle of each (token, rank)
-    use; release() ends the use of one fetch()'s handles, flush() ends a forward; hint() announces predicted experts of
-    coming layers. remote: the experts come from another process (hobbitd), which needs
-    CPU time of its own.
+    types(layer) are that layer's tensor types (quantizer mixes differ by layer). fetch()
+    returns, per wanted expert, its Handle; fetch_pairs() then gives the Handle of each
+    (token, rank) use; release() ends the use of one fetch()'s handles, flush() ends a
+    forward; hint() announces predicted experts of coming layers. remote: the experts come
+    from another process (hobbitd), which needs CPU time of its own.
     """
     remote: bool
     regions: dict[str, SlotRegion]
@@ -99,7 +100,7 @@ class LocalExperts:
         return self.sources[precision].part_stride[layer]
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
-        """[(precision, expert) or None]: the expert's index in its precision's tensors."""
+        """[Handle or None]: each expert's index in its precision's stacked tensors."""
         out = []
         for e, s in zip(experts, scores):
             p = self.thresholds.on_miss(float(s))

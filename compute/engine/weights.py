@@ -208,7 +208,7 @@ class ModelArgs:
 class Routing:
     """How a router's logits become K experts and their weights (llama.cpp's
     build_moe_ffn with softmax, softmax-weight or sigmoid gating, its norm_w flag and
-    w_scale); the graph and Python's routing (compute/model.py) both follow it."""
+    w_scale); the graph's routing and its numpy twin (engine/moe.py) both follow it."""
     n_used: int                 # K
     norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
     gating: str = "softmax"     # Arch.gating

@@ -85,7 +85,7 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
                   progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
     "router_in"); see the module docstring for what is returned."""
-    from ..engine.model import Routers
+    from ..engine.moe import Routers
     from ..progress import progress_bar
 
     a = model.args
