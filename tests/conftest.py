@@ -86,7 +86,7 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512,
     decoding with one thread (ggml splits a lone query's attention sums over 512+ KV cells
     by thread; our engine computes them whole whatever its threads, as one thread does;
-    model.flash_attention) and prompts with every core, and no weight repacking
+    attention.flash_attention) and prompts with every core, and no weight repacking
     (llama.cpp's --no-repack: repacked Q4_0/Q4_K/Q2_K use other kernels whose rounding
     differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout)."""
     import llama_cpp
