@@ -152,9 +152,9 @@ class Model:
             raise InputError(f"token id out of range 0..{self.args.n_vocab - 1}")
         outs = []
         for start in range(0, tokens.size, self.opts.n_batch):
-            chunk = tokens[start:start + self.opts.n_batch]
-            last = start + chunk.size == tokens.size
-            out = self._forward_chunk(chunk, all_logits or not last)
+            # without all_logits each chunk computes its last row's logits only: a prompt's
+            # (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary
+            out = self._forward_chunk(tokens[start:start + self.opts.n_batch], all_logits)
             if all_logits:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else out[-1]
