@@ -7,6 +7,7 @@ plan_cache() then says where each model's regions go in the shared memory.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from .model_cache import ModelCache
 from .policy import PolicyWeights, make_policy
 from .pool import RegionPlan, plan_regions
 from .precision import EXACT, HIGH, LOW, Thresholds
+
+log = logging.getLogger("hobbitd")
 
 MiB = 1 << 20
 
@@ -134,6 +137,9 @@ def plan_cache(models: dict[str, ModelCache], size: int,
         th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
         low = not fits and mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
         share = cache_low_share(th, low_share) if low else 0.0
+        if 0 < share < 1:
+            share = _fit_share(mo, share, shares[n] * size)
+            low = share > 0
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:
@@ -152,6 +158,21 @@ def plan_cache(models: dict[str, ModelCache], size: int,
             for r in plan]
     total = max((r.offset + r.nbytes for r in plan), default=PAGE)
     return plan, total
+
+
+def _fit_share(mo: ModelCache, share: float, nbytes: int) -> float:
+    """The low-precision share of a model's `nbytes` of cache, moved from `share` as far
+    as needed for each precision to hold one layer's experts (with many experts a layer,
+    a fixed share made mixed precision refuse caches exact mode runs in). A cache too
+    small for both gets none: misses load high precision, exact where a low copy would
+    have been used (skips above T2 stay)."""
+    need_high = mo.n_expert * mo.source.format.slot_bytes + PAGE
+    need_low = mo.n_expert * mo.low.format.slot_bytes + PAGE
+    if nbytes < need_high + need_low:
+        log.warning("%s: a cache of %.1f MiB holds one layer's experts in one precision only: "
+                    "misses load high precision", mo.name, nbytes / MiB)
+        return 0.0
+    return min(max(share, need_low / nbytes), 1 - need_high / nbytes)
 
 
 def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
