@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from daemon_util import daemon_args, run_daemon
-from hobbit.compute.build.convert import convert
+from hobbit.compute.make.convert import convert
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.model import Model, RunOptions, softmax
@@ -175,7 +175,7 @@ def test_glm4moe_refuses_what_its_graph_would_compute_otherwise(synth, tmp_path)
 def with_per_layer(src: str, dst: str, arrays: dict) -> str:
     """src with the given metadata keys rewritten as one value per layer (llama.cpp reads
     expert_used_count and expert_feed_forward_length that way too: get_key_or_arr)."""
-    from hobbit.compute.build.gguf_writer import TensorEntry, copied_fields, write_gguf
+    from hobbit.compute.make.gguf_writer import TensorEntry, copied_fields, write_gguf
     from hobbit.loader.gguf_file import open_gguf
 
     f = open_gguf(src)

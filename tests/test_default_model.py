@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hobbit.compute.measure import evaluate
-from hobbit.compute.build import moefy
+from hobbit.compute.make import moefy
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hobbit.compute.engine import ggml
-from hobbit.compute.build.synth import SynthOptions, make_synthetic, smollm2_path
+from hobbit.compute.make.synth import SynthOptions, make_synthetic, smollm2_path
 from hobbit.compute.engine.weights import open_model
 from hobbit.protocol.errors import InputError, ModelError
 

@@ -111,7 +111,7 @@ def cmd_convert(args) -> int:
     from ..engine import ggml
     from ..engine.weights import open_model
     from ...loader.companion import auto_low_type
-    from ..build.convert import convert
+    from ..make.convert import convert
     from ...loader.layout import gguf_experts
     from ...protocol.errors import InputError, ModelError
 
@@ -182,7 +182,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..measure import bench, evaluate, routing_stats
-    from ..build import calibrate, models, synth
+    from ..make import calibrate, models, synth
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -17,7 +17,7 @@ from ...loader.companion import default_low_type, low_format
 from ...loader.layout import gguf_experts
 from ...loader.precision import Thresholds
 from ...protocol.errors import HobbitError, InputError
-from ..build.convert import convert
+from ..make.convert import convert
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
 from ..engine.weights import open_model

@@ -62,9 +62,9 @@ def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = N
     $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget. quantize:
     made F16 and quantised by llama.cpp's quantizer to that file type (its real mix)."""
     from ...loader.companion import auto_low_type, made_companion
-    from ..build.convert import convert
+    from ..make.convert import convert
     from ...loader.layout import gguf_experts
-    from ..build.synth import SynthOptions, make_quantized, make_synthetic
+    from ..make.synth import SynthOptions, make_quantized, make_synthetic
     from ..engine.weights import open_model
 
     spec = dict(QUICK if quick else FULL)
@@ -523,7 +523,7 @@ def add_parser(kinds, add_output_options, report) -> None:
         if args.plot:
             _pyplot()                  # missing matplotlib fails now, not after the runs
         if args.quantize:
-            from ..build.quantize import ftype_value
+            from ..make.quantize import ftype_value
             ftype_value(args.quantize)     # an unknown file type fails before the model is made
         r = run(OffloadOptions(args.model, budget, args.allowance, pairs, clients, args.threads,
                                args.quick, sweep, args.quantize))

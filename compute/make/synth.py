@@ -505,7 +505,7 @@ def count_params(opts: SynthOptions) -> int:
 
 
 def make_quantized(path: str, opts, ftype_name: str, progress: bool = False) -> None:
-    """A synthetic model (compute/build/synth.py) as llama.cpp quantises it: written F16
+    """A synthetic model (compute/make/synth.py) as llama.cpp quantises it: written F16
     next to path, quantised to ftype_name into path, the F16 file removed. opts.type is
     ignored (the source is F16)."""
     from dataclasses import replace

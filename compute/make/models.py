@@ -1,6 +1,6 @@
 """The prepared models under the user's data folder ($XDG_DATA_HOME/hobbit/models):
 `hobbit-cli models` lists them (and what a running hobbitd serves), `hobbit-cli prepare`
-builds the default MoE (or a variant) with moefy (build/moefy.py)."""
+builds the default MoE (or a variant) with moefy (make/moefy.py)."""
 from __future__ import annotations
 
 import os
