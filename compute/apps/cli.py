@@ -182,7 +182,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..measure import bench, evaluate, routing_stats
-    from ..make import calibrate, models, synth
+    from . import cli_make
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -264,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_top)
 
-    models.add_parser(sub)
+    cli_make.add_models_parsers(sub)
     evaluate.add_parser(sub)
     routing_stats.add_parser(sub)
-    calibrate.add_parser(sub)
-    synth.add_parser(sub)
+    cli_make.add_calibrate_parser(sub)
+    cli_make.add_synth_parser(sub)
     bench.add_parser(sub)
     return parser
 

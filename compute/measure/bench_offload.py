@@ -64,7 +64,8 @@ def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = N
     from ...loader.companion import auto_low_type, made_companion
     from ..make.convert import convert
     from ...loader.layout import gguf_experts
-    from ..make.synth import SynthOptions, make_quantized, make_synthetic
+    from ..make.quantize import make_quantized
+    from ..make.synth import SynthOptions, make_synthetic
     from ..engine.weights import open_model
 
     spec = dict(QUICK if quick else FULL)
