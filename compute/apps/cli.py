@@ -181,8 +181,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..measure import bench, evaluate, routing_stats
-    from . import cli_make
+    from . import cli_bench, cli_make, cli_measure
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -265,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_top)
 
     cli_make.add_models_parsers(sub)
-    evaluate.add_parser(sub)
-    routing_stats.add_parser(sub)
+    cli_measure.add_eval_parser(sub)
+    cli_measure.add_routing_parser(sub)
     cli_make.add_calibrate_parser(sub)
     cli_make.add_synth_parser(sub)
-    bench.add_parser(sub)
+    cli_bench.add_bench_parser(sub)
     return parser
 
 
