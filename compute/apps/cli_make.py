@@ -8,7 +8,8 @@ import time
 
 from ...loader.gguf_file import SUPPORTED_ARCHS
 from ...protocol.errors import InputError
-from ..make.moefy import CLUSTERINGS, EXPERT_TYPES, MoefyOptions, default_options
+from ..make.moefy import EXPERT_TYPES, MoefyOptions, default_options
+from ..make.moefy_split import CLUSTERINGS
 from ..make.synth_archs import GATINGS, GPT_OSS_SWA, TYPES, SynthOptions
 
 
