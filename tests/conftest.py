@@ -81,6 +81,19 @@ def quantized(synth, tmp_path_factory):
     return make
 
 
+# gpt-oss-20b's shape, small: H*Dh (8 x 64) != D as 64 x 64 != 2880; top-4 of 8; rows of 256
+# so the MXFP4 experts have a Q2_K companion; a window of 16 that the prompt outgrows.
+GPT_OSS = dict(arch="gpt-oss", layers=4, d_model=256, d_ff=256, experts=8, top_k=4, heads=8,
+               kv_heads=2, head_dim=64, swa=16)
+
+
+@pytest.fixture(scope="session")
+def gpt_oss(synth, quantized):
+    """gpt_oss(source) -> the synthetic GPT_OSS file: F16, or llama.cpp's quantizer's
+    MXFP4_MOE made from that F16 file (test_archs.py and test_archs_gpt_oss.py)."""
+    return lambda source: synth(**GPT_OSS, type="F16") if source == "F16" else quantized(source, **GPT_OSS)
+
+
 def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
     (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512, the
