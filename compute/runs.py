@@ -20,7 +20,7 @@ from .engine.weights import Weights, open_model
 def resolve_model(name: str | None) -> str:
     """A model path; "default" (or nothing) is the default MoE, built on first use."""
     if not name or name == "default":
-        from .build.moefy import default_model_path
+        from .make.moefy import default_model_path
 
         return default_model_path(build=True, progress=True)
     return name

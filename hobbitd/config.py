@@ -98,7 +98,7 @@ def default_socket() -> str:
     return f"/tmp/hobbitd-{os.getuid()}.sock"
 
 
-# The default model's file name; compute/build/moefy.py builds it (model_name of its
+# The default model's file name; compute/make/moefy.py builds it (model_name of its
 # default options, checked by tests/test_default_model.py).
 DEFAULT_MODEL = "smollm2-135m-moe-e16k12-r2.gguf"
 

@@ -17,7 +17,9 @@ WILLNEED_CHUNK = 1 << 20    # bytes per read-ahead request (GGUFFile.will_need)
 
 GGUF_MAGIC = b"GGUF"
 
-# The architectures hobbit runs (compute/engine/weights.py has each one's graph options).
+# The architectures hobbit runs: the one list. compute/engine/weights.py's ARCHS (each
+# one's graph options) and compute/make/synth_archs.py's SYNTH_ARCHS (each one's synthetic
+# file) are keyed by it, in its order, and refuse to import otherwise.
 SUPPORTED_ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe",
                    "glm4moe", "bailingmoe2", "ernie4_5-moe",
                    "deepseek2", "smallthinker")

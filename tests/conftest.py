@@ -46,7 +46,7 @@ _synth_cache: dict = {}
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """synth(**options) -> path of a synthetic GGUF made once per session per options."""
-    from hobbit.compute.build.synth import SynthOptions, make_synthetic
+    from hobbit.compute.make.synth import SynthOptions, make_synthetic
 
     def make(**kw):
         key = tuple(sorted(kw.items()))
@@ -67,7 +67,7 @@ _quant_cache: dict = {}
 def quantized(synth, tmp_path_factory):
     """quantized(ftype, **synth options) -> path of the F16 synthetic of those options (made
     once) quantised by llama.cpp's own quantizer to ftype, once per session per ftype."""
-    from hobbit.compute.build.quantize import quantize_gguf
+    from hobbit.compute.make.quantize import quantize_gguf
 
     def make(ftype, **kw):
         key = (ftype, tuple(sorted(kw.items())))
@@ -79,6 +79,19 @@ def quantized(synth, tmp_path_factory):
         return _quant_cache[key]
 
     return make
+
+
+# gpt-oss-20b's shape, small: H*Dh (8 x 64) != D as 64 x 64 != 2880; top-4 of 8; rows of 256
+# so the MXFP4 experts have a Q2_K companion; a window of 16 that the prompt outgrows.
+GPT_OSS = dict(arch="gpt-oss", layers=4, d_model=256, d_ff=256, experts=8, top_k=4, heads=8,
+               kv_heads=2, head_dim=64, swa=16)
+
+
+@pytest.fixture(scope="session")
+def gpt_oss(synth, quantized):
+    """gpt_oss(source) -> the synthetic GPT_OSS file: F16, or llama.cpp's quantizer's
+    MXFP4_MOE made from that F16 file (test_archs.py and test_archs_gpt_oss.py)."""
+    return lambda source: synth(**GPT_OSS, type="F16") if source == "F16" else quantized(source, **GPT_OSS)
 
 
 def llama_oracle(path: str, n_ctx: int = 1024, **kw):
@@ -153,7 +166,7 @@ def data_home(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def default_moe(data_home) -> str:
     """The default MoE, built as a user gets it on first use (and its companion)."""
-    from hobbit.compute.build.moefy import default_model_path
+    from hobbit.compute.make.moefy import default_model_path
 
     return default_model_path(build=True, progress=False)
 
@@ -165,7 +178,7 @@ _variant_cache: dict = {}
 def moe_variant(tmp_path_factory):
     """moe_variant(**MoefyOptions fields) -> a MoE built from SmolLM2 with little calibration
     text (fast; for properties that do not depend on how good the routing is)."""
-    from hobbit.compute.build import moefy
+    from hobbit.compute.make import moefy
 
     def make(**kw):
         opts = moefy.MoefyOptions(**{"calib_tokens": 512, "per_prompt": 128, **kw})

@@ -31,7 +31,7 @@ def model(tmp_path_factory) -> str:
     the options, which a vocab_from path cannot be part of: so make_synthetic directly.)"""
     import gguf
 
-    from hobbit.compute.build.synth import SynthOptions, make_synthetic
+    from hobbit.compute.make.synth import SynthOptions, make_synthetic
 
     folder = tmp_path_factory.mktemp("model")
     vocab = str(folder / "vocab.gguf")
@@ -261,7 +261,7 @@ async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, 
 
 @in_loop
 async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
-    from hobbit.compute.build.convert import convert
+    from hobbit.compute.make.convert import convert
     from hobbit.compute.engine import ggml
     from hobbit.compute.engine.weights import open_model
 
@@ -291,7 +291,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
 async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, tmp_path):
     """An image is checksummed when first read; after that only if the companion is no
     longer the file hobbitd opened, so a damaged rewrite is still never served."""
-    from hobbit.compute.build.convert import convert
+    from hobbit.compute.make.convert import convert
     from hobbit.compute.engine import ggml
     from hobbit.compute.engine.weights import open_model
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from hobbit.compute.build.convert import convert
+from hobbit.compute.make.convert import convert
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.weights import open_model
 from hobbit.loader.precision import HIGH, LOW

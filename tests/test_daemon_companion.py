@@ -11,7 +11,7 @@ import sys
 from daemon_util import connect, daemon_args, hello, release, request, run_daemon, send, recv, stats
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.weights import open_model
-from hobbit.compute.build.convert import convert
+from hobbit.compute.make.convert import convert
 from hobbit.loader import companion
 from hobbit.loader.layout import SlotFormat
 from hobbit.loader.precision import PAPER_T1, PAPER_T2

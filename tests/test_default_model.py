@@ -1,4 +1,4 @@
-"""The default model: SmolLM2-135M-Instruct split into a MoE (compute/moefy.py)."""
+"""The default model: SmolLM2-135M-Instruct split into a MoE (compute/make/moefy.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hobbit.compute.measure import evaluate
-from hobbit.compute.build import moefy
+from hobbit.compute.make import moefy, moefy_split
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model
@@ -34,10 +34,10 @@ def test_all_experts_active_is_the_dense_ffn(moe_variant, smollm2):
     dense, moe = open_model(smollm2), open_model(path)
     x = np.random.default_rng(0).standard_normal((8, dense.args.n_embd)).astype(np.float32)
     for il in range(dense.args.n_layer):
-        g, u, d = moefy.ffn_weights(dense, il)
-        want = (moefy.silu(x @ g.T) * (x @ u.T)) @ d.T
-        ge, ue, de = moefy.ffn_weights(moe, il, experts=True)
-        got = sum((moefy.silu(x @ ge[e].T) * (x @ ue[e].T)) @ de[e].T for e in range(16)) / 16
+        g, u, d = moefy_split.ffn_weights(dense, il)
+        want = (moefy_split.silu(x @ g.T) * (x @ u.T)) @ d.T
+        ge, ue, de = moefy_split.ffn_weights(moe, il, experts=True)
+        got = sum((moefy_split.silu(x @ ge[e].T) * (x @ ue[e].T)) @ de[e].T for e in range(16)) / 16
         assert rel_l2(got, want) < 1e-5, f"layer {il}"
 
 
@@ -91,7 +91,7 @@ def test_balanced_assign_is_the_greedy_pass():
                rng.integers(0, 3, (F, E)),                       # few values: ties everywhere
                np.zeros((F, E)),                                 # all tied
                rng.standard_normal((3, E))[rng.integers(0, 3, F)]][trial % 4].astype(np.float32)
-        got = moefy.balanced_assign(sim, size)
+        got = moefy_split.balanced_assign(sim, size)
         assert np.array_equal(got, _greedy_assign(sim, size)), (trial, E, size)
         assert np.bincount(got, minlength=E).tolist() == [size] * E
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from hobbit.compute.apps.cli_measure import add_eval_parser
 from hobbit.compute.measure import evaluate
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.engine.tokenizer import Tokenizer
@@ -94,7 +95,7 @@ def test_too_short_text_is_an_input_error():
 
 def _run_cli(argv) -> int:
     parser = argparse.ArgumentParser()
-    evaluate.add_parser(parser.add_subparsers())
+    add_eval_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -10,7 +10,7 @@ import pytest
 
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.weights import open_model
-from hobbit.compute.build.convert import convert
+from hobbit.compute.make.convert import convert
 from hobbit.loader import companion
 from hobbit.loader.io_engine import DEMAND, PREFETCH, IOEngine
 from hobbit.loader.layout import PAGE, gguf_experts

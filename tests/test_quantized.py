@@ -1,4 +1,4 @@
-"""Files as people download them: made by llama.cpp's own quantizer (compute/build/quantize.py)
+"""Files as people download them: made by llama.cpp's own quantizer (compute/make/quantize.py)
 from an F16 synthetic Mixtral. Their tensor types follow llama-quant.cpp's mixes (restated
 below), and our engine runs every one of them as llama.cpp does."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hobbit.compute.build.quantize import FTYPES, quantize_gguf
+from hobbit.compute.make.quantize import FTYPES, quantize_gguf
 from hobbit.loader.companion import default_low_type
 from hobbit.loader.ggml_types import type_name
 from hobbit.loader.gguf_file import open_gguf

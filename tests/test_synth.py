@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from hobbit.compute.engine import ggml
-from hobbit.compute.build.synth import SynthOptions, make_synthetic, smollm2_path
-from hobbit.compute.engine.weights import open_model
+from hobbit.compute.make.synth import SynthOptions, make_synthetic, smollm2_path
+from hobbit.compute.engine.weights import ARCHS, open_model
+from hobbit.compute.make.synth_archs import SYNTH_ARCHS
+from hobbit.loader.gguf_file import SUPPORTED_ARCHS
 from hobbit.protocol.errors import InputError, ModelError
 
 SMALL = dict(layers=2, d_model=128, d_ff=256, experts=4, top_k=2, heads=4, kv_heads=2)
@@ -24,6 +26,11 @@ def make(tmp_path, name="m.gguf", **kw) -> str:
 
 def test_smollm2_path_exists():
     assert os.path.isfile(smollm2_path())
+
+
+def test_one_list_of_architectures():
+    """The loader's list is the one the engine's graph options and synth's files follow."""
+    assert tuple(ARCHS) == tuple(SYNTH_ARCHS) == SUPPORTED_ARCHS
 
 
 @pytest.mark.parametrize("kw", [

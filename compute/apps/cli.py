@@ -111,7 +111,7 @@ def cmd_convert(args) -> int:
     from ..engine import ggml
     from ..engine.weights import open_model
     from ...loader.companion import auto_low_type
-    from ..build.convert import convert
+    from ..make.convert import convert
     from ...loader.layout import gguf_experts
     from ...protocol.errors import InputError, ModelError
 
@@ -181,8 +181,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..measure import bench, evaluate, routing_stats
-    from ..build import calibrate, models, synth
+    from . import cli_bench, cli_make, cli_measure
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -264,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_top)
 
-    models.add_parser(sub)
-    evaluate.add_parser(sub)
-    routing_stats.add_parser(sub)
-    calibrate.add_parser(sub)
-    synth.add_parser(sub)
-    bench.add_parser(sub)
+    cli_make.add_models_parsers(sub)
+    cli_measure.add_eval_parser(sub)
+    cli_measure.add_routing_parser(sub)
+    cli_make.add_calibrate_parser(sub)
+    cli_make.add_synth_parser(sub)
+    cli_bench.add_bench_parser(sub)
     return parser
 
 

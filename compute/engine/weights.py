@@ -111,18 +111,20 @@ ARCHS = {
     # MoE every interleave_moe_layer_step-th block after it, a selection bias, an ungated
     # shared expert, an attn_output bias where the file has one
     "ernie4_5-moe": Arch(moe=True, shared_expert="sized"),
-    # smallthinker (SmallThinker-21B-A3B, -4B-A0.6B): the router reads the block's input,
-    # ReLU-gated experts, the gating from the file; with a window, 3 of 4 layers windowed
-    # (4096 tokens) and the others without RoPE
     # deepseek2 (DeepSeek-V2, -V2-Lite, -V3): MLA attention, leading dense blocks, ungated
     # shared experts, the routing from the file (softmax by default)
     "deepseek2": Arch(moe=True, mla=True, routing_keys=("norm", "scale", "gating"),
                       shared_expert="counted"),
+    # smallthinker (SmallThinker-21B-A3B, -4B-A0.6B): the router reads the block's input,
+    # ReLU-gated experts, the gating from the file; with a window, 3 of 4 layers windowed
+    # (4096 tokens) and the others without RoPE
     "smallthinker": Arch(rope=ggml.ROPE_NEOX, moe=True, routing_keys=("gating",), ffn_act="reglu",
                          router_first=True, swa_pattern=4, swa_dense_first=True, swa_window=4096,
                          nope_unwindowed=True),
 }
-assert tuple(ARCHS) == SUPPORTED_ARCHS, "loader/gguf_file.py lists the architectures"
+if tuple(ARCHS) != SUPPORTED_ARCHS:
+    raise ImportError("compute/engine/weights.py: ARCHS must list loader/gguf_file.py's "
+                      "SUPPORTED_ARCHS, in its order")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,10 @@
-"""hobbit-cli bench: measurements, one sub-subcommand per kind (compute here; io, ablation
-and offload in their own modules).
-
-`bench compute` runs our engine and llama-cpp-python on the same GGUF, in one process, all
-weights in memory, and reports prefill and decode speed side by side (see METHOD).
+"""`hobbit-cli bench compute`: our engine and llama-cpp-python on the same GGUF, in one
+process, all weights in memory; prefill and decode speed side by side (see METHOD). The
+other kinds of `bench` are measured in their own modules (bench_*.py); their parsers are
+in apps/cli_bench.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import dataclass
@@ -31,115 +29,6 @@ METHOD = (
     "seconds over the rounds; ratio = hobbit / llama.cpp. The greedy tokens (first from the "
     "prefill logits, then one per decode step) are compared across engines and rounds."
 )
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", prog="hobbit-cli bench",
-                       help="benchmarks (compute: our engine vs llama.cpp)",
-                       description="Benchmarks. Run `hobbit-cli bench KIND --help` for each kind.")
-    kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    _add_compute_parser(kinds)
-    _add_io_parser(kinds)
-    _add_ablation_parser(kinds)
-    from .bench_offload import add_parser as add_offload_parser
-    from .bench_companions import add_parser as add_companions_parser
-    from .bench_fit import add_parser as add_fit_parser
-    from .bench_slots import add_parser as add_slots_parser
-    from .bench_soak import add_parser as add_soak_parser
-    add_offload_parser(kinds, _add_output_options, _report)
-    add_slots_parser(kinds, _add_output_options, _report)
-    add_companions_parser(kinds, _add_output_options, _report)
-    add_fit_parser(kinds, _add_output_options, _report)
-    add_soak_parser(kinds, _add_output_options, _report)
-
-
-def _add_output_options(p) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
-
-
-def _report(args, report: dict, table) -> int:
-    if getattr(args, "out", None):
-        write_json(args.out, report)
-    if args.json:
-        print(json.dumps(report, default=str))
-    else:
-        table(report)
-    return 0
-
-
-def _add_io_parser(kinds) -> None:
-    p = kinds.add_parser("io", prog="hobbit-cli bench io",
-                         help="the daemon's I/O engine vs dd (direct I/O), same file",
-                         description="Read every expert of MODEL through hobbit's I/O engine and the "
-                                     "whole file with `dd bs=4M iflag=direct`, alternating, and "
-                                     "report MB/s of each and their ratio.")
-    p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
-    p.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds (default 3)")
-    p.add_argument("--io-threads", type=int, default=4, metavar="N", help="reader threads (default 4)")
-    _add_output_options(p)
-
-    def run(args):
-        from . import bench_io
-        return _report(args, bench_io.run(args.model, args.repeat, args.io_threads), bench_io.print_table)
-    p.set_defaults(func=run)
-
-
-def _add_ablation_parser(kinds) -> None:
-    p = kinds.add_parser("ablation", prog="hobbit-cli bench ablation",
-                         help="HOBBIT's techniques switched on one by one, same prompts",
-                         description="(a) high precision only + LRU, (b) + dynamic loading, (c) + "
-                                     "prefetch, (d) + multidimensional cache (= hobbit), (e) low "
-                                     "precision only; each with a fresh hobbitd and the same cache "
-                                     "size. Converts the low-precision companion first if it is missing.")
-    p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
-    p.add_argument("--cache", type=float, default=0.25, metavar="FRACTION",
-                   help="cache size as a fraction of the expert bytes (default 0.25)")
-    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[16, 128], metavar="N",
-                   help="prompt lengths (default 16 128)")
-    p.add_argument("-n", "--n-decode", type=int, default=32, metavar="N", help="tokens decoded per prompt (32)")
-    p.add_argument("--configs", default="abcde", help="which configurations to run (default abcde)")
-    p.add_argument("--rounds", type=int, default=3, metavar="N",
-                   help="rounds, each running every configuration in turn; medians are "
-                        "reported (default 3)")
-    _add_output_options(p)
-
-    def run(args):
-        from . import bench_ablation
-        if args.rounds < 1:
-            raise InputError(f"--rounds {args.rounds}: must be at least 1")
-        r = bench_ablation.run(args.model, args.cache, tuple(args.prompt_tokens), args.n_decode,
-                               set(args.configs), args.rounds)
-        return _report(args, r, bench_ablation.print_table)
-    p.set_defaults(func=run)
-
-
-# ---- bench compute ------------------------------------------------------------------------
-
-def _add_compute_parser(kinds) -> None:
-    p = kinds.add_parser("compute", prog="hobbit-cli bench compute",
-                         help="prefill/decode tok/s of hobbit vs llama.cpp, same GGUF",
-                         description="Time our engine and llama-cpp-python side by side on the "
-                                     "same GGUF (all weights in memory), check they produce the "
-                                     "same greedy tokens, and report tok/s and ratios.")
-    p.add_argument("model", metavar="MODEL", help="path to a GGUF model")
-    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
-                   help="prompt length for the prefill (default 128)")
-    p.add_argument("-n", "--n-decode", type=int, default=64, metavar="N",
-                   help="greedy decode steps (default 64)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="threads for both engines (default: number of physical cores)")
-    p.add_argument("--repeat", type=int, default=3, metavar="N",
-                   help="rounds per engine, alternating; medians are reported (default 3)")
-    p.add_argument("--ctx", type=int, default=1024, metavar="N", help="context length (default 1024)")
-    _add_output_options(p)
-    p.set_defaults(func=cmd_compute)
-
-
-def cmd_compute(args) -> int:
-    report = run_compute(ComputeOptions(args.model, args.prompt_tokens, args.n_decode,
-                                        args.threads, args.repeat, args.ctx))
-    return _report(args, report, lambda r: print(format_compute(r)))
 
 
 @dataclass
@@ -257,17 +146,3 @@ def format_compute(r: dict) -> str:
                      "(other processes steal cores from both engines), rerun when idle")
     lines += ["", "method: " + r["method"]]
     return "\n".join(lines)
-
-
-def write_json(path: str, report: dict) -> None:
-    """Write the report atomically: a temporary file next to it, then os.replace."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

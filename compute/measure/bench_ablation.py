@@ -116,7 +116,7 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
     from ...loader.layout import gguf_experts
     from ...loader.served import ModelOptions, open_served_all, plan_cache
     from ...loader.precision import PAPER_T1, PAPER_T2
-    from ..build.convert import convert
+    from ..make.convert import convert
 
     path = weights.path
     fmt = gguf_experts(weights).format

@@ -17,7 +17,7 @@ from ...loader.companion import default_low_type, low_format
 from ...loader.layout import gguf_experts
 from ...loader.precision import Thresholds
 from ...protocol.errors import HobbitError, InputError
-from ..build.convert import convert
+from ..make.convert import convert
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
 from ..engine.weights import open_model
@@ -92,23 +92,3 @@ def print_table(r: dict) -> None:
         mark = "  <- convert's default" if c["type"] == r["default"] else ""
         print(f"  {c['type']:<6} {c['expert_bytes']:>10,} {c['smaller']:7.2f}x "
               f"{c['kld']:8.5f} ± {c['kld_stderr']:.5f} {c['top1_agree']:6.1%}{mark}")
-
-
-def add_parser(kinds, add_output_options, report) -> None:
-    p = kinds.add_parser("companions", prog="hobbit-cli bench companions",
-                         help="low-precision companion types: bytes and divergence, side by side",
-                         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("model", metavar="MODEL", help="a MoE GGUF")
-    p.add_argument("--types", metavar="T,T,...", type=lambda s: [x.strip().upper() for x in s.split(",")],
-                   help=f"candidate types (default: those of {','.join(CANDIDATES)} smaller than the experts)")
-    p.add_argument("--text", metavar="FILE", help="text to score (default: a built-in paragraph, "
-                   "repeated; a real text measures a trained model better)")
-    p.add_argument("--tokens", type=int, default=512, metavar="N", help="tokens scored (default 512)")
-    p.add_argument("--ctx", type=int, default=128, metavar="N", help="tokens per chunk (default 128)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_output_options(p)
-
-    def cmd(args):
-        return report(args, run(args.model, args.types, args.text, args.tokens, args.ctx,
-                                progress=not args.quiet), print_table)
-    p.set_defaults(func=cmd)

@@ -155,21 +155,3 @@ def print_table(r: dict) -> None:
               f"{row['prefill_tok_s']:13.1f} {row['prefill_ratio']:5.2f}x  {str(row['tokens_match']).lower():<11}  {s}")
     print(f"  per layer over the one graph: {r['per_layer_request_ms']:.3f} ms per layer per token "
           f"in all; outside compute (the hit path) {r['hit_path_ms_per_layer']:.3f} ms per MoE layer")
-
-
-def add_parser(kinds, add_output_options, report) -> None:
-    p = kinds.add_parser("fit", prog="hobbit-cli bench fit",
-                         help="every expert cached: llama.cpp vs hobbit in-process vs through hobbitd",
-                         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("model", metavar="MODEL", help="a MoE GGUF")
-    p.add_argument("--prompt-tokens", type=int, default=8, metavar="N", help="prompt length (default 8)")
-    p.add_argument("-n", "--n-decode", type=int, default=64, metavar="N", help="decode steps (default 64)")
-    p.add_argument("--repeat", type=int, default=3, metavar="N", help="interleaved rounds (default 3)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="threads (default: physical cores; hobbitd's per-layer path one fewer)")
-    add_output_options(p)
-
-    def cmd(args):
-        return report(args, run(args.model, args.prompt_tokens, args.n_decode, args.repeat,
-                                args.threads), print_table)
-    p.set_defaults(func=cmd)

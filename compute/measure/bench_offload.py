@@ -15,22 +15,20 @@ of the non-expert weights the client maps. Runs:
      measured now with dd.
 
 Each engine runs in a worker process (`python -m hobbit.compute.measure.offload_worker
-SPEC`, measure/offload_worker.py) that prints one JSON object. Where no memory cgroup can be made or the page cache cannot be
-dropped, runs 1-3 are not made and the report says why.
+SPEC`, measure/offload_worker.py) that prints one JSON object. Where no memory cgroup can be
+made or the page cache cannot be dropped, runs 1-3 are not made and the report says why.
+The report's table and plots are drawn by measure/bench_offload_report.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from ...protocol.errors import HobbitError, InputError
 from .bench_ablation import lossy_flags
@@ -62,9 +60,10 @@ def synthetic_model(quick: bool, progress: bool = True, quantize: str | None = N
     $XDG_CACHE_HOME/hobbit/bench; FULL's experts are 4.2 GiB, 4x a 1 GiB budget. quantize:
     made F16 and quantised by llama.cpp's quantizer to that file type (its real mix)."""
     from ...loader.companion import auto_low_type, made_companion
-    from ..build.convert import convert
+    from ..make.convert import convert
     from ...loader.layout import gguf_experts
-    from ..build.synth import SynthOptions, make_quantized, make_synthetic
+    from ..make.quantize import make_quantized
+    from ..make.synth import SynthOptions, make_synthetic
     from ..engine.weights import open_model
 
     spec = dict(QUICK if quick else FULL)
@@ -218,57 +217,6 @@ def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: i
     return point
 
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")          # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'hobbit[plot]'") from None
-    return plt
-
-
-def plot(report: dict, folder: str) -> list[str]:
-    """PNG plots: tok/s against the budget; hobbit's per-token time split. Returns the paths."""
-    plt = _pyplot()
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    pts = sorted(report["sweep"], key=lambda p: p["budget"])
-    if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = [100 * p["share_of_experts"] for p in pts]
-        for key, label in (("llamacpp_tok_s", "llama.cpp (mmap)"), ("hobbit_tok_s", "hobbit")):
-            xs = [xi for xi, p in zip(x, pts) if p.get(key)]
-            ax.plot(xs, [p[key] for p in pts if p.get(key)], marker="o", label=label)
-        ax.set_xlabel("memory budget, % of the expert bytes")
-        ax.set_ylabel("decode tok/s")
-        ax.set_yscale("log")
-        ax.set_title(os.path.basename(report["model"]), fontsize=8)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        paths.append(os.path.join(folder, "tok_s_vs_budget.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    bars = [(f"{label}\n{run['prompt']}->{run['decode']}", run["split_ms"])
-            for key, label in (("hobbit_high_lru", "high+LRU"), ("hobbit", "hobbit"))
-            for run in report["results"].get(key, {}).get("runs", []) if "split_ms" in run]
-    if bars:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bottom = np.zeros(len(bars))
-        for part in ("compute", "expert_wait", "other"):
-            v = np.array([sp[part] for _, sp in bars])
-            ax.bar([b[0] for b in bars], v, bottom=bottom, label=part.replace("_", " "))
-            bottom += v
-        ax.set_ylabel("ms per decoded token")
-        ax.legend()
-        paths.append(os.path.join(folder, "time_split.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
-
-
 def run(opts: OffloadOptions, progress: bool = True) -> dict:
     from ...loader.layout import gguf_experts
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
@@ -364,75 +312,6 @@ def _summarise(report: dict) -> None:
                 run["share_of_io_floor"] = run["decode_tok_s"] / floor
 
 
-def print_table(r: dict) -> None:
-    print(f"bench offload: {r['model']} ({r['file_bytes'] / 2**30:.2f} GiB, experts "
-          f"{r['expert_bytes'] / 2**30:.2f} GiB); budget {r['budget'] / MiB:.0f} MiB "
-          f"({r['budget'] / r['expert_bytes']:.0%} of the expert bytes) + {r['allowance'] / MiB:.0f} MiB "
-          f"for the processes = cgroup limit {r['cgroup_limit'] / MiB:.0f} MiB; hobbitd cache "
-          f"{r['hobbit_cache'] / MiB:.0f} MiB")
-    for key in ("hobbit_high_lru", "hobbit"):
-        st = r["results"].get(key, {}).get("settings")
-        if st:
-            print(f"{key}: policy {st['policy']}, {st['mode']}")
-    print(f"{'run':34s} {'prompt':>6s} {'out':>4s} {'prefill s':>9s} {'tok/s':>7s} {'x llama':>7s} "
-          f"{'MB/tok':>7s} {'floor':>6s} {'same tok':>8s} {'ms/tok: compute':>15s} {'wait':>6s} "
-          f"{'other':>6s} {'peak MiB':>8s}")
-    labels = {"llamacpp_unlimited": "llama.cpp, no limit (ceiling)",
-              "llamacpp_limited": "llama.cpp, limited", "hobbit_high_lru": "hobbit high only + LRU, limited",
-              "hobbit": "hobbit (all techniques), limited"}
-    for key, label in labels.items():
-        r_ = r["results"].get(key)
-        if r_ is None:
-            print(f"{label:34s} not measured: {r['not_measured'].get(key, '?')}")
-            continue
-        if "error" in r_:
-            print(f"{label:34s} failed: {r_['error']}")
-            continue
-        peak = r_.get("peak_memory")
-        for run in r_["runs"]:
-            sp = run.get("split_ms")
-            print(f"{label:34s} {run['prompt']:6d} {run['decode']:4d} {run['prefill_s']:9.2f} "
-                  f"{run['decode_tok_s']:7.2f} {_f(run.get('x_llamacpp_limited'), '7.2f')} "
-                  f"{run['bytes_per_token'] / 1e6:7.1f} {_f(run.get('share_of_io_floor'), '6.0%')} "
-                  f"{run.get('tokens_equal_to_unlimited', 1.0):8.0%} "
-                  f"{_f(sp and sp['compute'], '15.1f')} {_f(sp and sp['expert_wait'], '6.1f')} "
-                  f"{_f(sp and sp['other'], '6.1f')} {_f(peak and peak / MiB, '8.0f')}")
-    if r["clients"]:
-        print(f"{'clients':7s} {'engine':48s} {'total tok/s':>11s} {'x llama':>7s} {'hit ratio':>9s} {'peak MiB':>8s}")
-    for n, by in r["clients"].items():
-        base = by["llamacpp"].get("total_tok_s")
-        for key, label in (("llamacpp", f"{n} llama.cpp processes"),
-                           ("hobbit_shared", f"{n} hobbit clients, one shared hobbitd"),
-                           ("hobbit_separate", f"{n} hobbit clients, {n} hobbitd with 1/{n} cache each")):
-            c = by[key]
-            tot = c.get("total_tok_s")
-            ratio = tot / base if tot and base else None
-            peak = c.get("peak_memory")
-            print(f"{n:7s} {label:48s} {_f(tot, '11.2f')} {_f(ratio, '7.2f')} "
-                  f"{_f(c.get('hit_ratio'), '9.1%')} {_f(peak and peak / MiB, '8.0f')}"
-                  + (f"  failed: {c['errors'][0]}" if c["errors"] else ""))
-    for pt in r.get("sweep", []):
-        print(f"sweep: budget {pt['budget'] / MiB:.0f} MiB ({pt['share_of_experts']:.0%} of the expert "
-              f"bytes): llama.cpp {_f(pt.get('llamacpp_tok_s'), '.2f')} tok/s, hobbit "
-              f"{_f(pt.get('hobbit_tok_s'), '.2f')} tok/s" + (f" ({pt['hobbit_error']})" if pt.get("hobbit_error") else ""))
-    for path in r.get("plots", []):
-        print(f"plot: {path}")
-    f = r["io_floor"]
-    print(f"I/O floor: {f['bytes_per_token'] / 1e6:.1f} MB of experts per token at best "
-          f"(top-k experts of every layer, the cache's share hit) / {f['direct_io_Bps'] / 1e6:.0f} MB/s "
-          f"(direct I/O now, the faster of hobbit's I/O engine and dd) = {_f(f['tok_s'], '.2f')} tok/s")
-    print("method: each limited run drops the page cache first and runs its processes in one "
-          "memory cgroup of the limit; decode tok/s = greedy tokens / wall time after the "
-          "prefill; MB/tok = bytes read from storage per decoded token (llama.cpp: the worker's "
-          "/proc/self/io read_bytes; hobbit: hobbitd's bytes read); same tok = greedy tokens equal "
-          "to the unlimited llama.cpp run's; peak = the cgroup's peak memory, page cache included")
-
-
-def _f(x, fmt: str) -> str:
-    width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
-    return f"{x:{fmt}}" if x is not None else " " * max(width - 1, 0) + "-"
-
-
 def budget_bytes(text: str, expert_bytes: int) -> int:
     """Bytes from "1G", "1073741824" or "25%" (of the model's expert bytes)."""
     from ...hobbitd.config import parse_size
@@ -450,84 +329,3 @@ def budget_bytes(text: str, expert_bytes: int) -> int:
         return parse_size(text)
     except InputError as e:
         raise InputError(f"--budget {text}: {e}") from None
-
-
-def _size(text: str) -> int:
-    from ...hobbitd.config import parse_size
-    try:
-        return parse_size(text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_parser(kinds, add_output_options, report) -> None:
-    p = kinds.add_parser("offload", prog="hobbit-cli bench offload",
-                         help="hobbit vs llama.cpp on one MoE file under one memory budget",
-                         description="llama.cpp and hobbit (high only + LRU, and all techniques) "
-                                     "in memory cgroups of the same limit after dropping the page "
-                                     "cache, llama.cpp unlimited as the ceiling, and the I/O floor. "
-                                     "Needs root (or a delegated cgroup) for the limited runs.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="a MoE GGUF (default: a synthetic Mixtral-layout model with 4.2 GiB of "
-                        "experts, made once under ~/.cache/hobbit/bench)")
-    p.add_argument("--budget", default=None, metavar="SIZE",
-                   help="memory for the model's weights: a size (1G) or a share of its expert "
-                        "bytes (25%%); hobbitd's cache is this minus the non-expert weights "
-                        "(default 25%%; --quick 150%%)")
-    p.add_argument("--allowance", type=_size, default=512 * MiB, metavar="SIZE",
-                   help="memory on top of the budget for the processes themselves, the same "
-                        "for both engines (default 512M)")
-    p.add_argument("--runs", default=None, metavar="P:N,...",
-                   help="prompt:decoded token counts (default 16:32,128:128; --quick 16:8)")
-    p.add_argument("--clients", default=None, metavar="N,...",
-                   help="also run N clients at once (the first run's sizes): N llama.cpp "
-                        "processes vs N hobbit clients on one hobbitd vs N hobbitd with 1/N of "
-                        "the cache each; the limit grows by 256M per extra client "
-                        "(default 2,4; --quick 2; '' for none)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="compute threads (default: each engine's own default; with N clients "
-                        "at once, cores / N for either engine)")
-    p.add_argument("--sweep", default=None, metavar="B,...",
-                   help="also run llama.cpp and hobbit limited to each of these budgets (the first "
-                        "run's sizes), e.g. 10%%,25%%,50%%,100%%")
-    p.add_argument("--plot", metavar="DIR",
-                   help="write PNG plots to DIR: tok/s against the budget (sweeps 10%%,25%%,50%%,100%% "
-                        "unless --sweep says otherwise) and hobbit's per-token time split; needs "
-                        "matplotlib (pip install 'hobbit[plot]')")
-    p.add_argument("--quick", action="store_true",
-                   help="a small synthetic model and short runs: checks the harness in ~1 minute")
-    p.add_argument("--quantize", metavar="FTYPE",
-                   help="the synthetic model as llama.cpp's quantizer writes it (e.g. Q4_K_M: "
-                        "Q6_K down experts on some layers), beside the default uniform Q8_0")
-    add_output_options(p)
-
-    def cmd(args):
-        runs = args.runs or ("16:8" if args.quick else "16:32,128:128")
-        try:
-            pairs = [[int(x) for x in item.split(":")] for item in runs.split(",")]
-            if any(len(pr) != 2 or min(pr) < 1 for pr in pairs):
-                raise ValueError
-        except ValueError:
-            raise InputError(f"--runs {runs!r}: expected PROMPT:DECODE pairs such as 16:32,128:128") from None
-        budget = args.budget or ("150%" if args.quick else "25%")
-        budget_bytes(budget, 1)      # a malformed budget fails now, before any model is made
-        clients = [int(x) for x in args.clients.split(",") if x] if args.clients is not None \
-            else ([2] if args.quick else [2, 4])
-        if any(n < 2 for n in clients):
-            raise InputError(f"--clients {args.clients}: counts of at least 2, e.g. 2,4 (or '' for none)")
-        sweep = [b for b in (args.sweep or "").split(",") if b]
-        for b in sweep:
-            budget_bytes(b, 1)
-        if args.plot and not sweep:
-            sweep = ["10%", "25%", "50%", "100%"]
-        if args.plot:
-            _pyplot()                  # missing matplotlib fails now, not after the runs
-        if args.quantize:
-            from ..build.quantize import ftype_value
-            ftype_value(args.quantize)     # an unknown file type fails before the model is made
-        r = run(OffloadOptions(args.model, budget, args.allowance, pairs, clients, args.threads,
-                               args.quick, sweep, args.quantize))
-        if args.plot:
-            r["plots"] = plot(r, args.plot)
-        return report(args, r, print_table)
-    p.set_defaults(func=cmd)

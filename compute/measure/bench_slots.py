@@ -73,30 +73,3 @@ def print_table(r: dict) -> None:
                               f" ({r['size_classes']['regions']} regions)")):
         v = r[key]
         print(f"  {name:<34} {v['bytes'] / GiB:8.3f} {v['overhead']:13.1%}{extra}")
-
-
-def _dims(text: str) -> tuple:
-    import argparse
-
-    try:
-        D, F = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not D,F (two whole numbers)") from None
-    if D <= 0 or F <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: dimensions must be positive")
-    return D, F
-
-
-def add_parser(kinds, add_output_options, report) -> None:
-    p = kinds.add_parser("slots", prog="hobbit-cli bench slots",
-                         help="shared memory for a model's experts: largest-layer slots vs size classes",
-                         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("model", metavar="MODEL", help="a MoE GGUF (e.g. made by `synth --quantize Q4_K_M`)")
-    p.add_argument("--dims", metavar="D,F", type=_dims, help="recompute the bytes for these dimensions, "
-                   "with the file's per-layer types (e.g. 2048,768: Qwen3-30B-A3B)")
-    p.add_argument("--experts", type=int, metavar="E", help="experts per layer (default: the file's)")
-    add_output_options(p)
-
-    def cmd(args):
-        return report(args, run(args.model, args.dims, args.experts), print_table)
-    p.set_defaults(func=cmd)

@@ -269,29 +269,3 @@ def print_table(r: dict) -> None:
     print(f"  hobbitd exit code      {r['daemon_exit']}")
     if r.get("workdir"):
         print(f"  logs kept in           {r['workdir']}")
-
-
-def add_parser(kinds, add_output_options, report) -> None:
-    p = kinds.add_parser("soak", prog="hobbit-cli bench soak",
-                         help="clients on one hobbitd for minutes, with client and daemon SIGKILLs",
-                         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="a MoE GGUF (default: bench offload's small synthetic model)")
-    p.add_argument("--clients", type=int, default=4, metavar="N", help="client slots (default 4)")
-    p.add_argument("--minutes", type=float, default=1.0, metavar="M", help="how long (default 1)")
-    p.add_argument("-n", "--n-tokens", type=int, default=16, metavar="N",
-                   help="tokens per answer (default 16)")
-    p.add_argument("--kill-every", type=float, default=5.0, metavar="S",
-                   help="SIGKILL a random client every S seconds (default 5)")
-    p.add_argument("--daemon-kills", type=int, default=1, metavar="K",
-                   help="SIGKILL and restart hobbitd K times, spread over the run (default 1)")
-    p.add_argument("--cache", type=float, default=0.25, metavar="F",
-                   help="hobbitd's cache as a share of the expert bytes (default 0.25)")
-    p.add_argument("--no-serve", action="store_true", help="no `serve` client, only `generate` ones")
-    add_output_options(p)
-
-    def cmd(args):
-        return report(args, run(args.model, args.clients, args.minutes, args.n_tokens,
-                                args.kill_every, args.daemon_kills, args.cache,
-                                serve=not args.no_serve), print_table)
-    p.set_defaults(func=cmd)

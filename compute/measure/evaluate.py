@@ -23,15 +23,19 @@ precision while the reference runs everything in high precision.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...protocol.errors import InputError
 from ..divergence import kl_rows, log_softmax
 from ..progress import progress_bar
+
+if TYPE_CHECKING:    # only named: importing runs loads the engine
+    from ..runs import ThroughDaemon
 
 # ---- text and scorers --------------------------------------------------------------------------
 
@@ -180,64 +184,70 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
             "chunks": len(todo), "ctx": ctx, "scored": count, "seconds": time.perf_counter() - t0}
 
 
-# ---- command line -----------------------------------------------------------------------------
+# ---- a model on a text file (hobbit-cli eval) --------------------------------------------------
 
-def _open(path: str, args, daemon: bool):
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str | None            # a GGUF path; "default" or None: the default MoE
+    text: str                    # the text file to score
+    ctx: int = 512               # tokens per chunk; the second half of each is scored
+    chunks: int | None = None    # score only the first N chunks; None: all
+    threads: int = 0             # 0: physical cores (one fewer through hobbitd)
+    daemon: ThroughDaemon | None = None    # experts through hobbitd (MoE only); None: in-process
+    progress: bool = True
+    verbose: bool = False        # say how long tokenizing took
+
+
+def _open(path: str, opts: EvalOptions, daemon: bool):
     """A run of ctx tokens: through hobbitd when asked and the model is a MoE, else in-process."""
     from ..engine.model import RunOptions
-    from ..runs import ThroughDaemon, open_run
+    from ..runs import open_run
 
-    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads)
-    return open_run(path, opts, ThroughDaemon.from_args(args) if daemon else None)
+    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=min(opts.ctx, 512), n_threads=opts.threads)
+    return open_run(path, run_opts, opts.daemon if daemon else None)
 
 
-def _text_tokens(args, tok) -> list[int]:
+def _text_tokens(opts: EvalOptions, tok) -> list[int]:
     t0 = time.perf_counter()
-    tokens = tokenize_text(tok, read_text(args.text))
-    if args.verbose:
-        print(f"{args.text}: {len(tokens)} tokens ({time.perf_counter() - t0:.1f} s to tokenize)",
+    tokens = tokenize_text(tok, read_text(opts.text))
+    if opts.verbose:
+        print(f"{opts.text}: {len(tokens)} tokens ({time.perf_counter() - t0:.1f} s to tokenize)",
               file=sys.stderr)
     return tokens
 
 
-def cmd_ppl(args) -> int:
-    import json
-
+def eval_ppl(opts: EvalOptions, llama_cpp: bool = False) -> dict:
+    """perplexity() of opts.model on opts.text, scored by hobbit or (llama_cpp) by
+    llama.cpp; the result with the model, the text, the engine and the token count."""
     from ..engine.tokenizer import Tokenizer
     from ..runs import resolve_model
 
-    path = resolve_model(args.model)
-    if args.llama_cpp:
-        tok, run, score, where = Tokenizer(path), None, _llama_cpp_scorer(path, args), {"engine": "llama.cpp"}
+    path = resolve_model(opts.model)
+    if llama_cpp:
+        tok, run, score, where = Tokenizer(path), None, _llama_cpp_scorer(path, opts), {"engine": "llama.cpp"}
     else:
-        run = _open(path, args, daemon=not args.no_daemon)
+        run = _open(path, opts, daemon=True)
         tok, score, where = run.tok, run.model, {"engine": "hobbit", "daemon": run.experts is not None}
     try:
-        tokens = _text_tokens(args, tok)
-        r = perplexity(score, tokens, ctx=args.ctx, chunks=args.chunks, progress=not args.quiet,
+        tokens = _text_tokens(opts, tok)
+        r = perplexity(score, tokens, ctx=opts.ctx, chunks=opts.chunks, progress=opts.progress,
                        add_bos=model_adds_bos(tok), bos=tok.bos)
     finally:
         if run is not None:
             run.close()
-    r = {"model": path, "text": args.text, **where, "tokens": len(tokens), **r}
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{os.path.basename(path)} ({r['engine']}): PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.5f} "
-              f"over {r['chunks']} chunks of {r['ctx']} tokens ({r['scored']} scored, {r['seconds']:.1f} s)")
-    return 0
+    return {"model": path, "text": opts.text, **where, "tokens": len(tokens), **r}
 
 
-def _llama_cpp_scorer(path: str, args):
+def _llama_cpp_scorer(path: str, opts: EvalOptions):
     """llama.cpp (llama-cpp-python, all logits) as a scorer: each chunk from an empty cache."""
     import llama_cpp
 
     from ..engine.ggml import physical_cores
     from ..engine.tokenizer import quiet_stderr
 
-    n = args.threads or physical_cores()
+    n = opts.threads or physical_cores()
     with quiet_stderr():
-        llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx, n_batch=min(args.ctx, 512),
+        llm = llama_cpp.Llama(model_path=path, n_ctx=opts.ctx, n_batch=min(opts.ctx, 512),
                               logits_all=True, flash_attn=True, verbose=False,
                               n_threads=n, n_threads_batch=n)
 
@@ -248,83 +258,32 @@ def _llama_cpp_scorer(path: str, args):
     return score
 
 
-def cmd_kld(args) -> int:
-    import json
-
+def eval_kld(opts: EvalOptions, reference: str) -> dict:
+    """kld() of opts.model against reference: "high" (the same file, every expert in high
+    precision, in-process) or another GGUF with the same vocabulary; the result with the
+    model, the reference, the text and the token count."""
     from ..runs import resolve_model
 
-    path = resolve_model(args.model)
-    run = _open(path, args, daemon=not args.no_daemon)
-    model, reference = run.model, None
+    path = resolve_model(opts.model)
+    run = _open(path, opts, daemon=True)
+    model, ref_run = run.model, None
     try:
-        if args.reference == "high":
+        if reference == "high":
             # the same file, every expert in high precision, in-process
             ref_path = path
-            reference = model if run.experts is None else _open(path, args, daemon=False)
+            ref_run = model if run.experts is None else _open(path, opts, daemon=False)
         else:
-            ref_path = resolve_model(args.reference)
-            reference = _open(ref_path, args, daemon=False)
-            if reference.weights.args.n_vocab != run.weights.args.n_vocab:
-                raise InputError(f"--reference {ref_path}: its vocabulary ({reference.weights.args.n_vocab} "
+            ref_path = resolve_model(reference)
+            ref_run = _open(ref_path, opts, daemon=False)
+            if ref_run.weights.args.n_vocab != run.weights.args.n_vocab:
+                raise InputError(f"--reference {ref_path}: its vocabulary ({ref_run.weights.args.n_vocab} "
                                  f"tokens) is not the model's ({run.weights.args.n_vocab})")
-        tokens = _text_tokens(args, run.tok)
-        r = kld(model, reference if reference is model else reference.model, tokens, ctx=args.ctx,
-                chunks=args.chunks, progress=not args.quiet, add_bos=model_adds_bos(run.tok), bos=run.tok.bos)
+        tokens = _text_tokens(opts, run.tok)
+        r = kld(model, ref_run if ref_run is model else ref_run.model, tokens, ctx=opts.ctx,
+                chunks=opts.chunks, progress=opts.progress, add_bos=model_adds_bos(run.tok), bos=run.tok.bos)
     finally:
         run.close()
-        if reference is not None and reference is not model:
-            reference.close()
-    r = {"model": path, "reference": args.reference, "reference_model": ref_path, "text": args.text,
-         "daemon": run.experts is not None, "tokens": len(tokens), **r}
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{os.path.basename(path)} vs {args.reference}: mean KLD = {r['kld']:.6f} +/- "
-              f"{r['kld_stderr']:.6f}, top-1 agreement {r['top1_agree']:.2%}, PPL {r['ppl']:.4f} "
-              f"(reference {r['ref_ppl']:.4f}) over {r['chunks']} chunks of {r['ctx']} tokens")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", prog="hobbit-cli eval", help="perplexity and KL divergence on a text",
-                       description="Accuracy on a text file, measured as llama.cpp measures it.")
-    kinds = p.add_subparsers(dest="eval_kind", metavar="KIND")
-    kinds.required = True
-
-    def common(q):
-        q.add_argument("model", metavar="MODEL",
-                       help="path to a GGUF model, or 'default' (the default MoE, built on first use)")
-        q.add_argument("--text", required=True, metavar="FILE", help="the text to score (UTF-8)")
-        q.add_argument("--ctx", type=int, default=512, metavar="N",
-                       help="tokens per chunk; the second half of each is scored (default 512)")
-        q.add_argument("--chunks", type=int, default=None, metavar="N",
-                       help="score only the first N chunks (default: all)")
-        q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        q.add_argument("--threads", type=int, default=0, metavar="N",
-                       help="compute threads (default: physical cores, one fewer through hobbitd)")
-        q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-        q.add_argument("--verbose", "-v", action="store_true", help="say how long tokenizing took")
-        q.add_argument("--no-daemon", action="store_true",
-                       help="compute in this process, experts read from the mmapped GGUF "
-                            "(default for dense models)")
-        q.add_argument("--socket", metavar="PATH", default=None,
-                       help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
-
-    q = kinds.add_parser("ppl", prog="hobbit-cli eval ppl", help="perplexity (llama.cpp's method)",
-                         description="Perplexity of MODEL on FILE as llama-perplexity computes it: "
-                                     "chunks of --ctx tokens, each from an empty cache, the second "
-                                     "half of each scored.")
-    common(q)
-    q.add_argument("--llama-cpp", action="store_true",
-                   help="score with llama.cpp (llama-cpp-python, all logits) instead of hobbit: "
-                        "the reference figure on the same chunks")
-    q.set_defaults(func=cmd_ppl)
-
-    q = kinds.add_parser("kld", prog="hobbit-cli eval kld", help="KL divergence against a reference",
-                         description="Mean KL(reference || MODEL) per scored token, top-1 "
-                                     "agreement and both perplexities, on llama.cpp's chunks.")
-    common(q)
-    q.add_argument("--reference", required=True, metavar="high|MODEL",
-                   help="'high': the same model with every expert in high precision, in-process; "
-                        "or the path of another GGUF with the same vocabulary (e.g. the dense model)")
-    q.set_defaults(func=cmd_kld)
+        if ref_run is not None and ref_run is not model:
+            ref_run.close()
+    return {"model": path, "reference": reference, "reference_model": ref_path, "text": opts.text,
+            "daemon": run.experts is not None, "tokens": len(tokens), **r}

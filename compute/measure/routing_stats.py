@@ -18,6 +18,7 @@ weights renormalised. Per layer it reports
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -154,9 +155,20 @@ def format_stats(r: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_routing(args) -> int:
-    import json
+@dataclass(frozen=True)
+class RoutingOptions:
+    model: str | None            # a MoE GGUF path; "default" or None: the default MoE
+    text: str                    # the text file to route
+    tokens: int = 8192           # route its first N tokens
+    ctx: int = 512               # tokens per chunk, each from an empty cache
+    t1: float = 0.6              # HOBBIT's high-precision threshold
+    t2: float = 0.9              # HOBBIT's skip threshold
+    threads: int = 0             # 0: physical cores
+    progress: bool = True
 
+
+def route_text(opts: RoutingOptions) -> dict:
+    """routing_stats() of opts.model on opts.text, in-process, with the model and the text."""
     from .evaluate import read_text, tokenize_text
     from ..engine.model import RunOptions
     from ..runs import open_run
@@ -165,35 +177,9 @@ def cmd_routing(args) -> int:
         if not weights.args.is_moe:
             raise ModelError(f"{weights.path}: a dense model has no router to study")
 
-    opts = RunOptions(n_ctx=args.ctx, n_batch=min(args.ctx, 512), n_threads=args.threads, taps=("router_in",))
-    with open_run(args.model, opts, check=check) as run:
-        tokens = tokenize_text(run.tok, read_text(args.text))[:args.tokens]
-        r = routing_stats(run.model, tokens, ctx=args.ctx, t1=args.t1, t2=args.t2, progress=not args.quiet)
-    path = run.path
-    r = {"model": path, "text": args.text, **r}
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(format_stats(r))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("routing", prog="hobbit-cli routing", help="how a MoE routes a text",
-                       description="Route a text through MODEL in-process and print, per layer, "
-                                   "expert popularity (skew) and how often a token reuses the "
-                                   "previous token's experts, against random routing.")
-    p.add_argument("model", metavar="MODEL", nargs="?", default="default",
-                   help="path to a MoE GGUF, or 'default' (the default MoE)")
-    p.add_argument("--text", required=True, metavar="FILE", help="the text to route (UTF-8)")
-    p.add_argument("--tokens", type=int, default=8192, metavar="N",
-                   help="route the first N tokens of the text (default 8192)")
-    p.add_argument("--ctx", type=int, default=512, metavar="N",
-                   help="tokens per chunk, each from an empty cache (default 512)")
-    p.add_argument("--t1", type=float, default=0.6, help="HOBBIT's high-precision threshold (default 0.6)")
-    p.add_argument("--t2", type=float, default=0.9, help="HOBBIT's skip threshold (default 0.9)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="compute threads (default: number of physical cores)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_routing)
+    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=min(opts.ctx, 512), n_threads=opts.threads,
+                          taps=("router_in",))
+    with open_run(opts.model, run_opts, check=check) as run:
+        tokens = tokenize_text(run.tok, read_text(opts.text))[:opts.tokens]
+        r = routing_stats(run.model, tokens, ctx=opts.ctx, t1=opts.t1, t2=opts.t2, progress=opts.progress)
+    return {"model": run.path, "text": opts.text, **r}

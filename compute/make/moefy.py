@@ -32,15 +32,15 @@ The build is deterministic (fixed seeds and thread count): the same options give
 bytes on the same machine. The default model is built on first use under
 $XDG_DATA_HOME/hobbit/models (default ~/.local/share/hobbit/models), named with the recipe
 version RECIPE, so a changed recipe builds a new file.
+
+Steps 2 and 3, one layer at a time, are make/moefy_split.py; make/moefy_write.py writes the file.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,19 +48,17 @@ from ...hobbitd.config import default_model_file, models_dir
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
 from ..progress import progress_bar
+from .moefy_split import CLUSTERINGS, LayerPlan, ffn_weights, plan_layer
+from .moefy_write import write_moe
 
 RECIPE = "r2"            # bump whenever the build's output changes
 DEFAULT_EXPERTS = 16
 DEFAULT_TOP_K = 12
 DEFAULT_TEMPERATURE = 0.1
 EXPERT_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
-CLUSTERINGS = ("coact", "random", "contiguous")
 
 CALIB_THREADS = 2        # fixed: attention sums split across threads, so results depend on it
 CALIB_SEED = 1234
-CO_ACTIVE = 0.10         # share of a token's neurons that count as "active" for clustering
-KMEANS_ITERS = 30
-RIDGE = 1e-2             # ridge penalty, relative to the mean diagonal of X^T X
 
 # Prompts for the calibration text the dense model writes itself (never evaluation text).
 # ("raw", text): continued as plain text; ("chat", text): answered through the chat template.
@@ -194,131 +192,12 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     return out
 
 
-# ---- splitting one layer -------------------------------------------------------------------------
-
-def ffn_weights(weights, il: int, experts: bool = False):
-    """(gate (F, D), up (F, D), down (D, F)) of layer il as float32, numpy order; with
-    experts, the expert tensors: (E, Fe, D), (E, Fe, D), (E, D, Fe)."""
-    out = []
-    for part in ("gate", "up", "down"):
-        info = weights.tensors[f"blk.{il}.ffn_{part}{'_exps' if experts else ''}.weight"]
-        raw = weights.reader.data[info.offset:info.offset + info.nbytes]
-        out.append(ggml.dequantize(info.type, raw, int(np.prod(info.shape))).reshape(info.shape[::-1]))
-    return out
-
+# ---- splitting the layers ------------------------------------------------------------------------
 
 def clear_caches() -> None:
     """Forget the calibration routes and layer plans kept for repeated builds in one process."""
     _calib_cache.clear()
     _plan_cache.clear()
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def balanced_assign(sim: np.ndarray, size: int) -> np.ndarray:
-    """Each row (neuron) to one column (cluster), every cluster exactly `size` rows (F = E *
-    size; check() makes it so): as if greedily by decreasing similarity over all pairs
-    (stable order, so deterministic).
-
-    Computed by deferred acceptance (neurons propose to clusters in their order, a cluster
-    keeps its `size` best proposals) in vectorised rounds instead of a Python loop over the
-    F*E pairs: when both sides rank pairs by one common order, the stable assignment is
-    unique and is exactly what the greedy pass gives (tests/test_default_model.py checks the two
-    against each other, ties included). With little calibration text (many tied
-    similarities, k-means running all its iterations) the loop was ~40% of a layer's split."""
-    F, E = sim.shape
-    order = np.argsort(-sim, axis=None, kind="stable")
-    rank = np.empty(F * E, np.int64)
-    rank[order] = np.arange(F * E)
-    rank = rank.reshape(F, E)                       # (F, E): each pair's place in the order
-    prefs = np.argsort(rank, axis=1)                # (F, E): each neuron's clusters, best first
-    tried = np.zeros(F, np.int64)                   # (F,): proposals made per neuron
-    assign = np.full(F, -1, np.int64)
-    free = np.arange(F)
-    while free.size:
-        assign[free] = prefs[free, tried[free]]
-        tried[free] += 1
-        # every cluster keeps its `size` best-ranked neurons (held and new), rejects the rest
-        by_cluster = np.argsort(assign * (F * E) + rank[np.arange(F), assign], kind="stable")
-        e = assign[by_cluster]
-        place = np.arange(F) - np.searchsorted(e, e, side="left")
-        free = np.sort(by_cluster[place >= size])
-        assign[free] = -1
-    return assign
-
-
-def balanced_kmeans(feat: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS) -> list:
-    """Spherical k-means of the rows of feat (N, d) into equal clusters; sorted index arrays."""
-    N = feat.shape[0]
-    size = N // n_clusters
-    # rows contiguous: the features come transposed (F, T) from (T, F) activations, and
-    # gathering a cluster's rows from that layout each iteration took ~10x longer
-    feat = np.ascontiguousarray(feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12))
-    rng = np.random.default_rng(seed)
-    centers = feat[np.sort(rng.choice(N, n_clusters, replace=False))]
-    assign = None
-    for _ in range(iters):
-        new = balanced_assign(feat @ centers.T, size)                      # (N,)
-        if assign is not None and np.array_equal(new, assign):
-            break
-        assign = new
-        centers = np.stack([feat[assign == e].mean(axis=0) for e in range(n_clusters)])
-        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
-    return [np.flatnonzero(assign == e) for e in range(n_clusters)]
-
-
-@dataclass
-class LayerPlan:
-    groups: list            # E sorted arrays of F/E neuron indices
-    router: np.ndarray      # (E, D) float32: x -> predicted log ||FFN_e(x)|| (before temperature)
-    down: np.ndarray | None = None   # (D, F) refitted down (opts.refit), else the dense one
-
-
-def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) -> LayerPlan:
-    """Split one FFN: X (T, D) calibration inputs; gate/up (F, D), down (D, F) float32."""
-    F = gate.shape[0]
-    E = opts.experts
-    A = silu(X @ gate.T) * (X @ up.T)                                       # (T, F)
-    if opts.clustering == "coact":
-        imp = np.abs(A) * np.linalg.norm(down, axis=0)                       # (T, F)
-        n_act = max(1, int(round(CO_ACTIVE * F)))
-        thresh = -np.partition(-imp, n_act - 1, axis=1)[:, n_act - 1:n_act]  # (T, 1)
-        feat = (imp >= thresh).T.astype(np.float32)                          # (F, T)
-        u = opts.unit      # cluster runs of u neurons: whole quant blocks can be copied
-        groups = balanced_kmeans(feat.reshape(F // u, u, -1).mean(axis=1), E, seed=opts.seed + layer)
-        groups = [(g[:, None] * u + np.arange(u)).ravel() for g in groups]
-    elif opts.clustering == "random":
-        perm = np.random.default_rng(opts.seed + layer).permutation(F)
-        groups = [np.sort(perm[e * (F // E):(e + 1) * (F // E)]) for e in range(E)]
-    elif opts.clustering == "contiguous":
-        groups = [np.arange(e * (F // E), (e + 1) * (F // E)) for e in range(E)]
-    else:
-        raise InputError(f"--clustering {opts.clustering!r} is not one of {' '.join(CLUSTERINGS)}")
-    # each expert's output norm per token, and a ridge fit x -> log norm
-    c = np.stack([np.linalg.norm(A[:, g] @ down[:, g].T, axis=1) for g in groups], axis=1)  # (T, E)
-    target = np.log(c.astype(np.float64) + 1e-6)
-    X64 = X.astype(np.float64)
-    xtx = X64.T @ X64                                                        # (D, D)
-    lam = RIDGE * float(np.mean(np.diag(xtx)))
-    W = np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), X64.T @ target)   # (D, E)
-    plan = LayerPlan(groups=groups, router=W.T.astype(np.float32))
-    if opts.refit > 0 and opts.top_k < E:
-        # least squares: the routed experts' sum should give the dense output, pulled
-        # towards the dense down matrix (ridge) so that it generalises
-        sel = np.argsort(-(X @ plan.router.T), axis=1, kind="stable")[:, :opts.top_k]   # (T, K)
-        used = np.zeros((len(X), E), bool)
-        np.put_along_axis(used, sel, True, axis=1)
-        member = np.empty(F, np.int64)
-        for e, g in enumerate(groups):
-            member[g] = e
-        At = (A * used[:, member]).astype(np.float64)                       # (T, F)
-        S = At.T @ At
-        lam = opts.refit * float(np.mean(np.diag(S)))
-        Y = A.astype(np.float64) @ down.T.astype(np.float64)                 # (T, D)
-        plan.down = np.linalg.solve(S + lam * np.eye(F), At.T @ Y + lam * down.T).T.astype(np.float32)
-    return plan
 
 
 _plan_cache: dict = {}
@@ -375,15 +254,7 @@ def check(opts: MoefyOptions, n_ff: int) -> None:
         raise InputError(f"--calib-tokens {opts.calib_tokens} must be at least 256")
 
 
-# ---- writing the GGUF -----------------------------------------------------------------------------
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
+# ---- the MoE file ---------------------------------------------------------------------------------
 
 def model_name(opts: MoefyOptions) -> str:
     """smollm2-135m-moe-e16k8-r1, with the options that differ from the default appended."""
@@ -392,120 +263,6 @@ def model_name(opts: MoefyOptions) -> str:
         ("temperature", "t"), ("expert_type", ""), ("down_type", "down"), ("clustering", ""), ("calib_tokens", "c"),
         ("per_prompt", "p"), ("seed", "s"), ("refit", "refit"), ("unit", "u")) if getattr(opts, f) != getattr(d, f))
     return f"smollm2-135m-moe-e{opts.experts}k{opts.top_k}{extra.lower()}-{RECIPE}"
-
-
-_SCALES = {ggml.TYPES_BY_NAME[n]: k for n, k in (("Q4_0", 1), ("Q8_0", 1), ("Q5_0", 1),
-                                                  ("Q4_1", 2), ("Q5_1", 2))}
-
-
-def _copy_blocks(raw, t: int, D: int, F: int, groups, K: int) -> np.ndarray:
-    """Down experts from the dense down's own quantised blocks (groups of whole blocks):
-    no re-quantising, only the fp16 scale (and min) of each block multiplied by K."""
-    if t not in _SCALES:
-        raise ModelError(f"moefy: cannot copy {ggml.type_name(t)} blocks; use another --down-type")
-    bs = ggml.block_size(t)
-    blocks = np.asarray(raw).reshape(D, F // bs, ggml.type_size(t))
-    out = []
-    for g in groups:
-        b = blocks[:, g[::bs] // bs].copy()                                  # (D, Fe/bs, bytes)
-        head = b[:, :, :2 * _SCALES[t]].copy().view(np.float16)
-        b[:, :, :2 * _SCALES[t]] = (head.astype(np.float32) * K).astype(np.float16).view(np.uint8)
-        out.append(b.reshape(-1))
-    return np.concatenate(out)
-
-
-def _write_gguf(path: str, source: str, weights, plans: list[LayerPlan], opts: MoefyOptions,
-                progress: bool) -> None:
-    import gguf
-    from gguf import GGUFValueType
-
-    from .gguf_writer import TensorEntry, copied_fields, write_gguf
-
-    a = weights.args
-    E, K = opts.experts, opts.top_k
-    D, F = a.n_embd, a.n_ff
-    Fe = F // E
-    exp_t = ggml.TYPES_BY_NAME[opts.expert_type]
-    down_t = ggml.TYPES_BY_NAME[opts.down_type or opts.expert_type]
-    mm = weights.reader.data
-
-    # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
-    table = []            # (TensorEntry, producer)
-    done = set()
-    for name, info in weights.tensors.items():
-        parts = name.split(".")
-        if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-            il = int(parts[1])
-            if il in done:
-                continue
-            done.add(il)
-            p = f"blk.{il}."
-            table += [
-                (TensorEntry(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E), ("router", il)),
-                (TensorEntry(p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
-                 ("rows", il, "gate")),
-                (TensorEntry(p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
-                 ("rows", il, "up")),
-                (TensorEntry(p + "ffn_down_exps.weight", down_t, (Fe, D, E),
-                             ggml.row_size(down_t, Fe) * D * E), ("down", il)),
-            ]
-        else:
-            table.append((TensorEntry(name, info.type, info.shape, info.nbytes), ("copy", name)))
-
-    def produce(how) -> bytes:
-        kind = how[0]
-        if kind == "copy":
-            t = weights.tensors[how[1]]
-            return mm[t.offset:t.offset + t.nbytes]
-        plan = plans[how[1]]
-        if kind == "router":
-            return (np.float32(opts.temperature) * plan.router).astype(np.float32)   # (E, D)
-        if kind == "rows":     # a neuron is a row of gate/up: its bytes, or re-quantised
-            t = weights.tensors[f"blk.{how[1]}.ffn_{how[2]}.weight"]
-            rows = mm[t.offset:t.offset + t.nbytes].reshape(F, -1)
-            if t.type != exp_t:
-                rows = ggml.dequantize(t.type, rows, F * D).reshape(F, D)
-            rows = np.concatenate([rows[g] for g in plan.groups])
-            return rows if t.type == exp_t else ggml.quantize(exp_t, rows, D)          # (E*Fe, bytes)
-        # down: a neuron is a column; gather, scale by K, re-quantise expert by expert
-        t = weights.tensors[f"blk.{how[1]}.ffn_down.weight"]
-        if t.type == down_t and plan.down is None and opts.unit % ggml.block_size(t.type) == 0:
-            return _copy_blocks(mm[t.offset:t.offset + t.nbytes], t.type, D, F, plan.groups, K)
-        down = plan.down
-        if down is None:
-            down = ggml.dequantize(t.type, mm[t.offset:t.offset + t.nbytes], D * F).reshape(D, F)
-        return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe)
-                               for g in plan.groups])
-
-    src_name = os.path.basename(source)
-    w = gguf.GGUFWriter(path, "llama")
-    try:
-        copied = copied_fields(weights.reader,
-                               lambda k: not k.startswith("GGUF.") and k != "general.architecture")
-        for key, value, vtype, sub in copied:
-            if key == "general.name":
-                value = f"{value} MoE {E}x{Fe} top-{K} (hobbit moefy {RECIPE})"
-            elif key == "llama.feed_forward_length":
-                value = Fe
-            w.add_key_value(key, value, vtype, sub)
-        w.add_expert_count(E)
-        w.add_expert_used_count(K)
-        meta = {"recipe": RECIPE, "source": src_name, "source_sha256": _sha256(source),
-                **{k: v for k, v in asdict(opts).items()}}
-        for k, v in meta.items():
-            key = f"hobbit.moefy.{k}"
-            if isinstance(v, str):
-                w.add_key_value(key, v, GGUFValueType.STRING)
-            elif isinstance(v, float):
-                w.add_key_value(key, v, GGUFValueType.FLOAT32)
-            else:
-                w.add_key_value(key, int(v), GGUFValueType.UINT32)
-    except BaseException:
-        w.close()
-        raise
-    how = {entry.name: h for entry, h in table}
-    write_gguf(w, [entry for entry, _ in table], lambda entry: [produce(how[entry.name])],
-               "moefy: write", progress, "moefy")
 
 
 def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = None,
@@ -527,7 +284,7 @@ def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = N
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        _write_gguf(tmp, source, weights, plans, opts, progress)
+        write_moe(tmp, source, weights, plans, opts, RECIPE, progress)
         os.replace(tmp, out)
     except OSError as e:
         raise InputError(f"{out}: cannot write ({e.strerror or e})") from None

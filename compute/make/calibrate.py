@@ -18,9 +18,9 @@ in units of one high-precision expert read.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -171,55 +171,45 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     }
 
 
-def cmd_calibrate(args) -> int:
+@dataclass(frozen=True)
+class CalibrateOptions:
+    model: str                  # a MoE GGUF, converted
+    text: str                   # calibration text (never the evaluation text)
+    tokens: int = 2048          # tokens of the text to use
+    low: str | None = None      # the companion's type; None: the one hobbitd serves
+    companion: str | None = None    # the companion file; None: found from low
+    cache: float = 0.25         # cache size as a fraction of expert bytes
+    low_share: float = 0.25     # share of the cache for low precision
+    kld: float = 0.01           # KLD bound vs all-high-precision
+    progress: bool = True
+
+
+def calibrate_model(opts: CalibrateOptions) -> tuple[dict, str]:
+    """Calibrate opts.model on opts.text and save the result next to its companion file:
+    (the result, the path it was saved to). HobbitError for a dense model, evaluation text,
+    a missing companion or too little text."""
     from ..engine import ggml
     from ...loader.companion import auto_low_type, companion_path, made_companion
     from ...loader.layout import gguf_experts
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
 
-    weights = open_model(args.model)
+    weights = open_model(opts.model)
     if not weights.args.is_moe:
-        raise HobbitError(f"{args.model}: a dense model has nothing to calibrate")
-    if os.path.basename(args.text) == "wiki.test.raw":
-        raise HobbitError(f"{args.text}: that is evaluation text; calibrate on other text")
+        raise HobbitError(f"{opts.model}: a dense model has nothing to calibrate")
+    if os.path.basename(opts.text) == "wiki.test.raw":
+        raise HobbitError(f"{opts.text}: that is evaluation text; calibrate on other text")
     high = gguf_experts(weights)
-    if args.companion or args.low:
-        companion = args.companion or companion_path(weights.path, ggml.TYPES_BY_NAME[args.low.upper()])
+    if opts.companion or opts.low:
+        companion = opts.companion or companion_path(weights.path, ggml.TYPES_BY_NAME[opts.low.upper()])
     else:      # the one hobbitd would serve (low_type "auto")
         companion = made_companion(weights.path, high.format) or \
-            companion_path(weights.path, auto_low_type(high.format, args.model))
+            companion_path(weights.path, auto_low_type(high.format, opts.model))
     if not os.path.exists(companion):
-        raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {args.model} first")
-    with open(args.text, encoding="utf-8", errors="replace") as f:
-        tokens = Tokenizer(args.model).encode(f.read())[:args.tokens]
+        raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {opts.model} first")
+    with open(opts.text, encoding="utf-8", errors="replace") as f:
+        tokens = Tokenizer(opts.model).encode(f.read())[:opts.tokens]
     if len(tokens) < 64:
-        raise HobbitError(f"{args.text}: only {len(tokens)} tokens; calibration needs at least 64")
-    r = calibrate(weights, companion, tokens, args.cache, args.low_share, args.kld, progress=True)
-    path = save_calibration(r, companion)
-    if args.json:
-        print(json.dumps({k: v for k, v in r.items() if k != "threshold_grid"}, indent=1))
-    else:
-        t1 = "-1 (every miss in low precision)" if r["t1"] < 0 else r["t1"]
-        print(f"T1 = {t1}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
-              f"lru/lfu/lhu/fld = {r['weights']}: modelled load cost {r['cost']:.0f} vs LRU {r['lru_cost']:.0f} "
-              f"expert reads over {r['tokens']} tokens; saved to {path}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", prog="hobbit-cli calibrate", help="pick HOBBIT's thresholds and cache-policy weights",
-                       description="Profile gate scores and miss penalties on calibration text; choose "
-                                   "T1/T2 (cheapest modelled loading with KLD vs all-high-precision "
-                                   "under --kld) and the four policy weights; store them next to the "
-                                   "companion file, where hobbitd finds them.")
-    p.add_argument("model", metavar="MODEL", help="a MoE GGUF (convert it first)")
-    p.add_argument("--text", required=True, help="calibration text (never the evaluation text)")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
-    p.add_argument("--low", metavar="TYPE", default=None, help="the companion's type (default: the one hobbitd serves: the best type made)")
-    p.add_argument("--companion", metavar="PATH", default=None, help="the companion file (default: found)")
-    p.add_argument("--cache", type=float, default=0.25, help="cache size as a fraction of expert bytes (0.25)")
-    p.add_argument("--low-share", type=float, default=0.25, help="share of the cache for low precision (0.25)")
-    p.add_argument("--kld", type=float, default=0.01, help="KLD bound vs all-high-precision (0.01)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_calibrate)
+        raise HobbitError(f"{opts.text}: only {len(tokens)} tokens; calibration needs at least 64")
+    r = calibrate(weights, companion, tokens, opts.cache, opts.low_share, opts.kld, progress=opts.progress)
+    return r, save_calibration(r, companion)

@@ -5,6 +5,7 @@ download were made.
 src (typically an F16 file) and writes dst with llama.cpp's mix for that file type: not one
 type throughout (Q4_K_M, for one, gives ffn_down Q6_K on some layers, attn_v Q8_0 on
 8-expert models, output Q6_K), see tests/test_quantized.py for the rules checked.
+`make_quantized(path, opts, ftype_name)` does it to a synthetic model (make/synth.py).
 
 Contract:
 - ftype_name is one of FTYPES (case-insensitive); another name raises InputError, one
@@ -17,10 +18,13 @@ Contract:
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import replace
 
 from ...protocol.errors import InputError, ModelError
 from ..engine.ggml import physical_cores
 from ..engine.tokenizer import quiet_stderr
+from .synth import SynthOptions, make_synthetic
 
 # Our name -> the LLAMA_FTYPE_MOSTLY_* (or ALL_*) suffix in llama_cpp; names as
 # llama-quantize spells them.
@@ -68,3 +72,22 @@ def quantize_gguf(src: str, dst: str, ftype_name: str, threads: int = 0) -> None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def make_quantized(path: str, opts: SynthOptions, ftype_name: str, progress: bool = False) -> None:
+    """A synthetic model (compute/make/synth.py) as llama.cpp quantises it: written F16
+    next to path, quantised to ftype_name into path, the F16 file removed. opts.type is
+    ignored (the source is F16)."""
+    ftype_value(ftype_name)    # an unknown name, or no place to write, fails before minutes of writing
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write ({folder} is not a writable folder)")
+    src = f"{path}.f16-{os.getpid()}.gguf"
+    try:
+        make_synthetic(src, replace(opts, type="F16"), progress=progress)
+        if progress:
+            print(f"quantizing to {ftype_name.upper()} with llama.cpp", file=sys.stderr)
+        quantize_gguf(src, path, ftype_name)
+    finally:
+        if os.path.exists(src):
+            os.remove(src)
