@@ -183,6 +183,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..measure import bench, evaluate, routing_stats
     from ..build import calibrate, models, synth
+    from . import pull_cli
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_top)
 
     models.add_parser(sub)
+    pull_cli.add_parser(sub)
     evaluate.add_parser(sub)
     routing_stats.add_parser(sub)
     calibrate.add_parser(sub)
