@@ -29,15 +29,17 @@ def cmd_pull(args) -> int:
     return 0
 
 
+# argparse's help formatter reflows the lines
+DESCRIPTION = """Download the GGUF model of QUANT (e.g. Q4_K_M; any case) from the Hub model repo
+REPO into the models folder ($XDG_DATA_HOME/hobbit/models): every part of a split model, no
+mmproj file. Without QUANT: the repo's only GGUF model. An interrupted pull resumes where it
+stopped; each file's sha256 is checked against the Hub's before it appears in the folder.
+Prints the path to run. Honours HF_ENDPOINT and HF_TOKEN."""
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("pull", prog="hobbit-cli pull", help="download a GGUF model from the Hugging Face Hub",
-                       description="Download the GGUF model of QUANT (e.g. Q4_K_M; any case) from "
-                                   "the Hub model repo REPO into the models folder "
-                                   "($XDG_DATA_HOME/hobbit/models): every part of a split model, "
-                                   "no mmproj file. Without QUANT: the repo's only GGUF model. An "
-                                   "interrupted pull resumes where it stopped; each file's sha256 "
-                                   "is checked against the Hub's before it appears in the folder. "
-                                   "Prints the path to run. Honours HF_ENDPOINT and HF_TOKEN.")
+    p = sub.add_parser("pull", prog="hobbit-cli pull", description=DESCRIPTION,
+                       help="download a GGUF model from the Hugging Face Hub")
     p.add_argument("ref", metavar="REPO[:QUANT]", help="e.g. unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M")
     p.add_argument("--file", metavar="NAME", default=None,
                    help="one exact file of the repo instead of a quant (a split model's first "
