@@ -11,6 +11,7 @@ from typing import NamedTuple
 from ...hobbitd.config import models_dir
 from ...protocol.errors import ModelError
 from .moefy import MoefyOptions, build_moe, default_model_path, default_options, model_name
+from .pull import split_name
 
 
 def describe(path: str) -> dict:
@@ -32,7 +33,8 @@ def list_models() -> list[dict]:
         return []
     out = []
     for name in sorted(os.listdir(d)):
-        if name.endswith(".gguf"):
+        split = split_name(name)
+        if name.endswith(".gguf") and not (split and split.no > 1):   # a split model: its first part
             try:
                 out.append(describe(os.path.join(d, name)))
             except ModelError as e:
