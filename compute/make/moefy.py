@@ -48,13 +48,11 @@ from ...hobbitd.config import default_model_file, models_dir
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
 from ..progress import progress_bar
+from .recipe import DEFAULT_EXPERTS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MoefyOptions
 from .moefy_split import CLUSTERINGS, LayerPlan, ffn_weights, plan_layer
 from .moefy_write import write_moe
 
 RECIPE = "r2"            # bump whenever the build's output changes
-DEFAULT_EXPERTS = 16
-DEFAULT_TOP_K = 12
-DEFAULT_TEMPERATURE = 0.1
 EXPERT_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
 
 CALIB_THREADS = 2        # fixed: attention sums split across threads, so results depend on it
@@ -100,21 +98,6 @@ CALIB_PROMPTS = (
     ("chat", "Tell me a short story about a robot who learns to paint."),
     ("chat", "List the planets of the solar system in order."),
 )
-
-
-@dataclass(frozen=True)
-class MoefyOptions:
-    experts: int = DEFAULT_EXPERTS          # E per layer
-    top_k: int = DEFAULT_TOP_K              # K (llama.expert_used_count); down_e is scaled by K
-    temperature: float = DEFAULT_TEMPERATURE  # router logits = temperature * predicted log-contribution
-    expert_type: str = "Q8_0"               # ggml type of the experts (HOBBIT's high precision)
-    down_type: str = ""                     # type of the down experts if not expert_type
-    unit: int = 1                           # neurons clustered together (32: whole quant blocks)
-    clustering: str = "coact"               # coact | random | contiguous
-    calib_tokens: int = 6000                # calibration tokens (prompts included), at least
-    per_prompt: int = 200                   # most tokens generated per prompt
-    seed: int = 0                           # k-means initialisation
-    refit: float = 0.0                      # >0: ridge-refit down to the routed top-k (penalty, relative)
 
 
 # ---- calibration ---------------------------------------------------------------------------------

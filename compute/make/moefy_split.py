@@ -8,15 +8,13 @@ fits the router: a ridge regression from the FFN input to each expert's log outp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...protocol.errors import InputError
 from ..engine import ggml
+from .recipe import MoefyOptions
 
-if TYPE_CHECKING:    # only named: moefy imports this module
-    from .moefy import MoefyOptions
 
 CLUSTERINGS = ("coact", "random", "contiguous")
 CO_ACTIVE = 0.10         # share of a token's neurons that count as "active" for clustering

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -16,9 +15,8 @@ from ...protocol.errors import ModelError
 from ..engine import ggml
 from .gguf_writer import TensorEntry, copied_fields, write_gguf
 from .moefy_split import LayerPlan
+from .recipe import MoefyOptions
 
-if TYPE_CHECKING:    # only named: moefy imports this module
-    from .moefy import MoefyOptions
 
 
 def _sha256(path: str) -> str:
