@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -17,8 +18,10 @@ from ..engine.ggml import lib
 from ..progress import progress_bar
 
 
-def convert(weights, low_type: int, out: str | None = None, progress: bool = True) -> str:
-    """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its path."""
+def convert(weights, low_type: int, out: str | None = None, progress: bool = True,
+            threads: int | None = None) -> str:
+    """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its
+    path. threads: experts converted at once (None: every physical core)."""
     if low_type not in ggml.WEIGHT_TYPES or low_type in (ggml.F32, ggml.F16, ggml.BF16):
         raise InputError(f"cannot convert experts to {ggml.type_name(low_type)}: not a quantised "
                          "type hobbit computes on (try Q4_0, Q4_K, Q3_K, Q2_K)")
@@ -39,24 +42,32 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
     mm = weights.reader.data
     bar = progress_bar(high.total_bytes, f"convert to {ggml.type_name(low_type)}",
                        enabled=progress, unit="B")
+
+    def one(key: tuple[int, int]) -> np.ndarray:
+        """Expert (il, e) laid out as its slot: ggml's (de)quantisers run outside the GIL,
+        so experts convert on every core at once."""
+        il, e = key
+        slot = np.zeros(fmt.slot_bytes, np.uint8)
+        for p, (off, n) in enumerate(high.ranges(il, e)):
+            if p < len(PARTS):      # a weight matrix: re-quantised
+                shape = high.format.shapes[p]
+                x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n], shape[0] * shape[1])
+                q = ggml.quantize(low_type, x, shape[0])
+            else:                   # an expert bias: copied, F32
+                q = mm[off:off + n]
+            slot[fmt.part_offsets[p]:fmt.part_offsets[p] + q.size] = q
+        return slot
+
+    keys = [(il, e) for il in range(n_layer) for e in range(n_exp)]
+    threads = threads or ggml.physical_cores()
+    window = 4 * threads            # experts converted ahead of the writer, at most
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, ThreadPoolExecutor(threads) as pool:
             f.truncate(data_offset + n_layer * n_exp * fmt.slot_bytes)
             f.seek(data_offset)
-            slot = np.zeros(fmt.slot_bytes, np.uint8)
-            for il in range(n_layer):
-                for e in range(n_exp):
-                    slot[:] = 0
-                    for p, (off, n) in enumerate(high.ranges(il, e)):
-                        if p < len(PARTS):      # a weight matrix: re-quantised
-                            shape = high.format.shapes[p]
-                            x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n],
-                                                shape[0] * shape[1])
-                            q = ggml.quantize(low_type, x, shape[0])
-                        else:                   # an expert bias: copied, F32
-                            q = mm[off:off + n]
-                        o = fmt.part_offsets[p]
-                        slot[o:o + q.size] = q
+            for start in range(0, len(keys), window):
+                batch = keys[start:start + window]
+                for (il, e), slot in zip(batch, pool.map(one, batch)):
                     crcs[il][e] = zlib.crc32(slot)
                     f.write(slot.tobytes())
                     bar.update(high.expert_bytes(il))
