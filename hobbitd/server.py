@@ -27,8 +27,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Coroutine
 from dataclasses import fields
-from typing import Coroutine
 
 import psutil
 import zmq

@@ -177,7 +177,8 @@ class ExpertCache:
         """RequestError pin_limit if owner, pinning `n_new` more slots of mo, would hold
         more than `share` of mo's slots (never less than one layer's experts, which one
         forward may need at once), counting what it pinned in its own row: one client must
-        not pin the cache and starve the others. An owner with every expert resident (it pins them all by design) is not limited."""
+        not pin the cache and starve the others. An owner with every expert resident (it pins
+        them all by design) is not limited."""
         o = self.owners.get(owner)
         if o is None or mo.name in o.resident:
             return

@@ -100,13 +100,13 @@ class ControlBlock:
         self.free_rows = list(range(PIN_ROWS - 1, -1, -1))
 
     @classmethod
-    def create(cls, name: str, lay: ControlLayout) -> "ControlBlock":
+    def create(cls, name: str, lay: ControlLayout) -> ControlBlock:
         seg = Segment(name, lay.size, create=True)
         seg.mm[:HEADER] = (MAGIC + struct.pack("<II", PIN_ROWS, lay.n_slots)).ljust(HEADER, b"\0")
         return cls(seg, lay.rows_offset, lay.n_slots, lay)
 
     @classmethod
-    def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> "ControlBlock":
+    def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> ControlBlock:
         seg = Segment(name, size, writable=True)
         if bytes(seg.mm[:len(MAGIC)]) != MAGIC:
             seg.close()

@@ -18,8 +18,9 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from .layout import PAGE, align
 
@@ -243,7 +244,7 @@ class IOEngine:
         if finish > now:
             time.sleep(finish - now)   # the emulated device is busy until then
 
-    def _read_run(self, run: list[ReadSegment], bounce: "_Bounce") -> None:
+    def _read_run(self, run: list[ReadSegment], bounce: _Bounce) -> None:
         """Read segments that follow each other in one file: one segment straight into its
         destination, several with one read into the bounce buffer and a copy to each
         destination."""

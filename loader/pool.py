@@ -33,7 +33,7 @@ class SlotState(enum.StrEnum):
 
 @dataclass(eq=False)
 class Slot:
-    region: "Region"
+    region: Region
     index: int
     key: tuple | None = None            # (layer, expert) held, None when empty
     state: SlotState = SlotState.FREE

@@ -37,7 +37,7 @@ class Signal:
         try:
             await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 

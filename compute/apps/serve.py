@@ -89,7 +89,6 @@ class Seat:
         sampler = Sampler(SamplingOptions(job.temperature, job.top_k, job.top_p, job.seed))
         text, stop = TextStream(self.tok), api.StopText(job.stop)
         gen, finish = [], "length"
-        t0 = time.perf_counter()
         t_first = None
         try:
             for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog):

@@ -154,7 +154,7 @@ class DaemonProcess:
         self.died()
         return rc
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         return self
 
     def __exit__(self, *exc) -> None:

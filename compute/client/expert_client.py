@@ -138,7 +138,7 @@ class ExpertClient:
         """Take a WELCOME: our model's name and regions there, its shared memory mapped."""
         if self.model_path is None:
             return
-        for name, info in welcome["models"].items():
+        for name, info in welcome["models"].items():  # noqa: B007 (name: the one found, used below)
             if os.path.realpath(info["path"]) == self.model_path:
                 break
         else:

@@ -198,7 +198,7 @@ class ModelArgs:
         return len(self.moe_layers)
 
     @property
-    def routing(self) -> "Routing":
+    def routing(self) -> Routing:
         return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale,
                        self.n_expert_groups, self.n_group_used)
 
