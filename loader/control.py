@@ -132,7 +132,10 @@ class ControlBlock:
         self.free_rows.append(row)
 
     def close(self) -> None:
-        self.rows = None
+        """Unmap the block; a second call does nothing."""
+        if self.seg.closed:
+            return
+        del self.rows      # a view: the segment unmaps only when no view holds it
         self.seg.close()
 
 
@@ -163,7 +166,7 @@ class SharedSlots:
 
     def pinned(self) -> np.ndarray:
         """bool [n_slots]: pinned by some client row (a snapshot)."""
-        return (self.pins > 0).any(axis=0)
+        return np.asarray((self.pins > 0).any(axis=0))
 
     def evict(self, candidates: list, policy):
         """The policy's victim among `candidates` (evictable as hobbitd sees them) that no

@@ -258,7 +258,7 @@ class IOEngine:
         in_place, moved = False, 0
         if len(run) == 1:
             dest = run[0].dest   # room for align(n) + PAGE bytes: see ReadJob
-            in_place = skip and (dest - skip) % PAGE == 0
+            in_place = skip > 0 and (dest - skip) % PAGE == 0
             if in_place:         # the data lands at dest: no move after the read
                 dest -= skip
         else:

@@ -99,9 +99,9 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
             return made
         t = choices[0]
     else:
-        t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
-        if t is None:
+        if opts.low_type.upper() not in ggml_types.TYPES_BY_NAME:
             raise InputError(f"--low {opts.low_type}: unknown type")
+        t = ggml_types.TYPES_BY_NAME[opts.low_type.upper()]
     path = companion_path(gguf_path, t)
     if os.path.exists(path):
         return path
@@ -143,6 +143,7 @@ def plan_cache(models: dict[str, ModelCache], size: int,
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:
+            assert mo.low is not None     # low: only with a companion
             specs.append((n, LOW, mo.low.format, shares[n] * share))
     plan = plan_regions(specs, size)
     for r in plan:
