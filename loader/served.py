@@ -161,12 +161,13 @@ def plan_cache(models: dict[str, ModelCache], size: int,
     return plan, total
 
 
-def _fit_share(mo: ModelCache, share: float, nbytes: int) -> float:
+def _fit_share(mo: ModelCache, share: float, nbytes: float) -> float:
     """The low-precision share of a model's `nbytes` of cache, moved from `share` as far
     as needed for each precision to hold one layer's experts (with many experts a layer,
     a fixed share made mixed precision refuse caches exact mode runs in). A cache too
     small for both gets none: misses load high precision, exact where a low copy would
     have been used (skips above T2 stay)."""
+    assert mo.low is not None      # asked only of a model with a companion
     need_high = mo.n_expert * mo.source.format.slot_bytes + PAGE
     need_low = mo.n_expert * mo.low.format.slot_bytes + PAGE
     if nbytes < need_high + need_low:
