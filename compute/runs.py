@@ -37,7 +37,7 @@ class ThroughDaemon:
     reconnect_s: float = 30.0    # once hobbitd is gone: how long to look for one again
 
     @classmethod
-    def from_args(cls, args) -> "ThroughDaemon | None":
+    def from_args(cls, args) -> ThroughDaemon | None:
         """From --no-daemon, --socket, --reconnect-deadline and --quiet (where the command
         has them)."""
         if getattr(args, "no_daemon", False):
@@ -68,7 +68,7 @@ class Run:
         """The ExpertClient when the experts come from hobbitd, else None."""
         return self.model.experts
 
-    def another(self, opts: RunOptions | None = None) -> "Run":
+    def another(self, opts: RunOptions | None = None) -> Run:
         """A further Model (its own KV cache) on the same weights and tokenizer; through
         the same hobbitd over a connection of its own when this run uses one."""
         from .client.expert_client import ExpertClient
@@ -86,7 +86,7 @@ class Run:
         if experts is not None:
             experts.close()
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Coroutine
+from collections.abc import Callable, Coroutine
 
 from ..loader.cache import ExpertCache
 from ..loader.model_cache import ModelCache

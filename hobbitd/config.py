@@ -2,9 +2,9 @@
 
 TOML keys are the field names (models, model_dirs, cache_size, socket, io_threads, io_limit,
 direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type,
-low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be integers (bytes) or strings such as
-"400M", "2G", "1.5GiB". Relative model paths and folders are relative to the config file's
-folder.
+low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
+integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
+are relative to the config file's folder.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class DaemonConfig:
                                  # (never less than one layer's experts); beyond: pin_limit
     owner_pid: int = 0           # a private daemon's owner: stop when it exits; 0 = none
     # HOBBIT (issue 5); every technique can be switched off for baselines
-    low_type: str = "auto"       # companion type: "auto" (the best suitable type whose file is made), "none", or e.g. "Q4_0"
+    low_type: str = "auto"       # companion type: "auto" (the best suitable type whose file
+                                 # is made), "none", or e.g. "Q4_0"
     low_share: float = 0.25      # share of each model's cache for low-precision slots
     policy: str = "hobbit"       # eviction: "hobbit" (multidimensional) or "lru"
     dynamic: bool = True         # token-level dynamic loading (low precision / skip on misses)

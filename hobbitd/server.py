@@ -27,8 +27,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Coroutine
 from dataclasses import fields
-from typing import Coroutine
 
 import psutil
 import zmq
@@ -61,25 +61,28 @@ SUN_PATH_MAX = 107     # bytes in a unix socket path (sockaddr_un.sun_path minus
 
 
 class Daemon:
+    # Made by startup() and used only once it returned. The attributes that may be None are
+    # those shutdown() may find unmade after a failed startup.
+    sessions: Sessions
+    commands: Commands
+    out: Replies
+
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.socket_path = os.path.abspath(cfg.socket or default_socket())
         self.models: dict[str, ModelCache] = {}
         self.cache: ExpertCache | None = None
-        self.sessions: Sessions | None = None
-        self.commands: Commands | None = None
         self.memory: ModelMemory | None = None         # the configured models' slots
         self.opened: dict[str, ModelMemory] = {}       # those of each model opened on demand
         self._opening = asyncio.Lock()      # one model opened on demand at a time
         self.io: IOEngine | None = None
         self.ctx: zmq.asyncio.Context | None = None
-        self.router = None
-        self.out: Replies | None = None
+        self.router: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         self._requests: set[asyncio.Task] = set()
         self._bound = False
         self._stale_socket = False   # a dead hobbitd's socket file is at our path
-        self._peer = None            # the frame last received (its metadata: the peer)
+        self._peer: zmq.Frame | None = None   # the frame last received (its metadata: the peer)
         self.owner_gone = False      # stopped because owner_pid exited
         self.started = time.monotonic()
 
@@ -119,6 +122,7 @@ class Daemon:
 
     async def serve(self) -> None:
         """Receive and answer until stop(). Raises if a service task dies (a bug)."""
+        assert self.memory is not None      # startup() made it
         sd_notify(f"READY=1\nSTATUS=serving {len(self.models)} models, "
                   f"cache {self.memory.shm.size / MiB:.0f} MiB")
         services = [self._receive(), self._reap()]
@@ -217,6 +221,7 @@ class Daemon:
 
     async def _probe(self, path: str) -> bool:
         """True if something answers a HELLO on ipc://path within PROBE_S."""
+        assert self.ctx is not None         # startup() made it first
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         try:
@@ -234,17 +239,18 @@ class Daemon:
     def _bind(self) -> None:
         """Listen on a new socket file and rename it over the path: at no moment is there
         no file there while we start (a client started meanwhile waits, as for a restart)."""
+        assert self.ctx is not None         # startup() made it first
         path, new = self.socket_path, self._new_socket_path()
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
+        self.router = router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
         old = os.umask(0o117)            # the socket file is born 0660: no window of 0777
         try:
-            self.router.bind(f"ipc://{new}")
+            router.bind(f"ipc://{new}")
             os.chmod(new, 0o660)
             os.rename(new, path)         # atomic: the stale file, then ours
         except (zmq.ZMQError, OSError) as e:
-            self.router.close(linger=0)
+            router.close(linger=0)
             self.router = None
             if os.path.lexists(new):
                 os.unlink(new)
@@ -258,6 +264,7 @@ class Daemon:
     # ---- receiving -----------------------------------------------------------------------
 
     async def _receive(self) -> None:
+        assert self.router is not None      # startup() bound it
         while True:
             raw = await self.router.recv_multipart(copy=False)   # frames carry the peer
             self._peer = raw[-1]
@@ -336,6 +343,7 @@ class Daemon:
         on a thread, given the share of the cache plan_added says (taken from the other
         models by their use: slots nobody holds go at once, the rest when released) in a
         segment and control block of its own. HobbitError (one line) if it cannot be."""
+        assert self.cache is not None and self.memory is not None   # startup() made them
         real = allowed_model(path, self.cfg.models, self.cfg.model_dirs)
         async with self._opening:
             if self._serves(real) or self.cache.stopping:
@@ -372,6 +380,7 @@ class Daemon:
         return info
 
     def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
+        assert self.cache is not None and self.memory is not None   # startup() made them
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
         if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
             return self.out.error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
@@ -385,6 +394,7 @@ class Daemon:
                    models={n: self._model_info(n) for n in self.models}, **extra)
 
     async def _reap(self) -> None:
+        assert self.cache is not None       # startup() made it
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             self.sessions.reap(self.cfg.client_timeout)
@@ -406,6 +416,7 @@ class Daemon:
 
     def stats(self) -> dict:
         io = self.io
+        assert io is not None               # startup() made it
         return {"uptime_s": round(time.monotonic() - self.started, 3),
                 "clients": len(self.sessions), "sessions": self.sessions.stats(),
                 "models": {n: mo.stats() for n, mo in self.models.items()},

@@ -83,6 +83,7 @@ class ExpertCache:
             region = mo.regions[r.precision] = Region(r.model, r.precision, r.format, r.offset,
                                                       r.n_slots, shm, mo.n_expert)
             if control is not None:
+                assert control.layout is not None   # the daemon's block: made with its layout
                 region.shared = SharedSlots(control, control.layout.regions[r.model, r.precision],
                                             mo.n_layer, mo.n_expert, r.n_slots)
 
@@ -132,7 +133,7 @@ class ExpertCache:
             return 0
         for slot in o.pins:
             slot.pins.pop(owner, None)
-        if o.row is not None:
+        if o.row is not None and self.control is not None:   # rows come from self.control
             for cb in self.extra_controls:
                 cb.rows[o.row] = 0
             self.control.free_row(o.row)
@@ -177,7 +178,8 @@ class ExpertCache:
         """RequestError pin_limit if owner, pinning `n_new` more slots of mo, would hold
         more than `share` of mo's slots (never less than one layer's experts, which one
         forward may need at once), counting what it pinned in its own row: one client must
-        not pin the cache and starve the others. An owner with every expert resident (it pins them all by design) is not limited."""
+        not pin the cache and starve the others. An owner with every expert resident (it pins
+        them all by design) is not limited."""
         o = self.owners.get(owner)
         if o is None or mo.name in o.resident:
             return
@@ -212,8 +214,8 @@ class ExpertCache:
         if any(s is None or s.state != SlotState.READY for s, p in zip(slots, precs) if p is not SKIP):
             return None
         self._count_request(owner, mo, precs)
-        for slot, p, sc in zip(slots, precs, scores):
-            if p is not SKIP:
+        for slot, sc in zip(slots, scores):
+            if slot is not None:     # None: skipped by the rule; every other one is ready
                 self._hit(owner, mo, slot, sc <= mo.thresholds.t1, waited=False)
         return slots
 
@@ -246,10 +248,11 @@ class ExpertCache:
                 if isinstance(g, Slot):
                     self._unpin(owner, g)
             self._freed.fire()
-            if not all(isinstance(g, NoSlot) for g in failed):
+            no_slot = [g for g in failed if isinstance(g, NoSlot)]
+            if len(no_slot) < len(failed):
                 raise next(g for g in failed if not isinstance(g, NoSlot))
             if not await self._freed.wait(deadline - time.monotonic()):
-                region = mo.regions[failed[0].precision]
+                region = mo.regions[no_slot[0].precision]
                 raise RequestError("cache_full", f"no free slot for {mo.name} within "
                                    f"{self.slot_wait:g} s: all {region.n_slots} "
                                    f"{region.precision} slots are pinned")
@@ -288,9 +291,9 @@ class ExpertCache:
             self.io.plug()
             try:
                 for key, slot in zip(keys, slots):
-                    if slot is None and (slot := region.take(key, mo.policy, demand=False)) is not None:
+                    if slot is None and (taken := region.take(key, mo.policy, demand=False)) is not None:
                         mo.count(Outcome.MISS, HIGH)   # read: a miss nobody waits on yet
-                        self.reads.load(mo, slot, key, HIGH, PREFETCH)
+                        self.reads.load(mo, taken, key, HIGH, PREFETCH)
             finally:
                 self.io.unplug()
         return {"slots": None, "ready": ready, "total": total}

@@ -100,13 +100,13 @@ class ControlBlock:
         self.free_rows = list(range(PIN_ROWS - 1, -1, -1))
 
     @classmethod
-    def create(cls, name: str, lay: ControlLayout) -> "ControlBlock":
+    def create(cls, name: str, lay: ControlLayout) -> ControlBlock:
         seg = Segment(name, lay.size, create=True)
         seg.mm[:HEADER] = (MAGIC + struct.pack("<II", PIN_ROWS, lay.n_slots)).ljust(HEADER, b"\0")
         return cls(seg, lay.rows_offset, lay.n_slots, lay)
 
     @classmethod
-    def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> "ControlBlock":
+    def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> ControlBlock:
         seg = Segment(name, size, writable=True)
         if bytes(seg.mm[:len(MAGIC)]) != MAGIC:
             seg.close()
@@ -132,7 +132,10 @@ class ControlBlock:
         self.free_rows.append(row)
 
     def close(self) -> None:
-        self.rows = None
+        """Unmap the block; a second call does nothing."""
+        if self.seg.closed:
+            return
+        del self.rows      # a view: the segment unmaps only when no view holds it
         self.seg.close()
 
 
@@ -163,7 +166,7 @@ class SharedSlots:
 
     def pinned(self) -> np.ndarray:
         """bool [n_slots]: pinned by some client row (a snapshot)."""
-        return (self.pins > 0).any(axis=0)
+        return np.asarray((self.pins > 0).any(axis=0))
 
     def evict(self, candidates: list, policy):
         """The policy's victim among `candidates` (evictable as hobbitd sees them) that no

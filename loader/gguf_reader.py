@@ -60,7 +60,7 @@ class Tensor:
 class GGUFHeaderReader:
     def __init__(self, path: str):
         self.data = np.memmap(path, mode="r")
-        buf = memoryview(self.data)
+        buf = self.data.data          # a memoryview of the mapping
         self._buf, self._size = buf, len(buf)
         magic, version = struct.unpack_from("<4sI", buf, 0)
         if magic != b"GGUF":
@@ -101,13 +101,13 @@ class GGUFHeaderReader:
         self.data_offset = off + (-off % self.alignment)
         self.tensors: list[Tensor] = []
         seen = set()
-        for name, t, dims, rel in infos:
+        for name, qtype, dims, rel in infos:
             if name in seen:
                 raise ValueError(f"duplicated tensor {name}")
             seen.add(name)
             n = int(np.prod(dims, dtype=np.int64)) if dims else 1
-            block, size = GGML_QUANT_SIZES[t]
-            self.tensors.append(Tensor(name, t, dims, n, n * size // block, self.data_offset + rel))
+            block, size = GGML_QUANT_SIZES[qtype]
+            self.tensors.append(Tensor(name, qtype, dims, n, n * size // block, self.data_offset + rel))
 
     def _str(self, off: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._buf, off)
@@ -144,7 +144,8 @@ class GGUFHeaderReader:
                 arr = np.frombuffer(self._buf, dtype=np.dtype(dtype).newbyteorder("<"), count=n, offset=off)
                 return [t, sub], arr, n, off + arr.nbytes
             if sub == GGUFValueType.ARRAY:      # nested arrays: flattened, as gguf-py does
-                types, values = [t, sub], []
+                types = [t, sub]
+                values: list = []
                 for i in range(n):
                     ts, v, _, off = self._value(sub, off)
                     types = [t] + ts if i == 0 else types

@@ -18,8 +18,9 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from .layout import PAGE, align
 
@@ -243,7 +244,7 @@ class IOEngine:
         if finish > now:
             time.sleep(finish - now)   # the emulated device is busy until then
 
-    def _read_run(self, run: list[ReadSegment], bounce: "_Bounce") -> None:
+    def _read_run(self, run: list[ReadSegment], bounce: _Bounce) -> None:
         """Read segments that follow each other in one file: one segment straight into its
         destination, several with one read into the bounce buffer and a copy to each
         destination."""
@@ -257,7 +258,7 @@ class IOEngine:
         in_place, moved = False, 0
         if len(run) == 1:
             dest = run[0].dest   # room for align(n) + PAGE bytes: see ReadJob
-            in_place = skip and (dest - skip) % PAGE == 0
+            in_place = skip > 0 and (dest - skip) % PAGE == 0
             if in_place:         # the data lands at dest: no move after the read
                 dest -= skip
         else:

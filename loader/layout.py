@@ -42,7 +42,7 @@ class SlotRegion:
     shared-memory segment (None where the slots are a file's own tensors, LocalExperts);
     first_slot and directory: its place in the control block (None without one)."""
     n_slots: int
-    format: "SlotFormat"
+    format: SlotFormat
     offset: int | None = None
     first_slot: int | None = None
     directory: int | None = None
@@ -73,7 +73,7 @@ class SlotFormat:
     layer_shifts: tuple = ()   # [n_layer][parts] bytes (< PAGE) a part starts past its room; () = 0
 
     @classmethod
-    def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS, layer_shifts=()) -> "SlotFormat":
+    def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS, layer_shifts=()) -> SlotFormat:
         # One spare page per part: a part that starts mid-page in its file is read from the
         # page start, so its room is a page longer than its largest layer's bytes.
         offsets, at = [], 0
@@ -121,7 +121,7 @@ class SlotFormat:
                 "parts": list(self.parts), "layer_shifts": [list(x) for x in self.layer_shifts]}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "SlotFormat":
+    def from_wire(cls, d: dict) -> SlotFormat:
         return cls(tuple(tuple(s) for s in d["shapes"]), tuple(tuple(t) for t in d["layer_types"]),
                    tuple(tuple(n) for n in d["layer_nbytes"]), tuple(d["part_offsets"]),
                    int(d["slot_bytes"]), tuple(d["parts"]),

@@ -51,7 +51,11 @@ class ModelCache(Counts):
         return _file_identity(self.source_of(precision).path) != self.opened.get(precision)
 
     def source_of(self, precision: str) -> ExpertSource:
-        return self.low if precision == LOW else self.source
+        """The file `precision`'s experts are read from."""
+        if precision != LOW:
+            return self.source
+        assert self.low is not None, f"{self.name}: low slots exist only with a companion"
+        return self.low
 
     @property
     def holds_all(self) -> bool:

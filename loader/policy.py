@@ -14,7 +14,10 @@ import numpy as np
 
 class EvictionPolicy(Protocol):
     name: str                              # "lru" or "hobbit", as in the config
-    weights: "PolicyWeights | None"        # HobbitPolicy's weights; None for LRU
+
+    @property
+    def weights(self) -> PolicyWeights | None:
+        """HobbitPolicy's weights; None for LRU."""
 
     def begin(self, sid: int, seq: int, token: int, layer: int) -> None:
         """Client `sid` is at token `token` of its sequence `seq`, at `layer`."""

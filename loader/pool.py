@@ -33,7 +33,7 @@ class SlotState(enum.StrEnum):
 
 @dataclass(eq=False)
 class Slot:
-    region: "Region"
+    region: Region
     index: int
     key: tuple | None = None            # (layer, expert) held, None when empty
     state: SlotState = SlotState.FREE
@@ -85,6 +85,7 @@ class Region:
                                      and s.state != SlotState.LOADING], policy)
             if slot is None:
                 return None
+            assert slot.key is not None    # no slot is free, so every live one holds an expert
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, SlotState.LOADING, 0, False
         slot.prefetched = False

@@ -37,7 +37,7 @@ class Signal:
         try:
             await asyncio.wait_for(asyncio.shield(self._fut), max(timeout, 0))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 
@@ -68,8 +68,11 @@ class Reads:
         if prec == LOW:   # one aligned read of the whole slot image, then its crc32
             segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
             if key not in mo.verified or mo.changed(LOW):
+                crcs = mo.crcs
+                assert crcs is not None   # opened with the companion (loader/served.py)
+
                 def verify(job):          # on a reader thread; raises on a mismatch
-                    check_image(src, mo.crcs, key[0], key[1], base)
+                    check_image(src, crcs, key[0], key[1], base)
                     mo.verified.add(key)
         else:
             segments = [ReadSegment(src.path, off, n, base + o)

@@ -99,9 +99,9 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
             return made
         t = choices[0]
     else:
-        t = ggml_types.TYPES_BY_NAME.get(opts.low_type.upper())
-        if t is None:
+        if opts.low_type.upper() not in ggml_types.TYPES_BY_NAME:
             raise InputError(f"--low {opts.low_type}: unknown type")
+        t = ggml_types.TYPES_BY_NAME[opts.low_type.upper()]
     path = companion_path(gguf_path, t)
     if os.path.exists(path):
         return path
@@ -143,6 +143,7 @@ def plan_cache(models: dict[str, ModelCache], size: int,
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:
+            assert mo.low is not None     # low: only with a companion
             specs.append((n, LOW, mo.low.format, shares[n] * share))
     plan = plan_regions(specs, size)
     for r in plan:
@@ -160,12 +161,13 @@ def plan_cache(models: dict[str, ModelCache], size: int,
     return plan, total
 
 
-def _fit_share(mo: ModelCache, share: float, nbytes: int) -> float:
+def _fit_share(mo: ModelCache, share: float, nbytes: float) -> float:
     """The low-precision share of a model's `nbytes` of cache, moved from `share` as far
     as needed for each precision to hold one layer's experts (with many experts a layer,
     a fixed share made mixed precision refuse caches exact mode runs in). A cache too
     small for both gets none: misses load high precision, exact where a low copy would
     have been used (skips above T2 stay)."""
+    assert mo.low is not None      # asked only of a model with a companion
     need_high = mo.n_expert * mo.source.format.slot_bytes + PAGE
     need_low = mo.n_expert * mo.low.format.slot_bytes + PAGE
     if nbytes < need_high + need_low:

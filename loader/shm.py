@@ -26,6 +26,7 @@ class Segment:
         self.name, self.size = name, size
         self.path = os.path.join(SHM_DIR, name)
         self.owner = create
+        self.closed = False
         self._lock_fd = None           # the creator's: flocked while this process lives
         if create:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
@@ -61,14 +62,15 @@ class Segment:
             self.mm.madvise(mmap.MADV_REMOVE, start, end - start)
 
     def close(self) -> None:
-        if self.mm is None:
+        """Unmap (the creator: and unlink); a second call does nothing."""
+        if self.closed:
             return
-        self.array = None
+        self.closed = True
+        del self.array     # our view: the mapping closes only when no view holds it
         try:
             self.mm.close()
         except BufferError:
             pass   # a live numpy view still references it; the mapping goes with the process
-        self.mm = None
         if self.owner:
             try:
                 os.unlink(self.path)
@@ -93,7 +95,7 @@ def remove_stale(pid: int | None = None) -> list[tuple[str, int]]:
     given, and only when both the PID in the name is not a live process and nobody holds
     the creator's lock (a live daemon, in any pid namespace, always does). [(name, bytes)]
     removed; segments of other users (not removable) are left alone."""
-    removed = []
+    removed: list[tuple[str, int]] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:

@@ -54,7 +54,7 @@ class LocalHub:
 
     # ---- lifecycle ----
 
-    def start(self) -> "LocalHub":
+    def start(self) -> LocalHub:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)

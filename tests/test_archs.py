@@ -144,7 +144,7 @@ def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, 
     finally:
         model.close()
     routers = Routers(w)
-    changed = lambda x, y: np.any(np.sort(x, -1) != np.sort(y, -1), axis=-1).mean()  # noqa: E731
+    changed = lambda x, y: np.any(np.sort(x, -1) != np.sort(y, -1), axis=-1).mean()
     chosen, _, _ = routers.route(h, 0, len(h))
     if arch == "bailingmoe2":
         routers.routing = replace(routers.routing, groups=0, groups_used=0)

@@ -193,7 +193,7 @@ def test_a_hit_the_client_pinned_itself_survives_churn_and_is_counted(daemon, cl
         assert directory[1, 2] in (-1, index)
         assert (directory >= 0).sum() <= 9               # the region's slots
     finally:
-        row = directory = None
+        del row, directory      # views into the block: it unmaps only without them
         cb.close()
 
 
@@ -214,7 +214,7 @@ def test_hits_pinned_in_the_row_count_toward_the_pin_limit(daemon, client):
             row[first + index] -= 1
         release(client, daemon.model, request(client, daemon.model, 1, range(EXPERTS)))
     finally:
-        row = directory = None
+        del row, directory      # views into the block: it unmaps only without them
         cb.close()
 
 
@@ -234,6 +234,6 @@ def test_a_session_that_ends_loses_its_row_pins(daemon):
             time.sleep(0.02)
         assert not row.any()
     finally:
-        row = directory = None
+        del row, directory      # views into the block: it unmaps only without them
         cb.close()
         sock.close(linger=100)

@@ -99,7 +99,7 @@ def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
         try:
             assert set(client.regions) == {"high"}      # nothing is evicted: no low copies
             token, trips = [1, 5, 9, 13], []
-            for step in range(12):
+            for _ in range(12):
                 p, q = ours.forward(token), ref.forward(token)
                 np.testing.assert_array_equal(p, q)
                 token = [int(np.argmax(q))]
@@ -145,7 +145,7 @@ def test_a_cached_layer_costs_no_message(model, tmp_path):
             before = client.stats()
             trips, local = client.round_trips, client.local_hits
             token = [1, 5, 9, 13]
-            for step in range(8):
+            for _ in range(8):
                 p, q = ours.forward(token), ref.forward(token)
                 np.testing.assert_array_equal(p, q)
                 token = [int(np.argmax(q))]

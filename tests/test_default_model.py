@@ -16,8 +16,8 @@ from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model
 
-from conftest import llama_oracle, rel_l2
-from test_parity import PROMPT, assert_parity
+from conftest import rel_l2
+from test_parity import assert_parity
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 

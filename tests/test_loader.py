@@ -1,7 +1,6 @@
 """Expert store, companion file and I/O engine on real files."""
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 

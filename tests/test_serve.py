@@ -179,7 +179,8 @@ def test_a_full_queue_answers_503_and_a_dropped_stream_frees_its_slot(served):
         time.sleep(0.05)
     assert json.loads(served.get("/health")[1])["slots_idle"] == 2, served.log
     metrics = served.get("/metrics")[1]
-    assert re.search(r'hobbit_http_requests_total\{endpoint="/v1/chat/completions",status="499"\} 2\.0', metrics), metrics
+    want = r'hobbit_http_requests_total\{endpoint="/v1/chat/completions",status="499"\} 2\.0'
+    assert re.search(want, metrics), metrics
 
 
 def test_malformed_requests_get_openai_errors(served):

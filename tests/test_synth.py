@@ -127,7 +127,7 @@ def test_unwritable_path_leaves_nothing(tmp_path):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-    read = lambda p: open(p, "rb").read()  # noqa: E731
+    read = lambda p: open(p, "rb").read()
     a = read(make(tmp_path, "a.gguf", seed=7))
     b = read(make(tmp_path, "b.gguf", seed=7))
     c = read(make(tmp_path, "c.gguf", seed=8))

@@ -89,7 +89,6 @@ class Seat:
         sampler = Sampler(SamplingOptions(job.temperature, job.top_k, job.top_p, job.seed))
         text, stop = TextStream(self.tok), api.StopText(job.stop)
         gen, finish = [], "length"
-        t0 = time.perf_counter()
         t_first = None
         try:
             for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog):
@@ -228,7 +227,7 @@ class Server:
         or coroutine function) in order. A disconnected client cancels the seat's generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
+        emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
         work = loop.run_in_executor(self.pool, seat.generate, ids, job, emit)
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
         gone = False
@@ -267,7 +266,7 @@ class Server:
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
-        send = lambda obj: resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")  # noqa: E731
+        send = lambda obj: resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         if job.chat:
             await send(api.chunk(job, role=True))
         try:

@@ -31,7 +31,7 @@ def _duration(s: float) -> str:
 
 def frame(socket: str, old: dict, new: dict, dt: float) -> str:
     """The screen for two snapshots taken dt seconds apart."""
-    rate = lambda a, b, key: (b.get(key, 0) - a.get(key, 0)) / dt  # noqa: E731
+    rate = lambda a, b, key: (b.get(key, 0) - a.get(key, 0)) / dt
     io0, io1 = old.get("io", {}), new.get("io", {})
     lines = [f"hobbitd at {socket}   up {_duration(new.get('uptime_s', 0))}   "
              f"{new.get('clients', 0)} clients   read {rate(io0, io1, 'bytes_read') / 1e6:7.1f} MB/s   "

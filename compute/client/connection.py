@@ -62,12 +62,12 @@ class Connection:
         self.socket_path, self.session = socket_path, session
         self.name, self.hello = name, hello
         self.timeout, self.retries, self.reconnect_s = timeout, retries, reconnect_s
-        self.ctx = zmq.Context.instance()
-        self.sock = None
-        self._mon = None             # the socket's monitor: its disconnections
+        self.ctx: zmq.Context = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None   # the socket's monitor: its disconnections
         self._lost = False           # the connection dropped (and has not been replaced)
         self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
-        self._beat = None            # the heartbeat thread's stop event, once started
+        self._beat: threading.Event | None = None   # the heartbeat thread's stop event, once started
         self._ids = itertools.count(1)
         self.private = None          # a hobbitd this client owns (client/connect.py): restarted here
         self.announce = None         # callable(line): told when the daemon is lost and found
@@ -107,7 +107,8 @@ class Connection:
 
     def _close_socket(self, linger: int = 0) -> None:
         if self._mon is not None:
-            self.sock.disable_monitor()
+            if self.sock is not None:   # None: its connect failed after the monitor was made
+                self.sock.disable_monitor()
             self._mon.close(linger=0)
             self._mon = None
         if self.sock is not None:
@@ -257,18 +258,20 @@ class Connection:
         """The next answer (skipping stale answers to requests given up on), or None after
         `timeout` (default self.timeout) seconds of silence; _Lost when the connection
         dropped meanwhile."""
+        sock = self.sock
+        assert sock is not None      # our callers (holding the lock) have just opened it
         t0 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if not self.sock.poll(int(min(left, LIVENESS_S) * 1000)):
+            if not sock.poll(int(min(left, LIVENESS_S) * 1000)):
                 if self._daemon_gone():
                     raise _Lost
                 continue
             try:
-                got, msg = m.decode(self.sock.recv_multipart())
+                got, msg = m.decode(sock.recv_multipart())
             except ProtocolError as e:
                 raise DaemonError(e.code, f"hobbitd sent a bad message: {e}") from None
             if request_id is not None and msg.get("id") not in (None, request_id):

@@ -79,7 +79,7 @@ class DaemonProcess:
                  append_log: bool = False, **options):
         self.socket, self.log_path = socket, log_path
         self.killed = False       # stop() had to kill it
-        self._socket_ino = None   # the socket file it bound (seen once it answered)
+        self._socket_ino: int | None = None   # the socket file it bound (seen once it answered)
         self._cmd = daemon_command(models, socket, cache_size, flags, **options)
         self._popen = dict(env=env, preexec_fn=preexec, start_new_session=own_session)
         self._start("a" if append_log else "w")
@@ -154,7 +154,7 @@ class DaemonProcess:
         self.died()
         return rc
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         return self
 
     def __exit__(self, *exc) -> None:

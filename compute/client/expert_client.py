@@ -68,7 +68,7 @@ class _Reports:
 
     def take(self) -> dict:
         """The fields that ride along with the next message: hits to report, slots to release."""
-        out = {}
+        out: dict = {}
         if self.hits:
             seq, token, n = self.position
             out.update(hits=self.hits, seq=seq, token=token, tokens=n)
@@ -106,10 +106,11 @@ class ExpertClient:
         self.shm: Segment | None = None
         self.model = None            # name the daemon knows our model by
         self.regions: dict[str, SlotRegion] = {}
-        self._layout = None          # the regions' slot counts and formats, as sent
+        self._layout: dict | None = None   # the regions' slot counts and formats, as sent
         self.generation = 0          # HELLOs answered: a new one means new slots
         self.resident_possible = True    # False once hobbitd said it cannot hold every expert
-        self._resident = None        # (generation, slot table) once every expert is pinned
+        self._resident: tuple[int, np.ndarray] | None = None   # (generation, slot table) once
+                                                               # every expert is pinned
         self.pins = LocalPins()      # where we pin hits ourselves
         self.thresholds = Thresholds()
         self.holds_all = False
@@ -138,7 +139,7 @@ class ExpertClient:
         """Take a WELCOME: our model's name and regions there, its shared memory mapped."""
         if self.model_path is None:
             return
-        for name, info in welcome["models"].items():
+        for name, info in welcome["models"].items():  # noqa: B007 (name: the one found, used below)
             if os.path.realpath(info["path"]) == self.model_path:
                 break
         else:
@@ -183,7 +184,9 @@ class ExpertClient:
     # ---- the ExpertProvider protocol the segmented forward uses (engine/experts.py) ------
 
     def region_address(self, precision: str) -> int:
-        return self.shm.address + self.regions[precision].offset
+        offset = self.regions[precision].offset
+        assert self.shm is not None and offset is not None   # a daemon's regions, mapped at WELCOME
+        return self.shm.address + offset
 
     def part_bases(self, precision: str, layer: int) -> tuple:
         """Addresses of slot 0's parts of `layer` (gate/up/down, then any biases) in our

@@ -86,15 +86,16 @@ class LocalPins:
         """find()'s handles pinned in our row, or None (nothing pinned). The pin holds only
         if the directory still says the same after it (loader/control.py)."""
         got = self.find(layer, experts, scores, th, holds_all)
-        if got is None:
+        row = self._row
+        if got is None or row is None:      # (find() finds nothing without a row)
             return None
         ids = [self._first[h.precision] + h.slot for h in got if h is not None]
-        self._row[ids] += 1
+        row[ids] += 1
         # every entry we pinned unchanged (a slot freed and refilled with the same expert
         # has the same key, so the same bytes)
         now = self._entries(layer)
         if any(h is not None and now[h.precision][e] != h.slot for e, h in zip(experts, got)):
-            self._row[ids] -= 1       # evicted meanwhile: hobbitd decides
+            row[ids] -= 1             # evicted meanwhile: hobbitd decides
             return None
         return Pinned(got, ids, generation)
 

@@ -150,7 +150,7 @@ class Attention:
         kc = lib.ggml_set_rows(c, self.cache.tk[il], lib.ggml_reshape_2d(c, k, Dh * Hkv, T), kv_idx)
         vc = lib.ggml_set_rows(c, self.cache.tv[il], v, kv_idx)
         es = 2  # F16 bytes
-        kv = lambda t: lib.ggml_permute(  # noqa: E731
+        kv = lambda t: lib.ggml_permute(
             c, lib.ggml_view_3d(c, t, Dh, Hkv, N, Dh * es, Dh * Hkv * es, 0), 0, 2, 1, 3)  # [Dh, N, Hkv]
         scale = a.attention_scale or 1.0 / Dh ** 0.5
         if a.scale_q_first:     # the same product, rounded as llama.cpp's phi3 graph rounds it
@@ -168,7 +168,7 @@ class Attention:
         each head's output from latent space to its value width Dv."""
         a = self.args
         p = f"blk.{il}."
-        W = lambda n: self.t[p + n + ".weight"]  # noqa: E731
+        W = lambda n: self.t[p + n + ".weight"]
         H, R, r = a.n_head, a.kv_lora_rank, a.rope_dim
         Dk, Dv, f32, f16 = a.mla_head_k, a.mla_head_v, 4, 2
         nope = Dk - r
@@ -192,7 +192,7 @@ class Attention:
         k = lib.ggml_concat(c, lib.ggml_reshape_3d(c, latent, R, 1, T), k_pe, 0)   # [R + r, 1, T]
 
         kc = lib.ggml_set_rows(c, self.cache.tk[il], lib.ggml_reshape_2d(c, k, R + r, T), kv_idx)
-        cached = lambda n: lib.ggml_permute(  # noqa: E731
+        cached = lambda n: lib.ggml_permute(
             c, lib.ggml_view_3d(c, kc, n, 1, N, (R + r) * f16, (R + r) * f16, 0), 0, 2, 1, 3)  # [n, N, 1]
         o = flash_attention(c, q, cached(R + r), cached(R), mask, a.attention_scale)   # [R, H, T]
         # W_vb [R, Dv, H] per head: [R, T, H] -> [Dv, T, H], back to [Dv, H, T]

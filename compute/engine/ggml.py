@@ -13,9 +13,11 @@ import os
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 
 # ggml types and their sizes come from gguf's tables (the daemon needs them without libggml)
-from ...loader.ggml_types import (BF16, F16, F32, I32, I64, IQ4_NL, IQ4_XS, MXFP4,  # noqa: F401
+from ...loader.ggml_types import (BF16, F16, F32, I32, I64, IQ4_NL, IQ4_XS, MXFP4,
                                   Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                                  TYPES_BY_NAME, block_size, row_size, type_name, type_size)
+                                  row_size, type_name)
+# re-exported for compute/make/ (`x as x` marks a re-export for linters and type checkers)
+from ...loader.ggml_types import TYPES_BY_NAME as TYPES_BY_NAME, block_size as block_size, type_size as type_size
 
 MAX_DIMS = 4
 MAX_SRC = 10

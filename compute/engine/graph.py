@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import ggml
 from .ggml import lib
@@ -64,7 +64,7 @@ class Graph:
     results: dict = field(default_factory=dict)
 
     @classmethod
-    def new(cls) -> "Graph":
+    def new(cls) -> Graph:
         ctx = ggml.Context(GRAPH_SIZE, GRAPH_SIZE)
         return cls(ctx, lib.ggml_new_graph_custom(ctx.ptr, GRAPH_SIZE, False))
 

@@ -297,7 +297,7 @@ class Model:
         m = self.moe_index.get(il)      # its MoE layer; None: a dense block
         p = f"blk.{il}."
         if m is None:
-            W = lambda n: self.t[p + n + ".weight"]  # noqa: E731
+            W = lambda n: self.t[p + n + ".weight"]
             f = dense_ffn(c, h, W("ffn_gate"), W("ffn_up"), W("ffn_down"))
         else:
             r = self._router_tensors(m)
@@ -378,7 +378,7 @@ class Model:
         file has that gate (qwen2moe's). h: [D, T] -> [D, T]."""
         if not self.args.n_ff_shexp:
             return routed
-        W = lambda n: self.t[f"blk.{il}.{n}.weight"]  # noqa: E731
+        W = lambda n: self.t[f"blk.{il}.{n}.weight"]
         y = dense_ffn(c, h, W("ffn_gate_shexp"), W("ffn_up_shexp"), W("ffn_down_shexp"))  # [D, T]
         gate = self.t.get(f"blk.{il}.ffn_gate_inp_shexp.weight")   # granite's has none
         if gate is not None:

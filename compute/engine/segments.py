@@ -19,8 +19,9 @@ with the logits. Between segments m and m+1 (Segments.run, top to bottom):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

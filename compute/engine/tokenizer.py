@@ -59,6 +59,6 @@ class Tokenizer:
 
         if not self.template:
             raise ModelError("the model has no chat template (tokenizer.chat_template)")
-        piece = lambda t: self.llm.detokenize([t], special=True).decode(errors="replace")  # noqa: E731
+        piece = lambda t: self.llm.detokenize([t], special=True).decode(errors="replace")
         fmt = Jinja2ChatFormatter(self.template, eos_token=piece(self.eos), bos_token=piece(self.bos))
         return fmt(messages=messages).prompt

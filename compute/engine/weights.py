@@ -198,7 +198,7 @@ class ModelArgs:
         return len(self.moe_layers)
 
     @property
-    def routing(self) -> "Routing":
+    def routing(self) -> Routing:
         return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale,
                        self.n_expert_groups, self.n_group_used)
 
@@ -283,7 +283,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
     reader, path = file.reader, file.path
     arch = file.check_architecture()
     spec = ARCHS[arch]
-    k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw),  # noqa: E731
+    k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw),
                                     f"{arch}.{name}", path)
     n_embd = int(k("embedding_length"))
     n_head = int(k("attention.head_count"))
@@ -309,7 +309,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
     elif spec.swa_pattern:
         n_swa = int(k("attention.sliding_window"))
     windowed = swa_layers(reader, arch, n_layer, spec.swa_pattern, spec.swa_dense_first) if n_swa else ()
-    scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0  # noqa: E731
+    scale = lambda key: float(k(key, default=0.0, required=False) or 0.0) if spec.multipliers else 0.0
     # a shared expert: llama.cpp makes qwen2moe's as wide as the dense FFN unless the file
     # says; granite has one only where the file gives its width (Granite MoE Shared)
     n_ff = int(k("expert_feed_forward_length", default=0, required=False) or k("feed_forward_length"))

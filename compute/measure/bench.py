@@ -122,7 +122,7 @@ def run_compute(opts: ComputeOptions) -> dict:
 
 def format_compute(r: dict) -> str:
     size = r["model_size_bytes"] / 1e9
-    ms = lambda xs: " ".join(f"{x * 1e3:.0f}" for x in xs)  # noqa: E731
+    ms = lambda xs: " ".join(f"{x * 1e3:.0f}" for x in xs)
     lines = [
         f"bench compute: {r['model']} ({size:.2f} GB, {r['model_kind']})",
         f"threads {r['threads']}, prompt {r['prompt_tokens']} tokens, decode {r['n_decode']} "

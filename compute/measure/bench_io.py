@@ -88,12 +88,14 @@ def run(model: str, repeat: int = 3, threads: int = 4) -> dict:
     dd = statistics.median(r["dd_bytes"] / r["dd_s"] for r in rounds) / 1e6
     return {
         "model": model, "expert_bytes": src.total_bytes,
-        "experts": src.n_layer * src.n_expert, "reads_per_expert": reads / (repeat * src.n_layer * src.n_expert), "io_threads": threads,
+        "experts": src.n_layer * src.n_expert, "reads_per_expert": reads / (repeat * src.n_layer * src.n_expert),
+        "io_threads": threads,
         "engine_MBps": eng, "dd_MBps": dd, "ratio": eng / dd if dd else 0.0,
         "engine_direct_io": direct, "repeat": repeat, "rounds": rounds,
         "method": ("engine: every expert of the GGUF read once through hobbit's IOEngine (its 3 "
                    "parts by direct I/O into a ring of shared-memory slots, parts of queued "
-                   f"experts that touch in the file merged into one read, {threads} reader threads); dd: `dd if=MODEL of=/dev/null bs=4M iflag=direct` over the "
+                   f"experts that touch in the file merged into one read, {threads} reader threads); "
+                   "dd: `dd if=MODEL of=/dev/null bs=4M iflag=direct` over the "
                    f"whole file; alternated {repeat} times, median MB/s (1 MB = 1e6 bytes)"),
     }
 

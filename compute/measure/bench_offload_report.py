@@ -113,7 +113,8 @@ def print_table(r: dict) -> None:
     for pt in r.get("sweep", []):
         print(f"sweep: budget {pt['budget'] / MiB:.0f} MiB ({pt['share_of_experts']:.0%} of the expert "
               f"bytes): llama.cpp {_f(pt.get('llamacpp_tok_s'), '.2f')} tok/s, hobbit "
-              f"{_f(pt.get('hobbit_tok_s'), '.2f')} tok/s" + (f" ({pt['hobbit_error']})" if pt.get("hobbit_error") else ""))
+              f"{_f(pt.get('hobbit_tok_s'), '.2f')} tok/s"
+              + (f" ({pt['hobbit_error']})" if pt.get("hobbit_error") else ""))
     for path in r.get("plots", []):
         print(f"plot: {path}")
     f = r["io_floor"]

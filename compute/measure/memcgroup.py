@@ -27,7 +27,7 @@ def _own_cgroup() -> tuple[str, int]:
     for _, controllers, path in lines:       # v1: "4:memory:/a/b"
         if "memory" in controllers.split(","):
             return os.path.join(ROOT, "memory", path.lstrip("/")), 1
-    for hid, controllers, path in lines:     # v2 only: "0::/a/b", memory enabled there
+    for hid, _, path in lines:               # v2 only: "0::/a/b", memory enabled there
         if hid == "0" and os.path.exists(os.path.join(ROOT, "cgroup.controllers")):
             folder = os.path.join(ROOT, path.lstrip("/"))
             with open(os.path.join(ROOT, "cgroup.controllers")) as c:

@@ -58,7 +58,6 @@ def uniform_baseline(n_expert: int, k: int) -> dict:
 def layer_stats(sel_chunks: list, w_chunks: list, n_expert: int, t1: float, t2: float) -> dict:
     sel = np.concatenate(sel_chunks)
     w = np.concatenate(w_chunks)
-    k = sel.shape[1]
     counts = np.bincount(sel.ravel(), minlength=n_expert)
     share = counts / counts.sum()
     nz = share[share > 0]
@@ -113,8 +112,8 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
                 ws[m].append(w[0] / w[0].sum(axis=-1, keepdims=True))
             bar.update(len(chunk))
     layers = [layer_stats(sels[m], ws[m], a.n_expert, t1, t2) for m in range(M)]
-    keys = ("max_over_mean", "entropy", "top_quarter_share", "rate_min", "rate_max", "overlap", "reuse_any", "reuse_all",
-            "top1_weight", "high", "low", "skip")
+    keys = ("max_over_mean", "entropy", "top_quarter_share", "rate_min", "rate_max", "overlap", "reuse_any",
+            "reuse_all", "top1_weight", "high", "low", "skip")
     mean = {k: float(np.mean([ls[k] for ls in layers])) for k in keys}
     mean["shuffled"] = {k: float(np.mean([ls["shuffled"][k] for ls in layers]))
                         for k in ("overlap", "reuse_any", "reuse_all")}
