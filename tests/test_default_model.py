@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hobbit.compute.measure import evaluate
-from hobbit.compute.make import moefy, moefy_split
+from hobbit.compute.make import moefy, moefy_split, recipe
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.measure.routing_stats import routing_stats
 from hobbit.compute.engine.weights import open_model
@@ -103,8 +103,8 @@ def test_default_model_matches_llama_cpp(default_moe):
 
 def test_default_model_is_a_real_moe_file(default_moe, smollm2):
     w, dense = open_model(default_moe), open_model(smollm2)
-    assert w.args.is_moe and w.args.n_expert == moefy.DEFAULT_EXPERTS
-    assert w.args.n_expert_used == moefy.DEFAULT_TOP_K
+    assert w.args.is_moe and w.args.n_expert == recipe.DEFAULT_EXPERTS
+    assert w.args.n_expert_used == recipe.DEFAULT_TOP_K
     assert w.args.n_ff * w.args.n_expert == dense.args.n_ff
     assert w.field("hobbit.moefy.recipe") == moefy.RECIPE
     assert w.field("tokenizer.chat_template") == dense.field("tokenizer.chat_template")
@@ -156,7 +156,7 @@ def test_models_lists_the_prepared_default(default_moe):
     r = json.loads(out.stdout)
     assert r["default"] == default_moe
     (entry,) = [m for m in r["models"] if m["path"] == default_moe]
-    assert entry["experts"] == moefy.DEFAULT_EXPERTS and entry["recipe"] == moefy.RECIPE
+    assert entry["experts"] == recipe.DEFAULT_EXPERTS and entry["recipe"] == moefy.RECIPE
 
 
 def test_prepare_rejects_bad_options(tmp_path):

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("convert", prog="hobbit-cli convert", help="make the low-precision companion file of a MoE model",
+    p = sub.add_parser("convert", prog="hobbit-cli convert",
+                       help="make the low-precision companion file of a MoE model",
                        description="Re-quantise every expert of MODEL to a smaller type and write "
                                    "the companion file hobbitd reads on low-precision misses "
                                    "(next to the model, or under ~/.cache/hobbit).")

@@ -128,7 +128,8 @@ def cmd_calibrate(args) -> int:
 
 
 def add_calibrate_parser(sub) -> None:
-    p = sub.add_parser("calibrate", prog="hobbit-cli calibrate", help="pick HOBBIT's thresholds and cache-policy weights",
+    p = sub.add_parser("calibrate", prog="hobbit-cli calibrate",
+                       help="pick HOBBIT's thresholds and cache-policy weights",
                        description="Profile gate scores and miss penalties on calibration text; choose "
                                    "T1/T2 (cheapest modelled loading with KLD vs all-high-precision "
                                    "under --kld) and the four policy weights; store them next to the "
@@ -136,7 +137,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="a MoE GGUF (convert it first)")
     p.add_argument("--text", required=True, help="calibration text (never the evaluation text)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
-    p.add_argument("--low", metavar="TYPE", default=None, help="the companion's type (default: the one hobbitd serves: the best type made)")
+    p.add_argument("--low", metavar="TYPE", default=None,
+                   help="the companion's type (default: the one hobbitd serves: the best type made)")
     p.add_argument("--companion", metavar="PATH", default=None, help="the companion file (default: found)")
     p.add_argument("--cache", type=float, default=0.25, help="cache size as a fraction of expert bytes (0.25)")
     p.add_argument("--low-share", type=float, default=0.25, help="share of the cache for low precision (0.25)")

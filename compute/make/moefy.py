@@ -47,7 +47,7 @@ from ...hobbitd.config import default_model_file, models_dir
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
 from ..progress import progress_bar
-from .recipe import DEFAULT_EXPERTS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, MoefyOptions
+from .recipe import MoefyOptions
 from .moefy_split import CLUSTERINGS, LayerPlan, ffn_weights, plan_layer
 from .moefy_write import write_moe
 
