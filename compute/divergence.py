@@ -4,6 +4,7 @@ evaluation (measure/evaluate.py), calibration and the ablation bench use.
 Computed in float64, as llama.cpp sums exp() in double; the model's probabilities are
 clipped at FLOOR before taking logs, and a row's divergence is never negative.
 """
+
 from __future__ import annotations
 
 import math

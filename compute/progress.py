@@ -5,6 +5,7 @@ hundreds of redraws), and ending at 100 %: work that finishes short of its estim
 (calibration text whose last prompt ends early, a chunk count rounded) closes its bar at
 its total, so what stays on the screen says done. A bar left by an error keeps its count.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
     """A bar over `total` units, a context manager (or close() it); a silent one when
     disabled or stderr is no terminal. Leaving the `with` without an exception (or
     close(done=True)) shows it at total."""
-    from tqdm import tqdm   # deferred: most commands draw no bar
+    from tqdm import tqdm  # deferred: most commands draw no bar
 
     class Bar(tqdm):
         def close(self, done: bool = False):
@@ -25,5 +26,12 @@ def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
         def __exit__(self, exc_type, exc, tb):
             self.close(done=exc_type is None)
 
-    return Bar(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr,
-               disable=not enabled or not sys.stderr.isatty(), leave=True)
+    return Bar(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        file=sys.stderr,
+        disable=not enabled or not sys.stderr.isatty(),
+        leave=True,
+    )

@@ -7,6 +7,7 @@ a private one for this process; client/connect.py) — and makes the Model. A de
 always runs in-process: it has no experts to offload. `Run.close()` closes the model and
 its hobbitd connection (stopping a private hobbitd).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,11 @@ class ThroughDaemon:
     """Experts through hobbitd at `socket` (None: $HOBBIT_SOCKET, else the default). When
     no socket is named that way, a private hobbitd is started if none answers (autostart
     None); autostart False makes a missing hobbitd an error. quiet: say nothing on stderr."""
+
     socket: str | None = None
     autostart: bool | None = None
     quiet: bool = False
-    reconnect_s: float = 30.0    # once hobbitd is gone: how long to look for one again
+    reconnect_s: float = 30.0  # once hobbitd is gone: how long to look for one again
 
     @classmethod
     def from_args(cls, args) -> ThroughDaemon | None:
@@ -43,8 +45,11 @@ class ThroughDaemon:
         if getattr(args, "no_daemon", False):
             return None
         deadline = getattr(args, "reconnect_deadline", None)
-        return cls(getattr(args, "socket", None), quiet=getattr(args, "quiet", False),
-                   reconnect_s=cls.reconnect_s if deadline is None else max(deadline, 0.0))
+        return cls(
+            getattr(args, "socket", None),
+            quiet=getattr(args, "quiet", False),
+            reconnect_s=cls.reconnect_s if deadline is None else max(deadline, 0.0),
+        )
 
     def connect(self, model_path: str):
         """An ExpertClient for `model_path`."""
@@ -53,8 +58,13 @@ class ThroughDaemon:
 
         explicit = bool(self.socket or os.environ.get("HOBBIT_SOCKET"))
         autostart = not explicit if self.autostart is None else self.autostart
-        return connect(model_path, self.socket or default_socket(), autostart=autostart,
-                       quiet=self.quiet, reconnect_s=self.reconnect_s)
+        return connect(
+            model_path,
+            self.socket or default_socket(),
+            autostart=autostart,
+            quiet=self.quiet,
+            reconnect_s=self.reconnect_s,
+        )
 
 
 class Run:
@@ -73,12 +83,12 @@ class Run:
         the same hobbitd over a connection of its own when this run uses one."""
         from .client.expert_client import ExpertClient
 
-        experts = self.experts and ExpertClient(self.experts.socket_path, self.path,
-                                                reconnect_s=self.experts.reconnect_s)
+        experts = self.experts and ExpertClient(
+            self.experts.socket_path, self.path, reconnect_s=self.experts.reconnect_s
+        )
         if experts:
             experts.announce = self.experts.announce
-        return Run(self.path, self.weights, self.tok,
-                   Model(self.weights, opts or self.model.opts, experts=experts))
+        return Run(self.path, self.weights, self.tok, Model(self.weights, opts or self.model.opts, experts=experts))
 
     def close(self) -> None:
         experts = self.model.experts
@@ -93,8 +103,15 @@ class Run:
         self.close()
 
 
-def open_run(model: str | None, opts: RunOptions, daemon: ThroughDaemon | None = None, *,
-             weights: Weights | None = None, tokenizer: bool = True, check=None) -> Run:
+def open_run(
+    model: str | None,
+    opts: RunOptions,
+    daemon: ThroughDaemon | None = None,
+    *,
+    weights: Weights | None = None,
+    tokenizer: bool = True,
+    check=None,
+) -> Run:
     """Open `model` for a run (see the module docstring). weights: already open ones to
     reuse; tokenizer False: skip loading it; check(weights, tok) runs before any hobbitd
     is contacted, so a bad prompt fails without starting one."""

@@ -7,6 +7,7 @@ whose experts are cached is answered at once (ExpertCache.try_hit); one with mis
 served by a task (ExpertCache.acquire), so other clients go on meanwhile. Field types were
 checked by protocol.messages.decode(); ranges are checked here.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,7 @@ class Replies:
 
 
 class Commands:
-    def __init__(self, cache: ExpertCache, out: Replies, pin_share: float,
-                 spawn: Callable[[Coroutine], None]):
+    def __init__(self, cache: ExpertCache, out: Replies, pin_share: float, spawn: Callable[[Coroutine], None]):
         """pin_share: the share of a model's slots one session may pin (pin_limit beyond);
         spawn: run a coroutine as a task the daemon drains at shutdown."""
         self.cache, self.out, self.pin_share, self.spawn = cache, out, pin_share, spawn
@@ -56,7 +56,7 @@ class Commands:
             self.cache.check_pins(s.sid, mo, len(experts), self.pin_share)
         except RequestError as e:
             return self.out.error(s.ident, e.code, str(e), msg["id"])
-        scores = msg.get("scores") or [0.0] * len(experts)   # no scores: all important
+        scores = msg.get("scores") or [0.0] * len(experts)  # no scores: all important
         s.note_request()
         seq, token = msg.get("seq"), msg.get("token")
         if isinstance(seq, int) and isinstance(token, int):
@@ -65,11 +65,12 @@ class Commands:
         slots = self.cache.try_hit(s.sid, mo, layer, experts, scores)
         if slots is not None:
             return self._reply_slots(s, msg["id"], slots)
-        s.inflight += 1              # before the task starts: the reaper must not drop s
+        s.inflight += 1  # before the task starts: the reaper must not drop s
         self.spawn(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
 
-    async def _serve_request(self, s: Session, mo: ModelCache, layer: int, experts: list,
-                             scores: list, rid: int) -> None:
+    async def _serve_request(
+        self, s: Session, mo: ModelCache, layer: int, experts: list, scores: list, rid: int
+    ) -> None:
         try:
             try:
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
@@ -82,20 +83,22 @@ class Commands:
                 if s.alive:
                     log.error("request %s failed", rid, exc_info=e)
                     return self.out.error(s.ident, "internal", f"hobbitd: {e!r}", rid)
-            if not s.alive:           # BYE or a new HELLO meanwhile: it holds none of these
-                return self.out.error(s.ident, "no_session", "the session ended during the "
-                                      "request; say HELLO again", rid)
+            if not s.alive:  # BYE or a new HELLO meanwhile: it holds none of these
+                return self.out.error(
+                    s.ident, "no_session", "the session ended during the request; say HELLO again", rid
+                )
             self._reply_slots(s, rid, slots)
         except asyncio.CancelledError:
             self.out.error(s.ident, "shutting_down", "hobbitd is shutting down", rid)
             raise
         finally:
             s.inflight -= 1
-            s.last_seen = max(s.last_seen, time.monotonic())   # it was waiting on us
+            s.last_seen = max(s.last_seen, time.monotonic())  # it was waiting on us
 
     def _reply_slots(self, s: Session, rid: int, slots: list) -> None:
-        self.out.send(s.ident, m.Cmd.SLOTS, id=rid, slots=[
-            None if g is None else [g.region.precision, g.index] for g in slots])
+        self.out.send(
+            s.ident, m.Cmd.SLOTS, id=rid, slots=[None if g is None else [g.region.precision, g.index] for g in slots]
+        )
         s.replied_at = time.monotonic()
 
     def hint(self, s: Session, msg: dict) -> None:
@@ -110,15 +113,17 @@ class Commands:
         except RequestError as e:
             return self.out.error(s.ident, e.code, f"HINT: {e}")
         compute_s = msg.get("compute_s")
-        self.cache.hint(s.sid, mo, msg["layers"], msg["experts"], msg["scores"],
-                        s.gap_s if compute_s is None else float(compute_s))
+        self.cache.hint(
+            s.sid, mo, msg["layers"], msg["experts"], msg["scores"], s.gap_s if compute_s is None else float(compute_s)
+        )
 
     def release(self, s: Session, msg: dict) -> None:
         mo = self.cache.models.get(msg["model"])
         if mo is None:
             return self.out.error(s.ident, "unknown_model", f"RELEASE: no model {msg['model']!r}")
-        self.cache.release(s.sid, mo, [tuple(item) for item in msg["slots"]
-                                       if isinstance(item, list) and len(item) == 2])
+        self.cache.release(
+            s.sid, mo, [tuple(item) for item in msg["slots"] if isinstance(item, list) and len(item) == 2]
+        )
 
     def apply_batched(self, s: Session, msg: dict) -> None:
         """A message's batched fields, before the message itself: releases of slots hobbitd
@@ -129,13 +134,19 @@ class Commands:
         if mo is None:
             return
         if msg.get("release"):
-            self.cache.release(s.sid, mo, [tuple(item) for item in msg["release"]
-                                           if isinstance(item, list) and len(item) == 2])
+            self.cache.release(
+                s.sid, mo, [tuple(item) for item in msg["release"] if isinstance(item, list) and len(item) == 2]
+            )
         hits = msg.get("hits")
         if hits:
             seq, token = msg.get("seq"), msg.get("token")
-            if isinstance(seq, int) and isinstance(token, int) and isinstance(hits[-1], list) \
-                    and hits[-1] and isinstance(hits[-1][0], int):
+            if (
+                isinstance(seq, int)
+                and isinstance(token, int)
+                and isinstance(hits[-1], list)
+                and hits[-1]
+                and isinstance(hits[-1][0], int)
+            ):
                 mo.policy.begin(s.sid, seq, token, hits[-1][0])
                 s.count_forward(seq, token, msg.get("tokens"))
             self.cache.count_hits(s.sid, mo, hits)

@@ -6,6 +6,7 @@ low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes 
 integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
 are relative to the config file's folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,30 +22,30 @@ SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
 
 @dataclass
 class DaemonConfig:
-    models: list[str] = field(default_factory=list)   # GGUF paths
+    models: list[str] = field(default_factory=list)  # GGUF paths
     model_dirs: list[str] = field(default_factory=list)  # folders whose GGUFs a client may
-                                 # ask for by path (opened then); nothing outside them
-    cache_size: int = 0          # bytes of shared memory for expert slots; 0 = 50% of available
-    socket: str = ""             # "" = default_socket()
-    io_threads: int = 4          # reader threads
-    io_limit: int = 0            # bytes/s cap on flash reads (emulates slow flash); 0 = none
-    direct_io: bool = True       # O_DIRECT reads (bypass the page cache) where supported
+    # ask for by path (opened then); nothing outside them
+    cache_size: int = 0  # bytes of shared memory for expert slots; 0 = 50% of available
+    socket: str = ""  # "" = default_socket()
+    io_threads: int = 4  # reader threads
+    io_limit: int = 0  # bytes/s cap on flash reads (emulates slow flash); 0 = none
+    direct_io: bool = True  # O_DIRECT reads (bypass the page cache) where supported
     client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
-    slot_wait: float = 30.0      # seconds a miss waits for an unpinned slot before cache_full
-    max_sessions: int = 64       # clients at once; one more is answered too_many_sessions
-    client_pin_share: float = 0.5   # share of a region's slots one client may hold pinned
-                                 # (never less than one layer's experts); beyond: pin_limit
-    owner_pid: int = 0           # a private daemon's owner: stop when it exits; 0 = none
+    slot_wait: float = 30.0  # seconds a miss waits for an unpinned slot before cache_full
+    max_sessions: int = 64  # clients at once; one more is answered too_many_sessions
+    client_pin_share: float = 0.5  # share of a region's slots one client may hold pinned
+    # (never less than one layer's experts); beyond: pin_limit
+    owner_pid: int = 0  # a private daemon's owner: stop when it exits; 0 = none
     # HOBBIT (issue 5); every technique can be switched off for baselines
-    low_type: str = "auto"       # companion type: "auto" (the best suitable type whose file
-                                 # is made), "none", or e.g. "Q4_0"
-    low_share: float = 0.25      # share of each model's cache for low-precision slots
-    policy: str = "hobbit"       # eviction: "hobbit" (multidimensional) or "lru"
-    dynamic: bool = True         # token-level dynamic loading (low precision / skip on misses)
-    low_only: bool = False       # every expert in low precision (a baseline)
-    prefetch: bool = True        # act on clients' lookahead hints
-    prefetch_budget: bool = True # prefetch only what can be read while the client computes
-    t1: float | None = None      # thresholds (THRESHOLDS); None: the calibrated values, else 1 (exact)
+    low_type: str = "auto"  # companion type: "auto" (the best suitable type whose file
+    # is made), "none", or e.g. "Q4_0"
+    low_share: float = 0.25  # share of each model's cache for low-precision slots
+    policy: str = "hobbit"  # eviction: "hobbit" (multidimensional) or "lru"
+    dynamic: bool = True  # token-level dynamic loading (low precision / skip on misses)
+    low_only: bool = False  # every expert in low precision (a baseline)
+    prefetch: bool = True  # act on clients' lookahead hints
+    prefetch_budget: bool = True  # prefetch only what can be read while the client computes
+    t1: float | None = None  # thresholds (THRESHOLDS); None: the calibrated values, else 1 (exact)
     t2: float | None = None
 
 
@@ -75,8 +76,9 @@ def parse_size(text) -> int:
         return text
     m = _SIZE.fullmatch(str(text).strip())
     if not m:
-        raise InputError(f"size {text!r} is not a number of bytes with an optional K/M/G/T suffix "
-                         "(e.g. 400M, 2G, 1.5GiB)")
+        raise InputError(
+            f"size {text!r} is not a number of bytes with an optional K/M/G/T suffix (e.g. 400M, 2G, 1.5GiB)"
+        )
     scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * scale)
 
@@ -137,6 +139,7 @@ def load_config(path: str) -> DaemonConfig:
 
 def _coerce(path: str, key: str, value):
     """A TOML value checked against the field's type (TOML has no sizes: strings allowed)."""
+
     def bad(want):
         return InputError(f"{path}: {key} must be {want}, not {value!r}")
 

@@ -3,6 +3,7 @@
 Exit codes: 0 after SIGTERM/SIGINT (shared memory and socket removed), 1 when it cannot
 start (one line `hobbitd: error: ...` on stderr), 130 when a second SIGINT forces it out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def _positive(kind):
         if v <= 0:
             raise argparse.ArgumentTypeError(f"{text} is not positive")
         return v
+
     return parse
 
 
@@ -42,55 +44,119 @@ def _share(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hobbitd", description="The hobbit loader daemon: owns "
-                                "flash reads and the shared expert cache of MoE models.")
-    p.add_argument("--model", action="append", metavar="GGUF",
-                   help="a MoE GGUF to serve (repeat for several; replaces the config's list; "
-                        "with none anywhere: the default model, built on first use)")
-    p.add_argument("--model-dir", action="append", metavar="DIR", dest="model_dirs",
-                   help="a folder whose GGUFs clients may ask for by path, opened when first "
-                        "asked (repeat for several; replaces the config's model_dirs)")
-    p.add_argument("--cache-size", type=_size, metavar="SIZE",
-                   help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)")
-    p.add_argument("--socket", metavar="PATH", help="where to listen (default: $HOBBIT_SOCKET, "
-                   "/run/hobbitd/hobbitd.sock as a service or root, else the user runtime dir)")
+    p = argparse.ArgumentParser(
+        prog="hobbitd",
+        description="The hobbit loader daemon: owns flash reads and the shared expert cache of MoE models.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="GGUF",
+        help="a MoE GGUF to serve (repeat for several; replaces the config's list; "
+        "with none anywhere: the default model, built on first use)",
+    )
+    p.add_argument(
+        "--model-dir",
+        action="append",
+        metavar="DIR",
+        dest="model_dirs",
+        help="a folder whose GGUFs clients may ask for by path, opened when first "
+        "asked (repeat for several; replaces the config's model_dirs)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=_size,
+        metavar="SIZE",
+        help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)",
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="where to listen (default: $HOBBIT_SOCKET, "
+        "/run/hobbitd/hobbitd.sock as a service or root, else the user runtime dir)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config; flags override it")
     p.add_argument("--io-threads", type=_positive(int), metavar="N", help="reader threads (4)")
-    p.add_argument("--io-limit", type=_size, metavar="BYTES_PER_S",
-                   help="cap flash reads, e.g. 400M, to emulate slower flash (default: none)")
+    p.add_argument(
+        "--io-limit",
+        type=_size,
+        metavar="BYTES_PER_S",
+        help="cap flash reads, e.g. 400M, to emulate slower flash (default: none)",
+    )
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
-    p.add_argument("--client-timeout", type=_positive(float), metavar="S",
-                   help="seconds of silence after which a client loses its pins (5)")
-    p.add_argument("--slot-wait", type=_positive(float), metavar="S",
-                   help="seconds a miss waits for a free slot before cache_full (30)")
-    p.add_argument("--max-sessions", type=_positive(int), metavar="N",
-                   help="clients served at once; one more is refused too_many_sessions (64)")
-    p.add_argument("--client-pin-share", type=_share, metavar="F",
-                   help="share of a region's slots one client may hold pinned, never less "
-                        "than one layer's experts; beyond it a request is refused pin_limit (0.5)")
-    p.add_argument("--owner-pid", type=_positive(int), metavar="PID",
-                   help="a private daemon: stop when process PID exits, then remove the "
-                        "folder of its socket (made for it alone)")
+    p.add_argument(
+        "--client-timeout",
+        type=_positive(float),
+        metavar="S",
+        help="seconds of silence after which a client loses its pins (5)",
+    )
+    p.add_argument(
+        "--slot-wait",
+        type=_positive(float),
+        metavar="S",
+        help="seconds a miss waits for a free slot before cache_full (30)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=_positive(int),
+        metavar="N",
+        help="clients served at once; one more is refused too_many_sessions (64)",
+    )
+    p.add_argument(
+        "--client-pin-share",
+        type=_share,
+        metavar="F",
+        help="share of a region's slots one client may hold pinned, never less "
+        "than one layer's experts; beyond it a request is refused pin_limit (0.5)",
+    )
+    p.add_argument(
+        "--owner-pid",
+        type=_positive(int),
+        metavar="PID",
+        help="a private daemon: stop when process PID exits, then remove the folder of its socket (made for it alone)",
+    )
     h = p.add_argument_group("HOBBIT techniques (each can be switched off for a baseline)")
-    h.add_argument("--low", dest="low_type", metavar="TYPE",
-                   help="low-precision companion type: auto (default: use the file "
-                        "`hobbit-cli convert` made, if any), none, or a type such as Q4_0")
+    h.add_argument(
+        "--low",
+        dest="low_type",
+        metavar="TYPE",
+        help="low-precision companion type: auto (default: use the file "
+        "`hobbit-cli convert` made, if any), none, or a type such as Q4_0",
+    )
     h.add_argument("--low-share", type=float, metavar="F", help="share of the cache for low precision (0.25)")
     h.add_argument("--policy", choices=("hobbit", "lru"), help="cache eviction policy (hobbit)")
-    h.add_argument("--no-dynamic", dest="dynamic", action="store_false", default=None,
-                   help="load every miss in high precision (no low precision, no skipping)")
+    h.add_argument(
+        "--no-dynamic",
+        dest="dynamic",
+        action="store_false",
+        default=None,
+        help="load every miss in high precision (no low precision, no skipping)",
+    )
     h.add_argument("--low-only", action="store_true", default=None, help="every expert in low precision")
-    h.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
-                   help="ignore clients' lookahead hints")
-    h.add_argument("--no-prefetch-budget", dest="prefetch_budget", action="store_false", default=None,
-                   help="prefetch every predicted miss of the hinted layer, not only as many "
-                        "bytes as can be read while the client computes a layer")
-    h.add_argument("--t1", type=float, metavar="S",
-                   help="unimportance threshold for high precision, -1 (every miss low) to 1 "
-                        "(calibrated, else 1: exact; the paper's is 0.6)")
-    h.add_argument("--t2", type=float, metavar="S",
-                   help="unimportance threshold beyond which experts are skipped, 0 to 1 "
-                        "(calibrated, else 1; the paper's is 0.9)")
+    h.add_argument(
+        "--no-prefetch", dest="prefetch", action="store_false", default=None, help="ignore clients' lookahead hints"
+    )
+    h.add_argument(
+        "--no-prefetch-budget",
+        dest="prefetch_budget",
+        action="store_false",
+        default=None,
+        help="prefetch every predicted miss of the hinted layer, not only as many "
+        "bytes as can be read while the client computes a layer",
+    )
+    h.add_argument(
+        "--t1",
+        type=float,
+        metavar="S",
+        help="unimportance threshold for high precision, -1 (every miss low) to 1 "
+        "(calibrated, else 1: exact; the paper's is 0.6)",
+    )
+    h.add_argument(
+        "--t2",
+        type=float,
+        metavar="S",
+        help="unimportance threshold beyond which experts are skipped, 0 to 1 (calibrated, else 1; the paper's is 0.9)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -103,10 +169,26 @@ def config_from_args(args) -> DaemonConfig:
         cfg.models = args.model
     if args.model_dirs:
         cfg.model_dirs = [os.path.abspath(d) for d in args.model_dirs]
-    for key in ("cache_size", "socket", "io_threads", "io_limit", "client_timeout", "slot_wait",
-                "max_sessions", "client_pin_share", "owner_pid",
-                "low_type", "low_share", "policy", "dynamic", "low_only", "prefetch",
-                "prefetch_budget", "t1", "t2"):   # each flag's dest is its config key
+    for key in (
+        "cache_size",
+        "socket",
+        "io_threads",
+        "io_limit",
+        "client_timeout",
+        "slot_wait",
+        "max_sessions",
+        "client_pin_share",
+        "owner_pid",
+        "low_type",
+        "low_share",
+        "policy",
+        "dynamic",
+        "low_only",
+        "prefetch",
+        "prefetch_budget",
+        "t1",
+        "t2",
+    ):  # each flag's dest is its config key
         value = getattr(args, key)
         if value is not None and key in THRESHOLDS:
             try:
@@ -126,15 +208,17 @@ def with_default_model(cfg: DaemonConfig) -> DaemonConfig:
     if not cfg.models and not cfg.model_dirs:
         path = default_model_file()
         if not os.path.exists(path):
-            raise InputError(f"no model to serve, and the default model is not built yet: run "
-                             f"`hobbit-cli prepare` (it builds {path}), or give --model GGUF")
+            raise InputError(
+                f"no model to serve, and the default model is not built yet: run "
+                f"`hobbit-cli prepare` (it builds {path}), or give --model GGUF"
+            )
         cfg.models = [path]
     return cfg
 
 
 async def run(cfg: DaemonConfig) -> int:
     """Start, serve until SIGTERM/SIGINT, shut down. HobbitError if it cannot start."""
-    from .server import Daemon   # deferred: keeps `hobbitd --help` fast
+    from .server import Daemon  # deferred: keeps `hobbitd --help` fast
 
     loop = asyncio.get_running_loop()
     daemon = Daemon(cfg)
@@ -143,7 +227,7 @@ async def run(cfg: DaemonConfig) -> int:
 
     def on_signal(sig):
         caught.append(sig)
-        if caught.count(signal.SIGINT) > 1:   # a second Ctrl-C: the user will not wait
+        if caught.count(signal.SIGINT) > 1:  # a second Ctrl-C: the user will not wait
             log.warning("second interrupt: exiting now")
             daemon.abandon()
             os._exit(130)
@@ -153,7 +237,7 @@ async def run(cfg: DaemonConfig) -> int:
 
     sigs = (signal.SIGTERM, signal.SIGINT)
     saved = {sig: signal.getsignal(sig) for sig in sigs}
-    for sig in sigs:   # before startup: a signal during startup still cleans up
+    for sig in sigs:  # before startup: a signal during startup still cleans up
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.startup()
@@ -201,11 +285,12 @@ def main(argv=None) -> int:
     log.propagate = False
     try:
         import uvloop
+
         return uvloop.run(run(with_default_model(config_from_args(args))))
     except HobbitError as e:
         print(f"hobbitd: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # interrupted before the handlers were in place
+    except KeyboardInterrupt:  # interrupted before the handlers were in place
         return 130
 
 

@@ -4,6 +4,7 @@ clients may pin their hits themselves (loader/control.py), a control block besid
 The models configured share one ModelMemory; each model opened on demand gets one of its
 own. make_memory() is the one place both are made; the Daemon closes them at shutdown.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ MiB = 1 << 20
 
 @dataclass
 class ModelMemory:
-    shm: Segment                            # the expert slots
-    control: control.ControlBlock | None    # None: clients ask for every expert
+    shm: Segment  # the expert slots
+    control: control.ControlBlock | None  # None: clients ask for every expert
 
     def files(self) -> list[str]:
         """Its files in SHM_DIR."""
@@ -37,24 +38,27 @@ class ModelMemory:
             self.control.close()
 
 
-def make_memory(models: dict[str, ModelCache], plan: list[RegionPlan], size: int,
-                with_control: bool, what: str, advice: str = "") -> ModelMemory:
+def make_memory(
+    models: dict[str, ModelCache], plan: list[RegionPlan], size: int, with_control: bool, what: str, advice: str = ""
+) -> ModelMemory:
     """A segment of `size` bytes for the regions `plan` of `models` and, with_control, its
     control block. InputError "`what` needs ... MiB free`advice`" when SHM_DIR has not that
     much free; OSError when one cannot be made (nothing is left behind)."""
     free = shm_free()
     if free is not None and size > free:
-        raise InputError(f"{what} needs {size / MiB:.0f} MiB of shared memory but {SHM_DIR} "
-                         f"has {free / MiB:.0f} MiB free{advice}")
+        raise InputError(
+            f"{what} needs {size / MiB:.0f} MiB of shared memory but {SHM_DIR} has {free / MiB:.0f} MiB free{advice}"
+        )
     shm = Segment(new_name(), size, create=True)
     block = None
     if with_control:
         try:
-            lay = control.layout([(r.model, r.precision, models[r.model].n_layer,
-                                   models[r.model].n_expert, r.n_slots) for r in plan])
+            lay = control.layout(
+                [(r.model, r.precision, models[r.model].n_layer, models[r.model].n_expert, r.n_slots) for r in plan]
+            )
             block = control.ControlBlock.create(shm.name + "-ctl", lay)
         except OSError:
-            shm.close()                  # nothing half-made left in SHM_DIR
+            shm.close()  # nothing half-made left in SHM_DIR
             raise
     return ModelMemory(shm, block)
 

@@ -5,13 +5,14 @@ A path is judged by what it resolves to (os.path.realpath: every symlink followe
 link inside a folder cannot lead hobbitd to a file outside it, and a client never makes
 hobbitd open anything else.
 """
+
 from __future__ import annotations
 
 import os
 
 from ..protocol.errors import RequestError
 
-MAX_LISTED = 1000    # GGUFs `hobbit-cli models` is told about; a folder may hold more
+MAX_LISTED = 1000  # GGUFs `hobbit-cli models` is told about; a folder may hold more
 
 
 def allowed_model(path: str, models: list[str], dirs: list[str]) -> str:
@@ -25,8 +26,9 @@ def allowed_model(path: str, models: list[str], dirs: list[str]) -> str:
     folders = [os.path.realpath(d) for d in dirs]
     if not any(os.path.commonpath([real, d]) == d for d in folders):
         where = ", ".join(dirs) if dirs else "none configured"
-        raise RequestError("not_allowed", f"{path} is not one of hobbitd's models nor inside "
-                           f"its model folders ({where})")
+        raise RequestError(
+            "not_allowed", f"{path} is not one of hobbitd's models nor inside its model folders ({where})"
+        )
     if not real.endswith(".gguf") or not os.path.isfile(real):
         raise RequestError("not_allowed", f"{path} is not a .gguf file")
     return real
@@ -41,8 +43,7 @@ def listed_models(dirs: list[str]) -> list[str]:
             subdirs.sort()
             for f in files:
                 real = os.path.realpath(os.path.join(folder, f))
-                if f.endswith(".gguf") and os.path.commonpath([real, root]) == root \
-                        and os.path.isfile(real):
+                if f.endswith(".gguf") and os.path.commonpath([real, root]) == root and os.path.isfile(real):
                     found.add(real)
             if len(found) >= MAX_LISTED:
                 break

@@ -1,5 +1,6 @@
 """sd_notify without libsystemd: tell systemd (Type=notify) that we are ready, what we are
 doing, and that we are stopping. A no-op when not started by systemd."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ def sd_notify(state: str) -> bool:
     if not addr:
         return False
     if addr.startswith("@"):
-        addr = "\0" + addr[1:]          # abstract namespace
+        addr = "\0" + addr[1:]  # abstract namespace
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto(state.encode(), addr)

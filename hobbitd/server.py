@@ -20,6 +20,7 @@ Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a lit
 MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
 disconnects that peer without an answer (the daemon never buffers a huge message).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,12 +53,12 @@ from .sessions import PROBE, Sessions
 log = logging.getLogger("hobbitd")
 
 MiB = 1 << 20
-PROBE_S = 0.5          # how long a live daemon on our socket has to answer a HELLO
-DRAIN_S = 2.0          # shutdown: how long in-flight requests may run before shutting_down
+PROBE_S = 0.5  # how long a live daemon on our socket has to answer a HELLO
+DRAIN_S = 2.0  # shutdown: how long in-flight requests may run before shutting_down
 REAP_EVERY_S = 0.5
 STATUS_EVERY_S = 10.0
 CLOSE_LINGER_MS = 100  # not 0: the shutting_down answers just queued should still go out
-SUN_PATH_MAX = 107     # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
+SUN_PATH_MAX = 107  # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
 
 
 class Daemon:
@@ -72,18 +73,18 @@ class Daemon:
         self.socket_path = os.path.abspath(cfg.socket or default_socket())
         self.models: dict[str, ModelCache] = {}
         self.cache: ExpertCache | None = None
-        self.memory: ModelMemory | None = None         # the configured models' slots
-        self.opened: dict[str, ModelMemory] = {}       # those of each model opened on demand
-        self._opening = asyncio.Lock()      # one model opened on demand at a time
+        self.memory: ModelMemory | None = None  # the configured models' slots
+        self.opened: dict[str, ModelMemory] = {}  # those of each model opened on demand
+        self._opening = asyncio.Lock()  # one model opened on demand at a time
         self.io: IOEngine | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.router: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         self._requests: set[asyncio.Task] = set()
         self._bound = False
-        self._stale_socket = False   # a dead hobbitd's socket file is at our path
-        self._peer: zmq.Frame | None = None   # the frame last received (its metadata: the peer)
-        self.owner_gone = False      # stopped because owner_pid exited
+        self._stale_socket = False  # a dead hobbitd's socket file is at our path
+        self._peer: zmq.Frame | None = None  # the frame last received (its metadata: the peer)
+        self.owner_gone = False  # stopped because owner_pid exited
         self.started = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -100,31 +101,56 @@ class Daemon:
         await self._claim_socket()
         remove_stale_segments()
         # with a control block clients may pin their hits themselves
-        mem = self.memory = make_memory(self.models, plan, total, control.fence_available(),
-                                        "the cache", f"; lower --cache-size or enlarge {SHM_DIR}")
+        mem = self.memory = make_memory(
+            self.models,
+            plan,
+            total,
+            control.fence_available(),
+            "the cache",
+            f"; lower --cache-size or enlarge {SHM_DIR}",
+        )
         self.io = IOEngine(cfg.io_threads, cfg.io_limit or None, cfg.direct_io)
-        self.cache = ExpertCache(self.models, plan, mem.shm, self.io, control=mem.control,
-                                 slot_wait=cfg.slot_wait, prefetch=cfg.prefetch,
-                                 prefetch_budget=cfg.prefetch_budget)
+        self.cache = ExpertCache(
+            self.models,
+            plan,
+            mem.shm,
+            self.io,
+            control=mem.control,
+            slot_wait=cfg.slot_wait,
+            prefetch=cfg.prefetch,
+            prefetch_budget=cfg.prefetch_budget,
+        )
         self.sessions = Sessions(self.cache)
         self._bind()
         self.out = Replies(self.router)
         self.commands = Commands(self.cache, self.out, cfg.client_pin_share, self.spawn)
         for mo in self.models.values():
-            slots = ", ".join(f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB"
-                              for p, r in mo.regions.items())
-            log.info("model %s: %d layers x %d experts, %s (%s); policy %s, %s", mo.name,
-                     mo.n_layer, mo.n_expert, slots, mo.path, mo.policy.name,
-                     mo.thresholds.describe(mo.calibrated))
-        log.info("listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
-                 self.socket_path, mem.shm.path, total / MiB, self.cfg.io_threads,
-                 f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "")
+            slots = ", ".join(
+                f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB" for p, r in mo.regions.items()
+            )
+            log.info(
+                "model %s: %d layers x %d experts, %s (%s); policy %s, %s",
+                mo.name,
+                mo.n_layer,
+                mo.n_expert,
+                slots,
+                mo.path,
+                mo.policy.name,
+                mo.thresholds.describe(mo.calibrated),
+            )
+        log.info(
+            "listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
+            self.socket_path,
+            mem.shm.path,
+            total / MiB,
+            self.cfg.io_threads,
+            f", limit {self.cfg.io_limit / MiB:.0f} MiB/s" if self.cfg.io_limit else "",
+        )
 
     async def serve(self) -> None:
         """Receive and answer until stop(). Raises if a service task dies (a bug)."""
-        assert self.memory is not None      # startup() made it
-        sd_notify(f"READY=1\nSTATUS=serving {len(self.models)} models, "
-                  f"cache {self.memory.shm.size / MiB:.0f} MiB")
+        assert self.memory is not None  # startup() made it
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.models)} models, cache {self.memory.shm.size / MiB:.0f} MiB")
         services = [self._receive(), self._reap()]
         if os.environ.get("NOTIFY_SOCKET"):
             services.append(self._status())
@@ -134,7 +160,7 @@ class Daemon:
             done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not stopped:
-                    t.result()      # re-raise what killed a service task
+                    t.result()  # re-raise what killed a service task
         finally:
             for t in [stopped, *tasks]:
                 t.cancel()
@@ -155,17 +181,17 @@ class Daemon:
         if self.router is not None:
             sd_notify("STOPPING=1")
         if self.cache is not None:
-            self.cache.stop()            # requests waiting for a slot answer shutting_down
+            self.cache.stop()  # requests waiting for a slot answer shutting_down
         if self._requests:
             _, pending = await asyncio.wait(self._requests, timeout=drain)
             for t in pending:
-                t.cancel()               # each answers ERROR shutting_down
+                t.cancel()  # each answers ERROR shutting_down
             await asyncio.gather(*pending, return_exceptions=True)
         if self.router is not None:
             self.router.close(linger=CLOSE_LINGER_MS)
         if self.io is not None:
             await asyncio.to_thread(self.io.close)
-            await asyncio.sleep(0)       # run the completions the readers just scheduled
+            await asyncio.sleep(0)  # run the completions the readers just scheduled
         if self.cache is not None and self.cache.reads_running():
             # a reader is stuck mid-read into the mapping: unlink, keep it mapped till exit
             log.warning("a read is still running; leaving it to the process exit")
@@ -173,7 +199,7 @@ class Daemon:
                 os.unlink(path)
         else:
             for mem in self._memories():
-                mem.close()              # unmaps and unlinks
+                mem.close()  # unmaps and unlinks
         if self._bound:
             try:
                 os.unlink(self.socket_path)
@@ -206,8 +232,7 @@ class Daemon:
         hobbitd, and they would give up at once)."""
         path = self.socket_path
         if len(self._new_socket_path().encode()) > SUN_PATH_MAX:
-            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX - 10} bytes; "
-                             "choose a shorter --socket")
+            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX - 10} bytes; choose a shorter --socket")
         if not os.path.lexists(path):
             return
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -221,17 +246,16 @@ class Daemon:
 
     async def _probe(self, path: str) -> bool:
         """True if something answers a HELLO on ipc://path within PROBE_S."""
-        assert self.ctx is not None         # startup() made it first
+        assert self.ctx is not None  # startup() made it first
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         try:
             s.connect(f"ipc://{path}")
-            await s.send_multipart(m.encode(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(),
-                                            name=PROBE))
+            await s.send_multipart(m.encode(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name=PROBE))
             if not await s.poll(PROBE_S * 1000):
                 return False
-            await s.send_multipart(m.encode(m.Cmd.BYE))   # do not leave a session behind
-            await asyncio.sleep(0.01)                     # give the BYE a moment to leave
+            await s.send_multipart(m.encode(m.Cmd.BYE))  # do not leave a session behind
+            await asyncio.sleep(0.01)  # give the BYE a moment to leave
             return True
         finally:
             s.close(linger=0)
@@ -239,16 +263,16 @@ class Daemon:
     def _bind(self) -> None:
         """Listen on a new socket file and rename it over the path: at no moment is there
         no file there while we start (a client started meanwhile waits, as for a restart)."""
-        assert self.ctx is not None         # startup() made it first
+        assert self.ctx is not None  # startup() made it first
         path, new = self.socket_path, self._new_socket_path()
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         self.router = router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
-        old = os.umask(0o117)            # the socket file is born 0660: no window of 0777
+        old = os.umask(0o117)  # the socket file is born 0660: no window of 0777
         try:
             router.bind(f"ipc://{new}")
             os.chmod(new, 0o660)
-            os.rename(new, path)         # atomic: the stale file, then ours
+            os.rename(new, path)  # atomic: the stale file, then ours
         except (zmq.ZMQError, OSError) as e:
             router.close(linger=0)
             self.router = None
@@ -264,21 +288,21 @@ class Daemon:
     # ---- receiving -----------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        assert self.router is not None      # startup() bound it
+        assert self.router is not None  # startup() bound it
         while True:
-            raw = await self.router.recv_multipart(copy=False)   # frames carry the peer
+            raw = await self.router.recv_multipart(copy=False)  # frames carry the peer
             self._peer = raw[-1]
             frames = [f.bytes for f in raw]
             try:
                 self._dispatch(frames[0], frames[1:])
-            except Exception as e:     # a bug: tell the client, keep serving
+            except Exception as e:  # a bug: tell the client, keep serving
                 log.exception("internal error handling a message")
                 self.out.error(frames[0], "internal", f"hobbitd: {e!r}")
 
     def _dispatch(self, ident: bytes, frames: list) -> None:
         s = self.sessions.get(ident)
         if s is not None:
-            s.last_seen = time.monotonic()   # any message counts as a heartbeat
+            s.last_seen = time.monotonic()  # any message counts as a heartbeat
         try:
             cmd, msg = m.decode(frames)
         except ProtocolError as e:
@@ -292,15 +316,20 @@ class Daemon:
             return
         if s is None:
             if cmd in (m.Cmd.HEARTBEAT, m.Cmd.HINT, m.Cmd.RELEASE, m.Cmd.USED):
-                return    # they have no answer; a stale client learns at its next REQUEST
+                return  # they have no answer; a stale client learns at its next REQUEST
             rid = msg.get("id") if isinstance(msg.get("id"), int) else None
             return self.out.error(ident, "no_session", "no session: say HELLO first", rid)
         c = self.commands
-        handler = {m.Cmd.REQUEST: c.request, m.Cmd.HINT: c.hint, m.Cmd.RELEASE: c.release,
-                   m.Cmd.RESIDENT: c.resident, m.Cmd.USED: c.used,
-                   m.Cmd.STATS: lambda s, msg: self.out.send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats()),
-                   m.Cmd.HITS: lambda s, msg: None,
-                   m.Cmd.HEARTBEAT: lambda s, msg: None}.get(cmd)
+        handler = {
+            m.Cmd.REQUEST: c.request,
+            m.Cmd.HINT: c.hint,
+            m.Cmd.RELEASE: c.release,
+            m.Cmd.RESIDENT: c.resident,
+            m.Cmd.USED: c.used,
+            m.Cmd.STATS: lambda s, msg: self.out.send(s.ident, m.Cmd.STATS_REPLY, stats=self.stats()),
+            m.Cmd.HITS: lambda s, msg: None,
+            m.Cmd.HEARTBEAT: lambda s, msg: None,
+        }.get(cmd)
         if handler is None:
             return self.out.error(ident, "unknown_command", f"{cmd.name} is not a client command")
         if msg.get("release") or msg.get("hits"):
@@ -309,8 +338,9 @@ class Daemon:
 
     def _hello(self, ident: bytes, msg: dict) -> None:
         if msg["version"] != m.VERSION:
-            return self.out.error(ident, "bad_version", f"protocol version {msg['version']}; "
-                                                        f"hobbitd speaks {m.VERSION}")
+            return self.out.error(
+                ident, "bad_version", f"protocol version {msg['version']}; hobbitd speaks {m.VERSION}"
+            )
         path, peer = msg.get("model"), _peer_pid(self._peer)
         if path is not None and self.cfg.model_dirs and not self._serves(path):
             return self.spawn(self._hello_on_demand(ident, msg, path, peer))
@@ -320,9 +350,9 @@ class Daemon:
         """A HELLO for a model not served yet: open it (if allowed), then welcome."""
         try:
             await self.open_on_demand(path)
-        except HobbitError as e:      # not allowed, not a model we can serve, no room
+        except HobbitError as e:  # not allowed, not a model we can serve, no room
             return self.out.error(ident, e.code, str(e))
-        except Exception as e:        # a bug: tell the client, keep serving
+        except Exception as e:  # a bug: tell the client, keep serving
             log.exception("internal error opening %s", path)
             return self.out.error(ident, "internal", f"hobbitd: {e!r}")
         self._welcome(ident, msg, peer)
@@ -343,13 +373,13 @@ class Daemon:
         on a thread, given the share of the cache plan_added says (taken from the other
         models by their use: slots nobody holds go at once, the rest when released) in a
         segment and control block of its own. HobbitError (one line) if it cannot be."""
-        assert self.cache is not None and self.memory is not None   # startup() made them
+        assert self.cache is not None and self.memory is not None  # startup() made them
         real = allowed_model(path, self.cfg.models, self.cfg.model_dirs)
         async with self._opening:
             if self._serves(real) or self.cache.stopping:
                 return
             name, n = model_name(real), 1
-            while name in self.models:         # another folder's file of the same name
+            while name in self.models:  # another folder's file of the same name
                 n += 1
                 name = f"{model_name(real)}-{n}"
             mo = await asyncio.to_thread(open_served, real, name, self.opts)
@@ -358,17 +388,19 @@ class Daemon:
             except InputError as e:
                 raise InputError(f"cannot open {real}: {e}") from None
             try:
-                mem = make_memory({name: mo}, plan, total, self.memory.control is not None,
-                                  f"cannot open {real}: it")
+                mem = make_memory({name: mo}, plan, total, self.memory.control is not None, f"cannot open {real}: it")
             except OSError as e:
                 raise InputError(f"cannot open {real}: its shared memory: {e}") from None
             self.cache.shrink(shrink)
             self.cache.add_model(mo, plan, mem.shm, mem.control)
             self.opened[name] = mem
-            log.info("opened %s on demand as %s: %s; %s", real, name,
-                     ", ".join(f"{r.n_slots} {p} slots" for p, r in mo.regions.items()),
-                     ", ".join(f"{m_} {p} down to {k}" for (m_, p), k in shrink.items())
-                     or "nothing taken from the others")
+            log.info(
+                "opened %s on demand as %s: %s; %s",
+                real,
+                name,
+                ", ".join(f"{r.n_slots} {p} slots" for p, r in mo.regions.items()),
+                ", ".join(f"{m_} {p} down to {k}" for (m_, p), k in shrink.items()) or "nothing taken from the others",
+            )
 
     def _model_info(self, name: str) -> dict:
         info = self.models[name].info()
@@ -380,25 +412,35 @@ class Daemon:
         return info
 
     def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
-        assert self.cache is not None and self.memory is not None   # startup() made them
+        assert self.cache is not None and self.memory is not None  # startup() made them
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
         if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
-            return self.out.error(ident, "too_many_sessions", f"hobbitd serves {len(self.sessions)} "
-                                  f"clients, its limit (max_sessions {self.cfg.max_sessions})")
+            return self.out.error(
+                ident,
+                "too_many_sessions",
+                f"hobbitd serves {len(self.sessions)} clients, its limit (max_sessions {self.cfg.max_sessions})",
+            )
         s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], peer)
         mem, extra = self.memory, {}
         if mem.control is not None:
             extra["control"] = {**mem.control.to_wire(), "row": self.cache.owners[s.sid].row}
-        self.out.send(ident, m.Cmd.WELCOME, version=m.VERSION, shm=mem.shm.name,
-                      shm_size=mem.shm.size, heartbeat_s=self.cfg.client_timeout / 3,
-                   models={n: self._model_info(n) for n in self.models}, **extra)
+        self.out.send(
+            ident,
+            m.Cmd.WELCOME,
+            version=m.VERSION,
+            shm=mem.shm.name,
+            shm_size=mem.shm.size,
+            heartbeat_s=self.cfg.client_timeout / 3,
+            models={n: self._model_info(n) for n in self.models},
+            **extra,
+        )
 
     async def _reap(self) -> None:
-        assert self.cache is not None       # startup() made it
+        assert self.cache is not None  # startup() made it
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             self.sessions.reap(self.cfg.client_timeout)
-            self.cache.sweep()        # memory of slots given up to a model opened on demand
+            self.cache.sweep()  # memory of slots given up to a model opened on demand
             if self.cfg.owner_pid and not pid_alive(self.cfg.owner_pid):
                 log.info("owner pid %d exited: stopping", self.cfg.owner_pid)
                 self.owner_gone = True
@@ -409,22 +451,31 @@ class Daemon:
             await asyncio.sleep(STATUS_EVERY_S)
             hits = sum(mo.hits + mo.waits for mo in self.models.values())
             misses = sum(mo.misses for mo in self.models.values())
-            sd_notify(f"STATUS=serving {len(self.models)} models to {len(self.sessions)} "
-                      f"clients; {hits} hits, {misses} misses")
+            sd_notify(
+                f"STATUS=serving {len(self.models)} models to {len(self.sessions)} "
+                f"clients; {hits} hits, {misses} misses"
+            )
 
     # ---- STATS -------------------------------------------------------------------------
 
     def stats(self) -> dict:
         io = self.io
-        assert io is not None               # startup() made it
-        return {"uptime_s": round(time.monotonic() - self.started, 3),
-                "clients": len(self.sessions), "sessions": self.sessions.stats(),
-                "models": {n: mo.stats() for n, mo in self.models.items()},
-                "model_dirs": self.cfg.model_dirs,
-                "can_open": self._can_open(),
-                "io": {"bytes_read": io.bytes_read, "reads": io.reads,
-                       "direct_reads": io.direct_reads, "pending": io.pending(),
-                       "read_seconds": round(io.read_seconds, 6)}}
+        assert io is not None  # startup() made it
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "clients": len(self.sessions),
+            "sessions": self.sessions.stats(),
+            "models": {n: mo.stats() for n, mo in self.models.items()},
+            "model_dirs": self.cfg.model_dirs,
+            "can_open": self._can_open(),
+            "io": {
+                "bytes_read": io.bytes_read,
+                "reads": io.reads,
+                "direct_reads": io.direct_reads,
+                "pending": io.pending(),
+                "read_seconds": round(io.read_seconds, 6),
+            },
+        }
 
 
 def _peer_pid(frame) -> int | None:
@@ -435,4 +486,3 @@ def _peer_pid(frame) -> int | None:
     except (AttributeError, IndexError, ValueError, zmq.ZMQError):
         return None
     return pid if pid > 0 else None
-

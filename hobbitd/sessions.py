@@ -4,6 +4,7 @@ Each session is a pin owner of the ExpertCache (its sid, unique for the daemon's
 identities are reused); ending a session releases every pin it holds. A session is never
 reaped while a request of it is being served.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,32 +19,36 @@ from ..loader.shm import pid_alive
 
 log = logging.getLogger("hobbitd")
 
-GAP_MAX_S = 0.1        # a client silent longer than this between requests was idle, not computing
-PROBE = "hobbitd-probe"   # the name a starting daemon's probe gives (not logged, not listed)
+GAP_MAX_S = 0.1  # a client silent longer than this between requests was idle, not computing
+PROBE = "hobbitd-probe"  # the name a starting daemon's probe gives (not logged, not listed)
 
 
 @dataclass(eq=False)
 class Session:
-    sid: int                  # pin owner in the cache
+    sid: int  # pin owner in the cache
     ident: bytes
     pid: int | None
     name: str
-    last_seen: float          # time.monotonic() of its last message
-    inflight: int = 0         # requests being served: never reaped while > 0
+    last_seen: float  # time.monotonic() of its last message
+    inflight: int = 0  # requests being served: never reaped while > 0
     alive: bool = True
-    replied_at: float = 0.0   # time.monotonic() of its last SLOTS
-    gap_s: float | None = None   # its time between a SLOTS and its next REQUEST (EWMA): compute
+    replied_at: float = 0.0  # time.monotonic() of its last SLOTS
+    gap_s: float | None = None  # its time between a SLOTS and its next REQUEST (EWMA): compute
     connected: float = field(default_factory=time.monotonic)
-    tokens: int = 0           # decoded: forwards of one token
-    prompt_tokens: int = 0    # in forwards of more than one token
+    tokens: int = 0  # decoded: forwards of one token
+    prompt_tokens: int = 0  # in forwards of more than one token
     last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
     peer: tuple | None = None  # (pid, start time) of its process, from the kernel (ipc)
 
     def count_forward(self, seq, token, n_tokens, forwards=1) -> None:
         """Count a forward's tokens once, at its first request (the client's first layer);
         `forwards` > 1: that many one-token forwards summed in one note (USED)."""
-        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1 \
-                or (seq, token) == self.last_forward:
+        if (
+            not isinstance(n_tokens, int)
+            or isinstance(n_tokens, bool)
+            or n_tokens < 1
+            or (seq, token) == self.last_forward
+        ):
             return
         self.last_forward = (seq, token)
         if isinstance(forwards, int) and not isinstance(forwards, bool) and forwards == n_tokens > 1:
@@ -63,10 +68,17 @@ class Session:
 
     def stats(self, owner: Owner) -> dict:
         """What hobbit-cli top shows per client; `owner`: its counts in the cache."""
-        return {"name": self.name, "pid": self.pid,
-                "connected_s": round(time.monotonic() - self.connected, 3),
-                "experts": owner.requested, "hits": owner.hits + owner.waits, "misses": owner.misses,
-                "skipped": owner.skipped, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens}
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "connected_s": round(time.monotonic() - self.connected, 3),
+            "experts": owner.requested,
+            "hits": owner.hits + owner.waits,
+            "misses": owner.misses,
+            "skipped": owner.skipped,
+            "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+        }
 
 
 class Sessions:
@@ -92,7 +104,7 @@ class Sessions:
             self.drop(old, "said HELLO again")
         s = Session(next(self._sids), ident, pid, name, time.monotonic(), peer=_process(peer_pid))
         self.by_ident[ident] = s
-        self.cache.open_owner(s.sid, row=name != PROBE)   # a probe pins nothing
+        self.cache.open_owner(s.sid, row=name != PROBE)  # a probe pins nothing
         if s.name != PROBE:
             log.info("client %s (pid %s) connected", s.name or "?", pid)
         return s
@@ -117,8 +129,7 @@ class Sessions:
                 self.drop(s, f"silent for {now - s.last_seen:.1f} s")
 
     def stats(self) -> list[dict]:
-        return [s.stats(self.cache.owners[s.sid]) for s in self.by_ident.values()
-                if s.name != PROBE]
+        return [s.stats(self.cache.owners[s.sid]) for s in self.by_ident.values() if s.name != PROBE]
 
 
 def _process(pid: int | None) -> tuple | None:

@@ -22,6 +22,7 @@ are never evicted; a closed owner's row is zeroed.
 The caller creates and closes the Segment, the control block and the IOEngine; the cache
 never closes them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,16 +40,17 @@ from .precision import HIGH, SKIP
 from .reads import Reads, Signal
 from .shm import Segment
 
-EWMA = 0.2             # weight of a new sample in the prefetch budget's running averages
+EWMA = 0.2  # weight of a new sample in the prefetch budget's running averages
 
 
 @dataclass(eq=False)
 class Owner(Counts):
     """What one owner holds; as Counts, what it asked for (per client, for hobbit-cli top)."""
-    pins: Counter = field(default_factory=Counter)   # Slot -> pins held
-    protected: list = field(default_factory=list)    # slots its last hint protects
-    resident: set = field(default_factory=set)       # models whose every expert it pins
-    row: int | None = None    # its pin row in the control block, if it pins hits itself
+
+    pins: Counter = field(default_factory=Counter)  # Slot -> pins held
+    protected: list = field(default_factory=list)  # slots its last hint protects
+    resident: set = field(default_factory=set)  # models whose every expert it pins
+    row: int | None = None  # its pin row in the control block, if it pins hits itself
 
 
 class NoSlot(Exception):
@@ -60,9 +62,18 @@ class NoSlot(Exception):
 
 
 class ExpertCache:
-    def __init__(self, models: dict[str, ModelCache], plan: list[RegionPlan], shm: Segment,
-                 io: IOEngine, *, control: ControlBlock | None = None, slot_wait: float = 30.0,
-                 prefetch: bool = True, prefetch_budget: bool = True):
+    def __init__(
+        self,
+        models: dict[str, ModelCache],
+        plan: list[RegionPlan],
+        shm: Segment,
+        io: IOEngine,
+        *,
+        control: ControlBlock | None = None,
+        slot_wait: float = 30.0,
+        prefetch: bool = True,
+        prefetch_budget: bool = True,
+    ):
         """`plan`: loader.served.plan_cache's regions, placed in `shm`; control: the
         control block laid out for them (control.layout), or None: every hit is asked for.
         slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
@@ -71,26 +82,27 @@ class ExpertCache:
         self.models, self.io, self.control = models, io, control
         self.slot_wait, self.prefetch = slot_wait, prefetch
         self._place(plan, shm, control)
-        self.extra_controls: list[ControlBlock] = []   # those of models opened on demand
+        self.extra_controls: list[ControlBlock] = []  # those of models opened on demand
         self.owners: dict[int, Owner] = {}
         self.stopping = False
-        self._freed = Signal()       # a slot may have become takeable (release, read done)
+        self._freed = Signal()  # a slot may have become takeable (release, read done)
         self.reads = Reads(io, self._freed, prefetch_budget)
 
     def _place(self, plan: list[RegionPlan], shm: Segment, control: ControlBlock | None) -> None:
         for r in plan:
             mo = self.models[r.model]
-            region = mo.regions[r.precision] = Region(r.model, r.precision, r.format, r.offset,
-                                                      r.n_slots, shm, mo.n_expert)
+            region = mo.regions[r.precision] = Region(
+                r.model, r.precision, r.format, r.offset, r.n_slots, shm, mo.n_expert
+            )
             if control is not None:
-                assert control.layout is not None   # the daemon's block: made with its layout
-                region.shared = SharedSlots(control, control.layout.regions[r.model, r.precision],
-                                            mo.n_layer, mo.n_expert, r.n_slots)
+                assert control.layout is not None  # the daemon's block: made with its layout
+                region.shared = SharedSlots(
+                    control, control.layout.regions[r.model, r.precision], mo.n_layer, mo.n_expert, r.n_slots
+                )
 
     # ---- models opened on demand ---------------------------------------------------------
 
-    def add_model(self, mo: ModelCache, plan: list[RegionPlan], shm: Segment,
-                  control: ControlBlock | None) -> None:
+    def add_model(self, mo: ModelCache, plan: list[RegionPlan], shm: Segment, control: ControlBlock | None) -> None:
         """Serve mo too: its regions `plan` (loader.served.plan_added) in a segment and a
         control block of its own (the caller's, closed by the caller)."""
         self.models[mo.name] = mo
@@ -106,8 +118,7 @@ class ExpertCache:
 
     def sweep(self) -> int:
         """Give back the memory of given-up slots nothing holds any more; their count."""
-        return sum(r.sweep() for mo in self.models.values() for r in mo.regions.values()
-                   if r.retiring)
+        return sum(r.sweep() for mo in self.models.values() for r in mo.regions.values() if r.retiring)
 
     # ---- owners and pins -----------------------------------------------------------------
 
@@ -115,8 +126,7 @@ class ExpertCache:
         """The model served as `name`; RequestError unknown_model otherwise."""
         mo = self.models.get(name)
         if mo is None:
-            raise RequestError("unknown_model", f"no model {name!r} "
-                                                f"(serving: {', '.join(self.models)})")
+            raise RequestError("unknown_model", f"no model {name!r} (serving: {', '.join(self.models)})")
         return mo
 
     def open_owner(self, owner: int, row: bool = False) -> Owner:
@@ -133,7 +143,7 @@ class ExpertCache:
             return 0
         for slot in o.pins:
             slot.pins.pop(owner, None)
-        if o.row is not None and self.control is not None:   # rows come from self.control
+        if o.row is not None and self.control is not None:  # rows come from self.control
             for cb in self.extra_controls:
                 cb.rows[o.row] = 0
             self.control.free_row(o.row)
@@ -150,12 +160,12 @@ class ExpertCache:
         for prec, index in slots:
             region = mo.regions.get(prec)
             if region is not None and isinstance(index, int) and 0 <= index < len(region.slots):
-                self._unpin(owner, region.slots[index])   # also a slot given up since
+                self._unpin(owner, region.slots[index])  # also a slot given up since
         self._freed.fire()
 
     def _pin(self, owner: int, slot: Slot) -> None:
         o = self.owners.get(owner)
-        if o is not None:            # a closed owner would never release it
+        if o is not None:  # a closed owner would never release it
             slot.pins[owner] += 1
             o.pins[slot] += 1
 
@@ -172,7 +182,7 @@ class ExpertCache:
             del o.pins[slot]
         slot.pins[owner] -= 1
         if slot.pins[owner] <= 0:
-            del slot.pins[owner]     # a zero count would still read as pinned
+            del slot.pins[owner]  # a zero count would still read as pinned
 
     def check_pins(self, owner: int, mo: ModelCache, n_new: int, share: float) -> None:
         """RequestError pin_limit if owner, pinning `n_new` more slots of mo, would hold
@@ -185,16 +195,17 @@ class ExpertCache:
             return
         limit = max(mo.n_expert, int(share * sum(r.n_slots for r in mo.regions.values())))
         held = sum(n for slot, n in o.pins.items() if slot.region.model == mo.name)
-        if o.row is not None:     # and the hits it pinned itself, in its row
-            held += sum(int((r.shared.pins[o.row] > 0).sum()) for r in mo.regions.values()
-                        if r.shared is not None)
+        if o.row is not None:  # and the hits it pinned itself, in its row
+            held += sum(int((r.shared.pins[o.row] > 0).sum()) for r in mo.regions.values() if r.shared is not None)
         if held + n_new > limit:
-            raise RequestError("pin_limit", f"this client holds {held} pinned slots of "
-                               f"{mo.name} and asks for {n_new} more: over the limit of "
-                               f"{limit} per client; release slots before asking for more")
+            raise RequestError(
+                "pin_limit",
+                f"this client holds {held} pinned slots of "
+                f"{mo.name} and asks for {n_new} more: over the limit of "
+                f"{limit} per client; release slots before asking for more",
+            )
 
-    def _count(self, owner: int, mo: ModelCache, outcome: Outcome, precision: str | None = None,
-               n: int = 1) -> None:
+    def _count(self, owner: int, mo: ModelCache, outcome: Outcome, precision: str | None = None, n: int = 1) -> None:
         """Count for mo and for owner (a closed owner's request still counts for the model;
         its own counts are dropped)."""
         mo.count(outcome, precision, n)
@@ -209,18 +220,16 @@ class ExpertCache:
         precision the rule picks, [Slot, or None for a skipped expert], each pinned once
         for owner. Otherwise None, and nothing is changed. Never waits, never reads."""
         precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
-        slots = [None if p is SKIP else mo.regions[p].lookup((layer, e))
-                 for e, p in zip(experts, precs)]
+        slots = [None if p is SKIP else mo.regions[p].lookup((layer, e)) for e, p in zip(experts, precs)]
         if any(s is None or s.state != SlotState.READY for s, p in zip(slots, precs) if p is not SKIP):
             return None
         self._count_request(owner, mo, precs)
         for slot, sc in zip(slots, scores):
-            if slot is not None:     # None: skipped by the rule; every other one is ready
+            if slot is not None:  # None: skipped by the rule; every other one is ready
                 self._hit(owner, mo, slot, sc <= mo.thresholds.t1, waited=False)
         return slots
 
-    async def acquire(self, owner: int, mo: ModelCache, layer: int, experts: list,
-                      scores: list) -> list:
+    async def acquire(self, owner: int, mo: ModelCache, layer: int, experts: list, scores: list) -> list:
         """[Slot, or None for an expert the rule skips] for the request, each pinned once
         for owner: decide each expert's precision, get them concurrently (misses are read).
         All or nothing: when some expert finds no slot to take, the others are unpinned
@@ -232,14 +241,18 @@ class ExpertCache:
         precs = [mo.decide((layer, e), float(sc)) for e, sc in zip(experts, scores)]
         self._count_request(owner, mo, precs)
         deadline = t0 + self.slot_wait
-        counted: set = set()    # experts counted (and told the policy) by an earlier try
+        counted: set = set()  # experts counted (and told the policy) by an earlier try
         while True:
-            self.io.plug()      # the misses' reads start together, so adjacent ones merge
-            acquired = asyncio.gather(*(self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1,
-                                                      counted)
-                                        for e, p, sc in zip(experts, precs, scores) if p is not SKIP),
-                                      return_exceptions=True)
-            asyncio.get_running_loop().call_soon(self.io.unplug)   # after each one's first step
+            self.io.plug()  # the misses' reads start together, so adjacent ones merge
+            acquired = asyncio.gather(
+                *(
+                    self._acquire(owner, mo, (layer, e), p, sc <= mo.thresholds.t1, counted)
+                    for e, p, sc in zip(experts, precs, scores)
+                    if p is not SKIP
+                ),
+                return_exceptions=True,
+            )
+            asyncio.get_running_loop().call_soon(self.io.unplug)  # after each one's first step
             got = await acquired
             failed = [g for g in got if isinstance(g, BaseException)]
             if not failed:
@@ -253,9 +266,12 @@ class ExpertCache:
                 raise next(g for g in failed if not isinstance(g, NoSlot))
             if not await self._freed.wait(deadline - time.monotonic()):
                 region = mo.regions[no_slot[0].precision]
-                raise RequestError("cache_full", f"no free slot for {mo.name} within "
-                                   f"{self.slot_wait:g} s: all {region.n_slots} "
-                                   f"{region.precision} slots are pinned")
+                raise RequestError(
+                    "cache_full",
+                    f"no free slot for {mo.name} within "
+                    f"{self.slot_wait:g} s: all {region.n_slots} "
+                    f"{region.precision} slots are pinned",
+                )
         now = time.monotonic()
         if mo.bytes_read > bytes0 and now > t0:
             rate = (mo.bytes_read - bytes0) / (now - t0)
@@ -285,14 +301,17 @@ class ExpertCache:
                 for slot in slots:
                     self._pin(owner, slot)
             E = mo.n_expert
-            return {"slots": [[s.index for s in slots[il * E:(il + 1) * E]] for il in range(mo.n_layer)],
-                    "ready": ready, "total": total}
+            return {
+                "slots": [[s.index for s in slots[il * E : (il + 1) * E]] for il in range(mo.n_layer)],
+                "ready": ready,
+                "total": total,
+            }
         if not self.stopping:
             self.io.plug()
             try:
                 for key, slot in zip(keys, slots):
                     if slot is None and (taken := region.take(key, mo.policy, demand=False)) is not None:
-                        mo.count(Outcome.MISS, HIGH)   # read: a miss nobody waits on yet
+                        mo.count(Outcome.MISS, HIGH)  # read: a miss nobody waits on yet
                         self.reads.load(mo, taken, key, HIGH, PREFETCH)
             finally:
                 self.io.unplug()
@@ -318,12 +337,14 @@ class ExpertCache:
                 mo.check(layer, experts)
             except (RequestError, TypeError):
                 continue
-            if not (isinstance(slots, list) and isinstance(scores, list)
-                    and len(slots) == len(scores) == len(experts)
-                    and all(isinstance(x, (int, float)) for x in scores)):
+            if not (
+                isinstance(slots, list)
+                and isinstance(scores, list)
+                and len(slots) == len(scores) == len(experts)
+                and all(isinstance(x, (int, float)) for x in scores)
+            ):
                 continue
-            precs = [None if h is None else h[0] if isinstance(h, list) and len(h) == 2 else False
-                     for h in slots]
+            precs = [None if h is None else h[0] if isinstance(h, list) and len(h) == 2 else False for h in slots]
             if False in precs:
                 continue
             self._count_request(owner, mo, precs)
@@ -344,8 +365,16 @@ class ExpertCache:
         self._count(owner, mo, Outcome.REQUESTED, n=len(precs))
         self._count(owner, mo, Outcome.SKIP, n=precs.count(SKIP))
 
-    def _hit(self, owner: int, mo: ModelCache, slot: Slot, important: bool, waited: bool,
-             pin: bool = True, count: bool = True) -> None:
+    def _hit(
+        self,
+        owner: int,
+        mo: ModelCache,
+        slot: Slot,
+        important: bool,
+        waited: bool,
+        pin: bool = True,
+        count: bool = True,
+    ) -> None:
         """Serve a ready slot: pin it (unless the client did), tell the policy, count the hit
         (unless count is False: a request's retry, counted at its first try)."""
         if pin:
@@ -353,14 +382,13 @@ class ExpertCache:
         if not count:
             return
         self._use(mo, slot, owner, important)
-        slot.protected = False    # used: the hint that protected it is fulfilled
-        if slot.prefetched:       # a prefetch that paid off
+        slot.protected = False  # used: the hint that protected it is fulfilled
+        if slot.prefetched:  # a prefetch that paid off
             slot.prefetched = False
             mo.prefetch_used += 1
         self._count(owner, mo, Outcome.WAIT if waited else Outcome.HIT, slot.region.precision)
 
-    async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str,
-                       important: bool, counted: set) -> Slot:
+    async def _acquire(self, owner: int, mo: ModelCache, key: tuple, prec: str, important: bool, counted: set) -> Slot:
         """The slot holding `key` in mo's `prec` region, ready and pinned once for owner;
         NoSlot when a miss finds every slot pinned or loading. counted: the keys this
         request has counted as a hit or miss already (acquire() tries again after a
@@ -373,20 +401,20 @@ class ExpertCache:
                 self._hit(owner, mo, slot, important, waited, count=key not in counted)
                 counted.add(key)
                 return slot
-            if slot is not None:      # loading (for someone else, or a prefetch): share that read
+            if slot is not None:  # loading (for someone else, or a prefetch): share that read
                 waited = True
                 await self.reads.join(mo, prec, key)
                 continue
-            if self.stopping:         # hits still count while draining; no new reads or waits
+            if self.stopping:  # hits still count while draining; no new reads or waits
                 raise RequestError("shutting_down", "hobbitd is shutting down")
             slot = region.take(key, mo.policy)
-            if slot is None:          # every slot pinned or loading: acquire() waits
+            if slot is None:  # every slot pinned or loading: acquire() waits
                 raise NoSlot(prec)
             fresh = key not in counted
             counted.add(key)
             if fresh:
                 self._count(owner, mo, Outcome.MISS, prec)
-            self._pin(owner, slot)    # pinned before the read: nobody can take it meanwhile
+            self._pin(owner, slot)  # pinned before the read: nobody can take it meanwhile
             try:
                 await asyncio.shield(self.reads.load(mo, slot, key, prec, DEMAND))
             except BaseException:
@@ -417,8 +445,9 @@ class ExpertCache:
 
     # ---- prefetch ------------------------------------------------------------------------
 
-    def hint(self, owner: int, mo: ModelCache, layers: list, experts: list, scores: list,
-             compute_s: float | None) -> None:
+    def hint(
+        self, owner: int, mo: ModelCache, layers: list, experts: list, scores: list, compute_s: float | None
+    ) -> None:
         """Layer-level adaptive prefetch. The hint lists the experts owner predicts for its
         coming layers, nearest first, with their scores (checked by the caller). Walk them:
         a layer whose predicted experts are all cached (in the precision the rule would use)
@@ -432,14 +461,14 @@ class ExpertCache:
         only up to the bytes flash can deliver in `compute_s` (the client's seconds of
         compute between two requests, None: unknown), and at least one."""
         o = self.owners.get(owner)
-        if o is None:                      # a closed owner could never lift the protection
+        if o is None:  # a closed owner could never lift the protection
             return
-        for slot in o.protected:           # superseded by this newer prediction
+        for slot in o.protected:  # superseded by this newer prediction
             slot.protected = False
             self.reads.cancel_prefetch(mo, slot)
         o.protected = []
         if not self.prefetch or self.stopping or self.io.pending():
-            return    # reads are queued already: a guess must not delay a demand load
+            return  # reads are queued already: a guess must not delay a demand load
         for layer, layer_experts, layer_scores in zip(layers, experts, scores):
             missing = []
             for e, sc in zip(layer_experts, layer_scores):
@@ -451,7 +480,7 @@ class ExpertCache:
                 if slot is None:
                     missing.append((key, prec))
                 else:
-                    slot.protected = True      # keep what the next layers will use
+                    slot.protected = True  # keep what the next layers will use
                     o.protected.append(slot)
             if missing:
                 o.protected += self.reads.prefetch(mo, missing, compute_s)

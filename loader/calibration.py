@@ -4,6 +4,7 @@ stored beside it as `<companion>.calib.json` by `hobbit-cli calibrate` and read 
 Keys the daemon uses: t1, t2 (unimportance thresholds) and weights (w_lru, w_lfu, w_lhu,
 w_fld); the rest records how they were chosen. Written to a temp file, then renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ def load_calibration(companion: str | None) -> dict | None:
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: unreadable calibration ({e}); run hobbit-cli calibrate again") from None
     if not isinstance(calib, dict) or not {"t1", "t2", "weights"} <= calib.keys():
-        raise ModelError(f"{path}: not a calibration file (needs t1, t2, weights); "
-                         "run hobbit-cli calibrate again")
+        raise ModelError(f"{path}: not a calibration file (needs t1, t2, weights); run hobbit-cli calibrate again")
     return calib
 
 

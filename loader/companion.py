@@ -15,6 +15,7 @@ The header ties the file to its source GGUF (size, mtime, SHA-256 of the GGUF's 
 a changed GGUF makes the companion stale and it is refused. Every expert has a crc32 that
 the reader checks before a slot is handed out. Written to a temp file, then renamed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,7 @@ from . import ggml_types as gt
 from .layout import PARTS, ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
-VERSION = 3            # 2: per-layer expert types in the slot format; 3: its parts (biases)
+VERSION = 3  # 2: per-layer expert types in the slot format; 3: its parts (biases)
 _HEAD = struct.Struct("<8sIII")
 
 
@@ -52,7 +53,7 @@ def source_identity(weights) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": h}
 
 
-MIN_SAVING = 1.5     # a companion must be this many times smaller than every layer's experts
+MIN_SAVING = 1.5  # a companion must be this many times smaller than every layer's experts
 
 
 # Companion types, best first: by bench companions' measurement (BENCHMARKS.md) Q4_K diverges
@@ -65,9 +66,12 @@ def low_type_choices(high: SlotFormat) -> list[int]:
     and which are at least MIN_SAVING times smaller than every layer's experts (a mix is
     judged by its smallest type, so every layer shrinks)."""
     bits = min(gt.bits_per_weight(t) for t in high.type_set)
-    return [low for low in LOW_TYPES
-            if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[:len(PARTS)])
-            and bits / gt.bits_per_weight(low) >= MIN_SAVING]
+    return [
+        low
+        for low in LOW_TYPES
+        if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[: len(PARTS)])
+        and bits / gt.bits_per_weight(low) >= MIN_SAVING
+    ]
 
 
 def default_low_type(high: SlotFormat) -> int | None:
@@ -94,8 +98,10 @@ def auto_low_type(high: SlotFormat, path: str) -> int:
     low = default_low_type(high)
     if low is None:
         names = "/".join(gt.type_name(t) for t in high.type_set)
-        raise ModelError(f"{path}: its {names} experts have no type {MIN_SAVING:g}x smaller to "
-                         "convert to; hobbitd serves them in high precision (or give --low TYPE)")
+        raise ModelError(
+            f"{path}: its {names} experts have no type {MIN_SAVING:g}x smaller to "
+            "convert to; hobbitd serves them in high precision (or give --low TYPE)"
+        )
     return low
 
 
@@ -115,12 +121,18 @@ def low_format(high: SlotFormat, low_type: int) -> SlotFormat:
     n = len(PARTS)
     for shape in high.shapes[:n]:
         if shape[0] % gt.block_size(low_type):
-            raise HobbitError(f"cannot quantise experts to {gt.type_name(low_type)}: rows of "
-                              f"{shape[0]} values are not a multiple of its block of "
-                              f"{gt.block_size(low_type)}")
+            raise HobbitError(
+                f"cannot quantise experts to {gt.type_name(low_type)}: rows of "
+                f"{shape[0]} values are not a multiple of its block of "
+                f"{gt.block_size(low_type)}"
+            )
     nbytes = [gt.row_size(low_type, s[0]) * s[1] for s in high.shapes[:n]]
-    return SlotFormat.build(high.shapes, [[low_type] * n + list(t[n:]) for t in high.layer_types],
-                            [nbytes + list(b[n:]) for b in high.layer_nbytes], high.parts)
+    return SlotFormat.build(
+        high.shapes,
+        [[low_type] * n + list(t[n:]) for t in high.layer_types],
+        [nbytes + list(b[n:]) for b in high.layer_nbytes],
+        high.parts,
+    )
 
 
 def header_bytes(header: dict) -> bytes:
@@ -148,8 +160,10 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
                 raise CompanionError(f"{path}: not a hobbit companion file")
             _, version, n, crc = _HEAD.unpack(head)
             if version != VERSION:
-                raise CompanionError(f"{path}: companion format version {version}, this hobbit "
-                                     f"reads version {VERSION}; run hobbit-cli convert again")
+                raise CompanionError(
+                    f"{path}: companion format version {version}, this hobbit "
+                    f"reads version {VERSION}; run hobbit-cli convert again"
+                )
             body = f.read(n)
     except FileNotFoundError:
         raise CompanionError(f"{path}: no such companion file (run hobbit-cli convert)") from None
@@ -157,19 +171,18 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
         raise CompanionError(f"{path}: companion header is truncated or corrupt")
     h = json.loads(body)
     if h["source"] != source_identity(weights):
-        raise StaleCompanionError(f"{path}: stale: {weights.path} changed after it was converted "
-                                  "(run hobbit-cli convert again)")
+        raise StaleCompanionError(
+            f"{path}: stale: {weights.path} changed after it was converted (run hobbit-cli convert again)"
+        )
     fmt = SlotFormat.from_wire(h["format"])
     n_layer, n_exp = h["n_layer"], h["n_expert"]
     need = h["data_offset"] + n_layer * n_exp * fmt.slot_bytes
     if os.path.getsize(path) < need:
         raise CompanionError(f"{path}: truncated: {os.path.getsize(path)} bytes, expected {need}")
     stride = n_exp * fmt.slot_bytes
-    base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.part_offsets)
-                 for il in range(n_layer))
+    base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.part_offsets) for il in range(n_layer))
     # parts of one expert are one contiguous slot image: expert e is e*slot_bytes further on
-    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base,
-                       ((fmt.slot_bytes,) * len(fmt.parts),) * n_layer)
+    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base, ((fmt.slot_bytes,) * len(fmt.parts),) * n_layer)
     return src, h["crc32"]
 
 
@@ -184,5 +197,7 @@ def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address:
 
     got = zlib.crc32((ctypes.c_char * src.format.slot_bytes).from_address(address))
     if got != crcs[layer][expert]:
-        raise ChecksumError(f"{src.path}: checksum mismatch for layer {layer} expert {expert}: "
-                            "the companion file is corrupt (run hobbit-cli convert again)")
+        raise ChecksumError(
+            f"{src.path}: checksum mismatch for layer {layer} expert {expert}: "
+            "the companion file is corrupt (run hobbit-cli convert again)"
+        )

@@ -16,6 +16,7 @@ on the client's. A slot is published only after its read completed, so a client 
 finds it reads complete bytes. Linux only (membarrier, since 4.16): without it hobbitd
 offers no control block and clients ask for every expert.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,7 +29,7 @@ import numpy as np
 
 from .shm import Segment
 
-PIN_ROWS = 64           # clients that may pin hits themselves; later ones ask hobbitd
+PIN_ROWS = 64  # clients that may pin hits themselves; later ones ask hobbitd
 MAGIC = b"HOBBITCB"
 HEADER = 64
 
@@ -49,7 +50,7 @@ def fence_available() -> bool:
     """hobbitd: whether it can order its unpublish before reading the pin rows."""
     if _SYS_MEMBARRIER is None:
         return False
-    supported = _libc.syscall(_SYS_MEMBARRIER, 0, 0, 0)    # MEMBARRIER_CMD_QUERY
+    supported = _libc.syscall(_SYS_MEMBARRIER, 0, 0, 0)  # MEMBARRIER_CMD_QUERY
     return supported > 0 and bool(supported & _CMD_GLOBAL_EXPEDITED)
 
 
@@ -66,16 +67,17 @@ def fence() -> None:
 
 class RegionAt(NamedTuple):
     """Where one region's entries are in a control block."""
-    directory: int     # byte offset of its int32 [n_layer, n_expert] directory
-    first_slot: int    # its slot 0's column in the pin rows
+
+    directory: int  # byte offset of its int32 [n_layer, n_expert] directory
+    first_slot: int  # its slot 0's column in the pin rows
 
 
 @dataclass(frozen=True)
 class ControlLayout:
-    size: int                                      # bytes of the block
-    rows_offset: int                               # byte offset of the int32 [PIN_ROWS, n_slots] rows
-    n_slots: int                                   # the slots of every region, one column each
-    regions: dict[tuple[str, str], RegionAt]       # (model, precision) -> its entries
+    size: int  # bytes of the block
+    rows_offset: int  # byte offset of the int32 [PIN_ROWS, n_slots] rows
+    n_slots: int  # the slots of every region, one column each
+    regions: dict[tuple[str, str], RegionAt]  # (model, precision) -> its entries
 
 
 def layout(regions: list[tuple[str, str, int, int, int]]) -> ControlLayout:
@@ -108,7 +110,7 @@ class ControlBlock:
     @classmethod
     def attach(cls, name: str, size: int, rows_offset: int, n_slots: int) -> ControlBlock:
         seg = Segment(name, size, writable=True)
-        if bytes(seg.mm[:len(MAGIC)]) != MAGIC:
+        if bytes(seg.mm[: len(MAGIC)]) != MAGIC:
             seg.close()
             raise OSError(f"shared memory {name} is not a hobbit control block")
         return cls(seg, rows_offset, n_slots)
@@ -116,8 +118,7 @@ class ControlBlock:
     def to_wire(self) -> dict:
         """What a client needs to attach this block: attach()'s arguments (the protocol's
         control {shm, size, rows_offset, n_slots})."""
-        return {"shm": self.seg.name, "size": self.seg.size, "rows_offset": self.rows_offset,
-                "n_slots": self.n_slots}
+        return {"shm": self.seg.name, "size": self.seg.size, "rows_offset": self.rows_offset, "n_slots": self.n_slots}
 
     def directory(self, offset: int, n_layer: int, n_expert: int) -> np.ndarray:
         """The int32 [n_layer, n_expert] directory at `offset` (a view into the block)."""
@@ -135,7 +136,7 @@ class ControlBlock:
         """Unmap the block; a second call does nothing."""
         if self.seg.closed:
             return
-        del self.rows      # a view: the segment unmaps only when no view holds it
+        del self.rows  # a view: the segment unmaps only when no view holds it
         self.seg.close()
 
 
@@ -144,9 +145,9 @@ class SharedSlots:
     only slots no client pinned."""
 
     def __init__(self, cb: ControlBlock, at: RegionAt, n_layer: int, n_expert: int, n_slots: int):
-        self.offset, self.first_slot = at      # what a client needs to find them
+        self.offset, self.first_slot = at  # what a client needs to find them
         self.dir = cb.directory(at.directory, n_layer, n_expert)
-        self.pins = cb.rows[:, at.first_slot:at.first_slot + n_slots]
+        self.pins = cb.rows[:, at.first_slot : at.first_slot + n_slots]
         self.dir[:] = -1
 
     def publish(self, slot) -> None:
@@ -176,9 +177,9 @@ class SharedSlots:
         while candidates:
             victim = policy.victim(candidates)
             self.unpublish(victim)
-            fence()       # our -1 is visible to every client, their pins so far to us
+            fence()  # our -1 is visible to every client, their pins so far to us
             if not (self.pins[:, victim.index] > 0).any():
                 return victim
-            self.publish(victim)          # a client pinned it meanwhile: it stays
+            self.publish(victim)  # a client pinned it meanwhile: it stays
             candidates.remove(victim)
         return None

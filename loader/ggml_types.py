@@ -4,6 +4,7 @@ The daemon plans slots and reads bytes; it never computes, so it learns how larg
 a quantised type is from gguf's GGML_QUANT_SIZES (block size, bytes per block) rather than
 from libggml. tests/test_ggml_binding.py checks these tables against libggml itself.
 """
+
 from __future__ import annotations
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -6,6 +6,7 @@ the end). Tensor data is never copied: the file is mmapped read-only, so every p
 opening the same file shares its pages through the page cache. The daemon reads expert
 offsets from it (loader/layout.py); the compute side builds its weights on it.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,24 +14,35 @@ from dataclasses import dataclass
 
 from ..protocol.errors import ModelError
 
-WILLNEED_CHUNK = 1 << 20    # bytes per read-ahead request (GGUFFile.will_need)
+WILLNEED_CHUNK = 1 << 20  # bytes per read-ahead request (GGUFFile.will_need)
 
 GGUF_MAGIC = b"GGUF"
 
 # The architectures hobbit runs: the one list. compute/engine/weights.py's ARCHS (each
 # one's graph options) and compute/make/synth_archs.py's SYNTH_ARCHS (each one's synthetic
 # file) are keyed by it, in its order, and refuse to import otherwise.
-SUPPORTED_ARCHS = ("llama", "qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe",
-                   "glm4moe", "bailingmoe2", "ernie4_5-moe",
-                   "deepseek2", "smallthinker")
+SUPPORTED_ARCHS = (
+    "llama",
+    "qwen3moe",
+    "olmoe",
+    "qwen2moe",
+    "phimoe",
+    "gpt-oss",
+    "granitemoe",
+    "glm4moe",
+    "bailingmoe2",
+    "ernie4_5-moe",
+    "deepseek2",
+    "smallthinker",
+)
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    type: int            # ggml type
-    shape: tuple         # ggml order: ne0 (contiguous) first
-    offset: int          # absolute byte offset in the file
+    type: int  # ggml type
+    shape: tuple  # ggml order: ne0 (contiguous) first
+    offset: int  # absolute byte offset in the file
     nbytes: int
 
 
@@ -86,8 +98,9 @@ class GGUFFile:
         """The file's architecture; ModelError listing the supported ones otherwise."""
         arch = self.require("general.architecture")
         if arch not in SUPPORTED_ARCHS:
-            raise ModelError(f"{self.path}: architecture {arch!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+            raise ModelError(
+                f"{self.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
         return arch
 
 
@@ -109,14 +122,17 @@ def open_gguf(path: str) -> GGUFFile:
     try:
         reader = GGUFHeaderReader(path)
     except (ValueError, IndexError, KeyError, OSError, EOFError, struct.error) as e:
-        raise ModelError(f"{path}: unreadable GGUF header ({e or type(e).__name__}); "
-                         "the file is truncated or corrupt") from None
+        raise ModelError(
+            f"{path}: unreadable GGUF header ({e or type(e).__name__}); the file is truncated or corrupt"
+        ) from None
     tensors: dict[str, TensorInfo] = {}
     for t in reader.tensors:
-        info = TensorInfo(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape),
-                          int(t.data_offset), int(t.n_bytes))
+        info = TensorInfo(
+            t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes)
+        )
         if info.offset + info.nbytes > size:
-            raise ModelError(f"{path}: truncated: tensor {t.name} ends at byte "
-                             f"{info.offset + info.nbytes}, file has {size}")
+            raise ModelError(
+                f"{path}: truncated: tensor {t.name} ends at byte {info.offset + info.nbytes}, file has {size}"
+            )
         tensors[t.name] = info
     return GGUFFile(path, reader, tensors)

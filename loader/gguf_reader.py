@@ -10,6 +10,7 @@ them), `tensors` (name, tensor_type, shape in ggml order, n_elements, n_bytes, d
 absolute), `data` (a read-only numpy memmap of the whole file), `alignment`, `data_offset`.
 Malformed headers raise ValueError (or EOFError / struct.error for a truncated one).
 """
+
 from __future__ import annotations
 
 import struct
@@ -17,15 +18,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-from gguf.constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType,
-                            GGUFValueType)
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
-_SCALARS = {   # value type -> (struct format, numpy dtype)
-    GGUFValueType.UINT8: ("<B", np.uint8), GGUFValueType.INT8: ("<b", np.int8),
-    GGUFValueType.UINT16: ("<H", np.uint16), GGUFValueType.INT16: ("<h", np.int16),
-    GGUFValueType.UINT32: ("<I", np.uint32), GGUFValueType.INT32: ("<i", np.int32),
-    GGUFValueType.FLOAT32: ("<f", np.float32), GGUFValueType.UINT64: ("<Q", np.uint64),
-    GGUFValueType.INT64: ("<q", np.int64), GGUFValueType.FLOAT64: ("<d", np.float64),
+_SCALARS = {  # value type -> (struct format, numpy dtype)
+    GGUFValueType.UINT8: ("<B", np.uint8),
+    GGUFValueType.INT8: ("<b", np.int8),
+    GGUFValueType.UINT16: ("<H", np.uint16),
+    GGUFValueType.INT16: ("<h", np.int16),
+    GGUFValueType.UINT32: ("<I", np.uint32),
+    GGUFValueType.INT32: ("<i", np.int32),
+    GGUFValueType.FLOAT32: ("<f", np.float32),
+    GGUFValueType.UINT64: ("<Q", np.uint64),
+    GGUFValueType.INT64: ("<q", np.int64),
+    GGUFValueType.FLOAT64: ("<d", np.float64),
     GGUFValueType.BOOL: ("<?", np.bool_),
 }
 _SUPPORTED_VERSIONS = (2, 3)
@@ -34,6 +39,7 @@ _SUPPORTED_VERSIONS = (2, 3)
 class Field:
     """One metadata key: `types` ([type] or [ARRAY, element type]), `contents()` the value
     (str, int, float, bool, or a list of them), `data` one entry per element."""
+
     __slots__ = ("name", "types", "_value", "data")
 
     def __init__(self, name: str, types: list, value, n: int):
@@ -51,16 +57,16 @@ class Field:
 class Tensor:
     name: str
     tensor_type: GGMLQuantizationType
-    shape: tuple          # ggml order (ne0 first)
+    shape: tuple  # ggml order (ne0 first)
     n_elements: int
     n_bytes: int
-    data_offset: int      # absolute, in the file
+    data_offset: int  # absolute, in the file
 
 
 class GGUFHeaderReader:
     def __init__(self, path: str):
         self.data = np.memmap(path, mode="r")
-        buf = self.data.data          # a memoryview of the mapping
+        buf = self.data.data  # a memoryview of the mapping
         self._buf, self._size = buf, len(buf)
         magic, version = struct.unpack_from("<4sI", buf, 0)
         if magic != b"GGUF":
@@ -69,9 +75,11 @@ class GGUFHeaderReader:
             raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
         n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
         self.fields: OrderedDict[str, Field] = OrderedDict()
-        for name, value, t in (("GGUF.version", version, GGUFValueType.UINT32),
-                               ("GGUF.tensor_count", n_tensors, GGUFValueType.UINT64),
-                               ("GGUF.kv_count", n_kv, GGUFValueType.UINT64)):
+        for name, value, t in (
+            ("GGUF.version", version, GGUFValueType.UINT32),
+            ("GGUF.tensor_count", n_tensors, GGUFValueType.UINT64),
+            ("GGUF.kv_count", n_kv, GGUFValueType.UINT64),
+        ):
             self.fields[name] = Field(name, [t], value, 1)
         off = 24
         for _ in range(n_kv):
@@ -114,7 +122,7 @@ class GGUFHeaderReader:
         end = off + 8 + n
         if end > self._size:
             raise EOFError("string past the end of the file")
-        return str(self._buf[off + 8:end], "utf-8"), end
+        return str(self._buf[off + 8 : end], "utf-8"), end
 
     def _value(self, t: GGUFValueType, off: int):
         """(types, value, number of elements, offset after it) of a value of type t at off."""
@@ -136,14 +144,14 @@ class GGUFHeaderReader:
                     end = off + 8 + k
                     if end > size:
                         raise EOFError("string past the end of the file")
-                    items.append(str(buf[off + 8:end], "utf-8"))
+                    items.append(str(buf[off + 8 : end], "utf-8"))
                     off = end
                 return [t, sub], items, n, off
             if sub in _SCALARS:
                 _, dtype = _SCALARS[sub]
                 arr = np.frombuffer(self._buf, dtype=np.dtype(dtype).newbyteorder("<"), count=n, offset=off)
                 return [t, sub], arr, n, off + arr.nbytes
-            if sub == GGUFValueType.ARRAY:      # nested arrays: flattened, as gguf-py does
+            if sub == GGUFValueType.ARRAY:  # nested arrays: flattened, as gguf-py does
                 types = [t, sub]
                 values: list = []
                 for i in range(n):

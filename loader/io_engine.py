@@ -8,6 +8,7 @@ be promoted when it is demanded or dropped when superseded. A reader takes, with
 it pops, the queued jobs whose bytes continue it in the same file and reads them at once. An optional bandwidth cap
 emulates slower flash (SD card, eMMC).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +28,9 @@ from .layout import PAGE, align
 
 class Priority(enum.IntEnum):
     """A read's place in the queue: lower first."""
-    DEMAND = 0      # a request waits for it
-    PREFETCH = 1    # a guess: read while nobody waits
+
+    DEMAND = 0  # a request waits for it
+    PREFETCH = 1  # a guess: read while nobody waits
 
 
 DEMAND, PREFETCH = Priority.DEMAND, Priority.PREFETCH
@@ -36,20 +38,22 @@ DEMAND, PREFETCH = Priority.DEMAND, Priority.PREFETCH
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"
-    RUNNING = "running"        # taken by a reader (alone or merged into another's read)
-    CANCELLED = "cancelled"    # dropped, or replaced by its promotion: its heap entry is skipped
+    RUNNING = "running"  # taken by a reader (alone or merged into another's read)
+    CANCELLED = "cancelled"  # dropped, or replaced by its promotion: its heap entry is skipped
     DONE = "done"
 
 
 class ReadSegment(NamedTuple):
     """One contiguous read: `nbytes` at `offset` of the file at `path`, into memory at `dest`."""
+
     path: str
     offset: int
     nbytes: int
     dest: int
 
-MERGE_BYTES = 16 << 20    # longest merged read (and bounce buffer per reader thread)
-MERGE_PART = 1 << 20      # parts this long already read at full speed: not merged (no copy)
+
+MERGE_BYTES = 16 << 20  # longest merged read (and bounce buffer per reader thread)
+MERGE_PART = 1 << 20  # parts this long already read at full speed: not merged (no copy)
 
 
 @dataclass(order=True)
@@ -60,6 +64,7 @@ class ReadJob:
     as far past a page boundary as its file offset is (the bytes from that boundary are
     the caller's too: it is read in place); either way with align(nbytes) + PAGE bytes of
     room from the page boundary."""
+
     priority: Priority
     seq: int
     key: object = field(compare=False)
@@ -74,21 +79,22 @@ class IOEngine:
         self.bytes_per_s = bytes_per_s
         self.direct = direct
         self._heap: list[ReadJob] = []
-        self._jobs: dict = {}            # key -> queued or running job
+        self._jobs: dict = {}  # key -> queued or running job
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._fds: dict[str, tuple[int, bool]] = {}
         self._fd_lock = threading.Lock()
-        self._next_free = 0.0            # bandwidth cap: when the emulated device is idle again
+        self._next_free = 0.0  # bandwidth cap: when the emulated device is idle again
         self._stop = False
-        self._plugged = 0                # > 0: readers wait, so jobs submitted now can merge
+        self._plugged = 0  # > 0: readers wait, so jobs submitted now can merge
         self.bytes_read = 0
-        self.read_seconds = 0.0          # summed over threads
+        self.read_seconds = 0.0  # summed over threads
         self.reads = 0
         self.direct_reads = 0
-        self.moved_bytes = 0             # moved into place after a direct read (not read in place)
-        self._threads = [threading.Thread(target=self._run, name=f"hobbit-io-{i}", daemon=True)
-                         for i in range(n_threads)]
+        self.moved_bytes = 0  # moved into place after a direct read (not read in place)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"hobbit-io-{i}", daemon=True) for i in range(n_threads)
+        ]
         for t in self._threads:
             t.start()
 
@@ -97,8 +103,7 @@ class IOEngine:
     def submit(self, key, segments, priority: Priority, done, verify=None) -> ReadJob:
         """Queue a ReadJob for `segments` (ReadSegments, or tuples of their four fields)
         under `key` (unique among the jobs not completed)."""
-        job = ReadJob(Priority(priority), next(self._seq), key,
-                      [ReadSegment(*s) for s in segments], done, verify)
+        job = ReadJob(Priority(priority), next(self._seq), key, [ReadSegment(*s) for s in segments], done, verify)
         with self._cv:
             self._jobs[key] = job
             heapq.heappush(self._heap, job)
@@ -125,7 +130,7 @@ class IOEngine:
             if job is None or job.state != JobState.QUEUED:
                 return False
             if job.priority != DEMAND:
-                job.state = JobState.CANCELLED      # the old heap entry is skipped when popped
+                job.state = JobState.CANCELLED  # the old heap entry is skipped when popped
                 new = ReadJob(DEMAND, next(self._seq), key, job.segments, job.done, job.verify)
                 self._jobs[key] = new
                 heapq.heappush(self._heap, new)
@@ -208,11 +213,15 @@ class IOEngine:
         while grew and size < MERGE_BYTES:
             grew = False
             for other in self._heap:
-                if other.state != JobState.QUEUED or not _short(other) or not any(
-                        (s.path, s.offset) in ends or (s.path, s.offset + s.nbytes) in starts
-                        for s in other.segments):
+                if (
+                    other.state != JobState.QUEUED
+                    or not _short(other)
+                    or not any(
+                        (s.path, s.offset) in ends or (s.path, s.offset + s.nbytes) in starts for s in other.segments
+                    )
+                ):
                     continue
-                other.state = JobState.RUNNING     # its heap entry is skipped when popped
+                other.state = JobState.RUNNING  # its heap entry is skipped when popped
                 batch.append(other)
                 size += _nbytes(other)
                 ends |= {(s.path, s.offset + s.nbytes) for s in other.segments}
@@ -242,7 +251,7 @@ class IOEngine:
             finish = max(now, self._next_free) + n / self.bytes_per_s
             self._next_free = finish
         if finish > now:
-            time.sleep(finish - now)   # the emulated device is busy until then
+            time.sleep(finish - now)  # the emulated device is busy until then
 
     def _read_run(self, run: list[ReadSegment], bounce: _Bounce) -> None:
         """Read segments that follow each other in one file: one segment straight into its
@@ -257,9 +266,9 @@ class IOEngine:
         length = align(end - start + skip) if direct else end - start
         in_place, moved = False, 0
         if len(run) == 1:
-            dest = run[0].dest   # room for align(n) + PAGE bytes: see ReadJob
+            dest = run[0].dest  # room for align(n) + PAGE bytes: see ReadJob
             in_place = skip > 0 and (dest - skip) % PAGE == 0
-            if in_place:         # the data lands at dest: no move after the read
+            if in_place:  # the data lands at dest: no move after the read
                 dest -= skip
         else:
             dest = bounce.get(length)
@@ -268,7 +277,7 @@ class IOEngine:
             raise EOFError(f"{path}: short read at {start}: file truncated?")
         if len(run) == 1:
             if skip and not in_place:
-                ctypes.memmove(dest, dest + skip, end - start)   # the part starts mid-page
+                ctypes.memmove(dest, dest + skip, end - start)  # the part starts mid-page
                 moved = end - start
         else:
             for seg in run:
@@ -325,6 +334,6 @@ def _pread_into(fd: int, addr: int, length: int, offset: int) -> int:
         if got == 0:
             break
         done += got
-        if got % PAGE and done < length:      # EOF inside a page: nothing more to read
+        if got % PAGE and done < length:  # EOF inside a page: nothing more to read
             break
     return done

@@ -10,6 +10,7 @@ so a slot can be filled by direct I/O, and within it the part starts where its r
 stacked tensor per part and layer (stride slot_bytes). The biases travel in the slot, so
 an expert is cached, evicted and handed out whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from typing import NamedTuple
 from ..protocol.errors import ModelError
 from .gguf_file import GGUFFile
 
-PARTS = ("gate", "up", "down")                       # the weight matrices, always
-BIAS_PARTS = ("gate_bias", "up_bias", "down_bias")   # per-expert biases, where the file has them
+PARTS = ("gate", "up", "down")  # the weight matrices, always
+BIAS_PARTS = ("gate_bias", "up_bias", "down_bias")  # per-expert biases, where the file has them
 PAGE = 4096
 
 
@@ -31,6 +32,7 @@ class Handle(NamedTuple):
     """One fetched expert: the precision it is computed in and its index among that
     precision's slots (SlotRegion; LocalExperts: its index in the file's stacked tensors).
     Where a handle may be absent, None means the expert is skipped."""
+
     precision: str
     slot: int
 
@@ -41,6 +43,7 @@ class SlotRegion:
     how an expert lies in each (its SlotFormat). offset: the region's first byte in the
     shared-memory segment (None where the slots are a file's own tensors, LocalExperts);
     first_slot and directory: its place in the control block (None without one)."""
+
     n_slots: int
     format: SlotFormat
     offset: int | None = None
@@ -64,13 +67,14 @@ class SlotFormat:
     offsets(layer) gives where a layer's parts start.
     parts names the parts in slot order: PARTS, then BIAS_PARTS where the model has expert
     biases; every per-part tuple below follows that order."""
-    shapes: tuple         # ggml ne per part, every layer: ((D, F), (D, F), (F, D)[, (F,), (F,), (D,)])
-    layer_types: tuple    # [n_layer][parts] ggml type
-    layer_nbytes: tuple   # [n_layer][parts] bytes of each part's data
-    part_offsets: tuple   # byte offset of each part's room in the slot, multiples of PAGE
-    slot_bytes: int       # multiple of PAGE
+
+    shapes: tuple  # ggml ne per part, every layer: ((D, F), (D, F), (F, D)[, (F,), (F,), (D,)])
+    layer_types: tuple  # [n_layer][parts] ggml type
+    layer_nbytes: tuple  # [n_layer][parts] bytes of each part's data
+    part_offsets: tuple  # byte offset of each part's room in the slot, multiples of PAGE
+    slot_bytes: int  # multiple of PAGE
     parts: tuple = PARTS
-    layer_shifts: tuple = ()   # [n_layer][parts] bytes (< PAGE) a part starts past its room; () = 0
+    layer_shifts: tuple = ()  # [n_layer][parts] bytes (< PAGE) a part starts past its room; () = 0
 
     @classmethod
     def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS, layer_shifts=()) -> SlotFormat:
@@ -80,9 +84,15 @@ class SlotFormat:
         for p in range(len(parts)):
             offsets.append(at)
             at += align(max(n[p] for n in layer_nbytes)) + PAGE
-        return cls(tuple(tuple(s) for s in shapes), tuple(tuple(t) for t in layer_types),
-                   tuple(tuple(n) for n in layer_nbytes), tuple(offsets), at, tuple(parts),
-                   tuple(tuple(x) for x in layer_shifts))
+        return cls(
+            tuple(tuple(s) for s in shapes),
+            tuple(tuple(t) for t in layer_types),
+            tuple(tuple(n) for n in layer_nbytes),
+            tuple(offsets),
+            at,
+            tuple(parts),
+            tuple(tuple(x) for x in layer_shifts),
+        )
 
     def offsets(self, layer: int) -> tuple:
         """Byte offsets of layer's parts in a slot."""
@@ -111,21 +121,30 @@ class SlotFormat:
     def type_set(self) -> list:
         """The distinct types of the weight matrices (not of the F32 biases), in order of
         first use."""
-        return list(dict.fromkeys(t for types in self.layer_types for t in types[:len(PARTS)]))
+        return list(dict.fromkeys(t for types in self.layer_types for t in types[: len(PARTS)]))
 
     def to_wire(self) -> dict:
-        return {"shapes": [list(s) for s in self.shapes],
-                "layer_types": [list(t) for t in self.layer_types],
-                "layer_nbytes": [list(n) for n in self.layer_nbytes],
-                "part_offsets": list(self.part_offsets), "slot_bytes": self.slot_bytes,
-                "parts": list(self.parts), "layer_shifts": [list(x) for x in self.layer_shifts]}
+        return {
+            "shapes": [list(s) for s in self.shapes],
+            "layer_types": [list(t) for t in self.layer_types],
+            "layer_nbytes": [list(n) for n in self.layer_nbytes],
+            "part_offsets": list(self.part_offsets),
+            "slot_bytes": self.slot_bytes,
+            "parts": list(self.parts),
+            "layer_shifts": [list(x) for x in self.layer_shifts],
+        }
 
     @classmethod
     def from_wire(cls, d: dict) -> SlotFormat:
-        return cls(tuple(tuple(s) for s in d["shapes"]), tuple(tuple(t) for t in d["layer_types"]),
-                   tuple(tuple(n) for n in d["layer_nbytes"]), tuple(d["part_offsets"]),
-                   int(d["slot_bytes"]), tuple(d["parts"]),
-                   tuple(tuple(x) for x in d.get("layer_shifts", ())))   # () in companions
+        return cls(
+            tuple(tuple(s) for s in d["shapes"]),
+            tuple(tuple(t) for t in d["layer_types"]),
+            tuple(tuple(n) for n in d["layer_nbytes"]),
+            tuple(d["part_offsets"]),
+            int(d["slot_bytes"]),
+            tuple(d["parts"]),
+            tuple(tuple(x) for x in d.get("layer_shifts", ())),
+        )  # () in companions
 
 
 @dataclass(frozen=True)
@@ -136,19 +155,22 @@ class ExpertSource:
     part_stride[l][p] the distance between experts, so expert e's part p is at
     part_base[l][p] + e * part_stride[l][p].
     """
+
     path: str
-    precision: str        # "high" (the GGUF itself) or "low" (the companion file)
+    precision: str  # "high" (the GGUF itself) or "low" (the companion file)
     n_layer: int
     n_expert: int
     format: SlotFormat
-    part_base: tuple      # [n_layer][parts] file offsets
-    part_stride: tuple    # [n_layer][parts]
+    part_base: tuple  # [n_layer][parts] file offsets
+    part_stride: tuple  # [n_layer][parts]
 
     def ranges(self, layer: int, expert: int) -> list[tuple[int, int]]:
         """[(file offset, nbytes)] of every part of one expert, in format.parts order."""
         nbytes = self.format.part_nbytes(layer)
-        return [(self.part_base[layer][p] + expert * self.part_stride[layer][p], nbytes[p])
-                for p in range(len(self.format.parts))]
+        return [
+            (self.part_base[layer][p] + expert * self.part_stride[layer][p], nbytes[p])
+            for p in range(len(self.format.parts))
+        ]
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes read for one expert of `layer`."""
@@ -173,15 +195,15 @@ def moe_blocks(file: GGUFFile) -> tuple:
     position in this tuple, not a block number. Leading dense blocks (glm4moe, deepseek2)
     have none, and their FFN stays with the compute side like attention does."""
     names = [f"ffn_{p}_exps.weight" for p in PARTS]
-    return tuple(il for il in range(trunk_blocks(file))
-                 if any(f"blk.{il}.{n}" in file.tensors for n in names))
+    return tuple(il for il in range(trunk_blocks(file)) if any(f"blk.{il}.{n}" in file.tensors for n in names))
 
 
 def routed_expert_tensors(file: GGUFFile) -> set:
     """Names of the stacked routed-expert tensors (weights and biases) the file has: what
     hobbitd serves from its slots and a client never reads from the file."""
-    return {f"blk.{il}.ffn_{p}_exps.{kind}" for il in moe_blocks(file) for p in PARTS
-            for kind in ("weight", "bias")} & set(file.tensors)
+    return {
+        f"blk.{il}.ffn_{p}_exps.{kind}" for il in moe_blocks(file) for p in PARTS for kind in ("weight", "bias")
+    } & set(file.tensors)
 
 
 def gguf_experts(file: GGUFFile) -> ExpertSource:
@@ -192,24 +214,22 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
     arch = file.check_architecture()
     n_expert = int(file.field(f"{arch}.expert_count", 0))
     if n_expert <= 0:
-        raise ModelError(f"{file.path}: not a mixture-of-experts model (expert_count is 0); "
-                         "hobbitd serves MoE models only")
+        raise ModelError(
+            f"{file.path}: not a mixture-of-experts model (expert_count is 0); hobbitd serves MoE models only"
+        )
     blocks = moe_blocks(file)
     if not blocks:
-        raise ModelError(f"{file.path}: tensor blk.0.ffn_gate_exps.weight is missing "
-                         "(no block has routed experts)")
+        raise ModelError(f"{file.path}: tensor blk.0.ffn_gate_exps.weight is missing (no block has routed experts)")
     n_layer = len(blocks)
     names = [f"ffn_{p}_exps.weight" for p in PARTS]
     bias_names = [f"blk.{il}.ffn_{p}_exps.bias" for il in blocks for p in PARTS]
     have = [n in file.tensors for n in bias_names]
     if any(have) and not all(have):
-        raise ModelError(f"{file.path}: tensor {bias_names[have.index(False)]} is missing "
-                         "(other experts have biases)")
+        raise ModelError(f"{file.path}: tensor {bias_names[have.index(False)]} is missing (other experts have biases)")
     parts = PARTS + BIAS_PARTS if all(have) else PARTS
     if all(have):
         names += [f"ffn_{p}_exps.bias" for p in PARTS]
-    missing = [f"blk.{il}.{n}" for il in blocks for n in names
-               if f"blk.{il}.{n}" not in file.tensors]
+    missing = [f"blk.{il}.{n}" for il in blocks for n in names if f"blk.{il}.{n}" not in file.tensors]
     if missing:
         raise ModelError(f"{file.path}: tensor {missing[0]} is missing")
     layers = [[file.tensors[f"blk.{il}.{n}"] for n in names] for il in blocks]
@@ -217,14 +237,21 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
     shapes = [t.shape[:-1] for t in layers[0]]
     for il, ts in enumerate(layers):
         if [t.shape for t in ts] != [t.shape for t in layers[0]]:
-            raise ModelError(f"{file.path}: block {blocks[il]} experts differ in shape from block {blocks[0]}; "
-                             "hobbit needs one expert shape across layers")
+            raise ModelError(
+                f"{file.path}: block {blocks[il]} experts differ in shape from block {blocks[0]}; "
+                "hobbit needs one expert shape across layers"
+            )
     nbytes = [[t.nbytes // n_expert for t in ts] for ts in layers]
     # where every expert of a part is the same distance past a page boundary, the slot
     # keeps that distance, so its direct read lands in place (SlotFormat)
-    shifts = [[t.offset % PAGE if n % PAGE == 0 else 0 for t, n in zip(ts, ns)]
-              for ts, ns in zip(layers, nbytes)]
+    shifts = [[t.offset % PAGE if n % PAGE == 0 else 0 for t, n in zip(ts, ns)] for ts, ns in zip(layers, nbytes)]
     fmt = SlotFormat.build(shapes, [[t.type for t in ts] for ts in layers], nbytes, parts, shifts)
-    return ExpertSource(file.path, "high", n_layer, n_expert, fmt,
-                        tuple(tuple(t.offset for t in ts) for ts in layers),
-                        tuple(tuple(n) for n in nbytes))
+    return ExpertSource(
+        file.path,
+        "high",
+        n_layer,
+        n_expert,
+        fmt,
+        tuple(tuple(t.offset for t in ts) for ts in layers),
+        tuple(tuple(n) for n in nbytes),
+    )

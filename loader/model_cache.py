@@ -4,6 +4,7 @@ A ModelCache is plain state; loader/cache.py's ExpertCache acts on it (lookups, 
 pins) and loader/served.py builds it. Keys are (layer, expert); precisions are
 loader.precision's HIGH and LOW.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,26 +20,27 @@ from .precision import HIGH, LOW, Thresholds, decide
 @dataclass(eq=False)
 class ModelCache(Counts):
     """As Counts: the experts asked of this model, and how each was served."""
+
     name: str
-    path: str                 # realpath of the GGUF
+    path: str  # realpath of the GGUF
     n_layer: int
     n_expert: int
     source: ExpertSource
     policy: EvictionPolicy
-    low: ExpertSource | None = None                  # the companion file, if served
-    crcs: list | None = None                         # the companion's per-expert crc32
-    verified: set = field(default_factory=set)       # (layer, expert): low images whose crc32
-                                                     # matched since this daemon opened the file
+    low: ExpertSource | None = None  # the companion file, if served
+    crcs: list | None = None  # the companion's per-expert crc32
+    verified: set = field(default_factory=set)  # (layer, expert): low images whose crc32
+    # matched since this daemon opened the file
     thresholds: Thresholds = field(default_factory=Thresholds)
     calibrated: bool = False
-    regions: dict = field(default_factory=dict)      # precision -> Region
-    loads: dict = field(default_factory=dict)        # (precision, key) -> Future of its read
-    prefetched: int = 0        # prefetch reads issued
-    prefetch_used: int = 0     # prefetched slots a request then hit
+    regions: dict = field(default_factory=dict)  # precision -> Region
+    loads: dict = field(default_factory=dict)  # (precision, key) -> Future of its read
+    prefetched: int = 0  # prefetch reads issued
+    prefetch_used: int = 0  # prefetched slots a request then hit
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
-    demand_Bps: float | None = None   # bytes/s a request with misses was served at (EWMA)
-    opened: dict = field(default_factory=dict)   # precision -> its file's identity when opened
+    demand_Bps: float | None = None  # bytes/s a request with misses was served at (EWMA)
+    opened: dict = field(default_factory=dict)  # precision -> its file's identity when opened
 
     def __post_init__(self):
         for prec, src in ((HIGH, self.source), (LOW, self.low)):
@@ -74,40 +76,63 @@ class ModelCache(Counts):
             raise RequestError("bad_request", f"layer {layer} is out of range 0..{self.n_layer - 1}")
         for e in experts:
             if not 0 <= e < self.n_expert:
-                raise RequestError("bad_request",
-                                   f"expert {e} is out of range 0..{self.n_expert - 1}")
+                raise RequestError("bad_request", f"expert {e} is out of range 0..{self.n_expert - 1}")
         if len(set(experts)) != len(experts):
             raise RequestError("bad_request", f"duplicate experts in {experts}")
 
     def info(self) -> dict:
         """What a client needs to find this model's slots (WELCOME's model info)."""
         th = self.thresholds
-        return {"path": self.path, "n_layer": self.n_layer, "n_expert": self.n_expert,
-                "holds_all": self.holds_all,
-                "thresholds": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only},
-                "regions": {p: {"offset": r.offset, "n_slots": r.n_slots, "format": r.format.to_wire(),
-                                **({} if r.shared is None else {"directory": r.shared.offset,
-                                                                "first_slot": r.shared.first_slot})}
-                            for p, r in self.regions.items()}}
+        return {
+            "path": self.path,
+            "n_layer": self.n_layer,
+            "n_expert": self.n_expert,
+            "holds_all": self.holds_all,
+            "thresholds": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only},
+            "regions": {
+                p: {
+                    "offset": r.offset,
+                    "n_slots": r.n_slots,
+                    "format": r.format.to_wire(),
+                    **({} if r.shared is None else {"directory": r.shared.offset, "first_slot": r.shared.first_slot}),
+                }
+                for p, r in self.regions.items()
+            },
+        }
 
     def stats(self) -> dict:
-        from .ggml_types import type_name   # deferred: importing gguf costs ~0.2 s
+        from .ggml_types import type_name  # deferred: importing gguf costs ~0.2 s
 
         mbps = self.bytes_read / self.read_seconds / 1e6 if self.read_seconds else 0.0
         th, w = self.thresholds, self.policy.weights
-        return {"path": self.path, "requested": self.requested, "hits": self.hits, "misses": self.misses,
-                "waits": self.waits, "skipped": self.skipped,
-                **{k: self.by_precision[k] for k in ("hits_high", "hits_low", "misses_high", "misses_low")},
-                "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
-                "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 6),
-                "read_MBps": round(mbps, 1),
-                "hobbit": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only,
-                           "exact": th.exact, "mode": th.describe(self.calibrated),
-                           "calibrated": self.calibrated, "policy": self.policy.name,
-                           "policy_weights": None if w is None else list(w.__dict__.values()),
-                           "low_type": self.low and type_name(self.low.format.types(0)[0])},
-                "holds_all": self.holds_all,
-                "regions": {p: r.counts() for p, r in self.regions.items()}}
+        return {
+            "path": self.path,
+            "requested": self.requested,
+            "hits": self.hits,
+            "misses": self.misses,
+            "waits": self.waits,
+            "skipped": self.skipped,
+            **{k: self.by_precision[k] for k in ("hits_high", "hits_low", "misses_high", "misses_low")},
+            "prefetched": self.prefetched,
+            "prefetch_used": self.prefetch_used,
+            "bytes_read": self.bytes_read,
+            "read_seconds": round(self.read_seconds, 6),
+            "read_MBps": round(mbps, 1),
+            "hobbit": {
+                "t1": th.t1,
+                "t2": th.t2,
+                "dynamic": th.dynamic,
+                "low_only": th.low_only,
+                "exact": th.exact,
+                "mode": th.describe(self.calibrated),
+                "calibrated": self.calibrated,
+                "policy": self.policy.name,
+                "policy_weights": None if w is None else list(w.__dict__.values()),
+                "low_type": self.low and type_name(self.low.format.types(0)[0]),
+            },
+            "holds_all": self.holds_all,
+            "regions": {p: r.counts() for p, r in self.regions.items()},
+        }
 
 
 def _file_identity(path: str):

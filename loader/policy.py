@@ -4,6 +4,7 @@ Every policy implements EvictionPolicy. LRU is the baseline (mixtral-offloading'
 HobbitPolicy is HOBBIT's sequence-level multidimensional policy. Neither is thread-safe:
 the cache calls them from its event loop only. `sid` is a pin owner's id (a client).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import numpy as np
 
 
 class EvictionPolicy(Protocol):
-    name: str                              # "lru" or "hobbit", as in the config
+    name: str  # "lru" or "hobbit", as in the config
 
     @property
     def weights(self) -> PolicyWeights | None:
@@ -46,7 +47,7 @@ class LRUPolicy:
         pass
 
     def forget(self, sid: int) -> None:
-        pass        # LRU keeps nothing per client
+        pass  # LRU keeps nothing per client
 
     def touch(self, slot, sid: int = 0, high: bool = True) -> None:
         """A slot was used (hit or freshly loaded) now."""
@@ -64,6 +65,7 @@ class LRUPolicy:
 @dataclass(frozen=True)
 class PolicyWeights:
     """w_lru + w_lfu + w_lhu + w_fld = 1 (calibrated by `hobbit-cli calibrate`)."""
+
     lru: float = 0.25
     lfu: float = 0.25
     lhu: float = 0.25
@@ -91,15 +93,16 @@ class HobbitPolicy:
     victim costs a few vector operations instead of a Python loop over the slots (it runs
     on every miss, on the daemon's event loop).
     """
+
     name = "hobbit"
 
     def __init__(self, n_layer: int, weights: PolicyWeights = PolicyWeights()):
         self.L = n_layer
         self.weights = weights
-        self.clients: dict[int, list] = {}   # sid -> [seq, token T, layer l_now]
-        self.counts: dict = {}               # (sid, region) -> float array [n_slots, 3]: R, F, H
-        self.layers: dict = {}               # region -> int array [n_slots]: layer held
-        self.last_use: dict = {}             # region -> int array [n_slots]: clock of last use
+        self.clients: dict[int, list] = {}  # sid -> [seq, token T, layer l_now]
+        self.counts: dict = {}  # (sid, region) -> float array [n_slots, 3]: R, F, H
+        self.layers: dict = {}  # region -> int array [n_slots]: layer held
+        self.last_use: dict = {}  # region -> int array [n_slots]: clock of last use
         self.clock = 0
 
     def begin(self, sid: int, seq: int, token: int, layer: int) -> None:
@@ -159,8 +162,12 @@ class HobbitPolicy:
                 continue
             T = max(token, 1)
             d = (layers - l_now - 1) % self.L
-            p = (w.lru * a[:, 0] / T + w.lfu * np.minimum(a[:, 1] / T, 1.0)
-                 + w.lhu * np.minimum(a[:, 2] / T, 1.0) + w.fld * (1 - d / self.L))
+            p = (
+                w.lru * a[:, 0] / T
+                + w.lfu * np.minimum(a[:, 1] / T, 1.0)
+                + w.lhu * np.minimum(a[:, 2] / T, 1.0)
+                + w.fld * (1 - d / self.L)
+            )
             np.maximum(best, np.where(a[:, 1] > 0, p, 0.0), out=best)
         return best
 

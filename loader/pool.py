@@ -9,6 +9,7 @@ Eviction is asked of a pluggable policy (loader/policy.py). With a control block
 themselves, and evicts only slots no client pinned that way. Not thread-safe: the daemon
 touches it from its event loop only.
 """
+
 from __future__ import annotations
 
 import enum
@@ -26,23 +27,23 @@ if TYPE_CHECKING:
 
 class SlotState(enum.StrEnum):
     FREE = "free"
-    LOADING = "loading"      # the I/O engine is filling it
-    READY = "ready"          # holds its expert: may be served (and published)
-    RETIRED = "retired"      # given up by shrink(), its memory given back
+    LOADING = "loading"  # the I/O engine is filling it
+    READY = "ready"  # holds its expert: may be served (and published)
+    RETIRED = "retired"  # given up by shrink(), its memory given back
 
 
 @dataclass(eq=False)
 class Slot:
     region: Region
     index: int
-    key: tuple | None = None            # (layer, expert) held, None when empty
+    key: tuple | None = None  # (layer, expert) held, None when empty
     state: SlotState = SlotState.FREE
-    pins: Counter = field(default_factory=Counter)   # owner -> count
-    last_use: int = 0                   # policy bookkeeping (token clock)
+    pins: Counter = field(default_factory=Counter)  # owner -> count
+    last_use: int = 0  # policy bookkeeping (token clock)
     uses: int = 0
-    used_at: float = 0.0                # time.monotonic() of its last use, 0: never
-    protected: bool = False             # predicted by a hint: not evicted until used
-    prefetched: bool = False            # loaded by a prefetch and not used yet
+    used_at: float = 0.0  # time.monotonic() of its last use, 0: never
+    protected: bool = False  # predicted by a hint: not evicted until used
+    prefetched: bool = False  # loaded by a prefetch and not used yet
 
     @property
     def evictable(self) -> bool:
@@ -57,16 +58,17 @@ class Region:
     """One model's slots of one precision: slots[:n_slots] in use, any beyond given up by
     shrink(). `segment`: the Segment they live in (None: bookkeeping only, no memory)."""
 
-    def __init__(self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int,
-                 segment=None, n_expert: int = 0):
+    def __init__(
+        self, model: str, precision: str, fmt: SlotFormat, offset: int, n_slots: int, segment=None, n_expert: int = 0
+    ):
         self.model, self.precision, self.format = model, precision, fmt
-        self.n_expert = n_expert             # > 0: an expert's home slot is layer*E + expert
+        self.n_expert = n_expert  # > 0: an expert's home slot is layer*E + expert
         self.offset, self.n_slots, self.segment = offset, n_slots, segment
         self.slots = [Slot(self, i) for i in range(n_slots)]
         self.by_key: dict[tuple, Slot] = {}
-        self.free = self.slots[::-1]        # empty slots; take() pops from the end
-        self.shared: SharedSlots | None = None   # when clients pin hits
-        self.retiring: list[Slot] = []      # given up by shrink(), memory not given back yet
+        self.free = self.slots[::-1]  # empty slots; take() pops from the end
+        self.shared: SharedSlots | None = None  # when clients pin hits
+        self.retiring: list[Slot] = []  # given up by shrink(), memory not given back yet
 
     def lookup(self, key: tuple) -> Slot | None:
         return self.by_key.get(key)
@@ -78,14 +80,15 @@ class Region:
         loading."""
         slot = self._empty(key)
         if slot is None:
-            live = self.slots[:self.n_slots]
+            live = self.slots[: self.n_slots]
             slot = self._victim([s for s in live if s.evictable], policy)
             if slot is None and demand:
-                slot = self._victim([s for s in live if s.protected and not s.pins
-                                     and s.state != SlotState.LOADING], policy)
+                slot = self._victim(
+                    [s for s in live if s.protected and not s.pins and s.state != SlotState.LOADING], policy
+                )
             if slot is None:
                 return None
-            assert slot.key is not None    # no slot is free, so every live one holds an expert
+            assert slot.key is not None  # no slot is free, so every live one holds an expert
             del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, SlotState.LOADING, 0, False
         slot.prefetched = False
@@ -109,13 +112,13 @@ class Region:
 
     def _victim(self, candidates: list, policy) -> Slot | None:
         if candidates and self.shared is not None:
-            return self.shared.evict(candidates, policy)     # skips what clients pin
+            return self.shared.evict(candidates, policy)  # skips what clients pin
         return policy.victim(candidates) if candidates else None
 
     def ready(self, slot: Slot) -> None:
         """Its read completed: it may be served (and, published, pinned by clients)."""
         slot.state = SlotState.READY
-        if self.shared is not None and slot.index < self.n_slots:   # a retired one: never
+        if self.shared is not None and slot.index < self.n_slots:  # a retired one: never
             self.shared.publish(slot)
 
     def drop(self, slot: Slot) -> None:
@@ -134,7 +137,7 @@ class Region:
         back (sweep) as soon as nothing pins or loads them."""
         if n >= self.n_slots:
             return
-        tail = self.slots[n:self.n_slots]
+        tail = self.slots[n : self.n_slots]
         self.n_slots = n
         self.free = [s for s in self.free if s.index < n]
         for slot in tail:
@@ -162,16 +165,21 @@ class Region:
         return done
 
     def counts(self) -> dict:
-        live = self.slots[:self.n_slots]
+        live = self.slots[: self.n_slots]
         shared = self.shared.pinned() if self.shared is not None else np.zeros(len(self.slots), bool)
-        return {"slots": self.n_slots, "ready": sum(s.state == SlotState.READY for s in live),
-                "loading": sum(s.state == SlotState.LOADING for s in live),
-                "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in live),
-                "retiring": len(self.retiring), "slot_bytes": self.format.slot_bytes}
+        return {
+            "slots": self.n_slots,
+            "ready": sum(s.state == SlotState.READY for s in live),
+            "loading": sum(s.state == SlotState.LOADING for s in live),
+            "pinned": sum(bool(s.pins) or bool(shared[s.index]) for s in live),
+            "retiring": len(self.retiring),
+            "slot_bytes": self.format.slot_bytes,
+        }
 
 
 class RegionPlan(NamedTuple):
     """Where one region goes in its segment: n_slots slots of `format` from byte `offset`."""
+
     model: str
     precision: str
     format: SlotFormat

@@ -13,6 +13,7 @@ every miss in high precision: the output is the all-high model's, exactly. Score
 least 0, so T1 < 0 (EVERY_MISS_LOW, a value calibration may choose) loads every miss in low
 precision, the top expert's too; the cache is then all low-precision slots.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection
@@ -22,17 +23,17 @@ from typing import NamedTuple
 import numpy as np
 
 HIGH, LOW, SKIP = "high", "low", None
-EXACT = 1.0                  # T1 = T2 = 1: never low precision, never a skip
-EVERY_MISS_LOW = -1.0        # T1 below every score: no miss loads high precision
-PAPER_T1, PAPER_T2 = 0.6, 0.9   # the paper's thresholds for Mixtral: lossy, measured on nothing here
+EXACT = 1.0  # T1 = T2 = 1: never low precision, never a skip
+EVERY_MISS_LOW = -1.0  # T1 below every score: no miss loads high precision
+PAPER_T1, PAPER_T2 = 0.6, 0.9  # the paper's thresholds for Mixtral: lossy, measured on nothing here
 
 
 @dataclass(frozen=True)
 class Thresholds:
     t1: float = EXACT
     t2: float = EXACT
-    dynamic: bool = True     # False: every miss loads high precision (no low, no skip)
-    low_only: bool = False   # True: every expert in low precision (the ablation's floor)
+    dynamic: bool = True  # False: every miss loads high precision (no low, no skip)
+    low_only: bool = False  # True: every expert in low precision (the ablation's floor)
 
     @property
     def exact(self) -> bool:
@@ -78,12 +79,14 @@ class Thresholds:
 class Decision(NamedTuple):
     """How one expert is served: in `precision` (HIGH or LOW; SKIP, None: left out), read
     first when `load` (no copy in that precision is cached: a miss), else the cached copy."""
+
     precision: str | None
     load: bool
 
 
-def precision_for(th: Thresholds, score: float, cached_high: bool, cached_low: bool,
-                  have: Collection[str], holds_all: bool = False) -> Decision:
+def precision_for(
+    th: Thresholds, score: float, cached_high: bool, cached_low: bool, have: Collection[str], holds_all: bool = False
+) -> Decision:
     """The rule for one expert of unimportance `score`, whose copies cached in high and low
     precision are `cached_high`, `cached_low`: the one decision hobbitd serves by
     (ModelCache.decide) and a client's hit path pins by (client/local_pins.py). `have`: the
@@ -105,8 +108,7 @@ def decide(th: Thresholds, regions: dict, key: tuple, score: float, holds_all: b
     `regions` {precision: Region} (a key held by a region, even loading, counts as cached);
     precision_for's rule."""
     cached = {p: r.lookup(key) is not None for p, r in regions.items()}
-    return precision_for(th, score, cached.get(HIGH, False), cached.get(LOW, False), regions,
-                         holds_all).precision
+    return precision_for(th, score, cached.get(HIGH, False), cached.get(LOW, False), regions, holds_all).precision
 
 
 def unimportance(weights: np.ndarray) -> np.ndarray:

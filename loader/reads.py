@@ -6,6 +6,7 @@ completion comes back from a reader thread with loop.call_soon_threadsafe, settl
 slot (ready, or dropped on an error) and fires the cache's `freed` Signal. Failures are
 RequestError carrying a wire error code (io, checksum).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,7 +48,7 @@ class Reads:
         takeable); prefetch_budget: prefetch only as many bytes as flash reads while the
         client computes (else every predicted miss of the layer)."""
         self.io, self.freed, self.prefetch_budget = io, freed, prefetch_budget
-        self.jobs: dict[tuple, ReadJob] = {}   # (model, precision, key) -> submitted, not completed
+        self.jobs: dict[tuple, ReadJob] = {}  # (model, precision, key) -> submitted, not completed
 
     def load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: Priority) -> asyncio.Future:
         """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
@@ -65,25 +66,27 @@ class Reads:
         src = mo.source_of(prec)
         base = slot.region.segment.address + slot.offset
         verify = None
-        if prec == LOW:   # one aligned read of the whole slot image, then its crc32
+        if prec == LOW:  # one aligned read of the whole slot image, then its crc32
             segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
             if key not in mo.verified or mo.changed(LOW):
                 crcs = mo.crcs
-                assert crcs is not None   # opened with the companion (loader/served.py)
+                assert crcs is not None  # opened with the companion (loader/served.py)
 
-                def verify(job):          # on a reader thread; raises on a mismatch
+                def verify(job):  # on a reader thread; raises on a mismatch
                     check_image(src, crcs, key[0], key[1], base)
                     mo.verified.add(key)
         else:
-            segments = [ReadSegment(src.path, off, n, base + o)
-                        for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))]
+            segments = [
+                ReadSegment(src.path, off, n, base + o)
+                for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))
+            ]
         t0 = time.monotonic()
 
-        def done(job, error):          # on a reader thread
+        def done(job, error):  # on a reader thread
             try:
                 loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
             except RuntimeError:
-                pass                   # the loop is closed: the process is exiting
+                pass  # the loop is closed: the process is exiting
 
         jkey = (mo.name, prec, key)
         self.jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
@@ -100,8 +103,9 @@ class Reads:
             code = "checksum" if isinstance(error, ChecksumError) else "io"
             # truncated or replaced while served: say so (what is cached may be stale too)
             note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
-            fut.set_exception(RequestError(code, f"reading {mo.name} layer {key[0]} expert "
-                                                 f"{key[1]} ({prec}): {error}{note}"))
+            fut.set_exception(
+                RequestError(code, f"reading {mo.name} layer {key[0]} expert {key[1]} ({prec}): {error}{note}")
+            )
         else:
             mo.regions[prec].ready(slot)
             mo.bytes_read += mo.source_of(prec).expert_bytes(key[0])
@@ -130,7 +134,7 @@ class Reads:
         taken = []
         self.io.plug()
         try:
-            for i, (key, prec) in enumerate(missing):   # most important first
+            for i, (key, prec) in enumerate(missing):  # most important first
                 budget -= mo.source_of(prec).expert_bytes(key[0])
                 if budget < 0 and i > 0:
                     break

@@ -5,6 +5,7 @@ companion (loader.companion, validated: foreign, truncated or stale files are re
 its calibration (loader.calibration), and returns one empty ModelCache per model.
 plan_cache() then says where each model's regions go in the shared memory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,18 +27,19 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class ModelOptions:
     """HOBBIT's switches for every model served (the daemon config's keys of the same names)."""
-    low_type: str = "auto"   # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
-    low_only: bool = False   # every expert in low precision
-    dynamic: bool = True     # token-level dynamic loading (low precision / skip on misses)
+
+    low_type: str = "auto"  # companion type: "auto" (the best suitable type's file made), "none", "Q4_0"...
+    low_only: bool = False  # every expert in low precision
+    dynamic: bool = True  # token-level dynamic loading (low precision / skip on misses)
     t1: float | None = None  # thresholds; None: the calibrated values, else 1 (exact: no low, no skip)
     t2: float | None = None
-    policy: str = "hobbit"   # eviction: "hobbit" or "lru"
+    policy: str = "hobbit"  # eviction: "hobbit" or "lru"
 
 
 def model_name(path: str) -> str:
     """A model's name: its file name without .gguf."""
     name = os.path.basename(path)
-    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
 def open_served_all(paths: list[str], opts: ModelOptions) -> dict[str, ModelCache]:
@@ -48,8 +50,7 @@ def open_served_all(paths: list[str], opts: ModelOptions) -> dict[str, ModelCach
     names = [model_name(p) for p in paths]
     for name in set(names):
         if names.count(name) > 1:
-            raise InputError(f"two models named {name!r}; a model's name is its file name "
-                             "without .gguf, so rename one")
+            raise InputError(f"two models named {name!r}; a model's name is its file name without .gguf, so rename one")
     return {name: open_served(path, name, opts) for path, name in zip(paths, names)}
 
 
@@ -60,7 +61,7 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
     weights, if any)."""
     from .calibration import load_calibration
     from .companion import open_companion
-    from .gguf_file import open_gguf   # deferred: importing gguf costs ~0.2 s
+    from .gguf_file import open_gguf  # deferred: importing gguf costs ~0.2 s
     from .layout import gguf_experts
 
     try:
@@ -74,11 +75,20 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
     t1 = opts.t1 if opts.t1 is not None else (calib or {}).get("t1", EXACT)
     t2 = opts.t2 if opts.t2 is not None else (calib or {}).get("t2", EXACT)
     weights = PolicyWeights(*calib["weights"]) if calib else None
-    return ModelCache(name, os.path.realpath(path), src.n_layer, src.n_expert, src,
-                      make_policy(opts.policy, src.n_layer, weights), low=low, crcs=crcs,
-                      thresholds=Thresholds(t1, max(t1, t2), dynamic=opts.dynamic and low is not None,
-                                            low_only=opts.low_only and low is not None),
-                      calibrated=calib is not None)
+    return ModelCache(
+        name,
+        os.path.realpath(path),
+        src.n_layer,
+        src.n_expert,
+        src,
+        make_policy(opts.policy, src.n_layer, weights),
+        low=low,
+        crcs=crcs,
+        thresholds=Thresholds(
+            t1, max(t1, t2), dynamic=opts.dynamic and low is not None, low_only=opts.low_only and low is not None
+        ),
+        calibrated=calib is not None,
+    )
 
 
 def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | None:
@@ -92,7 +102,7 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
         return None
     if kind == "auto":
         choices = low_type_choices(high_format)
-        if not choices:          # 2- and 3-bit experts: nothing smaller worth loading
+        if not choices:  # 2- and 3-bit experts: nothing smaller worth loading
             return None
         made = made_companion(gguf_path, high_format)
         if made is not None:
@@ -106,8 +116,9 @@ def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | No
     if os.path.exists(path):
         return path
     if kind != "auto" or opts.low_only:
-        raise ModelError(f"{path}: no companion file; run hobbit-cli convert {gguf_path}"
-                         f" --low {ggml_types.type_name(t)}")
+        raise ModelError(
+            f"{path}: no companion file; run hobbit-cli convert {gguf_path} --low {ggml_types.type_name(t)}"
+        )
     return None
 
 
@@ -117,8 +128,7 @@ def cache_low_share(th: Thresholds, low_share: float) -> float:
     return low_share if th.loads_high else 1.0
 
 
-def plan_cache(models: dict[str, ModelCache], size: int,
-               low_share: float) -> tuple[list[RegionPlan], int]:
+def plan_cache(models: dict[str, ModelCache], size: int, low_share: float) -> tuple[list[RegionPlan], int]:
     """Regions and the segment size (bytes) for a cache of `size` bytes, `low_share` of
     each model's part in low precision. The cache is split among models in proportion to
     their expert bytes; a model gets at least one layer's experts (else InputError naming
@@ -129,12 +139,11 @@ def plan_cache(models: dict[str, ModelCache], size: int,
     # a cache that holds every expert in high needs no low copies (nothing is evicted)
     all_high = sum(mo.n_layer * mo.n_expert * mo.source.format.slot_bytes for mo in models.values())
     fits = size >= all_high and not any(mo.thresholds.low_only for mo in models.values())
-    if fits:      # split by slot bytes, so that each model gets a slot for every expert
-        shares = {n: mo.n_layer * mo.n_expert * mo.source.format.slot_bytes / all_high
-                  for n, mo in models.items()}
+    if fits:  # split by slot bytes, so that each model gets a slot for every expert
+        shares = {n: mo.n_layer * mo.n_expert * mo.source.format.slot_bytes / all_high for n, mo in models.items()}
     specs = []
     for n, mo in models.items():
-        th = mo.thresholds   # T1 >= 1 loads every miss in high: low slots would stay empty
+        th = mo.thresholds  # T1 >= 1 loads every miss in high: low slots would stay empty
         low = not fits and mo.low is not None and (th.low_only or (th.dynamic and th.t1 < 1.0))
         share = cache_low_share(th, low_share) if low else 0.0
         if 0 < share < 1:
@@ -143,20 +152,21 @@ def plan_cache(models: dict[str, ModelCache], size: int,
         if share < 1:
             specs.append((n, HIGH, mo.source.format, shares[n] * (1 - share)))
         if low:
-            assert mo.low is not None     # low: only with a companion
+            assert mo.low is not None  # low: only with a companion
             specs.append((n, LOW, mo.low.format, shares[n] * share))
     plan = plan_regions(specs, size)
     for r in plan:
         mo = models[r.model]
         if r.n_slots < mo.n_expert:
             need = max(models[m].n_expert * fmt.slot_bytes / part for m, _, fmt, part in specs)
-            raise InputError(f"cache size {size / MiB:.1f} MiB is too small: model {r.model} "
-                             f"would get {r.n_slots} {r.precision} slots but needs {mo.n_expert} "
-                             f"(one layer's experts); the minimum cache size is {int(need // MiB) + 1}M")
+            raise InputError(
+                f"cache size {size / MiB:.1f} MiB is too small: model {r.model} "
+                f"would get {r.n_slots} {r.precision} slots but needs {mo.n_expert} "
+                f"(one layer's experts); the minimum cache size is {int(need // MiB) + 1}M"
+            )
     # a region never needs more slots than the model has experts; the offsets stay, the
     # unused tail of a region is never touched so it costs no memory
-    plan = [r._replace(n_slots=min(r.n_slots, models[r.model].n_layer * models[r.model].n_expert))
-            for r in plan]
+    plan = [r._replace(n_slots=min(r.n_slots, models[r.model].n_layer * models[r.model].n_expert)) for r in plan]
     total = max((r.offset + r.nbytes for r in plan), default=PAGE)
     return plan, total
 
@@ -167,18 +177,22 @@ def _fit_share(mo: ModelCache, share: float, nbytes: float) -> float:
     a fixed share made mixed precision refuse caches exact mode runs in). A cache too
     small for both gets none: misses load high precision, exact where a low copy would
     have been used (skips above T2 stay)."""
-    assert mo.low is not None      # asked only of a model with a companion
+    assert mo.low is not None  # asked only of a model with a companion
     need_high = mo.n_expert * mo.source.format.slot_bytes + PAGE
     need_low = mo.n_expert * mo.low.format.slot_bytes + PAGE
     if nbytes < need_high + need_low:
-        log.warning("%s: a cache of %.1f MiB holds one layer's experts in one precision only: "
-                    "misses load high precision", mo.name, nbytes / MiB)
+        log.warning(
+            "%s: a cache of %.1f MiB holds one layer's experts in one precision only: misses load high precision",
+            mo.name,
+            nbytes / MiB,
+        )
         return 0.0
     return min(max(share, need_low / nbytes), 1 - need_high / nbytes)
 
 
-def plan_added(models: dict[str, ModelCache], new: ModelCache, size: int,
-               low_share: float) -> tuple[dict, list[RegionPlan], int]:
+def plan_added(
+    models: dict[str, ModelCache], new: ModelCache, size: int, low_share: float
+) -> tuple[dict, list[RegionPlan], int]:
     """Room for `new`, opened on demand, in a cache of `size` bytes that `models` share.
     new gets the bytes plan_cache would give it with `new` among them (as if it had been
     configured); what the cache has not handed out yet goes first, the rest is taken from
@@ -201,11 +215,11 @@ def take_by_use(models: dict[str, ModelCache], nbytes: int) -> dict:
     the regions' sizes."""
     if nbytes <= 0:
         return {}
-    spare = []        # (last use, rank in its region / its size, bytes, region)
+    spare = []  # (last use, rank in its region / its size, bytes, region)
     for name, mo in models.items():
         for prec, r in mo.regions.items():
-            coldest = sorted(r.slots[:r.n_slots], key=lambda s: s.used_at)
-            for rank, slot in enumerate(coldest[:r.n_slots - mo.n_expert]):
+            coldest = sorted(r.slots[: r.n_slots], key=lambda s: s.used_at)
+            for rank, slot in enumerate(coldest[: r.n_slots - mo.n_expert]):
                 spare.append((slot.used_at, rank / r.n_slots, r.format.slot_bytes, (name, prec)))
     spare.sort(key=lambda item: item[:2])
     given: dict = {}

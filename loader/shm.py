@@ -5,6 +5,7 @@ A segment outlives a process killed with SIGKILL. Its creator holds an exclusive
 it for as long as the process lives (the kernel drops it at death, however it dies), so
 remove_stale() can tell a dead daemon's segment from a live one's without trusting pids.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,12 +28,12 @@ class Segment:
         self.path = os.path.join(SHM_DIR, name)
         self.owner = create
         self.closed = False
-        self._lock_fd = None           # the creator's: flocked while this process lives
+        self._lock_fd = None  # the creator's: flocked while this process lives
         if create:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.fchmod(fd, 0o660)   # not widened by the umask, not narrowed either
+                os.fchmod(fd, 0o660)  # not widened by the umask, not narrowed either
                 os.ftruncate(fd, size)
                 self._lock_fd = os.dup(fd)
             except OSError:
@@ -66,11 +67,11 @@ class Segment:
         if self.closed:
             return
         self.closed = True
-        del self.array     # our view: the mapping closes only when no view holds it
+        del self.array  # our view: the mapping closes only when no view holds it
         try:
             self.mm.close()
         except BufferError:
-            pass   # a live numpy view still references it; the mapping goes with the process
+            pass  # a live numpy view still references it; the mapping goes with the process
         if self.owner:
             try:
                 os.unlink(self.path)
@@ -110,7 +111,7 @@ def remove_stale(pid: int | None = None) -> list[tuple[str, int]]:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held: its creator lives
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its creator lives
             size = os.fstat(fd).st_size
             os.unlink(path)
             removed.append((name, size))
@@ -137,4 +138,4 @@ def pid_alive(pid: int, started: float | None = None) -> bool:
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
-        return True          # not ours to inspect: alive as far as we can tell
+        return True  # not ours to inspect: alive as far as we can tell

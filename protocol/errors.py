@@ -11,11 +11,13 @@ class HobbitError(Exception):
 
 class ModelError(HobbitError):
     """A model file is missing, not a GGUF, truncated, or of an unsupported kind."""
+
     code = "bad_model"
 
 
 class InputError(HobbitError):
     """A request is out of range: a prompt longer than the context, a bad flag value."""
+
     code = "bad_input"
 
 

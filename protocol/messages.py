@@ -42,6 +42,7 @@ the daemon sees the client's process (the pid the kernel reports for the ipc con
 is gone. Clients detect a dead daemon from ZeroMQ's connection heartbeats
 (ZMQ_HEARTBEAT_IVL/TIMEOUT): nothing of it is in these messages.
 """
+
 from __future__ import annotations
 
 import enum
@@ -51,21 +52,22 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 7   # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
-              # 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
-              # 4: the control block (clients pin hits themselves), HITS, batched releases;
-              # 5: errors too_many_sessions and pin_limit
-              # 6: HELLO's model, models opened on demand (their own segments), not_allowed
-              # 7: slot formats' layer_shifts (a part read in place starts past its room)
+VERSION = 7  # 2: slot formats carry per-layer types (llama.cpp quantizer mixes);
+# 3: and their parts (expert biases, gpt-oss); RESIDENT, USED;
+# 4: the control block (clients pin hits themselves), HITS, batched releases;
+# 5: errors too_many_sessions and pin_limit
+# 6: HELLO's model, models opened on demand (their own segments), not_allowed
+# 7: slot formats' layer_shifts (a part read in place starts past its room)
 MAGIC = b"HOBBIT"
 VERSION_FRAME = MAGIC + struct.pack("<H", VERSION)
-MAX_MESSAGE = 1 << 20   # bytes; a request names a few experts, so 1 MiB is generous
+MAX_MESSAGE = 1 << 20  # bytes; a request names a few experts, so 1 MiB is generous
 
 
 class Cmd(enum.IntEnum):
     """The commands: each one's number on the wire (append-only: a number once given is
     never reused) and its required fields with their types, checked on decode (the daemon
     never trusts input); the optional fields are in the table above."""
+
     required: dict[str, type]
 
     def __new__(cls, number: int, required: dict[str, type] | None = None):
@@ -100,9 +102,9 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
     if len(frames) != 2:
         raise ProtocolError("malformed", f"expected 2 frames, got {len(frames)}")
     head, body = frames
-    if head[:len(MAGIC)] != MAGIC or len(head) != len(VERSION_FRAME):
+    if head[: len(MAGIC)] != MAGIC or len(head) != len(VERSION_FRAME):
         raise ProtocolError("malformed", "first frame is not a hobbit protocol frame")
-    version = struct.unpack("<H", head[len(MAGIC):])[0]
+    version = struct.unpack("<H", head[len(MAGIC) :])[0]
     if version != VERSION:
         raise ProtocolError("bad_version", f"protocol version {version}; this side speaks {VERSION}")
     if len(body) > MAX_MESSAGE:
@@ -120,15 +122,17 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
     for name, typ in cmd.required.items():
         if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
-    for name in ("release", "hits"):      # optional batched fields; entries are checked on use
+    for name in ("release", "hits"):  # optional batched fields; entries are checked on use
         if msg.get(name) is not None and not isinstance(msg[name], list):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} is not a list")
     if cmd == Cmd.HINT:
         rows = (msg["layers"], msg["experts"], msg["scores"])
-        if not (len(rows[0]) == len(rows[1]) == len(rows[2])) or not _ints(rows[0]) \
-                or not all(isinstance(e, list) and _ints(e) for e in rows[1]) \
-                or not all(isinstance(s, list) and _numbers(s) and len(s) == len(e)
-                           for e, s in zip(rows[1], rows[2])):
+        if (
+            not (len(rows[0]) == len(rows[1]) == len(rows[2]))
+            or not _ints(rows[0])
+            or not all(isinstance(e, list) and _ints(e) for e in rows[1])
+            or not all(isinstance(s, list) and _numbers(s) and len(s) == len(e) for e, s in zip(rows[1], rows[2]))
+        ):
             raise ProtocolError("malformed", "HINT: layers, experts and scores must line up")
         c = msg.get("compute_s")
         if c is not None and not (_numbers([c]) and 0 <= c < float("inf")):

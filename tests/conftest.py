@@ -1,4 +1,5 @@
 """Shared fixtures: the real SmolLM2 GGUF, synthetic MoE GGUFs, and llama.cpp as oracle."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -83,8 +84,9 @@ def quantized(synth, tmp_path_factory):
 
 # gpt-oss-20b's shape, small: H*Dh (8 x 64) != D as 64 x 64 != 2880; top-4 of 8; rows of 256
 # so the MXFP4 experts have a Q2_K companion; a window of 16 that the prompt outgrows.
-GPT_OSS = dict(arch="gpt-oss", layers=4, d_model=256, d_ff=256, experts=8, top_k=4, heads=8,
-               kv_heads=2, head_dim=64, swa=16)
+GPT_OSS = dict(
+    arch="gpt-oss", layers=4, d_model=256, d_ff=256, experts=8, top_k=4, heads=8, kv_heads=2, head_dim=64, swa=16
+)
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +118,12 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
         params.use_extra_bufts = False
         return params
 
-    low.llama_model_default_params = no_repack   # Llama() has no keyword for it
+    low.llama_model_default_params = no_repack  # Llama() has no keyword for it
     try:
         with quiet_stderr():
-            return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True,
-                                   flash_attn=True, verbose=False, seed=0, **kw)
+            return llama_cpp.Llama(
+                model_path=path, n_ctx=n_ctx, n_batch=512, logits_all=True, flash_attn=True, verbose=False, seed=0, **kw
+            )
     finally:
         low.llama_model_default_params = default_params
 
@@ -132,7 +135,8 @@ def llama_scorer(path: str, n_ctx: int):
     def score(tokens):
         llm.reset()
         llm.eval(list(tokens))
-        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
     return score
 
 

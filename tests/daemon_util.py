@@ -6,6 +6,7 @@ run_daemon(models, cache_size, tmp_path, **flags) starts hobbitd (client/daemon.
 a ZeroMQ DEALER speaking protocol.messages, with no retries or reconnects, so tests see
 exactly what the daemon sends.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ from hobbit.compute.client.daemon import DaemonProcess, daemon_command
 from hobbit.protocol import messages as m
 from hobbit.protocol.errors import DaemonError
 
-START_TIMEOUT = 60.0   # seconds; generous: a start took ~2 s on a busy 2-core machine
+START_TIMEOUT = 60.0  # seconds; generous: a start took ~2 s on a busy 2-core machine
 
 
 class RunningDaemon(DaemonProcess):
@@ -47,8 +48,14 @@ def run_daemon(models, cache_size, tmp_path, env=None, **flags):
     owned by this process (--owner-pid): if the test process dies (a crash in native code),
     the daemon stops too, leaving no shared memory behind."""
     flags.setdefault("owner_pid", os.getpid())
-    d = RunningDaemon(models, str(tmp_path / "hobbitd.sock"), log_path=str(tmp_path / "hobbitd.stderr"),
-                      cache_size=cache_size, env={**os.environ, **(env or {})}, **flags)
+    d = RunningDaemon(
+        models,
+        str(tmp_path / "hobbitd.sock"),
+        log_path=str(tmp_path / "hobbitd.stderr"),
+        cache_size=cache_size,
+        env={**os.environ, **(env or {})},
+        **flags,
+    )
     try:
         try:
             d.wait_ready(START_TIMEOUT)
@@ -62,8 +69,9 @@ def run_daemon(models, cache_size, tmp_path, env=None, **flags):
 
 # ---- raw client ----------------------------------------------------------------------------
 
+
 class Dealer(zmq.Socket):
-    welcome: dict | None = None     # the WELCOME fields, once hello() succeeded
+    welcome: dict | None = None  # the WELCOME fields, once hello() succeeded
 
 
 def connect(socket_path: str) -> Dealer:
@@ -104,11 +112,9 @@ def stats(sock: zmq.Socket) -> dict:
     return msg["stats"]
 
 
-def request(sock: zmq.Socket, model: str, layer: int, experts, rid: int = 1,
-            timeout: float = 10.0) -> list:
+def request(sock: zmq.Socket, model: str, layer: int, experts, rid: int = 1, timeout: float = 10.0) -> list:
     """Pinned slots [[precision, index]] for `experts`; fails the test on any other answer."""
-    cmd, msg = call(sock, m.Cmd.REQUEST, timeout=timeout, id=rid, model=model, layer=layer,
-                    experts=list(experts))
+    cmd, msg = call(sock, m.Cmd.REQUEST, timeout=timeout, id=rid, model=model, layer=layer, experts=list(experts))
     assert cmd == m.Cmd.SLOTS and msg["id"] == rid, msg
     return msg["slots"]
 
@@ -149,8 +155,10 @@ class SlotView:
     def slot_parts(self, index: int, layer: int) -> list[bytes]:
         """The parts slot `index` holds, each as long as a part of `layer`'s experts."""
         base = self.region["offset"] + index * self.fmt.slot_bytes
-        return [self.seg.array[base + off: base + off + n].tobytes()
-                for off, n in zip(self.fmt.offsets(layer), self.fmt.part_nbytes(layer))]
+        return [
+            self.seg.array[base + off : base + off + n].tobytes()
+            for off, n in zip(self.fmt.offsets(layer), self.fmt.part_nbytes(layer))
+        ]
 
     def file_parts(self, layer: int, expert: int) -> list[bytes]:
         with open(self.path, "rb") as f:
@@ -173,5 +181,4 @@ class SlotView:
 
 # the small synthetic Mixtral-layout MoE every daemon test serves: 4 layers x 8 experts,
 # 417792 bytes (0.4 MiB) per expert, 430080-byte slots, so "4M" is the minimum cache (9 slots)
-SYNTH = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4,
-             type="Q8_0", seed=0)
+SYNTH = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0", seed=0)

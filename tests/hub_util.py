@@ -11,6 +11,7 @@ each file's HEAD). Misbehaviour on demand: `serve_instead` serves other bytes th
 `cut` ends the first GET of a file after N bytes, dropping the connection ("drop") or going
 silent until the client goes away ("stall"). `requests` logs what was asked.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,15 +34,15 @@ class Seen(NamedTuple):
 
 
 class Cut(NamedTuple):
-    after: int            # bytes of the body sent before the cut
-    how: str              # "drop": close the connection; "stall": send nothing more
+    after: int  # bytes of the body sent before the cut
+    how: str  # "drop": close the connection; "stall": send nothing more
 
 
 class LocalHub:
     def __init__(self):
-        self.repos: dict[str, dict[str, bytes]] = {}        # repo id -> {path: bytes}
+        self.repos: dict[str, dict[str, bytes]] = {}  # repo id -> {path: bytes}
         self.serve_instead: dict[tuple[str, str], bytes] = {}
-        self.cut: dict[tuple[str, str], Cut] = {}           # used once, then forgotten
+        self.cut: dict[tuple[str, str], Cut] = {}  # used once, then forgotten
         self.requests: list[Seen] = []
         self.lfs_listing = True
         self.url = ""
@@ -89,8 +90,9 @@ class LocalHub:
     def _repo(self, request):
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
         rev = request.match_info.get("rev", "main")
-        self.requests.append(Seen(request.method, request.path, request.headers.get("Range"),
-                                  request.headers.get("Authorization")))
+        self.requests.append(
+            Seen(request.method, request.path, request.headers.get("Range"), request.headers.get("Authorization"))
+        )
         if repo not in self.repos:
             raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"})
         if rev not in ("main", COMMIT):
@@ -99,10 +101,15 @@ class LocalHub:
 
     async def _info(self, request):
         repo, files = self._repo(request)
-        siblings = [{"rfilename": path, "size": len(data), "blobId": _git_sha1(data),
-                     "lfs": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                             "pointerSize": 134}}
-                    for path, data in files.items()]
+        siblings = [
+            {
+                "rfilename": path,
+                "size": len(data),
+                "blobId": _git_sha1(data),
+                "lfs": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134},
+            }
+            for path, data in files.items()
+        ]
         if not self.lfs_listing:
             siblings = [{"rfilename": s["rfilename"]} for s in siblings]
         return web.json_response({"id": repo, "sha": COMMIT, "siblings": siblings})
@@ -115,12 +122,17 @@ class LocalHub:
         listed = files[path]
         data = self.serve_instead.get((repo, path), listed)
         sha = hashlib.sha256(listed).hexdigest()
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
-                   "X-Linked-Size": str(len(listed)), "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": COMMIT,
+            "ETag": f'"{sha}"',
+            "X-Linked-Etag": f'"{sha}"',
+            "X-Linked-Size": str(len(listed)),
+            "Accept-Ranges": "bytes",
+        }
         start = 0
         rng = request.headers.get("Range")
         if rng and rng.startswith("bytes=") and rng.endswith("-"):
-            start = int(rng[len("bytes="):-1])
+            start = int(rng[len("bytes=") : -1])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         status = 206 if rng else 200
         if request.method == "HEAD":
@@ -129,9 +141,9 @@ class LocalHub:
         resp.content_length = len(data) - start
         await resp.prepare(request)
         cut = self.cut.pop((repo, path), None)
-        body = data[start:start + cut.after] if cut else data[start:]
+        body = data[start : start + cut.after] if cut else data[start:]
         for i in range(0, len(body), CHUNK):
-            await resp.write(body[i:i + CHUNK])
+            await resp.write(body[i : i + CHUNK])
         if cut and cut.how == "drop":
             request.transport.abort()
         elif cut:

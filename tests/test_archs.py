@@ -4,6 +4,7 @@ synthetic files of two sizes laid out as its real files are: llama.cpp loads the
 engine matches it in-process and through a real hobbitd whose cache holds a quarter of the
 experts, the low-precision companion converts, and a mixed-precision run stays close to
 the all-high one. gpt-oss the same way in test_archs_gpt_oss.py."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,7 +20,8 @@ from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.engine.moe import softmax
 from hobbit.compute.engine.tokenizer import Tokenizer
-from hobbit.compute.engine.weights import SUPPORTED_ARCHS, open_model
+from hobbit.compute.engine.weights import open_model
+from hobbit.loader.gguf_file import SUPPORTED_ARCHS
 from hobbit.loader.companion import default_low_type
 from hobbit.loader.ggml_types import type_name
 from hobbit.loader.layout import gguf_experts
@@ -29,8 +31,18 @@ from hobbit.protocol.errors import ModelError
 from test_daemon_lifecycle import run_failing
 from test_parity import PROMPT, assert_parity
 
-ARCHS = ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "granitemoe", "glm4moe", "bailingmoe2",
-         "ernie4_5-moe", "smallthinker", "deepseek2")
+ARCHS = (
+    "qwen3moe",
+    "olmoe",
+    "qwen2moe",
+    "phimoe",
+    "granitemoe",
+    "glm4moe",
+    "bailingmoe2",
+    "ernie4_5-moe",
+    "smallthinker",
+    "deepseek2",
+)
 # Two sizes: they differ in depth, width, experts, top-k, GQA ratio and weight type. Four
 # layers at least, so that a quarter of the experts is one layer's worth (hobbitd's minimum).
 SIZES = {
@@ -42,26 +54,27 @@ CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 def options(arch: str, size: str) -> dict:
     kw = {**SIZES[size], "arch": arch}
-    if arch == "olmoe":                 # MHA only: its K norm spans all D
+    if arch == "olmoe":  # MHA only: its K norm spans all D
         kw["kv_heads"] = kw["heads"]
     if arch == "qwen3moe" and size == "m":
-        kw["head_dim"] = 64             # H * Dh = 512 != D = 256, as Qwen3's 32 x 128 vs 2048
+        kw["head_dim"] = 64  # H * Dh = 512 != D = 256, as Qwen3's 32 x 128 vs 2048
     if arch == "granitemoe" and size == "m":
-        kw["shared_ff"] = 384           # Granite MoE Shared: an ungated shared expert
-    if arch == "glm4moe":               # leading dense blocks (GLM-4.5-Air 1, GLM-4.5 3),
+        kw["shared_ff"] = 384  # Granite MoE Shared: an ungated shared expert
+    if arch == "glm4moe":  # leading dense blocks (GLM-4.5-Air 1, GLM-4.5 3),
         # one more block so a quarter of the experts still holds one MoE layer; the larger
         # has GLM-4.5's QK norm and its wider heads (96 x 128 vs 5120)
-        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
-            kw.update(layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64)
-    if arch == "smallthinker":          # the 4B's softmax; the 21B's sigmoid and windows
+        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else kw.update(
+            layers=kw["layers"] + 2, dense=2, qk_norm=True, head_dim=64
+        )
+    if arch == "smallthinker":  # the 4B's softmax; the 21B's sigmoid and windows
         kw.update(gating="softmax") if size == "s" else kw.update(gating="sigmoid", swa=64)
-    if arch == "deepseek2":     # V2-Lite's one query projection; V2's low-rank one and YaRN
-        kw.update(layers=kw["layers"] + 1, dense=1, kv_lora=64) if size == "s" else \
-            kw.update(layers=kw["layers"] + 2, dense=2, kv_lora=128, q_lora=96, yarn=True)
-    if arch in ("bailingmoe2", "ernie4_5-moe"):   # the same depths (bailingmoe2: 4 expert
+    if arch == "deepseek2":  # V2-Lite's one query projection; V2's low-rank one and YaRN
+        kw.update(layers=kw["layers"] + 1, dense=1, kv_lora=64) if size == "s" else kw.update(
+            layers=kw["layers"] + 2, dense=2, kv_lora=128, q_lora=96, yarn=True
+        )
+    if arch in ("bailingmoe2", "ernie4_5-moe"):  # the same depths (bailingmoe2: 4 expert
         # groups, 2 of them used; ernie4_5-moe: its shared expert two experts wide)
-        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else \
-            kw.update(layers=kw["layers"] + 2, dense=2)
+        kw.update(layers=kw["layers"] + 1, dense=1) if size == "s" else kw.update(layers=kw["layers"] + 2, dense=2)
     return kw
 
 
@@ -79,29 +92,44 @@ def test_args_read_from_the_file(synth, arch, size):
     o = options(arch, size)
     w = open_model(synth(**o))
     a = w.args
-    assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used) == \
-        (arch, o["layers"], o["d_model"], o["d_ff"], o["experts"], o["top_k"])
+    assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used) == (
+        arch,
+        o["layers"],
+        o["d_model"],
+        o["d_ff"],
+        o["experts"],
+        o["top_k"],
+    )
     assert a.moe_layers == tuple(range(o.get("dense", 0), o["layers"]))
     Dh = o.get("head_dim", o["d_model"] // o["heads"])
-    if arch == "deepseek2":     # MLA: the cached latent and its RoPE part, one "KV head"
-        assert (a.head_dim, a.n_head_kv, a.kv_lora_rank, a.mla_head_k, a.mla_head_v, a.rope_dim) == \
-            (o["kv_lora"] + Dh // 2, 1, o["kv_lora"], Dh, Dh, Dh // 2)
+    if arch == "deepseek2":  # MLA: the cached latent and its RoPE part, one "KV head"
+        assert (a.head_dim, a.n_head_kv, a.kv_lora_rank, a.mla_head_k, a.mla_head_v, a.rope_dim) == (
+            o["kv_lora"] + Dh // 2,
+            1,
+            o["kv_lora"],
+            Dh,
+            Dh,
+            Dh // 2,
+        )
         assert ("blk.1.attn_q_a.weight" in w.tensors) == bool(o.get("q_lora"))
         assert (a.rope_ext_factor, a.n_ctx_train) == ((1.0, 40 * 4096) if o.get("yarn") else (0.0, 4096))
     else:
         assert a.head_dim == Dh and a.kv_lora_rank == 0
-    assert a.qk_norm == ("head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else
-                         "full" if arch == "olmoe" else "")
+    assert a.qk_norm == (
+        "head" if arch in ("qwen3moe", "bailingmoe2") or o.get("qk_norm") else "full" if arch == "olmoe" else ""
+    )
     mtp = arch in ("glm4moe", "bailingmoe2")
-    shexp_one = mtp or arch == "deepseek2"      # one shared expert as wide as a routed one
+    shexp_one = mtp or arch == "deepseek2"  # one shared expert as wide as a routed one
     assert a.norm_weights == (arch in ("qwen3moe", "phimoe", "granitemoe", "ernie4_5-moe", "smallthinker") or mtp)
     assert a.n_ff_shexp == {"qwen2moe": 4 * o["d_ff"], "ernie4_5-moe": 2 * o["d_ff"]}.get(
-        arch, o["d_ff"] if shexp_one else o.get("shared_ff", 0))
+        arch, o["d_ff"] if shexp_one else o.get("shared_ff", 0)
+    )
     # glm4moe, bailingmoe2: sigmoid routing, weights scaled, RoPE on half of each head; the
     # trailing MTP block is in the file (block_count) but not run, and hobbitd serves the
     # MoE blocks only; bailingmoe2 chooses its experts in the best 2 of 4 groups
-    assert (a.gating, a.weights_scale) == (("sigmoid", 2.5) if mtp else
-                                           (o.get("gating", "softmax"), 1.0 if arch == "deepseek2" else 0.0))
+    assert (a.gating, a.weights_scale) == (
+        ("sigmoid", 2.5) if mtp else (o.get("gating", "softmax"), 1.0 if arch == "deepseek2" else 0.0)
+    )
     # smallthinker: with a window, llama.cpp's 4096 on layers il % 4 != 0, no RoPE on the others
     windowed = arch == "smallthinker" and o.get("swa")
     assert a.n_swa == (4096 if windowed else 0)
@@ -112,21 +140,21 @@ def test_args_read_from_the_file(synth, arch, size):
     assert w.field(f"{arch}.block_count") == o["layers"] + mtp
     assert gguf_experts(w).n_layer == len(a.moe_layers)
     scales = (a.embedding_scale, a.residual_scale, a.attention_scale, a.logit_scale)
-    if arch == "granitemoe":    # Granite's multipliers, read from the file
+    if arch == "granitemoe":  # Granite's multipliers, read from the file
         assert scales == pytest.approx((12.0, 0.22, 1 / a.head_dim, 6.0))
-    elif arch == "deepseek2":   # 1/sqrt(a head's key width), times YaRN's mscale^2 (llama.cpp's)
+    elif arch == "deepseek2":  # 1/sqrt(a head's key width), times YaRN's mscale^2 (llama.cpp's)
         mscale = (1 + 0.1 * 0.707 * np.log(40)) if o.get("yarn") else 1.0
-        assert scales == pytest.approx((0, 0, mscale ** 2 / Dh ** 0.5, 0), rel=1e-6)
+        assert scales == pytest.approx((0, 0, mscale**2 / Dh**0.5, 0), rel=1e-6)
     else:
         assert scales == (0, 0, 0, 0)
-    if arch == "phimoe":      # LongRoPE: 32x the original context, its attention factor
+    if arch == "phimoe":  # LongRoPE: 32x the original context, its attention factor
         assert (a.n_ctx_train, a.n_ctx_orig) == (32 * 4096, 4096)
         assert a.rope_attn_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
 
 
-@pytest.mark.parametrize("arch, size", [pytest.param(a, s, id=f"{a}-{s}")
-                                        for a in ("glm4moe", "bailingmoe2", "ernie4_5-moe")
-                                        for s in SIZES])
+@pytest.mark.parametrize(
+    "arch, size", [pytest.param(a, s, id=f"{a}-{s}") for a in ("glm4moe", "bailingmoe2", "ernie4_5-moe") for s in SIZES]
+)
 def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, size):
     """exp_probs_b (and bailingmoe2's expert groups) move the choice of experts, not their
     weights, for many tokens of the synthetic files, so the parity tests check that they
@@ -140,7 +168,7 @@ def test_selection_bias_and_expert_groups_change_which_experts_run(synth, arch, 
     model = Model(w, RunOptions(n_ctx=256, taps=("router_in",)))
     try:
         model.forward(Tokenizer(path).encode(PROMPT), all_logits=True)
-        h = np.stack([model.taps[f"router_in.{il}"] for il in w.args.moe_layers])     # (M, T, D)
+        h = np.stack([model.taps[f"router_in.{il}"] for il in w.args.moe_layers])  # (M, T, D)
     finally:
         model.close()
     routers = Routers(w)
@@ -160,10 +188,16 @@ def test_glm4moe_refuses_what_its_graph_would_compute_otherwise(synth, tmp_path)
     """Multimodal RoPE sections, which hobbit does not compute, and expert groups that do not
     divide the experts: one line naming the key or the numbers, not wrong output."""
     src = synth(**options("glm4moe", "s"))
-    for keys, start in (({"glm4moe.rope.dimension_sections": [8, 4, 4, 0]},
-                         "glm4moe.rope.dimension_sections: multimodal RoPE is not supported"),
-                        ({"glm4moe.expert_group_count": [3], "glm4moe.expert_group_used_count": [2]},
-                         "expert groups 3 (using 2) do not fit 8 experts, 2 used")):
+    for keys, start in (
+        (
+            {"glm4moe.rope.dimension_sections": [8, 4, 4, 0]},
+            "glm4moe.rope.dimension_sections: multimodal RoPE is not supported",
+        ),
+        (
+            {"glm4moe.expert_group_count": [3], "glm4moe.expert_group_used_count": [2]},
+            "expert groups 3 (using 2) do not fit 8 experts, 2 used",
+        ),
+    ):
         bad = with_per_layer(src, str(tmp_path / "bad.gguf"), keys)
         with pytest.raises(ModelError) as e:
             open_model(bad)
@@ -179,15 +213,19 @@ def with_per_layer(src: str, dst: str, arrays: dict) -> str:
     f = open_gguf(src)
     w = gguf.GGUFWriter(dst, f.arch)
     for key, value, vtype, sub in copied_fields(
-            f.reader, lambda k: not k.startswith("GGUF.") and k != "general.architecture"):
+        f.reader, lambda k: not k.startswith("GGUF.") and k != "general.architecture"
+    ):
         if key in arrays:
             value, vtype, sub = arrays[key], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
         w.add_key_value(key, value, vtype, sub)
     for key in arrays.keys() - f.reader.fields.keys():
         w.add_key_value(key, arrays[key], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     data = f.reader.data
-    write_gguf(w, [TensorEntry(t.name, t.type, t.shape, t.nbytes) for t in f.tensors.values()],
-               lambda e: [data[f.tensors[e.name].offset:f.tensors[e.name].offset + e.nbytes]])
+    write_gguf(
+        w,
+        [TensorEntry(t.name, t.type, t.shape, t.nbytes) for t in f.tensors.values()],
+        lambda e: [data[f.tensors[e.name].offset : f.tensors[e.name].offset + e.nbytes]],
+    )
     return dst
 
 
@@ -196,17 +234,21 @@ def test_per_layer_expert_arrays(synth, tmp_path):
     llama.cpp; values that differ by layer are refused in one line naming the key."""
     o = options("qwen3moe", "s")
     n = o["layers"]
-    uniform = with_per_layer(synth(**o), str(tmp_path / "u.gguf"), {
-        "qwen3moe.expert_used_count": [o["top_k"]] * n,
-        "qwen3moe.expert_feed_forward_length": [o["d_ff"]] * n})
+    uniform = with_per_layer(
+        synth(**o),
+        str(tmp_path / "u.gguf"),
+        {"qwen3moe.expert_used_count": [o["top_k"]] * n, "qwen3moe.expert_feed_forward_length": [o["d_ff"]] * n},
+    )
     assert open_model(uniform).args.n_expert_used == o["top_k"]
     assert_parity(uniform)
-    varying = with_per_layer(synth(**o), str(tmp_path / "v.gguf"), {
-        "qwen3moe.expert_used_count": [o["top_k"]] * (n - 1) + [1]})
+    varying = with_per_layer(
+        synth(**o), str(tmp_path / "v.gguf"), {"qwen3moe.expert_used_count": [o["top_k"]] * (n - 1) + [1]}
+    )
     with pytest.raises(ModelError) as e:
         open_model(varying)
-    assert str(e.value) == (f"{varying}: qwen3moe.expert_used_count differs across layers "
-                            f"(1..{o['top_k']}), which hobbit does not support")
+    assert str(e.value) == (
+        f"{varying}: qwen3moe.expert_used_count differs across layers (1..{o['top_k']}), which hobbit does not support"
+    )
 
 
 @pytest.mark.parametrize("arch, size", CASES)
@@ -267,8 +309,10 @@ NEW_ARCHS = ("granitemoe", "glm4moe", "bailingmoe2", "ernie4_5-moe", "deepseek2"
 
 
 @pytest.mark.every_ftype
-@pytest.mark.parametrize("arch, size, source", [
-    pytest.param(a, s, t, id=f"{a}-{s}-{t}") for a in NEW_ARCHS for s, t in (("m", "Q8_0"), ("s", "Q4_K_M"))])
+@pytest.mark.parametrize(
+    "arch, size, source",
+    [pytest.param(a, s, t, id=f"{a}-{s}-{t}") for a in NEW_ARCHS for s, t in (("m", "Q8_0"), ("s", "Q4_K_M"))],
+)
 def test_both_sizes_in_both_file_types(synth, quantized, tmp_path, arch, size, source):
     """In-process and through a quarter-cache hobbitd (high precision) the tokens and
     logits are llama.cpp's; mixed precision with the default companion stays close (where
@@ -291,8 +335,10 @@ def test_both_sizes_in_both_file_types(synth, quantized, tmp_path, arch, size, s
         return
     low = type_name(default_low_type(gguf_experts(open_model(path)).format))
     kld, agree, m = mixed_precision_vs_high(path, tmp_path, low)
-    print(f"{arch} {size} {source} -> {low}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
-          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    print(
+        f"{arch} {size} {source} -> {low}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+        f"{m['misses_low']} low loads, {m['skipped']} skipped"
+    )
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1 and agree >= 0.5, (kld, agree)
 
@@ -372,8 +418,13 @@ def test_default_model_through_daemon_matches_llama_cpp(default_moe, tmp_path):
 
 # qwen2moe (a shared expert) and gpt-oss (expert biases) in every run; the rest (and llama:
 # test_daemon_generate) with -m every_ftype
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("qwen2moe", "gpt-oss") else
-                                               pytest.mark.every_ftype) for a in (*ARCHS, "gpt-oss")])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=() if a in ("qwen2moe", "gpt-oss") else pytest.mark.every_ftype)
+        for a in (*ARCHS, "gpt-oss")
+    ],
+)
 def test_every_expert_cached_one_graph_matches_llama_cpp(synth, gpt_oss, tmp_path, arch):
     """A cache with room for every expert: after the first forward asks, hobbitd pins them
     all and the rest of the run computes each forward in one graph on its slots (routing,

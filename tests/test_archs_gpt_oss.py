@@ -1,6 +1,7 @@
 """gpt-oss, as test_archs.py tests the other MoE architectures, on the two sources its
 files come in: F16 and MXFP4 experts made by llama.cpp's own quantizer (MXFP4_MOE). The
 synthetic file's shape is conftest.py's GPT_OSS."""
+
 from __future__ import annotations
 
 import shutil
@@ -33,15 +34,25 @@ def oss_f16(gpt_oss):
 
 def test_gpt_oss_args_read_from_the_file(oss_f16):
     a = oss_f16.args
-    assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used, a.head_dim) == \
-        ("gpt-oss", 4, 256, 256, 8, 4, 64)
-    assert (a.gating, a.norm_weights, a.ffn_act, a.ffn_norm) == \
-        ("softmax_weight", False, "swiglu_oai", "post_attention_norm")
-    assert a.n_swa == 16 and a.swa_layers == (True, False, True, False)   # even layers windowed
+    assert (a.arch, a.n_layer, a.n_embd, a.n_ff, a.n_expert, a.n_expert_used, a.head_dim) == (
+        "gpt-oss",
+        4,
+        256,
+        256,
+        8,
+        4,
+        64,
+    )
+    assert (a.gating, a.norm_weights, a.ffn_act, a.ffn_norm) == (
+        "softmax_weight",
+        False,
+        "swiglu_oai",
+        "post_attention_norm",
+    )
+    assert a.n_swa == 16 and a.swa_layers == (True, False, True, False)  # even layers windowed
     # YaRN: frequencies scaled by 1/32 from 4096 positions on; the attention factor that
     # llama.cpp computes cancels the magnitude ggml's rope adds (to float32 rounding)
-    assert (a.rope_freq_scale, a.rope_ext_factor, a.n_ctx_orig, a.n_ctx_train) == \
-        (1 / 32, 1.0, 4096, 32 * 4096)
+    assert (a.rope_freq_scale, a.rope_ext_factor, a.n_ctx_orig, a.n_ctx_train) == (1 / 32, 1.0, 4096, 32 * 4096)
     assert a.rope_attn_factor == pytest.approx(1.0, abs=1e-6)
 
 
@@ -64,7 +75,7 @@ def test_gpt_oss_experts_carry_their_biases_into_slots_and_the_companion(oss_f16
     w = oss_f16
     high = gguf_experts(w)
     assert high.format.parts == PARTS + BIAS_PARTS
-    assert high.format.shapes[3:] == ((256,), (256,), (256,))       # gate F, up F, down D
+    assert high.format.shapes[3:] == ((256,), (256,), (256,))  # gate F, up F, down D
     assert high.format.types(0)[3:] == (ggml.F32,) * 3
     out = convert(w, ggml.Q4_0, out=str(tmp_path / "c.hobbit"), progress=False)
     low, _ = open_companion(w, out)
@@ -73,7 +84,7 @@ def test_gpt_oss_experts_carry_their_biases_into_slots_and_the_companion(oss_f16
     for layer, e in [(0, 0), (3, 7)]:
         for p in range(3, 6):
             (hoff, n), (loff, ln) = high.ranges(layer, e)[p], low.ranges(layer, e)[p]
-            assert ln == n and data[loff:loff + n].tobytes() == w.reader.data[hoff:hoff + n].tobytes()
+            assert ln == n and data[loff : loff + n].tobytes() == w.reader.data[hoff : hoff + n].tobytes()
 
 
 def test_gpt_oss_rewind_within_the_window_only(oss_f16):
@@ -86,11 +97,11 @@ def test_gpt_oss_rewind_within_the_window_only(oss_f16):
     assert model.swa_cells == 256 and len(tokens) > 256
     model.forward(head)
     want = model.forward(tail)
-    model.forward(tokens[:6])             # a continuation of 6 tokens, given up on
+    model.forward(tokens[:6])  # a continuation of 6 tokens, given up on
     model.n_past = len(head)
     assert np.array_equal(model.forward(tail), want)
     assert model.resumable(len(head)) and not model.resumable(10)
-    model.n_past = 10                     # positions 0..9 were overwritten by 256..265
+    model.n_past = 10  # positions 0..9 were overwritten by 256..265
     with pytest.raises(InputError, match="sliding-window cache") as e:
         model.forward(tokens[10:11])
     assert "\n" not in str(e.value)
@@ -114,8 +125,10 @@ def test_gpt_oss_mixed_precision_through_daemon(gpt_oss, tmp_path, source):
     shutil.copy(gpt_oss(source), path)
     low = type_name(default_low_type(gguf_experts(open_model(path)).format))
     kld, agree, m = mixed_precision_vs_high(path, tmp_path, low)
-    print(f"gpt-oss {source} -> {low}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
-          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    print(
+        f"gpt-oss {source} -> {low}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+        f"{m['misses_low']} low loads, {m['skipped']} skipped"
+    )
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1, f"mean KLD {kld:.4f}"
     # top-1 over 16 positions of random weights (near-ties) moves with which experts the

@@ -1,5 +1,6 @@
 """The daemon-side benchmark harnesses run end to end (no timing assertions: speed is
 measured by the commands, side by side, never asserted in tests)."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,26 @@ def test_bench_ablation_converts_the_companion_and_runs_every_configuration(synt
 
     model = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), model)
-    proc = subprocess.run([*CLI, "bench", "ablation", model, "--cache", "0.5", "--prompt-tokens", "8",
-                           "-n", "6", "--rounds", "2", "--json"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "bench",
+            "ablation",
+            model,
+            "--cache",
+            "0.5",
+            "--prompt-tokens",
+            "8",
+            "-n",
+            "6",
+            "--rounds",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert "no low-precision companion: converting" in proc.stderr
@@ -49,7 +67,7 @@ def test_bench_ablation_converts_the_companion_and_runs_every_configuration(synt
     assert set(r["configs"]) == set("abcde") and r["rounds"] == 2
     a, d, e = r["configs"]["a"], r["configs"]["d"], r["configs"]["e"]
     assert a["kld_vs_a"] == 0.0 and a["daemon"]["hits_low"] + a["daemon"]["misses_low"] == 0
-    assert e["daemon"]["hits_high"] + e["daemon"]["misses_high"] == 0      # low precision only
+    assert e["daemon"]["hits_high"] + e["daemon"]["misses_high"] == 0  # low precision only
     for c in r["configs"].values():
         assert c["decode_tok_s"] > 0 and c["daemon"]["requested"] > 0
         assert len(c["decode_tok_s_rounds"]) == len(c["speedup_vs_a_rounds"]) == 2
@@ -64,8 +82,9 @@ def test_bench_ablation_refuses_a_too_small_cache_before_running(synth, tmp_path
     """Preconditions first: a cache hobbitd would refuse is one line at once, not after (a)."""
     model = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), model)
-    r = subprocess.run([*CLI, "bench", "ablation", model, "--cache", "0.05"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*CLI, "bench", "ablation", model, "--cache", "0.05"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 1 and "[ablation] round" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "cache size" in last and "too small" in last and "minimum cache size" in last, r.stderr
@@ -74,6 +93,7 @@ def test_bench_ablation_refuses_a_too_small_cache_before_running(synth, tmp_path
 def _memory_cgroup_reason():
     """Why the limited runs cannot be made here, or None."""
     from hobbit.compute.measure.memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
+
     try:
         drop_page_cache()
         MemoryCgroup(1 << 30).close()
@@ -88,15 +108,20 @@ def test_bench_offload_quick_runs_every_engine_in_the_limit(tmp_path):
     every technique, in memory cgroups; hobbit at high precision decodes llama.cpp's tokens."""
     env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     import os
-    r = subprocess.run([*CLI, "bench", "offload", "--quick", "--json", "--sweep", "150%",
-                        "--plot", str(tmp_path / "plots")], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, **env_cache})
+
+    r = subprocess.run(
+        [*CLI, "bench", "offload", "--quick", "--json", "--sweep", "150%", "--plot", str(tmp_path / "plots")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env_cache},
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     res = out["results"]
     assert "error" not in res["llamacpp_unlimited"], res["llamacpp_unlimited"]
     reason = _memory_cgroup_reason()
-    if reason is not None:       # said so in the report, not measured: the test cannot check it
+    if reason is not None:  # said so in the report, not measured: the test cannot check it
         assert set(out["not_measured"]) == {"llamacpp_limited", "hobbit_high_lru", "hobbit"}
         pytest.skip(f"limited runs not possible here: {reason}")
     for key in ("llamacpp_limited", "hobbit_high_lru", "hobbit"):
@@ -105,7 +130,7 @@ def test_bench_offload_quick_runs_every_engine_in_the_limit(tmp_path):
         for run in res[key]["runs"]:
             assert run["decode_tok_s"] > 0 and len(run["tokens"]) == run["decode"] + 1
     for run in res["hobbit_high_lru"]["runs"]:
-        assert run["tokens_equal_to_unlimited"] == 1.0     # same GGUF, same greedy tokens
+        assert run["tokens_equal_to_unlimited"] == 1.0  # same GGUF, same greedy tokens
         assert run["bytes_per_token"] > 0 and run["x_llamacpp_limited"] > 0
         assert set(run["split_ms"]) == {"compute", "expert_wait", "other"}
     assert out["io_floor"]["tok_s"] > 0 and out["hobbit_cache"] < out["budget"]
@@ -113,7 +138,7 @@ def test_bench_offload_quick_runs_every_engine_in_the_limit(tmp_path):
     for png in out["plots"]:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(out["plots"]) == 2
-    two = out["clients"]["2"]          # 2 llama.cpp processes vs 2 clients of one / two hobbitd
+    two = out["clients"]["2"]  # 2 llama.cpp processes vs 2 clients of one / two hobbitd
     for key in ("llamacpp", "hobbit_shared", "hobbit_separate"):
         assert not two[key]["errors"] and two[key]["total_tok_s"] > 0, two[key]
     assert len(two["hobbit_separate"]["daemons"]) == 2 and len(two["hobbit_shared"]["daemons"]) == 1
@@ -121,8 +146,9 @@ def test_bench_offload_quick_runs_every_engine_in_the_limit(tmp_path):
 
 
 def test_bench_offload_bad_budget_is_one_clear_line():
-    r = subprocess.run([*CLI, "bench", "offload", "--quick", "--budget", "lots"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*CLI, "bench", "offload", "--quick", "--budget", "lots"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--budget" in lines[0], r.stderr
@@ -143,7 +169,8 @@ def test_bench_fit_runs_every_engine_side_by_side(synth):
     assert per["compute"] > 0 and per["wait"] >= 0 and per["client_other"] > 0 and per["daemon_cpu"] >= 0
     assert r["engines"]["llamacpp"]["decode_ratio"] == 1.0
     assert r["hit_path_ms_per_layer"] == pytest.approx(
-        (per["wait"] + per["client_other"] - one["wait"] - one["client_other"]) / r["n_moe_layer"])
+        (per["wait"] + per["client_other"] - one["wait"] - one["client_other"]) / r["n_moe_layer"]
+    )
 
 
 def test_bench_soak_loses_nothing(synth):
@@ -152,8 +179,22 @@ def test_bench_soak_loses_nothing(synth):
     completes is the in-process one, no client fails (serve answers on across the restart),
     and afterwards hobbitd holds no pins and no daemon left anything in /dev/shm or its
     socket folder."""
-    r = cli_json("bench", "soak", synth(**MODEL), "--clients", "2", "--minutes", "0.4",
-                 "-n", "8", "--kill-every", "4", "--daemon-kills", "1", timeout=600)
+    r = cli_json(
+        "bench",
+        "soak",
+        synth(**MODEL),
+        "--clients",
+        "2",
+        "--minutes",
+        "0.4",
+        "-n",
+        "8",
+        "--kill-every",
+        "4",
+        "--daemon-kills",
+        "1",
+        timeout=600,
+    )
     assert r["daemon_kills"] == 1 and r["clients_killed"] >= 2
     assert r["answers"] >= 2 and r["wrong"] == 0, r
     assert r["errors"] == {}, r["errors"]

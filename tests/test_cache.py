@@ -2,6 +2,7 @@
 memory, a real GGUF and the I/O engine's real reader threads. Hits and misses, pins,
 eviction under each policy, a cancelled prefetch, and reads that fail (a truncated source,
 a corrupt companion) without the cache ever serving their slot."""
+
 from __future__ import annotations
 
 import asyncio
@@ -70,9 +71,11 @@ def cache_of(path, slots=4, slot_wait=0.2, io_threads=2, **options):
 
 def in_loop(test):
     """Run an async test on one event loop (the cache lives on one loop)."""
+
     @functools.wraps(test)
     def run(*args, **kwargs):
         return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
+
     return run
 
 
@@ -86,8 +89,10 @@ def copy_model(model, tmp_path) -> str:
 def slot_bytes_of(cache, slot) -> bytes:
     """What a slot holds, part by part (without the alignment padding)."""
     fmt, base = slot.region.format, slot.offset
-    return b"".join(slot.region.segment.array[base + o:base + o + n].tobytes()
-                    for o, n in zip(fmt.offsets(slot.key[0]), fmt.part_nbytes(slot.key[0])))
+    return b"".join(
+        slot.region.segment.array[base + o : base + o + n].tobytes()
+        for o, n in zip(fmt.offsets(slot.key[0]), fmt.part_nbytes(slot.key[0]))
+    )
 
 
 def file_bytes_of(src, layer, expert) -> bytes:
@@ -119,7 +124,7 @@ def release(cache, mo, slots, owner=OWNER):
 @in_loop
 async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
     with cache_of(copy_model(model, tmp_path)) as (cache, mo):
-        assert cache.try_hit(OWNER, mo, 0, [1, 2], [0.0, 0.0]) is None   # nothing cached
+        assert cache.try_hit(OWNER, mo, 0, [1, 2], [0.0, 0.0]) is None  # nothing cached
         assert mo.requested == 0
 
         slots = await acquire(cache, mo, 0, [1, 2])
@@ -133,10 +138,10 @@ async def test_a_miss_is_read_and_then_hits_without_a_read(model, tmp_path):
         again = cache.try_hit(OWNER, mo, 0, [2, 1], [0.0, 0.0])
         assert again == slots[::-1]
         assert (mo.misses, mo.hits, mo.requested) == (2, 2, 4)
-        assert cache.io.reads == reads                       # served from memory
+        assert cache.io.reads == reads  # served from memory
         assert cache.owners[OWNER].hits == 2 and cache.owners[OWNER].misses == 2
-        assert cache.try_hit(OWNER, mo, 0, [1, 3], [0.0, 0.0]) is None   # 3 is a miss
-        assert mo.requested == 4                             # a refused fast path counts nothing
+        assert cache.try_hit(OWNER, mo, 0, [1, 3], [0.0, 0.0]) is None  # 3 is a miss
+        assert mo.requested == 4  # a refused fast path counts nothing
 
 
 @in_loop
@@ -157,11 +162,11 @@ async def test_a_request_that_waits_for_slots_holds_none_meanwhile(model, tmp_pa
     take while it waits (two such requests would wait for each other until cache_full);
     it gets all of them once a release makes room."""
     with cache_of(copy_model(model, tmp_path), slots=4, slot_wait=5) as (cache, mo):
-        held = await acquire(cache, mo, 0, [0, 1, 2])          # 3 of 4 slots
+        held = await acquire(cache, mo, 0, [0, 1, 2])  # 3 of 4 slots
         waiting = asyncio.ensure_future(acquire(cache, mo, 1, [0, 1], owner=OTHER))
-        await asyncio.sleep(0.2)                                # its two misses, one slot free
+        await asyncio.sleep(0.2)  # its two misses, one slot free
         assert not waiting.done()
-        assert sum(bool(s.pins) for s in mo.regions[HIGH].slots) == 3   # only OWNER's
+        assert sum(bool(s.pins) for s in mo.regions[HIGH].slots) == 3  # only OWNER's
         assert cache.owners[OTHER].pins == {} or not any(cache.owners[OTHER].pins.values())
         release(cache, mo, held[:1])
         got = await waiting
@@ -174,23 +179,23 @@ async def test_a_request_that_waits_for_slots_holds_none_meanwhile(model, tmp_pa
 @in_loop
 async def test_a_pinned_slot_is_kept_until_released(model, tmp_path):
     with cache_of(copy_model(model, tmp_path)) as (cache, mo):
-        held = await acquire(cache, mo, 0, [0, 1, 2, 3])      # all 4 slots pinned by OWNER
+        held = await acquire(cache, mo, 0, [0, 1, 2, 3])  # all 4 slots pinned by OWNER
         assert all(s.pins == {OWNER: 1} for s in held)
         with pytest.raises(RequestError) as e:
             await acquire(cache, mo, 1, [0], owner=OTHER)
         assert e.value.code == "cache_full"
-        assert [s.key for s in held] == [(0, 0), (0, 1), (0, 2), (0, 3)]   # none overwritten
+        assert [s.key for s in held] == [(0, 0), (0, 1), (0, 2), (0, 3)]  # none overwritten
 
         release(cache, mo, [held[2]])
-        release(cache, mo, [held[2]])                        # twice: ignored, never negative
+        release(cache, mo, [held[2]])  # twice: ignored, never negative
         assert held[2].pins == {} and cache.owners[OWNER].pins[held[2]] == 0
         (got,) = await acquire(cache, mo, 1, [0], owner=OTHER)
         assert got is held[2] and got.key == (1, 0) and got.pins == {OTHER: 1}
         assert slot_bytes_of(cache, got) == file_bytes_of(mo.source, 1, 0)
 
-        assert cache.close_owner(OWNER) == 3                 # its other three pins go with it
+        assert cache.close_owner(OWNER) == 3  # its other three pins go with it
         assert all(not s.pins for s in held if s is not got)
-        assert cache.try_hit(OWNER, mo, 0, [0], [0.0]) == [held[0]]   # a closed owner pins nothing
+        assert cache.try_hit(OWNER, mo, 0, [0], [0.0]) == [held[0]]  # a closed owner pins nothing
         assert held[0].pins == {}
 
 
@@ -207,31 +212,30 @@ async def test_eviction_follows_the_policy(model, tmp_path, policy, victim):
         (got,) = await acquire(cache, mo, 1, [0])
         assert got.index == before[0, victim]
         assert mo.regions[HIGH].lookup((0, victim)) is None
-        assert sorted(mo.regions[HIGH].by_key) == sorted({(0, 0), (0, 1), (0, 2), (0, 3),
-                                                          (1, 0)} - {(0, victim)})
+        assert sorted(mo.regions[HIGH].by_key) == sorted({(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)} - {(0, victim)})
         assert mo.hits == 2 and mo.misses == 5
 
 
 @in_loop
 async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_path):
     with cache_of(copy_model(model, tmp_path), slots=5) as (cache, mo):
-        cache.io.plug()            # hold the readers: the prefetches stay queued
+        cache.io.plug()  # hold the readers: the prefetches stay queued
         cache.hint(OWNER, mo, [1], [[0, 1, 2]], [[0.0, 0.1, 0.2]], None)
         queued = [mo.regions[HIGH].lookup((1, e)) for e in (0, 1, 2)]
         assert all(s.state == "loading" and s.protected and s.prefetched for s in queued)
         assert mo.prefetched == 3 and cache.io.pending() == 3
 
-        cache.hint(OWNER, mo, [1], [[3]], [[0.0]], None)   # a newer prediction
+        cache.hint(OWNER, mo, [1], [[3]], [[0.0]], None)  # a newer prediction
         region = mo.regions[HIGH]
         assert all(region.lookup((1, e)) is None for e in (0, 1, 2))
         assert sorted(s.state for s in region.slots) == ["free"] * 4 + ["loading"]
         assert [s.key for s in region.slots if s.protected] == [(1, 3)]
         assert mo.prefetched == 4 and cache.io.pending() == 1
         cache.io.unplug()
-        (got,) = await acquire(cache, mo, 1, [3])          # waits for the prefetch's read
+        (got,) = await acquire(cache, mo, 1, [3])  # waits for the prefetch's read
         assert got.key == (1, 3) and slot_bytes_of(cache, got) == file_bytes_of(mo.source, 1, 3)
         assert (mo.waits + mo.hits, mo.misses, mo.prefetch_used) == (1, 0, 1)
-        assert mo.bytes_read == mo.source.expert_bytes(0)     # the cancelled three never read
+        assert mo.bytes_read == mo.source.expert_bytes(0)  # the cancelled three never read
         assert not got.protected
 
 
@@ -239,23 +243,23 @@ async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_pat
 async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, tmp_path):
     path = copy_model(model, tmp_path)
     with cache_of(path) as (cache, mo):
-        last = max((off + n, layer, e) for layer in range(2) for e in range(4)
-                   for off, n in mo.source.ranges(layer, e))
+        last = max((off + n, layer, e) for layer in range(2) for e in range(4) for off, n in mo.source.ranges(layer, e))
         _, layer, e = last
         cut = last[0] - 1
-        os.truncate(path, cut)     # the expert stored last loses its last byte
+        os.truncate(path, cut)  # the expert stored last loses its last byte
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, layer, [e])
         assert err.value.code == "io" and f"layer {layer} expert {e}" in str(err.value)
         assert mo.regions[HIGH].lookup((layer, e)) is None
         assert all(not s.pins and s.state != "loading" for s in mo.regions[HIGH].slots)
         assert cache.try_hit(OWNER, mo, layer, [e], [0.0]) is None
-        with pytest.raises(RequestError):                    # still unreadable, not cached
+        with pytest.raises(RequestError):  # still unreadable, not cached
             await acquire(cache, mo, layer, [e])
 
-        other = next((lo, eo) for lo in range(2) for eo in range(4)
-                     if max(off + n for off, n in mo.source.ranges(lo, eo)) <= cut)
-        (slot,) = await acquire(cache, mo, other[0], [other[1]])   # the cache serves on
+        other = next(
+            (lo, eo) for lo in range(2) for eo in range(4) if max(off + n for off, n in mo.source.ranges(lo, eo)) <= cut
+        )
+        (slot,) = await acquire(cache, mo, other[0], [other[1]])  # the cache serves on
         assert slot_bytes_of(cache, slot) == file_bytes_of(mo.source, *other)
 
 
@@ -275,14 +279,14 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
         assert mo.regions[LOW].lookup((1, 2)) is None
         assert all(not s.pins for s in mo.regions[LOW].slots)
 
-        (slot,) = await acquire(cache, mo, 1, [3])              # a sound expert is served
+        (slot,) = await acquire(cache, mo, 1, [3])  # a sound expert is served
         assert slot.region.precision == LOW
-        assert (1, 3) in mo.verified and (1, 2) not in mo.verified   # checked once, when read
+        assert (1, 3) in mo.verified and (1, 2) not in mo.verified  # checked once, when read
         with open(comp, "rb") as f:
             f.seek(companion.slot_image_offset(mo.low, 1, 3))
             want = f.read(mo.low.format.slot_bytes)
-        assert slot.region.segment.array[slot.offset:slot.offset + len(want)].tobytes() == want
-        with pytest.raises(RequestError) as err:               # still refused, never cached
+        assert slot.region.segment.array[slot.offset : slot.offset + len(want)].tobytes() == want
+        with pytest.raises(RequestError) as err:  # still refused, never cached
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum"
 
@@ -298,11 +302,11 @@ async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, t
     path = copy_model(model, tmp_path)
     comp = convert(open_model(path), ggml.Q4_0, progress=False)
     with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
-        release(cache, mo, await acquire(cache, mo, 0, [0, 1, 2, 3]))    # read and verified
+        release(cache, mo, await acquire(cache, mo, 0, [0, 1, 2, 3]))  # read and verified
         assert {(0, e) for e in range(4)} <= mo.verified
-        release(cache, mo, await acquire(cache, mo, 1, [0, 1, 2, 3]))    # evicts layer 0
+        release(cache, mo, await acquire(cache, mo, 1, [0, 1, 2, 3]))  # evicts layer 0
         assert mo.regions[LOW].lookup((0, 2)) is None
-        flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)   # a new mtime
+        flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # a new mtime
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 0, [2])
         assert err.value.code == "checksum" and "stale" in str(err.value), err.value
@@ -333,16 +337,16 @@ async def test_a_model_opened_on_demand_takes_its_share_from_the_least_used(mode
         assert a.regions[HIGH].n_slots == b.regions[HIGH].n_slots == 8
         new = open_served(paths["c"], "c", opts)
 
-        shrink, _, _ = plan_added(models, new, size, 0.25)      # nothing used yet: alike
+        shrink, _, _ = plan_added(models, new, size, 0.25)  # nothing used yet: alike
         assert abs(shrink["a", HIGH] - shrink["b", HIGH]) <= 1, shrink
 
-        for layer in (0, 1):                                  # a is used, b is not
+        for layer in (0, 1):  # a is used, b is not
             release(cache, a, await acquire(cache, a, layer, [0, 1, 2, 3]))
         shrink, new_plan, _ = plan_added(models, new, size, 0.25)
         given = sum(n for *_, n in new_plan)
         assert given >= 4
-        assert shrink["b", HIGH] == 4, shrink                 # the idle one down to one layer
-        assert shrink["a", HIGH] == 8 - (given - 4), shrink   # the busy one the rest only
+        assert shrink["b", HIGH] == 4, shrink  # the idle one down to one layer
+        assert shrink["a", HIGH] == 8 - (given - 4), shrink  # the busy one the rest only
     finally:
         io.close()
         shm.close()

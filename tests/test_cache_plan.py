@@ -1,5 +1,6 @@
 """How hobbitd splits a cache between precisions, at 128 experts a layer: mixed precision
 starts in every cache exact mode starts in."""
+
 from __future__ import annotations
 
 import shutil
@@ -24,8 +25,11 @@ def served(synth, tmp_path_factory):
     convert(open_model(path), ggml.Q4_K, progress=False)
     exact = open_served_all([path], ModelOptions(low_type="Q4_K"))
     mixed = open_served_all([path], ModelOptions(low_type="Q4_K", t1=0.6, t2=0.9))
-    return {"exact": next(iter(exact.values())), "mixed": next(iter(mixed.values())),
-            "models": {"exact": exact, "mixed": mixed}}
+    return {
+        "exact": next(iter(exact.values())),
+        "mixed": next(iter(mixed.values())),
+        "models": {"exact": exact, "mixed": mixed},
+    }
 
 
 def regions(models, size):
@@ -41,7 +45,7 @@ def test_mixed_starts_wherever_exact_does(served):
         regions(served["models"]["exact"], E * high - high)
     for size in (smallest, int(1.3 * smallest), E * (high + low) + 2 * 4096, 3 * smallest):
         ex = regions(served["models"]["exact"], size)
-        mx = regions(served["models"]["mixed"], size)     # the fixed 25 % low share refused these
+        mx = regions(served["models"]["mixed"], size)  # the fixed 25 % low share refused these
         assert ex[HIGH] >= E and mx[HIGH] >= E, (size, ex, mx)
         assert mx.get(LOW, E) >= E, (size, mx)
     # room for both: each precision holds at least a layer; too little: high only (exact misses)

@@ -1,4 +1,5 @@
 """Bad input gets one clear line on stderr, a non-zero exit, and no traceback."""
+
 from __future__ import annotations
 
 import subprocess
@@ -56,8 +57,9 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    assert_one_line_error(run_cli("generate", path, "-p", "hi"), "'mamba'",
-                          "supported: llama, qwen3moe, olmoe, qwen2moe, phimoe")
+    assert_one_line_error(
+        run_cli("generate", path, "-p", "hi"), "'mamba'", "supported: llama, qwen3moe, olmoe, qwen2moe, phimoe"
+    )
 
 
 def test_prompt_longer_than_context(smollm2):

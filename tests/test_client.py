@@ -1,6 +1,7 @@
 """The client's own contracts: its hit path picks each expert's precision as hobbitd does
 (one rule, loader/precision.py), and fetch() hands out typed handles, whether hobbitd
 served them or the client pinned them itself, which release() gives back."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,22 +17,22 @@ from hobbit.loader.precision import EVERY_MISS_LOW, HIGH, LOW, SKIP, Thresholds
 
 # ---- one decision: hobbitd's (ModelCache.decide) and the client's hit path -----------------
 
-N_EXPERT = 4          # one layer of 4 experts: a high region of 4 slots holds them all
-E = 2                 # the expert each case asks for
-ASK = "ask"           # the hit path asks hobbitd (the expert is read, or waited for)
+N_EXPERT = 4  # one layer of 4 experts: a high region of 4 slots holds them all
+E = 2  # the expert each case asks for
+ASK = "ask"  # the hit path asks hobbitd (the expert is read, or waited for)
 TH = Thresholds(0.6, 0.9)
 
 # (thresholds, score, cached in (high, low), precisions the model has, holds_all,
 #  what hobbitd serves, what the hit path does: the precision it pins, SKIP, or ASK)
 CASES = [
     (TH, 0.0, (True, False), (HIGH, LOW), False, HIGH, HIGH),
-    (TH, 0.6, (False, False), (HIGH, LOW), False, HIGH, ASK),       # s = T1: a high miss
+    (TH, 0.6, (False, False), (HIGH, LOW), False, HIGH, ASK),  # s = T1: a high miss
     (TH, 0.6000001, (False, False), (HIGH, LOW), False, LOW, ASK),  # just above T1: a low miss
-    (TH, 0.6, (False, True), (HIGH, LOW), False, LOW, LOW),         # a low hit stays a hit
-    (TH, 0.9, (False, True), (HIGH, LOW), False, LOW, LOW),         # s = T2
+    (TH, 0.6, (False, True), (HIGH, LOW), False, LOW, LOW),  # a low hit stays a hit
+    (TH, 0.9, (False, True), (HIGH, LOW), False, LOW, LOW),  # s = T2
     (TH, 0.9000001, (False, True), (HIGH, LOW), False, SKIP, SKIP),  # above T2: skipped
     (TH, 0.95, (False, False), (HIGH, LOW), False, SKIP, SKIP),
-    (TH, 0.95, (True, False), (HIGH, LOW), False, HIGH, HIGH),      # a high hit, even above T2
+    (TH, 0.95, (True, False), (HIGH, LOW), False, HIGH, HIGH),  # a high hit, even above T2
     (TH, 0.95, (True, True), (HIGH, LOW), False, HIGH, HIGH),
     (Thresholds(EVERY_MISS_LOW, 0.9), 0.0, (False, False), (LOW,), False, LOW, ASK),
     (Thresholds(EVERY_MISS_LOW, 0.9), 0.0, (False, True), (LOW,), False, LOW, LOW),
@@ -40,14 +41,14 @@ CASES = [
     (Thresholds(low_only=True), 0.0, (True, False), (HIGH, LOW), False, LOW, ASK),
     (Thresholds(low_only=True), 0.0, (True, True), (HIGH, LOW), False, LOW, LOW),
     (Thresholds(low_only=True), 0.0, (False, True), (HIGH, LOW), True, LOW, LOW),
-    (TH, 0.7, (False, False), (HIGH,), False, HIGH, ASK),           # no companion: high instead
+    (TH, 0.7, (False, False), (HIGH,), False, HIGH, ASK),  # no companion: high instead
     (TH, 0.7, (True, False), (HIGH,), False, HIGH, HIGH),
-    (Thresholds(), 0.0, (False, True), (LOW,), False, LOW, ASK),    # no high slots: low instead,
-                                                                    # the hit path leaves it to hobbitd
-    (TH, 0.95, (False, True), (HIGH, LOW), True, HIGH, ASK),        # holds_all: high, read
+    (Thresholds(), 0.0, (False, True), (LOW,), False, LOW, ASK),  # no high slots: low instead,
+    # the hit path leaves it to hobbitd
+    (TH, 0.95, (False, True), (HIGH, LOW), True, HIGH, ASK),  # holds_all: high, read
     (TH, 0.95, (True, False), (HIGH, LOW), True, HIGH, HIGH),
     (TH, 0.0, (True, True), (HIGH, LOW), True, HIGH, HIGH),
-    (Thresholds(), 0.5, (False, True), (HIGH, LOW), False, HIGH, ASK),   # exact: no low use
+    (Thresholds(), 0.5, (False, True), (HIGH, LOW), False, HIGH, ASK),  # exact: no low use
     (Thresholds(dynamic=False), 0.99, (False, True), (HIGH, LOW), False, HIGH, ASK),
 ]
 
@@ -76,8 +77,10 @@ def daemon_side(th, cached, have, holds_all) -> ModelCache:
 def client_side(mo: ModelCache) -> dict:
     """The directory entries of layer 0 per precision the model has, as a client reads
     them in the control block (slot index, -1: not held)."""
-    return {p: [-1 if r.lookup((0, e)) is None else r.lookup((0, e)).index for e in range(N_EXPERT)]
-            for p, r in mo.regions.items()}
+    return {
+        p: [-1 if r.lookup((0, e)) is None else r.lookup((0, e)).index for e in range(N_EXPERT)]
+        for p, r in mo.regions.items()
+    }
 
 
 @pytest.mark.parametrize("th,score,cached,have,holds_all,served,hit_path", CASES)
@@ -87,7 +90,7 @@ def test_the_hit_path_decides_as_hobbitd(th, score, cached, have, holds_all, ser
     ours = mo.decide((0, E), score)
     got = hit_handles(th, mo.holds_all, entries, [E], [score])
     assert ours == served
-    if hit_path == ASK:       # hobbitd reads it, or serves it in the other precision
+    if hit_path == ASK:  # hobbitd reads it, or serves it in the other precision
         assert got is None
         return
     assert got is not None and len(got) == 1
@@ -110,6 +113,7 @@ def test_a_layer_is_pinned_only_when_every_expert_is():
 
 # ---- typed handles through a real hobbitd ----------------------------------------------------
 
+
 def pinned(client: ExpertClient) -> int:
     """Slots pinned in the model's high region, by hobbitd's count (sessions' and rows')."""
     return next(iter(client.stats()["models"].values()))["regions"]["high"]["pinned"]
@@ -129,7 +133,7 @@ def test_fetch_returns_handles_and_release_gives_them_back(synth, tmp_path):
             assert all(type(h) is Handle and h.precision == HIGH for h in served), served
             assert pinned(client) == 2
             client.release(served)
-            assert pinned(client) == 0            # stats() sent the release first
+            assert pinned(client) == 0  # stats() sent the release first
 
             trips = client.round_trips
             hit = client.fetch(1, [2, 5], [0.0, 0.5])

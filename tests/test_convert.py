@@ -1,4 +1,5 @@
 """convert writes the same companion whatever the number of threads converting it."""
+
 from __future__ import annotations
 
 from hobbit.compute.engine import ggml

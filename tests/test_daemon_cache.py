@@ -1,5 +1,6 @@
 """hobbitd's cache when the model does not fit: eviction, pins that survive it, cache_full,
 and reads shared by concurrent requests."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,7 @@ import time
 
 import pytest
 
-from daemon_util import (SYNTH, SlotView, call, connect, hello, recv, release, request,
-                         run_daemon, send, stats)
+from daemon_util import SYNTH, SlotView, call, connect, hello, recv, release, request, run_daemon, send, stats
 from hobbit.protocol import messages as m
 
 LAYERS, EXPERTS = SYNTH["layers"], SYNTH["experts"]
@@ -18,10 +18,9 @@ LAYERS, EXPERTS = SYNTH["layers"], SYNTH["experts"]
 def daemon(synth, tmp_path_factory):
     """The minimum cache (9 slots for 32 experts), buffered reads, a short slot wait."""
     path = synth(**SYNTH)
-    with run_daemon([path], "4M", tmp_path_factory.mktemp("daemon"), no_direct_io=True,
-                    slot_wait=0.5) as d:
+    with run_daemon([path], "4M", tmp_path_factory.mktemp("daemon"), no_direct_io=True, slot_wait=0.5) as d:
         d.model_path = path
-        d.model = os.path.basename(path)[:-len(".gguf")]
+        d.model = os.path.basename(path)[: -len(".gguf")]
         yield d
 
 
@@ -60,7 +59,7 @@ def test_churn_evicts_and_every_slot_is_right(daemon, client, view):
     assert after["regions"]["high"]["ready"] <= n_slots
     assert after["regions"]["high"]["pinned"] == 0
     st = stats(client)["io"]
-    assert st["direct_reads"] == 0 and st["reads"] > 0          # --no-direct-io
+    assert st["direct_reads"] == 0 and st["reads"] > 0  # --no-direct-io
 
 
 def test_pinned_slot_survives_churn(daemon, client, view):
@@ -77,7 +76,7 @@ def test_pinned_slot_survives_churn(daemon, client, view):
     view.check(held, 0, 0)
     s0 = model_stats(client, daemon.model)
     assert s0["regions"]["high"]["pinned"] == 1
-    assert request(client, daemon.model, 0, [0])[0] == held      # still cached: a hit
+    assert request(client, daemon.model, 0, [0])[0] == held  # still cached: a hit
     assert model_stats(client, daemon.model)["hits"] == s0["hits"] + 1
 
 
@@ -108,7 +107,7 @@ def test_concurrent_requests_share_one_read(synth, tmp_path):
     second request for an expert being read waits for that read instead of starting another."""
     path = synth(**SYNTH)
     with run_daemon([path], "8M", tmp_path, io_limit="512K") as d:
-        model = os.path.basename(path)[:-len(".gguf")]
+        model = os.path.basename(path)[: -len(".gguf")]
         a, b = connect(d.socket), connect(d.socket)
         hello(a, "a")
         hello(b, "b")
@@ -128,10 +127,10 @@ def test_concurrent_requests_share_one_read(synth, tmp_path):
         view.close()
         # a session that ends while its request reads is told so, and pins nothing
         send(b, m.Cmd.REQUEST, id=3, model=model, layer=3, experts=[0])
-        hello(b, "b again")                     # replaces the session (and drops its pin)
+        hello(b, "b again")  # replaces the session (and drops its pin)
         cmd, msg = recv(b, 10)
         assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "no_session", 3), msg
-        assert model_stats(a, model)["regions"]["high"]["pinned"] == 2     # only a's two
+        assert model_stats(a, model)["regions"]["high"]["pinned"] == 2  # only a's two
 
 
 def control_of(welcome: dict, model: str):
@@ -144,8 +143,12 @@ def control_of(welcome: dict, model: str):
     cb = ControlBlock.attach(ctl["shm"], ctl["size"], ctl["rows_offset"], ctl["n_slots"])
     info = welcome["models"][model]
     high = info["regions"]["high"]
-    return cb, cb.rows[ctl["row"]], cb.directory(high["directory"], info["n_layer"],
-                                                 info["n_expert"]), high["first_slot"]
+    return (
+        cb,
+        cb.rows[ctl["row"]],
+        cb.directory(high["directory"], info["n_layer"], info["n_expert"]),
+        high["first_slot"],
+    )
 
 
 def check_directory(directory, view):
@@ -166,11 +169,12 @@ def test_a_hit_the_client_pinned_itself_survives_churn_and_is_counted(daemon, cl
         release(client, daemon.model, [slot])
         index = slot[1]
         assert directory[1, 2] == index
-        row[first + index] += 1                          # pinned by us, not asked for
-        assert directory[1, 2] == index                  # still published: the pin holds
+        row[first + index] += 1  # pinned by us, not asked for
+        assert directory[1, 2] == index  # still published: the pin holds
         before = model_stats(client, daemon.model)
-        send(client, m.Cmd.HITS, model=daemon.model, seq=1, token=1, tokens=1,
-             hits=[[1, [2], [["high", index]], [0.0]]])
+        send(
+            client, m.Cmd.HITS, model=daemon.model, seq=1, token=1, tokens=1, hits=[[1, [2], [["high", index]], [0.0]]]
+        )
         after = model_stats(client, daemon.model)
         assert after["hits"] - before["hits"] == 1
         assert after["requested"] - before["requested"] == 1
@@ -185,15 +189,15 @@ def test_a_hit_the_client_pinned_itself_survives_churn_and_is_counted(daemon, cl
             assert directory[1, 2] == index
             view.check(slot, 1, 2)
             check_directory(directory, view)
-        row[first + index] -= 1                          # done with it
+        row[first + index] -= 1  # done with it
         for layer in range(LAYERS):
             for e in range(EXPERTS):
                 release(client, daemon.model, request(client, daemon.model, layer, [e]))
         check_directory(directory, view)
         assert directory[1, 2] in (-1, index)
-        assert (directory >= 0).sum() <= 9               # the region's slots
+        assert (directory >= 0).sum() <= 9  # the region's slots
     finally:
-        del row, directory      # views into the block: it unmaps only without them
+        del row, directory  # views into the block: it unmaps only without them
         cb.close()
 
 
@@ -206,15 +210,14 @@ def test_hits_pinned_in_the_row_count_toward_the_pin_limit(daemon, client):
         release(client, daemon.model, held)
         for _, index in held:
             row[first + index] += 1
-        cmd, msg = call(client, m.Cmd.REQUEST, id=7, model=daemon.model, layer=1,
-                        experts=list(range(EXPERTS)))
+        cmd, msg = call(client, m.Cmd.REQUEST, id=7, model=daemon.model, layer=1, experts=list(range(EXPERTS)))
         assert (cmd, msg["code"]) == (m.Cmd.ERROR, "pin_limit"), msg
         assert "holds 3 pinned slots" in msg["message"], msg
         for _, index in held:
             row[first + index] -= 1
         release(client, daemon.model, request(client, daemon.model, 1, range(EXPERTS)))
     finally:
-        del row, directory      # views into the block: it unmaps only without them
+        del row, directory  # views into the block: it unmaps only without them
         cb.close()
 
 
@@ -230,10 +233,10 @@ def test_a_session_that_ends_loses_its_row_pins(daemon):
         row[first + slot[1]] += 1
         send(sock, m.Cmd.BYE)
         deadline = time.monotonic() + 5
-        while row.any() and time.monotonic() < deadline:    # BYE is handled asynchronously
+        while row.any() and time.monotonic() < deadline:  # BYE is handled asynchronously
             time.sleep(0.02)
         assert not row.any()
     finally:
-        del row, directory      # views into the block: it unmaps only without them
+        del row, directory  # views into the block: it unmaps only without them
         cb.close()
         sock.close(linger=100)

@@ -1,6 +1,7 @@
 """hobbitd with a low-precision companion file: low-precision slots hold exactly the
 companion's bytes, a corrupt expert is refused by its checksum (never served), and a
 companion whose GGUF changed after `convert` is refused as stale."""
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,7 @@ def test_low_precision_slots_hold_the_companion_bytes(synth, tmp_path):
                 f.seek(companion.slot_image_offset(src, 2, e))
                 want = f.read(fmt.slot_bytes)
                 base = region["offset"] + i * fmt.slot_bytes
-                assert seg.array[base:base + fmt.slot_bytes].tobytes() == want
+                assert seg.array[base : base + fmt.slot_bytes].tobytes() == want
         release(s, "m", slots)
         seg.close()
         s.close(linger=0)
@@ -68,10 +69,10 @@ def test_a_flipped_byte_is_caught_and_never_served(synth, tmp_path):
         cmd, msg = recv(s, 10)
         assert cmd == m.Cmd.ERROR and msg["code"] == "checksum" and msg["id"] == 7, msg
         assert "layer 1 expert 2" in msg["message"]
-        release(s, "m", request(s, "m", 1, [3], rid=8))     # the daemon keeps serving
+        release(s, "m", request(s, "m", 1, [3], rid=8))  # the daemon keeps serving
         send(s, m.Cmd.REQUEST, id=9, model="m", layer=1, experts=[2])
         cmd, msg = recv(s, 10)
-        assert cmd == m.Cmd.ERROR and msg["code"] == "checksum"   # still refused, not cached
+        assert cmd == m.Cmd.ERROR and msg["code"] == "checksum"  # still refused, not cached
         s.close(linger=0)
 
 
@@ -86,8 +87,12 @@ def test_a_gguf_changed_after_convert_is_refused_as_stale(synth, tmp_path):
 def test_convert_cli_reports_and_daemon_serves_exactly_until_asked_for_lossy(synth, tmp_path):
     path = str(tmp_path / "m.gguf")
     shutil.copy(synth(**MODEL), path)
-    r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "Q4_K experts" in r.stdout and os.path.exists(companion.companion_path(path, ggml.Q4_K))
     # not calibrated: served exactly (every expert high, none skipped; no low slots), and
@@ -98,8 +103,12 @@ def test_convert_cli_reports_and_daemon_serves_exactly_until_asked_for_lossy(syn
         assert set(w["models"]["m"]["regions"]) == {"high"}
         h = stats(s)["models"]["m"]["hobbit"]
         s.close(linger=0)
-        out = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "stats", "--socket",
-                              d.socket], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "hobbit.compute.apps.cli", "stats", "--socket", d.socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert h["exact"] and (h["t1"], h["t2"]) == (1.0, 1.0) and not h["calibrated"], h
     assert out.returncode == 0 and "exact: high precision only (not calibrated)" in out.stdout, out
     # a lossy mode when asked for by flag: the companion's low-precision slots are used

@@ -1,4 +1,5 @@
 """hobbitd's configuration (TOML + flags, sizes, the default socket) and sd_notify."""
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,21 @@ from hobbit.protocol.errors import InputError
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "systemd", "hobbitd.toml")
 
 
-@pytest.mark.parametrize("text, n", [
-    ("123", 123), (123, 123), ("4K", 4096), ("400M", 400 << 20), ("2G", 2 << 30),
-    ("1.5GiB", 3 << 29), ("2g", 2 << 30), ("10MB", 10 << 20), (" 1 T ", 1 << 40), ("0", 0),
-])
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("123", 123),
+        (123, 123),
+        ("4K", 4096),
+        ("400M", 400 << 20),
+        ("2G", 2 << 30),
+        ("1.5GiB", 3 << 29),
+        ("2g", 2 << 30),
+        ("10MB", 10 << 20),
+        (" 1 T ", 1 << 40),
+        ("0", 0),
+    ],
+)
 def test_parse_size(text, n):
     assert parse_size(text) == n
 
@@ -39,9 +51,11 @@ def test_example_config_loads():
 
 def test_config_values_and_relative_models(tmp_path):
     p = tmp_path / "d.toml"
-    p.write_text('models = ["m/a.gguf", "/abs/b.gguf"]\ncache_size = 1073741824\n'
-                 'io_limit = "400M"\ndirect_io = false\nclient_timeout = 2\n'
-                 'model_dirs = ["m", "/srv/models"]\n')
+    p.write_text(
+        'models = ["m/a.gguf", "/abs/b.gguf"]\ncache_size = 1073741824\n'
+        'io_limit = "400M"\ndirect_io = false\nclient_timeout = 2\n'
+        'model_dirs = ["m", "/srv/models"]\n'
+    )
     cfg = load_config(str(p))
     assert cfg.models == [str(tmp_path / "m/a.gguf"), "/abs/b.gguf"]
     assert cfg.model_dirs == [str(tmp_path / "m"), "/srv/models"]
@@ -49,15 +63,18 @@ def test_config_values_and_relative_models(tmp_path):
     assert cfg.client_timeout == 2.0
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("cache_sise = 1", "unknown key 'cache_sise'"),
-    ('models = "a.gguf"', "models must be a list"),
-    ('io_threads = 0', "io_threads must be a positive integer"),
-    ('direct_io = "yes"', "direct_io must be true or false"),
-    ('client_timeout = -1', "client_timeout must be a positive number"),
-    ('cache_size = "lots"', "cache_size"),
-    ("models = [", "unreadable config"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("cache_sise = 1", "unknown key 'cache_sise'"),
+        ('models = "a.gguf"', "models must be a list"),
+        ("io_threads = 0", "io_threads must be a positive integer"),
+        ('direct_io = "yes"', "direct_io must be true or false"),
+        ("client_timeout = -1", "client_timeout must be a positive number"),
+        ('cache_size = "lots"', "cache_size"),
+        ("models = [", "unreadable config"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, text, needle):
     p = tmp_path / "bad.toml"
     p.write_text(text + "\n")
@@ -74,8 +91,9 @@ def test_missing_config(tmp_path):
 def test_flags_override_the_config(tmp_path):
     p = tmp_path / "d.toml"
     p.write_text('models = ["/a.gguf"]\ncache_size = "1G"\nio_threads = 2\n')
-    args = build_parser().parse_args(["--config", str(p), "--cache-size", "2G",
-                                      "--no-direct-io", "--client-timeout", "1.5"])
+    args = build_parser().parse_args(
+        ["--config", str(p), "--cache-size", "2G", "--no-direct-io", "--client-timeout", "1.5"]
+    )
     cfg = config_from_args(args)
     assert cfg.models == ["/a.gguf"] and cfg.io_threads == 2
     assert (cfg.cache_size, cfg.direct_io, cfg.client_timeout) == (2 << 30, False, 1.5)
@@ -100,7 +118,7 @@ def test_default_socket(monkeypatch, tmp_path):
     assert default_socket() == "/tmp/hobbitd-1000.sock"
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert default_socket() == "/run/user/1000/hobbitd.sock"
-    (tmp_path / "system.sock").touch()      # a system daemon is up: users find it
+    (tmp_path / "system.sock").touch()  # a system daemon is up: users find it
     assert default_socket() == str(tmp_path / "system.sock")
     (tmp_path / "system.sock").unlink()
     monkeypatch.setattr(os, "geteuid", lambda: 0)
@@ -142,8 +160,13 @@ def test_no_model_and_none_built_says_how_to_build_it(tmp_path):
 
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     env.pop("HOBBIT_SOCKET", None)
-    r = subprocess.run([sys.executable, "-m", "hobbit.hobbitd.main", "--socket", str(tmp_path / "s.sock")],
-                       capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "hobbit.hobbitd.main", "--socket", str(tmp_path / "s.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "hobbit-cli prepare" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "s.sock")

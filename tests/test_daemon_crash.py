@@ -3,6 +3,7 @@ memory and sockets are removed (never a live one's), a private daemon goes with 
 a client learns within ~2 s that its daemon died (also mid-request), and the per-client
 limits on pins and sessions answer with clear errors, and a model file cut short under the
 daemon fails only the requests that need it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,19 @@ import time
 
 import pytest
 
-from daemon_util import (START_TIMEOUT, SYNTH, RunningDaemon, call, connect, expert_source,
-                         hello, release, request, run_daemon, send)
+from daemon_util import (
+    START_TIMEOUT,
+    SYNTH,
+    RunningDaemon,
+    call,
+    connect,
+    expert_source,
+    hello,
+    release,
+    request,
+    run_daemon,
+    send,
+)
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.loader.shm import SHM_DIR
 from hobbit.protocol import messages as m
@@ -28,7 +40,7 @@ from hobbit.protocol.errors import DaemonError
 
 
 def model_name(path) -> str:
-    return os.path.basename(path)[:-len(".gguf")]
+    return os.path.basename(path)[: -len(".gguf")]
 
 
 def segments(pid: int) -> list[str]:
@@ -54,8 +66,10 @@ def folder(tmp_path, name):
 @contextlib.contextmanager
 def two_daemons(path, a, b):
     """Two hobbitd started at once (each start takes seconds); stopped if still running."""
-    ds = [RunningDaemon([path], str(t / "hobbitd.sock"), log_path=str(t / "hobbitd.stderr"),
-                        cache_size="4M") for t in (a, b)]
+    ds = [
+        RunningDaemon([path], str(t / "hobbitd.sock"), log_path=str(t / "hobbitd.stderr"), cache_size="4M")
+        for t in (a, b)
+    ]
     try:
         for d in ds:
             d.wait_ready(START_TIMEOUT)
@@ -95,7 +109,7 @@ def test_dead_daemons_leftovers_are_removed_live_ones_never(synth, tmp_path):
                 for kind in ("locked", "live pid"):
                     assert os.path.exists(fakes[kind]), kind
                 assert all(map(os.path.exists, live_shm))
-                assert doomed.died() and os.path.exists(new.socket)   # the new one's: kept
+                assert doomed.died() and os.path.exists(new.socket)  # the new one's: kept
                 sock = connect(new.socket)
                 hello(sock)
                 sock.close()
@@ -119,8 +133,7 @@ def test_a_restarting_daemon_replaces_the_stale_socket_without_a_gap(synth, tmp_
     with run_daemon([path], "4M", tmp_path) as d:
         kill(d)
         stale = os.lstat(d.socket).st_ino
-        new = RunningDaemon([path], d.socket, log_path=str(tmp_path / "new.log"),
-                                        cache_size="4M")
+        new = RunningDaemon([path], d.socket, log_path=str(tmp_path / "new.log"), cache_size="4M")
         try:
             missing, deadline = 0, time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and new.proc.poll() is None:
@@ -151,8 +164,9 @@ def test_private_daemon_goes_with_its_sigkilled_owner(synth, tmp_path):
     about a second and removes its shared memory, socket and folder."""
     path = synth(**SYNTH)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)],
-                             stdout=subprocess.PIPE, text=True, env=env)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, path, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         pid, where = owner.stdout.readline().split()
         pid = int(pid)
@@ -173,7 +187,7 @@ def test_client_learns_mid_request_that_its_daemon_died(synth, tmp_path):
     2 s (not after its 30 s timeout); with nobody back by its deadline, daemon_lost; once a
     new hobbitd runs on the socket, the same client asks again and gets its slots."""
     path = synth(**SYNTH)
-    with run_daemon([path], "4M", tmp_path, io_limit="100K") as d:    # 1.4 s per part
+    with run_daemon([path], "4M", tmp_path, io_limit="100K") as d:  # 1.4 s per part
         client = ExpertClient(d.socket, path, reconnect_s=0.5)
         killer = threading.Timer(0.3, kill, [d])
         killer.start()
@@ -186,7 +200,7 @@ def test_client_learns_mid_request_that_its_daemon_died(synth, tmp_path):
         old_shm = client.shm.name
     d.died()
     with run_daemon([path], "4M", tmp_path) as d:
-        slots = client.request(0, [0, 1])         # HELLO again, the new segment mapped
+        slots = client.request(0, [0, 1])  # HELLO again, the new segment mapped
         assert len(slots) == 2 and client.reconnects == 1
         assert client.shm.name != old_shm and client.shm.name in d.stderr
         client.release(slots)
@@ -207,8 +221,8 @@ def test_pin_and_session_limits(synth, tmp_path):
         cmd, msg = call(a, m.Cmd.REQUEST, id=2, model=model, layer=1, experts=[0, 1])
         assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "pin_limit", 2), msg
         assert "limit of 9 per client" in msg["message"]
-        request(a, model, 1, [0])                    # 9: at the limit is fine
-        release(b, model, request(b, model, 2, range(8)))   # the other client is not starved
+        request(a, model, 1, [0])  # 9: at the limit is fine
+        release(b, model, request(b, model, 2, range(8)))  # the other client is not starved
         cmd, msg = call(c, m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name="c")
         assert (cmd, msg["code"]) == (m.Cmd.ERROR, "too_many_sessions"), msg
         release(a, model, held)
@@ -248,16 +262,19 @@ def test_a_private_daemon_killed_with_its_owner_leaves_nothing_after_the_next_st
     the next hobbitd start their segment); a live owner's folder is never touched."""
     path = synth(**SYNTH)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
-    owners = [subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)],
-                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    owners = [
+        subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     try:
         (dead_daemon, dead), (_, live) = (o.stdout.readline().split() for o in owners)
         os.kill(int(dead_daemon), signal.SIGKILL)
         owners[0].kill()
         owners[0].wait()
         assert os.path.isdir(dead) and os.path.isdir(live)
-        third = subprocess.Popen([sys.executable, "-c", OWNER, path, str(tmp_path)],
-                                 stdout=subprocess.PIPE, text=True, env=env)
+        third = subprocess.Popen(
+            [sys.executable, "-c", OWNER, path, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             _, fresh = third.stdout.readline().split()
             assert not os.path.exists(dead) and os.path.isdir(live) and os.path.isdir(fresh)

@@ -1,5 +1,6 @@
 """Generation through the real hobbitd: same text as in-process, shared warm cache,
 concurrent clients, and a daemon SIGKILLed under a generating client (restarted or not)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,12 @@ CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 
 
 def generate(model, *flags, n=24):
-    r = subprocess.run([*CLI, "generate", model, "-p", PROMPT, "-n", str(n), "--temperature", "0", *flags],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*CLI, "generate", model, "-p", PROMPT, "-n", str(n), "--temperature", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -73,9 +78,15 @@ def test_second_process_finds_the_experts_warm(model, reference, tmp_path):
 
 def test_four_clients_at_once_all_correct(model, reference, tmp_path):
     with run_daemon([model], cache_bytes(model, 0.5), tmp_path) as d:
-        procs = [subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature", "0",
-                                   "--socket", d.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature", "0", "--socket", d.socket],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -97,16 +108,16 @@ def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
         ours = Model(w, RunOptions(n_ctx=128), experts=client)
         ref = Model(open_model(model), RunOptions(n_ctx=128))
         try:
-            assert set(client.regions) == {"high"}      # nothing is evicted: no low copies
+            assert set(client.regions) == {"high"}  # nothing is evicted: no low copies
             token, trips = [1, 5, 9, 13], []
             for _ in range(12):
                 p, q = ours.forward(token), ref.forward(token)
                 np.testing.assert_array_equal(p, q)
                 token = [int(np.argmax(q))]
                 trips.append(client.round_trips)
-                if client.resident() is None:           # still reading: try again
+                if client.resident() is None:  # still reading: try again
                     continue
-            stats = client.stats()      # also sends the one-token forwards summed so far
+            stats = client.stats()  # also sends the one-token forwards summed so far
             m = next(iter(stats["models"].values()))
             session = next(s for s in stats["sessions"] if s["pid"] == os.getpid())
         finally:
@@ -117,7 +128,7 @@ def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
     assert (session["prompt_tokens"], session["tokens"]) == (4, 11), session
     assert m["holds_all"] and m["misses"] == a.n_layer * a.n_expert and m["skipped"] == 0
     first = next(i for i, t in enumerate(trips) if i and t == trips[i - 1])
-    assert trips[first:] == [trips[first]] * (len(trips) - first), trips   # no more asks
+    assert trips[first:] == [trips[first]] * (len(trips) - first), trips  # no more asks
     assert first < 6, trips
     assert m["regions"]["high"]["pinned"] == a.n_layer * a.n_expert
     # every forward's expert uses count as hits: 4 prompt tokens, then one per step
@@ -140,7 +151,7 @@ def test_a_cached_layer_costs_no_message(model, tmp_path):
         ours = Model(w, RunOptions(n_ctx=128, resident=False), experts=client)
         ref = Model(open_model(model), RunOptions(n_ctx=128))
         try:
-            for layer in range(a.n_layer):      # warm: read every expert
+            for layer in range(a.n_layer):  # warm: read every expert
                 client.release(client.request(layer, list(range(a.n_expert))))
             before = client.stats()
             trips, local = client.round_trips, client.local_hits
@@ -161,7 +172,7 @@ def test_a_cached_layer_costs_no_message(model, tmp_path):
     # each forward's distinct experts per layer count once: at least top-k per layer
     assert m1["hits"] - m0["hits"] == m1["requested"] - m0["requested"] >= 8 * a.n_layer * a.n_expert_used
     assert m1["misses"] == m0["misses"]
-    assert m1["regions"]["high"]["pinned"] == 0          # every pin released after use
+    assert m1["regions"]["high"]["pinned"] == 0  # every pin released after use
 
 
 def _generate_through_a_crash(model, tmp_path, deadline, restart, fraction=1.0):
@@ -171,9 +182,25 @@ def _generate_through_a_crash(model, tmp_path, deadline, restart, fraction=1.0):
     stdout, stderr, seconds from the kill to the client's exit)."""
     size = cache_bytes(model, fraction)
     with run_daemon([model], size, tmp_path) as d:
-        cli = subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature",
-                                "0", "--socket", d.socket, "--reconnect-deadline", str(deadline)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cli = subprocess.Popen(
+            [
+                *CLI,
+                "generate",
+                model,
+                "-p",
+                PROMPT,
+                "-n",
+                "24",
+                "--temperature",
+                "0",
+                "--socket",
+                d.socket,
+                "--reconnect-deadline",
+                str(deadline),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             first = os.read(cli.stdout.fileno(), 1)  # mid-generation from here on (unbuffered)
             cli.send_signal(signal.SIGSTOP)
@@ -222,11 +249,28 @@ def test_a_client_started_while_its_daemon_restarts_waits_for_it(model, referenc
         d.proc.kill()
         d.proc.wait()
         assert os.path.exists(d.socket)
-        cli = subprocess.Popen([*CLI, "generate", model, "-p", PROMPT, "-n", "24", "--temperature",
-                                "0", "--socket", d.socket, "--reconnect-deadline", "60"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cli = subprocess.Popen(
+            [
+                *CLI,
+                "generate",
+                model,
+                "-p",
+                PROMPT,
+                "-n",
+                "24",
+                "--temperature",
+                "0",
+                "--socket",
+                d.socket,
+                "--reconnect-deadline",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            waiting = cli.stderr.readline()          # once it found nobody at the socket
+            waiting = cli.stderr.readline()  # once it found nobody at the socket
             assert "waiting up to 60 s" in waiting, waiting + cli.communicate()[1]
             time.sleep(0.5)
             assert cli.poll() is None
@@ -245,8 +289,7 @@ def test_models_lists_what_the_running_daemon_serves(model, tmp_path):
     import json
 
     with run_daemon([model], cache_bytes(model, 0.25), tmp_path) as d:
-        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         served = json.loads(r.stdout)["served"]
         assert [m["path"] for m in served.values()] == [os.path.realpath(model)]
@@ -255,8 +298,7 @@ def test_models_lists_what_the_running_daemon_serves(model, tmp_path):
     assert r.returncode == 0 and "not running" in r.stdout.splitlines()[0], r.stdout + r.stderr
 
 
-def test_a_daemon_with_model_folders_opens_a_model_asked_for_by_path(model, reference, synth,
-                                                                      tmp_path):
+def test_a_daemon_with_model_folders_opens_a_model_asked_for_by_path(model, reference, synth, tmp_path):
     """Models on demand: hobbitd started with one model and a model folder serves a second
     model from the folder when a client asks for it by path (text equal to in-process),
     its share of the cache taken from the first (which still answers right); a file outside
@@ -275,30 +317,32 @@ def test_a_daemon_with_model_folders_opens_a_model_asked_for_by_path(model, refe
     want = generate(other, "--no-daemon")
     assert want != reference
     with run_daemon([model], cache_bytes(model, 0.5), tmp_path, flags=["--model-dir", str(folder)]) as d:
-        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run([*CLI, "models", "--socket", d.socket, "--json"], capture_output=True, text=True, timeout=60)
         assert json.loads(r.stdout)["can_open"] == [os.path.realpath(other)], r.stdout
         first = model_stats(d.socket)["regions"]["high"]["slots"]
-        assert generate(model, "--socket", d.socket) == reference     # its slots filled
+        assert generate(model, "--socket", d.socket) == reference  # its slots filled
         s = connect(d.socket)
         segment = os.path.join("/dev/shm", hello(s)["shm"])
         held = os.stat(segment).st_blocks
         assert generate(other, "--socket", d.socket) == want
         served = stats(s)["models"]
         s.close(linger=0)
-        assert os.stat(segment).st_blocks < held       # the slots given up went back to the system
+        assert os.stat(segment).st_blocks < held  # the slots given up went back to the system
         assert sorted(ms["path"] for ms in served.values()) == sorted(map(os.path.realpath, [model, other]))
         mine = next(ms for ms in served.values() if ms["path"] == os.path.realpath(model))
-        assert mine["regions"]["high"]["slots"] < first          # its share went to the other
+        assert mine["regions"]["high"]["slots"] < first  # its share went to the other
         assert generate(model, "--socket", d.socket) == reference
         assert "opened " + os.path.realpath(other) in d.stderr
         for path in (str(folder / "link.gguf"), stray):
-            r = subprocess.run([*CLI, "generate", path, "-p", PROMPT, "-n", "4", "--socket", d.socket],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run(
+                [*CLI, "generate", path, "-p", PROMPT, "-n", "4", "--socket", d.socket],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert r.returncode != 0 and r.stdout == "", r.stdout
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
             assert "not one of hobbitd's models nor inside its model folders" in r.stderr, r.stderr
-
 
 
 def _resident_share(path: str, ranges) -> float:
@@ -318,8 +362,7 @@ def _resident_share(path: str, ranges) -> float:
         del view
     if failed:
         raise OSError(ctypes.get_errno(), "mincore")
-    pages = [p for off, n in ranges
-             for p in range(off // mmap.PAGESIZE, -(-(off + n) // mmap.PAGESIZE))]
+    pages = [p for off, n in ranges for p in range(off // mmap.PAGESIZE, -(-(off + n) // mmap.PAGESIZE))]
     return sum(vec[p] & 1 for p in pages) / len(pages)
 
 
@@ -335,7 +378,7 @@ def test_a_client_reads_ahead_the_weights_it_computes_with(model, tmp_path):
     path = str(tmp_path / "m.gguf")
     shutil.copy(model, path)
     fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)                                     # clean pages can be dropped
+    os.fsync(fd)  # clean pages can be dropped
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     w = open_model(path)

@@ -1,4 +1,5 @@
 """hobbitd as a process: start, refuse, clean up, time out dead clients, stop on signals."""
+
 from __future__ import annotations
 
 import glob
@@ -13,13 +14,12 @@ import time
 
 import pytest
 
-from daemon_util import (SYNTH, call, connect, daemon_args, hello, recv, release, request,
-                         run_daemon, send, stats)
+from daemon_util import SYNTH, call, connect, daemon_args, hello, recv, release, request, run_daemon, send, stats
 from hobbit.protocol import messages as m
 
 
 def model_name(path) -> str:
-    return os.path.basename(path)[:-len(".gguf")]
+    return os.path.basename(path)[: -len(".gguf")]
 
 
 def run_failing(args, timeout=60):
@@ -39,7 +39,7 @@ def test_start_serve_stop(synth, tmp_path):
     and removes the shared memory and the socket."""
     sock_path = tmp_path / "hobbitd.sock"
     stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(sock_path))        # a socket file nobody listens on
+    stale.bind(str(sock_path))  # a socket file nobody listens on
     stale.close()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
@@ -50,7 +50,7 @@ def test_start_serve_stop(synth, tmp_path):
         assert ready.startswith("READY=1\nSTATUS=serving 1 models, cache ")
         sock = connect(d.socket)
         shm = "/dev/shm/" + hello(sock)["shm"]
-        request(sock, model_name(path), 0, [0, 1])      # left pinned: shutdown must not care
+        request(sock, model_name(path), 0, [0, 1])  # left pinned: shutdown must not care
         st = os.stat(d.socket)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
         assert stat.S_IMODE(os.stat(shm).st_mode) == 0o660
@@ -69,7 +69,7 @@ def test_second_daemon_refuses(synth, tmp_path):
     with run_daemon([path], "4M", tmp_path) as d:
         line = run_failing(daemon_args([path], "4M", d.socket))
         assert f"another hobbitd is serving on {d.socket}" in line
-        sock = connect(d.socket)                       # the first one is unharmed
+        sock = connect(d.socket)  # the first one is unharmed
         hello(sock)
         request(sock, model_name(path), 1, [2])
         sock.close()
@@ -121,8 +121,7 @@ def test_killed_client_loses_its_pins(synth, tmp_path):
         sock = connect(d.socket)
         hello(sock)
         mine = request(sock, model, 1, [5])
-        doomed = subprocess.Popen([sys.executable, "-c", CLIENT, d.socket, model],
-                                  stdout=subprocess.PIPE, text=True)
+        doomed = subprocess.Popen([sys.executable, "-c", CLIENT, d.socket, model], stdout=subprocess.PIPE, text=True)
         try:
             assert doomed.stdout.readline().strip() == "SLOTS"
             st = stats(sock)
@@ -131,13 +130,13 @@ def test_killed_client_loses_its_pins(synth, tmp_path):
             doomed.kill()
             doomed.wait()
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 10:          # STATS every 0.25 s keeps us alive
+        while time.monotonic() - t0 < 10:  # STATS every 0.25 s keeps us alive
             st = stats(sock)
             if st["models"][model]["regions"]["high"]["pinned"] == 1:
                 break
             time.sleep(0.25)
         waited = time.monotonic() - t0
-        assert st["models"][model]["regions"]["high"]["pinned"] == 1, st   # ours stays
+        assert st["models"][model]["regions"]["high"]["pinned"] == 1, st  # ours stays
         assert st["clients"] == 1
         # its process is gone: dropped at the next reap, before its timeout
         assert waited < 2, waited
@@ -164,9 +163,9 @@ def test_shutdown_answers_waiting_requests(synth, tmp_path):
         a, b = connect(d.socket), connect(d.socket)
         shm = "/dev/shm/" + hello(a)["shm"]
         hello(b)
-        request(a, model, 0, range(8))              # 8 of 9 slots pinned
+        request(a, model, 0, range(8))  # 8 of 9 slots pinned
         send(b, m.Cmd.REQUEST, id=9, model=model, layer=1, experts=[0, 1])
-        assert recv(b, 0.3) is None                 # waiting for a slot
+        assert recv(b, 0.3) is None  # waiting for a slot
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         cmd, msg = recv(b, 5)
@@ -193,14 +192,14 @@ def test_second_sigint_forces_exit(synth, tmp_path):
     at once (130), still removing the shared memory and the socket."""
     path = synth(**SYNTH)
     model = model_name(path)
-    with run_daemon([path], "4M", tmp_path, io_limit="100K") as d:   # 1.4 s per part
+    with run_daemon([path], "4M", tmp_path, io_limit="100K") as d:  # 1.4 s per part
         sock = connect(d.socket)
         shm = "/dev/shm/" + hello(sock)["shm"]
         send(sock, m.Cmd.REQUEST, id=1, model=model, layer=0, experts=[0])
         wait_loading(d.socket, model)
         d.proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
-        assert d.proc.poll() is None                # draining
+        assert d.proc.poll() is None  # draining
         d.proc.send_signal(signal.SIGINT)
         assert d.proc.wait(5) == 130
         assert "second interrupt" in d.stderr
@@ -215,7 +214,7 @@ def test_sigterm_during_a_slow_read(synth, tmp_path):
     the shared memory (kept mapped, so the late read writes into valid memory)."""
     path = synth(**SYNTH)
     model = model_name(path)
-    with run_daemon([path], "4M", tmp_path, io_limit="16K") as d:    # 8.5 s per part
+    with run_daemon([path], "4M", tmp_path, io_limit="16K") as d:  # 8.5 s per part
         sock = connect(d.socket)
         shm = "/dev/shm/" + hello(sock)["shm"]
         send(sock, m.Cmd.REQUEST, id=1, model=model, layer=0, experts=[0])

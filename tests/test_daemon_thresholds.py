@@ -1,6 +1,7 @@
 """hobbitd's thresholds T1/T2: unset means calibrated (else exact), `--t1 0` means T1 = 0,
 and the flags and the TOML config accept the same range (T1 from -1, every miss low, to 1;
 T2 from 0 to 1), refusing anything else with one line."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def converted(synth, tmp_path_factory) -> str:
     """A private copy of a small model with its low-precision companion, uncalibrated."""
     path = str(tmp_path_factory.mktemp("thresholds") / "m.gguf")
     shutil.copy(synth(**SMALL), path)
-    subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "hobbit.compute.apps.cli", "convert", path, "-q"], check=True, capture_output=True
+    )
     return path
 
 
@@ -33,7 +35,7 @@ def served(path, tmp_path, cache_size="4M", **flags) -> dict:
     with run_daemon([path], cache_size, tmp_path, **flags) as d:
         s = connect(d.socket)
         hello(s)
-        st = stats(s)["models"][os.path.basename(path)[:-len(".gguf")]]
+        st = stats(s)["models"][os.path.basename(path)[: -len(".gguf")]]
         s.close(linger=0)
     return st
 
@@ -64,8 +66,9 @@ def test_toml_t1_minus_1_is_served_as_the_flag(converted, tmp_path):
         assert st["hobbit"]["mode"] == "lossy: every miss low, T2 1.00", st["hobbit"]
 
 
-@pytest.mark.parametrize("key, value", [("t1", -1), ("t1", 0), ("t1", 0.6), ("t1", 1),
-                                        ("t2", 0), ("t2", 0.9), ("t2", 1)])
+@pytest.mark.parametrize(
+    "key, value", [("t1", -1), ("t1", 0), ("t1", 0.6), ("t1", 1), ("t2", 0), ("t2", 0.9), ("t2", 1)]
+)
 def test_flags_and_toml_accept_the_same(tmp_path, key, value):
     config = tmp_path / "d.toml"
     config.write_text(f"{key} = {value}\n")
@@ -73,8 +76,7 @@ def test_flags_and_toml_accept_the_same(tmp_path, key, value):
     assert getattr(load_config(str(config)), key) == getattr(by_flag, key) == value
 
 
-@pytest.mark.parametrize("key, value", [("t1", "-1.5"), ("t1", "1.5"), ("t1", "nan"),
-                                        ("t2", "-0.1"), ("t2", "2")])
+@pytest.mark.parametrize("key, value", [("t1", "-1.5"), ("t1", "1.5"), ("t1", "nan"), ("t2", "-0.1"), ("t2", "2")])
 def test_flags_and_toml_refuse_the_same_with_one_line(tmp_path, key, value):
     config = tmp_path / "d.toml"
     config.write_text(f"{key} = {value}\n")
@@ -82,10 +84,13 @@ def test_flags_and_toml_refuse_the_same_with_one_line(tmp_path, key, value):
         load_config(str(config))
     with pytest.raises(InputError, match=f"--{key} must be a number from"):
         config_from_args(build_parser().parse_args([f"--{key}", value]))
-    for argv in (["--config", str(config)], [f"--{key}", value]):     # the real command
-        r = subprocess.run([sys.executable, "-m", "hobbit.hobbitd.main", "--socket",
-                            str(tmp_path / "s.sock"), *argv], capture_output=True, text=True,
-                           timeout=60)
+    for argv in (["--config", str(config)], [f"--{key}", value]):  # the real command
+        r = subprocess.run(
+            [sys.executable, "-m", "hobbit.hobbitd.main", "--socket", str(tmp_path / "s.sock"), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 1, r.stderr
         assert r.stderr.count("\n") == 1 and "must be a number from" in r.stderr, r.stderr
         assert not os.path.exists(tmp_path / "s.sock")

@@ -1,4 +1,5 @@
 """The default model: SmolLM2-135M-Instruct split into a MoE (compute/make/moefy.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -87,10 +88,12 @@ def test_balanced_assign_is_the_greedy_pass():
         E = int(rng.choice([2, 4, 16]))
         size = int(rng.integers(1, 30))
         F = E * size
-        sim = [rng.standard_normal((F, E)),                      # distinct
-               rng.integers(0, 3, (F, E)),                       # few values: ties everywhere
-               np.zeros((F, E)),                                 # all tied
-               rng.standard_normal((3, E))[rng.integers(0, 3, F)]][trial % 4].astype(np.float32)
+        sim = [
+            rng.standard_normal((F, E)),  # distinct
+            rng.integers(0, 3, (F, E)),  # few values: ties everywhere
+            np.zeros((F, E)),  # all tied
+            rng.standard_normal((3, E))[rng.integers(0, 3, F)],
+        ][trial % 4].astype(np.float32)
         got = moefy_split.balanced_assign(sim, size)
         assert np.array_equal(got, _greedy_assign(sim, size)), (trial, E, size)
         assert np.bincount(got, minlength=E).tolist() == [size] * E
@@ -121,8 +124,7 @@ def test_build_is_deterministic(synth, tmp_path):
     paths = []
     for i in range(2):
         moefy.clear_caches()
-        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, source=source,
-                                     progress=False))
+        paths.append(moefy.build_moe(str(tmp_path / f"m{i}.gguf"), opts=opts, source=source, progress=False))
     assert open_model(paths[0]).args.n_expert == opts.experts
     assert _sha(paths[0]) == _sha(paths[1])
 
@@ -140,12 +142,12 @@ def test_moe_perplexity_is_within_reach_of_dense(default_moe, wiki_tokens, dense
 def test_routing_is_skewed_and_local(default_moe, wiki_tokens):
     """Real text routes like a real MoE: popular experts, and a token reuses more of the
     previous token's experts than it would in shuffled order."""
-    tokens = wiki_tokens[:1024]      # SmolLM2's tokens: moefy copies its tokenizer
+    tokens = wiki_tokens[:1024]  # SmolLM2's tokens: moefy copies its tokenizer
     model = Model(open_model(default_moe), RunOptions(n_ctx=512, taps=("router_in",)))
     r = routing_stats(model, tokens, ctx=512)
     model.close()
     m = r["mean"]
-    assert m["rate_max"] - m["rate_min"] > 0.2, m      # uniform routing: ~0
+    assert m["rate_max"] - m["rate_min"] > 0.2, m  # uniform routing: ~0
     assert m["overlap"] > m["shuffled"]["overlap"] + 0.02, m
     assert len(r["layers"]) == 30 and all(abs(sum(ls["popularity"]) - 1) < 1e-6 for ls in r["layers"])
 
@@ -160,8 +162,9 @@ def test_models_lists_the_prepared_default(default_moe):
 
 
 def test_prepare_rejects_bad_options(tmp_path):
-    out = subprocess.run([*CLI, "prepare", "--experts", "7", "--out", str(tmp_path / "x.gguf")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*CLI, "prepare", "--experts", "7", "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("hobbit-cli: error: --experts 7")
     assert not (tmp_path / "x.gguf").exists()

@@ -1,4 +1,5 @@
 """The ctypes binding against independent numpy code (gguf-py's reference quants)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,23 @@ from gguf import quants
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.ggml import lib
 
-MATMUL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q2_K", "Q3_K", "Q4_K",
-                "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
+MATMUL_TYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+    "MXFP4",
+]
 # gguf-py quantises these bit for bit like ggml's reference code
 NUMPY_QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
@@ -106,10 +122,10 @@ def test_type_tables_match_libggml():
 
     for t in Q:
         if t.name in ("Q8_1",):
-            continue   # an activation type (never in a file); gguf 0.19 sizes its block 40, ggml 36
+            continue  # an activation type (never in a file); gguf 0.19 sizes its block 40, ggml 36
         name = lib.ggml_type_name(int(t))
         if not name or t.name not in name.decode().upper().replace("-", "_"):
-            continue   # a retired or renamed type number
+            continue  # a retired or renamed type number
         assert ggml_types.block_size(t) == lib.ggml_blck_size(int(t)), t.name
         assert ggml_types.type_size(t) == lib.ggml_type_size(int(t)), t.name
         bs = ggml_types.block_size(t)
@@ -131,7 +147,7 @@ def test_mul_mat_id_on_quantized_experts_in_place(name):
     wq = ggml.quantize(t, w, K)
     wd = quants.dequantize(wq.reshape(E * M, -1), Q[name]).reshape(E, M, K)
     x = _rand((T, n_used, K), 5)
-    ids = np.array([[0, 3], [2, 1], [3, 3]], np.int32)        # [T, n_used]
+    ids = np.array([[0, 3], [2, 1], [3, 3]], np.int32)  # [T, n_used]
     ctx = ggml.Context(8, 64)
     tw = ctx.tensor(t, (K, M, E), "w", wq.ctypes.data)
     tx = ctx.tensor(ggml.F32, (K, n_used, T), "x", x.ctypes.data)
@@ -151,7 +167,7 @@ def test_swiglu_oai_is_gpt_oss_clamped_swiglu():
     from hobbit.compute.engine.moe import SWIGLU_OAI
 
     alpha, limit = SWIGLU_OAI
-    gate, up = 4 * _rand((3, 64), 6), 4 * _rand((3, 64), 7)     # both beyond the limit at times
+    gate, up = 4 * _rand((3, 64), 6), 4 * _rand((3, 64), 7)  # both beyond the limit at times
     assert (gate > limit).any() and (np.abs(up) > limit).any()
     ctx = ggml.Context(8, 64)
     tg = ctx.tensor(ggml.F32, (64, 3), "g", gate.ctypes.data)
@@ -167,7 +183,7 @@ def test_swiglu_oai_is_gpt_oss_clamped_swiglu():
 def test_add_id_adds_each_chosen_experts_bias_from_strided_slots():
     """ggml_add_id (expert biases): row (k, t) gets bias column ids[t, k], read with the
     bias tensor's own stride, as the pool views lay biases out one slot apart."""
-    F, S, K, T, stride = 16, 5, 2, 3, 32        # a slot is 32 floats, its bias the first 16
+    F, S, K, T, stride = 16, 5, 2, 3, 32  # a slot is 32 floats, its bias the first 16
     slots = _rand((S, stride), 8)
     x = _rand((T, K, F), 9)
     ids = np.array([[4, 0], [1, 1], [2, 3]], np.int32)

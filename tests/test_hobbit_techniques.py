@@ -1,6 +1,7 @@
 """HOBBIT's three techniques, each on its own: the precision rule at its thresholds, the
 adaptive prefetch walk (against the real daemon), the cache policy's order and its reset
 per sequence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,23 +15,30 @@ from hobbit.loader.precision import HIGH, LOW, PAPER_T1, PAPER_T2, SKIP, Thresho
 
 # ---- token-level dynamic loading ----------------------------------------------------------
 
+
 def test_unimportance_is_the_weight_mass_ranked_above():
     s = unimportance(np.array([[0.5, 0.3, 0.2], [0.9, 0.1, 0.0]]))
     np.testing.assert_allclose(s, [[0.0, 0.5, 0.8], [0.0, 0.9, 1.0]])
 
 
-@pytest.mark.parametrize("score,expected", [
-    (0.0, HIGH), (0.6, HIGH),            # s <= T1: high (the boundary is inclusive)
-    (0.6000001, LOW), (0.9, LOW),         # T1 < s <= T2: low
-    (0.9000001, SKIP), (1.0, SKIP),       # s > T2: skipped
-])
+@pytest.mark.parametrize(
+    "score,expected",
+    [
+        (0.0, HIGH),
+        (0.6, HIGH),  # s <= T1: high (the boundary is inclusive)
+        (0.6000001, LOW),
+        (0.9, LOW),  # T1 < s <= T2: low
+        (0.9000001, SKIP),
+        (1.0, SKIP),  # s > T2: skipped
+    ],
+)
 def test_miss_precision_at_the_thresholds(score, expected):
     assert Thresholds(0.6, 0.9).on_miss(score) == expected
 
 
 def test_hits_are_used_as_they_are():
     th = Thresholds(0.6, 0.9)
-    assert th.choose(0.0, cached_high=False, cached_low=True) == (LOW, False)   # important, low hit
+    assert th.choose(0.0, cached_high=False, cached_low=True) == (LOW, False)  # important, low hit
     assert th.choose(0.8, cached_high=True, cached_low=False) == (HIGH, False)  # unimportant, high hit
     assert th.choose(0.95, cached_high=False, cached_low=True) == (SKIP, False)  # beyond T2: skipped
     assert th.choose(0.0, False, False) == (HIGH, True)
@@ -54,6 +62,7 @@ def test_switches_give_the_baselines():
 
 # ---- sequence-level multidimensional cache -------------------------------------------------
 
+
 class _Fmt:
     slot_bytes = PAGE
 
@@ -74,9 +83,9 @@ def test_priority_order_follows_frequency_and_high_precision_use():
     r = _region(3)
     pol.begin(1, seq=0, token=1, layer=0)
     for _ in range(3):
-        _use(r, pol, (0, 1))                 # frequent, high precision
-    _use(r, pol, (0, 2), high=False)         # once, low importance
-    _use(r, pol, (0, 3))                     # once, high
+        _use(r, pol, (0, 1))  # frequent, high precision
+    _use(r, pol, (0, 2), high=False)  # once, low importance
+    _use(r, pol, (0, 3))  # once, high
     pol.begin(1, 0, token=4, layer=0)
     victim = pol.victim([s for s in r.slots])
     assert victim.key == (0, 2)
@@ -89,9 +98,9 @@ def test_layer_distance_keeps_the_next_layers_experts():
     pol.begin(1, 0, token=1, layer=0)
     for layer in range(4):
         _use(r, pol, (layer, 0))
-    pol.begin(1, 0, token=1, layer=2)        # the client is at layer 2
+    pol.begin(1, 0, token=1, layer=2)  # the client is at layer 2
     order = sorted(r.slots, key=pol.priority)
-    assert [s.key[0] for s in order] == [2, 1, 0, 3]   # layer 3 is needed next, 2 last
+    assert [s.key[0] for s in order] == [2, 1, 0, 3]  # layer 3 is needed next, 2 last
 
 
 def test_counters_reset_on_a_new_sequence():
@@ -102,7 +111,7 @@ def test_counters_reset_on_a_new_sequence():
     for _ in range(5):
         _use(r, pol, (0, 0))
     assert pol.priority(a) > 0
-    pol.begin(1, seq=1, token=1, layer=0)    # a new sequence: the old counts are gone
+    pol.begin(1, seq=1, token=1, layer=0)  # a new sequence: the old counts are gone
     assert pol.priority(a) == 0
     b = _use(r, pol, (0, 1))
     assert pol.victim(r.slots) is a and pol.priority(b) > 0
@@ -116,7 +125,7 @@ def test_a_slot_valuable_to_any_client_is_kept():
     a = _use(r, pol, (0, 0), sid=1)
     _use(r, pol, (0, 0), sid=1)
     b = _use(r, pol, (0, 1), sid=2)
-    assert pol.victim(r.slots) is b            # client 1 uses `a` twice, client 2 `b` once
+    assert pol.victim(r.slots) is b  # client 1 uses `a` twice, client 2 `b` once
     assert pol.priority(a) == 1.0
 
 
@@ -136,13 +145,14 @@ def test_pinned_and_loading_slots_are_never_victims_protected_ones_only_for_a_de
     a.pins[7] += 1
     b.protected = True
     c.state = "loading"
-    assert r.take((1, 0), pol, demand=False) is None     # a prefetch never displaces a hint's
-    assert r.take((1, 0), pol) is b                      # a demand does: a guess never blocks it
+    assert r.take((1, 0), pol, demand=False) is None  # a prefetch never displaces a hint's
+    assert r.take((1, 0), pol) is b  # a demand does: a guess never blocks it
     assert not b.protected and r.lookup((0, 1)) is None
-    assert r.take((1, 1), pol) is None                   # pinned and loading: never
+    assert r.take((1, 1), pol) is None  # pinned and loading: never
 
 
 # ---- layer-level adaptive prefetch (the real daemon) ---------------------------------------
+
 
 def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
     import os
@@ -155,29 +165,35 @@ def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
     with run_daemon([path], "16M", tmp_path) as d:
         s = connect(d.socket)
         hello(s)
-        name = os.path.basename(path)[:-len(".gguf")]
-        release(s, name, request(s, name, 1, [0, 1]))          # layer 1: cached
-        send(s, m.Cmd.HINT, model=name, layer=0, layers=[1, 2, 3],
-             experts=[[0, 1], [2, 3], [4, 5]], scores=[[0.0, 0.4], [0.0, 0.4], [0.0, 0.4]])
+        name = os.path.basename(path)[: -len(".gguf")]
+        release(s, name, request(s, name, 1, [0, 1]))  # layer 1: cached
+        send(
+            s,
+            m.Cmd.HINT,
+            model=name,
+            layer=0,
+            layers=[1, 2, 3],
+            experts=[[0, 1], [2, 3], [4, 5]],
+            scores=[[0.0, 0.4], [0.0, 0.4], [0.0, 0.4]],
+        )
         for _ in range(50):
             st = stats(s)["models"][name]
             if st["prefetched"] == 2 and st["regions"]["high"]["loading"] == 0:
                 break
             time.sleep(0.1)
-        assert st["prefetched"] == 2, st       # layer 2's two experts, and not layer 3's
+        assert st["prefetched"] == 2, st  # layer 2's two experts, and not layer 3's
         before = st["hits"]
         release(s, name, request(s, name, 2, [2, 3], rid=2))
         st = stats(s)["models"][name]
         assert st["hits"] - before == 2 and st["prefetch_used"] == 2
         misses = st["misses"]
         release(s, name, request(s, name, 3, [4, 5], rid=3))
-        assert stats(s)["models"][name]["misses"] == misses + 2   # the walk stopped before 3
+        assert stats(s)["models"][name]["misses"] == misses + 2  # the walk stopped before 3
         s.close(linger=0)
 
 
 @pytest.mark.parametrize("budget, compute_s", [(True, None), (False, None), (True, 10.0)])
-def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth, tmp_path, budget,
-                                                                           compute_s):
+def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth, tmp_path, budget, compute_s):
     """A client that asks for its next layer at once leaves no compute time to hide reads
     in: of eight predicted misses (1.7 MB each) only the most important few are prefetched,
     at least one; with the budget off, all eight; and all eight when the hint says a long
@@ -193,12 +209,11 @@ def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth
     with run_daemon([path], "60M", tmp_path, **flags) as d:
         s = connect(d.socket)
         hello(s)
-        name = os.path.basename(path)[:-len(".gguf")]
-        release(s, name, request(s, name, 0, [0, 1]))            # misses: the read rate
-        release(s, name, request(s, name, 1, [0, 1], rid=2))     # at once: no compute time
+        name = os.path.basename(path)[: -len(".gguf")]
+        release(s, name, request(s, name, 0, [0, 1]))  # misses: the read rate
+        release(s, name, request(s, name, 1, [0, 1], rid=2))  # at once: no compute time
         timed = {} if compute_s is None else {"compute_s": compute_s}
-        send(s, m.Cmd.HINT, model=name, layer=1, layers=[2], experts=[list(range(8))],
-             scores=[[0.0] * 8], **timed)
+        send(s, m.Cmd.HINT, model=name, layer=1, layers=[2], experts=[list(range(8))], scores=[[0.0] * 8], **timed)
         for _ in range(100):
             st = stats(s)["models"][name]
             if st["prefetched"] and st["regions"]["high"]["loading"] == 0:
@@ -212,6 +227,7 @@ def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth
 
 
 # ---- calibration ------------------------------------------------------------------------------
+
 
 def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path):
     """calibrate picks the cheapest thresholds within the KLD bound (all-high is always
@@ -230,17 +246,21 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     text = tmp_path / "calib.txt"
     text.write_text("The river flows through the valley and the old mill turns slowly. " * 20)
     for bound in ("0", "1"):
-        out = subprocess.run([*cli, "calibrate", path, "--text", str(text), "--tokens", "128",
-                              "--kld", bound, "--json"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [*cli, "calibrate", path, "--text", str(text), "--tokens", "128", "--kld", bound, "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout)
         assert r["kld"] <= float(bound), r
-        if bound == "0":      # nothing may differ from all-high: every miss in high precision
+        if bound == "0":  # nothing may differ from all-high: every miss in high precision
             assert r["t1"] == 1.0, r
     assert r["cost"] <= r["lru_cost"], "the chosen policy weights model no more reads than LRU"
     with run_daemon([path], "4M", tmp_path) as d:
         s = connect(d.socket)
         hello(s)
-        name = os.path.basename(path)[:-len(".gguf")]
+        name = os.path.basename(path)[: -len(".gguf")]
         st = stats(s)["models"][name]["hobbit"]
         s.close(linger=0)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
@@ -254,7 +274,7 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     assert every_low and all(row["kld"] > 0 and row["high_miss"] == 0 for row in every_low), every_low
     with open(calib_file, "w") as f:
         json.dump({**saved, "t1": -1.0, "t2": 1.0}, f)
-    with run_daemon([path], "1M", tmp_path) as d:     # less than the experts: low slots only
+    with run_daemon([path], "1M", tmp_path) as d:  # less than the experts: low slots only
         s = connect(d.socket)
         hello(s)
         m = stats(s)["models"][name]

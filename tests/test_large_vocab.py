@@ -1,5 +1,6 @@
 """Models at the shapes people run: 128 experts top-8 and vocabularies of 151,936 and
 262,144 tokens (synth --vocab-size), with prompts of 2,048 tokens."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,7 @@ from hobbit.compute.engine.weights import open_model
 
 from test_parity import assert_parity
 
-QWEN3 = dict(arch="qwen3moe", layers=2, d_model=128, d_ff=128, experts=128, top_k=8, heads=4,
-             kv_heads=2)
+QWEN3 = dict(arch="qwen3moe", layers=2, d_model=128, d_ff=128, experts=128, top_k=8, heads=4, kv_heads=2)
 
 
 def test_a_qwen3_vocabulary_loads_in_llama_cpp_and_matches(synth):

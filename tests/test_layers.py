@@ -1,5 +1,6 @@
 """The layers go one way (pyproject.toml's import-linter contracts), and the daemon side
 loads nothing of the engine."""
+
 from __future__ import annotations
 
 import os
@@ -17,16 +18,22 @@ def test_import_contracts_hold():
 
 
 def test_the_daemon_loads_no_engine():
-    code = ("import hobbit.hobbitd.server, hobbit.hobbitd.main, sys; "
-            "print([m for m in sys.modules if m.startswith('hobbit.compute') or m == 'llama_cpp'])")
+    code = (
+        "import hobbit.hobbitd.server, hobbit.hobbitd.main, sys; "
+        "print([m for m in sys.modules if m.startswith('hobbit.compute') or m == 'llama_cpp'])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
 
 
 def test_no_import_cycle_between_modules():
-    import grimp   # import-linter's graph library
+    import grimp  # import-linter's graph library
 
     g = grimp.build_graph("hobbit.protocol", "hobbit.loader", "hobbit.hobbitd", "hobbit.compute")
-    cycles = [(m, d) for m in g.modules for d in g.find_modules_directly_imported_by(m)
-              if d in g.modules and g.chain_exists(importer=d, imported=m)]
+    cycles = [
+        (m, d)
+        for m in g.modules
+        for d in g.find_modules_directly_imported_by(m)
+        if d in g.modules and g.chain_exists(importer=d, imported=m)
+    ]
     assert cycles == []

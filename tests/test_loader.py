@@ -1,4 +1,5 @@
 """Expert store, companion file and I/O engine on real files."""
+
 from __future__ import annotations
 
 import os
@@ -52,11 +53,10 @@ def test_io_engine_reads_expert_parts_into_slots_exactly(synth, direct):
         for in_place, where in ((False, lambda layer: fmt.part_offsets), (True, fmt.offsets)):
             moved = engine.moved_bytes
             for layer, e in [(0, 0), (1, 3), (0, 2)]:
-                segs = [(src.path, off, n, seg.address + o)
-                        for (off, n), o in zip(src.ranges(layer, e), where(layer))]
+                segs = [(src.path, off, n, seg.address + o) for (off, n), o in zip(src.ranges(layer, e), where(layer))]
                 assert _read_all(engine, segs) is None
                 for (off, n), o in zip(src.ranges(layer, e), where(layer)):
-                    assert seg.array[o:o + n].tobytes() == bytes(w.reader.data[off:off + n])
+                    assert seg.array[o : o + n].tobytes() == bytes(w.reader.data[off : off + n])
             if direct and engine.direct_reads:
                 assert (engine.moved_bytes == moved) == in_place
         if direct:
@@ -71,7 +71,7 @@ def test_io_engine_merges_reads_that_touch_and_fills_each_slot_exactly(synth, di
     w = open_model(synth(**SMALL))
     src = gguf_experts(w)
     fmt = src.format
-    experts = [(0, 0), (0, 1), (0, 3), (1, 0)]      # (0, 0) and (0, 1) touch in each tensor
+    experts = [(0, 0), (0, 1), (0, 3), (1, 0)]  # (0, 0) and (0, 1) touch in each tensor
     seg = _buffer(fmt.slot_bytes * len(experts))
     engine = IOEngine(2, direct=direct)
     errors, done = {}, threading.Event()
@@ -82,18 +82,22 @@ def test_io_engine_merges_reads_that_touch_and_fills_each_slot_exactly(synth, di
             done.set()
 
     try:
-        engine.plug()               # queued together, as one request's misses are
+        engine.plug()  # queued together, as one request's misses are
         for i, key in enumerate(experts):
             base = seg.address + i * fmt.slot_bytes
-            engine.submit(key, [(src.path, off, n, base + fmt.part_offsets[p])
-                                for p, (off, n) in enumerate(src.ranges(*key))], DEMAND, finish)
+            engine.submit(
+                key,
+                [(src.path, off, n, base + fmt.part_offsets[p]) for p, (off, n) in enumerate(src.ranges(*key))],
+                DEMAND,
+                finish,
+            )
         engine.unplug()
         assert done.wait(30) and set(errors.values()) == {None}
         for i, key in enumerate(experts):
             for p, (off, n) in enumerate(src.ranges(*key)):
                 o = i * fmt.slot_bytes + fmt.part_offsets[p]
-                assert seg.array[o:o + n].tobytes() == bytes(w.reader.data[off:off + n]), (key, p)
-        assert engine.reads < 3 * len(experts)     # 12 parts, fewer reads
+                assert seg.array[o : o + n].tobytes() == bytes(w.reader.data[off : off + n]), (key, p)
+        assert engine.reads < 3 * len(experts)  # 12 parts, fewer reads
     finally:
         engine.close()
         seg.close()
@@ -104,7 +108,7 @@ def test_io_engine_fails_every_job_of_a_merged_read_of_a_truncated_file(synth, t
     src = gguf_experts(w)
     cut = tmp_path / "cut.gguf"
     last = src.ranges(1, 3)[-1]
-    cut.write_bytes(bytes(w.reader.data[:last[0] + last[1] // 2]))   # ends inside (1, 3)'s down
+    cut.write_bytes(bytes(w.reader.data[: last[0] + last[1] // 2]))  # ends inside (1, 3)'s down
     fmt = src.format
     seg = _buffer(fmt.slot_bytes * 2)
     engine = IOEngine(1, direct=False)
@@ -119,8 +123,12 @@ def test_io_engine_fails_every_job_of_a_merged_read_of_a_truncated_file(synth, t
         engine.plug()
         for i, key in enumerate([(1, 2), (1, 3)]):
             base = seg.address + i * fmt.slot_bytes
-            engine.submit(key, [(str(cut), off, n, base + fmt.part_offsets[p])
-                                for p, (off, n) in enumerate(src.ranges(*key))], DEMAND, finish)
+            engine.submit(
+                key,
+                [(str(cut), off, n, base + fmt.part_offsets[p]) for p, (off, n) in enumerate(src.ranges(*key))],
+                DEMAND,
+                finish,
+            )
         engine.unplug()
         assert done.wait(30)
         assert all(isinstance(e, EOFError) for e in errors.values()), errors
@@ -133,7 +141,7 @@ def test_io_engine_serves_demand_before_prefetch(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(PAGE * 64))
     seg = _buffer(PAGE * 64 * 2)
-    engine = IOEngine(1, bytes_per_s=PAGE * 64 * 20, direct=False)   # slow enough to queue
+    engine = IOEngine(1, bytes_per_s=PAGE * 64 * 20, direct=False)  # slow enough to queue
     order = []
     lock = threading.Lock()
     all_done = threading.Event()
@@ -146,8 +154,7 @@ def test_io_engine_serves_demand_before_prefetch(tmp_path):
 
     try:
         for i in range(5):
-            engine.submit(f"prefetch{i}", [(str(path), 0, PAGE * 8, seg.address + i * PAGE * 9)],
-                          PREFETCH, finish)
+            engine.submit(f"prefetch{i}", [(str(path), 0, PAGE * 8, seg.address + i * PAGE * 9)], PREFETCH, finish)
         engine.submit("demand", [(str(path), 0, PAGE * 8, seg.address + 5 * PAGE * 9)], DEMAND, finish)
         assert all_done.wait(30)
         # the first prefetch may already be running; the demand overtakes all queued ones
@@ -166,10 +173,10 @@ def test_companion_holds_requantised_experts(synth, tmp_path):
     for layer, e in [(0, 0), (1, 3)]:
         for p, (off, n) in enumerate(high.ranges(layer, e)):
             shape = high.format.shapes[p]
-            x = ggml.dequantize(high.format.types(layer)[p], w.reader.data[off:off + n], shape[0] * shape[1])
+            x = ggml.dequantize(high.format.types(layer)[p], w.reader.data[off : off + n], shape[0] * shape[1])
             want = ggml.quantize(ggml.Q4_0, x, shape[0])
             loff, ln = src.ranges(layer, e)[p]
-            assert ln == want.size and data[loff:loff + ln].tobytes() == want.tobytes()
+            assert ln == want.size and data[loff : loff + ln].tobytes() == want.tobytes()
             assert loff % PAGE == 0
 
 
@@ -187,11 +194,17 @@ def test_companion_checksum_catches_a_flipped_byte(synth, tmp_path):
     engine = IOEngine(1)
     try:
         good = companion.slot_image_offset(src, 0, 0)
-        ok = _read_all(engine, [(out, good, src.format.slot_bytes, seg.address)],
-                       lambda job: companion.check_image(src, crcs, 0, 0, seg.address))
+        ok = _read_all(
+            engine,
+            [(out, good, src.format.slot_bytes, seg.address)],
+            lambda job: companion.check_image(src, crcs, 0, 0, seg.address),
+        )
         assert ok is None
-        err = _read_all(engine, [(out, off, src.format.slot_bytes, seg.address)],
-                        lambda job: companion.check_image(src, crcs, 1, 2, seg.address))
+        err = _read_all(
+            engine,
+            [(out, off, src.format.slot_bytes, seg.address)],
+            lambda job: companion.check_image(src, crcs, 1, 2, seg.address),
+        )
         assert isinstance(err, companion.ChecksumError) and "layer 1 expert 2" in str(err)
     finally:
         engine.close()
@@ -205,7 +218,7 @@ def test_companion_of_a_changed_gguf_is_refused_as_stale(synth, tmp_path):
     shutil.copy(synth(**SMALL), model)
     out = convert(open_model(str(model)), ggml.Q4_0, progress=False)
     assert out.startswith(str(tmp_path))
-    companion.open_companion(open_model(str(model)), out)       # fresh: accepted
+    companion.open_companion(open_model(str(model)), out)  # fresh: accepted
     os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))
     with pytest.raises(companion.StaleCompanionError, match="stale"):
         companion.open_companion(open_model(str(model)), out)
@@ -233,8 +246,12 @@ def test_convert_on_a_full_disk_fails_cleanly(synth, tmp_path):
     w = open_model(synth(**SMALL))
     disk = tmp_path / "tiny"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs",
-                                            str(disk)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs root to mount a tiny tmpfs as a full disk")
     try:
         with pytest.raises(HobbitError, match="could not write the companion file"):
@@ -261,6 +278,11 @@ def test_fast_header_reader_reads_what_gguf_py_reads(smollm2, synth):
             assert g.contents() == f.contents() and type(g.contents()) is type(f.contents()), key
         assert ours.data_offset == ref.data_offset and len(ours.tensors) == len(ref.tensors)
         for a, b in zip(ours.tensors, ref.tensors):
-            assert (a.name, a.tensor_type, a.shape, a.n_elements, a.n_bytes, a.data_offset) == \
-                (b.name, b.tensor_type, tuple(int(d) for d in b.shape), b.n_elements, b.n_bytes,
-                 b.data_offset), a.name
+            assert (a.name, a.tensor_type, a.shape, a.n_elements, a.n_bytes, a.data_offset) == (
+                b.name,
+                b.tensor_type,
+                tuple(int(d) for d in b.shape),
+                b.n_elements,
+                b.n_bytes,
+                b.data_offset,
+            ), a.name

@@ -7,6 +7,7 @@ every position's logits are compared with llama.cpp's. Decoding over 512 or more
 is where ggml's attention would split its sums by thread; the engine computes it the same
 whatever its threads (as llama.cpp does with one), so llama.cpp decodes with one thread
 here and all three paths must agree with it."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,7 @@ N_PROMPT, N_TOTAL, N_CTX = 1100, 1500, 2048
 TOL = 1e-4
 MODELS = {
     "llama": dict(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2),
-    "qwen3moe": dict(arch="qwen3moe", layers=2, d_model=128, d_ff=128, experts=16, top_k=4,
-                     heads=4, kv_heads=2),
+    "qwen3moe": dict(arch="qwen3moe", layers=2, d_model=128, d_ff=128, experts=16, top_k=4, heads=4, kv_heads=2),
 }
 
 
@@ -58,8 +58,10 @@ def assert_every_position(path, tokens, ref, experts=None, resident=True):
         model.close()
     errs = np.array([rel_l2(g, r) for g, r in zip(got, ref)])
     bad = np.flatnonzero(errs > TOL)
-    assert not bad.size, (f"{bad.size} positions differ from llama.cpp, the first at position "
-                          f"{bad[0] + 1} (relative L2 {errs[bad[0]]:.2e}); largest {errs.max():.2e}")
+    assert not bad.size, (
+        f"{bad.size} positions differ from llama.cpp, the first at position "
+        f"{bad[0] + 1} (relative L2 {errs[bad[0]]:.2e}); largest {errs.max():.2e}"
+    )
 
 
 def test_in_process(case):
@@ -72,7 +74,7 @@ def test_one_graph_through_hobbitd(case, tmp_path):
         client = ExpertClient(d.socket, path)
         try:
             deadline = time.monotonic() + 30
-            while client.resident() is None:        # hobbitd reads them all at the first ask
+            while client.resident() is None:  # hobbitd reads them all at the first ask
                 assert time.monotonic() < deadline, "hobbitd never held every expert"
                 time.sleep(0.05)
             assert_every_position(*case, experts=client)

@@ -1,4 +1,5 @@
 """Our engine against llama.cpp on the same GGUF: same greedy tokens, same logits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,10 @@ from hobbit.compute.engine.weights import open_model
 
 from conftest import llama_oracle, rel_l2
 
-PROMPT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the "
-          "steps and listening to the sea against the rocks below.")
+PROMPT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening, counting the "
+    "steps and listening to the sea against the rocks below."
+)
 N_DECODE = 32
 TOL = 1e-2
 
@@ -24,8 +27,9 @@ MOE_CONFIGS = {
 }
 
 
-def assert_parity(path: str, prompt_text: str = PROMPT, n_decode: int = N_DECODE, n_ctx: int = 1024,
-                  experts=None, n_batch: int = 512) -> float:
+def assert_parity(
+    path: str, prompt_text: str = PROMPT, n_decode: int = N_DECODE, n_ctx: int = 1024, experts=None, n_batch: int = 512
+) -> float:
     """Greedy decoding of n_decode tokens by our engine and llama.cpp gives the same tokens,
     and logits within TOL (relative L2) at every step; returns the largest error seen.
     experts: an expert provider (hobbitd's ExpertClient) for the segmented forward;

@@ -1,4 +1,5 @@
 """Progress bars (compute/progress.py): drawn on a terminal only, and every bar ends at 100 %."""
+
 from __future__ import annotations
 
 import fcntl
@@ -20,14 +21,14 @@ MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_he
 def _in_a_terminal(argv) -> tuple[int, str]:
     """Run argv with stderr on a pseudo-terminal; (exit code, what the terminal got)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # 100 columns
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
     os.close(slave)
     chunks = []
     while True:
         try:
             data = os.read(master, 1 << 16)
-        except OSError:       # EIO: the child closed the terminal
+        except OSError:  # EIO: the child closed the terminal
             break
         if not data:
             break
@@ -52,6 +53,7 @@ def test_convert_draws_a_bar_on_a_terminal_that_ends_at_100_and_none_when_piped(
 def test_a_bar_whose_work_ends_short_closes_at_its_total(monkeypatch):
     """Work done in fewer units than estimated (calibration text whose prompts end early,
     as 5905 of 6000 tokens): the bar still ends at 100 %; one left by an error does not."""
+
     class Tty:
         def __init__(self):
             self.text = ""

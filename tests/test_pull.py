@@ -1,5 +1,6 @@
 """hobbit-cli pull: the real huggingface_hub client against a local Hub (tests/hub_util.py),
 in real processes; no network beyond 127.0.0.1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 REPO = "test/Tiny-MoE-GGUF"
 SPLIT = [f"Q4_K_M/Tiny-MoE-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
 TOKEN = "hf_local_test_token"
-HTTP_CHUNK = 10 << 20     # huggingface_hub's DOWNLOAD_CHUNK_SIZE: what reaches the disk at once
+HTTP_CHUNK = 10 << 20  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: what reaches the disk at once
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,7 @@ def ggufs(tmp_path_factory) -> tuple[bytes, bytes]:
     """Two synthetic MoE GGUFs: a small one (8 MiB) and one past a download chunk (15 MiB)."""
     d = tmp_path_factory.mktemp("ggufs")
     out = []
-    for name, kw in (("small", dict(layers=1, d_model=64, d_ff=64)),
-                     ("big", dict(layers=2, d_model=128, d_ff=256))):
+    for name, kw in (("small", dict(layers=1, d_model=64, d_ff=64)), ("big", dict(layers=2, d_model=128, d_ff=256))):
         make_synthetic(str(d / name), SynthOptions(experts=4, top_k=2, heads=2, kv_heads=1, **kw))
         out.append((d / name).read_bytes())
     assert len(out[1]) > HTTP_CHUNK + (2 << 20)
@@ -42,20 +42,39 @@ def hub(ggufs):
     small, big = ggufs
     third = len(small) // 3
     hub = LocalHub().start()
-    hub.add(REPO, {"README.md": b"# a tiny MoE\n", "Tiny-MoE-Q8_0.gguf": small,
-                   "Tiny-MoE-BF16.gguf": big, "mmproj-Tiny-MoE-F16.gguf": b"a projector",
-                   SPLIT[0]: small[:third], SPLIT[1]: small[third:2 * third], SPLIT[2]: small[2 * third:]})
+    hub.add(
+        REPO,
+        {
+            "README.md": b"# a tiny MoE\n",
+            "Tiny-MoE-Q8_0.gguf": small,
+            "Tiny-MoE-BF16.gguf": big,
+            "mmproj-Tiny-MoE-F16.gguf": b"a projector",
+            SPLIT[0]: small[:third],
+            SPLIT[1]: small[third : 2 * third],
+            SPLIT[2]: small[2 * third :],
+        },
+    )
     yield hub
     hub.stop()
 
 
 @pytest.fixture
 def env(tmp_path, hub) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("HF_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
-               XDG_DATA_HOME=str(tmp_path / "data"), HOBBIT_SOCKET=str(tmp_path / "no-hobbitd.sock"),
-               HF_TOKEN=TOKEN, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("HF_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        HOBBIT_SOCKET=str(tmp_path / "no-hobbitd.sock"),
+        HF_TOKEN=TOKEN,
+        NO_PROXY="127.0.0.1",
+        no_proxy="127.0.0.1",
+    )
     return env
 
 
@@ -68,8 +87,7 @@ def cli(env, *args, timeout=60):
 
 
 def files_under(folder) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), folder)
-                  for d, _, fs in os.walk(folder) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
 
 
 def assert_one_line_error(r, *needles):
@@ -85,14 +103,14 @@ def sha(data: bytes) -> str:
 
 
 def test_a_quant_is_pulled_verified_and_listed(env, hub, ggufs):
-    r = cli(env, "pull", f"{REPO}:q8_0")        # the quant in any case
+    r = cli(env, "pull", f"{REPO}:q8_0")  # the quant in any case
     assert r.returncode == 0, r.stderr
     path = os.path.join(models(env), "Tiny-MoE-Q8_0.gguf")
     assert r.stdout == path + "\n"
     assert "sha256 verified" in r.stderr and f"hobbit-cli chat {path}" in r.stderr
     assert sha(open(path, "rb").read()) == sha(ggufs[0])
-    assert files_under(models(env)) == ["Tiny-MoE-Q8_0.gguf"]     # no staging left
-    assert {s.authorization for s in hub.requests} == {f"Bearer {TOKEN}"}   # HF_TOKEN
+    assert files_under(models(env)) == ["Tiny-MoE-Q8_0.gguf"]  # no staging left
+    assert {s.authorization for s in hub.requests} == {f"Bearer {TOKEN}"}  # HF_TOKEN
 
     listed = cli(env, "models")
     assert listed.returncode == 0, listed.stderr
@@ -117,7 +135,7 @@ def test_a_split_model_comes_whole_without_its_mmproj(env, hub, ggufs):
     assert joined == ggufs[0]
     assert not [s for s in hub.requests if "mmproj" in s.path]
     assert [s.path.rsplit("/", 1)[1] for s in hub.requests if s.method == "HEAD"] == names
-    listed = cli(env, "models").stdout             # one entry: the first part
+    listed = cli(env, "models").stdout  # one entry: the first part
     assert names[0] in listed and names[1] not in listed and names[2] not in listed
 
 
@@ -133,8 +151,9 @@ def test_a_killed_pull_resumes_where_it_stopped(env, hub, ggufs):
     """The first pull gets one chunk and then silence, and is killed; the second asks for
     the rest only (Range) and ends with the whole file, verified."""
     hub.cut[(REPO, "Tiny-MoE-BF16.gguf")] = Cut(HTTP_CHUNK + (1 << 20), "stall")
-    first = subprocess.Popen([*CLI, "pull", f"{REPO}:BF16", "-q"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [*CLI, "pull", f"{REPO}:BF16", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     staged = os.path.join(models(env), ".pull", f"{sha(ggufs[1])}.part")
     deadline = time.monotonic() + 30
     while not (os.path.exists(staged) and os.path.getsize(staged) >= HTTP_CHUNK):
@@ -168,7 +187,7 @@ def test_an_unknown_quant_lists_the_quants_there(env, hub):
 
 def test_no_such_repo_and_no_network_in_one_line(env, hub):
     assert_one_line_error(cli(env, "pull", "test/Nothing-Here"), "test/Nothing-Here", "no such model repo")
-    with socket.socket() as s:      # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
         assert_one_line_error(cli(env, "pull", f"{REPO}:Q8_0"), "cannot reach", env["HF_ENDPOINT"])
@@ -181,14 +200,22 @@ def test_choice_of_files():
     assert quant_label("BF16/Qwen3-235B-A22B-BF16-00001-of-00010.gguf") == "BF16"
     assert quant_label("gpt-oss-120b-mxfp4-00001-of-00003.gguf") == "mxfp4"
     assert quant_label("Qwen2.5-7B-Instruct.gguf") is None
-    files = [RemoteFile(p, 1, "0" * 64) for p in (
-        "Q4_K_M/M-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/M-Q4_K_M-00002-of-00002.gguf",
-        "M-UD-Q4_K_XL.gguf", "M-Q4_K.gguf", "mmproj-M-F16.gguf", "M-IQ2_XXS-00002-of-00002.gguf")]
+    files = [
+        RemoteFile(p, 1, "0" * 64)
+        for p in (
+            "Q4_K_M/M-Q4_K_M-00001-of-00002.gguf",
+            "Q4_K_M/M-Q4_K_M-00002-of-00002.gguf",
+            "M-UD-Q4_K_XL.gguf",
+            "M-Q4_K.gguf",
+            "mmproj-M-F16.gguf",
+            "M-IQ2_XXS-00002-of-00002.gguf",
+        )
+    ]
     assert [p.path for p in choose("r", files, "q4_k_m", None).parts] == [files[0].path, files[1].path]
-    assert choose("r", files, "Q4_K", None).parts == (files[3],)      # not Q4_K_M's
-    assert choose("r", files, "Q4_K_XL", None).parts == (files[2],)   # inside UD-Q4_K_XL
+    assert choose("r", files, "Q4_K", None).parts == (files[3],)  # not Q4_K_M's
+    assert choose("r", files, "Q4_K_XL", None).parts == (files[2],)  # inside UD-Q4_K_XL
     assert choose("r", files, None, files[1].path).parts == (files[0], files[1])
     with pytest.raises(InputError, match="no F16 GGUF; quants there: IQ2_XXS, Q4_K, Q4_K_M, UD-Q4_K_XL"):
-        choose("r", files, "F16", None)                # the mmproj is no model
+        choose("r", files, "F16", None)  # the mmproj is no model
     with pytest.raises(InputError, match="split in 2 parts but the repo has parts 2"):
         choose("r", files, "IQ2_XXS", None)

@@ -1,6 +1,7 @@
 """Files as people download them: made by llama.cpp's own quantizer (compute/make/quantize.py)
 from an F16 synthetic Mixtral. Their tensor types follow llama-quant.cpp's mixes (restated
 below), and our engine runs every one of them as llama.cpp does."""
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,27 @@ PARITY_FAST = {"BF16", "Q4_K_M", "Q2_K", "IQ4_XS", "MXFP4_MOE"}
 DEEP_FAST = {"Q3_K_M", "Q4_K_M"}
 
 # the ggml type a file type starts from (llama_ftype_get_default_type)
-BASE = {"F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K",
-        "Q5_K_S": "Q5_K", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K",
-        "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K",
-        "Q2_K": "Q2_K", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "MXFP4_MOE": "MXFP4"}
+BASE = {
+    "F16": "F16",
+    "BF16": "BF16",
+    "Q8_0": "Q8_0",
+    "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K",
+    "Q5_K_S": "Q5_K",
+    "Q5_0": "Q5_0",
+    "Q5_1": "Q5_1",
+    "Q4_K_M": "Q4_K",
+    "Q4_K_S": "Q4_K",
+    "Q4_0": "Q4_0",
+    "Q4_1": "Q4_1",
+    "Q3_K_L": "Q3_K",
+    "Q3_K_M": "Q3_K",
+    "Q3_K_S": "Q3_K",
+    "Q2_K": "Q2_K",
+    "IQ4_XS": "IQ4_XS",
+    "IQ4_NL": "IQ4_NL",
+    "MXFP4_MOE": "MXFP4",
+}
 # file types whose attn_output goes to Q5_K on an 8-expert model
 ATTN_OUTPUT_Q5_K = {"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}
 
@@ -68,20 +86,28 @@ def ffn_down_type(ftype: str, i: int, n: int) -> str:
 def expected_types(ftype: str, n: int) -> dict:
     """Every tensor's type in a quantised MIXTRAL of n layers, per llama-quant.cpp."""
     base = BASE[ftype]
-    plain = ftype in ("F16", "BF16")     # not a quantised type: no mix at all
-    mxfp4 = ftype == "MXFP4_MOE"         # experts MXFP4, every other matrix Q8_0
+    plain = ftype in ("F16", "BF16")  # not a quantised type: no mix at all
+    mxfp4 = ftype == "MXFP4_MOE"  # experts MXFP4, every other matrix Q8_0
     other = "Q8_0" if mxfp4 else base
-    t = {"token_embd.weight": other, "output_norm.weight": "F32",
-         "output.weight": base if plain else "Q8_0" if ftype in ("Q8_0", "MXFP4_MOE") else "Q6_K"}
+    t = {
+        "token_embd.weight": other,
+        "output_norm.weight": "F32",
+        "output.weight": base if plain else "Q8_0" if ftype in ("Q8_0", "MXFP4_MOE") else "Q6_K",
+    }
     for i in range(n):
         p = f"blk.{i}."
-        t |= {p + "attn_norm.weight": "F32", p + "ffn_norm.weight": "F32",
-              p + "ffn_gate_inp.weight": "F32", p + "attn_q.weight": other,
-              p + "attn_k.weight": base if plain else "Q8_0",     # 8 experts: Q8_0
-              p + "attn_v.weight": base if plain else "Q8_0",
-              p + "attn_output.weight": "Q5_K" if ftype in ATTN_OUTPUT_Q5_K else other,
-              p + "ffn_gate_exps.weight": base, p + "ffn_up_exps.weight": base,
-              p + "ffn_down_exps.weight": base if plain else ffn_down_type(ftype, i, n)}
+        t |= {
+            p + "attn_norm.weight": "F32",
+            p + "ffn_norm.weight": "F32",
+            p + "ffn_gate_inp.weight": "F32",
+            p + "attn_q.weight": other,
+            p + "attn_k.weight": base if plain else "Q8_0",  # 8 experts: Q8_0
+            p + "attn_v.weight": base if plain else "Q8_0",
+            p + "attn_output.weight": "Q5_K" if ftype in ATTN_OUTPUT_Q5_K else other,
+            p + "ffn_gate_exps.weight": base,
+            p + "ffn_up_exps.weight": base,
+            p + "ffn_down_exps.weight": base if plain else ffn_down_type(ftype, i, n),
+        }
     return t
 
 
@@ -101,10 +127,11 @@ def test_types_follow_llama_quants_mix_on_16_layers(quantized, ftype):
 
 def test_the_ffn_down_mixes_as_written_out():
     """The rule above, spelt out per layer (so a slip in use_more_bits cannot pass)."""
+
     def down(ftype, n):
         return [ffn_down_type(ftype, i, n) for i in range(n)]
 
-    def q(digits):   # "645" -> Q6_K, Q4_K, Q5_K
+    def q(digits):  # "645" -> Q6_K, Q4_K, Q5_K
         return [f"Q{d}_K" for d in digits]
 
     assert down("Q4_K_M", 8) == q("64464466")
@@ -114,7 +141,7 @@ def test_the_ffn_down_mixes_as_written_out():
     assert down("Q4_K_S", 16) == q("5544444444444444")
     assert down("IQ4_XS", 16) == q("55") + ["IQ4_XS"] * 14
     assert down("IQ4_NL", 8) == q("5") + ["IQ4_NL"] * 7
-    assert down("Q3_K_M", 8) == q("44444444")          # n/16 = 0: no Q5_K layer
+    assert down("Q3_K_M", 8) == q("44444444")  # n/16 = 0: no Q5_K layer
     assert down("Q3_K_M", 16) == q("5444444444444444")
     assert down("Q2_K", 8) == q("33333333")
     assert down("Q6_K", 8) == q("66666666")
@@ -129,10 +156,27 @@ def test_in_process_matches_llama_cpp(quantized, ftype):
 
 # The companion convert makes by default (loader/companion.py LOW_TYPES, chosen by measured
 # divergence and bytes: BENCHMARKS.md), per file type of a Mixtral-layout file
-DEFAULT_LOW = {"F16": "Q4_K", "BF16": "Q4_K", "Q8_0": "Q4_K", "Q6_K": "Q3_K", "Q5_K_M": "Q3_K",
-               "Q5_K_S": "Q3_K", "Q5_0": "Q3_K", "Q5_1": "Q3_K", "Q4_K_M": "Q2_K", "Q4_K_S": "Q2_K",
-               "Q4_0": "Q2_K", "Q4_1": "Q2_K", "Q3_K_L": None, "Q3_K_M": None, "Q3_K_S": None,
-               "Q2_K": None, "IQ4_XS": "Q2_K", "IQ4_NL": "Q2_K", "MXFP4_MOE": "Q2_K"}
+DEFAULT_LOW = {
+    "F16": "Q4_K",
+    "BF16": "Q4_K",
+    "Q8_0": "Q4_K",
+    "Q6_K": "Q3_K",
+    "Q5_K_M": "Q3_K",
+    "Q5_K_S": "Q3_K",
+    "Q5_0": "Q3_K",
+    "Q5_1": "Q3_K",
+    "Q4_K_M": "Q2_K",
+    "Q4_K_S": "Q2_K",
+    "Q4_0": "Q2_K",
+    "Q4_1": "Q2_K",
+    "Q3_K_L": None,
+    "Q3_K_M": None,
+    "Q3_K_S": None,
+    "Q2_K": None,
+    "IQ4_XS": "Q2_K",
+    "IQ4_NL": "Q2_K",
+    "MXFP4_MOE": "Q2_K",
+}
 
 
 @pytest.mark.parametrize("rows", [256, 576])
@@ -141,14 +185,14 @@ def test_default_companion_type_per_file_type(rows):
     that are not 256-blocks (SmolLM2's 576) leave Q4_0 for 8-bit and wider experts."""
     from hobbit.loader.ggml_types import TYPES_BY_NAME, row_size
     from hobbit.loader.layout import SlotFormat
+
     assert set(DEFAULT_LOW) == set(FTYPES)
     shapes = ((rows, 512), (rows, 512), (512, rows))
     for ftype, low in DEFAULT_LOW.items():
         t = expected_types(ftype, 8)
-        types = [[TYPES_BY_NAME[t[f"blk.{i}.ffn_{p}_exps.weight"]] for p in ("gate", "up", "down")]
-                 for i in range(8)]
+        types = [[TYPES_BY_NAME[t[f"blk.{i}.ffn_{p}_exps.weight"]] for p in ("gate", "up", "down")] for i in range(8)]
         if rows == 576 and any(x in (10, 11, 12, 13, 14, 23) for x in sum(types, [])):
-            continue    # K-quants and IQ4_XS need 256-blocks themselves
+            continue  # K-quants and IQ4_XS need 256-blocks themselves
         nbytes = [[row_size(x, s[0]) * s[1] for x, s in zip(tl, shapes)] for tl in types]
         got = default_low_type(SlotFormat.build(shapes, types, nbytes))
         want = low if rows == 256 else "Q4_0" if low == "Q4_K" else None
@@ -178,8 +222,13 @@ def test_cli_synth_quantize(tmp_path):
     and without HOBBIT_GGML_LOG none of llama.cpp's log."""
     out = tmp_path / "m.gguf"
     env = {k: v for k, v in os.environ.items() if k != "HOBBIT_GGML_LOG"}
-    r = subprocess.run([*CLI, "synth", str(out), "--layers", "2", "--quantize", "q4_k_m"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [*CLI, "synth", str(out), "--layers", "2", "--quantize", "q4_k_m"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path) == ["m.gguf"]
     assert "llama_model_quantize" not in r.stderr and "llama_model_loader" not in r.stderr
@@ -190,8 +239,12 @@ def test_cli_synth_quantize(tmp_path):
 
 
 def test_cli_quantize_with_type_is_one_line(tmp_path):
-    r = subprocess.run([*CLI, "synth", str(tmp_path / "m.gguf"), "--type", "Q4_0",
-                        "--quantize", "Q8_0"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*CLI, "synth", str(tmp_path / "m.gguf"), "--type", "Q4_0", "--quantize", "Q8_0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--quantize" in r.stderr
     assert os.listdir(tmp_path) == []
@@ -217,14 +270,16 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
     path = str(tmp_path / f"{ftype}.gguf")
     shutil.copy(quantized(ftype, **MIXTRAL), path)
     low = default_low_type(gguf_experts(open_gguf(path)).format)
-    if low is None:      # 2- and 3-bit experts: no type worth loading instead
+    if low is None:  # 2- and 3-bit experts: no type worth loading instead
         r = subprocess.run([*CLI, "convert", path, "-q"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "1.5x smaller" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         return
     kld, agree, m = mixed_precision_vs_high(path, tmp_path, type_name(low))
-    print(f"{ftype} -> {type_name(low)}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
-          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    print(
+        f"{ftype} -> {type_name(low)}: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+        f"{m['misses_low']} low loads, {m['skipped']} skipped"
+    )
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1, f"mean KLD {kld:.4f}"
     assert agree >= 0.5, f"top-1 agreement {agree:.2f}"
@@ -233,13 +288,27 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # Q4_K_M of every other architecture: the size "m" of test_archs (rows of 256 and 512, so no
 # K-quant falls back), 6 layers: use_more_bits gives layers 2 and 5 Q6_K ffn_down, the others Q4_K
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
-ARCH_Q4 = [pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-           for a in ("qwen3moe", "olmoe", "qwen2moe", "phimoe", "gpt-oss", "granitemoe", "glm4moe", "bailingmoe2",
-                     "ernie4_5-moe", "smallthinker", "deepseek2")]
+ARCH_Q4 = [
+    pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
+    for a in (
+        "qwen3moe",
+        "olmoe",
+        "qwen2moe",
+        "phimoe",
+        "gpt-oss",
+        "granitemoe",
+        "glm4moe",
+        "bailingmoe2",
+        "ernie4_5-moe",
+        "smallthinker",
+        "deepseek2",
+    )
+]
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
     from test_archs import GPT_OSS, options
+
     kw = {**GPT_OSS, "layers": 6} if arch == "gpt-oss" else options(arch, "m")
     kw.pop("type", None)
     return quantized("Q4_K_M", **kw)
@@ -268,8 +337,10 @@ def test_q4_k_m_of_every_architecture_through_daemon(quantized, tmp_path, arch):
     shutil.copy(arch_q4_k_m(quantized, arch), path)
     assert assert_parity_through_daemon(path, tmp_path) == {"high"}
     kld, agree, m = mixed_precision_vs_high(path, tmp_path, "Q2_K")
-    print(f"{arch} Q4_K_M -> Q2_K: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
-          f"{m['misses_low']} low loads, {m['skipped']} skipped")
+    print(
+        f"{arch} Q4_K_M -> Q2_K: mean KLD {kld:.4f}, top-1 agreement {agree:.2f}, "
+        f"{m['misses_low']} low loads, {m['skipped']} skipped"
+    )
     assert m["misses_low"] > 0, "no expert was loaded in low precision"
     assert kld < 0.1, f"mean KLD {kld:.4f}"
     assert agree >= 0.5, f"top-1 agreement {agree:.2f}"

@@ -1,5 +1,6 @@
 """The sampler picks its candidates without sorting the whole vocabulary, and picks the
 same tokens as sorting it would."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,9 @@ def test_candidates_are_the_top_k_in_order():
     rng = np.random.default_rng(1)
     for V in (10, 1000, 262144):
         z = rng.standard_normal(V)
-        z[rng.integers(0, V, 5)] = z.max()          # ties at the top: the lower index first
+        z[rng.integers(0, V, 5)] = z.max()  # ties at the top: the lower index first
         for k in (1, 5, 40, V, 0):
-            want = np.argsort(-z, kind="stable")[:k if k > 0 else V]
+            want = np.argsort(-z, kind="stable")[: k if k > 0 else V]
             assert (candidates(z, k) == want).all(), (V, k)
 
 

@@ -1,5 +1,6 @@
 """`hobbit-cli serve` driven by the official openai client over loopback, against a real
 hobbitd process serving the default model with a quarter of its experts cached."""
+
 from __future__ import annotations
 
 import json
@@ -65,9 +66,25 @@ def served(default_moe, tmp_path_factory):
     with run_daemon([default_moe], cache, tmp, no_dynamic=True) as daemon:
         log_path = tmp / "serve.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([*CLI, "serve", default_moe, "--port", "0", "--parallel", "2",
-                                     "--max-queue", "1", "--socket", daemon.socket, "--ctx", "512"],
-                                    stdout=log, stderr=log)
+            proc = subprocess.Popen(
+                [
+                    *CLI,
+                    "serve",
+                    default_moe,
+                    "--port",
+                    "0",
+                    "--parallel",
+                    "2",
+                    "--max-queue",
+                    "1",
+                    "--socket",
+                    daemon.socket,
+                    "--ctx",
+                    "512",
+                ],
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 120
         url = None
         while url is None and time.monotonic() < deadline and proc.poll() is None:
@@ -93,16 +110,30 @@ def served(default_moe, tmp_path_factory):
 
 def _generate(model: str, socket: str, prompt: str, n: int, chat: bool = False) -> str:
     """The greedy text `hobbit-cli generate` gives through the same daemon: the reference."""
-    cmd = [*CLI, "generate", model, "-p", prompt, "-n", str(n), "--temperature", "0",
-           "--socket", socket, "--ctx", "512"] + (["--chat"] if chat else [])
+    cmd = [
+        *CLI,
+        "generate",
+        model,
+        "-p",
+        prompt,
+        "-n",
+        str(n),
+        "--temperature",
+        "0",
+        "--socket",
+        socket,
+        "--ctx",
+        "512",
+    ] + (["--chat"] if chat else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return r.stdout[:-1]          # generate ends with a newline
+    return r.stdout[:-1]  # generate ends with a newline
 
 
 def test_completion_is_the_engines_greedy_text(served, default_moe):
-    r = served.client.completions.create(model="default", prompt="The capital of France is",
-                                         max_tokens=12, temperature=0)
+    r = served.client.completions.create(
+        model="default", prompt="The capital of France is", max_tokens=12, temperature=0
+    )
     choice = r.choices[0]
     assert choice.text == _generate(default_moe, served.socket, "The capital of France is", 12)
     assert choice.finish_reason == "length"
@@ -115,8 +146,13 @@ def test_completion_is_the_engines_greedy_text(served, default_moe):
 
 def test_streamed_chat_completion_arrives_in_pieces_and_matches_the_whole_answer(served, default_moe):
     stream = served.client.chat.completions.create(
-        model=os.path.basename(default_moe).removesuffix(".gguf"), messages=QUESTION, stream=True,
-        temperature=0, max_tokens=24, stream_options={"include_usage": True})
+        model=os.path.basename(default_moe).removesuffix(".gguf"),
+        messages=QUESTION,
+        stream=True,
+        temperature=0,
+        max_tokens=24,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
@@ -126,25 +162,33 @@ def test_streamed_chat_completion_arrives_in_pieces_and_matches_the_whole_answer
     assert chunks[-1].usage.completion_tokens == len(pieces) or finishes == ["stop"]
     text = "".join(pieces)
     assert "Paris" in text
-    whole = served.client.chat.completions.create(model="default", messages=QUESTION,
-                                                  temperature=0, max_tokens=24)
+    whole = served.client.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=24)
     assert whole.choices[0].message.content == text
     assert text == _generate(default_moe, served.socket, QUESTION[0]["content"], 24, chat=True)
 
 
 def test_two_concurrent_requests_both_complete_with_their_own_answers(served):
     prompts = ["Name a color.", "What is two plus two?"]
-    alone = [served.client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=16)
-        .choices[0].message.content for p in prompts]
+    alone = [
+        served.client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=16
+        )
+        .choices[0]
+        .message.content
+        for p in prompts
+    ]
     got, errors = [None, None], []
 
     def ask(i):
         try:
-            got[i] = served.client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": prompts[i]}],
-                temperature=0, max_tokens=16).choices[0].message.content
-        except Exception as e:         # reported below, with the server's log
+            got[i] = (
+                served.client.chat.completions.create(
+                    model="default", messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=16
+                )
+                .choices[0]
+                .message.content
+            )
+        except Exception as e:  # reported below, with the server's log
             errors.append(e)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
@@ -153,17 +197,23 @@ def test_two_concurrent_requests_both_complete_with_their_own_answers(served):
     for t in threads:
         t.join(120)
     assert not errors, (errors, served.log)
-    assert got == alone      # each slot has its own KV cache: no answer leaks into the other
+    assert got == alone  # each slot has its own KV cache: no answer leaks into the other
 
 
 def test_a_full_queue_answers_503_and_a_dropped_stream_frees_its_slot(served):
-    long_chat = dict(model="default", messages=[{"role": "user", "content": "Tell me a long story."}],
-                     stream=True, max_tokens=400, temperature=0.8)
+    long_chat = dict(
+        model="default",
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        stream=True,
+        max_tokens=400,
+        temperature=0.8,
+    )
     streams = [served.client.chat.completions.create(**long_chat) for _ in range(2)]
     for s in streams:
-        next(iter(s))                  # both slots are generating now
-    waiter = threading.Thread(target=lambda: served.client.chat.completions.create(
-        model="default", messages=QUESTION, max_tokens=4))
+        next(iter(s))  # both slots are generating now
+    waiter = threading.Thread(
+        target=lambda: served.client.chat.completions.create(model="default", messages=QUESTION, max_tokens=4)
+    )
     waiter.start()
     deadline = time.monotonic() + 30
     while json.loads(served.get("/health")[1])["waiting"] < 1 and time.monotonic() < deadline:
@@ -172,7 +222,7 @@ def test_a_full_queue_answers_503_and_a_dropped_stream_frees_its_slot(served):
         served.client.chat.completions.create(model="default", messages=QUESTION, max_tokens=4)
     assert e.value.status_code == 503 and e.value.body["code"] == "server_busy"
     for s in streams:
-        s.close()                      # the clients hang up mid-answer
+        s.close()  # the clients hang up mid-answer
     waiter.join(60)
     deadline = time.monotonic() + 30
     while json.loads(served.get("/health")[1])["slots_idle"] < 2 and time.monotonic() < deadline:
@@ -217,13 +267,16 @@ def test_models_health_and_metrics(served, default_moe):
     served.client.completions.create(model="default", prompt="Once upon a time", max_tokens=8)
     status, text = served.get("/metrics")
     assert status == 200
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-              for line in text.splitlines() if line and not line.startswith("#")}
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values["hobbit_daemon_up"] == 1
     assert values["hobbit_completion_tokens_total"] >= 8
-    hits = [v for k, v in values.items() if k.startswith('hobbit_cache_hits_total{') and 'precision="high"' in k]
-    misses = [v for k, v in values.items() if k.startswith('hobbit_cache_misses_total{') and 'precision="high"' in k]
-    assert hits and hits[0] > 0 and misses and misses[0] > 0    # a quarter cached: both happen
+    hits = [v for k, v in values.items() if k.startswith("hobbit_cache_hits_total{") and 'precision="high"' in k]
+    misses = [v for k, v in values.items() if k.startswith("hobbit_cache_misses_total{") and 'precision="high"' in k]
+    assert hits and hits[0] > 0 and misses and misses[0] > 0  # a quarter cached: both happen
     assert any(k.startswith("hobbit_read_bytes_total") and v > 0 for k, v in values.items())
 
 
@@ -244,9 +297,8 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_loads(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}   # no default model here: not built
-        r = subprocess.run([*CLI, "serve", "--port", str(port)], capture_output=True, text=True,
-                           timeout=60, env=env)
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}  # no default model here: not built
+        r = subprocess.run([*CLI, "serve", "--port", str(port)], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1
     assert r.stderr.strip() == f"hobbit-cli: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert not list(tmp_path.iterdir()), "nothing was built or loaded"

@@ -1,6 +1,7 @@
 """Lint, format and types are checked by tools, configured in pyproject.toml so that the same
 bare commands in the repo root check what the suite does: `ruff check .`, `ruff format
 --check .` and `mypy`. And no module grows past MAX_LINES lines."""
+
 from __future__ import annotations
 
 import os
@@ -8,15 +9,14 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)    # the venv's tools, not whatever is on PATH
+BIN = os.path.dirname(sys.executable)  # the venv's tools, not whatever is on PATH
 MAX_LINES = 500
 FOLDERS = ("protocol", "loader", "hobbitd", "compute", "tests")
 
 
 def _passes(tool: str, *args: str, fix: str = "") -> None:
     r = subprocess.run([os.path.join(BIN, tool), *args], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, (f"`{' '.join((tool, *args))}` failed{fix}:\n"
-                               f"{r.stdout[-6000:]}{r.stderr[-2000:]}")
+    assert r.returncode == 0, f"`{' '.join((tool, *args))}` failed{fix}:\n{r.stdout[-6000:]}{r.stderr[-2000:]}"
 
 
 def test_ruff_finds_nothing():

@@ -5,54 +5,77 @@ Only what hobbit can honour is accepted: one choice (n = 1), text content, no lo
 tools, no penalties. Anything else is refused with the parameter's name rather than
 silently ignored, so a client never gets an answer to a question it did not ask.
 """
+
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass, field
 
-MAX_STOP = 4       # OpenAI's limit on stop sequences
+MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 # parameters some clients send with neutral values; anything else is refused
-_NEUTRAL = {"n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-            "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-            "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-            "functions": (None, []), "response_format": (None, {"type": "text"})}
-_IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls",
-            "reasoning_effort", "modalities", "prediction", "audio", "web_search_options"}
+_NEUTRAL = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+_IGNORED = {
+    "user",
+    "stream_options",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "modalities",
+    "prediction",
+    "audio",
+    "web_search_options",
+}
 
 
 class ApiError(Exception):
     """An error answered as OpenAI does: HTTP `status` and {"error": {...}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
 class Job:
     """One validated request. prompt: text for /v1/completions, token ids if given as ids;
     messages: the conversation for /v1/chat/completions (rendered by the chat template)."""
+
     chat: bool
     model: str
     prompt: str | list | None = None
     messages: list = field(default_factory=list)
-    max_tokens: int | None = None      # None: until end of text or the context is full
+    max_tokens: int | None = None  # None: until end of text or the context is full
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                     # an extension (llama.cpp's server has it too)
+    top_k: int = 0  # an extension (llama.cpp's server has it too)
     seed: int | None = None
     stop: list = field(default_factory=list)
     stream: bool = False
-    include_usage: bool = False        # stream_options.include_usage
+    include_usage: bool = False  # stream_options.include_usage
     id: str = ""
     created: int = 0
 
@@ -65,8 +88,12 @@ def parse(body, chat: bool, served: str) -> Job:
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model")
     if model not in (served, "default", ""):
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{served}' "
-                            "(see /v1/models)", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{served}' (see /v1/models)",
+            "model",
+            "model_not_found",
+        )
     job = Job(chat=chat, model=served)
     if chat:
         job.messages = _messages(body.get("messages"))
@@ -75,13 +102,26 @@ def parse(body, chat: bool, served: str) -> Job:
     for name, neutral in _NEUTRAL.items():
         if body.get(name, None) not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    known = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
-             "top_p", "top_k", "seed", "stop", "stream", *_NEUTRAL, *_IGNORED}
+    known = {
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        *_NEUTRAL,
+        *_IGNORED,
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise ApiError(400, f"unrecognized request argument: '{unknown[0]}'", unknown[0], "unknown_parameter")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    job.max_tokens = 16 if limit is None and not chat else limit   # OpenAI's completions default
+    job.max_tokens = 16 if limit is None and not chat else limit  # OpenAI's completions default
     if job.max_tokens is not None:
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         job.max_tokens = _number(body, name, int, 1, None)
@@ -131,11 +171,10 @@ def _stop(stop) -> list:
 def _prompt(prompt):
     """A completion prompt: a string, a list of one string, or a list of token ids."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]                     # a batch of one
+        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                   for t in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "one prompt per request: batches of prompts are not supported", "prompt")
@@ -150,12 +189,12 @@ def _messages(messages) -> list:
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"{where}: a message needs a role of system, user or assistant",
-                           f"{where}.role")
+            raise ApiError(400, f"{where}: a message needs a role of system, user or assistant", f"{where}.role")
         content = msg.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise ApiError(400, f"{where}: only text content parts are supported", f"{where}.content")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -167,24 +206,39 @@ def _messages(messages) -> list:
 
 # ---- responses ---------------------------------------------------------------------------
 
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def response(job: Job, text: str, finish: str, use: dict) -> dict:
     """The whole answer of a request that was not streamed."""
     if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return {"id": job.id, "object": "chat.completion" if job.chat else "text_completion",
-            "created": job.created, "model": job.model, "choices": [choice], "usage": use}
+    return {
+        "id": job.id,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [choice],
+        "usage": use,
+    }
 
 
-def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bool = False,
-          use: dict | None = None) -> dict:
+def chunk(
+    job: Job, text: str | None = None, finish: str | None = None, role: bool = False, use: dict | None = None
+) -> dict:
     """One server-sent event of a streamed answer: a piece of text, the opening role
     (chat), the finish reason, or (use given) the closing usage with no choices."""
     if job.chat:
@@ -192,8 +246,13 @@ def chunk(job: Job, text: str | None = None, finish: str | None = None, role: bo
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
-    out = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
-           "created": job.created, "model": job.model, "choices": [] if use else choices}
+    out = {
+        "id": job.id,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [] if use else choices,
+    }
     if use:
         out["usage"] = use
     return out
@@ -213,10 +272,10 @@ class StopText:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self.held = True, ""
-            return text[:min(hits)]
+            return text[: min(hits)]
         keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
 
     def flush(self) -> str:
         text, self.held = self.held, ""

@@ -1,5 +1,6 @@
 """Interactive chat: the model's chat template, streamed answers, the KV cache reused
 between turns (only the new turn is computed), /reset /stats /quit, Ctrl-C stops an answer."""
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,7 @@ class ChatSession:
     def __init__(self, model: Model, tok: Tokenizer, sampler: Sampler, n_predict: int):
         self.model, self.tok, self.sampler, self.n_predict = model, tok, sampler, n_predict
         self.messages: list[dict] = []
-        self.tokens: list[int] = []      # what the KV cache holds, in order
+        self.tokens: list[int] = []  # what the KV cache holds, in order
         self.last = {}
 
     def reset(self) -> None:
@@ -37,10 +38,10 @@ class ChatSession:
     def answer(self, text: str, out=sys.stdout) -> str:
         self.messages.append({"role": "user", "content": text})
         ids = self._prompt_tokens()
-        keep = 0   # reuse the cached prefix that the new prompt shares
+        keep = 0  # reuse the cached prefix that the new prompt shares
         while keep < min(len(ids) - 1, len(self.tokens)) and ids[keep] == self.tokens[keep]:
             keep += 1
-        if not self.model.resumable(keep):   # a sliding window already moved past it
+        if not self.model.resumable(keep):  # a sliding window already moved past it
             keep = 0
         self.model.n_past = keep
         self.tokens = ids[:keep]
@@ -48,8 +49,7 @@ class ChatSession:
         t0 = time.perf_counter()
         t_first = None
         try:
-            for token in generate_tokens(self.model, ids[keep:], self.n_predict, self.sampler,
-                                         stop=self.tok.is_eog):
+            for token in generate_tokens(self.model, ids[keep:], self.n_predict, self.sampler, stop=self.tok.is_eog):
                 t_first = t_first or time.perf_counter()
                 gen.append(token)
                 piece = stream.push(token)
@@ -62,20 +62,26 @@ class ChatSession:
         out.write(pieces[-1] + "\n")
         reply = "".join(pieces)
         self.messages.append({"role": "assistant", "content": reply})
-        self.tokens = (ids + gen)[:self.model.n_past]   # what the KV cache now holds
+        self.tokens = (ids + gen)[: self.model.n_past]  # what the KV cache now holds
         t1, n_new = time.perf_counter(), len(gen)
-        self.last = {"prompt_tokens": len(ids) - keep, "reused_tokens": keep, "new_tokens": n_new,
-                     "prefill_s": (t_first or t1) - t0,
-                     "decode_tok_s": (n_new - 1) / (t1 - t_first) if t_first and n_new > 1 else 0.0}
+        self.last = {
+            "prompt_tokens": len(ids) - keep,
+            "reused_tokens": keep,
+            "new_tokens": n_new,
+            "prefill_s": (t_first or t1) - t0,
+            "decode_tok_s": (n_new - 1) / (t1 - t_first) if t_first and n_new > 1 else 0.0,
+        }
         return reply
 
     def stats(self) -> str:
         s = self.last
         if not s:
             return "no answer yet"
-        return (f"last answer: {s['new_tokens']} tokens at {s['decode_tok_s']:.1f} tok/s; prompt "
-                f"{s['prompt_tokens']} new tokens in {s['prefill_s']:.2f} s ({s['reused_tokens']} "
-                f"reused from the cache); context {self.model.n_past}/{self.model.n_ctx}")
+        return (
+            f"last answer: {s['new_tokens']} tokens at {s['decode_tok_s']:.1f} tok/s; prompt "
+            f"{s['prompt_tokens']} new tokens in {s['prefill_s']:.2f} s ({s['reused_tokens']} "
+            f"reused from the cache); context {self.model.n_past}/{self.model.n_ctx}"
+        )
 
 
 def run_chat(session: ChatSession, stdin=sys.stdin) -> int:

@@ -1,5 +1,6 @@
 """hobbit-cli: the command line. Each subcommand builds its options and runs them;
 library code raises HobbitError, and only this module turns errors into exit codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,16 @@ Run Mixture-of-Experts LLMs whose experts do not fit in memory, fast.
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ctx", type=int, default=2048, metavar="N",
-                   help="context length in tokens (KV cache size; default 2048)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="compute threads (default: physical cores, one fewer through hobbitd)")
+    p.add_argument(
+        "--ctx", type=int, default=2048, metavar="N", help="context length in tokens (KV cache size; default 2048)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute threads (default: physical cores, one fewer through hobbitd)",
+    )
 
 
 def _socket(args) -> str:
@@ -35,17 +42,19 @@ def cmd_generate(args) -> int:
 
     prompt = []
 
-    def check(weights, tok):      # before hobbitd is asked: a bad prompt starts none
+    def check(weights, tok):  # before hobbitd is asked: a bad prompt starts none
         text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         prompt.extend(tok.encode(text, parse_special=args.chat))
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= args.ctx:
-            raise InputError(f"the prompt has {len(prompt)} tokens; the context holds {args.ctx} "
-                             "(raise --ctx or shorten the prompt)")
+            raise InputError(
+                f"the prompt has {len(prompt)} tokens; the context holds {args.ctx} (raise --ctx or shorten the prompt)"
+            )
 
-    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
-                   ThroughDaemon.from_args(args), check=check)
+    run = open_run(
+        args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args), check=check
+    )
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
     stream = TextStream(run.tok)
     out = sys.stdout
@@ -62,8 +71,7 @@ def cmd_chat(args) -> int:
     from ..engine.sampling import Sampler, SamplingOptions
     from ..runs import ThroughDaemon, open_run
 
-    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads),
-                   ThroughDaemon.from_args(args))
+    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args))
     run.tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
     sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
     where = f"through hobbitd at {run.experts.socket_path}" if run.experts else "in-process"
@@ -79,29 +87,48 @@ def cmd_serve(args) -> int:
     from ...protocol.errors import InputError
 
     if args.parallel < 1 or args.max_queue < 0 or not 0 <= args.port <= 65535:
-        raise InputError(f"--parallel {args.parallel} --max-queue {args.max_queue} --port {args.port}: "
-                         "need at least 1 slot, a queue of 0 or more, and a port in 0..65535")
-    sock = bind(args.host, args.port)     # a port in use fails now, not after the model loads
+        raise InputError(
+            f"--parallel {args.parallel} --max-queue {args.max_queue} --port {args.port}: "
+            "need at least 1 slot, a queue of 0 or more, and a port in 0..65535"
+        )
+    sock = bind(args.host, args.port)  # a port in use fails now, not after the model loads
     try:
         path = resolve_model(args.model)
     except BaseException:
         sock.close()
         raise
-    opts = ServeOptions(model=path, host=args.host, port=args.port, parallel=args.parallel,
-                        max_queue=args.max_queue, n_ctx=args.ctx, n_threads=args.threads,
-                        api_key=args.api_key or os.environ.get("HOBBIT_API_KEY") or None)
+    opts = ServeOptions(
+        model=path,
+        host=args.host,
+        port=args.port,
+        parallel=args.parallel,
+        max_queue=args.max_queue,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        api_key=args.api_key or os.environ.get("HOBBIT_API_KEY") or None,
+    )
     return serve(opts, ThroughDaemon.from_args(args), sock)
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-daemon", action="store_true",
-                   help="compute in this process, reading experts from the mmapped GGUF "
-                        "instead of asking hobbitd")
-    p.add_argument("--socket", metavar="PATH", default=None,
-                   help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)")
-    p.add_argument("--reconnect-deadline", type=float, default=None, metavar="S",
-                   help="when hobbitd goes away: how long to look for one again at the socket "
-                        "before giving up (default 30)")
+    p.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="compute in this process, reading experts from the mmapped GGUF instead of asking hobbitd",
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="hobbitd socket (default: $HOBBIT_SOCKET, else the system or user default)",
+    )
+    p.add_argument(
+        "--reconnect-deadline",
+        type=float,
+        default=None,
+        metavar="S",
+        help="when hobbitd goes away: how long to look for one again at the socket before giving up (default 30)",
+    )
 
 
 def cmd_convert(args) -> int:
@@ -128,9 +155,11 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     path = convert(weights, low, out=args.out, progress=not args.quiet)
     size = os.path.getsize(path)
-    print(f"{path}: {ggml.type_name(low)} experts, {size / 2**20:.1f} MiB "
-          f"({size / high.total_bytes:.0%} of the high-precision "
-          f"experts), {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{path}: {ggml.type_name(low)} experts, {size / 2**20:.1f} MiB "
+        f"({size / high.total_bytes:.0%} of the high-precision "
+        f"experts), {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -151,13 +180,17 @@ def cmd_stats(args) -> int:
     for name, ms in st.get("models", {}).items():
         total = ms.get("hits", 0) + ms.get("misses", 0)
         rate = ms.get("hits", 0) / total if total else 0.0
-        print(f"  {name}: hits {ms.get('hits', 0)}  misses {ms.get('misses', 0)}  hit ratio {rate:.1%}  "
-              f"read {ms.get('bytes_read', 0) / 2**20:.1f} MiB at {ms.get('read_MBps', 0):.0f} MB/s")
+        print(
+            f"  {name}: hits {ms.get('hits', 0)}  misses {ms.get('misses', 0)}  hit ratio {rate:.1%}  "
+            f"read {ms.get('bytes_read', 0) / 2**20:.1f} MiB at {ms.get('read_MBps', 0):.0f} MB/s"
+        )
         h = ms.get("hobbit", {})
         print(f"    {h.get('mode', '?')}, policy {h.get('policy', '?')}, low type {h.get('low_type') or '-'}")
         for prec, r in ms.get("regions", {}).items():
-            print(f"    {prec:5s} slots {r['ready']}/{r['slots']} filled, {r['pinned']} pinned, "
-                  f"{r['slot_bytes'] / 2**20:.2f} MiB each")
+            print(
+                f"    {prec:5s} slots {r['ready']}/{r['slots']} filled, {r['pinned']} pinned, "
+                f"{r['slot_bytes'] / 2**20:.2f} MiB each"
+            )
     return 0
 
 
@@ -171,10 +204,12 @@ def cmd_top(args) -> int:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=n_predict,
-                   help=f"most tokens to generate (default {n_predict})")
-    p.add_argument("--temperature", "--temp", type=float, default=0.8,
-                   help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument(
+        "-n", "--n-predict", type=int, default=n_predict, help=f"most tokens to generate (default {n_predict})"
+    )
+    p.add_argument(
+        "--temperature", "--temp", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)"
+    )
     p.add_argument("--top-k", type=int, default=40, help="sample among the k best tokens; 0 = all (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -186,9 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", prog="hobbit-cli generate", help="generate text from a prompt",
-                       description="Generate a continuation of --prompt and print only the "
-                                   "generated text on stdout.")
+    p = sub.add_parser(
+        "generate",
+        prog="hobbit-cli generate",
+        help="generate text from a prompt",
+        description="Generate a continuation of --prompt and print only the generated text on stdout.",
+    )
     p.add_argument("model", metavar="MODEL", help="path to a GGUF model")
     p.add_argument("--prompt", "-p", required=True, help="the prompt text")
     _add_sampling_options(p, 128)
@@ -197,70 +235,100 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", prog="hobbit-cli chat", help="chat with a model in the terminal",
-                       description="Chat with MODEL using its own chat template, through hobbitd "
-                                   "(the running one, else a private one for the session). "
-                                   "Without MODEL: the default MoE made from SmolLM2-135M-Instruct, "
-                                   "built on first use. Type /reset, /stats or /quit.")
-    p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="path to a GGUF model, or 'default' (the default)")
+    p = sub.add_parser(
+        "chat",
+        prog="hobbit-cli chat",
+        help="chat with a model in the terminal",
+        description="Chat with MODEL using its own chat template, through hobbitd "
+        "(the running one, else a private one for the session). "
+        "Without MODEL: the default MoE made from SmolLM2-135M-Instruct, "
+        "built on first use. Type /reset, /stats or /quit.",
+    )
+    p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF model, or 'default' (the default)")
     _add_sampling_options(p, 512)
     _add_daemon_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", prog="hobbit-cli serve", help="an OpenAI-compatible HTTP server",
-                       description="Serve MODEL over HTTP with OpenAI's API: POST /v1/chat/completions "
-                                   "and /v1/completions (\"stream\": true for server-sent events), "
-                                   "GET /v1/models, /health and /metrics (Prometheus). --parallel "
-                                   "slots generate at once, each with its own KV cache, all sharing "
-                                   "hobbitd's expert cache; further requests wait in arrival order "
-                                   "(up to --max-queue, then 503). Stop with Ctrl-C or SIGTERM.")
-    p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="path to a GGUF model, or 'default' (the default MoE)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p = sub.add_parser(
+        "serve",
+        prog="hobbit-cli serve",
+        help="an OpenAI-compatible HTTP server",
+        description="Serve MODEL over HTTP with OpenAI's API: POST /v1/chat/completions "
+        'and /v1/completions ("stream": true for server-sent events), '
+        "GET /v1/models, /health and /metrics (Prometheus). --parallel "
+        "slots generate at once, each with its own KV cache, all sharing "
+        "hobbitd's expert cache; further requests wait in arrival order "
+        "(up to --max-queue, then 503). Stop with Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF model, or 'default' (the default MoE)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free port)")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="requests generated at once, one KV cache each (default 1)")
-    p.add_argument("--max-queue", type=int, default=16, metavar="N",
-                   help="requests that may wait for a slot before new ones get 503 (default 16)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $HOBBIT_API_KEY, else none)")
+    p.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="requests generated at once, one KV cache each (default 1)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests that may wait for a slot before new ones get 503 (default 16)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/ (default: $HOBBIT_API_KEY, else none)",
+    )
     _add_daemon_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("convert", prog="hobbit-cli convert",
-                       help="make the low-precision companion file of a MoE model",
-                       description="Re-quantise every expert of MODEL to a smaller type and write "
-                                   "the companion file hobbitd reads on low-precision misses "
-                                   "(next to the model, or under ~/.cache/hobbit).")
+    p = sub.add_parser(
+        "convert",
+        prog="hobbit-cli convert",
+        help="make the low-precision companion file of a MoE model",
+        description="Re-quantise every expert of MODEL to a smaller type and write "
+        "the companion file hobbitd reads on low-precision misses "
+        "(next to the model, or under ~/.cache/hobbit).",
+    )
     p.add_argument("model", metavar="MODEL", help="path to a MoE GGUF")
-    p.add_argument("--low", metavar="TYPE", default=None,
-                   help="ggml type of the low-precision experts (default: Q4_K for 8/16-bit "
-                        "experts, Q4_0 where rows are not 256-blocks; Q3_K for 5/6-bit ones, "
-                        "Q2_K for 4-bit ones)")
+    p.add_argument(
+        "--low",
+        metavar="TYPE",
+        default=None,
+        help="ggml type of the low-precision experts (default: Q4_K for 8/16-bit "
+        "experts, Q4_0 where rows are not 256-blocks; Q3_K for 5/6-bit ones, "
+        "Q2_K for 4-bit ones)",
+    )
     p.add_argument("--out", metavar="PATH", default=None, help="where to write it")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("stats", prog="hobbit-cli stats", help="what the running hobbitd has cached and read",
-                       description="Per model: cache occupancy by precision, hits, misses, bytes "
-                                   "read and read bandwidth; connected clients.")
+    p = sub.add_parser(
+        "stats",
+        prog="hobbit-cli stats",
+        help="what the running hobbitd has cached and read",
+        description="Per model: cache occupancy by precision, hits, misses, bytes "
+        "read and read bandwidth; connected clients.",
+    )
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("top", prog="hobbit-cli top", help="a live view of the running hobbitd",
-                       description="Redraw every --interval seconds: per model, cache occupancy by "
-                                   "precision, hit/miss/skip rates, read MB/s and prefetch accuracy; "
-                                   "per client, tokens per second. Rates are over the last interval. "
-                                   "Ctrl-C quits. Piped, frames follow each other (like top -b).")
-    p.add_argument("--interval", "-d", type=float, default=1.0, metavar="S",
-                   help="seconds between frames (default 1)")
-    p.add_argument("--count", "-n", type=int, default=None, metavar="N",
-                   help="stop after N frames (default: until Ctrl-C)")
+    p = sub.add_parser(
+        "top",
+        prog="hobbit-cli top",
+        help="a live view of the running hobbitd",
+        description="Redraw every --interval seconds: per model, cache occupancy by "
+        "precision, hit/miss/skip rates, read MB/s and prefetch accuracy; "
+        "per client, tokens per second. Rates are over the last interval. "
+        "Ctrl-C quits. Piped, frames follow each other (like top -b).",
+    )
+    p.add_argument("--interval", "-d", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
+    p.add_argument(
+        "--count", "-n", type=int, default=None, metavar="N", help="stop after N frames (default: until Ctrl-C)"
+    )
     p.add_argument("--socket", metavar="PATH", default=None, help="hobbitd socket")
     p.set_defaults(func=cmd_top)
 

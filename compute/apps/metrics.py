@@ -5,6 +5,7 @@ registry of this server; hobbitd's (cache hits and misses by precision, skips, b
 prefetches, slot occupancy) are read from its STATS at each scrape, so they cover every
 client of the daemon, not just this server.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
@@ -17,19 +18,25 @@ class ServerMetrics:
     def __init__(self, server):
         self.server = server
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("hobbit_http_requests", "HTTP requests answered, by endpoint and status",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "hobbit_http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt = Counter("hobbit_prompt_tokens", "prompt tokens received", registry=r)
-        self.computed = Counter("hobbit_prompt_tokens_computed",
-                                "prompt tokens computed (the rest were reused from a slot's KV cache)",
-                                registry=r)
+        self.computed = Counter(
+            "hobbit_prompt_tokens_computed",
+            "prompt tokens computed (the rest were reused from a slot's KV cache)",
+            registry=r,
+        )
         self.completion = Counter("hobbit_completion_tokens", "tokens generated", registry=r)
-        self.decode_rate = Gauge("hobbit_decode_tokens_per_second",
-                                 "decode speed of the last answer of more than one token", registry=r)
+        self.decode_rate = Gauge(
+            "hobbit_decode_tokens_per_second", "decode speed of the last answer of more than one token", registry=r
+        )
         Gauge("hobbit_slots_busy", "slots generating now", registry=r).set_function(
-            lambda: len(server.seats.all) - len(server.seats.free))
+            lambda: len(server.seats.all) - len(server.seats.free)
+        )
         Gauge("hobbit_requests_waiting", "requests waiting for a free slot", registry=r).set_function(
-            lambda: server.seats.waiting)
+            lambda: server.seats.waiting
+        )
         r.register(_DaemonCollector(server))
 
     def request(self, endpoint: str, status: int) -> None:
@@ -55,7 +62,7 @@ class _DaemonCollector:
 
     def collect(self):
         up = GaugeMetricFamily("hobbit_daemon_up", "1 when hobbitd answered this scrape")
-        if not self.server.daemon_socket:       # in-process (--no-daemon): no daemon to ask
+        if not self.server.daemon_socket:  # in-process (--no-daemon): no daemon to ask
             return
         try:
             st = self.server.daemon_stats()
@@ -69,19 +76,25 @@ class _DaemonCollector:
         clients.add_metric([], st.get("clients", 0))
         yield clients
         fam = {
-            "hits": CounterMetricFamily("hobbit_cache_hits", "expert requests served from the cache",
-                                        labels=["model", "precision"]),
-            "misses": CounterMetricFamily("hobbit_cache_misses", "expert requests that read flash",
-                                          labels=["model", "precision"]),
-            "skipped": CounterMetricFamily("hobbit_experts_skipped",
-                                           "experts skipped by the mixed-precision rule", labels=["model"]),
-            "bytes": CounterMetricFamily("hobbit_read_bytes", "bytes hobbitd read from the model files",
-                                         labels=["model"]),
+            "hits": CounterMetricFamily(
+                "hobbit_cache_hits", "expert requests served from the cache", labels=["model", "precision"]
+            ),
+            "misses": CounterMetricFamily(
+                "hobbit_cache_misses", "expert requests that read flash", labels=["model", "precision"]
+            ),
+            "skipped": CounterMetricFamily(
+                "hobbit_experts_skipped", "experts skipped by the mixed-precision rule", labels=["model"]
+            ),
+            "bytes": CounterMetricFamily(
+                "hobbit_read_bytes", "bytes hobbitd read from the model files", labels=["model"]
+            ),
             "prefetched": CounterMetricFamily("hobbit_prefetch_reads", "prefetch reads issued", labels=["model"]),
-            "used": CounterMetricFamily("hobbit_prefetch_used", "prefetched experts a request then used",
-                                        labels=["model"]),
-            "slots": GaugeMetricFamily("hobbit_cache_slots", "cache slots by precision and state",
-                                       labels=["model", "precision", "state"]),
+            "used": CounterMetricFamily(
+                "hobbit_prefetch_used", "prefetched experts a request then used", labels=["model"]
+            ),
+            "slots": GaugeMetricFamily(
+                "hobbit_cache_slots", "cache slots by precision and state", labels=["model", "precision", "state"]
+            ),
         }
         for name, ms in st.get("models", {}).items():
             for prec in ("high", "low"):

@@ -15,6 +15,7 @@ Request → seat → tokens: handle_completion() parses (api.parse), waits for a
 (Seats.take), runs Seat.generate in a thread, which pushes text pieces to an asyncio queue
 that the handler streams or collects.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,11 +31,11 @@ from dataclasses import dataclass
 
 from . import api
 from .api import ApiError
+from .seats import ClientGone, Seat, Seats
 from ...protocol.errors import HobbitError, InputError
 
 log = logging.getLogger("hobbit.serve")
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -42,112 +43,11 @@ class ServeOptions:
     model: str
     host: str = "127.0.0.1"
     port: int = 8080
-    parallel: int = 1          # seats generating at once
-    max_queue: int = 16        # requests waiting for a seat before 503
+    parallel: int = 1  # seats generating at once
+    max_queue: int = 16  # requests waiting for a seat before 503
     n_ctx: int = 2048
     n_threads: int = 0
     api_key: str | None = None  # when set, requests need "Authorization: Bearer KEY"
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was complete."""
-
-
-class Seat:
-    """One Model and the tokens its KV cache holds. Used by one request at a time."""
-
-    def __init__(self, index: int, model, tok):
-        self.index, self.model, self.tok = index, model, tok
-        self.tokens: list[int] = []
-        self.cancel = threading.Event()
-
-    def shared_prefix(self, ids: list) -> int:
-        n = 0
-        for a, b in zip(self.tokens, ids[:-1]):   # at least one token is always computed
-            if a != b:
-                break
-            n += 1
-        return n
-
-    def generate(self, ids: list, job: api.Job, emit) -> dict:
-        """Generate for `job` after prompt `ids`, calling emit(piece) from this thread for
-        each piece of text (stop sequences already cut). Returns the finish reason and
-        counts. Runs in a worker thread; self.cancel stops it at the next token."""
-        from ..engine.generate import TextStream, generate_tokens
-        from ..engine.sampling import Sampler, SamplingOptions
-
-        model = self.model
-        keep = self.shared_prefix(ids)
-        if not model.resumable(keep):        # a sliding window already moved past it
-            keep = 0
-        if keep == 0:
-            model.reset()            # a new sequence for the daemon's cache policy
-        model.n_past = keep
-        self.tokens = ids[:keep]
-        room = model.n_ctx - len(ids) + 1       # the last generated token needs no KV slot
-        limit = min(job.max_tokens or room, room)
-        sampler = Sampler(SamplingOptions(job.temperature, job.top_k, job.top_p, job.seed))
-        text, stop = TextStream(self.tok), api.StopText(job.stop)
-        gen, finish = [], "length"
-        t_first = None
-        try:
-            for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog):
-                t_first = t_first or time.perf_counter()
-                gen.append(token)
-                piece = stop.push(text.push(token))
-                if piece:
-                    emit(piece)
-                if stop.stopped:
-                    finish = "stop"
-                    break
-                if self.cancel.is_set():
-                    finish = "cancelled"
-                    break
-            else:
-                if len(gen) < limit and model.n_past < model.n_ctx:
-                    finish = "stop"      # an end-of-generation token
-            tail = stop.push(text.flush()) + stop.flush()
-            if tail:
-                emit(tail)
-        finally:
-            self.tokens = (ids + gen)[:model.n_past]
-        t1 = time.perf_counter()
-        return {"finish": finish, "prompt_tokens": len(ids), "completion_tokens": len(gen),
-                "computed_prompt_tokens": len(ids) - keep,
-                "decode_tok_s": (len(gen) - 1) / (t1 - t_first) if t_first and len(gen) > 1 else 0.0}
-
-    def _eog(self, token: int) -> bool:
-        return self.tok.is_eog(token)
-
-
-class Seats:
-    """The free seats; take() waits (FIFO) for one, preferring the longest cached prefix."""
-
-    def __init__(self, seats: list[Seat], max_queue: int):
-        self.all, self.free = seats, list(seats)
-        self.max_queue = max_queue
-        self.waiting = 0
-        self._cond = asyncio.Condition()
-
-    async def take(self, ids: list) -> Seat:
-        async with self._cond:
-            if not self.free and self.waiting >= self.max_queue:
-                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting "
-                                    "for a slot; try again later", code="server_busy")
-            self.waiting += 1
-            try:
-                await self._cond.wait_for(lambda: self.free)
-            finally:
-                self.waiting -= 1
-            seat = max(self.free, key=lambda s: s.shared_prefix(ids))
-            self.free.remove(seat)
-            seat.cancel.clear()
-            return seat
-
-    async def give(self, seat: Seat) -> None:
-        async with self._cond:
-            self.free.append(seat)
-            self._cond.notify()
 
 
 class Server:
@@ -163,6 +63,7 @@ class Server:
         self._stats_lock = threading.Lock()
         self.started = int(time.time())
         from .metrics import ServerMetrics
+
         self.metrics = ServerMetrics(self)
 
     # ---- the data path ---------------------------------------------------------------
@@ -188,14 +89,19 @@ class Server:
             pieces = []
             result = await self._run(request, seat, ids, job, pieces.append)
             self.metrics.request(endpoint, 200)
-            return web.json_response(api.response(job, "".join(pieces), result["finish"],
-                                                  api.usage(result["prompt_tokens"],
-                                                            result["completion_tokens"])))
+            return web.json_response(
+                api.response(
+                    job,
+                    "".join(pieces),
+                    result["finish"],
+                    api.usage(result["prompt_tokens"], result["completion_tokens"]),
+                )
+            )
         except ApiError as e:
             self.metrics.request(endpoint, e.status)
             return _error(e)
         except ClientGone:
-            self.metrics.request(endpoint, 499)     # nginx's "client closed request"
+            self.metrics.request(endpoint, 499)  # nginx's "client closed request"
             return web.Response(status=499)
         finally:
             await self.seats.give(seat)
@@ -217,9 +123,13 @@ class Server:
         else:
             ids = self.tok.encode(job.prompt)
         if len(ids) >= n_ctx:
-            raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt has "
-                                f"{len(ids)} (shorten it, or restart serve with a larger --ctx)",
-                           "messages" if job.chat else "prompt", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context holds {n_ctx} tokens; the prompt has "
+                f"{len(ids)} (shorten it, or restart serve with a larger --ctx)",
+                "messages" if job.chat else "prompt",
+                "context_length_exceeded",
+            )
         return ids
 
     async def _run(self, request, seat: Seat, ids: list, job: api.Job, on_piece) -> dict:
@@ -235,13 +145,13 @@ class Server:
             while (piece := await queue.get()) is not None:
                 gone = gone or request.transport is None or request.transport.is_closing()
                 if gone:
-                    seat.cancel.set()    # the client went away mid-answer: stop at the next token
+                    seat.cancel.set()  # the client went away mid-answer: stop at the next token
                     continue
                 r = on_piece(piece)
                 if asyncio.iscoroutine(r):
                     await r
         except BaseException as e:
-            seat.cancel.set()            # stop, and free the seat only once the thread is done
+            seat.cancel.set()  # stop, and free the seat only once the thread is done
             await asyncio.wait([work])
             if isinstance(e, ConnectionError):
                 raise ClientGone() from None
@@ -256,9 +166,8 @@ class Server:
             log.error("generation failed: %s", e)
             raise ApiError(503, f"generation failed: {e}", code="daemon_error") from None
         self.metrics.generated(result)
-        if result["finish"] == "cancelled":    # not by this client: the server is stopping
-            raise ApiError(503, "the server is shutting down; the answer was cut short",
-                           code="shutting_down")
+        if result["finish"] == "cancelled":  # not by this client: the server is stopping
+            raise ApiError(503, "the server is shutting down; the answer was cut short", code="shutting_down")
         return result
 
     async def _stream(self, request, seat: Seat, ids: list, job: api.Job):
@@ -274,7 +183,7 @@ class Server:
         except ClientGone:
             self.metrics.request(request.path, 499)
             return resp
-        except ApiError as e:           # the status line is sent already: say it in the stream
+        except ApiError as e:  # the status line is sent already: say it in the stream
             self.metrics.request(request.path, e.status)
             try:
                 await send(e.body())
@@ -298,15 +207,32 @@ class Server:
     async def handle_models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": self.started, "owned_by": "hobbit",
-             "path": os.path.realpath(self.opts.model), "n_ctx": self.opts.n_ctx}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.name,
+                        "object": "model",
+                        "created": self.started,
+                        "owned_by": "hobbit",
+                        "path": os.path.realpath(self.opts.model),
+                        "n_ctx": self.opts.n_ctx,
+                    }
+                ],
+            }
+        )
 
     async def handle_health(self, request):
         from aiohttp import web
 
-        body = {"status": "ok", "model": self.name, "slots": len(self.seats.all),
-                "slots_idle": len(self.seats.free), "waiting": self.seats.waiting}
+        body = {
+            "status": "ok",
+            "model": self.name,
+            "slots": len(self.seats.all),
+            "slots_idle": len(self.seats.free),
+            "waiting": self.seats.waiting,
+        }
         if self.daemon_socket:
             loop = asyncio.get_running_loop()
             try:
@@ -332,8 +258,9 @@ class Server:
         with self._stats_lock:
             try:
                 if self._stats_client is None:
-                    self._stats_client = ExpertClient(self.daemon_socket, None, timeout=2, retries=0,
-                                                      reconnect_s=0)   # /health: say 503 now
+                    self._stats_client = ExpertClient(
+                        self.daemon_socket, None, timeout=2, retries=0, reconnect_s=0
+                    )  # /health: say 503 now
                 return self._stats_client.stats()
             except DaemonError:
                 if self._stats_client is not None:
@@ -345,7 +272,7 @@ class Server:
         for s in self.seats.all:
             s.cancel.set()
         self.pool.shutdown(wait=True)
-        for s in reversed(self.seats.all):   # the first seat's client may own a private hobbitd
+        for s in reversed(self.seats.all):  # the first seat's client may own a private hobbitd
             s.model.close()
             if s.model.experts is not None:
                 s.model.experts.close()
@@ -369,8 +296,14 @@ def build_app(server: Server):
         if server.opts.api_key and request.path.startswith("/v1/"):
             if request.headers.get("Authorization") != f"Bearer {server.opts.api_key}":
                 server.metrics.request(request.path, 401)
-                return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                       code="invalid_api_key", type="authentication_error"))
+                return _error(
+                    ApiError(
+                        401,
+                        "invalid or missing API key (Authorization: Bearer KEY)",
+                        code="invalid_api_key",
+                        type="authentication_error",
+                    )
+                )
         try:
             return await handler(request)
         except web.HTTPException as e:
@@ -408,7 +341,7 @@ def load(opts: ServeOptions, daemon) -> Server:
         while len(runs) < opts.parallel:
             runs.append(first.another())
     except BaseException:
-        for r in reversed(runs):     # the first one's client may own a private hobbitd
+        for r in reversed(runs):  # the first one's client may own a private hobbitd
             r.close()
         raise
     seats = [Seat(i, r.model, r.tok) for i, r in enumerate(runs)]
@@ -421,8 +354,9 @@ def bind(host: str, port: int):
     import socket
 
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
         sock = socket.socket(family, kind, proto)
     except (OSError, UnicodeError) as e:
         raise InputError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
@@ -446,8 +380,11 @@ async def run(server: Server, sock) -> None:
     await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]
     where = f"through hobbitd at {server.daemon_socket}" if server.daemon_socket else "in-process"
-    print(f"hobbit serve: {server.name} ({where}), {o.parallel} slot(s), "
-          f"listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(
+        f"hobbit serve: {server.name} ({where}), {o.parallel} slot(s), listening on http://{host}:{port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -455,7 +392,7 @@ async def run(server: Server, sock) -> None:
     await stop.wait()
     print("hobbit serve: stopping", file=sys.stderr, flush=True)
     for s in server.seats.all:
-        s.cancel.set()               # answers in progress end now (finish_reason "cancelled")
+        s.cancel.set()  # answers in progress end now (finish_reason "cancelled")
     await runner.cleanup()
 
 

@@ -7,6 +7,7 @@ under $XDG_RUNTIME_DIR (else the temp folder), it serves just this model, and it
 stopped when the client is closed or this process exits. Its log goes to a file in that
 folder; if it fails to start, the last lines of that log are the error.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -39,8 +40,13 @@ def _sweep_private_folders(base: str) -> None:
             continue
         path = os.path.join(base, name)
         try:
-            if not os.path.isdir(path) or os.path.islink(path) or os.stat(path).st_uid != os.getuid() \
-                    or not set(os.listdir(path)) <= PRIVATE_FILES or pid_alive(int(parts[1])):
+            if (
+                not os.path.isdir(path)
+                or os.path.islink(path)
+                or os.stat(path).st_uid != os.getuid()
+                or not set(os.listdir(path)) <= PRIVATE_FILES
+                or pid_alive(int(parts[1]))
+            ):
                 continue
         except OSError:
             continue
@@ -59,9 +65,15 @@ class PrivateDaemon(DaemonProcess):
         # mode 0700; named by its owner's pid, so that a later owner can tell it is dead
         self.folder = tempfile.mkdtemp(prefix=f"hobbit-{os.getpid()}-", dir=base)
         env = {k: v for k, v in os.environ.items() if k not in ("HOBBIT_SOCKET", "NOTIFY_SOCKET")}
-        super().__init__([model_path], os.path.join(self.folder, "hobbitd.sock"),
-                         log_path=os.path.join(self.folder, "hobbitd.log"), cache_size=cache_size,
-                         env=env, own_session=True, owner_pid=os.getpid())
+        super().__init__(
+            [model_path],
+            os.path.join(self.folder, "hobbitd.sock"),
+            log_path=os.path.join(self.folder, "hobbitd.log"),
+            cache_size=cache_size,
+            env=env,
+            own_session=True,
+            owner_pid=os.getpid(),
+        )
         atexit.register(self.stop)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -83,16 +95,19 @@ def _wait_for_restart(socket: str, deadline_s: float, quiet: bool) -> None:
     as a client that lost its daemon does."""
     deadline = time.monotonic() + deadline_s
     if not quiet:
-        print(f"hobbit: hobbitd at {socket} does not answer; waiting up to {deadline_s:.0f} s "
-              "for it to restart", file=sys.stderr)
+        print(
+            f"hobbit: hobbitd at {socket} does not answer; waiting up to {deadline_s:.0f} s for it to restart",
+            file=sys.stderr,
+        )
     pause = 0.1
     while time.monotonic() < deadline and not daemon_answers(socket):
         time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
         pause = min(pause * 2, 1.0)
 
 
-def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = False,
-            reconnect_s: float = RECONNECT_S):
+def connect(
+    model_path: str, socket: str, autostart: bool = True, quiet: bool = False, reconnect_s: float = RECONNECT_S
+):
     """An ExpertClient for `model_path`: through the hobbitd at `socket` when one answers,
     else (autostart) through a private one, stopped with the client. Says which on stderr,
     and (unless quiet) when the daemon is lost and found again; reconnect_s: how long the
@@ -108,16 +123,13 @@ def connect(model_path: str, socket: str, autostart: bool = True, quiet: bool = 
             client.announce = announce
         return client
     if not autostart:
-        raise DaemonError("no_daemon", f"no hobbitd answers at {socket} "
-                                       "(start hobbitd, or use --no-daemon)")
+        raise DaemonError("no_daemon", f"no hobbitd answers at {socket} (start hobbitd, or use --no-daemon)")
     if not quiet:
-        print(f"hobbit: no hobbitd at {socket}; starting a private one for this session",
-              file=sys.stderr)
+        print(f"hobbit: no hobbitd at {socket}; starting a private one for this session", file=sys.stderr)
     daemon = PrivateDaemon(model_path)
     try:
         daemon.wait_ready()
-        client = ExpertClient(daemon.socket, model_path, timeout=5, retries=0,
-                              reconnect_s=reconnect_s)
+        client = ExpertClient(daemon.socket, model_path, timeout=5, retries=0, reconnect_s=reconnect_s)
     except BaseException:
         daemon.stop()
         raise

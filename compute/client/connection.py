@@ -16,6 +16,7 @@ A daemon alive but silent for `timeout` seconds is asked again on a new socket, 
 `retries` times, after which DaemonError says so. A daemon that forgot us answers
 no_session: the connection says HELLO again.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,12 +31,12 @@ from zmq.utils.monitor import recv_monitor_message
 from ...protocol import messages as m
 from ...protocol.errors import DaemonError, ProtocolError
 
-LIVENESS_S = 0.25          # a wait for an answer looks at the connection this often
-HEARTBEAT_IVL_MS = 500     # ZeroMQ pings the daemon this often...
-HEARTBEAT_TIMEOUT_MS = 1500   # ...and drops the connection after this long without a pong
-HELLO_S = 1.0              # reconnecting: how long one HELLO waits for its WELCOME
-BACKOFF_S = (0.05, 1.0)    # reconnecting: the first and the longest pause between HELLOs
-RECONNECT_S = 30.0         # default deadline for finding a hobbitd again
+LIVENESS_S = 0.25  # a wait for an answer looks at the connection this often
+HEARTBEAT_IVL_MS = 500  # ZeroMQ pings the daemon this often...
+HEARTBEAT_TIMEOUT_MS = 1500  # ...and drops the connection after this long without a pong
+HELLO_S = 1.0  # reconnecting: how long one HELLO waits for its WELCOME
+BACKOFF_S = (0.05, 1.0)  # reconnecting: the first and the longest pause between HELLOs
+RECONNECT_S = 30.0  # default deadline for finding a hobbitd again
 
 
 class Session(Protocol):
@@ -57,35 +58,43 @@ class Connection:
     """A DEALER socket to the hobbitd at `socket_path`, used by one thread (and a heartbeat
     thread, once started). hello: the fields our HELLO adds to version, pid and name."""
 
-    def __init__(self, socket_path: str, session: Session, name: str, hello: dict,
-                 timeout: float, retries: int, reconnect_s: float):
+    def __init__(
+        self,
+        socket_path: str,
+        session: Session,
+        name: str,
+        hello: dict,
+        timeout: float,
+        retries: int,
+        reconnect_s: float,
+    ):
         self.socket_path, self.session = socket_path, session
         self.name, self.hello = name, hello
         self.timeout, self.retries, self.reconnect_s = timeout, retries, reconnect_s
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
-        self._mon: zmq.Socket | None = None   # the socket's monitor: its disconnections
-        self._lost = False           # the connection dropped (and has not been replaced)
-        self._lock = threading.RLock()   # the socket is used by us and the heartbeat thread
-        self._beat: threading.Event | None = None   # the heartbeat thread's stop event, once started
+        self._mon: zmq.Socket | None = None  # the socket's monitor: its disconnections
+        self._lost = False  # the connection dropped (and has not been replaced)
+        self._lock = threading.RLock()  # the socket is used by us and the heartbeat thread
+        self._beat: threading.Event | None = None  # the heartbeat thread's stop event, once started
         self._ids = itertools.count(1)
-        self.private = None          # a hobbitd this client owns (client/connect.py): restarted here
-        self.announce = None         # callable(line): told when the daemon is lost and found
+        self.private = None  # a hobbitd this client owns (client/connect.py): restarted here
+        self.announce = None  # callable(line): told when the daemon is lost and found
         self.round_trips = 0
-        self.wait_seconds = 0.0      # time spent waiting for the daemon's answers
-        self.reconnects = 0          # times a lost daemon was found again
+        self.wait_seconds = 0.0  # time spent waiting for the daemon's answers
+        self.reconnects = 0  # times a lost daemon was found again
 
     def open(self) -> None:
         """Connect and say HELLO (DaemonError no_daemon when nobody is there)."""
         if not os.path.exists(self.socket_path):
-            raise DaemonError("no_daemon", f"no hobbitd socket at {self.socket_path} "
-                                           "(start hobbitd, or use --no-daemon)")
+            raise DaemonError(
+                "no_daemon", f"no hobbitd socket at {self.socket_path} (start hobbitd, or use --no-daemon)"
+            )
         self._open_socket()
         try:
             self._hello()
         except _Lost:
-            raise DaemonError("no_daemon", f"hobbitd at {self.socket_path} went away "
-                                           "while we said HELLO") from None
+            raise DaemonError("no_daemon", f"hobbitd at {self.socket_path} went away while we said HELLO") from None
 
     def next_id(self) -> int:
         """A new request id: its answer carries it (answers to requests given up on are
@@ -107,7 +116,7 @@ class Connection:
 
     def _close_socket(self, linger: int = 0) -> None:
         if self._mon is not None:
-            if self.sock is not None:   # None: its connect failed after the monitor was made
+            if self.sock is not None:  # None: its connect failed after the monitor was made
                 self.sock.disable_monitor()
             self._mon.close(linger=0)
             self._mon = None
@@ -127,13 +136,12 @@ class Connection:
 
     def _hello(self) -> None:
         with self._lock:
-            self.session.welcome(self._call_locked(m.Cmd.HELLO, m.Cmd.WELCOME, True,
-                                                   **self._hello_fields()))
+            self.session.welcome(self._call_locked(m.Cmd.HELLO, m.Cmd.WELCOME, True, **self._hello_fields()))
 
     def send(self, cmd, **fields) -> None:
         """Send without waiting for an answer (nothing when the socket is closed)."""
         with self._lock:
-            if self.sock is not None:       # closed: nothing to tell anyone
+            if self.sock is not None:  # closed: nothing to tell anyone
                 self.sock.send_multipart(m.encode(cmd, **fields))
 
     def start_heartbeat(self, every: float) -> None:
@@ -149,6 +157,7 @@ class Connection:
                     self.send(m.Cmd.HEARTBEAT)
                 except zmq.ZMQError:
                     pass
+
         self._beat = stop
         threading.Thread(target=beat, name="hobbit-heartbeat", daemon=True).start()
 
@@ -166,7 +175,7 @@ class Connection:
         us): HELLO again and retry. With hello, a lost connection raises _Lost (the caller
         is reconnecting)."""
         tries, lost_since = 0, None
-        if self.sock is None:            # lost before, past a deadline: look again first
+        if self.sock is None:  # lost before, past a deadline: look again first
             lost_since = time.monotonic()
             self._recover(lost_since + self.reconnect_s)
             fields = self.session.renew(fields)
@@ -177,15 +186,17 @@ class Connection:
             except _Lost:
                 if hello:
                     raise
-                lost_since = lost_since or time.monotonic()   # one deadline for this call
+                lost_since = lost_since or time.monotonic()  # one deadline for this call
                 self._recover(lost_since + self.reconnect_s)
                 fields = self.session.renew(fields)
                 continue
             if reply is None:
                 tries += 1
                 if tries > self.retries:
-                    raise DaemonError("timeout", f"hobbitd at {self.socket_path} did not "
-                                      f"answer within {self.timeout:g} s ({tries} tries)")
+                    raise DaemonError(
+                        "timeout",
+                        f"hobbitd at {self.socket_path} did not answer within {self.timeout:g} s ({tries} tries)",
+                    )
                 self._open_socket()
                 continue
             got, msg = reply
@@ -217,12 +228,11 @@ class Connection:
         (time.monotonic()) passed. A private daemon that died is restarted here: nobody
         else would."""
         t0 = time.monotonic()
-        self._say(f"hobbit: lost hobbitd at {self.socket_path}; reconnecting "
-                  f"(for up to {max(deadline - t0, 0):.0f} s)")
+        self._say(f"hobbit: lost hobbitd at {self.socket_path}; reconnecting (for up to {max(deadline - t0, 0):.0f} s)")
         pause, restarted = BACKOFF_S[0], False
         while True:
             if self.private is not None and not restarted and self.private.died():
-                restarted = True         # once: a daemon that cannot start will not now
+                restarted = True  # once: a daemon that cannot start will not now
                 try:
                     self.private.restart(timeout=max(deadline - time.monotonic(), 1.0))
                 except (DaemonError, OSError) as e:
@@ -237,16 +247,19 @@ class Connection:
                 if reply is not None and reply[0] == m.Cmd.WELCOME:
                     self.session.welcome(reply[1])
                     self.reconnects += 1
-                    self._say(f"hobbit: reconnected to hobbitd at {self.socket_path} after "
-                              f"{time.monotonic() - t0:.1f} s")
+                    self._say(
+                        f"hobbit: reconnected to hobbitd at {self.socket_path} after {time.monotonic() - t0:.1f} s"
+                    )
                     return
                 if reply is not None and reply[0] == m.Cmd.ERROR:
                     raise DaemonError(reply[1]["code"], f"hobbitd: {reply[1]['message']}")
             left = deadline - time.monotonic()
             if left <= 0:
-                self._close_socket()   # its HELLO may still reach a later daemon: unasked
-                raise DaemonError("daemon_lost", f"hobbitd at {self.socket_path} is gone and "
-                                  f"none answered there within {self.reconnect_s:g} s")
+                self._close_socket()  # its HELLO may still reach a later daemon: unasked
+                raise DaemonError(
+                    "daemon_lost",
+                    f"hobbitd at {self.socket_path} is gone and none answered there within {self.reconnect_s:g} s",
+                )
             time.sleep(min(pause, left))
             pause = min(2 * pause, BACKOFF_S[1])
 
@@ -259,7 +272,7 @@ class Connection:
         `timeout` (default self.timeout) seconds of silence; _Lost when the connection
         dropped meanwhile."""
         sock = self.sock
-        assert sock is not None      # our callers (holding the lock) have just opened it
+        assert sock is not None  # our callers (holding the lock) have just opened it
         t0 = time.perf_counter()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:

@@ -10,6 +10,7 @@ SIGTERM (or another signal), waits, kills it if it does not stop, and returns th
 Whenever it is found dead (stop(), died()), what it left behind is removed: its shared
 memory and its socket file (only the one it bound: not a new daemon's on the same path).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ import time
 from ...loader.shm import remove_stale
 from ...protocol.errors import DaemonError
 
-START_TIMEOUT = 120.0    # seconds: opening a GGUF and mapping the cache takes a few
-STOP_TIMEOUT = 15.0      # seconds a stopping hobbitd gets before it is killed
+START_TIMEOUT = 120.0  # seconds: opening a GGUF and mapping the cache takes a few
+STOP_TIMEOUT = 15.0  # seconds a stopping hobbitd gets before it is killed
 
 
 def daemon_command(models, socket: str, cache_size=None, flags=(), **options) -> list[str]:
@@ -38,7 +39,7 @@ def daemon_command(models, socket: str, cache_size=None, flags=(), **options) ->
         flag = "--" + name.replace("_", "-")
         if value is True:
             cmd.append(flag)
-        elif value is not None and value is not False:     # 0 is a value (--t1 0)
+        elif value is not None and value is not False:  # 0 is a value (--t1 0)
             cmd += [flag, str(value)]
     return cmd + list(flags)
 
@@ -74,20 +75,30 @@ class DaemonProcess:
     group, so Ctrl-C in the terminal reaches only this process; env defaults to ours;
     append_log: add to log_path (several daemons, one log) rather than start it afresh."""
 
-    def __init__(self, models, socket: str, *, log_path: str, cache_size=None, flags=(),
-                 env: dict | None = None, preexec=None, own_session: bool = False,
-                 append_log: bool = False, **options):
+    def __init__(
+        self,
+        models,
+        socket: str,
+        *,
+        log_path: str,
+        cache_size=None,
+        flags=(),
+        env: dict | None = None,
+        preexec=None,
+        own_session: bool = False,
+        append_log: bool = False,
+        **options,
+    ):
         self.socket, self.log_path = socket, log_path
-        self.killed = False       # stop() had to kill it
-        self._socket_ino: int | None = None   # the socket file it bound (seen once it answered)
+        self.killed = False  # stop() had to kill it
+        self._socket_ino: int | None = None  # the socket file it bound (seen once it answered)
         self._cmd = daemon_command(models, socket, cache_size, flags, **options)
         self._popen = dict(env=env, preexec_fn=preexec, start_new_session=own_session)
         self._start("a" if append_log else "w")
 
     def _start(self, mode: str) -> None:
         with open(self.log_path, mode) as log:
-            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, **self._popen)
+            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **self._popen)
 
     def restart(self, timeout: float = START_TIMEOUT) -> None:
         """Start it again (same command, same socket, its log appended) after it died. Its
@@ -105,8 +116,11 @@ class DaemonProcess:
         if keep_socket:
             return True
         try:
-            if self._socket_ino is not None and os.lstat(self.socket).st_ino == self._socket_ino \
-                    and not _listening(self.socket):    # not a new daemon's (inodes get reused)
+            if (
+                self._socket_ino is not None
+                and os.lstat(self.socket).st_ino == self._socket_ino
+                and not _listening(self.socket)
+            ):  # not a new daemon's (inodes get reused)
                 os.unlink(self.socket)
         except OSError:
             pass
@@ -130,8 +144,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise DaemonError("no_daemon", f"hobbitd exited ({self.proc.returncode}): "
-                                               f"{self.log_tail()}")
+                raise DaemonError("no_daemon", f"hobbitd exited ({self.proc.returncode}): {self.log_tail()}")
             if daemon_answers(self.socket, timeout=5):
                 try:
                     self._socket_ino = os.lstat(self.socket).st_ino

@@ -18,6 +18,7 @@ unpins in the old daemon's memory past that point. A mapping of a dead daemon's 
 stays valid (its pages live while mapped), so a forward already computing on it finishes
 with the right bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ from ...protocol.errors import DaemonError
 from .connection import RECONNECT_S, Connection
 from .local_pins import LocalPins, Pinned
 
-USED_EVERY_S = 0.25        # one-token forwards on resident experts are reported this often
+USED_EVERY_S = 0.25  # one-token forwards on resident experts are reported this often
 
 
 class _OfConnection:
@@ -56,11 +57,11 @@ class _Reports:
     resident experts, summed (USED)."""
 
     def __init__(self):
-        self.hits: list = []         # hits pinned ourselves, not yet reported
-        self.release: list = []      # slots hobbitd gave, done with, not yet released
-        self.position = (0, 0, 1)    # (seq, token, n_tokens) of the forward those belong to
-        self.used = None             # [uses, seq, token, forwards] of one-token forwards not yet sent
-        self.used_sent = 0.0         # time.monotonic() of the last USED
+        self.hits: list = []  # hits pinned ourselves, not yet reported
+        self.release: list = []  # slots hobbitd gave, done with, not yet released
+        self.position = (0, 0, 1)  # (seq, token, n_tokens) of the forward those belong to
+        self.used = None  # [uses, seq, token, forwards] of one-token forwards not yet sent
+        self.used_sent = 0.0  # time.monotonic() of the last USED
 
     def clear(self) -> None:
         """A new session: what was pending was the old daemon's (or counted by none)."""
@@ -95,32 +96,38 @@ class ExpertClient:
     Connection (`conn`), which hands it every WELCOME and has it renew a request asked
     again of a new daemon."""
 
-    remote = True     # the experts come from hobbitd, which needs CPU of its own (Model threads)
+    remote = True  # the experts come from hobbitd, which needs CPU of its own (Model threads)
 
-    def __init__(self, socket_path: str, model_path: str | None, timeout: float = 30.0,
-                 retries: int = 2, name: str | None = None, reconnect_s: float = RECONNECT_S):
+    def __init__(
+        self,
+        socket_path: str,
+        model_path: str | None,
+        timeout: float = 30.0,
+        retries: int = 2,
+        name: str | None = None,
+        reconnect_s: float = RECONNECT_S,
+    ):
         """model_path None: a client for stats only (no model, no shared memory). name: how
         hobbitd lists this client (default: the program and its subcommand). reconnect_s:
         how long to look for a hobbitd again once ours is gone (0: try once)."""
         self.model_path = model_path and os.path.realpath(model_path)
         self.shm: Segment | None = None
-        self.model = None            # name the daemon knows our model by
+        self.model = None  # name the daemon knows our model by
         self.regions: dict[str, SlotRegion] = {}
-        self._layout: dict | None = None   # the regions' slot counts and formats, as sent
-        self.generation = 0          # HELLOs answered: a new one means new slots
-        self.resident_possible = True    # False once hobbitd said it cannot hold every expert
-        self._resident: tuple[int, np.ndarray] | None = None   # (generation, slot table) once
-                                                               # every expert is pinned
-        self.pins = LocalPins()      # where we pin hits ourselves
+        self._layout: dict | None = None  # the regions' slot counts and formats, as sent
+        self.generation = 0  # HELLOs answered: a new one means new slots
+        self.resident_possible = True  # False once hobbitd said it cannot hold every expert
+        self._resident: tuple[int, np.ndarray] | None = None  # (generation, slot table) once
+        # every expert is pinned
+        self.pins = LocalPins()  # where we pin hits ourselves
         self.thresholds = Thresholds()
         self.holds_all = False
         self._reports = _Reports()
-        self._checked = False        # the daemon was found alive during this forward
-        self.local_hits = 0          # layers served from the directory, no message
+        self._checked = False  # the daemon was found alive during this forward
+        self.local_hits = 0  # layers served from the directory, no message
         # our model's path: a daemon with model folders opens it if it does not serve it yet
         hello = {} if self.model_path is None else {"model": self.model_path}
-        self.conn = Connection(socket_path, self, (name or _program())[:64], hello, timeout,
-                               retries, reconnect_s)
+        self.conn = Connection(socket_path, self, (name or _program())[:64], hello, timeout, retries, reconnect_s)
         self.conn.open()
 
     # the connection's, as callers know them: its socket, its deadline for finding a
@@ -144,21 +151,28 @@ class ExpertClient:
                 break
         else:
             served = ", ".join(welcome["models"]) or "none"
-            raise DaemonError("unknown_model", f"hobbitd at {self.socket_path} does not serve "
-                                               f"{self.model_path} (it serves: {served})")
+            raise DaemonError(
+                "unknown_model", f"hobbitd at {self.socket_path} does not serve {self.model_path} (it serves: {served})"
+            )
         layout = {p: (r["n_slots"], r["format"]) for p, r in info["regions"].items()}
         if self.generation and layout != self._layout:
             # the forward's tensors were made for the old regions (slot counts, types)
-            raise DaemonError("layout_changed", f"hobbitd at {self.socket_path} came back "
-                              "with another cache layout for this model; start this client again")
+            raise DaemonError(
+                "layout_changed",
+                f"hobbitd at {self.socket_path} came back "
+                "with another cache layout for this model; start this client again",
+            )
         self._layout = layout
         self.model = name
         self.generation += 1
-        self.resident_possible = True    # this daemon may have another cache size
+        self.resident_possible = True  # this daemon may have another cache size
         self.conn.start_heartbeat(float(welcome.get("heartbeat_s") or 1.0))
-        self.regions = {p: SlotRegion(r["n_slots"], SlotFormat.from_wire(r["format"]), r["offset"],
-                                      r.get("first_slot"), r.get("directory"))
-                        for p, r in info["regions"].items()}
+        self.regions = {
+            p: SlotRegion(
+                r["n_slots"], SlotFormat.from_wire(r["format"]), r["offset"], r.get("first_slot"), r.get("directory")
+            )
+            for p, r in info["regions"].items()
+        }
         self.thresholds = Thresholds(**info["thresholds"])
         self.holds_all = bool(info["holds_all"])
         # a model opened on demand has its own segment and control block (our row is the same)
@@ -185,7 +199,7 @@ class ExpertClient:
 
     def region_address(self, precision: str) -> int:
         offset = self.regions[precision].offset
-        assert self.shm is not None and offset is not None   # a daemon's regions, mapped at WELCOME
+        assert self.shm is not None and offset is not None  # a daemon's regions, mapped at WELCOME
         return self.shm.address + offset
 
     def part_bases(self, precision: str, layer: int) -> tuple:
@@ -210,30 +224,40 @@ class ExpertClient:
             # writes them any more), so what we pinned before it died computes right.
             self.conn.check()
             self._checked = True
-        local = self.pins.pin(layer, experts, scores, self.thresholds, self.holds_all,
-                              self.generation)
+        local = self.pins.pin(layer, experts, scores, self.thresholds, self.holds_all, self.generation)
         if local is None:
             return self.request(layer, experts, scores, seq, token, n_tokens)
         self.local_hits += 1
-        self._reports.hits.append([int(layer), list(map(int, experts)),
-                                   [None if h is None else [h.precision, h.slot] for h in local],
-                                   list(map(float, scores))])
+        self._reports.hits.append(
+            [
+                int(layer),
+                list(map(int, experts)),
+                [None if h is None else [h.precision, h.slot] for h in local],
+                list(map(float, scores)),
+            ]
+        )
         return local
 
     def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
         """Each use of an expert gets the one slot hobbitd gave that expert for the batch."""
         return [[fetched[e] for e in row] for row in np.asarray(sel).tolist()]
 
-    def request(self, layer: int, experts, scores=None, seq: int = 0, token: int = 0,
-                n_tokens: int = 1) -> list:
+    def request(self, layer: int, experts, scores=None, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         """Pinned slots [Handle or None if skipped] for `experts` of `layer`, asked of
         hobbitd; scores are their unimportance (hobbitd picks precisions from them); seq
         and token place the request in the client's sequence for the cache policy;
         n_tokens is how many tokens the forward computes (for the daemon's per-client
         token counts)."""
-        fields = {"id": self.conn.next_id(), "model": self.model, "layer": int(layer),
-                  "experts": [int(e) for e in experts], "seq": int(seq), "token": int(token),
-                  "tokens": int(n_tokens), **self._reports.take()}
+        fields = {
+            "id": self.conn.next_id(),
+            "model": self.model,
+            "layer": int(layer),
+            "experts": [int(e) for e in experts],
+            "seq": int(seq),
+            "token": int(token),
+            "tokens": int(n_tokens),
+            **self._reports.take(),
+        }
         if scores is not None:
             fields["scores"] = [float(s) for s in scores]
         reply = self.conn.call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)
@@ -242,7 +266,7 @@ class ExpertClient:
     def release(self, handles) -> None:
         """End the use of one fetch()'s (or request()'s) handles: ours are unpinned at once,
         hobbitd's go with the next message (or flush())."""
-        if isinstance(handles, Pinned):    # pinned by ourselves, all at once
+        if isinstance(handles, Pinned):  # pinned by ourselves, all at once
             self.pins.unpin(handles, self.generation)
             return
         self._reports.release += [[h.precision, h.slot] for h in handles if h is not None]
@@ -259,7 +283,7 @@ class ExpertClient:
             try:
                 self.conn.send(m.Cmd.HITS, model=self.model, hits=batched.pop("hits", []), **batched)
             except zmq.ZMQError:
-                pass      # the daemon is gone: nothing of this matters to a new one
+                pass  # the daemon is gone: nothing of this matters to a new one
 
     def hint(self, layer: int, predictions, compute_s: float | None = None) -> None:
         """Lookahead from `layer`: predictions [(target layer, experts, scores)], nearest
@@ -267,15 +291,19 @@ class ExpertClient:
         prefetch budget). No answer; the daemon prefetches up to the first predicted miss.
         Not sent when the directory holds every predicted expert: nothing to do there."""
         th, holds_all = self.thresholds, self.holds_all
-        if not predictions or all(self.pins.find(t, ex, sc, th, holds_all) is not None
-                                  for t, ex, sc in predictions):
+        if not predictions or all(self.pins.find(t, ex, sc, th, holds_all) is not None for t, ex, sc in predictions):
             return
         timed = {} if compute_s is None else {"compute_s": float(compute_s)}
-        self.conn.send(m.Cmd.HINT, model=self.model, layer=int(layer),
-                       layers=[int(t) for t, _, _ in predictions],
-                       experts=[[int(e) for e in ex] for _, ex, _ in predictions],
-                       scores=[[float(x) for x in sc] for _, _, sc in predictions], **timed,
-                       **self._reports.take())
+        self.conn.send(
+            m.Cmd.HINT,
+            model=self.model,
+            layer=int(layer),
+            layers=[int(t) for t, _, _ in predictions],
+            experts=[[int(e) for e in ex] for _, ex, _ in predictions],
+            scores=[[float(x) for x in sc] for _, _, sc in predictions],
+            **timed,
+            **self._reports.take(),
+        )
 
     def holds(self, first: int, last: int) -> bool:
         """The directory holds every expert of layers [first, last) in high precision (low
@@ -286,13 +314,12 @@ class ExpertClient:
         """The (n_layer, n_expert) int32 slot table of every expert, pinned for us until
         close(), once hobbitd holds them all in high precision (it starts reading the
         missing ones at the first ask); None meanwhile, or for good when it cannot."""
-        self.conn.check()        # never compute on a dead daemon's pins unknowingly
+        self.conn.check()  # never compute on a dead daemon's pins unknowingly
         if self._resident is not None and self._resident[0] == self.generation:
             return self._resident[1]
         if not self.resident_possible:
             return None
-        r = self.conn.call(m.Cmd.RESIDENT, m.Cmd.RESIDENT_REPLY, id=self.conn.next_id(),
-                           model=self.model)
+        r = self.conn.call(m.Cmd.RESIDENT, m.Cmd.RESIDENT_REPLY, id=self.conn.next_id(), model=self.model)
         if r["total"] == 0:
             self.resident_possible = False
         if r.get("slots") is None:
@@ -305,10 +332,11 @@ class ExpertClient:
         and sent at most every USED_EVERY_S (and by flush(), stats() and close()): a note
         per decode step cost hobbitd and this client ~0.4 ms each, 5 % of a step on the
         default model; hobbitd's counts lag by that interval at most."""
-        if n_tokens > 1:            # a prompt: counted as one, now
+        if n_tokens > 1:  # a prompt: counted as one, now
             self._send_used()
-            self.conn.send(m.Cmd.USED, model=self.model, uses=int(uses), seq=int(seq),
-                           token=int(token), tokens=int(n_tokens))
+            self.conn.send(
+                m.Cmd.USED, model=self.model, uses=int(uses), seq=int(seq), token=int(token), tokens=int(n_tokens)
+            )
             return
         self._reports.add_used(int(uses), int(seq), int(token))
         if time.monotonic() - self._reports.used_sent >= USED_EVERY_S:
@@ -321,7 +349,7 @@ class ExpertClient:
             self.conn.send(m.Cmd.USED, model=self.model, **used)
 
     def stats(self) -> dict:
-        self.flush()                # the counts include every forward so far
+        self.flush()  # the counts include every forward so far
         return self.conn.call(m.Cmd.STATS, m.Cmd.STATS_REPLY)["stats"]
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ directory again, and keeps the pins if nothing changed meanwhile; otherwise it a
 hobbitd. The pins belong to one session (a HELLO, `generation`): a new session's row is
 another, so pins of an old one are never taken off it.
 """
+
 from __future__ import annotations
 
 from ...loader import control
@@ -47,9 +48,9 @@ class LocalPins:
 
     def __init__(self):
         self.control: control.ControlBlock | None = None
-        self._dirs: dict = {}        # precision -> int32 [n_layer, n_expert] slot directory
-        self._first: dict = {}       # precision -> our row's index of its slot 0
-        self._row = None             # our pin counts (int32 view), or None: nothing to pin in
+        self._dirs: dict = {}  # precision -> int32 [n_layer, n_expert] slot directory
+        self._first: dict = {}  # precision -> our row's index of its slot 0
+        self._row = None  # our pin counts (int32 view), or None: nothing to pin in
 
     def attach(self, ctl: dict | None, info: dict) -> None:
         """Map the control block `ctl` of a WELCOME (with our row) and the directories of
@@ -58,8 +59,7 @@ class LocalPins:
         self.close()
         if not ctl or ctl.get("row") is None or not control.register_client():
             return
-        self.control = control.ControlBlock.attach(ctl["shm"], ctl["size"], ctl["rows_offset"],
-                                                   ctl["n_slots"])
+        self.control = control.ControlBlock.attach(ctl["shm"], ctl["size"], ctl["rows_offset"], ctl["n_slots"])
         self._row = self.control.rows[ctl["row"]]
         for p, r in info["regions"].items():
             self._dirs[p] = self.control.directory(r["directory"], info["n_layer"], info["n_expert"])
@@ -81,13 +81,12 @@ class LocalPins:
             return None
         return hit_handles(th, holds_all, self._entries(layer), experts, scores)
 
-    def pin(self, layer: int, experts, scores, th: Thresholds, holds_all: bool,
-            generation: int) -> Pinned | None:
+    def pin(self, layer: int, experts, scores, th: Thresholds, holds_all: bool, generation: int) -> Pinned | None:
         """find()'s handles pinned in our row, or None (nothing pinned). The pin holds only
         if the directory still says the same after it (loader/control.py)."""
         got = self.find(layer, experts, scores, th, holds_all)
         row = self._row
-        if got is None or row is None:      # (find() finds nothing without a row)
+        if got is None or row is None:  # (find() finds nothing without a row)
             return None
         ids = [self._first[h.precision] + h.slot for h in got if h is not None]
         row[ids] += 1
@@ -95,7 +94,7 @@ class LocalPins:
         # has the same key, so the same bytes)
         now = self._entries(layer)
         if any(h is not None and now[h.precision][e] != h.slot for e, h in zip(experts, got)):
-            row[ids] -= 1             # evicted meanwhile: hobbitd decides
+            row[ids] -= 1  # evicted meanwhile: hobbitd decides
             return None
         return Pinned(got, ids, generation)
 

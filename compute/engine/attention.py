@@ -9,6 +9,7 @@ Sliding-window layers (gpt-oss) keep their own, smaller cache, as llama.cpp does
 swa_cells slots (the window plus a batch, padded to 256; slot = position mod swa_cells).
 deepseek2's multi-head latent attention caches one latent per token (_mla).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ from .ggml import lib
 from .graph import Graph, Tensors
 from .weights import ModelArgs
 
-KV_PAD = 256             # N is rounded up to this, so decode graphs are reused for 256 tokens
+KV_PAD = 256  # N is rounded up to this, so decode graphs are reused for 256 tokens
 
 
 class KVCache:
@@ -37,10 +38,18 @@ class KVCache:
         self.k_cache = [np.zeros((n, a.n_embd_kv), np.float16) for n in cells]
         # MLA caches one latent per token, its first kv_lora_rank values are the V
         self.v_cache = [np.zeros((n, 0 if a.kv_lora_rank else a.n_embd_kv), np.float16) for n in cells]
-        self.tk = [wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_k_l{i}", c.ctypes.data)
-                   for i, c in enumerate(self.k_cache)]
-        self.tv = [wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_v_l{i}", c.ctypes.data)
-                   for i, c in enumerate(self.v_cache)] if not a.kv_lora_rank else []
+        self.tk = [
+            wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_k_l{i}", c.ctypes.data)
+            for i, c in enumerate(self.k_cache)
+        ]
+        self.tv = (
+            [
+                wctx.tensor(ggml.F16, (a.n_embd_kv, len(c)), f"cache_v_l{i}", c.ctypes.data)
+                for i, c in enumerate(self.v_cache)
+            ]
+            if not a.kv_lora_rank
+            else []
+        )
 
     def reset(self) -> None:
         self.swa_pos[:] = -1
@@ -65,7 +74,7 @@ class KVCache:
         held = None
         if self.swa_cells:
             held = self._swa_feed(pos, N, feed)
-            self.swa_pos[pos % self.swa_cells] = -1   # overwritten even if the forward fails
+            self.swa_pos[pos % self.swa_cells] = -1  # overwritten even if the forward fails
         return feed, N, held
 
     def commit(self, held: np.ndarray | None) -> None:
@@ -83,11 +92,13 @@ class KVCache:
         the window before the first position was overwritten meanwhile."""
         n_swa, cells = self.args.n_swa, self.swa_cells
         if not self.resumable(int(pos[0])):
-            raise InputError(f"the sliding-window cache no longer holds the {n_swa - 1} positions "
-                             f"before {pos[0]}; start the sequence again (reset) from position 0")
+            raise InputError(
+                f"the sliding-window cache no longer holds the {n_swa - 1} positions "
+                f"before {pos[0]}; start the sequence again (reset) from position 0"
+            )
         held = self.swa_pos.copy()
         held[pos % cells] = pos
-        p = held[:min(cells, N)][None, :]
+        p = held[: min(cells, N)][None, :]
         seen = (p >= 0) & (p <= pos[:, None]) & (pos[:, None] - p < n_swa)
         feed["kv_idx_swa"] = (pos % cells).astype(np.int64)
         feed["mask_swa"] = np.where(seen, 0.0, -np.inf).astype(np.float16)
@@ -126,39 +137,40 @@ class Attention:
         a = self.args
         p = f"blk.{il}."
         Dh, H, Hkv = a.head_dim, a.n_head, a.n_head_kv
-        if p + "attn_qkv.weight" in self.t:     # one projection: Q, K, V rows (bailingmoe2)
-            qkv = self.t.linear(c, p + "attn_qkv", h)                        # [(H+2Hkv)*Dh, T]
+        if p + "attn_qkv.weight" in self.t:  # one projection: Q, K, V rows (bailingmoe2)
+            qkv = self.t.linear(c, p + "attn_qkv", h)  # [(H+2Hkv)*Dh, T]
             nb1, f32 = qkv.contents.nb[1], 4
             q = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, H * Dh, T, nb1, 0))
             k = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, Hkv * Dh, T, nb1, H * Dh * f32))
             v = lib.ggml_cont(c, lib.ggml_view_2d(c, qkv, Hkv * Dh, T, nb1, (H + Hkv) * Dh * f32))
         else:
-            q = self.t.linear(c, p + "attn_q", h)                            # [H*Dh, T]
-            k = self.t.linear(c, p + "attn_k", h)                            # [Hkv*Dh, T]
-            v = self.t.linear(c, p + "attn_v", h)                            # [Hkv*Dh, T]
-        if a.qk_norm == "full":      # olmoe: one RMS norm over all heads
+            q = self.t.linear(c, p + "attn_q", h)  # [H*Dh, T]
+            k = self.t.linear(c, p + "attn_k", h)  # [Hkv*Dh, T]
+            v = self.t.linear(c, p + "attn_v", h)  # [Hkv*Dh, T]
+        if a.qk_norm == "full":  # olmoe: one RMS norm over all heads
             q, k = self.t.norm(c, q, p + "attn_q_norm"), self.t.norm(c, k, p + "attn_k_norm")
         q = lib.ggml_reshape_3d(c, q, Dh, H, T)
         k = lib.ggml_reshape_3d(c, k, Dh, Hkv, T)
-        if a.qk_norm == "head":      # qwen3moe: each head normed on its own
+        if a.qk_norm == "head":  # qwen3moe: each head normed on its own
             q, k = self.t.norm(c, q, p + "attn_q_norm"), self.t.norm(c, k, p + "attn_k_norm")
-        if not a.rope_layers or a.rope_layers[il]:       # (smallthinker: some layers have none)
-            q = self._rope(c, q, pos, il)                                    # [Dh, H, T]
-            k = self._rope(c, k, pos, il)                                    # [Dh, Hkv, T]
+        if not a.rope_layers or a.rope_layers[il]:  # (smallthinker: some layers have none)
+            q = self._rope(c, q, pos, il)  # [Dh, H, T]
+            k = self._rope(c, k, pos, il)  # [Dh, Hkv, T]
 
         # write this chunk's K and V into their cache slots, then attend over N slots
         kc = lib.ggml_set_rows(c, self.cache.tk[il], lib.ggml_reshape_2d(c, k, Dh * Hkv, T), kv_idx)
         vc = lib.ggml_set_rows(c, self.cache.tv[il], v, kv_idx)
         es = 2  # F16 bytes
         kv = lambda t: lib.ggml_permute(
-            c, lib.ggml_view_3d(c, t, Dh, Hkv, N, Dh * es, Dh * Hkv * es, 0), 0, 2, 1, 3)  # [Dh, N, Hkv]
-        scale = a.attention_scale or 1.0 / Dh ** 0.5
-        if a.scale_q_first:     # the same product, rounded as llama.cpp's phi3 graph rounds it
+            c, lib.ggml_view_3d(c, t, Dh, Hkv, N, Dh * es, Dh * Hkv * es, 0), 0, 2, 1, 3
+        )  # [Dh, N, Hkv]
+        scale = a.attention_scale or 1.0 / Dh**0.5
+        if a.scale_q_first:  # the same product, rounded as llama.cpp's phi3 graph rounds it
             q, scale = lib.ggml_scale(c, q, scale), 1.0
         # [H] F32 attention sinks: a per-head logit every query also attends to (gpt-oss)
         o = flash_attention(c, q, kv(kc), kv(vc), mask, scale, self.t.get(p + "attn_sinks.weight"))
-        o = lib.ggml_reshape_2d(c, o, Dh * H, T)                             # [H*Dh, T]
-        return self.t.linear(c, p + "attn_output", o)                        # [D, T]
+        o = lib.ggml_reshape_2d(c, o, Dh * H, T)  # [H*Dh, T]
+        return self.t.linear(c, p + "attn_output", o)  # [D, T]
 
     def _mla(self, c, h, il, pos, kv_idx, mask, N, T):
         """Layer il's multi-head latent attention (deepseek2), as llama.cpp computes it:
@@ -172,13 +184,14 @@ class Attention:
         H, R, r = a.n_head, a.kv_lora_rank, a.rope_dim
         Dk, Dv, f32, f16 = a.mla_head_k, a.mla_head_v, 4, 2
         nope = Dk - r
-        if p + "attn_q_a.weight" in self.t:      # the query through its own low rank (V2, V3)
-            q = lib.ggml_mul_mat(c, W("attn_q_b"), self.t.norm(c, lib.ggml_mul_mat(c, W("attn_q_a"), h),
-                                                                p + "attn_q_a_norm"))
-        else:                                   # V2-Lite
+        if p + "attn_q_a.weight" in self.t:  # the query through its own low rank (V2, V3)
+            q = lib.ggml_mul_mat(
+                c, W("attn_q_b"), self.t.norm(c, lib.ggml_mul_mat(c, W("attn_q_a"), h), p + "attn_q_a_norm")
+            )
+        else:  # V2-Lite
             q = lib.ggml_mul_mat(c, W("attn_q"), h)
-        q = lib.ggml_reshape_3d(c, q, Dk, H, T)                               # [Dk, H, T]
-        kv_pe = lib.ggml_mul_mat(c, W("attn_kv_a_mqa"), h)                    # [R + r, T]
+        q = lib.ggml_reshape_3d(c, q, Dk, H, T)  # [Dk, H, T]
+        kv_pe = lib.ggml_mul_mat(c, W("attn_kv_a_mqa"), h)  # [R + r, T]
         row = kv_pe.contents.nb[1]
         latent = self.t.norm(c, lib.ggml_view_2d(c, kv_pe, R, T, row, 0), p + "attn_kv_a_norm")
         k_pe = self._rope(c, lib.ggml_view_3d(c, kv_pe, r, 1, T, row, row, R * f32), pos, il)  # [r, 1, T]
@@ -186,29 +199,43 @@ class Attention:
         q_nope = lib.ggml_view_3d(c, q, nope, H, T, nb1, nb2, 0)
         q_pe = self._rope(c, lib.ggml_view_3d(c, q, r, H, T, nb1, nb2, nope * f32), pos, il)
         # W_kb [nope, R, H] per head: [nope, T, H] -> [R, T, H], back to [R, H, T]
-        q_lat = lib.ggml_permute(c, lib.ggml_mul_mat(c, W("attn_k_b"), lib.ggml_permute(c, q_nope, 0, 2, 1, 3)),
-                                 0, 2, 1, 3)
-        q = lib.ggml_concat(c, q_lat, q_pe, 0)                                # [R + r, H, T]
-        k = lib.ggml_concat(c, lib.ggml_reshape_3d(c, latent, R, 1, T), k_pe, 0)   # [R + r, 1, T]
+        q_lat = lib.ggml_permute(
+            c, lib.ggml_mul_mat(c, W("attn_k_b"), lib.ggml_permute(c, q_nope, 0, 2, 1, 3)), 0, 2, 1, 3
+        )
+        q = lib.ggml_concat(c, q_lat, q_pe, 0)  # [R + r, H, T]
+        k = lib.ggml_concat(c, lib.ggml_reshape_3d(c, latent, R, 1, T), k_pe, 0)  # [R + r, 1, T]
 
         kc = lib.ggml_set_rows(c, self.cache.tk[il], lib.ggml_reshape_2d(c, k, R + r, T), kv_idx)
         cached = lambda n: lib.ggml_permute(
-            c, lib.ggml_view_3d(c, kc, n, 1, N, (R + r) * f16, (R + r) * f16, 0), 0, 2, 1, 3)  # [n, N, 1]
-        o = flash_attention(c, q, cached(R + r), cached(R), mask, a.attention_scale)   # [R, H, T]
+            c, lib.ggml_view_3d(c, kc, n, 1, N, (R + r) * f16, (R + r) * f16, 0), 0, 2, 1, 3
+        )  # [n, N, 1]
+        o = flash_attention(c, q, cached(R + r), cached(R), mask, a.attention_scale)  # [R, H, T]
         # W_vb [R, Dv, H] per head: [R, T, H] -> [Dv, T, H], back to [Dv, H, T]
         o = lib.ggml_mul_mat(c, W("attn_v_b"), lib.ggml_permute(c, o, 0, 2, 1, 3))
         o = lib.ggml_cont(c, lib.ggml_permute(c, o, 0, 2, 1, 3))
-        return self.t.linear(c, p + "attn_output", lib.ggml_reshape_2d(c, o, Dv * H, T))    # [D, T]
+        return self.t.linear(c, p + "attn_output", lib.ggml_reshape_2d(c, o, Dv * H, T))  # [D, T]
 
     def _rope(self, c, x, pos, il):
         a = self.args
         base = a.rope_base_swa if a.is_swa(il) and a.rope_base_swa else a.rope_base
-        return lib.ggml_rope_ext(c, x, pos, self.rope_factors, a.rope_dim, a.rope_type, a.n_ctx_orig,
-                                 base, a.rope_freq_scale, a.rope_ext_factor, a.rope_attn_factor,
-                                 a.rope_beta_fast, a.rope_beta_slow)
+        return lib.ggml_rope_ext(
+            c,
+            x,
+            pos,
+            self.rope_factors,
+            a.rope_dim,
+            a.rope_type,
+            a.n_ctx_orig,
+            base,
+            a.rope_freq_scale,
+            a.rope_ext_factor,
+            a.rope_attn_factor,
+            a.rope_beta_fast,
+            a.rope_beta_slow,
+        )
 
 
-SPLIT_KV = 512     # cells from which ggml's CPU attention splits a lone query's sums by thread
+SPLIT_KV = 512  # cells from which ggml's CPU attention splits a lone query's sums by thread
 
 
 def flash_attention(c, q, k, v, mask, scale: float, sinks=None):
@@ -224,14 +251,15 @@ def flash_attention(c, q, k, v, mask, scale: float, sinks=None):
     T, N = q.contents.ne[2], k.contents.ne[1]
     one = T == 1 and N >= SPLIT_KV
     if one:
-        q = lib.ggml_concat(c, q, q, 2)                                      # [Dk, H, 2]
-        mask = lib.ggml_concat(c, mask, mask, 1)                             # [N, 2]
+        q = lib.ggml_concat(c, q, q, 2)  # [Dk, H, 2]
+        mask = lib.ggml_concat(c, mask, mask, 1)  # [N, 2]
     o = lib.ggml_flash_attn_ext(c, lib.ggml_permute(c, q, 0, 2, 1, 3), k, v, mask, scale, 0.0, 0.0)
     if sinks is not None:
         lib.ggml_flash_attn_ext_add_sinks(o, sinks)
     if hasattr(lib, "ggml_prec_set_acc"):
         lib.ggml_prec_set_acc(o, ggml.PREC_F32)
-    if one:                                                                  # the first row
-        o = lib.ggml_cont(c, lib.ggml_view_3d(c, o, o.contents.ne[0], o.contents.ne[1], 1,
-                                              o.contents.nb[1], o.contents.nb[2], 0))
-    return o                                                                 # [Dv, H, T]
+    if one:  # the first row
+        o = lib.ggml_cont(
+            c, lib.ggml_view_3d(c, o, o.contents.ne[0], o.contents.ne[1], 1, o.contents.nb[1], o.contents.nb[2], 0)
+        )
+    return o  # [Dv, H, T]

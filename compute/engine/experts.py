@@ -10,6 +10,7 @@ with the same rule the daemon applies on a miss (loader/precision.py). There is 
 so every expert is a "miss": this is the accuracy the precision rule costs at worst, and
 what evaluation and calibration measure without a daemon.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -35,6 +36,7 @@ class ExpertProvider(Protocol):
     forward; hint() announces predicted experts of coming layers. remote: the experts come
     from another process (hobbitd), which needs CPU time of its own.
     """
+
     remote: bool
     regions: dict[str, SlotRegion]
 
@@ -42,8 +44,7 @@ class ExpertProvider(Protocol):
 
     def part_strides(self, precision: str, layer: int) -> tuple: ...
 
-    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0,
-              n_tokens: int = 1) -> list:
+    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         """[Handle or None] for `experts` (distinct ids) of `layer`; scores are their
         unimportance; seq/token/n_tokens place the request in the sequence."""
 
@@ -76,11 +77,12 @@ class ExpertProvider(Protocol):
 
 class LocalExperts:
     """ExpertProvider over the mmapped GGUF (high) and companion file (low)."""
+
     remote = False
 
     def __init__(self, weights, companion: str | None = None, thresholds: Thresholds | None = None):
         self.thresholds = thresholds or Thresholds()
-        self.weights = weights       # kept: bases point into its mmap
+        self.weights = weights  # kept: bases point into its mmap
         self.sources = {HIGH: gguf_experts(weights)}
         self.bases = {HIGH: weights.reader.data.ctypes.data}
         if companion:
@@ -111,8 +113,13 @@ class LocalExperts:
         """Per token and rank: every expert is at hand in both precisions here, so each
         (token, expert) use gets the precision its own score asks for — as decoding one
         token at a time would — rather than one precision per expert for the batch."""
-        return [[None if (p := self.thresholds.on_miss(float(s))) is None else Handle(p, int(e))
-                 for e, s in zip(row_e, row_s)] for row_e, row_s in zip(sel, scores)]
+        return [
+            [
+                None if (p := self.thresholds.on_miss(float(s))) is None else Handle(p, int(e))
+                for e, s in zip(row_e, row_s)
+            ]
+            for row_e, row_s in zip(sel, scores)
+        ]
 
     def release(self, handles) -> None:
         pass
@@ -124,10 +131,10 @@ class LocalExperts:
         pass
 
     def holds(self, first: int, last: int) -> bool:
-        return True           # every expert is in this process already
+        return True  # every expert is in this process already
 
     def resident(self):
-        return None      # in-process without a provider already runs one graph per forward
+        return None  # in-process without a provider already runs one graph per forward
 
     def used(self, uses: int, seq: int, token: int, n_tokens: int) -> None:
         pass

@@ -1,4 +1,5 @@
 """Generation: prompt in as one batch, then one token at a time, streamed as text."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,8 +9,9 @@ from .sampling import Sampler
 from .tokenizer import Tokenizer
 
 
-def generate_tokens(model: Model, prompt: list[int], n_predict: int, sampler: Sampler,
-                    stop=lambda token: False) -> Iterator[int]:
+def generate_tokens(
+    model: Model, prompt: list[int], n_predict: int, sampler: Sampler, stop=lambda token: False
+) -> Iterator[int]:
     """Yield up to n_predict new token ids after `prompt`; the KV cache continues from
     model.n_past, so a chat can feed only the new turn. Stops after a `stop` token
     (which is not yielded) or when the context is full."""
@@ -37,7 +39,7 @@ class TextStream:
             text = self.pending.decode()
         except UnicodeDecodeError as e:
             if e.reason == "unexpected end of data":
-                return ""          # wait for the rest of the character
+                return ""  # wait for the rest of the character
             text = self.pending.decode(errors="replace")
         self.pending = b""
         return text

@@ -5,6 +5,7 @@ else. Tensors are plain `ggml_tensor` structs; a weight tensor is created in a
 no-alloc context and its `data` pointer set to memory we own (an mmapped GGUF, a
 shared-memory slot), so ggml computes on it in place without a copy.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -13,9 +14,29 @@ import os
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 
 # ggml types and their sizes come from gguf's tables (the daemon needs them without libggml)
-from ...loader.ggml_types import (BF16, F16, F32, I32, I64, IQ4_NL, IQ4_XS, MXFP4,
-                                  Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                                  row_size, type_name)
+from ...loader.ggml_types import (
+    BF16,
+    F16,
+    F32,
+    I32,
+    I64,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    row_size,
+    type_name,
+)
+
 # re-exported for compute/make/ (`x as x` marks a re-export for linters and type checkers)
 from ...loader.ggml_types import TYPES_BY_NAME as TYPES_BY_NAME, block_size as block_size, type_size as type_size
 
@@ -25,8 +46,24 @@ MAX_OP_PARAMS = 64
 MAX_NAME = 64
 
 # Weight types our matmuls are tested on (see tests/test_ggml_binding.py).
-WEIGHT_TYPES = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-                IQ4_NL, IQ4_XS, MXFP4)   # the last three: llama.cpp's IQ4_* and MXFP4_MOE mixes
+WEIGHT_TYPES = (
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+)  # the last three: llama.cpp's IQ4_* and MXFP4_MOE mixes
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 PREC_F32 = 10
@@ -124,8 +161,7 @@ _SIGNATURES = {
     "ggml_set_rows": (T, [CTX, T, T, T]),
     "ggml_soft_max": (T, [CTX, T]),
     "ggml_argsort_top_k": (T, [CTX, T, c_int]),
-    "ggml_rope_ext": (T, [CTX, T, T, T, c_int, c_int, c_int, c_float, c_float, c_float,
-                          c_float, c_float, c_float]),
+    "ggml_rope_ext": (T, [CTX, T, T, T, c_int, c_int, c_int, c_float, c_float, c_float, c_float, c_float, c_float]),
     "ggml_flash_attn_ext": (T, [CTX, T, T, T, T, c_float, c_float, c_float]),
     "ggml_flash_attn_ext_add_sinks": (None, [T, T]),
     "ggml_prec_set_acc": (None, [T, c_int]),
@@ -234,8 +270,9 @@ class Context:
 
     def tensor(self, t: int, shape, name: str | None = None, data: int | None = None):
         """A new tensor of ggml type t; shape in ggml order (ne0 first, the contiguous axis)."""
-        fn = (None, lib.ggml_new_tensor_1d, lib.ggml_new_tensor_2d, lib.ggml_new_tensor_3d,
-              lib.ggml_new_tensor_4d)[len(shape)]
+        fn = (None, lib.ggml_new_tensor_1d, lib.ggml_new_tensor_2d, lib.ggml_new_tensor_3d, lib.ggml_new_tensor_4d)[
+            len(shape)
+        ]
         x = fn(self.ptr, t, *shape)
         if name:
             lib.ggml_set_name(x, name.encode()[: MAX_NAME - 1])

@@ -2,6 +2,7 @@
 graph (Graph), and the cache of them (Plans): a graph (or a forward's list of segments) is
 built once per shape and reused, only its input tensors rewritten.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from . import ggml
 from .ggml import lib
 
-GRAPH_SIZE = 8192        # max nodes per graph
-MAX_PLANS = 12           # shapes kept per model (each owns its activation buffers)
+GRAPH_SIZE = 8192  # max nodes per graph
+MAX_PLANS = 12  # shapes kept per model (each owns its activation buffers)
 
 
 class Tensors(dict):
@@ -45,14 +46,16 @@ def scaled(c, x, factor: float):
 @dataclass
 class Timing:
     """Seconds spent, summed over forwards: computing, and waiting for the daemon."""
+
     compute_s: float = 0.0
     expert_wait_s: float = 0.0
-    last_graph_s: float = 0.0     # the latest graph alone: the next one of a forward takes about as long
+    last_graph_s: float = 0.0  # the latest graph alone: the next one of a forward takes about as long
 
 
 @dataclass
 class Graph:
     """One graph: its context, its named inputs (written before each compute) and outputs."""
+
     ctx: ggml.Context
     graph: int
     galloc: int | None = None
@@ -95,8 +98,7 @@ class Graph:
         if not lib.ggml_gallocr_alloc_graph(self.galloc, self.graph):
             raise MemoryError("could not allocate the graph's activations")
         self.feeds = {name: ggml.array(x) for name, x in self.inputs.items() if x.contents.data}
-        self.results = {name: ggml.array(t, (t.contents.ne[1], t.contents.ne[0]))
-                        for name, t in self.outputs.items()}
+        self.results = {name: ggml.array(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in self.outputs.items()}
 
     def compute(self, backend, feed: dict, timing: Timing) -> dict:
         """Write the inputs feed names (others are left as they are), compute, and return

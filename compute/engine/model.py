@@ -31,6 +31,7 @@ Three ways to run, one set of layer functions:
 A graph (or a segment list) is built once per shape (T, N, all_logits) and reused: only
 its input tensors are rewritten (engine/graph.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,33 +48,34 @@ from .attention import Attention, KVCache
 from .experts import ExpertProvider
 from .ggml import lib
 from .graph import Graph, Plans, Tensors, Timing, scaled
-from .moe import (ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router,
-                  slots_of, topk_weights)
+from .moe import ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router, slots_of, topk_weights
 from .pool import Pool
 from .segments import PrefetchStats, Segments, Variant, Variants
 from .weights import ModelArgs, Weights
 
-WIDE = 16                # tokens from which a forward through hobbitd computes on every core
+WIDE = 16  # tokens from which a forward through hobbitd computes on every core
 
 
 @dataclass
 class RunOptions:
     """How a Model runs. n_ctx: KV cache length in tokens; n_batch: prompt chunk size."""
+
     n_ctx: int = 2048
     n_batch: int = 512
-    n_threads: int = 0   # 0: physical cores, one fewer when hobbitd serves the experts
-    taps: tuple = ()     # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
-                         # input), "router_in" (each MoE layer's router input: ffn_in, or
-                         # the block's input where the router reads it), "ffn_out" (its FFN
-                         # output; in-process runs only)
-    lookahead: int = 3   # layers ahead the prefetch predicts (0: no hints)
-    resident: bool = True    # when the provider holds every expert (ExpertProvider.resident),
-                             # compute each forward in one graph, asking nothing per layer
+    n_threads: int = 0  # 0: physical cores, one fewer when hobbitd serves the experts
+    taps: tuple = ()  # intermediates to keep, by name: "ffn_in" (each layer's normed FFN
+    # input), "router_in" (each MoE layer's router input: ffn_in, or
+    # the block's input where the router reads it), "ffn_out" (its FFN
+    # output; in-process runs only)
+    lookahead: int = 3  # layers ahead the prefetch predicts (0: no hints)
+    resident: bool = True  # when the provider holds every expert (ExpertProvider.resident),
+    # compute each forward in one graph, asking nothing per layer
 
 
 class Shape(NamedTuple):
     """What a graph is built for: T tokens, N KV slots visible, every row's logits or the
     last one's."""
+
     T: int
     N: int
     all_logits: bool
@@ -88,8 +90,7 @@ class Model:
     and the routed experts come from the provider.
     """
 
-    def __init__(self, weights: Weights, opts: RunOptions | None = None,
-                 experts: ExpertProvider | None = None):
+    def __init__(self, weights: Weights, opts: RunOptions | None = None, experts: ExpertProvider | None = None):
         self.w = weights
         self.args: ModelArgs = weights.args
         self.opts = opts or RunOptions()
@@ -99,7 +100,7 @@ class Model:
         self.n_ctx = self.opts.n_ctx
         self.n_past = 0
         self.seq = 0
-        self.taps: dict = {}     # name -> (T', X) array from the last forward (RunOptions.taps)
+        self.taps: dict = {}  # name -> (T', X) array from the last forward (RunOptions.taps)
         self.timing = Timing()
         self.backend = lib.ggml_backend_cpu_init()
         self.n_threads = 0
@@ -119,7 +120,7 @@ class Model:
         self.attention = Attention(self.t, a, self.kv)
         self.plans = Plans()
 
-        self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}   # block -> MoE layer
+        self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}  # block -> MoE layer
         self.experts = experts
         self.prefetch = PrefetchStats()
         self.pool: Pool | None = None
@@ -130,15 +131,16 @@ class Model:
             weights.will_need(routed_expert_tensors(weights))
         if experts is not None:
             self.pool = Pool(self.wctx, a, experts)
-            self.segments = Segments(experts, self.pool, a.n_expert, self._run, self.timing,
-                                     self.opts.lookahead, self.prefetch)
+            self.segments = Segments(
+                experts, self.pool, a.n_expert, self._run, self.timing, self.opts.lookahead, self.prefetch
+            )
 
     # ---- public -------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Start a new sequence (the cache contents are simply overwritten later)."""
         self.n_past = 0
-        self.seq += 1     # the daemon's cache policy restarts its per-sequence counters
+        self.seq += 1  # the daemon's cache policy restarts its per-sequence counters
         self.kv.reset()
 
     def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
@@ -146,15 +148,14 @@ class Model:
         if tokens.ndim != 1 or tokens.size == 0:
             raise InputError("forward() needs a non-empty 1-D list of token ids")
         if self.n_past + tokens.size > self.n_ctx:
-            raise InputError(f"{self.n_past + tokens.size} tokens do not fit the context of "
-                             f"{self.n_ctx} tokens")
+            raise InputError(f"{self.n_past + tokens.size} tokens do not fit the context of {self.n_ctx} tokens")
         if tokens.min() < 0 or tokens.max() >= self.args.n_vocab:
             raise InputError(f"token id out of range 0..{self.args.n_vocab - 1}")
         outs = []
         for start in range(0, tokens.size, self.opts.n_batch):
             # without all_logits each chunk computes its last row's logits only: a prompt's
             # (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary
-            out = self._forward_chunk(tokens[start:start + self.opts.n_batch], all_logits)
+            out = self._forward_chunk(tokens[start : start + self.opts.n_batch], all_logits)
             if all_logits:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else out[-1]
@@ -184,18 +185,17 @@ class Model:
         feed, N, held = self.kv.chunk(self.n_past, T)
         feed["tokens"] = tokens
         table = self.experts.resident() if self.experts is not None and self.opts.resident else None
-        if table is not None:        # every expert pinned in shared memory: one graph
+        if table is not None:  # every expert pinned in shared memory: one graph
             # and every core: hobbitd has nothing to do for this forward
             self._set_threads(self.opts.n_threads or ggml.physical_cores())
-            self.pool.point_resident(table)     # new pins (a new hobbitd): re-pointed
+            self.pool.point_resident(table)  # new pins (a new hobbitd): re-pointed
         plan = self._plan(Shape(T, N, all_logits), resident=table is not None)
         if self.segments is None or table is not None:
             outs = self._run(plan[0], feed)
             logits = outs.pop("logits")
             self.taps = outs
             if table is not None:
-                self.experts.used(T * self.args.n_moe_layer * self.args.n_expert_used, self.seq,
-                                  self.n_past + T, T)
+                self.experts.used(T * self.args.n_moe_layer * self.args.n_expert_used, self.seq, self.n_past + T, T)
         else:
             self._set_threads(self.opts.n_threads or default_threads(self.experts, T))
             logits = self.segments.run(plan, feed, seq=self.seq, token=self.n_past + T)
@@ -214,10 +214,12 @@ class Model:
     def _plan(self, s: Shape, resident: bool = False) -> list:
         """The graphs for chunks of shape s: the whole forward's one graph, or a segmented
         forward's M + 1 segments (each built on first use per variant)."""
+
         def make() -> list:
             if self.experts is None or resident:
                 return [self._build_forward(s, resident)]
             return [Variants(partial(self._build_segment, s, m)) for m in range(self.args.n_moe_layer + 1)]
+
         return self.plans.get((*s, resident), make)
 
     # ---- graph construction -------------------------------------------------------------
@@ -244,10 +246,10 @@ class Model:
         x = self._embed(g, s.T) if m == 0 else self._expert_head(g, m - 1, variant, s)
         first = moe[m - 1] + 1 if m else 0
         stop = moe[m] if m < M else a.n_layer
-        for il in range(first, stop):        # dense blocks
+        for il in range(first, stop):  # dense blocks
             x, h, r_in = self._attend(g, x, il, s)
             x = self._feed_forward(g, x, h, r_in, il)
-        if m < M:                            # MoE layer m's block, up to its router
+        if m < M:  # MoE layer m's block, up to its router
             x, h, r_in = self._attend(g, x, stop, s)
             self._router_outputs(g, m, x, h, r_in)
         else:
@@ -265,7 +267,7 @@ class Model:
     def _embed(self, g: Graph, T: int):
         """The tokens' embeddings [D, T] (input "tokens")."""
         x = lib.ggml_get_rows(g.c, self.t["token_embd.weight"], g.input("tokens", ggml.I32, (T,)))
-        return scaled(g.c, x, self.args.embedding_scale)                         # [D, T]
+        return scaled(g.c, x, self.args.embedding_scale)  # [D, T]
 
     def _attend(self, g: Graph, x, il: int, s: Shape):
         """Block il up to its FFN: attention on the normed x [D, T] and the residual add.
@@ -280,10 +282,10 @@ class Model:
         if il == a.n_layer - 1 and not s.all_logits:
             # only the last token's logits are wanted: drop the other rows early
             att, x, block_in = _last_row(c, att, s.T), _last_row(c, x, s.T), _last_row(c, block_in, s.T)
-        x = lib.ggml_add(c, scaled(c, att, a.residual_scale), x)                 # [D, T']
+        x = lib.ggml_add(c, scaled(c, att, a.residual_scale), x)  # [D, T']
         h = self.t.norm(c, x, p + a.ffn_norm)
         r_in = block_in if a.router_first else h
-        if "ffn_in" in self.opts.taps:     # debug/calibration taps: [D, T']
+        if "ffn_in" in self.opts.taps:  # debug/calibration taps: [D, T']
             g.output(f"ffn_in.{il}", h)
         if "router_in" in self.opts.taps and il in self.moe_index:
             g.output(f"router_in.{il}", r_in)
@@ -294,7 +296,7 @@ class Model:
         routed in the graph on r_in, its experts the file's or (resident) the provider's
         slots through the slot table, plus the shared expert. Tap ffn_out."""
         a, c = self.args, g.c
-        m = self.moe_index.get(il)      # its MoE layer; None: a dense block
+        m = self.moe_index.get(il)  # its MoE layer; None: a dense block
         p = f"blk.{il}."
         if m is None:
             W = lambda n: self.t[p + n + ".weight"]
@@ -309,7 +311,7 @@ class Model:
             f = self._add_shared_expert(c, h, il, moe_ffn(c, h, experts, sel, w, a.ffn_act))
         if "ffn_out" in self.opts.taps:
             g.output(f"ffn_out.{il}", f)
-        return lib.ggml_add(c, scaled(c, f, a.residual_scale), x)                # [D, T']
+        return lib.ggml_add(c, scaled(c, f, a.residual_scale), x)  # [D, T']
 
     def _expert_head(self, g: Graph, m: int, variant: Variant, s: Shape):
         """A segment's start: MoE layer m's experts, as the segment before fetched them
@@ -318,7 +320,7 @@ class Model:
         pool's views) and w_P [K, T'], then the shared expert and the residual add."""
         a, c = self.args, g.c
         b = a.moe_layers[m]
-        T_in = 1 if b == a.n_layer - 1 and not s.all_logits else s.T   # the last block keeps the last row
+        T_in = 1 if b == a.n_layer - 1 and not s.all_logits else s.T  # the last block keeps the last row
         x = g.input("x", ggml.F32, (a.n_embd, T_in))
         h = self.t.norm(c, x, f"blk.{b}.{a.ffn_norm}")
         K = a.n_expert_used
@@ -330,7 +332,7 @@ class Model:
                 f = moe_ffn(c, h, self.pool.experts(prec, m), ids, wts, a.ffn_act)
                 y = f if y is None else lib.ggml_add(c, y, f)
         y = self._add_shared_expert(c, h, b, y)
-        if y is None:          # every routed expert skipped, no shared one
+        if y is None:  # every routed expert skipped, no shared one
             return x
         return lib.ggml_add(c, scaled(c, y, a.residual_scale), x)
 
@@ -356,20 +358,22 @@ class Model:
         """The output head: logits [V, T'] (output "logits")."""
         c, a = g.c, self.args
         x = self.t.norm(c, x, "output_norm")
-        logits = self.t.linear(c, "output", x)                                   # [V, T']
+        logits = self.t.linear(c, "output", x)  # [V, T']
         g.output("logits", scaled(c, logits, 1.0 / a.logit_scale if a.logit_scale else 0.0))
 
     def _router_tensors(self, m: int) -> RouterTensors:
         p = f"blk.{self.args.moe_layers[m]}."
-        return RouterTensors(self.t[p + "ffn_gate_inp.weight"], self.t.get(p + "ffn_gate_inp.bias"),
-                             self.t.get(p + "exp_probs_b.bias"))
+        return RouterTensors(
+            self.t[p + "ffn_gate_inp.weight"], self.t.get(p + "ffn_gate_inp.bias"), self.t.get(p + "exp_probs_b.bias")
+        )
 
     def _file_experts(self, il: int) -> ExpertTensors:
         """Block il's routed experts as the file stacks them (biases: all three or none)."""
         p = f"blk.{il}."
         biases = tuple(self.t.get(p + f"ffn_{n}_exps.bias") for n in PARTS)
-        return ExpertTensors(*(self.t[p + f"ffn_{n}_exps.weight"] for n in PARTS),
-                             biases if all(b is not None for b in biases) else None)
+        return ExpertTensors(
+            *(self.t[p + f"ffn_{n}_exps.weight"] for n in PARTS), biases if all(b is not None for b in biases) else None
+        )
 
     def _add_shared_expert(self, c, h, il, routed):
         """routed + the layer's shared expert (qwen2moe, Granite MoE Shared), which is always
@@ -380,9 +384,9 @@ class Model:
             return routed
         W = lambda n: self.t[f"blk.{il}.{n}.weight"]
         y = dense_ffn(c, h, W("ffn_gate_shexp"), W("ffn_up_shexp"), W("ffn_down_shexp"))  # [D, T]
-        gate = self.t.get(f"blk.{il}.ffn_gate_inp_shexp.weight")   # granite's has none
+        gate = self.t.get(f"blk.{il}.ffn_gate_inp_shexp.weight")  # granite's has none
         if gate is not None:
-            y = lib.ggml_mul(c, y, lib.ggml_sigmoid(c, lib.ggml_mul_mat(c, gate, h)))    # [1, T]
+            y = lib.ggml_mul(c, y, lib.ggml_sigmoid(c, lib.ggml_mul_mat(c, gate, h)))  # [1, T]
         return y if routed is None else lib.ggml_add(c, routed, y)
 
 

@@ -6,6 +6,7 @@ of that layer's type (quantizer mixes differ by layer) whose stride is the provi
 The tensors are views: they own no memory and are re-pointed at the provider's memory
 before a layer runs (point), at the few slots a layer's experts sit in.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from .weights import ModelArgs
 class Span(NamedTuple):
     """The slots a layer's view covers: count slots from slot first on; the expert ids
     fed to a graph are relative to first."""
+
     first: int
     count: int
 
@@ -31,7 +33,7 @@ class Pool:
 
     def __init__(self, wctx: ggml.Context, args: ModelArgs, provider: ExpertProvider):
         self.provider = provider
-        self.views: dict[str, list[list]] = {}     # precision -> MoE layer -> part -> tensor
+        self.views: dict[str, list[list]] = {}  # precision -> MoE layer -> part -> tensor
         for prec, r in provider.regions.items():
             f = r.format
             self.views[prec] = []
@@ -45,14 +47,15 @@ class Pool:
                         t.contents.nb[d] = strides[p] * r.n_slots
                     views.append(t)
                 self.views[prec].append(views)
-        self._pointed: dict = {}    # (precision, layer) -> (bases, strides, first, count) viewed now
+        self._pointed: dict = {}  # (precision, layer) -> (bases, strides, first, count) viewed now
         # the provider's slot of each expert, per MoE layer [1, E] i32, for the one-graph
         # forward on resident experts (routing in the graph, then a lookup of the slots)
         self.slot_table = np.zeros((args.n_moe_layer, args.n_expert), np.int32)
-        self.slot_tensors = [wctx.tensor(ggml.I32, (1, args.n_expert), f"slots_l{il}",
-                                         self.slot_table[m].ctypes.data)
-                             for m, il in enumerate(args.moe_layers)]
-        self._resident = None        # the provider's resident table the views point at
+        self.slot_tensors = [
+            wctx.tensor(ggml.I32, (1, args.n_expert), f"slots_l{il}", self.slot_table[m].ctypes.data)
+            for m, il in enumerate(args.moe_layers)
+        ]
+        self._resident = None  # the provider's resident table the views point at
 
     def experts(self, precision: str, layer: int) -> ExpertTensors:
         """MoE layer `layer`'s views in `precision`, as moe_ffn takes them."""
@@ -65,7 +68,7 @@ class Pool:
         precision not in spans is left as it is), else all of them. ggml's mul_mat_id does
         bookkeeping per slot it views: every slot viewed for every layer cost ~10 % of a
         decode step on the default model."""
-        self._resident = None         # whatever pointed at the resident slots may move now
+        self._resident = None  # whatever pointed at the resident slots may move now
         self._point(layer, spans)
 
     def point_resident(self, table: np.ndarray) -> None:
@@ -84,7 +87,7 @@ class Pool:
         provider = self.provider
         for prec, layers in self.views.items():
             if spans is not None and prec not in spans:
-                continue          # the segment computes nothing in that precision
+                continue  # the segment computes nothing in that precision
             first, count = (spans or {}).get(prec, (0, provider.regions[prec].n_slots))
             bases = provider.part_bases(prec, layer)
             strides = provider.part_strides(prec, layer)
@@ -93,7 +96,7 @@ class Pool:
             shapes = provider.regions[prec].format.shapes
             for t, base, stride, shape in zip(layers[layer], bases, strides, shapes):
                 t.contents.data = base + first * stride
-                dim = len(shape)                  # the slot dimension
+                dim = len(shape)  # the slot dimension
                 t.contents.ne[dim] = count
                 for d in range(dim + 1, ggml.MAX_DIMS):
                     t.contents.nb[d] = stride * count

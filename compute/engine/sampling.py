@@ -1,4 +1,5 @@
 """Choosing the next token from logits: greedy, or temperature with top-k / top-p."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,9 @@ import numpy as np
 
 @dataclass
 class SamplingOptions:
-    temperature: float = 0.8   # 0: greedy
-    top_k: int = 40            # 0: off
-    top_p: float = 0.95        # 1.0: off
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1.0: off
     seed: int | None = None
 
 
@@ -24,7 +25,7 @@ class Sampler:
         if o.temperature <= 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / o.temperature
-        idx = candidates(z, o.top_k)               # best first
+        idx = candidates(z, o.top_k)  # best first
         p = np.exp(z[idx] - z[idx[0]])
         p /= p.sum()
         if o.top_p < 1.0:
@@ -38,6 +39,6 @@ def candidates(z: np.ndarray, k: int) -> np.ndarray:
     k are sorted: sorting a 150k-260k vocabulary for every token cost ~15 ms (BENCHMARKS.md)."""
     if k <= 0 or k >= z.size:
         return np.argsort(-z, kind="stable")
-    kth = -np.partition(-z, k - 1)[k - 1]          # the k-th largest value
-    top = np.flatnonzero(z >= kth)                   # ascending: ties keep the lower index first
+    kth = -np.partition(-z, k - 1)[k - 1]  # the k-th largest value
+    top = np.flatnonzero(z >= kth)  # ascending: ties keep the lower index first
     return top[np.argsort(-z[top], kind="stable")][:k]

@@ -16,6 +16,7 @@ with the logits. Between segments m and m+1 (Segments.run, top to bottom):
            a Fetched, which segment m+1 takes (Pool.point, then its graph's inputs)
   release  once segment m+1 has run, the provider may reuse those slots
 """
+
 from __future__ import annotations
 
 import time
@@ -30,13 +31,14 @@ from .experts import ExpertProvider
 from .graph import Graph, Timing
 from .pool import Pool, Span
 
-Variant = tuple[bool, bool]    # (has_high, has_low): which precisions a segment computes in
+Variant = tuple[bool, bool]  # (has_high, has_low): which precisions a segment computes in
 
 
 class ExpertInputs(NamedTuple):
     """One precision's part of a MoE layer's expert uses, as a segment's graph takes it:
     ids (T', K) i32 relative to span.first; weights (T', K) f32, 0 for the uses computed
     in the other precision or skipped (their ids repeat one already read)."""
+
     ids: np.ndarray
     weights: np.ndarray
     span: Span
@@ -48,6 +50,7 @@ class Fetched:
     next one, which computes them: x, the residual stream where the routing segment
     stopped (T', D), and per precision some use needs (none: every expert skipped) its
     inputs. The graph input names are the model's (Model._expert_head)."""
+
     layer: int
     x: np.ndarray
     inputs: dict[str, ExpertInputs]
@@ -89,9 +92,16 @@ class Segments:
     (the model's backend; it adds to timing.compute_s); lookahead: MoE layers ahead to
     hint (0: none); prefetch counts how well the hints predicted."""
 
-    def __init__(self, provider: ExpertProvider, pool: Pool, n_expert: int,
-                 compute: Callable[[Graph, dict], dict], timing: Timing, lookahead: int,
-                 prefetch: PrefetchStats):
+    def __init__(
+        self,
+        provider: ExpertProvider,
+        pool: Pool,
+        n_expert: int,
+        compute: Callable[[Graph, dict], dict],
+        timing: Timing,
+        lookahead: int,
+        prefetch: PrefetchStats,
+    ):
         self.provider, self.pool, self.n_expert = provider, pool, n_expert
         self.compute, self.timing, self.lookahead = compute, timing, lookahead
         self.prefetch = prefetch
@@ -101,22 +111,22 @@ class Segments:
         segment may read (tokens, positions, KV slots and masks); seq and token (the
         position after the chunk) place the fetches in the sequence for the cache policy."""
         provider, M = self.provider, len(plan) - 1
-        T = feed["tokens"].size       # the chunk's tokens (the last block's routing: its last row only)
-        held: list = []               # the handles of `ready`'s experts, until they are computed
+        T = feed["tokens"].size  # the chunk's tokens (the last block's routing: its last row only)
+        held: list = []  # the handles of `ready`'s experts, until they are computed
         ready: Fetched | None = None  # MoE layer m-1's experts, for segment m
         try:
             for m, segment in enumerate(plan):
-                if ready is None:         # segment 0: from the tokens
+                if ready is None:  # segment 0: from the tokens
                     out = self.compute(segment(None), feed)
                 else:
                     self.pool.point(ready.layer, ready.spans)
                     out = self.compute(segment(ready.variant), {**feed, **ready.feed()})
-                provider.release(held)    # MoE layer m-1's experts are done with
+                provider.release(held)  # MoE layer m-1's experts are done with
                 held = []
                 if m == M:
                     return out["logits"]
                 # route: MoE layer m's, computed by segment m
-                sel, w, scores = out["sel"], out["w"], out["scores"]        # (T', K) each
+                sel, w, scores = out["sel"], out["w"], out["scores"]  # (T', K) each
                 self.prefetch.observe(m, sel)
                 wanted, best = _wanted(sel, scores)
                 # fetch
@@ -140,13 +150,13 @@ class Segments:
         first predicted miss. Several tokens (a prompt): each layer's prediction is every
         expert some token is predicted to use, at its most important use."""
         last = min(M, il + 1 + self.lookahead)
-        if self.provider.holds(il + 1, last):   # cached already (most of a model that fits)
+        if self.provider.holds(il + 1, last):  # cached already (most of a model that fits)
             return
         ahead = [(il + d, out[f"ahead_sel.{d}"], out[f"ahead_scores.{d}"]) for d in range(1, last - il)]
         if ahead[0][1].shape[0] == 1:
             preds = [(t, sel[0].tolist(), scores[0].tolist()) for t, sel, scores in ahead]
             self.prefetch.predict(il, preds)
-        else:     # most important first: hobbitd prefetches in that order, within a budget
+        else:  # most important first: hobbitd prefetches in that order, within a budget
             preds = []
             for t, sel, scores in ahead:
                 experts, best = _wanted(sel, scores)
@@ -159,7 +169,7 @@ class Segments:
 def _wanted(sel: np.ndarray, scores: np.ndarray) -> tuple[list, list]:
     """The distinct experts of a routing sel (T', K), ascending, and each one's most
     important (lowest) score."""
-    if sel.shape[0] == 1:         # one token: its experts are distinct already
+    if sel.shape[0] == 1:  # one token: its experts are distinct already
         pairs = sorted(zip(sel[0].tolist(), scores[0].tolist()))
         return [e for e, _ in pairs], [s for _, s in pairs]
     wanted = np.unique(sel)
@@ -193,8 +203,9 @@ def _expert_inputs(sel, w, pairs, block: int) -> dict[str, ExpertInputs]:
         lo, hi = min(map(min, ids)), max(map(max, ids))
         if hi - lo + 1 <= block and lo // block == hi // block:
             lo, hi = lo - lo % block, lo - lo % block + block - 1
-        out[prec] = ExpertInputs(np.array([[i - lo for i in row] for row in ids], np.int32),
-                                 np.array(wts, np.float32), Span(lo, hi - lo + 1))
+        out[prec] = ExpertInputs(
+            np.array([[i - lo for i in row] for row in ids], np.int32), np.array(wts, np.float32), Span(lo, hi - lo + 1)
+        )
     return out
 
 
@@ -204,9 +215,9 @@ class PrefetchStats:
     predictions made count: none is made while the coming layers are all cached."""
 
     def __init__(self):
-        self.pending: dict = {}      # target layer -> [(distance, predicted set, predicted top1)]
-        self.top1: dict = {}         # distance -> [hits, total]
-        self.recall: dict = {}       # distance -> [experts predicted and used, experts used]
+        self.pending: dict = {}  # target layer -> [(distance, predicted set, predicted top1)]
+        self.top1: dict = {}  # distance -> [hits, total]
+        self.recall: dict = {}  # distance -> [experts predicted and used, experts used]
 
     def predict(self, layer: int, preds) -> None:
         for target, experts, _ in preds:
@@ -225,5 +236,7 @@ class PrefetchStats:
             r[1] += len(actual)
 
     def summary(self) -> dict:
-        return {d: {"top1": h / n if n else 0.0, "recall": self.recall[d][0] / max(self.recall[d][1], 1),
-                    "n": n} for d, (h, n) in sorted(self.top1.items())}
+        return {
+            d: {"top1": h / n if n else 0.0, "recall": self.recall[d][0] / max(self.recall[d][1], 1), "n": n}
+            for d, (h, n) in sorted(self.top1.items())
+        }

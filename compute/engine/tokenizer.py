@@ -1,4 +1,5 @@
 """Tokenizer and chat template from the GGUF, through llama-cpp-python (vocab only)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,6 @@ def quiet_stderr():
         os.close(saved)
 
 
-
-
 class Tokenizer:
     def __init__(self, path: str):
         import llama_cpp
@@ -36,7 +35,7 @@ class Tokenizer:
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{path}: llama.cpp could not read its vocabulary ({e})") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))   # the model asks for BOS
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))  # the model asks for BOS
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         self.eos = self.llm.token_eos()
         self.bos = self.llm.token_bos()

@@ -5,185 +5,78 @@ truncated; here: unsupported architecture, missing tensors, types we do not comp
 and raises ModelError with one line that names the file and the reason. Tensor data is
 never copied: `Weights.address(name)` points into the read-only shared mmap.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...loader.gguf_file import SUPPORTED_ARCHS, GGUFFile, open_gguf
+from ...loader.gguf_file import GGUFFile, open_gguf
 from ...loader.layout import moe_blocks, trunk_blocks
 from ...protocol.errors import ModelError
 from . import ggml
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one architecture's graph differs from llama's, as llama.cpp builds it (its
-    src/models/ARCH.cpp). Everything else is shared; optional biases (attention q/k/v/output,
-    norms, output, router, experts) and attention sinks are used wherever the file has them,
-    as llama.cpp does."""
-    rope: int = ggml.ROPE_NORMAL     # NORMAL: adjacent pairs rotate; NEOX: halves rotate
-    qk_norm: str = ""                # "": none; "head": RMS over each head's Dh (qwen3moe);
-                                     # "full": RMS over all heads' H*Dh, before the head split (olmoe)
-    qk_norm_optional: bool = False   # qk_norm only where the file has attn_q_norm (glm4moe:
-                                     # GLM-4.5 has it, GLM-4.5-Air not)
-    norm_weights: bool = True        # the top-K weights renormalised to sum 1 (Mixtral, Qwen3)
-    routing_keys: tuple = ()         # what the file says of the routing, where it says it,
-                                     # as llama.cpp reads it for the architecture: "norm"
-                                     # (expert_weights_norm over norm_weights), "scale"
-                                     # (expert_weights_scale), "gating" (expert_gating_func)
-    shared_expert: str = ""          # an always-on expert ffn_*_shexp: "gated": scaled by
-                                     # sigmoid(ffn_gate_inp_shexp . h), as wide as the file's
-                                     # expert_shared_feed_forward_length or else the dense
-                                     # FFN (qwen2moe); "sized": ungated, where the file gives
-                                     # that width (Granite MoE Shared); "counted": ungated,
-                                     # expert_shared_count times the file's
-                                     # expert_shared_feed_forward_length (or else one
-                                     # expert's width) wide (glm4moe, bailingmoe2)
-    scale_q_first: bool = False      # Q scaled by 1/sqrt(Dh) before attention, not inside
-                                     # it (phi3's graph; F16 rounding differs by ~1e-2)
-    moe: bool = False                # every layer past the leading dense ones
-                                     # ({arch}.leading_dense_block_count) has routed experts,
-                                     # or every {arch}.interleave_moe_layer_step-th (ernie4_5-moe)
-    gating: str = "softmax"          # "softmax": softmax over the E router logits, then top-K;
-                                     # "softmax_weight": top-K of the logits, softmax over
-                                     # those K (llama.cpp's SOFTMAX_WEIGHT, gpt-oss);
-                                     # "sigmoid": each logit's sigmoid, then top-K (glm4moe).
-                                     # A selection bias exp_probs_b, where the file has one,
-                                     # is added for choosing the K only (DeepSeek-V3's)
-    ffn_act: str = "swiglu"          # "swiglu_oai": gpt-oss's clamped SwiGLU (alpha 1.702,
-                                     # limit 7.0), ggml_swiglu_oai; "reglu": relu(gate) * up
-    router_first: bool = False       # the router reads the block's input, before attention
-                                     # (smallthinker), not the FFN's normed input
-    ffn_norm: str = "ffn_norm"       # the FFN's input norm (gpt-oss: post_attention_norm)
-    swa_pattern: int = 0             # sliding-window attention (window from the file) on
-                                     # every layer il with il % n < n - 1, full attention
-                                     # on the others (gpt-oss: 2, even layers); 0: none
-    swa_dense_first: bool = False    # windowed where il % n != 0 instead (smallthinker)
-    swa_window: int = 0              # the window whatever the file says, where it has one
-                                     # (smallthinker: 4096, as llama.cpp); 0: the file's
-    nope_unwindowed: bool = False    # with a window, the unwindowed layers have no RoPE
-    multipliers: bool = False        # Granite's scales from the file: embedding, residual
-                                     # branches, attention logits and output logits
-    fused_qkv: bool = False          # one attn_qkv projection, Q then K then V rows (bailingmoe2)
-    mla: bool = False                # multi-head latent attention (deepseek2): one latent of
-                                     # kv_lora_rank per token is cached with its RoPE part,
-                                     # attn_k_b folds into the queries, attn_v_b follows
-    layer_tensors: tuple = ()        # further tensors each block must have (suffixes)
-    global_tensors: tuple = ()       # further tensors the file must have
-
-
-ARCHS = {
-    "llama": Arch(),                                          # dense llama, or Mixtral
-    "qwen3moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True),
-    "olmoe": Arch(rope=ggml.ROPE_NEOX, qk_norm="full", norm_weights=False, moe=True),
-    "qwen2moe": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, shared_expert="gated", moe=True,
-                     layer_tensors=("ffn_gate_inp_shexp.weight",)),
-    # phimoe runs llama.cpp's phi3 graph: RMS norms with biases, LongRoPE factors
-    "phimoe": Arch(rope=ggml.ROPE_NEOX, scale_q_first=True, moe=True,
-                   layer_tensors=("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"),
-                   global_tensors=("output_norm.bias", "output.bias")),
-    # gpt-oss runs llama.cpp's openai-moe graph: attention sinks, every other layer a
-    # sliding window, YaRN RoPE, biases on q/k/v/o, the router and every expert
-    "gpt-oss": Arch(rope=ggml.ROPE_NEOX, norm_weights=False, moe=True, gating="softmax_weight",
-                    ffn_act="swiglu_oai", ffn_norm="post_attention_norm", swa_pattern=2,
-                    layer_tensors=("attn_sinks.weight", "attn_q.bias", "attn_k.bias",
-                                   "attn_v.bias", "attn_output.bias", "ffn_gate_inp.bias",
-                                   "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")),
-    # granitemoe runs llama.cpp's granite graph: llama's with four multipliers (and, in
-    # Granite MoE Shared files, an ungated shared expert)
-    "granitemoe": Arch(moe=True, multipliers=True, shared_expert="sized"),
-    # glm4moe (GLM-4.5, GLM-4.5-Air): leading dense blocks, sigmoid routing with a selection
-    # bias and scaled weights, an ungated shared expert, q/k/v biases, partial RoPE, QK norm
-    # in some files; the file's trailing MTP block (nextn_predict_layers) is not run
-    "glm4moe": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", qk_norm_optional=True, moe=True,
-                    norm_weights=False, routing_keys=("norm", "scale", "gating"), gating="sigmoid",
-                    shared_expert="counted", ffn_norm="post_attention_norm",
-                    layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
-    # bailingmoe2 (Ling-mini-2.0, Ling-flash-2.0): glm4moe's routing with expert groups
-    # (the top-2 sum of each group picks the groups the K experts are chosen in), a fused
-    # QKV projection, QK norm per head, partial RoPE, leading dense blocks, an MTP block
-    "bailingmoe2": Arch(rope=ggml.ROPE_NEOX, qk_norm="head", moe=True, norm_weights=False,
-                        routing_keys=("norm", "scale", "gating"), shared_expert="counted",
-                        fused_qkv=True),
-    # ernie4_5-moe (ERNIE-4.5-21B-A3B, -300B-A47B): llama's blocks with a leading dense one,
-    # MoE every interleave_moe_layer_step-th block after it, a selection bias, an ungated
-    # shared expert, an attn_output bias where the file has one
-    "ernie4_5-moe": Arch(moe=True, shared_expert="sized"),
-    # deepseek2 (DeepSeek-V2, -V2-Lite, -V3): MLA attention, leading dense blocks, ungated
-    # shared experts, the routing from the file (softmax by default)
-    "deepseek2": Arch(moe=True, mla=True, routing_keys=("norm", "scale", "gating"),
-                      shared_expert="counted"),
-    # smallthinker (SmallThinker-21B-A3B, -4B-A0.6B): the router reads the block's input,
-    # ReLU-gated experts, the gating from the file; with a window, 3 of 4 layers windowed
-    # (4096 tokens) and the others without RoPE
-    "smallthinker": Arch(rope=ggml.ROPE_NEOX, moe=True, routing_keys=("gating",), ffn_act="reglu",
-                         router_first=True, swa_pattern=4, swa_dense_first=True, swa_window=4096,
-                         nope_unwindowed=True),
-}
-if tuple(ARCHS) != SUPPORTED_ARCHS:
-    raise ImportError("compute/engine/weights.py: ARCHS must list loader/gguf_file.py's "
-                      "SUPPORTED_ARCHS, in its order")
+from .archs import ARCHS
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """Hyper-parameters of a model, dense (n_expert = 0) or MoE, with the few switches by
     which the supported architectures differ (see Arch)."""
+
     arch: str
     n_vocab: int
-    n_embd: int          # D
+    n_embd: int  # D
     n_layer: int
     n_head: int
     n_head_kv: int
     head_dim: int
-    n_ff: int            # F, per expert for a MoE
+    n_ff: int  # F, per expert for a MoE
     n_ctx_train: int
     rope_base: float
     rope_dim: int
     rms_eps: float
-    n_expert: int = 0    # E
+    n_expert: int = 0  # E
     n_expert_used: int = 0  # K (top-k)
     rope_type: int = ggml.ROPE_NORMAL
-    rope_attn_factor: float = 1.0   # scales RoPE's cos/sin (LongRoPE's attention factor)
-    n_ctx_orig: int = 0             # context the model was pre-trained for (LongRoPE picks
-                                    # its short factors up to it); 0: n_ctx_train
-    qk_norm: str = ""               # "", "head" or "full" (Arch.qk_norm)
-    scale_q_first: bool = False     # Arch.scale_q_first
-    norm_weights: bool = True       # renormalise the top-K routing weights
-    n_ff_shexp: int = 0             # F of the shared expert; 0: none
-    gating: str = "softmax"         # Arch.gating
-    weights_scale: float = 0.0      # the top-K weights times this (glm4moe); 0: none
-    n_expert_groups: int = 0        # experts in this many groups, chosen within the best
-    n_group_used: int = 0           # n_group_used of them (bailingmoe2); 0: no groups
-    moe_layers: tuple = ()          # the blocks with routed experts, in order (all of them
-                                    # but the leading dense ones); MoE layer m is block
-                                    # moe_layers[m], and hobbitd numbers layers by m
-    ffn_act: str = "swiglu"         # Arch.ffn_act
-    ffn_norm: str = "ffn_norm"      # Arch.ffn_norm
+    rope_attn_factor: float = 1.0  # scales RoPE's cos/sin (LongRoPE's attention factor)
+    n_ctx_orig: int = 0  # context the model was pre-trained for (LongRoPE picks
+    # its short factors up to it); 0: n_ctx_train
+    qk_norm: str = ""  # "", "head" or "full" (Arch.qk_norm)
+    scale_q_first: bool = False  # Arch.scale_q_first
+    norm_weights: bool = True  # renormalise the top-K routing weights
+    n_ff_shexp: int = 0  # F of the shared expert; 0: none
+    gating: str = "softmax"  # Arch.gating
+    weights_scale: float = 0.0  # the top-K weights times this (glm4moe); 0: none
+    n_expert_groups: int = 0  # experts in this many groups, chosen within the best
+    n_group_used: int = 0  # n_group_used of them (bailingmoe2); 0: no groups
+    moe_layers: tuple = ()  # the blocks with routed experts, in order (all of them
+    # but the leading dense ones); MoE layer m is block
+    # moe_layers[m], and hobbitd numbers layers by m
+    ffn_act: str = "swiglu"  # Arch.ffn_act
+    ffn_norm: str = "ffn_norm"  # Arch.ffn_norm
     # RoPE scaling as llama.cpp's rope_ext takes it (YaRN: freq_scale 1/factor, ext_factor 1)
     rope_freq_scale: float = 1.0
     rope_ext_factor: float = 0.0
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
-    rope_base_swa: float = 0.0      # RoPE base of the sliding-window layers; 0: rope_base
-    n_swa: int = 0                  # sliding window in tokens (a query sees n_swa positions,
-                                    # its own included); 0: none
-    swa_layers: tuple = ()          # per layer: True where attention is windowed
-    rope_layers: tuple = ()         # per layer: False where queries and keys get no RoPE;
-                                    # (): every layer has it
-    router_first: bool = False      # Arch.router_first
+    rope_base_swa: float = 0.0  # RoPE base of the sliding-window layers; 0: rope_base
+    n_swa: int = 0  # sliding window in tokens (a query sees n_swa positions,
+    # its own included); 0: none
+    swa_layers: tuple = ()  # per layer: True where attention is windowed
+    rope_layers: tuple = ()  # per layer: False where queries and keys get no RoPE;
+    # (): every layer has it
+    router_first: bool = False  # Arch.router_first
     # MLA (Arch.mla): the latent's width R, and a head's query/key and value widths
     # (head_dim is then R + rope_dim, the cached width, and n_head_kv 1); 0: not MLA
     kv_lora_rank: int = 0
     mla_head_k: int = 0
     mla_head_v: int = 0
     # Granite's multipliers (Arch.multipliers); 0: none (attention: 1/sqrt(Dh))
-    embedding_scale: float = 0.0    # the token embeddings times this
-    residual_scale: float = 0.0     # each attention and FFN output times this before the add
-    attention_scale: float = 0.0    # the attention logits' scale
-    logit_scale: float = 0.0        # the output logits divided by this
+    embedding_scale: float = 0.0  # the token embeddings times this
+    residual_scale: float = 0.0  # each attention and FFN output times this before the add
+    attention_scale: float = 0.0  # the attention logits' scale
+    logit_scale: float = 0.0  # the output logits divided by this
 
     @property
     def is_moe(self) -> bool:
@@ -199,8 +92,14 @@ class ModelArgs:
 
     @property
     def routing(self) -> Routing:
-        return Routing(self.n_expert_used, self.norm_weights, self.gating, self.weights_scale,
-                       self.n_expert_groups, self.n_group_used)
+        return Routing(
+            self.n_expert_used,
+            self.norm_weights,
+            self.gating,
+            self.weights_scale,
+            self.n_expert_groups,
+            self.n_group_used,
+        )
 
     def is_swa(self, layer: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[layer]
@@ -211,13 +110,14 @@ class Routing:
     """How a router's logits become K experts and their weights (llama.cpp's
     build_moe_ffn with softmax, softmax-weight or sigmoid gating, its norm_w flag and
     w_scale); the graph's routing and its numpy twin (engine/moe.py) both follow it."""
-    n_used: int                 # K
-    norm_weights: bool = True   # weights / their sum (Mixtral, Qwen3) or the softmax as is
-    gating: str = "softmax"     # Arch.gating
-    scale: float = 0.0          # then times this; 0 (or 1): as they are
-    groups: int = 0             # E experts in this many groups of E / groups; a group's
-    groups_used: int = 0        # score is its top-2 sum and the K are chosen within the
-                                # best groups_used groups (DeepSeek-V3's); 0: no groups
+
+    n_used: int  # K
+    norm_weights: bool = True  # weights / their sum (Mixtral, Qwen3) or the softmax as is
+    gating: str = "softmax"  # Arch.gating
+    scale: float = 0.0  # then times this; 0 (or 1): as they are
+    groups: int = 0  # E experts in this many groups of E / groups; a group's
+    groups_used: int = 0  # score is its top-2 sum and the K are chosen within the
+    # best groups_used groups (DeepSeek-V3's); 0: no groups
 
 
 class Weights(GGUFFile):
@@ -230,7 +130,7 @@ class Weights(GGUFFile):
     def dequantized(self, name: str):
         """A small 2-D tensor as float32 (rows, cols) in numpy order (copied)."""
         info = self.tensors[name]
-        raw = self.reader.data[info.offset:info.offset + info.nbytes]
+        raw = self.reader.data[info.offset : info.offset + info.nbytes]
         n = info.shape[0] * info.shape[1]
         return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
 
@@ -251,7 +151,7 @@ class Weights(GGUFFile):
         info = self.tensors.get(name)
         if info is None:
             return np.zeros(self.args.n_expert, np.float32)
-        raw = self.reader.data[info.offset:info.offset + info.nbytes]
+        raw = self.reader.data[info.offset : info.offset + info.nbytes]
         return ggml.dequantize(info.type, raw, info.shape[0])
 
 
@@ -271,20 +171,20 @@ def _uniform(value, key: str, path: str):
     if not isinstance(value, list):
         return value
     if len(set(value)) > 1:
-        raise ModelError(f"{path}: {key} differs across layers ({min(value)}..{max(value)}), "
-                         f"which hobbit does not support")
+        raise ModelError(
+            f"{path}: {key} differs across layers ({min(value)}..{max(value)}), which hobbit does not support"
+        )
     return value[0] if value else None
 
 
-GATING_FUNCS = {1: "softmax", 2: "sigmoid"}    # llama.cpp's expert_gating_func values
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 
 
 def read_args(file: GGUFFile) -> ModelArgs:
     reader, path = file.reader, file.path
     arch = file.check_architecture()
     spec = ARCHS[arch]
-    k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw),
-                                    f"{arch}.{name}", path)
+    k = lambda name, **kw: _uniform(_field(reader, f"{arch}.{name}", path=path, **kw), f"{arch}.{name}", path)
     n_embd = int(k("embedding_length"))
     n_head = int(k("attention.head_count"))
     head_dim = int(k("attention.key_length", default=n_embd // n_head))
@@ -304,7 +204,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
     n_ff_dense = k("feed_forward_length", required=False)
     n_layer = trunk_blocks(file)
     n_swa = 0
-    if spec.swa_window:           # a window only where the file has one, of a fixed size
+    if spec.swa_window:  # a window only where the file has one, of a fixed size
         n_swa = spec.swa_window if int(k("attention.sliding_window", default=0, required=False) or 0) > 0 else 0
     elif spec.swa_pattern:
         n_swa = int(k("attention.sliding_window"))
@@ -329,8 +229,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
     if "gating" in spec.routing_keys:
         func = int(k("expert_gating_func", default=0, required=False) or 0)
         if func and func not in GATING_FUNCS:
-            raise ModelError(f"{path}: {arch}.expert_gating_func {func} is not supported "
-                             "(1: softmax, 2: sigmoid)")
+            raise ModelError(f"{path}: {arch}.expert_gating_func {func} is not supported (1: softmax, 2: sigmoid)")
         gating = GATING_FUNCS.get(func, gating)
     groups = int(k("expert_group_count", default=0, required=False) or 0)
     groups_used = int(k("expert_group_used_count", default=0, required=False) or 0)
@@ -344,9 +243,11 @@ def read_args(file: GGUFFile) -> ModelArgs:
     attention_scale = scale("attention.scale")
     if spec.mla:
         if "blk.0.attn_kv_b.weight" in file.tensors:
-            raise ModelError(f"{path}: tensor blk.0.attn_kv_b.weight: a {arch} file converted "
-                             "without MLA (attn_k_b, attn_v_b), which hobbit does not run; "
-                             "convert it again with a current llama.cpp")
+            raise ModelError(
+                f"{path}: tensor blk.0.attn_kv_b.weight: a {arch} file converted "
+                "without MLA (attn_k_b, attn_v_b), which hobbit does not run; "
+                "convert it again with a current llama.cpp"
+            )
         kv_lora_rank = int(k("attention.kv_lora_rank"))
         mla_k, mla_v = int(k("attention.key_length_mla")), int(k("attention.value_length_mla"))
         # YaRN as llama.cpp sets it up for deepseek2 (float32 throughout): the file holds
@@ -356,8 +257,11 @@ def read_args(file: GGUFFile) -> ModelArgs:
         log_mul = f32(float(k("rope.scaling.yarn_log_multiplier", default=0.0, required=False) or 0.0)) / f32(0.1)
         ln = f32(np.log(f32(1.0) / f32(freq_scale)))
         if yarn and log_mul:
-            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * f32(np.log(f32(factor)))) \
+            attn_factor = (
+                f32(1.0)
+                / (f32(1.0) + f32(0.1) * f32(np.log(f32(factor))))
                 * f32(k("rope.scaling.attn_factor", default=1.0))
+            )
         mscale = f32(attn_factor) * (f32(1.0) + f32(0.1) * ln) * (f32(1.0) + f32(0.1) * log_mul * ln)
         attention_scale = float(f32(1.0) * mscale * mscale / f32(np.sqrt(f32(mla_k))))
     qk_norm = spec.qk_norm
@@ -430,8 +334,7 @@ def swa_layers(reader, arch: str, n_layer: int, pattern: int, dense_first: bool 
     value = f.contents() if f is not None else pattern
     if isinstance(value, list):
         if len(value) != n_layer:
-            raise ModelError(f"{arch}.attention.sliding_window_pattern has {len(value)} flags "
-                             f"for {n_layer} layers")
+            raise ModelError(f"{arch}.attention.sliding_window_pattern has {len(value)} flags for {n_layer} layers")
         return tuple(bool(v) for v in value)
     n = int(value)
     if dense_first:
@@ -458,8 +361,11 @@ def _check_tensors(w: Weights) -> None:
         names = ["attn_norm.weight", "attn_output.weight", f"{a.ffn_norm}.weight"]
         if spec.mla:
             names += ["attn_kv_a_mqa.weight", "attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight"]
-            names += ["attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight"] \
-                if f"blk.{i}.attn_q_a.weight" in w.tensors else ["attn_q.weight"]
+            names += (
+                ["attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight"]
+                if f"blk.{i}.attn_q_a.weight" in w.tensors
+                else ["attn_q.weight"]
+            )
         elif spec.fused_qkv:
             names += ["attn_qkv.weight"]
         else:
@@ -467,9 +373,14 @@ def _check_tensors(w: Weights) -> None:
         if a.qk_norm:
             names += ["attn_q_norm.weight", "attn_k_norm.weight"]
         if i in moe:
-            names += ["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
-                      "ffn_down_exps.weight", *spec.layer_tensors]
-            if a.n_ff_shexp:      # (qwen2moe's gate ffn_gate_inp_shexp: its layer_tensors)
+            names += [
+                "ffn_gate_inp.weight",
+                "ffn_gate_exps.weight",
+                "ffn_up_exps.weight",
+                "ffn_down_exps.weight",
+                *spec.layer_tensors,
+            ]
+            if a.n_ff_shexp:  # (qwen2moe's gate ffn_gate_inp_shexp: its layer_tensors)
                 names += ["ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"]
         else:
             names += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
@@ -479,16 +390,23 @@ def _check_tensors(w: Weights) -> None:
             raise ModelError(f"{w.path}: tensor {name} is missing")
         t = w.tensors[name].type
         if t not in ggml.WEIGHT_TYPES:
-            raise ModelError(f"{w.path}: tensor {name} has type {ggml.type_name(t)}, "
-                             f"which hobbit does not compute on")
+            raise ModelError(f"{w.path}: tensor {name} has type {ggml.type_name(t)}, which hobbit does not compute on")
     if a.is_moe and a.moe_layers != moe_blocks(w):
-        raise ModelError(f"{w.path}: blocks {list(moe_blocks(w))} have routed experts, but "
-                         f"{a.arch}.leading_dense_block_count says blocks {list(a.moe_layers)}")
+        raise ModelError(
+            f"{w.path}: blocks {list(moe_blocks(w))} have routed experts, but "
+            f"{a.arch}.leading_dense_block_count says blocks {list(a.moe_layers)}"
+        )
     G = a.n_expert_groups
-    if G and (a.n_expert % G or not 0 < a.n_group_used <= G
-              or a.n_group_used * (a.n_expert // G) < a.n_expert_used or a.n_expert // G < 2):
-        raise ModelError(f"{w.path}: expert groups {G} (using {a.n_group_used}) do not fit "
-                         f"{a.n_expert} experts, {a.n_expert_used} used")
+    if G and (
+        a.n_expert % G
+        or not 0 < a.n_group_used <= G
+        or a.n_group_used * (a.n_expert // G) < a.n_expert_used
+        or a.n_expert // G < 2
+    ):
+        raise ModelError(
+            f"{w.path}: expert groups {G} (using {a.n_group_used}) do not fit "
+            f"{a.n_expert} experts, {a.n_expert_used} used"
+        )
     if a.is_moe and not 0 < a.n_expert_used <= a.n_expert:
         raise ModelError(f"{w.path}: expert_used_count {a.n_expert_used} is not in 1..{a.n_expert}")
     if a.n_head % a.n_head_kv:

@@ -15,6 +15,7 @@ model from calibration text, and store them next to its companion file.
 Modelled load cost = high-precision misses + low-precision misses x (low bytes / high bytes),
 in units of one high-precision expert read.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,8 @@ from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
 from ..engine.moe import Routers
 
-T1_GRID = (EVERY_MISS_LOW, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)   # 1.0: every miss in high precision
-T2_GRID = (0.6, 0.75, 0.9, 1.0)     # 1.0: never skip
+T1_GRID = (EVERY_MISS_LOW, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)  # 1.0: every miss in high precision
+T2_GRID = (0.6, 0.75, 0.9, 1.0)  # 1.0: never skip
 
 
 def routing_trace(weights, tokens, n_ctx=512):
@@ -49,7 +50,7 @@ def routing_trace(weights, tokens, n_ctx=512):
     routers = Routers(weights)
     sels, scores = [], []
     for start in range(0, len(tokens) - 1, n_ctx):
-        chunk = tokens[start:start + n_ctx]
+        chunk = tokens[start : start + n_ctx]
         model.reset()
         model.forward(chunk, all_logits=True)
         h = np.stack([model.taps[f"router_in.{il}"] for il in a.moe_layers])  # (L, T, D)
@@ -60,15 +61,25 @@ def routing_trace(weights, tokens, n_ctx=512):
     return np.concatenate(sels), np.concatenate(scores)
 
 
-def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_ratio,
-             policy="lru", weights: PolicyWeights | None = None) -> dict:
+def simulate(
+    sel,
+    scores,
+    n_expert,
+    th: Thresholds,
+    high_slots,
+    low_slots,
+    low_ratio,
+    policy="lru",
+    weights: PolicyWeights | None = None,
+) -> dict:
     """Replay a routing trace through high/low regions of the given sizes; return miss
     counts and the modelled load cost (in high-precision expert reads)."""
     n_tok, L, K = sel.shape
     pol = make_policy(policy, L, weights)
 
-    class _Fmt:          # the simulation needs slot counts only
+    class _Fmt:  # the simulation needs slot counts only
         slot_bytes = PAGE
+
     regions = {}
     if high_slots:
         regions[HIGH] = Region("sim", HIGH, _Fmt, 0, high_slots)
@@ -82,7 +93,7 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
             for k in range(K):
                 key = (il, int(sel[t, il, k]))
                 s = float(scores[t, il, k])
-                prec = decide(th, regions, key, s)    # the daemon's rule and fallback
+                prec = decide(th, regions, key, s)  # the daemon's rule and fallback
                 if prec is SKIP:
                     counts["skipped"] += 1
                     continue
@@ -90,7 +101,7 @@ def simulate(sel, scores, n_expert, th: Thresholds, high_slots, low_slots, low_r
                 load = r.lookup(key) is None
                 if load:
                     slot = r.take(key, pol)
-                    if slot is None:      # all slots in use by this layer: read and drop
+                    if slot is None:  # all slots in use by this layer: read and drop
                         counts[f"{prec}_miss"] += 1
                         continue
                     slot.state = "ready"
@@ -113,12 +124,13 @@ def run_logits(model, th, tokens, n_ctx=512):
     out = []
     for start in range(0, len(tokens) - 1, n_ctx):
         model.reset()
-        out.append(model.forward(tokens[start:start + n_ctx], all_logits=True))
+        out.append(model.forward(tokens[start : start + n_ctx], all_logits=True))
     return np.concatenate(out)
 
 
-def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25,
-              kld_bound=0.01, progress=True) -> dict:
+def calibrate(
+    weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25, kld_bound=0.01, progress=True
+) -> dict:
     from ...loader.companion import open_companion
     from ...loader.layout import gguf_experts
 
@@ -133,6 +145,7 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
         share = cache_low_share(th, low_share)
         high = 0 if share == 1.0 else max(a.n_expert, int(budget * (1 - share)) // high_src.format.slot_bytes)
         return high, max(a.n_expert, int(budget * share) // low_src.format.slot_bytes)
+
     t0 = time.perf_counter()
     sel, scores = routing_trace(weights, tokens)
     model = Model(weights, RunOptions(n_ctx=512, lookahead=0), experts=LocalExperts(weights, companion))
@@ -163,24 +176,33 @@ def calibrate(weights, companion: str, tokens, cache_fraction=0.25, low_share=0.
     lru = simulate(sel, scores, a.n_expert, th, *slots(th), ratio, "lru")
     bestw = min(policy_rows, key=lambda r: r["cost"])
     return {
-        "t1": best["t1"], "t2": best["t2"], "weights": bestw["weights"],
-        "kld": best["kld"], "kld_bound": kld_bound, "cost": bestw["cost"], "lru_cost": lru["cost"],
-        "cache_fraction": cache_fraction, "low_share": low_share, "low_ratio": ratio,
-        "tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 1),
-        "threshold_grid": rows, "companion": os.path.basename(companion),
+        "t1": best["t1"],
+        "t2": best["t2"],
+        "weights": bestw["weights"],
+        "kld": best["kld"],
+        "kld_bound": kld_bound,
+        "cost": bestw["cost"],
+        "lru_cost": lru["cost"],
+        "cache_fraction": cache_fraction,
+        "low_share": low_share,
+        "low_ratio": ratio,
+        "tokens": len(tokens),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "threshold_grid": rows,
+        "companion": os.path.basename(companion),
     }
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
-    model: str                  # a MoE GGUF, converted
-    text: str                   # calibration text (never the evaluation text)
-    tokens: int = 2048          # tokens of the text to use
-    low: str | None = None      # the companion's type; None: the one hobbitd serves
-    companion: str | None = None    # the companion file; None: found from low
-    cache: float = 0.25         # cache size as a fraction of expert bytes
-    low_share: float = 0.25     # share of the cache for low precision
-    kld: float = 0.01           # KLD bound vs all-high-precision
+    model: str  # a MoE GGUF, converted
+    text: str  # calibration text (never the evaluation text)
+    tokens: int = 2048  # tokens of the text to use
+    low: str | None = None  # the companion's type; None: the one hobbitd serves
+    companion: str | None = None  # the companion file; None: found from low
+    cache: float = 0.25  # cache size as a fraction of expert bytes
+    low_share: float = 0.25  # share of the cache for low precision
+    kld: float = 0.01  # KLD bound vs all-high-precision
     progress: bool = True
 
 
@@ -202,13 +224,14 @@ def calibrate_model(opts: CalibrateOptions) -> tuple[dict, str]:
     high = gguf_experts(weights)
     if opts.companion or opts.low:
         companion = opts.companion or companion_path(weights.path, ggml.TYPES_BY_NAME[opts.low.upper()])
-    else:      # the one hobbitd would serve (low_type "auto")
-        companion = made_companion(weights.path, high.format) or \
-            companion_path(weights.path, auto_low_type(high.format, opts.model))
+    else:  # the one hobbitd would serve (low_type "auto")
+        companion = made_companion(weights.path, high.format) or companion_path(
+            weights.path, auto_low_type(high.format, opts.model)
+        )
     if not os.path.exists(companion):
         raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {opts.model} first")
     with open(opts.text, encoding="utf-8", errors="replace") as f:
-        tokens = Tokenizer(opts.model).encode(f.read())[:opts.tokens]
+        tokens = Tokenizer(opts.model).encode(f.read())[: opts.tokens]
     if len(tokens) < 64:
         raise HobbitError(f"{opts.text}: only {len(tokens)} tokens; calibration needs at least 64")
     r = calibrate(weights, companion, tokens, opts.cache, opts.low_share, opts.kld, progress=opts.progress)

@@ -2,6 +2,7 @@
 defines the format and reads it). Each expert is dequantised and re-quantised through
 libggml, laid out as in a cache slot, and checksummed; the file is written to a temp name,
 synced, then renamed, so a crash leaves no half-written companion."""
+
 from __future__ import annotations
 
 import os
@@ -18,30 +19,38 @@ from ..engine.ggml import lib
 from ..progress import progress_bar
 
 
-def convert(weights, low_type: int, out: str | None = None, progress: bool = True,
-            threads: int | None = None) -> str:
+def convert(weights, low_type: int, out: str | None = None, progress: bool = True, threads: int | None = None) -> str:
     """Write the companion file of `weights` (an open MoE GGUF) in `low_type`; return its
     path. threads: experts converted at once (None: every physical core)."""
     if low_type not in ggml.WEIGHT_TYPES or low_type in (ggml.F32, ggml.F16, ggml.BF16):
-        raise InputError(f"cannot convert experts to {ggml.type_name(low_type)}: not a quantised "
-                         "type hobbit computes on (try Q4_0, Q4_K, Q3_K, Q2_K)")
+        raise InputError(
+            f"cannot convert experts to {ggml.type_name(low_type)}: not a quantised "
+            "type hobbit computes on (try Q4_0, Q4_K, Q3_K, Q2_K)"
+        )
     if lib.ggml_quantize_requires_imatrix(low_type):
-        raise InputError(f"cannot convert experts to {ggml.type_name(low_type)}: it needs an "
-                         "importance matrix (try Q4_0, Q4_K, Q3_K, Q2_K)")
+        raise InputError(
+            f"cannot convert experts to {ggml.type_name(low_type)}: it needs an "
+            "importance matrix (try Q4_0, Q4_K, Q3_K, Q2_K)"
+        )
     high = gguf_experts(weights)
     fmt = low_format(high.format, low_type)
     out = out or companion_path(weights.path, low_type)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     n_layer, n_exp = high.n_layer, high.n_expert
     crcs = [[0] * n_exp for _ in range(n_layer)]
-    header = {"source": source_identity(weights), "source_name": os.path.basename(weights.path),
-              "low_type": low_type, "n_layer": n_layer, "n_expert": n_exp,
-              "format": fmt.to_wire(), "crc32": crcs}
+    header = {
+        "source": source_identity(weights),
+        "source_name": os.path.basename(weights.path),
+        "low_type": low_type,
+        "n_layer": n_layer,
+        "n_expert": n_exp,
+        "format": fmt.to_wire(),
+        "crc32": crcs,
+    }
     data_offset = data_offset_for(header)
     tmp = f"{out}.tmp-{os.getpid()}"
     mm = weights.reader.data
-    bar = progress_bar(high.total_bytes, f"convert to {ggml.type_name(low_type)}",
-                       enabled=progress, unit="B")
+    bar = progress_bar(high.total_bytes, f"convert to {ggml.type_name(low_type)}", enabled=progress, unit="B")
 
     def one(key: tuple[int, int]) -> np.ndarray:
         """Expert (il, e) laid out as its slot: ggml's (de)quantisers run outside the GIL,
@@ -49,24 +58,24 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
         il, e = key
         slot = np.zeros(fmt.slot_bytes, np.uint8)
         for p, (off, n) in enumerate(high.ranges(il, e)):
-            if p < len(PARTS):      # a weight matrix: re-quantised
+            if p < len(PARTS):  # a weight matrix: re-quantised
                 shape = high.format.shapes[p]
-                x = ggml.dequantize(high.format.types(il)[p], mm[off:off + n], shape[0] * shape[1])
+                x = ggml.dequantize(high.format.types(il)[p], mm[off : off + n], shape[0] * shape[1])
                 q = ggml.quantize(low_type, x, shape[0])
-            else:                   # an expert bias: copied, F32
-                q = mm[off:off + n]
-            slot[fmt.part_offsets[p]:fmt.part_offsets[p] + q.size] = q
+            else:  # an expert bias: copied, F32
+                q = mm[off : off + n]
+            slot[fmt.part_offsets[p] : fmt.part_offsets[p] + q.size] = q
         return slot
 
     keys = [(il, e) for il in range(n_layer) for e in range(n_exp)]
     threads = threads or ggml.physical_cores()
-    window = 4 * threads            # experts converted ahead of the writer, at most
+    window = 4 * threads  # experts converted ahead of the writer, at most
     try:
         with open(tmp, "wb") as f, ThreadPoolExecutor(threads) as pool:
             f.truncate(data_offset + n_layer * n_exp * fmt.slot_bytes)
             f.seek(data_offset)
             for start in range(0, len(keys), window):
-                batch = keys[start:start + window]
+                batch = keys[start : start + window]
                 for (il, e), slot in zip(batch, pool.map(one, batch)):
                     crcs[il][e] = zlib.crc32(slot)
                     f.write(slot.tobytes())

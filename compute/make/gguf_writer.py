@@ -7,6 +7,7 @@ tensor's bytes as `pieces(tensor)` yields them, laid out as GGUFWriter.write_ten
 lays them (aligned start, each tensor padded to the alignment), and closes it. A tensor
 whose bytes are not the size its entry says is a ModelError.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..progress import progress_bar
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of the table: name, ggml type, shape ne (ggml order), size in bytes."""
+
     name: str
     type: int
     ne: tuple
@@ -38,8 +40,7 @@ def copied_fields(reader, keep) -> list:
     return out
 
 
-def write_gguf(writer, tensors: list, pieces, bar: str = "", progress: bool = False,
-               what: str = "gguf") -> None:
+def write_gguf(writer, tensors: list, pieces, bar: str = "", progress: bool = False, what: str = "gguf") -> None:
     """Write the table of `tensors` (TensorEntry) and their data, pieces(entry) yielding
     each one's bytes (numpy arrays) in order; a bar titled `bar` counts the bytes."""
     import gguf
@@ -47,8 +48,9 @@ def write_gguf(writer, tensors: list, pieces, bar: str = "", progress: bool = Fa
     try:
         for t in tensors:
             # shape in numpy order; a dtype other than uint8 with raw_dtype means "in elements"
-            writer.add_tensor_info(t.name, t.ne[::-1], np.dtype(np.float32), t.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType(t.type))
+            writer.add_tensor_info(
+                t.name, t.ne[::-1], np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType(t.type)
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

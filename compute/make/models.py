@@ -2,6 +2,7 @@
 `list_models()` lists them and `served_models(socket)` what a running hobbitd serves
 (`hobbit-cli models`); `prepare(opts)` builds the default MoE (or a variant) with moefy
 (make/moefy.py) (`hobbit-cli prepare`)."""
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,16 @@ def describe(path: str) -> dict:
     from ..engine.weights import open_model
 
     w = open_model(path)
-    info = {"path": path, "bytes": os.path.getsize(path), "experts": w.args.n_expert,
-            "top_k": w.args.n_expert_used, "name": w.field("general.name")}
+    info = {
+        "path": path,
+        "bytes": os.path.getsize(path),
+        "experts": w.args.n_expert,
+        "top_k": w.args.n_expert_used,
+        "name": w.field("general.name"),
+    }
     for key in w.reader.fields:
         if key.startswith("hobbit.moefy."):
-            info[key[len("hobbit.moefy."):]] = w.field(key)
+            info[key[len("hobbit.moefy.") :]] = w.field(key)
     return info
 
 
@@ -34,7 +40,7 @@ def list_models() -> list[dict]:
     out = []
     for name in sorted(os.listdir(d)):
         split = split_name(name)
-        if name.endswith(".gguf") and not (split and split.no > 1):   # a split model: its first part
+        if name.endswith(".gguf") and not (split and split.no > 1):  # a split model: its first part
             try:
                 out.append(describe(os.path.join(d, name)))
             except ModelError as e:
@@ -56,24 +62,25 @@ def served_models(socket: str) -> dict | None:
         st = client.stats()
     finally:
         client.close()
-    served = {name: {"path": ms.get("path"), "mode": ms.get("hobbit", {}).get("mode"),
-                     "holds_all": ms.get("holds_all")} for name, ms in st.get("models", {}).items()}
-    return {"served": served, "model_dirs": st.get("model_dirs", []),
-            "can_open": st.get("can_open", [])}
+    served = {
+        name: {"path": ms.get("path"), "mode": ms.get("hobbit", {}).get("mode"), "holds_all": ms.get("holds_all")}
+        for name, ms in st.get("models", {}).items()
+    }
+    return {"served": served, "model_dirs": st.get("model_dirs", []), "can_open": st.get("can_open", [])}
 
 
 @dataclass(frozen=True)
 class PrepareOptions:
     moefy: MoefyOptions = MoefyOptions()
-    source: str | None = None    # the dense llama GGUF to split; None: SmolLM2-135M-Instruct
-    out: str | None = None       # where to write a variant; None: the models folder
-    force: bool = False          # rebuild a variant that exists
+    source: str | None = None  # the dense llama GGUF to split; None: SmolLM2-135M-Instruct
+    out: str | None = None  # where to write a variant; None: the models folder
+    force: bool = False  # rebuild a variant that exists
     progress: bool = True
 
 
 class Prepared(NamedTuple):
     path: str
-    built: bool                  # False: the variant was prepared already
+    built: bool  # False: the variant was prepared already
 
 
 def prepare(opts: PrepareOptions) -> Prepared:

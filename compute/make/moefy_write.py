@@ -1,6 +1,7 @@
 """Writing moefy's MoE GGUF (make/moefy.py's "Tensors" paragraph tells the layout): the
 dense file's tensors and metadata copied, each layer's FFN replaced by its experts and
 router, the recipe recorded under hobbit.moefy.*."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,6 @@ from .moefy_split import LayerPlan
 from .recipe import MoefyOptions
 
 
-
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -27,8 +27,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-_SCALES = {ggml.TYPES_BY_NAME[n]: k for n, k in (("Q4_0", 1), ("Q8_0", 1), ("Q5_0", 1),
-                                                  ("Q4_1", 2), ("Q5_1", 2))}
+_SCALES = {ggml.TYPES_BY_NAME[n]: k for n, k in (("Q4_0", 1), ("Q8_0", 1), ("Q5_0", 1), ("Q4_1", 2), ("Q5_1", 2))}
 
 
 def _copy_blocks(raw, t: int, D: int, F: int, groups, K: int) -> np.ndarray:
@@ -40,15 +39,16 @@ def _copy_blocks(raw, t: int, D: int, F: int, groups, K: int) -> np.ndarray:
     blocks = np.asarray(raw).reshape(D, F // bs, ggml.type_size(t))
     out = []
     for g in groups:
-        b = blocks[:, g[::bs] // bs].copy()                                  # (D, Fe/bs, bytes)
-        head = b[:, :, :2 * _SCALES[t]].copy().view(np.float16)
-        b[:, :, :2 * _SCALES[t]] = (head.astype(np.float32) * K).astype(np.float16).view(np.uint8)
+        b = blocks[:, g[::bs] // bs].copy()  # (D, Fe/bs, bytes)
+        head = b[:, :, : 2 * _SCALES[t]].copy().view(np.float16)
+        b[:, :, : 2 * _SCALES[t]] = (head.astype(np.float32) * K).astype(np.float16).view(np.uint8)
         out.append(b.reshape(-1))
     return np.concatenate(out)
 
 
-def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: MoefyOptions,
-              recipe: str, progress: bool) -> None:
+def write_moe(
+    path: str, source: str, weights, plans: list[LayerPlan], opts: MoefyOptions, recipe: str, progress: bool
+) -> None:
     """Write the MoE of the dense `weights` (opened from `source`) split by `plans` to
     path, as recipe version `recipe` with opts."""
     a = weights.args
@@ -60,7 +60,7 @@ def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: Moe
     mm = weights.reader.data
 
     # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
-    table = []            # (TensorEntry, producer)
+    table = []  # (TensorEntry, producer)
     done = set()
     for name, info in weights.tensors.items():
         parts = name.split(".")
@@ -72,12 +72,18 @@ def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: Moe
             p = f"blk.{il}."
             table += [
                 (TensorEntry(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 4 * D * E), ("router", il)),
-                (TensorEntry(p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
-                 ("rows", il, "gate")),
-                (TensorEntry(p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
-                 ("rows", il, "up")),
-                (TensorEntry(p + "ffn_down_exps.weight", down_t, (Fe, D, E),
-                             ggml.row_size(down_t, Fe) * D * E), ("down", il)),
+                (
+                    TensorEntry(p + "ffn_gate_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
+                    ("rows", il, "gate"),
+                ),
+                (
+                    TensorEntry(p + "ffn_up_exps.weight", exp_t, (D, Fe, E), ggml.row_size(exp_t, D) * F),
+                    ("rows", il, "up"),
+                ),
+                (
+                    TensorEntry(p + "ffn_down_exps.weight", down_t, (Fe, D, E), ggml.row_size(down_t, Fe) * D * E),
+                    ("down", il),
+                ),
             ]
         else:
             table.append((TensorEntry(name, info.type, info.shape, info.nbytes), ("copy", name)))
@@ -86,32 +92,30 @@ def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: Moe
         kind = how[0]
         if kind == "copy":
             t = weights.tensors[how[1]]
-            return mm[t.offset:t.offset + t.nbytes]
+            return mm[t.offset : t.offset + t.nbytes]
         plan = plans[how[1]]
         if kind == "router":
-            return (np.float32(opts.temperature) * plan.router).astype(np.float32)   # (E, D)
-        if kind == "rows":     # a neuron is a row of gate/up: its bytes, or re-quantised
+            return (np.float32(opts.temperature) * plan.router).astype(np.float32)  # (E, D)
+        if kind == "rows":  # a neuron is a row of gate/up: its bytes, or re-quantised
             t = weights.tensors[f"blk.{how[1]}.ffn_{how[2]}.weight"]
-            rows = mm[t.offset:t.offset + t.nbytes].reshape(F, -1)
+            rows = mm[t.offset : t.offset + t.nbytes].reshape(F, -1)
             if t.type != exp_t:
                 rows = ggml.dequantize(t.type, rows, F * D).reshape(F, D)
             rows = np.concatenate([rows[g] for g in plan.groups])
-            return rows if t.type == exp_t else ggml.quantize(exp_t, rows, D)          # (E*Fe, bytes)
+            return rows if t.type == exp_t else ggml.quantize(exp_t, rows, D)  # (E*Fe, bytes)
         # down: a neuron is a column; gather, scale by K, re-quantise expert by expert
         t = weights.tensors[f"blk.{how[1]}.ffn_down.weight"]
         if t.type == down_t and plan.down is None and opts.unit % ggml.block_size(t.type) == 0:
-            return _copy_blocks(mm[t.offset:t.offset + t.nbytes], t.type, D, F, plan.groups, K)
+            return _copy_blocks(mm[t.offset : t.offset + t.nbytes], t.type, D, F, plan.groups, K)
         down = plan.down
         if down is None:
-            down = ggml.dequantize(t.type, mm[t.offset:t.offset + t.nbytes], D * F).reshape(D, F)
-        return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe)
-                               for g in plan.groups])
+            down = ggml.dequantize(t.type, mm[t.offset : t.offset + t.nbytes], D * F).reshape(D, F)
+        return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe) for g in plan.groups])
 
     src_name = os.path.basename(source)
     w = gguf.GGUFWriter(path, "llama")
     try:
-        copied = copied_fields(weights.reader,
-                               lambda k: not k.startswith("GGUF.") and k != "general.architecture")
+        copied = copied_fields(weights.reader, lambda k: not k.startswith("GGUF.") and k != "general.architecture")
         for key, value, vtype, sub in copied:
             if key == "general.name":
                 value = f"{value} MoE {E}x{Fe} top-{K} (hobbit moefy {recipe})"
@@ -120,8 +124,12 @@ def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: Moe
             w.add_key_value(key, value, vtype, sub)
         w.add_expert_count(E)
         w.add_expert_used_count(K)
-        meta = {"recipe": recipe, "source": src_name, "source_sha256": _sha256(source),
-                **{k: v for k, v in asdict(opts).items()}}
+        meta = {
+            "recipe": recipe,
+            "source": src_name,
+            "source_sha256": _sha256(source),
+            **{k: v for k, v in asdict(opts).items()},
+        }
         for k, v in meta.items():
             key = f"hobbit.moefy.{k}"
             if isinstance(v, str):
@@ -134,5 +142,6 @@ def write_moe(path: str, source: str, weights, plans: list[LayerPlan], opts: Moe
         w.close()
         raise
     how = {entry.name: h for entry, h in table}
-    write_gguf(w, [entry for entry, _ in table], lambda entry: [produce(how[entry.name])],
-               "moefy: write", progress, "moefy")
+    write_gguf(
+        w, [entry for entry, _ in table], lambda entry: [produce(how[entry.name])], "moefy: write", progress, "moefy"
+    )

@@ -13,6 +13,7 @@ with each file's size and LFS sha256, and its `http_get` fetches /resolve/{commi
   .pull) only once every part is verified.
 Library errors are HobbitErrors of one line; the CLI (apps/pull_cli.py) prints them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,58 +30,62 @@ from ...hobbitd.config import models_dir
 from ...protocol.errors import HobbitError, InputError, ModelError
 from ..progress import progress_bar
 
-STAGING = ".pull"           # inside the models folder: partial downloads, kept for resuming
-READ_CHUNK = 1 << 23        # bytes per read when hashing
+STAGING = ".pull"  # inside the models folder: partial downloads, kept for resuming
+READ_CHUNK = 1 << 23  # bytes per read when hashing
 
 # llama.cpp's gguf-split names: NAME-00001-of-00003.gguf
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 # A quant label as llama.cpp's quantizer and the Hub's uploaders write it in file names:
 # Q4_K_M, IQ2_XXS, Q8_0, TQ1_0, MXFP4, BF16, F16 ..., unsloth's dynamic ones as UD-Q4_K_XL.
-QUANT_RE = re.compile(r"(?<![A-Za-z0-9])((?:UD-)?(?:I?Q\d+(?:_[A-Z0-9]+)*|TQ\d_\d|MXFP4(?:_MOE)?"
-                      r"|BF16|FP16|F16|F32|FP8))(?![A-Za-z0-9])", re.IGNORECASE)
+QUANT_RE = re.compile(
+    r"(?<![A-Za-z0-9])((?:UD-)?(?:I?Q\d+(?:_[A-Z0-9]+)*|TQ\d_\d|MXFP4(?:_MOE)?"
+    r"|BF16|FP16|F16|F32|FP8))(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class PullError(HobbitError):
     """The Hub cannot be reached or answers with an error, the disk refuses the bytes."""
+
     code = "pull_failed"
 
 
 @dataclass(frozen=True)
 class PullOptions:
-    repo: str                     # Hub model repo id, owner/name
-    quant: str | None = None      # Q4_K_M ... (any case); None: the repo's only GGUF model
-    file: str | None = None       # one exact file of the repo (a split one: all its parts)
-    revision: str | None = None   # branch, tag or commit; None: the default branch
-    progress: bool = True         # tqdm bars on a terminal's stderr
+    repo: str  # Hub model repo id, owner/name
+    quant: str | None = None  # Q4_K_M ... (any case); None: the repo's only GGUF model
+    file: str | None = None  # one exact file of the repo (a split one: all its parts)
+    revision: str | None = None  # branch, tag or commit; None: the default branch
+    progress: bool = True  # tqdm bars on a terminal's stderr
 
 
 class RemoteFile(NamedTuple):
-    path: str                     # in the repo, folders included
-    size: int | None              # bytes; None when the Hub's listing does not say
-    sha256: str | None            # the LFS object's sha256; None for a plain git file
+    path: str  # in the repo, folders included
+    size: int | None  # bytes; None when the Hub's listing does not say
+    sha256: str | None  # the LFS object's sha256; None for a plain git file
 
 
 class SplitName(NamedTuple):
-    stem: str                     # the name before -0000N-of-0000M.gguf
-    no: int                       # 1-based part number
+    stem: str  # the name before -0000N-of-0000M.gguf
+    no: int  # 1-based part number
     count: int
 
 
 class RemoteModel(NamedTuple):
     parts: tuple[RemoteFile, ...]  # in part order; one file when not split
-    quant: str | None              # its quant label (QUANT_RE), None if its name has none
+    quant: str | None  # its quant label (QUANT_RE), None if its name has none
 
 
 @dataclass(frozen=True)
 class Pulled:
-    path: str                     # the first part in the models folder: what chat, generate
-                                  # and hobbitd open
-    files: tuple[str, ...]        # every part, in order
+    path: str  # the first part in the models folder: what chat, generate
+    # and hobbitd open
+    files: tuple[str, ...]  # every part, in order
     total_bytes: int
-    fetched_bytes: int            # downloaded by this pull (0: all parts were there already)
-    commit: str                   # the repo commit the files are from
+    fetched_bytes: int  # downloaded by this pull (0: all parts were there already)
+    commit: str  # the repo commit the files are from
 
 
 def split_name(path: str) -> SplitName | None:
@@ -94,8 +99,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     ref = re.sub(r"^(?:https?://)?(?:hf\.co|huggingface\.co)/", "", ref.strip())
     repo, _, quant = ref.partition(":")
     if not REPO_RE.match(repo):
-        raise InputError(f"{ref!r}: not a Hub model repo id (owner/name, e.g. "
-                         "unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M)")
+        raise InputError(f"{ref!r}: not a Hub model repo id (owner/name, e.g. unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M)")
     return repo, quant or None
 
 
@@ -123,7 +127,7 @@ def gguf_models(files: list[RemoteFile]) -> list[RemoteModel]:
         groups.setdefault(key, []).append(f)
     models = []
     for parts in groups.values():
-        parts.sort(key=lambda f: f.path)        # part numbers are zero-padded
+        parts.sort(key=lambda f: f.path)  # part numbers are zero-padded
         models.append(RemoteModel(tuple(parts), quant_label(parts[0].path)))
     return sorted(models, key=lambda m: m.parts[0].path)
 
@@ -150,25 +154,24 @@ def choose(repo: str, files: list[RemoteFile], quant: str | None, file: str | No
         raise InputError(f"{repo} has no GGUF model file")
     elif quant is None:
         if len(models) > 1:
-            raise InputError(f"{repo} has {len(models)} GGUF models; name a quant as "
-                             f"{repo}:QUANT, one of: {_quants(models)}")
+            raise InputError(
+                f"{repo} has {len(models)} GGUF models; name a quant as {repo}:QUANT, one of: {_quants(models)}"
+            )
         model = models[0]
     else:
         fits = [m for m in models if m.quant and m.quant.upper() == quant.upper()]
-        if not fits:    # a quant inside a longer label or a folder's name: Q4_K_XL in UD-Q4_K_XL/
+        if not fits:  # a quant inside a longer label or a folder's name: Q4_K_XL in UD-Q4_K_XL/
             token = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(quant)}(?![A-Za-z0-9_])", re.I)
             fits = [m for m in models if token.search(m.parts[0].path)]
         if not fits:
             raise InputError(f"{repo} has no {quant} GGUF; quants there: {_quants(models)}")
         if len(fits) > 1:
-            raise InputError(f"{repo}:{quant} fits {len(fits)} models ({_names(fits)}); "
-                             "pick one with --file")
+            raise InputError(f"{repo}:{quant} fits {len(fits)} models ({_names(fits)}); pick one with --file")
         model = fits[0]
     split = split_name(model.parts[0].path)
     if split and [split_name(p.path).no for p in model.parts] != list(range(1, split.count + 1)):
         have = ", ".join(str(split_name(p.path).no) for p in model.parts)
-        raise InputError(f"{repo}: {model.parts[0].path} is split in {split.count} parts but "
-                         f"the repo has parts {have}")
+        raise InputError(f"{repo}: {model.parts[0].path} is split in {split.count} parts but the repo has parts {have}")
     return model
 
 
@@ -177,6 +180,7 @@ def _names(models: list[RemoteModel]) -> str:
 
 
 # ---- fetching ------------------------------------------------------------------------------
+
 
 def pull(opts: PullOptions) -> Pulled:
     """Download the model `opts` names into models_dir() (see the module docstring). A part
@@ -187,9 +191,11 @@ def pull(opts: PullOptions) -> Pulled:
 
     try:
         info = HfApi().model_info(opts.repo, revision=opts.revision, files_metadata=True)
-        commit = info.sha or opts.revision or "main"     # every part from the same commit
-        files = [RemoteFile(s.rfilename, s.lfs.size if s.lfs else s.size,
-                            s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+        commit = info.sha or opts.revision or "main"  # every part from the same commit
+        files = [
+            RemoteFile(s.rfilename, s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else None)
+            for s in info.siblings or []
+        ]
         model = choose(opts.repo, files, opts.quant, opts.file)
         urls = [hf_hub_url(opts.repo, p.path, revision=commit) for p in model.parts]
         parts = [_with_metadata(p, url) for p, url in zip(model.parts, urls)]
@@ -208,16 +214,15 @@ def _with_metadata(part: RemoteFile, url: str) -> RemoteFile:
 
         meta = get_hf_file_metadata(url)
         etag = meta.etag if meta.etag and SHA256_RE.fullmatch(meta.etag) else None
-        part = RemoteFile(part.path, part.size if part.size is not None else meta.size,
-                          part.sha256 or etag)
+        part = RemoteFile(part.path, part.size if part.size is not None else meta.size, part.sha256 or etag)
     if part.size is None or part.sha256 is None or not SHA256_RE.fullmatch(part.sha256):
-        raise PullError(f"{part.path}: the Hub gives no sha256 or no size for it (not an LFS "
-                        "file?), so it cannot be verified")
+        raise PullError(
+            f"{part.path}: the Hub gives no sha256 or no size for it (not an LFS file?), so it cannot be verified"
+        )
     return part
 
 
-def _fetch_model(opts: PullOptions, parts: list[tuple[RemoteFile, str]], commit: str,
-                 folder: str) -> Pulled:
+def _fetch_model(opts: PullOptions, parts: list[tuple[RemoteFile, str]], commit: str, folder: str) -> Pulled:
     """Fetch and verify each (part, url) not in `folder` yet, then rename them all into it."""
     staging = os.path.join(folder, STAGING)
     dests = [os.path.join(folder, os.path.basename(p.path)) for p, _ in parts]
@@ -230,16 +235,18 @@ def _fetch_model(opts: PullOptions, parts: list[tuple[RemoteFile, str]], commit:
         raise PullError(f"{folder}: {size_text(missing)} more needed, {size_text(free)} free")
     os.makedirs(staging, exist_ok=True)
     fetched = 0
-    with ExitStack() as stack:     # every part stays locked until all are in place
+    with ExitStack() as stack:  # every part stays locked until all are in place
         handles = [stack.enter_context(_Locked(s, p.path)) for (p, _, _), s in zip(todo, staged)]
         for (p, url, _), s, f in zip(todo, staged, handles):
             fetched += _fetch(url, p, f, opts.progress)
             got = _sha256(s, p.size, os.path.basename(p.path), opts.progress)
-            if got != p.sha256:    # verified parts before it stay staged for the next pull
+            if got != p.sha256:  # verified parts before it stay staged for the next pull
                 _remove(s)
                 _remove_empty(staging)
-                raise ModelError(f"{opts.repo}/{p.path}: sha256 {got[:16]}… is not the Hub's "
-                                 f"{p.sha256[:16]}… (the download is removed; pull again)")
+                raise ModelError(
+                    f"{opts.repo}/{p.path}: sha256 {got[:16]}… is not the Hub's "
+                    f"{p.sha256[:16]}… (the download is removed; pull again)"
+                )
         for (_, _, dest), s in zip(todo, staged):
             os.replace(s, dest)
     _sync_dir(folder)
@@ -254,8 +261,10 @@ def _already_there(part: RemoteFile, dest: str) -> bool:
         return False
     if os.path.getsize(dest) == part.size:
         return True
-    raise PullError(f"{dest}: exists and is not {part.path} ({os.path.getsize(dest)} bytes, "
-                    f"the Hub's has {part.size}); move it away first")
+    raise PullError(
+        f"{dest}: exists and is not {part.path} ({os.path.getsize(dest)} bytes, "
+        f"the Hub's has {part.size}); move it away first"
+    )
 
 
 class _Locked:
@@ -270,8 +279,7 @@ class _Locked:
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.close()
-            raise PullError(f"{self.name}: another hobbit-cli pull is downloading it "
-                            f"(into {self.path})") from None
+            raise PullError(f"{self.name}: another hobbit-cli pull is downloading it (into {self.path})") from None
         return self.f
 
     def __exit__(self, *exc):
@@ -284,18 +292,24 @@ def _fetch(url: str, part: RemoteFile, f, progress: bool) -> int:
     from huggingface_hub.utils import build_hf_headers
     from huggingface_hub.utils.tqdm import silent_tqdm
 
-    have = f.tell()            # opened for appending: at the end
-    if have > part.size:       # not a prefix of this part: start again
+    have = f.tell()  # opened for appending: at the end
+    if have > part.size:  # not a prefix of this part: start again
         f.seek(0)
         f.truncate()
         have = 0
     if have == part.size:
         return 0
-    http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=part.size,
-             displayed_filename=os.path.basename(part.path),
-             tqdm_class=None if progress else silent_tqdm)
+    http_get(
+        url,
+        f,
+        resume_size=have,
+        headers=build_hf_headers(),
+        expected_size=part.size,
+        displayed_filename=os.path.basename(part.path),
+        tqdm_class=None if progress else silent_tqdm,
+    )
     f.flush()
-    os.fsync(f.fileno())       # verified bytes are renamed into place: they must be on disk
+    os.fsync(f.fileno())  # verified bytes are renamed into place: they must be on disk
     return part.size - have
 
 
@@ -328,7 +342,7 @@ def _remove(path: str) -> None:
 def _remove_empty(folder: str) -> None:
     try:
         os.rmdir(folder)
-    except OSError:           # not empty: another model's partial download waits there
+    except OSError:  # not empty: another model's partial download waits there
         pass
 
 
@@ -344,9 +358,14 @@ def _one_line(e: Exception, opts: PullOptions) -> HobbitError:
     """huggingface_hub's, httpx2's and the OS's errors as one line naming what failed."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     hub = constants.ENDPOINT
     if isinstance(e, HFValidationError):
@@ -363,13 +382,14 @@ def _one_line(e: Exception, opts: PullOptions) -> HobbitError:
     if isinstance(e, OfflineModeIsEnabled):
         return PullError("HF_HUB_OFFLINE is set: pull needs the network")
     if isinstance(e, httpx2.HTTPError):
-        return PullError(f"cannot reach {hub}: {_first_line(e) or type(e).__name__} "
-                         "(no network? HF_ENDPOINT?); pull again to resume")
+        return PullError(
+            f"cannot reach {hub}: {_first_line(e) or type(e).__name__} (no network? HF_ENDPOINT?); pull again to resume"
+        )
     if isinstance(e, OSError) and e.errno is not None:
         where = e.filename or models_dir()
         hint = "; pull again to resume" if e.errno == errno.ENOSPC else ""
         return PullError(f"{where}: {e.strerror}{hint}")
-    if isinstance(e, OSError):     # http_get's size check: the server sent too few or many bytes
+    if isinstance(e, OSError):  # http_get's size check: the server sent too few or many bytes
         return PullError(f"{opts.repo}: {_first_line(e)}")
     raise e
 

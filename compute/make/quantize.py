@@ -15,6 +15,7 @@ Contract:
   raises ModelError naming src; an unwritable dst raises InputError naming it.
 - llama.cpp's log on fd 2 is silenced unless HOBBIT_GGML_LOG is set.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,25 @@ from .synth import SynthOptions, make_synthetic
 # Our name -> the LLAMA_FTYPE_MOSTLY_* (or ALL_*) suffix in llama_cpp; names as
 # llama-quantize spells them.
 FTYPES = {
-    "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
-    "Q6_K": "MOSTLY_Q6_K", "Q5_K_M": "MOSTLY_Q5_K_M", "Q5_K_S": "MOSTLY_Q5_K_S",
-    "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
-    "Q4_K_M": "MOSTLY_Q4_K_M", "Q4_K_S": "MOSTLY_Q4_K_S", "Q4_0": "MOSTLY_Q4_0",
-    "Q4_1": "MOSTLY_Q4_1", "Q3_K_L": "MOSTLY_Q3_K_L", "Q3_K_M": "MOSTLY_Q3_K_M",
-    "Q3_K_S": "MOSTLY_Q3_K_S", "Q2_K": "MOSTLY_Q2_K",
-    "IQ4_XS": "MOSTLY_IQ4_XS", "IQ4_NL": "MOSTLY_IQ4_NL", "MXFP4_MOE": "MOSTLY_MXFP4_MOE",
+    "F16": "MOSTLY_F16",
+    "BF16": "MOSTLY_BF16",
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q6_K": "MOSTLY_Q6_K",
+    "Q5_K_M": "MOSTLY_Q5_K_M",
+    "Q5_K_S": "MOSTLY_Q5_K_S",
+    "Q5_0": "MOSTLY_Q5_0",
+    "Q5_1": "MOSTLY_Q5_1",
+    "Q4_K_M": "MOSTLY_Q4_K_M",
+    "Q4_K_S": "MOSTLY_Q4_K_S",
+    "Q4_0": "MOSTLY_Q4_0",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q3_K_L": "MOSTLY_Q3_K_L",
+    "Q3_K_M": "MOSTLY_Q3_K_M",
+    "Q3_K_S": "MOSTLY_Q3_K_S",
+    "Q2_K": "MOSTLY_Q2_K",
+    "IQ4_XS": "MOSTLY_IQ4_XS",
+    "IQ4_NL": "MOSTLY_IQ4_NL",
+    "MXFP4_MOE": "MOSTLY_MXFP4_MOE",
 }
 
 
@@ -59,15 +72,17 @@ def quantize_gguf(src: str, dst: str, ftype_name: str, threads: int = 0) -> None
     params.nthread = threads or physical_cores()
     tmp = f"{dst}.tmp-{os.getpid()}"
     try:
-        try:   # llama.cpp writes dst itself: find an unwritable place before it starts
+        try:  # llama.cpp writes dst itself: find an unwritable place before it starts
             open(tmp, "wb").close()
         except OSError as e:
             raise InputError(f"{dst}: cannot write ({e.strerror or e})") from None
         with quiet_stderr():
             rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), params)
         if rc != 0:
-            raise ModelError(f"{src}: llama.cpp could not quantize it to {ftype_name.upper()} "
-                             f"(return code {rc}; HOBBIT_GGML_LOG=1 shows its log)")
+            raise ModelError(
+                f"{src}: llama.cpp could not quantize it to {ftype_name.upper()} "
+                f"(return code {rc}; HOBBIT_GGML_LOG=1 shows its log)"
+            )
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -78,7 +93,7 @@ def make_quantized(path: str, opts: SynthOptions, ftype_name: str, progress: boo
     """A synthetic model (compute/make/synth.py) as llama.cpp quantises it: written F16
     next to path, quantised to ftype_name into path, the F16 file removed. opts.type is
     ignored (the source is F16)."""
-    ftype_value(ftype_name)    # an unknown name, or no place to write, fails before minutes of writing
+    ftype_value(ftype_name)  # an unknown name, or no place to write, fails before minutes of writing
     folder = os.path.dirname(os.path.abspath(path))
     if not os.access(folder, os.W_OK):
         raise InputError(f"{path}: cannot write ({folder} is not a writable folder)")

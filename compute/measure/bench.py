@@ -3,6 +3,7 @@ process, all weights in memory; prefill and decode speed side by side (see METHO
 other kinds of `bench` are measured in their own modules (bench_*.py); their parsers are
 in apps/cli_bench.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from ...protocol.errors import InputError
 from .engines import N_BATCH, bench_prompt, run_once
 
 WARMUP_STEPS = 4
-NOISY = 1.3          # round_spread above this: warn that the machine was busy
+NOISY = 1.3  # round_spread above this: warn that the machine was busy
 ENGINES = ("hobbit", "llamacpp")
 
 METHOD = (
@@ -36,7 +37,7 @@ class ComputeOptions:
     model: str
     prompt_tokens: int = 128
     n_decode: int = 64
-    threads: int = 0       # 0: physical cores
+    threads: int = 0  # 0: physical cores
     repeat: int = 3
     ctx: int = 1024
 
@@ -55,22 +56,27 @@ def run_compute(opts: ComputeOptions) -> dict:
         if getattr(opts, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.prompt_tokens + max(opts.n_decode, WARMUP_STEPS) > opts.ctx:
-        raise InputError(f"{opts.prompt_tokens} prompt + {opts.n_decode} decode tokens do not "
-                         f"fit the context of {opts.ctx} (raise --ctx)")
+        raise InputError(
+            f"{opts.prompt_tokens} prompt + {opts.n_decode} decode tokens do not "
+            f"fit the context of {opts.ctx} (raise --ctx)"
+        )
     weights = open_model(opts.model)  # raises ModelError for a missing or bad file
     threads = opts.threads or ggml.physical_cores()
     prompt = bench_prompt(opts.model, opts.prompt_tokens)
     if max(prompt) >= weights.args.n_vocab:
         raise InputError(f"the tokenizer gives ids beyond the model's {weights.args.n_vocab} tokens")
 
-    engines = {"hobbit": HobbitEngine(open_run(opts.model, RunOptions(opts.ctx, N_BATCH, threads),
-                                               weights=weights, tokenizer=False)),
-               "llamacpp": LlamaCppEngine(opts.model, opts.ctx, threads, N_BATCH)}
+    engines = {
+        "hobbit": HobbitEngine(
+            open_run(opts.model, RunOptions(opts.ctx, N_BATCH, threads), weights=weights, tokenizer=False)
+        ),
+        "llamacpp": LlamaCppEngine(opts.model, opts.ctx, threads, N_BATCH),
+    }
     load = os.getloadavg()[0]  # other processes running skew both engines: report it
     timings = {e: {"prefill_s": [], "decode_s": []} for e in ENGINES}
     runs = {e: [] for e in ENGINES}
     try:
-        for engine in engines.values():           # warm-up: graphs, buffers, page cache
+        for engine in engines.values():  # warm-up: graphs, buffers, page cache
             run_once(engine, prompt, WARMUP_STEPS)
         for _ in range(opts.repeat):
             for name in ENGINES:
@@ -83,12 +89,15 @@ def run_compute(opts: ComputeOptions) -> dict:
             engine.close()
 
     ref = runs["hobbit"][0]
-    mismatch = [next((i for i, (x, y) in enumerate(zip(ref, r)) if x != y), None)
-                for e in ENGINES for r in runs[e]]
+    mismatch = [next((i for i, (x, y) in enumerate(zip(ref, r)) if x != y), None) for e in ENGINES for r in runs[e]]
     mismatch = [i for i in mismatch if i is not None]
-    speed = {e: {k: n / statistics.median(timings[e][k + "_s"])
-                 for k, n in (("prefill", opts.prompt_tokens), ("decode", opts.n_decode))}
-             for e in ENGINES}
+    speed = {
+        e: {
+            k: n / statistics.median(timings[e][k + "_s"])
+            for k, n in (("prefill", opts.prompt_tokens), ("decode", opts.n_decode))
+        }
+        for e in ENGINES
+    }
     a = weights.args
     return {
         "model": os.path.abspath(opts.model),
@@ -111,9 +120,15 @@ def run_compute(opts: ComputeOptions) -> dict:
         "n_ctx": opts.ctx,
         "n_batch": N_BATCH,
         "llama_cpp_python": llama_cpp.__version__,
-        "method": METHOD.format(ctx=opts.ctx, n_batch=N_BATCH, threads=threads,
-                                prompt_tokens=opts.prompt_tokens, warmup=WARMUP_STEPS,
-                                repeat=opts.repeat, n=opts.n_decode),
+        "method": METHOD.format(
+            ctx=opts.ctx,
+            n_batch=N_BATCH,
+            threads=threads,
+            prompt_tokens=opts.prompt_tokens,
+            warmup=WARMUP_STEPS,
+            repeat=opts.repeat,
+            n=opts.n_decode,
+        ),
         "rounds": timings,
         # slowest / fastest round of any measurement: > NOISY means other load interfered
         "round_spread": max(max(t) / min(t) for e in timings.values() for t in e.values()),
@@ -131,18 +146,19 @@ def format_compute(r: dict) -> str:
         f"{'':16}{'hobbit':>10}{'llama.cpp':>12}{'ratio':>8}",
         f"{'prefill tok/s':16}{r['hobbit_prefill_tok_s']:10.1f}{r['llamacpp_prefill_tok_s']:12.1f}"
         f"{r['prefill_ratio']:8.2f}",
-        f"{'decode tok/s':16}{r['hobbit_decode_tok_s']:10.1f}{r['llamacpp_decode_tok_s']:12.1f}"
-        f"{r['ratio']:8.2f}",
+        f"{'decode tok/s':16}{r['hobbit_decode_tok_s']:10.1f}{r['llamacpp_decode_tok_s']:12.1f}{r['ratio']:8.2f}",
         "",
         f"tokens_match: {str(r['tokens_match']).lower()} ({r['tokens_compared']} greedy tokens "
-        f"per round compared" + (f"; first difference at token {r['first_mismatch']})"
-                                 if r["first_mismatch"] is not None else ")"),
+        f"per round compared"
+        + (f"; first difference at token {r['first_mismatch']})" if r["first_mismatch"] is not None else ")"),
     ]
     for e, label in (("hobbit", "hobbit"), ("llamacpp", "llama.cpp")):
         t = r["rounds"][e]
         lines.append(f"rounds {label:9} prefill ms: {ms(t['prefill_s'])}; decode ms: {ms(t['decode_s'])}")
     if r["round_spread"] > NOISY:
-        lines.append(f"warning: rounds differ up to {r['round_spread']:.1f}x; the machine was busy "
-                     "(other processes steal cores from both engines), rerun when idle")
+        lines.append(
+            f"warning: rounds differ up to {r['round_spread']:.1f}x; the machine was busy "
+            "(other processes steal cores from both engines), rerun when idle"
+        )
     lines += ["", "method: " + r["method"]]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ hobbitd serves an uncalibrated model exactly (no low precision, no skips), so (b
 for the paper's thresholds then (a calibrated model keeps its own). A model without a
 companion file gets one first (`convert`, with a progress bar), so every configuration runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,11 @@ CONFIGS = [
     ("d", "+ multidim. cache (hobbit)", ["--policy", "hobbit"], 3),
     ("e", "low only + LRU", ["--policy", "lru", "--low-only"], 0),
 ]
-PROMPT_TEXT = ("In the early morning the harbour was quiet. Fishing boats rocked against the pier "
-               "while gulls circled above the market, where traders were setting out baskets of "
-               "bread, cheese and fruit for the day. ")
+PROMPT_TEXT = (
+    "In the early morning the harbour was quiet. Fishing boats rocked against the pier "
+    "while gulls circled above the market, where traders were setting out baskets of "
+    "bread, cheese and fruit for the day. "
+)
 
 
 @contextlib.contextmanager
@@ -46,14 +49,20 @@ def daemon(model: str, cache_size: int, flags: list, workdir: str, preexec=None)
     from ..client.daemon import DaemonProcess
 
     sock = os.path.join(workdir, f"bench-{os.getpid()}-{time.monotonic_ns()}.sock")
-    d = DaemonProcess([model], sock, log_path=os.path.join(workdir, "hobbitd.log"),
-                      cache_size=cache_size, flags=flags, preexec=preexec, append_log=True)
+    d = DaemonProcess(
+        [model],
+        sock,
+        log_path=os.path.join(workdir, "hobbitd.log"),
+        cache_size=cache_size,
+        flags=flags,
+        preexec=preexec,
+        append_log=True,
+    )
     try:
         try:
             d.wait_ready(60)
         except DaemonError:
-            raise HobbitError(f"hobbitd {' '.join(flags) or '(defaults)'} did not start: "
-                              f"{d.log_tail(1)}") from None
+            raise HobbitError(f"hobbitd {' '.join(flags) or '(defaults)'} did not start: {d.log_tail(1)}") from None
         yield sock
     finally:
         d.stop(timeout=30)
@@ -69,8 +78,13 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
     from ..engine.model import RunOptions
     from ..runs import ThroughDaemon, open_run
 
-    run = open_run(weights.path, RunOptions(n_ctx=n_ctx, lookahead=lookahead),
-                   ThroughDaemon(sock, autostart=False, quiet=True), weights=weights, tokenizer=False)
+    run = open_run(
+        weights.path,
+        RunOptions(n_ctx=n_ctx, lookahead=lookahead),
+        ThroughDaemon(sock, autostart=False, quiet=True),
+        weights=weights,
+        tokenizer=False,
+    )
     model, client = run.model, run.experts
     prefill_s, decode_s, n_tok, logits_all, tokens_all = [], 0.0, 0, [], []
     compute_s = wait_s = 0.0
@@ -96,13 +110,20 @@ def run_config(weights, tok_prompts, n_decode, sock, lookahead, forced=None, n_c
         logits_all.append(np.stack(lg))
     s1 = _stats(client)
     delta = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1[k], (int, float))}
-    result = {"decode_tok_s": n_tok / decode_s, "prefill_s": statistics.mean(prefill_s),
-              # per decoded token: graph compute, waiting for hobbitd, the rest (routing,
-              # hints, Python)
-              "split_ms": {"compute": 1e3 * compute_s / n_tok, "expert_wait": 1e3 * wait_s / n_tok,
-                           "other": 1e3 * (decode_s - compute_s - wait_s) / n_tok},
-              "prefetch": model.prefetch.summary(), "daemon": delta,
-              "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1)}
+    result = {
+        "decode_tok_s": n_tok / decode_s,
+        "prefill_s": statistics.mean(prefill_s),
+        # per decoded token: graph compute, waiting for hobbitd, the rest (routing,
+        # hints, Python)
+        "split_ms": {
+            "compute": 1e3 * compute_s / n_tok,
+            "expert_wait": 1e3 * wait_s / n_tok,
+            "other": 1e3 * (decode_s - compute_s - wait_s) / n_tok,
+        },
+        "prefetch": model.prefetch.summary(),
+        "daemon": delta,
+        "bytes_per_token": delta.get("bytes_read", 0) / max(n_tok, 1),
+    }
     run.close()
     return result, tokens_all, logits_all
 
@@ -123,8 +144,11 @@ def prepare(weights, cache: int, progress: bool = True) -> list:
     if made_companion(path, fmt) is None:
         low = auto_low_type(fmt, path)
         if progress:
-            print(f"[ablation] {path} has no low-precision companion: converting it "
-                  f"({companion_path(path, low)})", file=sys.stderr, flush=True)
+            print(
+                f"[ablation] {path} has no low-precision companion: converting it ({companion_path(path, low)})",
+                file=sys.stderr,
+                flush=True,
+            )
         convert(weights, low, progress=progress)
     # the daemon's own cache plan, so a too-small cache fails now, not at (b)
     plan_cache(open_served_all([path], ModelOptions(t1=PAPER_T1, t2=PAPER_T2)), cache, 0.25)
@@ -147,8 +171,9 @@ def lossy_flags(path: str) -> list:
     return ["--t1", f"{PAPER_T1:g}", "--t2", f"{PAPER_T2:g}"]
 
 
-def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32,
-        configs=None, rounds=3, progress=True) -> dict:
+def run(
+    model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=32, configs=None, rounds=3, progress=True
+) -> dict:
     from ...loader.layout import gguf_experts
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
@@ -162,8 +187,11 @@ def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=
     lossy = prepare(weights, cache, progress)
     words = Tokenizer(model_path).encode(PROMPT_TEXT * 20)
     prompts = [words[:n] for n in prompt_tokens]
-    chosen = [(key, label, flags + lossy if key in "bcd" else flags, la)
-              for key, label, flags, la in CONFIGS if not configs or key in configs]
+    chosen = [
+        (key, label, flags + lossy if key in "bcd" else flags, la)
+        for key, label, flags, la in CONFIGS
+        if not configs or key in configs
+    ]
     per_round = {key: [] for key, *_ in chosen}
     ref_tokens, ref_logits = None, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,29 +200,39 @@ def run(model_path: str, cache_fraction=0.25, prompt_tokens=(16, 128), n_decode=
         for rnd in range(rounds):
             for key, label, flags, lookahead in chosen:
                 if progress:
-                    print(f"[ablation] round {rnd + 1}/{rounds} ({key}) {label} ...",
-                          file=sys.stderr, flush=True)
+                    print(f"[ablation] round {rnd + 1}/{rounds} ({key}) {label} ...", file=sys.stderr, flush=True)
                 with daemon(model_path, cache, flags, tmp) as sock:
                     r, toks, logits = run_config(weights, prompts, n_decode, sock, lookahead, ref_tokens)
                 if ref_tokens is None:
                     ref_tokens, ref_logits = toks, logits
                 r["kld_vs_a"] = float(np.mean([mean_kld(a, b) for a, b in zip(ref_logits, logits)]))
                 per_round[key].append(r)
-    results = {key: _summarise(rs, per_round.get("a"), label)
-               for (key, label, *_), rs in zip(chosen, per_round.values())}
-    return {"model": model_path, "cache_fraction": cache_fraction, "cache_bytes": cache,
-            "expert_bytes": expert_bytes, "prompt_tokens": list(prompt_tokens), "n_decode": n_decode,
-            "rounds": rounds, "thresholds": " ".join(lossy) or "calibrated", "configs": results,
-            "method": ("each round runs every configuration in turn, each with a fresh hobbitd "
-                       "(same --cache-size), one client process, the same prompts; prefill "
-                       "latency = mean wall time of the prompt forward; decode tok/s = generated "
-                       "tokens / wall time of decoding, median over rounds (min-max shown); x(a) = "
-                       "median over rounds of the ratio to (a) in the same round; the split = "
-                       "graph compute / waiting for hobbitd / the rest, ms per decoded token, "
-                       "medians; (a) decodes greedily and the others are fed (a)'s tokens; KLD = "
-                       "mean KL(a || x) of next-token distributions over all decode positions; "
-                       "hits, misses, skips and bytes read come from hobbitd's STATS before and "
-                       "after each run, summed over rounds")}
+    results = {
+        key: _summarise(rs, per_round.get("a"), label) for (key, label, *_), rs in zip(chosen, per_round.values())
+    }
+    return {
+        "model": model_path,
+        "cache_fraction": cache_fraction,
+        "cache_bytes": cache,
+        "expert_bytes": expert_bytes,
+        "prompt_tokens": list(prompt_tokens),
+        "n_decode": n_decode,
+        "rounds": rounds,
+        "thresholds": " ".join(lossy) or "calibrated",
+        "configs": results,
+        "method": (
+            "each round runs every configuration in turn, each with a fresh hobbitd "
+            "(same --cache-size), one client process, the same prompts; prefill "
+            "latency = mean wall time of the prompt forward; decode tok/s = generated "
+            "tokens / wall time of decoding, median over rounds (min-max shown); x(a) = "
+            "median over rounds of the ratio to (a) in the same round; the split = "
+            "graph compute / waiting for hobbitd / the rest, ms per decoded token, "
+            "medians; (a) decodes greedily and the others are fed (a)'s tokens; KLD = "
+            "mean KL(a || x) of next-token distributions over all decode positions; "
+            "hits, misses, skips and bytes read come from hobbitd's STATS before and "
+            "after each run, summed over rounds"
+        ),
+    }
 
 
 def _summarise(rs: list, base: list | None, label: str) -> dict:
@@ -206,33 +244,44 @@ def _summarise(rs: list, base: list | None, label: str) -> dict:
     for r in rs:
         for k, v in r["daemon"].items():
             daemon[k] = daemon.get(k, 0) + v
-    return {"label": label, "decode_tok_s": statistics.median(tok_s), "decode_tok_s_rounds": tok_s,
-            "speedup_vs_a": statistics.median(ratios) if ratios else None,
-            "speedup_vs_a_rounds": ratios,
-            "prefill_s": statistics.median(r["prefill_s"] for r in rs),
-            "split_ms": {k: statistics.median(r["split_ms"][k] for r in rs) for k in rs[0]["split_ms"]},
-            "bytes_per_token": statistics.mean(r["bytes_per_token"] for r in rs),
-            "prefetch": rs[-1]["prefetch"], "daemon": daemon,
-            "kld_vs_a": statistics.mean(r["kld_vs_a"] for r in rs)}
+    return {
+        "label": label,
+        "decode_tok_s": statistics.median(tok_s),
+        "decode_tok_s_rounds": tok_s,
+        "speedup_vs_a": statistics.median(ratios) if ratios else None,
+        "speedup_vs_a_rounds": ratios,
+        "prefill_s": statistics.median(r["prefill_s"] for r in rs),
+        "split_ms": {k: statistics.median(r["split_ms"][k] for r in rs) for k in rs[0]["split_ms"]},
+        "bytes_per_token": statistics.mean(r["bytes_per_token"] for r in rs),
+        "prefetch": rs[-1]["prefetch"],
+        "daemon": daemon,
+        "kld_vs_a": statistics.mean(r["kld_vs_a"] for r in rs),
+    }
 
 
 def print_table(r: dict) -> None:
-    print(f"bench ablation: {r['model']}, cache {r['cache_fraction']:.0%} of expert bytes "
-          f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, "
-          f"{r['n_decode']} decoded, {r['rounds']} rounds; (b)-(d) thresholds {r['thresholds']}")
-    print(f"{'config':30s} {'dec tok/s':>9s} {'(min-max)':>11s} {'x(a)':>5s} {'prefill s':>9s} "
-          f"{'hit hi':>6s} {'hit lo':>6s} {'skip':>5s} {'MB/tok':>6s} {'pf top1@1':>9s} "
-          f"{'ms/tok: compute':>15s} {'wait':>5s} {'other':>5s} {'KLD':>7s}")
+    print(
+        f"bench ablation: {r['model']}, cache {r['cache_fraction']:.0%} of expert bytes "
+        f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, "
+        f"{r['n_decode']} decoded, {r['rounds']} rounds; (b)-(d) thresholds {r['thresholds']}"
+    )
+    print(
+        f"{'config':30s} {'dec tok/s':>9s} {'(min-max)':>11s} {'x(a)':>5s} {'prefill s':>9s} "
+        f"{'hit hi':>6s} {'hit lo':>6s} {'skip':>5s} {'MB/tok':>6s} {'pf top1@1':>9s} "
+        f"{'ms/tok: compute':>15s} {'wait':>5s} {'other':>5s} {'KLD':>7s}"
+    )
     for key, c in r["configs"].items():
         d = c["daemon"]
         req = max(d.get("requested", 0), 1)
         pf = c["prefetch"].get(1, {}).get("top1")
         sp = c["split_ms"]
         spread = f"{min(c['decode_tok_s_rounds']):.1f}-{max(c['decode_tok_s_rounds']):.1f}"
-        print(f"({key}) {c['label']:26s} {c['decode_tok_s']:9.2f} {spread:>11s} "
-              f"{c['speedup_vs_a'] or 0:5.2f} {c['prefill_s']:9.3f} "
-              f"{d.get('hits_high', 0) / req:6.1%} {d.get('hits_low', 0) / req:6.1%} "
-              f"{d.get('skipped', 0) / req:5.1%} {c['bytes_per_token'] / 1e6:6.2f} "
-              f"{'' if pf is None else f'{pf:9.1%}':>9s} {sp['compute']:15.1f} "
-              f"{sp['expert_wait']:5.1f} {sp['other']:5.1f} {c['kld_vs_a']:7.4f}")
+        print(
+            f"({key}) {c['label']:26s} {c['decode_tok_s']:9.2f} {spread:>11s} "
+            f"{c['speedup_vs_a'] or 0:5.2f} {c['prefill_s']:9.3f} "
+            f"{d.get('hits_high', 0) / req:6.1%} {d.get('hits_low', 0) / req:6.1%} "
+            f"{d.get('skipped', 0) / req:5.1%} {c['bytes_per_token'] / 1e6:6.2f} "
+            f"{'' if pf is None else f'{pf:9.1%}':>9s} {sp['compute']:15.1f} "
+            f"{sp['expert_wait']:5.1f} {sp['other']:5.1f} {c['kld_vs_a']:7.4f}"
+        )
     print(f"method: {r['method']}")

@@ -8,6 +8,7 @@ interleave the engines; medians are reported, with each hobbit engine's time per
 token split into compute, waiting for hobbitd, the rest of the client, and hobbitd's own
 CPU. Greedy tokens are compared across engines.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ import psutil
 from ...protocol.errors import InputError
 
 ENGINES = ("llamacpp", "in_process", "resident", "per_layer")
-LABELS = {"llamacpp": "llama.cpp", "in_process": "hobbit in-process",
-          "resident": "hobbitd, one graph", "per_layer": "hobbitd, per layer"}
+LABELS = {
+    "llamacpp": "llama.cpp",
+    "in_process": "hobbit in-process",
+    "resident": "hobbitd, one graph",
+    "per_layer": "hobbitd, per layer",
+}
 
 
 def _daemon_pid(sock: str) -> int | None:
@@ -31,8 +36,9 @@ def _daemon_pid(sock: str) -> int | None:
     return None
 
 
-def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
-        threads: int = 0, ctx: int = 512) -> dict:
+def run(
+    model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3, threads: int = 0, ctx: int = 512
+) -> dict:
     from ...loader.layout import gguf_experts
     from ..client.expert_client import ExpertClient
     from ..engine import ggml
@@ -53,11 +59,9 @@ def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
     cache = src.n_layer * src.n_expert * src.format.slot_bytes
     n = threads or ggml.physical_cores()
     prompt = bench_prompt(model, prompt_tokens)
-    rounds = {e: {"prefill_s": [], "decode_s": [], "compute_s": [], "wait_s": [],
-                  "daemon_cpu_s": []} for e in ENGINES}
+    rounds = {e: {"prefill_s": [], "decode_s": [], "compute_s": [], "wait_s": [], "daemon_cpu_s": []} for e in ENGINES}
     tokens = {e: [] for e in ENGINES}
-    with tempfile.TemporaryDirectory(prefix="hobbit-bench-fit-") as tmp, \
-            daemon(model, cache, [], tmp) as sock:
+    with tempfile.TemporaryDirectory(prefix="hobbit-bench-fit-") as tmp, daemon(model, cache, [], tmp) as sock:
         pid = _daemon_pid(sock)
         proc = psutil.Process(pid) if pid else None
 
@@ -65,11 +69,14 @@ def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
             opts = RunOptions(ctx, 512, threads, resident=resident)
             return Run(model, weights, None, Model(weights, opts, experts=ExpertClient(sock, model)))
 
-        engines = {"llamacpp": LlamaCppEngine(model, ctx, n),
-                   "in_process": Run(model, weights, None, Model(weights, RunOptions(ctx, 512, n))),
-                   "resident": through(True), "per_layer": through(False)}
+        engines = {
+            "llamacpp": LlamaCppEngine(model, ctx, n),
+            "in_process": Run(model, weights, None, Model(weights, RunOptions(ctx, 512, n))),
+            "resident": through(True),
+            "per_layer": through(False),
+        }
         try:
-            for name, e in engines.items():      # warm-up: graphs, the cache (all read)
+            for name, e in engines.items():  # warm-up: graphs, the cache (all read)
                 for _ in range(50 if name == "resident" else 1):
                     run_once(_engine(e), prompt, 4)
                     if name != "resident" or e.model.experts.resident() is not None:
@@ -99,59 +106,82 @@ def run(model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3,
     med = {e: {k: statistics.median(v) if v else None for k, v in r.items()} for e, r in rounds.items()}
     base = med["llamacpp"]
     out = {}
-    steps = n_decode + 1      # run_once: the prefill's token, then n_decode steps
+    steps = n_decode + 1  # run_once: the prefill's token, then n_decode steps
     for e in ENGINES:
         m = med[e]
-        row = {"decode_tok_s": n_decode / m["decode_s"], "prefill_tok_s": prompt_tokens / m["prefill_s"],
-               "decode_ratio": base["decode_s"] / m["decode_s"],
-               "prefill_ratio": base["prefill_s"] / m["prefill_s"],
-               "tokens_match": all(t == tokens["llamacpp"][0] for t in tokens[e])}
+        row = {
+            "decode_tok_s": n_decode / m["decode_s"],
+            "prefill_tok_s": prompt_tokens / m["prefill_s"],
+            "decode_ratio": base["decode_s"] / m["decode_s"],
+            "prefill_ratio": base["prefill_s"] / m["prefill_s"],
+            "tokens_match": all(t == tokens["llamacpp"][0] for t in tokens[e]),
+        }
         r = rounds[e]
-        if r["compute_s"]:        # per round, then the median of each part
-            other = [p + d - c - w for p, d, c, w in zip(r["prefill_s"], r["decode_s"],
-                                                         r["compute_s"], r["wait_s"])]
-            row["ms_per_token"] = {"compute": 1e3 * m["compute_s"] / steps,
-                                   "wait": 1e3 * m["wait_s"] / steps,
-                                   "client_other": 1e3 * statistics.median(other) / steps,
-                                   "daemon_cpu": (1e3 * m["daemon_cpu_s"] / steps
-                                                  if m["daemon_cpu_s"] is not None else None)}
+        if r["compute_s"]:  # per round, then the median of each part
+            other = [p + d - c - w for p, d, c, w in zip(r["prefill_s"], r["decode_s"], r["compute_s"], r["wait_s"])]
+            row["ms_per_token"] = {
+                "compute": 1e3 * m["compute_s"] / steps,
+                "wait": 1e3 * m["wait_s"] / steps,
+                "client_other": 1e3 * statistics.median(other) / steps,
+                "daemon_cpu": (1e3 * m["daemon_cpu_s"] / steps if m["daemon_cpu_s"] is not None else None),
+            }
         out[e] = row
     # per layer, what asking hobbitd costs over computing in one graph
-    per_layer_ms = ((med["per_layer"]["decode_s"] - med["resident"]["decode_s"]) / n_decode
-                    * 1e3 / a.n_layer)
+    per_layer_ms = (med["per_layer"]["decode_s"] - med["resident"]["decode_s"]) / n_decode * 1e3 / a.n_layer
     # the hit path alone: the per-layer forward's time outside compute (pinning, routing
     # inputs, ggml calls per segment) over the one graph's, per MoE layer; compute differs
     # by its thread count besides (one core fewer while hobbitd may be reading)
     split = {e: out[e]["ms_per_token"] for e in ("resident", "per_layer")}
     outside = {e: s["wait"] + s["client_other"] for e, s in split.items()}
     hit_path_ms = (outside["per_layer"] - outside["resident"]) / a.n_moe_layer
-    return {"model": os.path.abspath(model), "n_layer": a.n_layer, "n_expert": a.n_expert,
-            "n_moe_layer": a.n_moe_layer, "hit_path_ms_per_layer": hit_path_ms,
-            "top_k": a.n_expert_used, "cache_bytes": cache, "threads": n,
-            "prompt_tokens": prompt_tokens, "n_decode": n_decode, "repeat": repeat,
-            "loadavg_1m": os.getloadavg()[0], "engines": out, "rounds": rounds,
-            "per_layer_request_ms": per_layer_ms}
+    return {
+        "model": os.path.abspath(model),
+        "n_layer": a.n_layer,
+        "n_expert": a.n_expert,
+        "n_moe_layer": a.n_moe_layer,
+        "hit_path_ms_per_layer": hit_path_ms,
+        "top_k": a.n_expert_used,
+        "cache_bytes": cache,
+        "threads": n,
+        "prompt_tokens": prompt_tokens,
+        "n_decode": n_decode,
+        "repeat": repeat,
+        "loadavg_1m": os.getloadavg()[0],
+        "engines": out,
+        "rounds": rounds,
+        "per_layer_request_ms": per_layer_ms,
+    }
 
 
 def _engine(e):
     from .engines import HobbitEngine, LlamaCppEngine
+
     return e if isinstance(e, LlamaCppEngine) else HobbitEngine(e)
 
 
 def print_table(r: dict) -> None:
-    print(f"bench fit: {r['model']} ({r['n_layer']} layers, {r['n_expert']} experts, top-{r['top_k']}), "
-          f"every expert cached ({r['cache_bytes'] / 2**20:.0f} MiB), {r['threads']} threads, "
-          f"prompt {r['prompt_tokens']}, {r['n_decode']} decode steps, {r['repeat']} rounds (medians)")
-    print(f"  {'engine':<20} {'decode tok/s':>12} {'x llama.cpp':>11} {'prefill tok/s':>13} "
-          f"{'x':>6}  same tokens  ms/token: compute / wait / client other / hobbitd CPU")
+    print(
+        f"bench fit: {r['model']} ({r['n_layer']} layers, {r['n_expert']} experts, top-{r['top_k']}), "
+        f"every expert cached ({r['cache_bytes'] / 2**20:.0f} MiB), {r['threads']} threads, "
+        f"prompt {r['prompt_tokens']}, {r['n_decode']} decode steps, {r['repeat']} rounds (medians)"
+    )
+    print(
+        f"  {'engine':<20} {'decode tok/s':>12} {'x llama.cpp':>11} {'prefill tok/s':>13} "
+        f"{'x':>6}  same tokens  ms/token: compute / wait / client other / hobbitd CPU"
+    )
     for e, row in r["engines"].items():
         split = row.get("ms_per_token")
         s = ""
         if split:
             d = split["daemon_cpu"]
-            s = (f"{split['compute']:.2f} / {split['wait']:.2f} / {split['client_other']:.2f} / "
-                 + ("-" if d is None else f"{d:.2f}"))
-        print(f"  {LABELS[e]:<20} {row['decode_tok_s']:12.1f} {row['decode_ratio']:10.2f}x "
-              f"{row['prefill_tok_s']:13.1f} {row['prefill_ratio']:5.2f}x  {str(row['tokens_match']).lower():<11}  {s}")
-    print(f"  per layer over the one graph: {r['per_layer_request_ms']:.3f} ms per layer per token "
-          f"in all; outside compute (the hit path) {r['hit_path_ms_per_layer']:.3f} ms per MoE layer")
+            s = f"{split['compute']:.2f} / {split['wait']:.2f} / {split['client_other']:.2f} / " + (
+                "-" if d is None else f"{d:.2f}"
+            )
+        print(
+            f"  {LABELS[e]:<20} {row['decode_tok_s']:12.1f} {row['decode_ratio']:10.2f}x "
+            f"{row['prefill_tok_s']:13.1f} {row['prefill_ratio']:5.2f}x  {str(row['tokens_match']).lower():<11}  {s}"
+        )
+    print(
+        f"  per layer over the one graph: {r['per_layer_request_ms']:.3f} ms per layer per token "
+        f"in all; outside compute (the hit path) {r['hit_path_ms_per_layer']:.3f} ms per MoE layer"
+    )

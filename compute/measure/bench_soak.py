@@ -11,6 +11,7 @@ a restart must not change a greedy answer), errors by kind, clients killed, pins
 still holds once every client is gone, what the daemons left in /dev/shm and the socket
 folder, and hobbitd's RSS and open files over time. No timed assertions: it reports.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,15 +32,45 @@ SHM = "/dev/shm"
 
 
 def _generate_cmd(model: str, socket: str, n: int, reconnect_s: float) -> list[str]:
-    return [sys.executable, "-m", "hobbit.compute.apps.cli", "generate", model, "-p", PROMPT,
-            "-n", str(n), "--temperature", "0", "--socket", socket,
-            "--reconnect-deadline", str(reconnect_s)]
+    return [
+        sys.executable,
+        "-m",
+        "hobbit.compute.apps.cli",
+        "generate",
+        model,
+        "-p",
+        PROMPT,
+        "-n",
+        str(n),
+        "--temperature",
+        "0",
+        "--socket",
+        socket,
+        "--reconnect-deadline",
+        str(reconnect_s),
+    ]
 
 
 def _reference(model: str, n: int) -> str:
-    r = subprocess.run([sys.executable, "-m", "hobbit.compute.apps.cli", "generate", model,
-                        "-p", PROMPT, "-n", str(n), "--temperature", "0", "--no-daemon"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hobbit.compute.apps.cli",
+            "generate",
+            model,
+            "-p",
+            PROMPT,
+            "-n",
+            str(n),
+            "--temperature",
+            "0",
+            "--no-daemon",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"the in-process reference failed: {r.stderr.strip()[-300:]}")
     return r.stdout
@@ -47,9 +78,11 @@ def _reference(model: str, n: int) -> str:
 
 def _ours(pids: set) -> list[str]:
     """/dev/shm entries made by hobbitd processes with these pids (hobbit-PID-...)."""
-    return sorted(n for n in os.listdir(SHM)
-                  if n.startswith("hobbit-") and n.split("-")[1].isdigit()
-                  and int(n.split("-")[1]) in pids)
+    return sorted(
+        n
+        for n in os.listdir(SHM)
+        if n.startswith("hobbit-") and n.split("-")[1].isdigit() and int(n.split("-")[1]) in pids
+    )
 
 
 class _Served:
@@ -60,8 +93,22 @@ class _Served:
         self.log_path = os.path.join(work, "serve.log")
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hobbit.compute.apps.cli", "serve", model, "--port", "0",
-                 "--socket", socket, "--reconnect-deadline", "60"], stdout=log, stderr=log)
+                [
+                    sys.executable,
+                    "-m",
+                    "hobbit.compute.apps.cli",
+                    "serve",
+                    model,
+                    "--port",
+                    "0",
+                    "--socket",
+                    socket,
+                    "--reconnect-deadline",
+                    "60",
+                ],
+                stdout=log,
+                stderr=log,
+            )
         deadline, self.url = time.monotonic() + 120, None
         while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
             with open(self.log_path) as f:
@@ -81,14 +128,13 @@ class _Served:
 
     def _ask(self) -> None:
         while not self._stop.is_set():
-            req = urllib.request.Request(self.url + "/v1/completions", self.body,
-                                         {"Content-Type": "application/json"})
+            req = urllib.request.Request(self.url + "/v1/completions", self.body, {"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=120) as r:
                     text = json.loads(r.read())["choices"][0]["text"]
                 self.answers += 1
                 self.correct += text == self.expected
-            except Exception as e:      # counted by kind: the soak reports, never raises
+            except Exception as e:  # counted by kind: the soak reports, never raises
                 kind = f"serve: {type(e).__name__}: {e}"[:120]
                 self.errors[kind] = self.errors.get(kind, 0) + 1
                 time.sleep(0.5)
@@ -104,9 +150,18 @@ class _Served:
             return self.proc.wait()
 
 
-def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_tokens: int = 16,
-        kill_every: float = 5.0, daemon_kills: int = 1, cache: float = 0.25, seed: int = 0,
-        serve: bool = True, progress: bool = True) -> dict:
+def run(
+    model: str | None = None,
+    clients: int = 4,
+    minutes: float = 1.0,
+    n_tokens: int = 16,
+    kill_every: float = 5.0,
+    daemon_kills: int = 1,
+    cache: float = 0.25,
+    seed: int = 0,
+    serve: bool = True,
+    progress: bool = True,
+) -> dict:
     """The soak (see the module docstring); `cache` as a share of the expert bytes."""
     import psutil
 
@@ -128,16 +183,27 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
     duration = minutes * 60
     kill_at = [duration * (i + 1) / (daemon_kills + 1) for i in range(daemon_kills)]
     slots: list = [None] * clients
-    out = {"answers": 0, "correct": 0, "wrong": 0, "errors": {}, "clients_killed": 0,
-           "daemon_kills": 0, "rss_mib": [], "private_mib": [], "fds": []}
+    out = {
+        "answers": 0,
+        "correct": 0,
+        "wrong": 0,
+        "errors": {},
+        "clients_killed": 0,
+        "daemon_kills": 0,
+        "rss_mib": [],
+        "private_mib": [],
+        "fds": [],
+    }
     t0 = time.monotonic()
     next_kill = t0 + kill_every
     next_sample = t0
 
     def start(i):
         log = open(os.path.join(work, f"client-{i}.err"), "w+")
-        slots[i] = (subprocess.Popen(_generate_cmd(model, sock, n_tokens, 60), stdout=subprocess.PIPE,
-                                     stderr=log, text=True), log)
+        slots[i] = (
+            subprocess.Popen(_generate_cmd(model, sock, n_tokens, 60), stdout=subprocess.PIPE, stderr=log, text=True),
+            log,
+        )
 
     def finish(i, killed=False):
         proc, log = slots[i]
@@ -158,17 +224,17 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
     served = None
     try:
         if serve:
-            served = _Served(model, sock, work, n_tokens, reference[:-1])   # generate adds a newline
+            served = _Served(model, sock, work, n_tokens, reference[:-1])  # generate adds a newline
         for i in range(clients):
             start(i)
         while time.monotonic() - t0 < duration:
             now = time.monotonic()
             if kill_at and now - t0 >= kill_at[0]:
                 kill_at.pop(0)
-                d.proc.kill()                 # a crash, as the kernel's OOM killer would
+                d.proc.kill()  # a crash, as the kernel's OOM killer would
                 d.proc.wait()
                 out["daemon_kills"] += 1
-                time.sleep(1.0)               # systemd's RestartSec, shortened
+                time.sleep(1.0)  # systemd's RestartSec, shortened
                 d.restart()
                 pids.add(d.proc.pid)
             if now >= next_kill:
@@ -182,7 +248,7 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
             if now >= next_sample:
                 try:
                     p = psutil.Process(d.proc.pid)
-                    mem = p.memory_info()      # shared: the cache's pages; the rest is private
+                    mem = p.memory_info()  # shared: the cache's pages; the rest is private
                     out["rss_mib"].append(round(mem.rss / 2**20, 1))
                     out["private_mib"].append(round((mem.rss - mem.shared) / 2**20, 1))
                     out["fds"].append(p.num_fds())
@@ -194,7 +260,7 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
                     finish(i)
                     start(i)
             time.sleep(0.05)
-        for i, s in enumerate(slots):           # let the last ones finish
+        for i, s in enumerate(slots):  # let the last ones finish
             if s is not None:
                 try:
                     s[0].wait(120)
@@ -203,8 +269,7 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
                 finish(i)
         if served is not None:
             out["serve_exit"] = served.stop()
-            out["serve"] = {"answers": served.answers, "correct": served.correct,
-                            "errors": served.errors}
+            out["serve"] = {"answers": served.answers, "correct": served.correct, "errors": served.errors}
             served = None
         out["pins_after"], out["sessions_after"] = _pins(sock)
     finally:
@@ -216,14 +281,24 @@ def run(model: str | None = None, clients: int = 4, minutes: float = 1.0, n_toke
         rc = d.stop()
     out["daemon_exit"] = rc
     out["leftover_shm"] = _ours(pids)
-    out["leftover_files"] = sorted(f for f in os.listdir(work)
-                                   if not f.endswith((".log", ".err")))
-    out.update(model=model, clients=clients, minutes=minutes, n_tokens=n_tokens,
-               kill_every_s=kill_every, cache_bytes=cache_bytes)
+    out["leftover_files"] = sorted(f for f in os.listdir(work) if not f.endswith((".log", ".err")))
+    out.update(
+        model=model,
+        clients=clients,
+        minutes=minutes,
+        n_tokens=n_tokens,
+        kill_every_s=kill_every,
+        cache_bytes=cache_bytes,
+    )
     sv = out.get("serve", {})
-    if out["errors"] or out["wrong"] or out["leftover_files"] or sv.get("errors") \
-            or sv.get("answers", 0) != sv.get("correct", 0):
-        out["workdir"] = work          # kept: the daemon's and the clients' logs tell why
+    if (
+        out["errors"]
+        or out["wrong"]
+        or out["leftover_files"]
+        or sv.get("errors")
+        or sv.get("answers", 0) != sv.get("correct", 0)
+    ):
+        out["workdir"] = work  # kept: the daemon's and the clients' logs tell why
     else:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -241,13 +316,15 @@ def _pins(sock: str) -> tuple:
     finally:
         c.close()
     pins = sum(r["pinned"] for mo in st["models"].values() for r in mo["regions"].values())
-    return pins, sum(s["pid"] != os.getpid() for s in st["sessions"])    # not ourselves
+    return pins, sum(s["pid"] != os.getpid() for s in st["sessions"])  # not ourselves
 
 
 def print_table(r: dict) -> None:
-    print(f"bench soak: {r['model']}, {r['clients']} clients for {r['minutes']:g} min, "
-          f"{r['n_tokens']} tokens per answer, a client SIGKILLed every {r['kill_every_s']:g} s, "
-          f"hobbitd SIGKILLed and restarted {r['daemon_kills']} times")
+    print(
+        f"bench soak: {r['model']}, {r['clients']} clients for {r['minutes']:g} min, "
+        f"{r['n_tokens']} tokens per answer, a client SIGKILLed every {r['kill_every_s']:g} s, "
+        f"hobbitd SIGKILLed and restarted {r['daemon_kills']} times"
+    )
     print(f"  answers completed      {r['answers']} ({r['correct']} equal to in-process, {r['wrong']} not)")
     print(f"  clients killed         {r['clients_killed']}")
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
@@ -255,16 +332,20 @@ def print_table(r: dict) -> None:
     if "serve" in r:
         sv = r["serve"]
         serrors = ", ".join(f"{k}: {v}" for k, v in sv["errors"].items()) or "none"
-        print(f"  serve                  {sv['answers']} answers ({sv['correct']} equal to in-process), "
-              f"errors: {serrors}; exit code {r['serve_exit']}")
+        print(
+            f"  serve                  {sv['answers']} answers ({sv['correct']} equal to in-process), "
+            f"errors: {serrors}; exit code {r['serve_exit']}"
+        )
     print(f"  pins held afterwards   {r['pins_after']} (sessions left: {r['sessions_after']})")
     print(f"  left in /dev/shm       {', '.join(r['leftover_shm']) or 'nothing'}")
     print(f"  left in the socket dir {', '.join(r['leftover_files']) or 'nothing'}")
     rss, fds = r["rss_mib"], r["fds"]
     if rss:
         prv = r["private_mib"]
-        print(f"  hobbitd RSS MiB        first {rss[0]}, max {max(rss)}, last {rss[-1]} "
-              f"(not shared: first {prv[0]}, max {max(prv)}, last {prv[-1]})")
+        print(
+            f"  hobbitd RSS MiB        first {rss[0]}, max {max(rss)}, last {rss[-1]} "
+            f"(not shared: first {prv[0]}, max {max(prv)}, last {prv[-1]})"
+        )
         print(f"  hobbitd open files     first {fds[0]}, max {max(fds)}, last {fds[-1]}")
     print(f"  hobbitd exit code      {r['daemon_exit']}")
     if r.get("workdir"):

@@ -6,6 +6,7 @@ HobbitEngine runs an open Run (runs.open_run: in-process or through hobbitd);
 LlamaCppEngine runs llama-cpp-python on the same GGUF (mmap, flash attention, last-token
 logits only).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +33,11 @@ def bench_prompt(path: str, n_tokens: int, skip: int = 0) -> list[int]:
     tok = Tokenizer(path)
     first = tok.encode(PARAGRAPH)
     more = tok.encode(PARAGRAPH, add_special=False)
-    head = len(first) - len(more)          # BOS
+    head = len(first) - len(more)  # BOS
     prompt = list(first)
     while len(prompt) < n_tokens + skip:
         prompt += more
-    return prompt[:head] + prompt[head + skip:n_tokens + skip]
+    return prompt[:head] + prompt[head + skip : n_tokens + skip]
 
 
 def run_once(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
@@ -85,6 +86,7 @@ def _model_params(llama_cpp, **fields):
         for name, value in fields.items():
             setattr(p, name, value)
         return p
+
     low.llama_model_default_params = params
     try:
         yield
@@ -93,8 +95,7 @@ def _model_params(llama_cpp, **fields):
 
 
 class LlamaCppEngine:
-    def __init__(self, path: str, ctx: int, threads: int, n_batch: int = N_BATCH,
-                 repack: bool = True):
+    def __init__(self, path: str, ctx: int, threads: int, n_batch: int = N_BATCH, repack: bool = True):
         """repack False: no CPU repacking of weights (llama.cpp's --no-repack): its repacked
         copies (of Q4_K and friends, on CPUs with AVX2) live in anonymous memory, which a
         memory limit below the model's size cannot hold; the weights then stay mmapped."""
@@ -104,10 +105,17 @@ class LlamaCppEngine:
 
         self.api = llama_cpp
         with quiet_stderr(), _model_params(llama_cpp, use_extra_bufts=repack):
-            self.llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=n_batch,
-                                       n_threads=threads, n_threads_batch=threads,
-                                       flash_attn=True, use_mmap=True, logits_all=False,
-                                       verbose=False)
+            self.llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=ctx,
+                n_batch=n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                flash_attn=True,
+                use_mmap=True,
+                logits_all=False,
+                verbose=False,
+            )
         self.ctx = self.llm.ctx
         self.n_vocab = self.llm.n_vocab()
 

@@ -20,6 +20,7 @@ reset() (a Model, in-process or through hobbitd; an adapter over llama.cpp), or 
 function tokens -> (T, V) logits. So the model under test may compute some experts in low
 precision while the reference runs everything in high precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,10 +35,11 @@ from ...protocol.errors import InputError
 from ..divergence import kl_rows, log_softmax
 from ..progress import progress_bar
 
-if TYPE_CHECKING:    # only named: importing runs loads the engine
+if TYPE_CHECKING:  # only named: importing runs loads the engine
     from ..runs import ThroughDaemon
 
 # ---- text and scorers --------------------------------------------------------------------------
+
 
 def read_text(path: str) -> str:
     """The file's text as llama.cpp's `-f` reads it: everything, one trailing newline dropped."""
@@ -70,6 +72,7 @@ def as_scorer(model):
     def score(tokens):
         model.reset()
         return model.forward(tokens, all_logits=True)
+
     return score
 
 
@@ -78,15 +81,17 @@ def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None
     if ctx < 4:
         raise InputError(f"--ctx {ctx} must be at least 4")
     if len(tokens) < 2 * ctx:
-        raise InputError(f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} "
-                         f"needs at least {2 * ctx} (lower --ctx or use a longer text)")
+        raise InputError(
+            f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} "
+            f"needs at least {2 * ctx} (lower --ctx or use a longer text)"
+        )
     n_max = len(tokens) // ctx
     if chunks is not None and chunks < 1:
         raise InputError(f"--chunks {chunks} must be at least 1")
     n = n_max if chunks is None else min(chunks, n_max)
     out = []
     for i in range(n):
-        chunk = list(tokens[i * ctx:(i + 1) * ctx])
+        chunk = list(tokens[i * ctx : (i + 1) * ctx])
         if add_bos and bos is not None:
             chunk[0] = bos
         out.append(chunk)
@@ -103,8 +108,16 @@ def _ppl_stats(nll_sum: float, nll2_sum: float, count: int) -> dict:
 
 # ---- perplexity -------------------------------------------------------------------------------
 
-def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progress: bool = False,
-               add_bos: bool = False, bos: int | None = None) -> dict:
+
+def perplexity(
+    model,
+    tokens,
+    ctx: int = 512,
+    chunks: int | None = None,
+    progress: bool = False,
+    add_bos: bool = False,
+    bos: int | None = None,
+) -> dict:
     """llama.cpp's perplexity of `model` (a scorer, see the module docstring) on `tokens`.
 
     Returns {"ppl", "ppl_stderr", "nll", "chunks", "ctx", "scored", "per_chunk" (running
@@ -118,8 +131,8 @@ def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progres
     t0 = time.perf_counter()
     with progress_bar(len(todo), "perplexity", progress, "chunk") as bar:
         for chunk in todo:
-            logits = np.asarray(score(chunk))[first:ctx - 1]                   # (ctx/2-1, V)
-            target = np.asarray(chunk[first + 1:ctx])
+            logits = np.asarray(score(chunk))[first : ctx - 1]  # (ctx/2-1, V)
+            target = np.asarray(chunk[first + 1 : ctx])
             nll = -log_softmax(logits)[np.arange(target.size), target]
             nll_sum += float(nll.sum())
             nll2_sum += float((nll * nll).sum())
@@ -127,14 +140,29 @@ def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, progres
             running.append(math.exp(nll_sum / count))
             bar.set_postfix(ppl=f"{running[-1]:.4f}")
             bar.update(1)
-    return {**_ppl_stats(nll_sum, nll2_sum, count), "chunks": len(todo), "ctx": ctx,
-            "scored": count, "per_chunk": running, "seconds": time.perf_counter() - t0}
+    return {
+        **_ppl_stats(nll_sum, nll2_sum, count),
+        "chunks": len(todo),
+        "ctx": ctx,
+        "scored": count,
+        "per_chunk": running,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ---- KL divergence ----------------------------------------------------------------------------
 
-def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, progress: bool = False,
-        add_bos: bool = False, bos: int | None = None) -> dict:
+
+def kld(
+    model,
+    reference,
+    tokens,
+    ctx: int = 512,
+    chunks: int | None = None,
+    progress: bool = False,
+    add_bos: bool = False,
+    bos: int | None = None,
+) -> dict:
     """Mean KL(reference || model) per scored token, top-1 agreement and both perplexities.
 
     `model` and `reference` are scorers; the same object twice is computed once (the
@@ -145,17 +173,16 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
     score, ref_score = as_scorer(model), as_scorer(reference)
     todo = _chunks(tokens, ctx, chunks, add_bos, bos)
     first = ctx // 2
-    acc = {"nll": 0.0, "nll2": 0.0, "ref_nll": 0.0, "ref_nll2": 0.0, "kld": 0.0, "kld2": 0.0,
-           "dp2": 0.0, "same": 0}
+    acc = {"nll": 0.0, "nll2": 0.0, "ref_nll": 0.0, "ref_nll2": 0.0, "kld": 0.0, "kld2": 0.0, "dp2": 0.0, "same": 0}
     klds = []
     count = 0
     t0 = time.perf_counter()
     with progress_bar(len(todo), "kl-divergence", progress, "chunk") as bar:
         for chunk in todo:
-            target = np.asarray(chunk[first + 1:ctx])
+            target = np.asarray(chunk[first + 1 : ctx])
             rows = np.arange(target.size)
-            ref = log_softmax(np.asarray(ref_score(chunk))[first:ctx - 1])     # (n, V)
-            ours = ref if same else log_softmax(np.asarray(score(chunk))[first:ctx - 1])
+            ref = log_softmax(np.asarray(ref_score(chunk))[first : ctx - 1])  # (n, V)
+            ours = ref if same else log_softmax(np.asarray(score(chunk))[first : ctx - 1])
             kl = kl_rows(ref, ours)
             nll, ref_nll = -ours[rows, target], -ref[rows, target]
             acc["nll"] += float(nll.sum())
@@ -176,26 +203,37 @@ def kld(model, reference, tokens, ctx: int = 512, chunks: int | None = None, pro
     var = max(acc["kld2"] / count - mean * mean, 0.0)
     ours_stats = _ppl_stats(acc["nll"], acc["nll2"], count)
     ref_stats = _ppl_stats(acc["ref_nll"], acc["ref_nll2"], count)
-    return {"kld": mean, "kld_stderr": math.sqrt(var / (count - 1)) if count > 1 else float("nan"),
-            "kld_p99": float(np.percentile(klds, 99)), "kld_max": float(klds.max()),
-            "top1_agree": acc["same"] / count, "delta_p_rms": math.sqrt(acc["dp2"] / count),
-            **ours_stats, "ref_ppl": ref_stats["ppl"], "ref_ppl_stderr": ref_stats["ppl_stderr"],
-            "ln_ppl_ratio": ours_stats["nll"] - ref_stats["nll"],
-            "chunks": len(todo), "ctx": ctx, "scored": count, "seconds": time.perf_counter() - t0}
+    return {
+        "kld": mean,
+        "kld_stderr": math.sqrt(var / (count - 1)) if count > 1 else float("nan"),
+        "kld_p99": float(np.percentile(klds, 99)),
+        "kld_max": float(klds.max()),
+        "top1_agree": acc["same"] / count,
+        "delta_p_rms": math.sqrt(acc["dp2"] / count),
+        **ours_stats,
+        "ref_ppl": ref_stats["ppl"],
+        "ref_ppl_stderr": ref_stats["ppl_stderr"],
+        "ln_ppl_ratio": ours_stats["nll"] - ref_stats["nll"],
+        "chunks": len(todo),
+        "ctx": ctx,
+        "scored": count,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ---- a model on a text file (hobbit-cli eval) --------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EvalOptions:
-    model: str | None            # a GGUF path; "default" or None: the default MoE
-    text: str                    # the text file to score
-    ctx: int = 512               # tokens per chunk; the second half of each is scored
-    chunks: int | None = None    # score only the first N chunks; None: all
-    threads: int = 0             # 0: physical cores (one fewer through hobbitd)
-    daemon: ThroughDaemon | None = None    # experts through hobbitd (MoE only); None: in-process
+    model: str | None  # a GGUF path; "default" or None: the default MoE
+    text: str  # the text file to score
+    ctx: int = 512  # tokens per chunk; the second half of each is scored
+    chunks: int | None = None  # score only the first N chunks; None: all
+    threads: int = 0  # 0: physical cores (one fewer through hobbitd)
+    daemon: ThroughDaemon | None = None  # experts through hobbitd (MoE only); None: in-process
     progress: bool = True
-    verbose: bool = False        # say how long tokenizing took
+    verbose: bool = False  # say how long tokenizing took
 
 
 def _open(path: str, opts: EvalOptions, daemon: bool):
@@ -211,8 +249,7 @@ def _text_tokens(opts: EvalOptions, tok) -> list[int]:
     t0 = time.perf_counter()
     tokens = tokenize_text(tok, read_text(opts.text))
     if opts.verbose:
-        print(f"{opts.text}: {len(tokens)} tokens ({time.perf_counter() - t0:.1f} s to tokenize)",
-              file=sys.stderr)
+        print(f"{opts.text}: {len(tokens)} tokens ({time.perf_counter() - t0:.1f} s to tokenize)", file=sys.stderr)
     return tokens
 
 
@@ -230,8 +267,15 @@ def eval_ppl(opts: EvalOptions, llama_cpp: bool = False) -> dict:
         tok, score, where = run.tok, run.model, {"engine": "hobbit", "daemon": run.experts is not None}
     try:
         tokens = _text_tokens(opts, tok)
-        r = perplexity(score, tokens, ctx=opts.ctx, chunks=opts.chunks, progress=opts.progress,
-                       add_bos=model_adds_bos(tok), bos=tok.bos)
+        r = perplexity(
+            score,
+            tokens,
+            ctx=opts.ctx,
+            chunks=opts.chunks,
+            progress=opts.progress,
+            add_bos=model_adds_bos(tok),
+            bos=tok.bos,
+        )
     finally:
         if run is not None:
             run.close()
@@ -247,14 +291,22 @@ def _llama_cpp_scorer(path: str, opts: EvalOptions):
 
     n = opts.threads or physical_cores()
     with quiet_stderr():
-        llm = llama_cpp.Llama(model_path=path, n_ctx=opts.ctx, n_batch=min(opts.ctx, 512),
-                              logits_all=True, flash_attn=True, verbose=False,
-                              n_threads=n, n_threads_batch=n)
+        llm = llama_cpp.Llama(
+            model_path=path,
+            n_ctx=opts.ctx,
+            n_batch=min(opts.ctx, 512),
+            logits_all=True,
+            flash_attn=True,
+            verbose=False,
+            n_threads=n,
+            n_threads_batch=n,
+        )
 
     def score(tokens):
         llm.reset()
         llm.eval(list(tokens))
-        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
     return score
 
 
@@ -276,14 +328,31 @@ def eval_kld(opts: EvalOptions, reference: str) -> dict:
             ref_path = resolve_model(reference)
             ref_run = _open(ref_path, opts, daemon=False)
             if ref_run.weights.args.n_vocab != run.weights.args.n_vocab:
-                raise InputError(f"--reference {ref_path}: its vocabulary ({ref_run.weights.args.n_vocab} "
-                                 f"tokens) is not the model's ({run.weights.args.n_vocab})")
+                raise InputError(
+                    f"--reference {ref_path}: its vocabulary ({ref_run.weights.args.n_vocab} "
+                    f"tokens) is not the model's ({run.weights.args.n_vocab})"
+                )
         tokens = _text_tokens(opts, run.tok)
-        r = kld(model, ref_run if ref_run is model else ref_run.model, tokens, ctx=opts.ctx,
-                chunks=opts.chunks, progress=opts.progress, add_bos=model_adds_bos(run.tok), bos=run.tok.bos)
+        r = kld(
+            model,
+            ref_run if ref_run is model else ref_run.model,
+            tokens,
+            ctx=opts.ctx,
+            chunks=opts.chunks,
+            progress=opts.progress,
+            add_bos=model_adds_bos(run.tok),
+            bos=run.tok.bos,
+        )
     finally:
         run.close()
         if ref_run is not None and ref_run is not model:
             ref_run.close()
-    return {"model": path, "reference": reference, "reference_model": ref_path, "text": opts.text,
-            "daemon": run.experts is not None, "tokens": len(tokens), **r}
+    return {
+        "model": path,
+        "reference": reference,
+        "reference_model": ref_path,
+        "text": opts.text,
+        "daemon": run.experts is not None,
+        "tokens": len(tokens),
+        **r,
+    }

@@ -7,6 +7,7 @@ those processes have exited. Both need the right to write the cgroup files (root
 delegated cgroup); where that is missing the constructor raises CgroupUnavailable saying
 why, so a benchmark can say which figures it could not measure fairly.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,10 @@ def _own_cgroup() -> tuple[str, int]:
     """(folder of this process's memory cgroup, version)."""
     with open("/proc/self/cgroup") as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
-    for _, controllers, path in lines:       # v1: "4:memory:/a/b"
+    for _, controllers, path in lines:  # v1: "4:memory:/a/b"
         if "memory" in controllers.split(","):
             return os.path.join(ROOT, "memory", path.lstrip("/")), 1
-    for hid, _, path in lines:               # v2 only: "0::/a/b", memory enabled there
+    for hid, _, path in lines:  # v2 only: "0::/a/b", memory enabled there
         if hid == "0" and os.path.exists(os.path.join(ROOT, "cgroup.controllers")):
             folder = os.path.join(ROOT, path.lstrip("/"))
             with open(os.path.join(ROOT, "cgroup.controllers")) as c:
@@ -43,8 +44,7 @@ class MemoryCgroup:
         try:
             os.mkdir(self.path)
         except OSError as e:
-            raise CgroupUnavailable(f"cannot create a memory cgroup under {parent}: "
-                                    f"{e.strerror}") from None
+            raise CgroupUnavailable(f"cannot create a memory cgroup under {parent}: {e.strerror}") from None
         try:
             if self.version == 2:
                 self._write("memory.max", str(limit))
@@ -57,9 +57,8 @@ class MemoryCgroup:
         self.limit = limit
 
     def _write(self, name: str, value: str) -> None:
-        if self.version == 2 and name == "memory.swap.max" and not os.path.exists(
-                os.path.join(self.path, name)):
-            return       # no swap accounting: nothing to turn off
+        if self.version == 2 and name == "memory.swap.max" and not os.path.exists(os.path.join(self.path, name)):
+            return  # no swap accounting: nothing to turn off
         with open(os.path.join(self.path, name), "w") as f:
             f.write(value)
 
@@ -81,7 +80,7 @@ class MemoryCgroup:
         try:
             os.rmdir(self.path)
         except OSError:
-            pass      # a process is still inside; the folder goes when it is removed later
+            pass  # a process is still inside; the folder goes when it is removed later
 
     def __enter__(self):
         return self
@@ -98,5 +97,4 @@ def drop_page_cache() -> None:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
     except OSError as e:
-        raise CgroupUnavailable(f"cannot drop the page cache (/proc/sys/vm/drop_caches: "
-                                f"{e.strerror})") from None
+        raise CgroupUnavailable(f"cannot drop the page cache (/proc/sys/vm/drop_caches: {e.strerror})") from None

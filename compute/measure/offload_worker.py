@@ -6,6 +6,7 @@ decode], ...], "threads" (0: the engine's default), and for hobbit "socket" (a r
 hobbitd) and "lookahead"; "skip": leave out that many prompt tokens, so that concurrent
 clients get different prompts}. It prints one JSON object: {"runs": [...]} (see worker()).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def worker(spec: dict) -> dict:
         timing = None
     else:
         opts = RunOptions(n_ctx=ctx, n_threads=spec["threads"], lookahead=spec["lookahead"])
-        eng = HobbitEngine(open_run(spec["model"], opts, ThroughDaemon(spec["socket"], autostart=False,
-                                                                        quiet=True), tokenizer=False))
+        eng = HobbitEngine(
+            open_run(spec["model"], opts, ThroughDaemon(spec["socket"], autostart=False, quiet=True), tokenizer=False)
+        )
         timing = eng.model.timing
     out = []
     try:
@@ -51,25 +53,33 @@ def worker(spec: dict) -> dict:
             for _ in range(n_decode):
                 tokens.append(int(np.argmax(eng.step(tokens[-1]))))
             decode_s = time.perf_counter() - t0
-            r = {"prompt": n_prompt, "decode": n_decode, "prefill_s": prefill_s,
-                 "decode_start": start, "decode_end": time.time(),   # wall clock: clients overlap
-                 "decode_tok_s": n_decode / decode_s,
-                 "bytes_per_token": (eng.bytes_read() - b0) / n_decode, "tokens": tokens}
+            r = {
+                "prompt": n_prompt,
+                "decode": n_decode,
+                "prefill_s": prefill_s,
+                "decode_start": start,
+                "decode_end": time.time(),  # wall clock: clients overlap
+                "decode_tok_s": n_decode / decode_s,
+                "bytes_per_token": (eng.bytes_read() - b0) / n_decode,
+                "tokens": tokens,
+            }
             if before:
-                r["prefill_split_s"] = {"compute": timing0[0] - before[0],
-                                        "expert_wait": timing0[1] - before[1]}
+                r["prefill_split_s"] = {"compute": timing0[0] - before[0], "expert_wait": timing0[1] - before[1]}
             if timing0:
                 c = timing.compute_s - timing0[0]
                 w = timing.expert_wait_s - timing0[1]
-                r["split_ms"] = {"compute": 1e3 * c / n_decode, "expert_wait": 1e3 * w / n_decode,
-                                 "other": 1e3 * (decode_s - c - w) / n_decode}
+                r["split_ms"] = {
+                    "compute": 1e3 * c / n_decode,
+                    "expert_wait": 1e3 * w / n_decode,
+                    "other": 1e3 * (decode_s - c - w) / n_decode,
+                }
             out.append(r)
     finally:
         eng.close()
     return {"runs": out}
 
 
-if __name__ == "__main__":        # one JSON spec in, one JSON result out
+if __name__ == "__main__":  # one JSON spec in, one JSON result out
     try:
         print(json.dumps(worker(json.loads(sys.argv[1]))))
     except HobbitError as e:

@@ -15,6 +15,7 @@ weights renormalised. Per layer it reports
   - gate weights: the mean top-1 weight and the shares of routed experts HOBBIT would load
     in high / low precision or skip on a miss (unimportance thresholds T1, T2).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,23 +37,27 @@ def _locality(sel_chunks: list, n_expert: int) -> dict:
             continue
         m = np.zeros((len(sel), n_expert), bool)
         np.put_along_axis(m, sel, True, axis=1)
-        common = (m[1:] & m[:-1]).sum(axis=1)                                 # (T-1,)
+        common = (m[1:] & m[:-1]).sum(axis=1)  # (T-1,)
         k = sel.shape[1]
         overlap.append(common / k)
         any_.append(common > 0)
         all_.append(common == k)
     if not overlap:
         return {"overlap": float("nan"), "reuse_any": float("nan"), "reuse_all": float("nan")}
-    return {"overlap": float(np.concatenate(overlap).mean()),
-            "reuse_any": float(np.concatenate(any_).mean()),
-            "reuse_all": float(np.concatenate(all_).mean())}
+    return {
+        "overlap": float(np.concatenate(overlap).mean()),
+        "reuse_any": float(np.concatenate(any_).mean()),
+        "reuse_all": float(np.concatenate(all_).mean()),
+    }
 
 
 def uniform_baseline(n_expert: int, k: int) -> dict:
     """Locality under uniform random routing of K of E experts per token."""
-    return {"overlap": k / n_expert,
-            "reuse_any": 1.0 - math.comb(n_expert - k, k) / math.comb(n_expert, k),
-            "reuse_all": 1.0 / math.comb(n_expert, k)}
+    return {
+        "overlap": k / n_expert,
+        "reuse_any": 1.0 - math.comb(n_expert - k, k) / math.comb(n_expert, k),
+        "reuse_all": 1.0 / math.comb(n_expert, k),
+    }
 
 
 def layer_stats(sel_chunks: list, w_chunks: list, n_expert: int, t1: float, t2: float) -> dict:
@@ -72,17 +77,18 @@ def layer_stats(sel_chunks: list, w_chunks: list, n_expert: int, t1: float, t2: 
         "top_quarter_share": float(np.sort(share)[::-1][:quarter].sum()),
         "unused": int((counts == 0).sum()),
         # share of tokens routed to the least / most used expert (uniform: K/E for both)
-        "rate_min": float(counts.min() / len(sel)), "rate_max": float(counts.max() / len(sel)),
+        "rate_min": float(counts.min() / len(sel)),
+        "rate_max": float(counts.max() / len(sel)),
         **_locality(sel_chunks, n_expert),
         "shuffled": _locality([shuffled], n_expert),
         "top1_weight": float(w[:, 0].mean()),
-        "high": float((s <= t1).mean()), "low": float(((s > t1) & (s <= t2)).mean()),
+        "high": float((s <= t1).mean()),
+        "low": float(((s > t1) & (s <= t2)).mean()),
         "skip": float((s > t2).mean()),
     }
 
 
-def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.9,
-                  progress: bool = False) -> dict:
+def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.9, progress: bool = False) -> dict:
     """Route `tokens` through `model` (an in-process Model whose RunOptions.taps include
     "router_in"); see the module docstring for what is returned."""
     from ..engine.moe import Routers
@@ -103,23 +109,44 @@ def routing_stats(model, tokens, ctx: int = 512, t1: float = 0.6, t2: float = 0.
     starts = range(0, len(tokens), ctx)
     with progress_bar(len(tokens), "routing", progress, "tok") as bar:
         for start in starts:
-            chunk = list(tokens[start:start + ctx])
+            chunk = list(tokens[start : start + ctx])
             model.reset()
             model.forward(chunk, all_logits=True)
-            for m, il in enumerate(a.moe_layers):   # routed as the model routes
+            for m, il in enumerate(a.moe_layers):  # routed as the model routes
                 sel, w, _ = routers.route(model.taps[f"router_in.{il}"], m, m + 1)
-                sels[m].append(sel[0])           # the weights as shares of their sum
+                sels[m].append(sel[0])  # the weights as shares of their sum
                 ws[m].append(w[0] / w[0].sum(axis=-1, keepdims=True))
             bar.update(len(chunk))
     layers = [layer_stats(sels[m], ws[m], a.n_expert, t1, t2) for m in range(M)]
-    keys = ("max_over_mean", "entropy", "top_quarter_share", "rate_min", "rate_max", "overlap", "reuse_any",
-            "reuse_all", "top1_weight", "high", "low", "skip")
+    keys = (
+        "max_over_mean",
+        "entropy",
+        "top_quarter_share",
+        "rate_min",
+        "rate_max",
+        "overlap",
+        "reuse_any",
+        "reuse_all",
+        "top1_weight",
+        "high",
+        "low",
+        "skip",
+    )
     mean = {k: float(np.mean([ls[k] for ls in layers])) for k in keys}
-    mean["shuffled"] = {k: float(np.mean([ls["shuffled"][k] for ls in layers]))
-                        for k in ("overlap", "reuse_any", "reuse_all")}
-    return {"tokens": len(tokens), "ctx": ctx, "n_layer": M, "experts": a.n_expert,
-            "top_k": a.n_expert_used, "thresholds": [t1, t2],
-            "uniform": uniform_baseline(a.n_expert, a.n_expert_used), "mean": mean, "layers": layers}
+    mean["shuffled"] = {
+        k: float(np.mean([ls["shuffled"][k] for ls in layers])) for k in ("overlap", "reuse_any", "reuse_all")
+    }
+    return {
+        "tokens": len(tokens),
+        "ctx": ctx,
+        "n_layer": M,
+        "experts": a.n_expert,
+        "top_k": a.n_expert_used,
+        "thresholds": [t1, t2],
+        "uniform": uniform_baseline(a.n_expert, a.n_expert_used),
+        "mean": mean,
+        "layers": layers,
+    }
 
 
 def verdict(r: dict) -> str:
@@ -129,40 +156,48 @@ def verdict(r: dict) -> str:
     # experts per token the spread of the per-expert rates is the telling figure
     skewed = m["rate_max"] - m["rate_min"] >= 0.2
     local = m["overlap"] > m["shuffled"]["overlap"] + 0.02
-    return (f"popularity {'skewed' if skewed else 'near uniform'} (tokens per expert from "
-            f"{m['rate_min']:.0%} to {m['rate_max']:.0%}, uniform {r['top_k'] / r['experts']:.0%}; "
-            f"max/mean {m['max_over_mean']:.2f}, entropy {m['entropy']:.3f} of uniform); temporal locality "
-            f"{'present' if local else 'absent'} (overlap with the previous token {m['overlap']:.3f} vs "
-            f"{m['shuffled']['overlap']:.3f} shuffled, {u['overlap']:.3f} uniform random)")
+    return (
+        f"popularity {'skewed' if skewed else 'near uniform'} (tokens per expert from "
+        f"{m['rate_min']:.0%} to {m['rate_max']:.0%}, uniform {r['top_k'] / r['experts']:.0%}; "
+        f"max/mean {m['max_over_mean']:.2f}, entropy {m['entropy']:.3f} of uniform); temporal locality "
+        f"{'present' if local else 'absent'} (overlap with the previous token {m['overlap']:.3f} vs "
+        f"{m['shuffled']['overlap']:.3f} shuffled, {u['overlap']:.3f} uniform random)"
+    )
 
 
 def format_stats(r: dict) -> str:
     u = r["uniform"]
-    lines = [f"routing of {r['tokens']} tokens: E={r['experts']} K={r['top_k']}, chunks of {r['ctx']}",
-             "layer  max/mean  entropy  top25%  rate min/max  overlap(shuf)    reuse>=1(shuf)   reuse all  "
-             "top1 w  high/low/skip"]
+    lines = [
+        f"routing of {r['tokens']} tokens: E={r['experts']} K={r['top_k']}, chunks of {r['ctx']}",
+        "layer  max/mean  entropy  top25%  rate min/max  overlap(shuf)    reuse>=1(shuf)   reuse all  "
+        "top1 w  high/low/skip",
+    ]
     rows = list(enumerate(r["layers"])) + [("mean", r["mean"])]
     for il, s in rows:
-        lines.append(f"{il!s:>5}  {s['max_over_mean']:8.2f}  {s['entropy']:7.3f}  {s['top_quarter_share']:6.3f}  "
-                     f"{s['rate_min']:5.2f}/{s['rate_max']:4.2f}  "
-                     f"{s['overlap']:.3f} ({s['shuffled']['overlap']:.3f})  "
-                     f"{s['reuse_any']:.3f} ({s['shuffled']['reuse_any']:.3f})   {s['reuse_all']:9.4f}  "
-                     f"{s['top1_weight']:6.3f}  {s['high']:.2f}/{s['low']:.2f}/{s['skip']:.2f}")
-    lines.append(f"uniform random routing: overlap {u['overlap']:.3f}, reuse>=1 {u['reuse_any']:.3f}, "
-                 f"reuse all {u['reuse_all']:.2e}; top25% share 0.25, max/mean 1, entropy 1")
+        lines.append(
+            f"{il!s:>5}  {s['max_over_mean']:8.2f}  {s['entropy']:7.3f}  {s['top_quarter_share']:6.3f}  "
+            f"{s['rate_min']:5.2f}/{s['rate_max']:4.2f}  "
+            f"{s['overlap']:.3f} ({s['shuffled']['overlap']:.3f})  "
+            f"{s['reuse_any']:.3f} ({s['shuffled']['reuse_any']:.3f})   {s['reuse_all']:9.4f}  "
+            f"{s['top1_weight']:6.3f}  {s['high']:.2f}/{s['low']:.2f}/{s['skip']:.2f}"
+        )
+    lines.append(
+        f"uniform random routing: overlap {u['overlap']:.3f}, reuse>=1 {u['reuse_any']:.3f}, "
+        f"reuse all {u['reuse_all']:.2e}; top25% share 0.25, max/mean 1, entropy 1"
+    )
     lines.append(verdict(r))
     return "\n".join(lines)
 
 
 @dataclass(frozen=True)
 class RoutingOptions:
-    model: str | None            # a MoE GGUF path; "default" or None: the default MoE
-    text: str                    # the text file to route
-    tokens: int = 8192           # route its first N tokens
-    ctx: int = 512               # tokens per chunk, each from an empty cache
-    t1: float = 0.6              # HOBBIT's high-precision threshold
-    t2: float = 0.9              # HOBBIT's skip threshold
-    threads: int = 0             # 0: physical cores
+    model: str | None  # a MoE GGUF path; "default" or None: the default MoE
+    text: str  # the text file to route
+    tokens: int = 8192  # route its first N tokens
+    ctx: int = 512  # tokens per chunk, each from an empty cache
+    t1: float = 0.6  # HOBBIT's high-precision threshold
+    t2: float = 0.9  # HOBBIT's skip threshold
+    threads: int = 0  # 0: physical cores
     progress: bool = True
 
 
@@ -176,9 +211,8 @@ def route_text(opts: RoutingOptions) -> dict:
         if not weights.args.is_moe:
             raise ModelError(f"{weights.path}: a dense model has no router to study")
 
-    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=min(opts.ctx, 512), n_threads=opts.threads,
-                          taps=("router_in",))
+    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=min(opts.ctx, 512), n_threads=opts.threads, taps=("router_in",))
     with open_run(opts.model, run_opts, check=check) as run:
-        tokens = tokenize_text(run.tok, read_text(opts.text))[:opts.tokens]
+        tokens = tokenize_text(run.tok, read_text(opts.text))[: opts.tokens]
         r = routing_stats(run.model, tokens, ctx=opts.ctx, t1=opts.t1, t2=opts.t2, progress=opts.progress)
     return {"model": run.path, "text": opts.text, **r}
