@@ -1,7 +1,7 @@
 """Positions past 256, 512 and 1,024, in every path: in-process, one graph through hobbitd
 (every expert cached) and per layer through hobbitd (half of the experts cached: one layer of two).
 
-A 1,100-token prompt (three batches of at most 512) is scored at every position, then 400
+A 1,300-token prompt (three batches of at most 512) is scored at every position, then 200
 tokens are decoded one at a time, teacher-forced on a fixed sequence, to position 1,500;
 every position's logits are compared with llama.cpp's. Decoding over 512 or more KV cells
 is where ggml's attention would split its sums by thread; the engine computes it the same
@@ -22,7 +22,7 @@ from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.engine.weights import open_model
 from hobbit.loader.layout import gguf_experts
 
-N_PROMPT, N_TOTAL, N_CTX = 1100, 1500, 2048
+N_PROMPT, N_TOTAL, N_CTX = 1300, 1500, 2048
 TOL = 1e-4
 MODELS = {
     "llama": dict(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2),
