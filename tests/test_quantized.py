@@ -307,7 +307,8 @@ ARCH_Q4 = [
 
 
 def arch_q4_k_m(quantized, arch: str) -> str:
-    from test_archs import GPT_OSS, options
+    from conftest import GPT_OSS
+    from test_archs import options
 
     kw = {**GPT_OSS, "layers": 6} if arch == "gpt-oss" else options(arch, "m")
     kw.pop("type", None)
