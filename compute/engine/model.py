@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ...loader.layout import PARTS, routed_expert_tensors
+from ...loader.layout import PARTS, routed_expert_tensors, rows_on_use
 from ...loader.precision import HIGH, LOW
 from ...protocol.errors import InputError
 from . import ggml
@@ -126,10 +126,11 @@ class Model:
         self.prefetch = PrefetchStats()
         self.pool: Pool | None = None
         self.segments: Segments | None = None
+        weights.read_by_rows(rows_on_use(weights))  # as llama.cpp's mmap: a row's pages on use
         if experts is not None and experts.remote:
-            # what this process reads itself (attention, routers, embeddings, output): read
-            # ahead now; the routed experts come from hobbitd's slots, never from the file
-            weights.will_need(routed_expert_tensors(weights))
+            # what this process reads itself (attention, routers, output): read ahead now;
+            # the routed experts come from hobbitd's slots, embedding rows as they are used
+            weights.will_need(routed_expert_tensors(weights) | rows_on_use(weights))
         if experts is not None:
             self.pool = Pool(self.wctx, a, experts)
             self.segments = Segments(
