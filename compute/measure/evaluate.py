@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...protocol.errors import InputError
-from ..divergence import kl_rows, log_softmax
+from ..divergence import BLOCK, kl_rows, log_softmax
 from ..progress import progress_bar
 
 if TYPE_CHECKING:  # only named: importing runs loads the engine
@@ -64,9 +64,6 @@ def tokenize_text(tok, text: str) -> list[int]:
 def model_adds_bos(tok) -> bool:
     """Whether the model's vocabulary asks for BOS (llama_vocab_get_add_bos)."""
     return tok.add_bos
-
-
-BLOCK = 32  # rows scored at once (float64 log-probabilities: BLOCK x V x 8 bytes, twice)
 
 
 def as_scorer(model):
