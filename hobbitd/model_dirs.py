@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from ..loader.gguf_split import is_later_part
 from ..protocol.errors import RequestError
 
 MAX_LISTED = 1000  # GGUFs `hobbit-cli models` is told about; a folder may hold more
@@ -35,7 +36,8 @@ def allowed_model(path: str, models: list[str], dirs: list[str]) -> str:
 
 
 def listed_models(dirs: list[str]) -> list[str]:
-    """The .gguf files inside `dirs` (recursively, links not followed out), sorted."""
+    """The .gguf files inside `dirs` (recursively, links not followed out), sorted; a split
+    model once, by its first part (the one it is opened by)."""
     found = set()
     for d in dirs:
         root = os.path.realpath(d)
@@ -43,7 +45,12 @@ def listed_models(dirs: list[str]) -> list[str]:
             subdirs.sort()
             for f in files:
                 real = os.path.realpath(os.path.join(folder, f))
-                if f.endswith(".gguf") and os.path.commonpath([real, root]) == root and os.path.isfile(real):
+                if (
+                    f.endswith(".gguf")
+                    and not is_later_part(f)
+                    and os.path.commonpath([real, root]) == root
+                    and os.path.isfile(real)
+                ):
                     found.add(real)
             if len(found) >= MAX_LISTED:
                 break
