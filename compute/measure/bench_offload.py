@@ -275,7 +275,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
         raise InputError(f"{path}: not a mixture-of-experts model")
     src = gguf_experts(w)
     expert_bytes = src.total_bytes
-    other_bytes = os.path.getsize(path) - expert_bytes
+    other_bytes = w.total_bytes - expert_bytes  # every part of a split model
     budget = budget_bytes(opts.budget, expert_bytes)
     cache = budget - other_bytes
     if cache < src.n_expert * src.format.slot_bytes:
@@ -286,7 +286,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     limit = budget + opts.allowance
     report = {
         "model": path,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": w.total_bytes,
         "expert_bytes": expert_bytes,
         "budget": budget,
         "allowance": opts.allowance,
