@@ -15,13 +15,13 @@ import pytest
 from daemon_util import daemon_args, run_daemon
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine.weights import open_model
-from hobbit.compute.make.split import split_gguf
+from hobbit.compute.make.split import parse_split_size, split_gguf
 from hobbit.hobbitd.model_dirs import listed_models
 from hobbit.loader.companion import open_companion
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.gguf_reader import GGUFHeaderReader
 from hobbit.loader.layout import PARTS, gguf_experts
-from hobbit.protocol.errors import ModelError
+from hobbit.protocol.errors import InputError, ModelError
 from test_archs import expert_cache_bytes
 from test_daemon_lifecycle import run_failing
 from test_parity import assert_parity
@@ -179,3 +179,61 @@ def test_a_missing_or_wrong_part_is_one_line_naming_the_file(parts, tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"hobbit-cli: error: {e.value}"], r.stderr
     line = run_failing(daemon_args([mine[0]], "4M", str(tmp_path / "d.sock")))
     assert line == f"hobbitd: error: {e.value}"
+
+
+def test_a_split_written_by_gguf_py_opens_and_matches_llama_cpp(synth, tmp_path):
+    """Another writer's parts (gguf-py's GGUFWriter with split_max_size, which counts
+    unpadded sizes) open by their first part too: the reader follows the keys, not our
+    writer's habits."""
+    import gguf
+    import numpy as np
+
+    from hobbit.compute.make.gguf_writer import copied_fields
+
+    src = open_gguf(synth(**MODEL))
+    w = gguf.GGUFWriter(tmp_path / "g.gguf", src.arch, split_max_size=16 * 10**6)
+    for key, value, vtype, sub in copied_fields(
+        src.reader, lambda k: not k.startswith("GGUF.") and k != "general.architecture"
+    ):
+        w.add_key_value(key, value, vtype, sub)
+    for name, t in src.tensors.items():
+        rows = int(np.prod(t.shape[1:]))
+        data = np.asarray(src.data(name)).reshape(*t.shape[1:][::-1], t.nbytes // rows)  # bytes, numpy order
+        w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(t.type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    first = str(tmp_path / "g-00001-of-00003.gguf")
+    assert open_gguf(first).paths == tuple(str(tmp_path / f"g-0000{i}-of-00003.gguf") for i in (1, 2, 3))
+    assert_parity(first, n_decode=8)
+
+
+def test_synth_writes_a_split_model_from_the_command_line(tmp_path):
+    """`hobbit-cli synth OUT --split-max-size SIZE`: the parts beside OUT, named as
+    gguf-split names them, the first part printed, nothing else left; a size smaller than
+    the first tensor is refused in one line, as gguf-split refuses it."""
+    out = tmp_path / "t.gguf"
+    flags = ["--layers", "2", "--d-model", "128", "--d-ff", "256", "--heads", "4", "--kv-heads", "2"]
+    r = subprocess.run([*CLI, "synth", str(out), *flags, "--split-max-size", "7M"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    names = [f"t-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path)) == names
+    assert r.stdout.startswith(f"{tmp_path / names[0]}: ") and "in 3 parts" in r.stdout, r.stdout
+    assert len(open_gguf(str(tmp_path / names[0])).paths) == 3
+    r = subprocess.run(
+        [*CLI, "synth", str(tmp_path / "u.gguf"), *flags, "--split-max-size", "1M"], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "no tensor" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == names
+
+
+@pytest.mark.parametrize("text, n", [("7M", 7 * 10**6), ("2g", 2 * 10**9), ("4096", 4096)])
+def test_split_sizes_count_as_gguf_split_counts(text, n):
+    assert parse_split_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "0", "1.5G", "3T", "M"])
+def test_a_bad_split_size_is_refused(text):
+    with pytest.raises(InputError):
+        parse_split_size(text)
