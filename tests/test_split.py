@@ -16,12 +16,12 @@ from daemon_util import daemon_args, run_daemon
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine.weights import open_model
 from hobbit.compute.make.split import parse_split_size, split_gguf
-from hobbit.hobbitd.model_dirs import listed_models
+from hobbit.hobbitd.model_dirs import allowed_model, listed_models
 from hobbit.loader.companion import open_companion
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.gguf_reader import GGUFHeaderReader
 from hobbit.loader.layout import PARTS, gguf_experts
-from hobbit.protocol.errors import InputError, ModelError
+from hobbit.protocol.errors import InputError, ModelError, RequestError
 from test_archs import expert_cache_bytes
 from test_daemon_lifecycle import run_failing
 from test_parity import assert_parity
@@ -237,3 +237,15 @@ def test_split_sizes_count_as_gguf_split_counts(text, n):
 def test_a_bad_split_size_is_refused(text):
     with pytest.raises(InputError):
         parse_split_size(text)
+
+
+def test_a_part_linked_from_outside_the_model_folder_is_not_served(parts, tmp_path):
+    """hobbitd reads every part of a model a client asks for, so each must be inside its
+    model folders, as the first part must (a link inside leading out does not count)."""
+    folder = tmp_path / "models"
+    mine = linked(parts[:2], folder)
+    assert allowed_model(mine[0], [], [str(folder)]) == mine[0]  # a missing part: open_gguf says so
+    os.symlink(parts[2], folder / os.path.basename(parts[2]))
+    with pytest.raises(RequestError) as e:
+        allowed_model(mine[0], [], [str(folder)])
+    assert e.value.code == "not_allowed" and f"its part {parts[2]} is outside" in str(e.value)
