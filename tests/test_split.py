@@ -20,6 +20,7 @@ from hobbit.hobbitd.model_dirs import allowed_model, listed_models
 from hobbit.loader.companion import open_companion
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.gguf_reader import GGUFHeaderReader
+from hobbit.loader.gguf_split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
 from hobbit.loader.layout import PARTS, gguf_experts
 from hobbit.protocol.errors import InputError, ModelError, RequestError
 from test_archs import expert_cache_bytes
@@ -28,7 +29,14 @@ from test_parity import assert_parity
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
-SPLIT_KEYS = ["split.no", "split.count", "split.tensors.count"]
+SPLIT_KEYS = [SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS]
+
+
+def test_the_split_keys_are_gguf_py_s():
+    import gguf
+
+    split = gguf.Keys.Split
+    assert SPLIT_KEYS == [split.LLM_KV_SPLIT_NO, split.LLM_KV_SPLIT_COUNT, split.LLM_KV_SPLIT_TENSORS_COUNT]
 
 
 def three_parts(source: str, prefix: str) -> list[str]:
@@ -88,7 +96,7 @@ def test_parts_are_written_as_gguf_split_writes_them(synth, parts):
 
 def test_in_process_matches_llama_cpp(parts):
     """llama.cpp opens the split model by its first part, and so do we."""
-    assert_parity(parts[0])
+    assert_parity(parts[0], n_decode=16)
 
 
 def test_hobbitd_opens_it_on_demand_from_a_folder_and_matches_llama_cpp(parts, tmp_path):
