@@ -219,6 +219,20 @@ def routed_expert_tensors(file: GGUFFile) -> set:
     } & set(file.tensors)
 
 
+def rows_on_use(file: GGUFFile) -> set:
+    """Tensors a client reads a few rows of per token: the token embedding, unless the output
+    matrix is tied to it. Their pages come in as rows are used (as llama.cpp's mmap does),
+    so they are neither read ahead nor counted as resident."""
+    return {"token_embd.weight"} & set(file.tensors) if "output.weight" in file.tensors else set()
+
+
+def client_resident_bytes(file: GGUFFile) -> int:
+    """The bytes of the file a client keeps in memory: every tensor but the routed experts
+    (hobbitd's slots) and the rows read on use. A memory budget gives hobbitd's cache the rest."""
+    skip = routed_expert_tensors(file) | rows_on_use(file)
+    return sum(t.nbytes for name, t in file.tensors.items() if name not in skip)
+
+
 def gguf_experts(file: GGUFFile) -> ExpertSource:
     """The high-precision experts of an open MoE GGUF, read in place (no copy of the file),
     with their biases where every layer has all three (gpt-oss). Its layer l is block
