@@ -45,12 +45,12 @@ class ModelCache(Counts):
     def __post_init__(self):
         for prec, src in ((HIGH, self.source), (LOW, self.low)):
             if src is not None:
-                self.opened[prec] = _file_identity(src.path)
+                self.opened[prec] = [_file_identity(f) for f in src.files]  # every part of a split model
 
     def changed(self, precision: str) -> bool:
         """Whether the file `precision` reads from is no longer the one opened: truncated,
         rewritten or replaced under the daemon (what it serves is stale)."""
-        return _file_identity(self.source_of(precision).path) != self.opened.get(precision)
+        return [_file_identity(f) for f in self.source_of(precision).files] != self.opened.get(precision)
 
     def source_of(self, precision: str) -> ExpertSource:
         """The file `precision`'s experts are read from."""

@@ -77,8 +77,8 @@ class Reads:
                     mo.verified.add(key)
         else:
             segments = [
-                ReadSegment(src.path, off, n, base + o)
-                for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))
+                ReadSegment(src.file_of(key[0], p), off, n, base + o)
+                for p, ((off, n), o) in enumerate(zip(src.ranges(*key), src.format.offsets(key[0])))
             ]
         t0 = time.monotonic()
 

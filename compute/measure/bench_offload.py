@@ -287,7 +287,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     limit = budget + opts.allowance
     report = {
         "model": path,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": w.total_bytes,
         "expert_bytes": expert_bytes,
         "budget": budget,
         "allowance": opts.allowance,
