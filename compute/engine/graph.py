@@ -1,6 +1,7 @@
 """ggml graphs: the model's weight tensors as a graph reads them (Tensors), one built
-graph (Graph), and the cache of them (Plans): a graph (or a forward's list of segments) is
-built once per shape and reused, only its input tensors rewritten.
+graph (Graph), the one activation buffer a model's graphs take turns in (Arena), and the
+cache of them (Plans): a graph (or a forward's list of segments) is built once per shape
+and reused, only its input tensors rewritten.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from . import ggml
 from .ggml import lib
 
 GRAPH_SIZE = 8192  # max nodes per graph
-MAX_PLANS = 12  # shapes kept per model (each owns its activation buffers)
+MAX_PLANS = 12  # shapes kept per model (their graphs share one activation buffer: Arena)
 
 
 class Tensors(dict):
@@ -52,13 +53,42 @@ class Timing:
     last_graph_s: float = 0.0  # the latest graph alone: the next one of a forward takes about as long
 
 
+class Arena:
+    """One activation buffer for all of a model's graphs, which run one at a time. ggml's
+    allocator lays each graph out in it when the graph is built (offsets from the buffer's
+    start, reusing memory as tensors die); graphs overlap, so every input is written before
+    each compute. When a new graph needs more, the buffer is reallocated and `epoch` grows:
+    the graphs laid out before are laid out again before their next compute. A buffer per
+    graph held every segment's activations at once: the 9 graphs of a 512-token chunk of a
+    128-expert model took 600 MB (the expert outputs alone, K x D x T floats, are 33 MB a
+    graph), and each new chunk shape 600 MB more."""
+
+    def __init__(self, buft):
+        self.galloc = lib.ggml_gallocr_new(buft)
+        self.epoch = 0
+
+    def lay_out(self, g: Graph) -> None:
+        """Give g's unallocated tensors their addresses (growing the buffer if g needs more)."""
+        size = lib.ggml_gallocr_get_buffer_size(self.galloc, 0)
+        if not lib.ggml_gallocr_alloc_graph(self.galloc, g.graph):
+            raise MemoryError("could not allocate the graph's activations")
+        if lib.ggml_gallocr_get_buffer_size(self.galloc, 0) != size:  # a new buffer
+            self.epoch += 1
+
+    def free(self) -> None:
+        if self.galloc:
+            lib.ggml_gallocr_free(self.galloc)
+            self.galloc = None
+
+
 @dataclass
 class Graph:
     """One graph: its context, its named inputs (written before each compute) and outputs."""
 
     ctx: ggml.Context
     graph: int
-    galloc: int | None = None
+    arena: Arena | None = None
+    epoch: int = -1  # the arena's epoch the graph was laid out in
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     # numpy views of the allocated inputs (flat) and outputs ((T', X)): made once, so a
@@ -91,18 +121,35 @@ class Graph:
         lib.ggml_build_forward_expand(self.graph, x)
         self.outputs[name] = x
 
-    def allocate(self, buft) -> None:
-        """Give the graph its activations and make the views. An input no node reads has
-        no memory and no view (positions in a segment whose layers all go without RoPE)."""
-        self.galloc = lib.ggml_gallocr_new(buft)
-        if not lib.ggml_gallocr_alloc_graph(self.galloc, self.graph):
-            raise MemoryError("could not allocate the graph's activations")
+    def allocate(self, arena: Arena) -> None:
+        """Lay the graph out in the model's arena now (a graph too large fails when it is
+        built), and again before a compute if the arena's buffer changed meanwhile. An input
+        no node reads has no memory and no view (positions in a segment whose layers all go
+        without RoPE)."""
+        self.arena = arena
+        self._place()
+
+    def _place(self) -> None:
+        arena = self.arena
+        assert arena is not None, "allocate() the graph first"
+        if self.epoch == arena.epoch:
+            return
+        if self.epoch >= 0:  # laid out in a buffer since freed: forget those addresses
+            t = lib.ggml_get_first_tensor(self.c)
+            while t:
+                if t.contents.buffer:  # allocated (or viewed) in the arena, not given memory
+                    t.contents.data, t.contents.buffer = None, None
+                t = lib.ggml_get_next_tensor(self.c, t)
+        arena.lay_out(self)
+        self.epoch = arena.epoch
         self.feeds = {name: ggml.array(x) for name, x in self.inputs.items() if x.contents.data}
         self.results = {name: ggml.array(t, (t.contents.ne[1], t.contents.ne[0])) for name, t in self.outputs.items()}
 
     def compute(self, backend, feed: dict, timing: Timing) -> dict:
-        """Write the inputs feed names (others are left as they are), compute, and return
-        every output (T', X) as a copy: the graph's memory is rewritten by its next compute."""
+        """Write the inputs feed names (the others hold whatever the graph run before left:
+        feed every input), compute, and return every output (T', X) as a copy: the arena is
+        rewritten by the next graph."""
+        self._place()
         for name, view in self.feeds.items():
             if name in feed:
                 view[:] = feed[name].ravel()
@@ -116,9 +163,7 @@ class Graph:
 
     def free(self) -> None:
         self.feeds, self.results = {}, {}
-        if self.galloc:
-            lib.ggml_gallocr_free(self.galloc)
-            self.galloc = None
+        self.arena = None
         self.ctx.free()
 
 

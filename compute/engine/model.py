@@ -48,7 +48,7 @@ from . import ggml
 from .attention import Attention, KVCache
 from .experts import ExpertProvider
 from .ggml import lib
-from .graph import Graph, Plans, Tensors, Timing, scaled
+from .graph import Arena, Graph, Plans, Tensors, Timing, scaled
 from .moe import ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router, slots_of, topk_weights
 from .pool import Pool
 from .segments import PrefetchStats, Segments, Variant, Variants
@@ -107,6 +107,7 @@ class Model:
         self.n_threads = 0
         self._set_threads(self.opts.n_threads or default_threads(experts))
         self.buft = lib.ggml_backend_cpu_buffer_type()
+        self.arena = Arena(self.buft)  # every graph's activations, one graph at a time
 
         # Weight tensors point straight into the mmapped GGUF; + per layer the K and V
         # caches, one view per expert part and precision (the pool) and a slot table
@@ -194,6 +195,7 @@ class Model:
 
     def close(self) -> None:
         self.plans.clear()
+        self.arena.free()
         if self.backend:
             lib.ggml_backend_free(self.backend)
             self.backend = None
@@ -279,7 +281,7 @@ class Model:
 
     def _allocated(self, g: Graph, T: int) -> Graph:
         try:
-            g.allocate(self.buft)
+            g.allocate(self.arena)
         except MemoryError:
             g.free()
             raise MemoryError(f"could not allocate activations for a {T}-token graph") from None
