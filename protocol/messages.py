@@ -31,7 +31,9 @@ its directory (int32 [n_layer, n_expert]) is at `directory` there and its pin co
 rows_offset + 4 * (row * n_slots + first_slot + i).
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
-too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, not_allowed (a
+too_many_sessions (HELLO beyond the daemon's max_sessions, or a process's or user's
+share of them; the message starts "no free session" and names who holds them), busy (a
+REQUEST beyond the client's max_requests served at once), unknown_model, not_allowed (a
 HELLO's model outside the daemon's models and model folders), bad_request,
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
 io (a failed read; its message says "stale" when the file changed after the daemon opened
