@@ -34,7 +34,8 @@ Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_sess
 too_many_sessions (HELLO beyond the daemon's max_sessions, or a process's or user's
 share of them; the message starts "no free session" and names who holds them), busy (a
 REQUEST beyond the client's max_requests served at once), unknown_model, not_allowed (a
-HELLO's model outside the daemon's models and model folders), bad_request,
+HELLO's model outside the daemon's models and model folders), bad_request (also: a
+HELLO's model that is no path, e.g. with a NUL byte; scores that are NaN or infinite),
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
 io (a failed read; its message says "stale" when the file changed after the daemon opened
 it), checksum, shutting_down, internal (a daemon bug).
