@@ -111,6 +111,7 @@ def test_a_flooding_client_does_not_slow_another(synth, tmp_path):
         assert "flooder" in d.stderr and "does not read" in d.stderr, d.stderr[-2000:]
         assert left["models"][model]["regions"]["high"]["pinned"] == 0
         grown = daemon.memory_info().rss - rss_before
+        print(f"hobbitd's memory after the flood: {grown / 2**20:+.1f} MiB")
         assert grown < 20 << 20, f"hobbitd kept {grown / 2**20:.0f} MiB more after the flood"
 
 
