@@ -75,3 +75,18 @@ def test_nan_router_scores_fail_the_request_in_exact_mode(synth, tmp_path):
             assert (cmd, msg["code"]) == (m.Cmd.ERROR, "bad_request"), msg
         finally:
             s.close(linger=0)
+
+
+def test_nan_router_in_process_is_one_line(synth, tmp_path):
+    """In process (no thresholds, one graph) a NaN router makes NaN logits: sampling says
+    so in one line rather than print a greedy token of NaNs or raise an IndexError."""
+    path = nan_router_model(synth(**SYNTH), tmp_path / "nan.gguf")
+    for temperature in ("0", "0.8"):
+        r = subprocess.run(
+            [*CLI, "generate", path, "-p", "Hello there", "-n", "4", "--temperature", temperature, "--no-daemon"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and "logits are NaN or infinite" in r.stderr, r.stderr
