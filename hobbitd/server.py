@@ -20,9 +20,11 @@ max_sessions_per_process of one process and max_sessions_per_user of one user.
 Fairness (issue 31). Messages are served one client at a time in turn, from queues of at
 most INBOX_MAX each (hobbitd/inbox.py); at most max_requests of a client's requests are
 served at once (beyond: busy). A client that does not read its answers is dropped with a
-log line, its pins released and its later messages ignored: either its queue filled (it
-sends faster than it is served) or its answers did (ROUTER_HWM of them unread: the ROUTER
-is ROUTER_MANDATORY, so a full queue of answers is an error, not a silent loss).
+log line, its pins released, its later messages ignored and its connection cut (it
+reconnects as a client without a session, cut again at its next full queue): either its
+queue filled (it sends faster than it is served) or its answers did (ROUTER_HWM of them
+unread: the ROUTER is ROUTER_MANDATORY, so a full queue of answers is an error, not a
+silent loss).
 
 Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a little over
 MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
