@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 
+import zmq
+
 from ..loader.cache import ExpertCache
 from ..loader.model_cache import ModelCache
 from ..protocol import messages as m
@@ -25,14 +27,17 @@ log = logging.getLogger("hobbitd")
 
 
 class Replies:
-    """Messages to clients on the ROUTER. Sends never block: a reply to a vanished client
-    is dropped by ZeroMQ (and a failed send logged)."""
+    """Messages to clients on the ROUTER (ROUTER_MANDATORY). Sends never block: a reply
+    to a vanished client is dropped (a failed send logged); one to a client whose queue of
+    answers is full (it does not read them) is dropped and `unread(ident)` told."""
 
-    def __init__(self, router):
-        self.router = router
+    def __init__(self, router, unread: Callable[[bytes], None]):
+        self.router, self.unread = router, unread
 
     def send(self, ident: bytes, cmd: m.Cmd, **fields) -> None:
-        fut = self.router.send_multipart([ident, *m.encode(cmd, **fields)])
+        fut = self.router.send_multipart([ident, *m.encode(cmd, **fields)], flags=zmq.DONTWAIT)
+        if fut.done() and not fut.cancelled() and isinstance(fut.exception(), zmq.Again):
+            return self.unread(ident)
         fut.add_done_callback(_log_send_error)
 
     def error(self, ident: bytes, code: str, message: str, rid: int | None = None) -> None:
@@ -41,10 +46,14 @@ class Replies:
 
 
 class Commands:
-    def __init__(self, cache: ExpertCache, out: Replies, pin_share: float, spawn: Callable[[Coroutine], None]):
+    def __init__(
+        self, cache: ExpertCache, out: Replies, pin_share: float, max_requests: int, spawn: Callable[[Coroutine], None]
+    ):
         """pin_share: the share of a model's slots one session may pin (pin_limit beyond);
+        max_requests: a session's requests waiting for reads at once (busy beyond);
         spawn: run a coroutine as a task the daemon drains at shutdown."""
         self.cache, self.out, self.pin_share, self.spawn = cache, out, pin_share, spawn
+        self.max_requests = max_requests
 
     def request(self, s: Session, msg: dict) -> None:
         """Answer SLOTS at once when every expert is a hit, else from a task that waits
@@ -65,6 +74,10 @@ class Commands:
         slots = self.cache.try_hit(s.sid, mo, layer, experts, scores)
         if slots is not None:
             return self._reply_slots(s, msg["id"], slots)
+        if s.inflight >= self.max_requests:  # a client waits for each answer: this one floods
+            return self.out.error(
+                s.ident, "busy", f"{s.inflight} requests of this client are being served (max_requests)", msg["id"]
+            )
         s.inflight += 1  # before the task starts: the reaper must not drop s
         self.spawn(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
 

@@ -1,7 +1,8 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
 TOML keys are the field names (models, model_dirs, cache_size, socket, io_threads, io_limit,
-direct_io, client_timeout, slot_wait, max_sessions, client_pin_share, owner_pid, low_type,
+direct_io, client_timeout, slot_wait, max_sessions, max_sessions_per_process,
+max_sessions_per_user, max_requests, client_pin_share, owner_pid, low_type,
 low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
 integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
 are relative to the config file's folder.
@@ -35,6 +36,12 @@ class DaemonConfig:
     client_timeout: float = 5.0  # seconds of silence after which a client loses its pins
     slot_wait: float = 30.0  # seconds a miss waits for an unpinned slot before cache_full
     max_sessions: int = 64  # clients at once; one more is answered too_many_sessions
+    # so that one process (or user) cannot take every session (issue 31); beyond them a
+    # HELLO is answered too_many_sessions too, naming who holds them
+    max_sessions_per_process: int = 16
+    max_sessions_per_user: int = 48  # leaves a system daemon's other users 16
+    max_requests: int = 4  # requests of one client served at once; beyond: ERROR busy (a
+    # client waits for each answer, so it has one; a flood is refused, never queued)
     client_pin_share: float = 0.5  # share of a region's slots one client may hold pinned
     # (never less than one layer's experts); beyond: pin_limit
     owner_pid: int = 0  # a private daemon's owner: stop when it exits; 0 = none
@@ -160,7 +167,7 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, str):
             raise bad("a path")
         return os.path.expanduser(value)
-    if key in ("io_threads", "max_sessions"):
+    if key in ("io_threads", "max_sessions", "max_sessions_per_process", "max_sessions_per_user", "max_requests"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("a positive integer")
         return value

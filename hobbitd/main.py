@@ -108,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients served at once; one more is refused too_many_sessions (64)",
     )
     p.add_argument(
+        "--max-sessions-per-process",
+        type=_positive(int),
+        metavar="N",
+        help="sessions one client process may hold; one more is refused too_many_sessions (16)",
+    )
+    p.add_argument(
+        "--max-sessions-per-user",
+        type=_positive(int),
+        metavar="N",
+        help="sessions the processes of one user may hold; one more is refused too_many_sessions (48)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=_positive(int),
+        metavar="N",
+        help="requests of one client served at once; one more is refused busy (4)",
+    )
+    p.add_argument(
         "--client-pin-share",
         type=_share,
         metavar="F",
@@ -182,6 +200,9 @@ def config_from_args(args) -> DaemonConfig:
         "client_timeout",
         "slot_wait",
         "max_sessions",
+        "max_sessions_per_process",
+        "max_sessions_per_user",
+        "max_requests",
         "client_pin_share",
         "owner_pid",
         "low_type",

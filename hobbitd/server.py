@@ -14,7 +14,17 @@ Pins. A slot named in a SLOTS reply is pinned once for the requesting session: i
 evicted or overwritten until that session RELEASEs it, says BYE, its process exits (the
 kernel's pid for the connection, checked every REAP_EVERY_S), or it goes silent for longer
 than client_timeout with no request in flight. One session may pin at most
-client_pin_share of a model's slots (pin_limit); at most max_sessions at once.
+client_pin_share of a model's slots (pin_limit); at most max_sessions at once, of which
+max_sessions_per_process of one process and max_sessions_per_user of one user.
+
+Fairness (issue 31). Messages are served one client at a time in turn, from queues of at
+most INBOX_MAX each (hobbitd/inbox.py); at most max_requests of a client's requests are
+served at once (beyond: busy). A client that does not read its answers is dropped with a
+log line, its pins released, its later messages ignored and its connection cut (it
+reconnects as a client without a session, cut again at its next full queue): either its
+queue filled (it sends faster than it is served) or its answers did (ROUTER_HWM of them
+unread: the ROUTER is ROUTER_MANDATORY, so a full queue of answers is an error, not a
+silent loss).
 
 Oversized messages: the ROUTER's MAXMSGSIZE is MAX_MESSAGE + 1 KiB. A body a little over
 MAX_MESSAGE is answered ERROR too_large; beyond the socket limit ZeroMQ drops the message and
@@ -26,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 import time
 from collections.abc import Coroutine
 from dataclasses import fields
@@ -42,23 +51,27 @@ from ..loader.model_cache import ModelCache
 from ..loader.served import ModelOptions, model_name, open_served, open_served_all, plan_added, plan_cache
 from ..loader.shm import SHM_DIR, pid_alive
 from ..protocol import messages as m
-from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError
+from ..protocol.errors import TOO_MANY_SESSIONS, HobbitError, InputError, ProtocolError
 from .commands import Commands, Replies
 from .config import AUTO_CACHE_SHARE, DaemonConfig, default_socket
+from .inbox import Inbox, Message, disconnect
+from .listen import bind_router, claim_socket
 from .memory import ModelMemory, make_memory, remove_stale_segments
 from .model_dirs import allowed_model, listed_models
 from .notify import sd_notify
-from .sessions import PROBE, Sessions
+from .sessions import Limits, Peer, Sessions
 
 log = logging.getLogger("hobbitd")
 
 MiB = 1 << 20
-PROBE_S = 0.5  # how long a live daemon on our socket has to answer a HELLO
 DRAIN_S = 2.0  # shutdown: how long in-flight requests may run before shutting_down
 REAP_EVERY_S = 0.5
 STATUS_EVERY_S = 10.0
 CLOSE_LINGER_MS = 100  # not 0: the shutting_down answers just queued should still go out
-SUN_PATH_MAX = 107  # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
+INBOX_MAX = 64  # messages of one client waiting to be served; a client waits for each
+# answer, so it has a few (a request, a hint, a heartbeat); more: it floods (dropped)
+ROUTER_HWM = 256  # answers queued for one client that does not read them; more: dropped
+RECEIVE_MAX = 256  # messages taken in before a round of service (one of each client)
 
 
 class Daemon:
@@ -83,7 +96,7 @@ class Daemon:
         self._requests: set[asyncio.Task] = set()
         self._bound = False
         self._stale_socket = False  # a dead hobbitd's socket file is at our path
-        self._peer: zmq.Frame | None = None  # the frame last received (its metadata: the peer)
+        self.inbox = Inbox(INBOX_MAX)
         self.owner_gone = False  # stopped because owner_pid exited
         self.started = time.monotonic()
 
@@ -122,8 +135,8 @@ class Daemon:
         )
         self.sessions = Sessions(self.cache)
         self._bind()
-        self.out = Replies(self.router)
-        self.commands = Commands(self.cache, self.out, cfg.client_pin_share, self.spawn)
+        self.out = Replies(self.router, self._unread)
+        self.commands = Commands(self.cache, self.out, cfg.client_pin_share, cfg.max_requests, self.spawn)
         for mo in self.models.values():
             slots = ", ".join(
                 f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB" for p, r in mo.regions.items()
@@ -227,79 +240,66 @@ class Daemon:
     # ---- startup pieces ------------------------------------------------------------------
 
     async def _claim_socket(self) -> None:
-        """Refuse if a live daemon answers on our socket. A stale socket file stays until
-        _bind() replaces it: clients that find it wait for us (a missing file means no
-        hobbitd, and they would give up at once)."""
-        path = self.socket_path
-        if len(self._new_socket_path().encode()) > SUN_PATH_MAX:
-            raise InputError(f"socket path {path} is longer than {SUN_PATH_MAX - 10} bytes; choose a shorter --socket")
-        if not os.path.lexists(path):
-            return
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise InputError(f"{path} exists and is not a socket; refusing to replace it")
-        if await self._probe(path):
-            raise DaemonError("socket_in_use", f"another hobbitd is serving on {path}")
-        self._stale_socket = True
-
-    def _new_socket_path(self) -> str:
-        return os.path.join(os.path.dirname(self.socket_path), f".{os.getpid()}.new")
-
-    async def _probe(self, path: str) -> bool:
-        """True if something answers a HELLO on ipc://path within PROBE_S."""
         assert self.ctx is not None  # startup() made it first
-        s = self.ctx.socket(zmq.DEALER)
-        s.linger = 0
-        try:
-            s.connect(f"ipc://{path}")
-            await s.send_multipart(m.encode(m.Cmd.HELLO, version=m.VERSION, pid=os.getpid(), name=PROBE))
-            if not await s.poll(PROBE_S * 1000):
-                return False
-            await s.send_multipart(m.encode(m.Cmd.BYE))  # do not leave a session behind
-            await asyncio.sleep(0.01)  # give the BYE a moment to leave
-            return True
-        finally:
-            s.close(linger=0)
+        self._stale_socket = await claim_socket(self.ctx, self.socket_path)
 
     def _bind(self) -> None:
-        """Listen on a new socket file and rename it over the path: at no moment is there
-        no file there while we start (a client started meanwhile waits, as for a restart)."""
         assert self.ctx is not None  # startup() made it first
-        path, new = self.socket_path, self._new_socket_path()
-        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-        self.router = router = self.ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE + 1024)
-        old = os.umask(0o117)  # the socket file is born 0660: no window of 0777
-        try:
-            router.bind(f"ipc://{new}")
-            os.chmod(new, 0o660)
-            os.rename(new, path)  # atomic: the stale file, then ours
-        except (zmq.ZMQError, OSError) as e:
-            router.close(linger=0)
-            self.router = None
-            if os.path.lexists(new):
-                os.unlink(new)
-            raise DaemonError("socket_in_use", f"cannot listen on {path}: {e}") from None
-        finally:
-            os.umask(old)
+        self.router = bind_router(self.ctx, self.socket_path, ROUTER_HWM)
         self._bound = True
         if self._stale_socket:
-            log.info("replaced stale socket %s", path)
+            log.info("replaced stale socket %s", self.socket_path)
 
     # ---- receiving -----------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        assert self.router is not None  # startup() bound it
+        """Take in what was received (up to RECEIVE_MAX messages), serve one message of
+        each client that has one, let the other tasks run, and again."""
+        router = self.router
+        assert router is not None  # startup() bound it
+        taker: zmq.Socket = zmq.Socket.shadow(router.underlying)  # the same socket, for reads that never wait
         while True:
-            raw = await self.router.recv_multipart(copy=False)  # frames carry the peer
-            self._peer = raw[-1]
-            frames = [f.bytes for f in raw]
-            try:
-                self._dispatch(frames[0], frames[1:])
-            except Exception as e:  # a bug: tell the client, keep serving
-                log.exception("internal error handling a message")
-                self.out.error(frames[0], "internal", f"hobbitd: {e!r}")
+            if not self.inbox:
+                await router.poll()  # until a message is there
+            for _ in range(RECEIVE_MAX):
+                try:
+                    raw = taker.recv_multipart(zmq.DONTWAIT, copy=False)
+                except zmq.Again:
+                    break
+                got = Message(raw[0].bytes, [f.bytes for f in raw[1:]], raw[-1])  # frames carry the peer
+                if not self.inbox.put(got):
+                    self._flooding(got.ident, f"sends faster than it is served ({INBOX_MAX} messages waiting)", raw[-1])
+            for _ in range(len(self.inbox)):  # a round: one message of each client
+                msg = self.inbox.take()
+                if msg is None:  # a client dropped during the round
+                    break
+                try:
+                    self._dispatch(msg)
+                except Exception as e:  # a bug: tell the client, keep serving
+                    log.exception("internal error handling a message")
+                    self.out.error(msg.ident, "internal", f"hobbitd: {e!r}")
+            await asyncio.sleep(0)
 
-    def _dispatch(self, ident: bytes, frames: list) -> None:
+    def _unread(self, ident: bytes) -> None:
+        """Replies: `ident`'s queue of answers is full."""
+        self._flooding(ident, f"leaves its answers unread ({ROUTER_HWM} waiting)")
+
+    def _flooding(self, ident: bytes, why: str, frame: zmq.Frame | None = None) -> None:
+        """Drop the client at `ident` (it does not read its answers), ignore it from now on,
+        and cut its connection when `frame`, one of its messages, says which it is."""
+        if frame is not None:
+            disconnect(frame)
+        if self.inbox.ignored(ident):
+            return
+        self.inbox.ignore(ident)
+        s = self.sessions.get(ident)
+        if s is not None:
+            self.sessions.drop(s, f"does not read its answers: it {why}; dropped")
+        elif self.inbox.worth_logging(pid := Peer.of(frame).pid if frame is not None else None):
+            log.warning("a client (pid %s) without a session does not read its answers: it %s; cut off", pid, why)
+
+    def _dispatch(self, message: Message) -> None:
+        ident, frames = message.ident, message.frames
         s = self.sessions.get(ident)
         if s is not None:
             s.last_seen = time.monotonic()  # any message counts as a heartbeat
@@ -309,7 +309,7 @@ class Daemon:
             self.out.error(ident, e.code, str(e))
             return
         if cmd == m.Cmd.HELLO:
-            return self._hello(ident, msg)
+            return self._hello(ident, msg, Peer.of(message.peer))
         if cmd == m.Cmd.BYE:
             if s is not None:
                 self.sessions.drop(s, "said BYE")
@@ -336,17 +336,17 @@ class Daemon:
             c.apply_batched(s, msg)
         handler(s, msg)
 
-    def _hello(self, ident: bytes, msg: dict) -> None:
+    def _hello(self, ident: bytes, msg: dict, peer: Peer) -> None:
         if msg["version"] != m.VERSION:
             return self.out.error(
                 ident, "bad_version", f"protocol version {msg['version']}; hobbitd speaks {m.VERSION}"
             )
-        path, peer = msg.get("model"), _peer_pid(self._peer)
+        path = msg.get("model")
         if path is not None and self.cfg.model_dirs and not self._serves(path):
             return self.spawn(self._hello_on_demand(ident, msg, path, peer))
         self._welcome(ident, msg, peer)
 
-    async def _hello_on_demand(self, ident: bytes, msg: dict, path, peer: int | None) -> None:
+    async def _hello_on_demand(self, ident: bytes, msg: dict, path, peer: Peer) -> None:
         """A HELLO for a model not served yet: open it (if allowed), then welcome."""
         try:
             await self.open_on_demand(path)
@@ -411,15 +411,14 @@ class Daemon:
                 info["control"] = mem.control.to_wire()
         return info
 
-    def _welcome(self, ident: bytes, msg: dict, peer: int | None) -> None:
+    def _welcome(self, ident: bytes, msg: dict, peer: Peer) -> None:
         assert self.cache is not None and self.memory is not None  # startup() made them
         pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
-        if self.sessions.get(ident) is None and len(self.sessions) >= self.cfg.max_sessions:
-            return self.out.error(
-                ident,
-                "too_many_sessions",
-                f"hobbitd serves {len(self.sessions)} clients, its limit (max_sessions {self.cfg.max_sessions})",
-            )
+        cfg = self.cfg
+        limits = Limits(cfg.max_sessions, cfg.max_sessions_per_process, cfg.max_sessions_per_user)
+        refused = self.sessions.refusal(ident, peer, pid, limits)
+        if refused is not None:
+            return self.out.error(ident, TOO_MANY_SESSIONS, refused)
         s = self.sessions.open(ident, pid, str(msg.get("name", ""))[:64], peer)
         mem, extra = self.memory, {}
         if mem.control is not None:
@@ -477,13 +476,3 @@ class Daemon:
                 "read_seconds": round(io.read_seconds, 6),
             },
         }
-
-
-def _peer_pid(frame) -> int | None:
-    """The sending process's pid, as the kernel reported it for the unix socket (ZeroMQ's
-    Peer-Address "host:uid:gid:pid" on ipc); None when unknown."""
-    try:
-        pid = int(frame.get("Peer-Address").rsplit(":", 1)[1])
-    except (AttributeError, IndexError, ValueError, zmq.ZMQError):
-        return None
-    return pid if pid > 0 else None

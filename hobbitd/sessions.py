@@ -10,9 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import psutil
+import zmq
 
 from ..loader.cache import EWMA, ExpertCache, Owner
 from ..loader.shm import pid_alive
@@ -21,6 +24,35 @@ log = logging.getLogger("hobbitd")
 
 GAP_MAX_S = 0.1  # a client silent longer than this between requests was idle, not computing
 PROBE = "hobbitd-probe"  # the name a starting daemon's probe gives (not logged, not listed)
+
+
+class Peer(NamedTuple):
+    """The process at the other end of a connection, as the kernel says (ZeroMQ's
+    Peer-Address "host:uid:gid:pid" on ipc); None where unknown (another pid namespace)."""
+
+    pid: int | None
+    uid: int | None
+
+    @staticmethod
+    def of(frame) -> Peer:
+        """The peer of a received frame."""
+        try:
+            _, uid, _, pid = str(frame.get("Peer-Address")).rsplit(":", 3)
+            return Peer(int(pid) if int(pid) > 0 else None, int(uid))
+        except (AttributeError, ValueError, zmq.ZMQError):
+            return Peer(None, None)
+
+
+UNKNOWN = Peer(None, None)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many sessions at once: in all, of one process, of one user (DaemonConfig's)."""
+
+    total: int
+    per_process: int
+    per_user: int
 
 
 @dataclass(eq=False)
@@ -39,6 +71,7 @@ class Session:
     prompt_tokens: int = 0  # in forwards of more than one token
     last_forward: tuple = ()  # (seq, token) of its last request: a new one starts a forward
     peer: tuple | None = None  # (pid, start time) of its process, from the kernel (ipc)
+    owner: Peer = UNKNOWN  # its process and user, for the session limits
 
     def count_forward(self, seq, token, n_tokens, forwards=1) -> None:
         """Count a forward's tokens once, at its first request (the client's first layer);
@@ -95,19 +128,42 @@ class Sessions:
     def get(self, ident: bytes) -> Session | None:
         return self.by_ident.get(ident)
 
-    def open(self, ident: bytes, pid: int | None, name: str, peer_pid: int | None = None) -> Session:
-        """A new session for `ident`, ending the one it had. peer_pid: its process as the
+    def open(self, ident: bytes, pid: int | None, name: str, peer: Peer = UNKNOWN) -> Session:
+        """A new session for `ident`, ending the one it had. peer: its process as the
         kernel says (not what the client claims): once that process is gone the session
         ends at the next reap, whatever the timeout."""
         old = self.by_ident.get(ident)
         if old is not None:
             self.drop(old, "said HELLO again")
-        s = Session(next(self._sids), ident, pid, name, time.monotonic(), peer=_process(peer_pid))
+        owner = Peer(peer.pid or pid, peer.uid)  # the claimed pid only where the kernel's is unknown
+        s = Session(next(self._sids), ident, pid, name, time.monotonic(), peer=_process(peer.pid), owner=owner)
         self.by_ident[ident] = s
         self.cache.open_owner(s.sid, row=name != PROBE)  # a probe pins nothing
         if s.name != PROBE:
             log.info("client %s (pid %s) connected", s.name or "?", pid)
         return s
+
+    def refusal(self, ident: bytes, peer: Peer, claimed_pid: int | None, limits: Limits) -> str | None:
+        """Why a HELLO of `peer` on `ident` gets no session (one line starting "no free
+        session", naming who holds them), or None when it may have one. A session the
+        identity already has is given up for the new one, so it does not count."""
+        others = [s for s in self.by_ident.values() if s.ident != ident]
+        pids = Counter(s.owner.pid for s in others if s.owner.pid is not None)
+        pid = peer.pid or claimed_pid
+        if len(others) >= limits.total:
+            top = ", ".join(f"{k} by pid {p}" for p, k in pids.most_common(2))
+            return f"no free session: {len(others)} in use{', ' if top else ''}{top} (max_sessions {limits.total})"
+        if pid is not None and pids[pid] >= limits.per_process:
+            return (
+                f"no free session for pid {pid}: it holds {pids[pid]} (max_sessions_per_process {limits.per_process})"
+            )
+        users = Counter(s.owner.uid for s in others if s.owner.uid is not None)
+        if peer.uid is not None and users[peer.uid] >= limits.per_user:
+            return (
+                f"no free session for uid {peer.uid}: its processes hold {users[peer.uid]} "
+                f"(max_sessions_per_user {limits.per_user})"
+            )
+        return None
 
     def drop(self, s: Session, why: str) -> None:
         """End a session and release every pin it holds."""

@@ -179,12 +179,17 @@ def _read_header(path: str, part: str = ""):
 
     from .gguf_reader import GGUFHeaderReader  # deferred: importing gguf costs ~0.2 s
 
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: {part}no such file")
-    if os.path.isdir(path):
-        raise ModelError(f"{path}: {part}is a directory, not a GGUF file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:  # what the user may not read, or a path no file can have, is one line too
+        if os.path.isdir(path):
+            raise ModelError(f"{path}: {part}is a directory, not a GGUF file")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: {part}no such file") from None
+    except OSError as e:
+        raise ModelError(f"{path}: {part}cannot read it ({e.strerror})") from None
+    except ValueError:  # a NUL byte in the path
+        raise ModelError(f"{path!r}: not a file path (it holds a NUL byte)") from None
     if magic != GGUF_MAGIC:
         raise ModelError(f"{path}: {part}not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     try:

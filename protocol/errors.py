@@ -4,6 +4,8 @@ Each error's str() is one line that names the thing and the reason, fit to print
 `code` is the stable name carried on the wire when the daemon reports an error.
 """
 
+TOO_MANY_SESSIONS = "too_many_sessions"  # the wire code of a HELLO refused a session
+
 
 class HobbitError(Exception):
     code = "error"
@@ -45,3 +47,11 @@ class RequestError(HobbitError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class NoFreeSession(DaemonError):
+    """hobbitd answered HELLO too_many_sessions: every session it allows is taken, or all
+    this process's or this user's share; the message says which and who holds them."""
+
+    def __init__(self, socket: str, message: str):
+        super().__init__(TOO_MANY_SESSIONS, f"hobbitd at {socket} has {message}")

@@ -31,8 +31,11 @@ its directory (int32 [n_layer, n_expert]) is at `directory` there and its pin co
 rows_offset + 4 * (row * n_slots + first_slot + i).
 
 Errors (ERROR.code): bad_version, malformed, too_large, unknown_command, no_session,
-too_many_sessions (HELLO beyond the daemon's max_sessions), unknown_model, not_allowed (a
-HELLO's model outside the daemon's models and model folders), bad_request,
+too_many_sessions (HELLO beyond the daemon's max_sessions, or a process's or user's
+share of them; the message starts "no free session" and names who holds them), busy (a
+REQUEST beyond the client's max_requests served at once), unknown_model, not_allowed (a
+HELLO's model outside the daemon's models and model folders), bad_request (also: a
+HELLO's model that is no path, e.g. with a NUL byte; scores that are NaN or infinite),
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
 io (a failed read; its message says "stale" when the file changed after the daemon opened
 it), checksum, shutting_down, internal (a daemon bug).
@@ -46,6 +49,7 @@ is gone. Clients detect a dead daemon from ZeroMQ's connection heartbeats
 from __future__ import annotations
 
 import enum
+import math
 import struct
 
 import msgpack
@@ -122,6 +126,10 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
     for name, typ in cmd.required.items():
         if not isinstance(msg.get(name), typ) or isinstance(msg.get(name), bool):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} missing or not {typ.__name__}")
+    if cmd == Cmd.HELLO and msg.get("model") is not None:
+        model = msg["model"]
+        if not isinstance(model, str) or not model or "\x00" in model:
+            raise ProtocolError("bad_request", "HELLO: model must be a file path (a non-empty string, no NUL byte)")
     for name in ("release", "hits"):  # optional batched fields; entries are checked on use
         if msg.get(name) is not None and not isinstance(msg[name], list):
             raise ProtocolError("malformed", f"{cmd.name}: field {name!r} is not a list")
@@ -134,6 +142,8 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
             or not all(isinstance(s, list) and _numbers(s) and len(s) == len(e) for e, s in zip(rows[1], rows[2]))
         ):
             raise ProtocolError("malformed", "HINT: layers, experts and scores must line up")
+        if not all(_finite(s) for s in rows[2]):
+            raise ProtocolError("bad_request", "HINT: scores must be finite (the router gave NaN or inf)")
         c = msg.get("compute_s")
         if c is not None and not (_numbers([c]) and 0 <= c < float("inf")):
             raise ProtocolError("malformed", "HINT: compute_s must be a number of seconds >= 0")
@@ -144,11 +154,18 @@ def decode(frames: list[bytes]) -> tuple[Cmd, dict]:
         s = msg["scores"]
         if not isinstance(s, list) or not _numbers(s) or len(s) != len(msg.get("experts", s)):
             raise ProtocolError("malformed", f"{cmd.name}: scores must be numbers, one per expert")
+        if not _finite(s):  # NaN passes no threshold: it would be skipped, even in exact mode
+            raise ProtocolError("bad_request", f"{cmd.name}: scores must be finite (the router gave NaN or inf)")
     return cmd, msg
 
 
 def _ints(xs) -> bool:
     return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+
+def _finite(xs) -> bool:
+    """Numbers none of which is NaN or infinite (checked after _numbers)."""
+    return all(math.isfinite(x) for x in xs)
 
 
 def _numbers(xs) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import gguf
 import pytest
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
+MODEL = dict(layers=2, d_model=256, d_ff=512, experts=4, top_k=2, heads=8, kv_heads=4, type="Q8_0")
 
 
 def run_cli(*args, timeout=120):
@@ -34,6 +37,30 @@ def _truncated(src, dst, nbytes):
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.gguf"
     assert_one_line_error(run_cli("generate", str(path), "-p", "hi"), str(path), "no such file")
+
+
+def _without_root_bypass():
+    """In the child (preexec_fn): as root, drop the capabilities that let root read any
+    file (CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2) from the bounding set, so the exec'd
+    CLI is refused a mode-000 file as any user is (CI runs the suite as root)."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("command", [["generate", "--no-daemon", "-p", "hi"], ["convert"]])
+def test_a_model_the_user_may_not_read(synth, tmp_path, command):
+    path = tmp_path / "locked.gguf"
+    shutil.copy(synth(**MODEL), path)
+    path.chmod(0)
+    argv = [*CLI, command[0], str(path), *command[1:]]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_without_root_bypass)
+    assert_one_line_error(r, str(path), "cannot read it (Permission denied)")
 
 
 def test_not_a_gguf(tmp_path):

@@ -69,6 +69,9 @@ def test_config_values_and_relative_models(tmp_path):
         ("cache_sise = 1", "unknown key 'cache_sise'"),
         ('models = "a.gguf"', "models must be a list"),
         ("io_threads = 0", "io_threads must be a positive integer"),
+        ("max_sessions_per_process = 0", "max_sessions_per_process must be a positive integer"),
+        ('max_sessions_per_user = "all"', "max_sessions_per_user must be a positive integer"),
+        ("max_requests = 1.5", "max_requests must be a positive integer"),
         ('direct_io = "yes"', "direct_io must be true or false"),
         ("client_timeout = -1", "client_timeout must be a positive number"),
         ('cache_size = "lots"', "cache_size"),
@@ -97,6 +100,9 @@ def test_flags_override_the_config(tmp_path):
     cfg = config_from_args(args)
     assert cfg.models == ["/a.gguf"] and cfg.io_threads == 2
     assert (cfg.cache_size, cfg.direct_io, cfg.client_timeout) == (2 << 30, False, 1.5)
+    args = build_parser().parse_args(["--config", str(p), "--max-sessions-per-process", "3", "--max-requests", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.max_sessions_per_process, cfg.max_sessions_per_user, cfg.max_requests) == (3, 48, 2)
     args = build_parser().parse_args(["--config", str(p), "--model", "/b.gguf"])
     assert config_from_args(args).models == ["/b.gguf"]
     assert config_from_args(build_parser().parse_args([])) == DaemonConfig()

@@ -30,8 +30,10 @@ from hobbit.protocol import messages as m
 @pytest.fixture(scope="module")
 def daemon(synth, tmp_path_factory):
     path = synth(**SYNTH)
-    # tests here pin more than half the cache (the per-client limit's default)
-    with run_daemon([path], "8M", tmp_path_factory.mktemp("daemon"), client_pin_share=1.0) as d:
+    # tests here pin more than half the cache (the per-client limit's default), and open
+    # more sessions from this one process than its limits' defaults
+    limits = dict(max_sessions_per_process=64, max_sessions_per_user=64)
+    with run_daemon([path], "8M", tmp_path_factory.mktemp("daemon"), client_pin_share=1.0, **limits) as d:
         d.model_path = path
         d.model = os.path.basename(path)[: -len(".gguf")]
         yield d

@@ -259,6 +259,19 @@ def test_malformed_requests_get_openai_errors(served):
     assert served.client.completions.create(model="default", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_non_finite_numbers_get_400_not_a_traceback(served):
+    """JSON's NaN and Infinity (Python's json takes them): a one-line 400 naming the
+    parameter, never a 500 with "Probabilities contain NaN" in the log."""
+    for field, value in (("temperature", "NaN"), ("top_p", "-Infinity"), ("max_tokens", "Infinity")):
+        body = f'{{"model": "default", "prompt": "Hi", "{field}": {value}}}'.encode()
+        status, text = served.post("/v1/completions", body)
+        error = json.loads(text)["error"]
+        assert (status, error["param"], error["code"]) == (400, field, "invalid_value"), text
+        assert "finite" in error["message"] and "\n" not in error["message"], error
+    assert "Traceback" not in served.log and "NaN" not in served.log, served.log[-2000:]
+    assert served.client.completions.create(model="default", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_models_health_and_metrics(served, default_moe):
     models = served.client.models.list().data
     assert [m.id for m in models] == [os.path.basename(default_moe).removesuffix(".gguf")]

@@ -8,6 +8,7 @@ silently ignored, so a client never gets an answer to a question it did not ask.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ def _number(body: dict, name: str, kind, lo, hi, default=None):
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, float) and not math.isfinite(v):  # JSON's NaN and Infinity, which json.loads takes
+        raise ApiError(400, f"'{name}' must be a finite number, got {v}", name, "invalid_value")
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or v == int(v))
     if not ok:
         raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name, "invalid_type")

@@ -29,7 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ...protocol import messages as m
-from ...protocol.errors import DaemonError, ProtocolError
+from ...protocol.errors import TOO_MANY_SESSIONS, DaemonError, NoFreeSession, ProtocolError
 
 LIVENESS_S = 0.25  # a wait for an answer looks at the connection this often
 HEARTBEAT_IVL_MS = 500  # ZeroMQ pings the daemon this often...
@@ -212,7 +212,7 @@ class Connection:
                 fields = self.session.renew(fields)
                 continue
             if got == m.Cmd.ERROR:
-                raise DaemonError(msg["code"], f"hobbitd: {msg['message']}")
+                raise self._error(msg)
             raise DaemonError("malformed", f"hobbitd answered {got.name} to {cmd.name}")
 
     def check(self) -> None:
@@ -252,7 +252,7 @@ class Connection:
                     )
                     return
                 if reply is not None and reply[0] == m.Cmd.ERROR:
-                    raise DaemonError(reply[1]["code"], f"hobbitd: {reply[1]['message']}")
+                    raise self._error(reply[1])
             left = deadline - time.monotonic()
             if left <= 0:
                 self._close_socket()  # its HELLO may still reach a later daemon: unasked
@@ -262,6 +262,12 @@ class Connection:
                 )
             time.sleep(min(pause, left))
             pause = min(2 * pause, BACKOFF_S[1])
+
+    def _error(self, msg: dict) -> DaemonError:
+        """The DaemonError of an ERROR answer (NoFreeSession for a HELLO refused a session)."""
+        if msg["code"] == TOO_MANY_SESSIONS:
+            return NoFreeSession(self.socket_path, msg["message"])
+        return DaemonError(msg["code"], f"hobbitd: {msg['message']}")
 
     def _say(self, line: str) -> None:
         if self.announce is not None:

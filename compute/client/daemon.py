@@ -21,7 +21,7 @@ import sys
 import time
 
 from ...loader.shm import remove_stale
-from ...protocol.errors import DaemonError
+from ...protocol.errors import DaemonError, NoFreeSession
 
 START_TIMEOUT = 120.0  # seconds: opening a GGUF and mapping the cache takes a few
 STOP_TIMEOUT = 15.0  # seconds a stopping hobbitd gets before it is killed
@@ -45,13 +45,16 @@ def daemon_command(models, socket: str, cache_size=None, flags=(), **options) ->
 
 
 def daemon_answers(socket: str, timeout: float = 2.0) -> bool:
-    """Whether a hobbitd answers a HELLO at `socket` (a leftover socket file does not count)."""
+    """Whether a hobbitd answers a HELLO at `socket` (a leftover socket file does not count).
+    One that answers it has no free session answers: its client is told why when it asks."""
     from .expert_client import ExpertClient
 
     if not os.path.exists(socket):
         return False
     try:
         ExpertClient(socket, None, timeout=timeout, retries=0, reconnect_s=0).close()
+        return True
+    except NoFreeSession:
         return True
     except DaemonError:
         return False

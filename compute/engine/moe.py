@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...loader.precision import unimportance
+from ...protocol.errors import ModelError
 from .ggml import lib
 from .weights import Routing, Weights
 
@@ -188,6 +189,17 @@ def route_in_graph(c, h, r: RouterTensors, routing: Routing):
     scores [K, T]), each contiguous (what a segment hands back to be fetched)."""
     sel, w = topk_weights(c, router(c, h, r, routing), routing, r.selection_bias)
     return lib.ggml_cont(c, sel), w, unimportance_scores(c, w)  # sel: a view of the argsort
+
+
+def check_routing(layer: int, w: np.ndarray, scores: np.ndarray) -> None:
+    """ModelError when MoE layer `layer`'s routing (w, scores (T', K), read back from the
+    graph) holds NaN or inf: no threshold takes such a score, so its expert would be
+    skipped, even in exact mode. One pass over T' x K floats."""
+    if not (np.isfinite(w).all() and np.isfinite(scores).all()):
+        raise ModelError(
+            f"MoE layer {layer}: the router gave NaN or inf weights for this input "
+            "(the model's weights or activations are not finite); stopped rather than skip experts"
+        )
 
 
 class Routers:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...protocol.errors import ModelError
+
 
 @dataclass
 class SamplingOptions:
@@ -21,7 +23,11 @@ class Sampler:
         self.rng = np.random.default_rng(opts.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        """The next token; ModelError if a logit is NaN or +inf (no token can be chosen:
+        the model's weights or activations are not finite). -inf is a masked token."""
         o = self.opts
+        if not (logits < np.inf).all():  # one pass; NaN compares False
+            raise ModelError("the model's logits are NaN or infinite (its weights or activations are not finite)")
         if o.temperature <= 0:
             return int(np.argmax(logits))
         idx = candidates(logits, o.top_k)  # best first (dividing by a temperature keeps the order)

@@ -29,6 +29,7 @@ import numpy as np
 from ...loader.precision import HIGH, LOW
 from .experts import ExpertProvider
 from .graph import Graph, Timing
+from .moe import check_routing
 from .pool import Pool, Span
 
 Variant = tuple[bool, bool]  # (has_high, has_low): which precisions a segment computes in
@@ -127,6 +128,7 @@ class Segments:
                     return out["logits"]
                 # route: MoE layer m's, computed by segment m
                 sel, w, scores = out["sel"], out["w"], out["scores"]  # (T', K) each
+                check_routing(m, w, scores)
                 self.prefetch.observe(m, sel)
                 wanted, best = _wanted(sel, scores)
                 # fetch
