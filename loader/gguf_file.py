@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from ..protocol.errors import ModelError
+from .identity import FileIdentity, identity
 
 WILLNEED_CHUNK = 1 << 20  # bytes per read-ahead request (GGUFFile.will_need)
 
@@ -50,8 +51,9 @@ class GGUFFile:
     """An open GGUF: path, metadata (`field`), tensor table, and the shared read-only mmap
     (`reader.data`, a numpy uint8 view of the whole file)."""
 
-    def __init__(self, path: str, reader, tensors: dict[str, TensorInfo]):
+    def __init__(self, path: str, reader, tensors: dict[str, TensorInfo], ident: FileIdentity | None = None):
         self.path = path
+        self.identity = ident  # the file's stat before it was mapped (loader/identity.py)
         self.reader = reader
         self.tensors = tensors
         self._base = reader.data.ctypes.data
@@ -114,6 +116,7 @@ def open_gguf(path: str) -> GGUFFile:
         raise ModelError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelError(f"{path}: is a directory, not a GGUF file")
+    ident = identity(path)  # before the mmap: a change after it shows as another identity
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -135,4 +138,4 @@ def open_gguf(path: str) -> GGUFFile:
                 f"{path}: truncated: tensor {t.name} ends at byte {info.offset + info.nbytes}, file has {size}"
             )
         tensors[t.name] = info
-    return GGUFFile(path, reader, tensors)
+    return GGUFFile(path, reader, tensors, ident)

@@ -46,6 +46,7 @@ from ...protocol.errors import InputError
 from . import ggml
 from .attention import Attention, KVCache
 from .experts import ExpertProvider
+from .file_guard import FileGuard
 from .ggml import lib
 from .graph import Graph, Plans, Tensors, Timing, scaled
 from .moe import ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router, slots_of, topk_weights
@@ -122,6 +123,9 @@ class Model:
 
         self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}  # block -> MoE layer
         self.experts = experts
+        # the weights are views of the mmapped file: each forward checks it is still the one
+        # mapped; through hobbitd, where the process runs for long, it also holds a lease
+        self.guard = FileGuard(weights.path, weights.identity, lease=experts is not None and experts.remote)
         self.prefetch = PrefetchStats()
         self.pool: Pool | None = None
         self.segments: Segments | None = None
@@ -152,12 +156,19 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.args.n_vocab:
             raise InputError(f"token id out of range 0..{self.args.n_vocab - 1}")
         outs = []
-        for start in range(0, tokens.size, self.opts.n_batch):
-            # without all_logits each chunk computes its last row's logits only: a prompt's
-            # (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary
-            out = self._forward_chunk(tokens[start : start + self.opts.n_batch], all_logits)
-            if all_logits:
-                outs.append(out)
+        served = getattr(self.experts, "served_file", None)  # hobbitd's identity of the file
+        self.guard.enter(served)
+        ok = False
+        try:
+            for start in range(0, tokens.size, self.opts.n_batch):
+                # without all_logits each chunk computes its last row's logits only: a prompt's
+                # (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary
+                out = self._forward_chunk(tokens[start : start + self.opts.n_batch], all_logits)
+                if all_logits:
+                    outs.append(out)
+            ok = True
+        finally:
+            self.guard.exit(served, ok)  # a change during the forward: its logits are not used
         return np.concatenate(outs) if all_logits else out[-1]
 
     def resumable(self, n_past: int) -> bool:
@@ -172,6 +183,7 @@ class Model:
         return self.kv.swa_cells
 
     def close(self) -> None:
+        self.guard.close()
         self.plans.clear()
         if self.backend:
             lib.ggml_backend_free(self.backend)
