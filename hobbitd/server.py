@@ -346,11 +346,7 @@ class Daemon:
             )
         path, peer = msg.get("model"), _peer_pid(self._peer)
         if not self.watch.all_fresh():  # a served file changed: welcome with it opened again
-            return self.spawn(self._hello_settled(ident, msg, path, peer))
-        self._hello_open(ident, msg, path, peer)
-
-    async def _hello_settled(self, ident: bytes, msg: dict, path, peer: int | None) -> None:
-        await self.watch.settle()
+            return self.spawn(self.watch.settled(self._hello_open, ident, msg, path, peer))
         self._hello_open(ident, msg, path, peer)
 
     def _hello_open(self, ident: bytes, msg: dict, path, peer: int | None) -> None:

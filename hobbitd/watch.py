@@ -66,6 +66,11 @@ class FileWatch:
         if futs:
             await asyncio.gather(*(asyncio.shield(f) for f in futs))
 
+    async def settled(self, then: Callable, *args) -> None:
+        """then(*args) once no model is being opened again (a HELLO's welcome)."""
+        await self.settle()
+        then(*args)
+
     @staticmethod
     def check(mo: ModelCache, epoch) -> None:
         """RequestError file_changed when mo cannot be served (its file changed into
