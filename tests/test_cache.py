@@ -240,7 +240,10 @@ async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_pat
 
 
 @in_loop
-async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, tmp_path):
+async def test_a_read_from_a_truncated_file_fails_and_its_slot_is_never_served(model, tmp_path):
+    """The file cut short under the cache: the short read fails typed (file_changed: the file
+    is not the one opened), its slot is never served, and no other read of the changed file
+    is served either (loader/reads.py checks the file after every read)."""
     path = copy_model(model, tmp_path)
     with cache_of(path) as (cache, mo):
         last = max((off + n, layer, e) for layer in range(2) for e in range(4) for off, n in mo.source.ranges(layer, e))
@@ -249,7 +252,8 @@ async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, 
         os.truncate(path, cut)  # the expert stored last loses its last byte
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, layer, [e])
-        assert err.value.code == "io" and f"layer {layer} expert {e}" in str(err.value)
+        assert err.value.code == "file_changed" and f"layer {layer} expert {e}" in str(err.value)
+        assert "short read" in str(err.value) and "stale" in str(err.value)
         assert mo.regions[HIGH].lookup((layer, e)) is None
         assert all(not s.pins and s.state != "loading" for s in mo.regions[HIGH].slots)
         assert cache.try_hit(OWNER, mo, layer, [e], [0.0]) is None
@@ -259,8 +263,10 @@ async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, 
         other = next(
             (lo, eo) for lo in range(2) for eo in range(4) if max(off + n for off, n in mo.source.ranges(lo, eo)) <= cut
         )
-        (slot,) = await acquire(cache, mo, other[0], [other[1]])  # the cache serves on
-        assert slot_bytes_of(cache, slot) == file_bytes_of(mo.source, *other)
+        with pytest.raises(RequestError) as err:  # whole, but from a file that changed
+            await acquire(cache, mo, other[0], [other[1]])
+        assert err.value.code == "file_changed" and "changed while hobbitd read from it" in str(err.value)
+        assert mo.regions[HIGH].lookup(other) is None
 
 
 @in_loop
