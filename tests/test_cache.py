@@ -104,13 +104,17 @@ def file_bytes_of(src, layer, expert) -> bytes:
         return out
 
 
-def flip_byte(path, offset) -> None:
-    """Damage a file in place: one bit of the byte at `offset` (its mtime changes too)."""
+def flip_byte(path, offset, rot: bool = False) -> None:
+    """Damage a file in place: one bit of the byte at `offset` (its mtime changes too; rot:
+    put the mtime back, as bit rot on the medium would leave it)."""
+    st = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x01]))
+    if rot:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 async def acquire(cache, mo, layer, experts, owner=OWNER):
@@ -278,7 +282,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
     path = copy_model(model, tmp_path)
     comp = convert(open_model(path), ggml.Q4_0, progress=False)
     with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
-        flip_byte(comp, companion.slot_image_offset(mo.low, 1, 2) + 100)
+        flip_byte(comp, companion.slot_image_offset(mo.low, 1, 2) + 100, rot=True)
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum" and "layer 1 expert 2" in str(err.value)
@@ -315,7 +319,11 @@ async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, t
         flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # a new mtime
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 0, [2])
-        assert err.value.code == "checksum" and "stale" in str(err.value), err.value
+        assert err.value.code == "file_changed" and "changed while hobbitd read" in str(err.value), err.value
+        flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # mended, still not the file opened
+        with pytest.raises(RequestError) as err:
+            await acquire(cache, mo, 0, [2])
+        assert err.value.code == "file_changed", err.value
 
 
 @in_loop
