@@ -315,7 +315,8 @@ def run(
         rc = d.stop()
     out["daemon_exit"] = rc
     out["leftover_shm"] = _ours(pids)
-    out["leftover_files"] = sorted(f for f in os.listdir(work) if not f.endswith((".log", ".err")))
+    ours = set() if files is None else {os.path.basename(files.path), "versions"}  # the model's copies
+    out["leftover_files"] = sorted(f for f in os.listdir(work) if not f.endswith((".log", ".err")) and f not in ours)
     out.update(
         model=model,
         clients=clients,
