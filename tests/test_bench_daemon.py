@@ -235,4 +235,5 @@ def test_bench_soak_with_the_model_file_replaced_serves_nothing_wrong(synth):
     assert min(r["answers_by_version"]) >= 1, r
     sv = r["serve"]
     assert sv["correct"] == sv["answers"], sv
-    assert r["pins_after"] == 0 and r["leftover_shm"] == [] and r["daemon_exit"] == 0, r
+    assert r["pins_after"] == 0 and r["leftover_shm"] == [] and r["leftover_files"] == [], r
+    assert r["daemon_exit"] == 0
