@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 FLOOR = 1e-12
+BLOCK = 32  # rows of logits taken at once (float64 log-probabilities: BLOCK x V x 8 bytes, a few)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

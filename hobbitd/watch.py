@@ -84,7 +84,7 @@ class FileWatch:
     async def _reopen(self, mo: ModelCache) -> None:
         fut = self._opening[mo.name]
         try:
-            for path in {f.path for f in mo.files.values()}:
+            for path in {w.path for ws in mo.files.values() for w in ws}:
                 self.io.forget(path)  # a rename put another file there
             mo.broken = await self._open_again(mo)
             if mo.broken is None:
@@ -106,6 +106,6 @@ class FileWatch:
                 return f"{mo.path} changed while hobbitd served it and cannot be served now: {e}"
             except Exception as e:  # a file half written can fail the parser in any way
                 return f"{mo.path} changed while hobbitd served it and cannot be served now: {e!r}"
-            if new.files[HIGH].identity == before:
+            if new.files[HIGH][0].identity == before:
                 return adopt(mo, new)
         return f"{mo.path} keeps changing while hobbitd opens it; it serves it again once it stays as it is"

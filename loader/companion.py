@@ -46,11 +46,22 @@ class ChecksumError(CompanionError):
 
 
 def source_identity(weights) -> dict:
-    """Size, mtime and a hash of the GGUF's header (everything before the tensor data)."""
-    st = os.stat(weights.path)
-    data_start = min(t.offset for t in weights.tensors.values())
-    h = hashlib.sha256(bytes(weights.reader.data[:data_start])).hexdigest()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": h}
+    """Size, mtime and a hash of the GGUF's header (everything before the tensor data); of
+    a split model: its files' total size, their latest mtime and a hash of every header."""
+    if len(weights.paths) == 1:
+        st = os.stat(weights.path)
+        data_start = min(t.offset for t in weights.tensors.values())
+        h = hashlib.sha256(bytes(weights.reader.data[:data_start])).hexdigest()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": h}
+    stats = [os.stat(p) for p in weights.paths]
+    sha = hashlib.sha256()
+    for r in weights.readers:
+        sha.update(bytes(r.data[: r.data_offset]))
+    return {
+        "size": sum(st.st_size for st in stats),
+        "mtime_ns": max(st.st_mtime_ns for st in stats),
+        "header_sha256": sha.hexdigest(),
+    }
 
 
 MIN_SAVING = 1.5  # a companion must be this many times smaller than every layer's experts

@@ -7,7 +7,7 @@ hobbitd start and every client. This one walks the header with struct and decode
 array in one pass. Interface: `fields` (an ordered dict key -> Field with `types`, `data`
 (one entry per element; `len()` is the array's length) and `contents()`, as gguf-py gives
 them), `tensors` (name, tensor_type, shape in ggml order, n_elements, n_bytes, data_offset
-absolute), `data` (a read-only numpy memmap of the whole file), `alignment`, `data_offset`.
+absolute), `path`, `data` (a read-only numpy memmap of the whole file), `alignment`, `data_offset`.
 Malformed headers raise ValueError (or EOFError / struct.error for a truncated one).
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+
+from .identity import identity
 
 _SCALARS = {  # value type -> (struct format, numpy dtype)
     GGUFValueType.UINT8: ("<B", np.uint8),
@@ -65,6 +67,8 @@ class Tensor:
 
 class GGUFHeaderReader:
     def __init__(self, path: str):
+        self.path = path
+        self.identity = identity(path)  # before the mmap: a change after it shows as another
         self.data = np.memmap(path, mode="r")
         buf = self.data.data  # a memoryview of the mapping
         self._buf, self._size = buf, len(buf)

@@ -149,11 +149,13 @@ class SlotFormat:
 
 @dataclass(frozen=True)
 class ExpertSource:
-    """The experts of one model in one precision, in one file.
+    """The experts of one model in one precision, in one file or, for a model split by
+    gguf-split, in several: the stacked tensors of one expert's parts may be in different
+    parts of the model.
 
-    part_base[l][p] is the file offset of layer l's part p for expert 0 and
-    part_stride[l][p] the distance between experts, so expert e's part p is at
-    part_base[l][p] + e * part_stride[l][p].
+    part_base[l][p] is the offset of layer l's part p for expert 0 in file file_of(l, p)
+    and part_stride[l][p] the distance between experts, so expert e's part p is at
+    part_base[l][p] + e * part_stride[l][p] there.
     """
 
     path: str
@@ -163,9 +165,20 @@ class ExpertSource:
     format: SlotFormat
     part_base: tuple  # [n_layer][parts] file offsets
     part_stride: tuple  # [n_layer][parts]
+    part_file: tuple = ()  # [n_layer][parts] path of the file holding the part; (): all in path
+
+    def file_of(self, layer: int, part: int) -> str:
+        """The path of the file holding layer `layer`'s part `part`."""
+        return self.part_file[layer][part] if self.part_file else self.path
+
+    @property
+    def files(self) -> tuple:
+        """Every file the experts are read from, path first."""
+        return tuple(dict.fromkeys((self.path, *(f for fs in self.part_file for f in fs))))
 
     def ranges(self, layer: int, expert: int) -> list[tuple[int, int]]:
-        """[(file offset, nbytes)] of every part of one expert, in format.parts order."""
+        """[(file offset, nbytes)] of every part of one expert, in format.parts order (the
+        file of each: file_of)."""
         nbytes = self.format.part_nbytes(layer)
         return [
             (self.part_base[layer][p] + expert * self.part_stride[layer][p], nbytes[p])
@@ -204,6 +217,20 @@ def routed_expert_tensors(file: GGUFFile) -> set:
     return {
         f"blk.{il}.ffn_{p}_exps.{kind}" for il in moe_blocks(file) for p in PARTS for kind in ("weight", "bias")
     } & set(file.tensors)
+
+
+def rows_on_use(file: GGUFFile) -> set:
+    """Tensors a client reads a few rows of per token: the token embedding, unless the output
+    matrix is tied to it. Their pages come in as rows are used (as llama.cpp's mmap does),
+    so they are neither read ahead nor counted as resident."""
+    return {"token_embd.weight"} & set(file.tensors) if "output.weight" in file.tensors else set()
+
+
+def client_resident_bytes(file: GGUFFile) -> int:
+    """The bytes of the file a client keeps in memory: every tensor but the routed experts
+    (hobbitd's slots) and the rows read on use. A memory budget gives hobbitd's cache the rest."""
+    skip = routed_expert_tensors(file) | rows_on_use(file)
+    return sum(t.nbytes for name, t in file.tensors.items() if name not in skip)
 
 
 def gguf_experts(file: GGUFFile) -> ExpertSource:
@@ -254,4 +281,5 @@ def gguf_experts(file: GGUFFile) -> ExpertSource:
         fmt,
         tuple(tuple(t.offset for t in ts) for ts in layers),
         tuple(tuple(n) for n in nbytes),
+        tuple(tuple(file.paths[t.file] for t in ts) for ts in layers) if len(file.paths) > 1 else (),
     )

@@ -40,7 +40,7 @@ class ModelCache(Counts):
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
     demand_Bps: float | None = None  # bytes/s a request with misses was served at (EWMA)
-    files: dict = field(default_factory=dict)  # precision -> WatchedFile: its file as opened
+    files: dict = field(default_factory=dict)  # precision -> (WatchedFile per file read, path first)
     # A file changed under the daemon (loader/freshness.py): its cached experts are dropped and
     # `epoch` moves on, so that nothing read before is served with what is read after; the
     # file is opened again, or the model fails its requests with `broken` (one line).
@@ -53,13 +53,17 @@ class ModelCache(Counts):
 
     def watch_files(self) -> None:
         """Take the files as they are now as the ones served."""
-        self.files = {prec: WatchedFile(src.path) for prec, src in ((HIGH, self.source), (LOW, self.low)) if src}
+        self.files = {
+            prec: tuple(WatchedFile(f) for f in src.files)
+            for prec, src in ((HIGH, self.source), (LOW, self.low))
+            if src
+        }
 
     def changed(self, precision: str | None = None) -> bool:
         """Whether the file `precision` reads from (None: any of them) is no longer the one
         opened: truncated, rewritten or replaced under the daemon (what it serves is stale)."""
         files = self.files.values() if precision is None else [self.files[precision]]
-        return any(f.changed() for f in files)
+        return any([w.changed() for ws in files for w in ws])  # each one checked
 
     def source_of(self, precision: str) -> ExpertSource:
         """The file `precision`'s experts are read from."""
@@ -97,7 +101,7 @@ class ModelCache(Counts):
             "n_layer": self.n_layer,
             "n_expert": self.n_expert,
             "holds_all": self.holds_all,
-            "file": self.files[HIGH].identity and self.files[HIGH].identity.wire(),
+            "file": self.files[HIGH][0].identity and self.files[HIGH][0].identity.wire(),
             "epoch": self.epoch,
             "thresholds": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only},
             "regions": {

@@ -75,7 +75,7 @@ class Reads:
         mo.loads[prec, key] = fut
         src = mo.source_of(prec)
         base = slot.region.segment.address + slot.offset
-        epoch, opened = mo.epoch, mo.files[prec].identity
+        epoch, opened = mo.epoch, {w.path: w.identity for w in mo.files[prec]}
         crcs = None
         if prec == LOW:  # one aligned read of the whole slot image, then its crc32
             segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
@@ -84,15 +84,16 @@ class Reads:
                 assert crcs is not None  # opened with the companion (loader/served.py)
         else:
             segments = [
-                ReadSegment(src.path, off, n, base + o)
-                for (off, n), o in zip(src.ranges(*key), src.format.offsets(key[0]))
+                ReadSegment(src.file_of(key[0], p), off, n, base + o)
+                for p, ((off, n), o) in enumerate(zip(src.ranges(*key), src.format.offsets(key[0])))
             ]
         t0 = time.monotonic()
 
         def verify(job):  # on a reader thread; raises on a changed file or a crc32 mismatch
-            now = identity(src.path)  # after the read: a write in between moved mtime
-            if opened is None or not opened.same_bytes(now):
-                raise FileChanged(f"{src.path} changed while hobbitd read from it")
+            for path in {seg.path for seg in segments}:
+                was = opened.get(path)  # after the read: a write in between moved mtime
+                if was is None or not was.same_bytes(identity(path)):
+                    raise FileChanged(f"{path} changed while hobbitd read from it")
             if crcs is not None:
                 check_image(src, crcs, key[0], key[1], base)
                 mo.verified.add(key)

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from daemon_util import connect, hello, run_daemon, stats
+from daemon_util import SlotView, call, connect, hello, release, request, run_daemon, stats
 from hobbit.compute.engine.weights import open_model
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.layout import gguf_experts
+from hobbit.protocol import messages as m
 
 MODEL = dict(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
@@ -162,3 +163,39 @@ def test_a_file_truncated_while_a_client_generates_ends_it_with_one_line(models,
         one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), path)
         st = model_file_stats(d.socket)
         assert st["changes"] >= 1 and "truncated" in st["error"], st
+
+
+def test_a_rewritten_file_is_served_from_its_new_bytes_at_a_new_epoch(models, tmp_path):
+    """The wire: after an in-place rewrite a request of the epoch the client was welcomed
+    with is answered file_changed (before any slot of it), a new HELLO gets the new epoch
+    and the file's new identity, and every slot then holds the new file's bytes (what was a
+    hit before the rewrite too)."""
+    a, b = models
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(a, path)
+    with run_daemon([path], "8M", tmp_path) as d:
+        sock = connect(d.socket)
+        info = hello(sock)["models"]["m"]
+        assert info["epoch"] == 0 and info["file"] == [*_stat(path)]
+        release(sock, "m", request(sock, "m", 0, [0, 1]))  # cached
+        dd_experts(b, path)
+        cmd, msg = call(sock, m.Cmd.REQUEST, id=2, model="m", layer=0, experts=[0], epoch=0)
+        assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "file_changed", 2), msg
+        assert path in msg["message"]
+        info = hello(sock)["models"]["m"]
+        assert info["epoch"] == 1 and info["file"] == [*_stat(path)]
+        view = SlotView(sock.welcome, "m", path)
+        try:
+            for rid, (layer, experts) in enumerate([(0, [0, 1]), (3, [7])], 3):
+                slots = request(sock, "m", layer, experts, rid=rid)
+                for slot, e in zip(slots, experts):
+                    view.check(slot, layer, e)
+                release(sock, "m", slots)
+        finally:
+            view.close()
+        sock.close(linger=0)
+
+
+def _stat(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -14,6 +14,7 @@ import pytest
 from hobbit.compute.make.quantize import FTYPES, quantize_gguf
 from hobbit.loader.companion import default_low_type
 from hobbit.loader.ggml_types import type_name
+from hobbit.loader.gguf_file import SUPPORTED_ARCHS
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.layout import gguf_experts
 from hobbit.protocol.errors import InputError, ModelError
@@ -290,19 +291,8 @@ def test_mixed_precision_through_daemon(quantized, tmp_path, ftype):
 # qwen3moe (the most run) in every suite; the others with -m every_ftype (~40 s each here)
 ARCH_Q4 = [
     pytest.param(a, id=a, marks=() if a == "qwen3moe" else pytest.mark.every_ftype)
-    for a in (
-        "qwen3moe",
-        "olmoe",
-        "qwen2moe",
-        "phimoe",
-        "gpt-oss",
-        "granitemoe",
-        "glm4moe",
-        "bailingmoe2",
-        "ernie4_5-moe",
-        "smallthinker",
-        "deepseek2",
-    )
+    for a in SUPPORTED_ARCHS
+    if a != "llama"
 ]
 
 

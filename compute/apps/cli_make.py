@@ -213,6 +213,7 @@ def add_calibrate_parser(sub) -> None:
 
 def cmd_synth(args) -> int:
     from ..make.quantize import make_quantized
+    from ..make.split import parse_split_size, split_gguf
     from ..make.synth import count_params, make_synthetic
 
     if args.quantize and args.type:
@@ -242,14 +243,24 @@ def cmd_synth(args) -> int:
         q_lora=args.q_lora,
         yarn=args.yarn,
     )
+    split = parse_split_size(args.split_max_size) if args.split_max_size else None
+    prefix = args.out[: -len(".gguf")] if args.out.endswith(".gguf") else args.out
+    # split: the whole file first, beside the parts, then cut as gguf-split cuts it
+    out = f"{prefix}.unsplit-{os.getpid()}.gguf" if split else args.out
     t0 = time.perf_counter()
-    if args.quantize:
-        make_quantized(args.out, opts, args.quantize, progress=True)
-    else:
-        make_synthetic(args.out, opts, progress=True)
+    try:
+        if args.quantize:
+            make_quantized(out, opts, args.quantize, progress=True)
+        else:
+            make_synthetic(out, opts, progress=True)
+        paths = split_gguf(out, prefix, split, progress=True) if split else [out]
+    finally:
+        if split and os.path.exists(out):
+            os.remove(out)
     dt = time.perf_counter() - t0
-    size = os.path.getsize(args.out)
-    print(f"{args.out}: {size / 1e6:.1f} MB, {count_params(opts) / 1e6:.1f}M parameters, written in {dt:.1f} s")
+    size = sum(os.path.getsize(p) for p in paths)
+    what = f" in {len(paths)} parts (open the first)" if split else ""
+    print(f"{paths[0]}: {size / 1e6:.1f} MB{what}, {count_params(opts) / 1e6:.1f}M parameters, written in {dt:.1f} s")
     return 0
 
 
@@ -327,5 +338,12 @@ def add_synth_parser(sub) -> None:
         metavar="N",
         help="grow the copied vocabulary to N tokens (e.g. 151936 as Qwen3, 201088 as "
         "gpt-oss, 262144): the embedding and output matrices of real models' size",
+    )
+    p.add_argument(
+        "--split-max-size",
+        default=None,
+        metavar="SIZE",
+        help="write the model in parts of at most SIZE of tensors each (e.g. 500M, 2G; decimal units), "
+        "as llama.cpp's gguf-split --split-max-size does: OUT without .gguf followed by -00001-of-0000N.gguf, ...",
     )
     p.set_defaults(func=cmd_synth)

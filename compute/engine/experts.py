@@ -84,19 +84,22 @@ class LocalExperts:
         self.thresholds = thresholds or Thresholds()
         self.weights = weights  # kept: bases point into its mmap
         self.sources = {HIGH: gguf_experts(weights)}
-        self.bases = {HIGH: weights.reader.data.ctypes.data}
+        # where each file starts in this process, by path (a split model's experts may be
+        # in several of its parts)
+        self.bases = {HIGH: {p: weights.base(i) for i, p in enumerate(weights.paths)}}
         if companion:
             src, _ = open_companion(weights, companion)
             self._low_map = np.memmap(companion, dtype=np.uint8, mode="r")
             self.sources[LOW] = src
-            self.bases[LOW] = self._low_map.ctypes.data
+            self.bases[LOW] = {src.path: self._low_map.ctypes.data}
         elif self.thresholds.low_only or self.thresholds.dynamic:
             # without a companion file there is nothing to load in low precision
             self.thresholds = Thresholds(self.thresholds.t1, self.thresholds.t2, dynamic=False)
         self.regions = {p: SlotRegion(s.n_expert, s.format) for p, s in self.sources.items()}
 
     def part_bases(self, precision: str, layer: int) -> tuple:
-        return tuple(self.bases[precision] + b for b in self.sources[precision].part_base[layer])
+        src, bases = self.sources[precision], self.bases[precision]
+        return tuple(bases[src.file_of(layer, p)] + b for p, b in enumerate(src.part_base[layer]))
 
     def part_strides(self, precision: str, layer: int) -> tuple:
         return self.sources[precision].part_stride[layer]

@@ -87,45 +87,56 @@ def _take_lease(path: str) -> _Lease | None:
 
 
 class FileGuard:
-    """The guard of one Model over its mmapped GGUF (see the module docstring)."""
+    """The guard of one Model over its mmapped GGUF, every part of a split one (see the
+    module docstring)."""
 
-    def __init__(self, path: str, mapped: FileIdentity | None, lease: bool = True):
-        """mapped: the file's identity when it was mapped (GGUFFile.identity); lease: hold
-        a lease too (else the stats alone guard)."""
-        self.path, self.mapped = os.path.realpath(path), mapped
-        self.lease = _take_lease(self.path) if lease else None
-        if self.lease is not None:
-            self.lease.users += 1
+    def __init__(self, paths: tuple, mapped: tuple, lease: bool = True):
+        """paths, mapped: the model's files and each one's identity when it was mapped
+        (GGUFFile.paths, .identities); lease: hold leases too (else the stats alone guard)."""
+        self.paths = tuple(os.path.realpath(p) for p in paths)
+        self.mapped: tuple[FileIdentity | None, ...] = tuple(mapped) or (None,) * len(paths)
+        self.leases: list[_Lease] = []
+        for path in self.paths if lease else ():
+            held = _take_lease(path)
+            if held is not None:
+                held.users += 1
+                self.leases.append(held)
 
     def check(self, served: list | None = None) -> None:
-        """ModelError unless the file is still the one mapped (and, `served` given: WELCOME's
-        "file" of hobbitd, the one hobbitd serves)."""
-        if self.lease is not None and self.lease.broken:
-            raise ModelError(f"{self.path}: another process is writing or truncating the model file; run again after")
-        now = identity(self.path)
-        if self.mapped is None or not self.mapped.same_bytes(now):
-            raise ModelError(f"{self.path}: the model file changed while in use (rewritten, truncated or replaced)")
-        if served is not None and served != self.mapped.wire():
-            raise ModelError(f"{self.path}: hobbitd serves another version of the model file than this process mapped")
+        """ModelError unless the files are still the ones mapped (and, `served` given:
+        WELCOME's "file" of hobbitd, the first one is the one hobbitd serves)."""
+        for held in self.leases:
+            if held.broken:
+                raise ModelError(
+                    f"{held.path}: another process is writing or truncating the model file; run again after"
+                )
+        for path, was in zip(self.paths, self.mapped):
+            if was is None or not was.same_bytes(identity(path)):
+                raise ModelError(f"{path}: the model file changed while in use (rewritten, truncated or replaced)")
+        first = self.mapped[0]
+        if served is not None and first is not None and served != first.wire():
+            raise ModelError(
+                f"{self.paths[0]}: hobbitd serves another version of the model file than this process mapped"
+            )
 
     def enter(self, served: list | None = None) -> None:
         """A forward starts: check(served), then count it as running."""
         self.check(served)
-        if self.lease is not None:
-            self.lease.active += 1
+        for held in self.leases:
+            held.active += 1
 
     def exit(self, served: list | None = None, ok: bool = True) -> None:
-        """The forward ended (ok: its result is to be used, so check the file again)."""
-        if self.lease is not None:
-            self.lease.active -= 1
-            if self.lease.broken and not self.lease.active:
-                self.lease.release()
+        """The forward ended (ok: its result is to be used, so check the files again)."""
+        for held in self.leases:
+            held.active -= 1
+            if held.broken and not held.active:
+                held.release()
         if ok:
             self.check(served)
 
     def close(self) -> None:
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.users -= 1
-            if lease.users <= 0:
-                lease.release()
+        leases, self.leases = self.leases, []
+        for held in leases:
+            held.users -= 1
+            if held.users <= 0:
+                held.release()

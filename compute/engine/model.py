@@ -36,11 +36,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 
-from ...loader.layout import PARTS, routed_expert_tensors
+from ...loader.layout import PARTS, routed_expert_tensors, rows_on_use
 from ...loader.precision import HIGH, LOW
 from ...protocol.errors import InputError
 from . import ggml
@@ -125,14 +126,15 @@ class Model:
         self.experts = experts
         # the weights are views of the mmapped file: each forward checks it is still the one
         # mapped; through hobbitd, where the process runs for long, it also holds a lease
-        self.guard = FileGuard(weights.path, weights.identity, lease=experts is not None and experts.remote)
+        self.guard = FileGuard(weights.paths, weights.identities, lease=experts is not None and experts.remote)
         self.prefetch = PrefetchStats()
         self.pool: Pool | None = None
         self.segments: Segments | None = None
+        weights.read_by_rows(rows_on_use(weights))  # as llama.cpp's mmap: a row's pages on use
         if experts is not None and experts.remote:
-            # what this process reads itself (attention, routers, embeddings, output): read
-            # ahead now; the routed experts come from hobbitd's slots, never from the file
-            weights.will_need(routed_expert_tensors(weights))
+            # what this process reads itself (attention, routers, output): read ahead now;
+            # the routed experts come from hobbitd's slots, embedding rows as they are used
+            weights.will_need(routed_expert_tensors(weights) | rows_on_use(weights))
         if experts is not None:
             self.pool = Pool(self.wctx, a, experts)
             self.segments = Segments(
@@ -148,6 +150,32 @@ class Model:
         self.kv.reset()
 
     def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """The logits after `tokens` (continuing the sequence): (V,) for the last token, or
+        (T, V) with all_logits. Without all_logits each batch computes its last row only: a
+        prompt's (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary."""
+        if all_logits:
+            return np.concatenate(list(self.logit_pieces(tokens, 0)))
+        tokens = self._checked(tokens)
+        for start in range(0, tokens.size, self.opts.n_batch):
+            out = self._forward_chunk(tokens[start : start + self.opts.n_batch], False)
+        return out[-1]
+
+    def logit_pieces(self, tokens, first: int) -> Iterator[np.ndarray]:
+        """The logits of rows first..T-1 of `tokens` (continuing the sequence), yielded in
+        consecutive pieces of at most n_batch rows: evaluation holds one batch's rows at a
+        time. Batches before `first` compute their last row only. Each piece is the
+        caller's; the sequence advances as the pieces are taken."""
+        return self._pieces(self._checked(tokens), first)
+
+    def _pieces(self, tokens: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        for start in range(0, tokens.size, self.opts.n_batch):
+            part = tokens[start : start + self.opts.n_batch]
+            wanted = start + part.size > first
+            out = self._forward_chunk(part, wanted)
+            if wanted:
+                yield out[max(first - start, 0) :]
+
+    def _checked(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
             raise InputError("forward() needs a non-empty 1-D list of token ids")
@@ -155,21 +183,7 @@ class Model:
             raise InputError(f"{self.n_past + tokens.size} tokens do not fit the context of {self.n_ctx} tokens")
         if tokens.min() < 0 or tokens.max() >= self.args.n_vocab:
             raise InputError(f"token id out of range 0..{self.args.n_vocab - 1}")
-        outs = []
-        served = getattr(self.experts, "served_file", None)  # hobbitd's identity of the file
-        self.guard.enter(served)
-        ok = False
-        try:
-            for start in range(0, tokens.size, self.opts.n_batch):
-                # without all_logits each chunk computes its last row's logits only: a prompt's
-                # (T, V) logits are 1 GiB at T = 1,024 and a 262k vocabulary
-                out = self._forward_chunk(tokens[start : start + self.opts.n_batch], all_logits)
-                if all_logits:
-                    outs.append(out)
-            ok = True
-        finally:
-            self.guard.exit(served, ok)  # a change during the forward: its logits are not used
-        return np.concatenate(outs) if all_logits else out[-1]
+        return tokens
 
     def resumable(self, n_past: int) -> bool:
         """Whether forward() can continue the cached sequence at position n_past (<= the
@@ -193,6 +207,19 @@ class Model:
     # ---- one chunk ------------------------------------------------------------------------
 
     def _forward_chunk(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
+        """One chunk's logits, computed only while the mmapped file is the one mapped (and
+        the one hobbitd serves): checked before and after (engine/file_guard.py)."""
+        served = getattr(self.experts, "served_file", None)  # hobbitd's identity of the file
+        self.guard.enter(served)
+        ok = False
+        try:
+            logits = self._chunk(tokens, all_logits)
+            ok = True
+        finally:
+            self.guard.exit(served, ok)  # a change during the chunk: its logits are not used
+        return logits
+
+    def _chunk(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
         T = tokens.size
         feed, N, held = self.kv.chunk(self.n_past, T)
         feed["tokens"] = tokens

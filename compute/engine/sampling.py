@@ -24,9 +24,9 @@ class Sampler:
         o = self.opts
         if o.temperature <= 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / o.temperature
-        idx = candidates(z, o.top_k)  # best first
-        p = np.exp(z[idx] - z[idx[0]])
+        idx = candidates(logits, o.top_k)  # best first (dividing by a temperature keeps the order)
+        z = logits[idx].astype(np.float64) / o.temperature
+        p = np.exp(z - z[0])
         p /= p.sum()
         if o.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(p), o.top_p)) + 1  # smallest set with mass >= top_p
@@ -39,6 +39,6 @@ def candidates(z: np.ndarray, k: int) -> np.ndarray:
     k are sorted: sorting a 150k-260k vocabulary for every token cost ~15 ms (BENCHMARKS.md)."""
     if k <= 0 or k >= z.size:
         return np.argsort(-z, kind="stable")
-    kth = -np.partition(-z, k - 1)[k - 1]  # the k-th largest value
+    kth = np.partition(z, z.size - k)[z.size - k]  # the k-th largest value
     top = np.flatnonzero(z >= kth)  # ascending: ties keep the lower index first
     return top[np.argsort(-z[top], kind="stable")][:k]

@@ -3,7 +3,8 @@
 `open_model(path)` validates the file up front (loader/gguf_file.py: missing, not a GGUF,
 truncated; here: unsupported architecture, missing tensors, types we do not compute on)
 and raises ModelError with one line that names the file and the reason. Tensor data is
-never copied: `Weights.address(name)` points into the read-only shared mmap.
+never copied: `Weights.address(name)` points into the read-only shared mmap (of the part
+holding it, for a model split by gguf-split).
 """
 
 from __future__ import annotations
@@ -124,13 +125,13 @@ class Weights(GGUFFile):
     """An open GGUF model: the file (tensor table, shared read-only mmap) and its ModelArgs."""
 
     def __init__(self, file: GGUFFile, args: ModelArgs):
-        super().__init__(file.path, file.reader, file.tensors, file.identity)
+        super().__init__(file.path, file.reader, file.tensors, file.readers, file.identities)
         self.args = args
 
     def dequantized(self, name: str):
         """A small 2-D tensor as float32 (rows, cols) in numpy order (copied)."""
         info = self.tensors[name]
-        raw = self.reader.data[info.offset : info.offset + info.nbytes]
+        raw = self.data(name)
         n = info.shape[0] * info.shape[1]
         return ggml.dequantize(info.type, raw, n).reshape(info.shape[1], info.shape[0])
 
@@ -151,8 +152,7 @@ class Weights(GGUFFile):
         info = self.tensors.get(name)
         if info is None:
             return np.zeros(self.args.n_expert, np.float32)
-        raw = self.reader.data[info.offset : info.offset + info.nbytes]
-        return ggml.dequantize(info.type, raw, info.shape[0])
+        return ggml.dequantize(info.type, self.data(name), info.shape[0])
 
 
 def _field(reader, key, default=None, required=True, path=""):

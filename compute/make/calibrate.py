@@ -32,7 +32,7 @@ from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import EVERY_MISS_LOW, HIGH, LOW, SKIP, Thresholds, decide
 from ...protocol.errors import HobbitError
-from ..divergence import mean_kld
+from ..divergence import BLOCK, kl_rows, log_softmax
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
@@ -118,14 +118,32 @@ def simulate(
     return counts
 
 
-def run_logits(model, th, tokens, n_ctx=512):
-    """All next-token logits of `tokens` with the model's LocalExperts set to thresholds th."""
-    model.experts.thresholds = th
-    out = []
-    for start in range(0, len(tokens) - 1, n_ctx):
-        model.reset()
-        out.append(model.forward(tokens[start : start + n_ctx], all_logits=True))
-    return np.concatenate(out)
+def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -> list[float]:
+    """Mean KL(all high || thresholds th) over every next-token position of `tokens`, for each
+    th in grid, with the model's LocalExperts (stateless: a chunk's logits under th do not
+    depend on what ran before). Chunk by chunk: one chunk's reference logits and one batch
+    of the other's are held at a time, not every position's (2,048 x 151,936 floats is
+    1.2 GB, twice, and float64 log-probabilities of them four times that)."""
+    sums, rows = [0.0] * len(grid), 0
+    starts = range(0, len(tokens) - 1, n_ctx)
+    with progress_bar(len(starts) * len(grid), "thresholds", progress) as bar:
+        for start in starts:
+            chunk = tokens[start : start + n_ctx]
+            model.experts.thresholds = Thresholds(dynamic=False)
+            model.reset()
+            ref = np.concatenate(list(model.logit_pieces(chunk, 0)))  # (n_ctx, V)
+            for i, th in enumerate(grid):
+                model.experts.thresholds = th
+                model.reset()
+                at = 0
+                for piece in model.logit_pieces(chunk, 0):
+                    for b in range(0, len(piece), BLOCK):
+                        ours = piece[b : b + BLOCK]
+                        sums[i] += float(kl_rows(log_softmax(ref[at : at + len(ours)]), log_softmax(ours)).sum())
+                        at += len(ours)
+                bar.update(1)
+            rows += len(chunk)
+    return [x / rows for x in sums]
 
 
 def calibrate(
@@ -149,18 +167,15 @@ def calibrate(
     t0 = time.perf_counter()
     sel, scores = routing_trace(weights, tokens)
     model = Model(weights, RunOptions(n_ctx=512, lookahead=0), experts=LocalExperts(weights, companion))
-    ref = run_logits(model, Thresholds(dynamic=False), tokens)
-    grid = [(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
+    grid = [Thresholds(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
+    # (1, 1) loads every expert in high precision: it is the reference itself, so that some
+    # pair always meets the bound (a model too sensitive for low precision gets none)
+    lossy = [th for th in grid if th.t1 < 1.0]
+    klds = dict(zip(lossy, grid_klds(model, lossy, tokens, progress=progress)))
     rows = []
-    with progress_bar(len(grid), "thresholds", progress) as bar:
-        for t1, t2 in grid:
-            th = Thresholds(t1, t2)
-            # (1, 1) loads every expert in high precision: it is the reference itself, so that
-            # some pair always meets the bound (a model too sensitive for low precision gets none)
-            kld = 0.0 if t1 >= 1.0 else mean_kld(ref, run_logits(model, th, tokens))
-            sim = simulate(sel, scores, a.n_expert, th, *slots(th), ratio)
-            rows.append({"t1": t1, "t2": t2, "kld": kld, **sim})
-            bar.update(1)
+    for th in grid:
+        sim = simulate(sel, scores, a.n_expert, th, *slots(th), ratio)
+        rows.append({"t1": th.t1, "t2": th.t2, "kld": klds.get(th, 0.0), **sim})
     ok = [r for r in rows if r["kld"] <= kld_bound]
     best = min(ok, key=lambda r: (r["cost"], r["kld"]))
     model.close()

@@ -49,7 +49,7 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
     }
     data_offset = data_offset_for(header)
     tmp = f"{out}.tmp-{os.getpid()}"
-    mm = weights.reader.data
+    maps = dict(zip(weights.paths, (r.data for r in weights.readers)))  # a split model's parts
     bar = progress_bar(high.total_bytes, f"convert to {ggml.type_name(low_type)}", enabled=progress, unit="B")
 
     def one(key: tuple[int, int]) -> np.ndarray:
@@ -58,6 +58,7 @@ def convert(weights, low_type: int, out: str | None = None, progress: bool = Tru
         il, e = key
         slot = np.zeros(fmt.slot_bytes, np.uint8)
         for p, (off, n) in enumerate(high.ranges(il, e)):
+            mm = maps[high.file_of(il, p)]
             if p < len(PARTS):  # a weight matrix: re-quantised
                 shape = high.format.shapes[p]
                 x = ggml.dequantize(high.format.types(il)[p], mm[off : off + n], shape[0] * shape[1])

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from ...hobbitd.config import models_dir
 from ...protocol.errors import ModelError
 from .moefy import MoefyOptions, build_moe, default_model_path, default_options, model_name
-from .pull import split_name
+from ...loader.gguf_split import is_later_part
 
 
 def describe(path: str) -> dict:
@@ -22,7 +22,7 @@ def describe(path: str) -> dict:
     w = open_model(path)
     info = {
         "path": path,
-        "bytes": os.path.getsize(path),
+        "bytes": w.total_bytes,
         "experts": w.args.n_expert,
         "top_k": w.args.n_expert_used,
         "name": w.field("general.name"),
@@ -39,8 +39,7 @@ def list_models() -> list[dict]:
         return []
     out = []
     for name in sorted(os.listdir(d)):
-        split = split_name(name)
-        if name.endswith(".gguf") and not (split and split.no > 1):  # a split model: its first part
+        if name.endswith(".gguf") and not is_later_part(name):  # a split model: its first part
             try:
                 out.append(describe(os.path.join(d, name)))
             except ModelError as e:

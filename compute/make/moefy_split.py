@@ -29,8 +29,9 @@ def ffn_weights(weights, il: int, experts: bool = False):
     out = []
     for part in ("gate", "up", "down"):
         info = weights.tensors[f"blk.{il}.ffn_{part}{'_exps' if experts else ''}.weight"]
-        raw = weights.reader.data[info.offset : info.offset + info.nbytes]
-        out.append(ggml.dequantize(info.type, raw, int(np.prod(info.shape))).reshape(info.shape[::-1]))
+        out.append(
+            ggml.dequantize(info.type, weights.data(info.name), int(np.prod(info.shape))).reshape(info.shape[::-1])
+        )
     return out
 
 

@@ -57,7 +57,6 @@ def write_moe(
     Fe = F // E
     exp_t = ggml.TYPES_BY_NAME[opts.expert_type]
     down_t = ggml.TYPES_BY_NAME[opts.down_type or opts.expert_type]
-    mm = weights.reader.data
 
     # the new tensor table: the dense file's order, each layer's FFN replaced by its experts
     table = []  # (TensorEntry, producer)
@@ -91,14 +90,13 @@ def write_moe(
     def produce(how) -> bytes:
         kind = how[0]
         if kind == "copy":
-            t = weights.tensors[how[1]]
-            return mm[t.offset : t.offset + t.nbytes]
+            return weights.data(how[1])
         plan = plans[how[1]]
         if kind == "router":
             return (np.float32(opts.temperature) * plan.router).astype(np.float32)  # (E, D)
         if kind == "rows":  # a neuron is a row of gate/up: its bytes, or re-quantised
             t = weights.tensors[f"blk.{how[1]}.ffn_{how[2]}.weight"]
-            rows = mm[t.offset : t.offset + t.nbytes].reshape(F, -1)
+            rows = weights.data(t.name).reshape(F, -1)
             if t.type != exp_t:
                 rows = ggml.dequantize(t.type, rows, F * D).reshape(F, D)
             rows = np.concatenate([rows[g] for g in plan.groups])
@@ -106,10 +104,10 @@ def write_moe(
         # down: a neuron is a column; gather, scale by K, re-quantise expert by expert
         t = weights.tensors[f"blk.{how[1]}.ffn_down.weight"]
         if t.type == down_t and plan.down is None and opts.unit % ggml.block_size(t.type) == 0:
-            return _copy_blocks(mm[t.offset : t.offset + t.nbytes], t.type, D, F, plan.groups, K)
+            return _copy_blocks(weights.data(t.name), t.type, D, F, plan.groups, K)
         down = plan.down
         if down is None:
-            down = ggml.dequantize(t.type, mm[t.offset : t.offset + t.nbytes], D * F).reshape(D, F)
+            down = ggml.dequantize(t.type, weights.data(t.name), D * F).reshape(D, F)
         return np.concatenate([ggml.quantize(down_t, np.float32(K) * down[:, g], Fe) for g in plan.groups])
 
     src_name = os.path.basename(source)

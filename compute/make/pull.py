@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ...hobbitd.config import models_dir
+from ...loader.gguf_split import split_name
 from ...protocol.errors import HobbitError, InputError, ModelError
 from ..progress import progress_bar
 
 STAGING = ".pull"  # inside the models folder: partial downloads, kept for resuming
 READ_CHUNK = 1 << 23  # bytes per read when hashing
 
-# llama.cpp's gguf-split names: NAME-00001-of-00003.gguf
-SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 # A quant label as llama.cpp's quantizer and the Hub's uploaders write it in file names:
 # Q4_K_M, IQ2_XXS, Q8_0, TQ1_0, MXFP4, BF16, F16 ..., unsloth's dynamic ones as UD-Q4_K_XL.
 QUANT_RE = re.compile(
@@ -67,12 +66,6 @@ class RemoteFile(NamedTuple):
     sha256: str | None  # the LFS object's sha256; None for a plain git file
 
 
-class SplitName(NamedTuple):
-    stem: str  # the name before -0000N-of-0000M.gguf
-    no: int  # 1-based part number
-    count: int
-
-
 class RemoteModel(NamedTuple):
     parts: tuple[RemoteFile, ...]  # in part order; one file when not split
     quant: str | None  # its quant label (QUANT_RE), None if its name has none
@@ -86,12 +79,6 @@ class Pulled:
     total_bytes: int
     fetched_bytes: int  # downloaded by this pull (0: all parts were there already)
     commit: str  # the repo commit the files are from
-
-
-def split_name(path: str) -> SplitName | None:
-    """A split GGUF part's name (gguf-split's NAME-00001-of-00003.gguf), None otherwise."""
-    m = SPLIT_RE.match(os.path.basename(path))
-    return SplitName(m["stem"], int(m["no"]), int(m["count"])) if m else None
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -123,7 +110,7 @@ def gguf_models(files: list[RemoteFile]) -> list[RemoteModel]:
         if not name.lower().endswith(".gguf") or name.lower().startswith("mmproj"):
             continue
         split = split_name(f.path)
-        key = (os.path.dirname(f.path), split.stem, split.count) if split else (f.path,)
+        key = (os.path.dirname(f.path), split.stem, split.parts) if split else (f.path,)
         groups.setdefault(key, []).append(f)
     models = []
     for parts in groups.values():
@@ -169,9 +156,9 @@ def choose(repo: str, files: list[RemoteFile], quant: str | None, file: str | No
             raise InputError(f"{repo}:{quant} fits {len(fits)} models ({_names(fits)}); pick one with --file")
         model = fits[0]
     split = split_name(model.parts[0].path)
-    if split and [split_name(p.path).no for p in model.parts] != list(range(1, split.count + 1)):
+    if split and [split_name(p.path).no for p in model.parts] != list(range(1, split.parts + 1)):
         have = ", ".join(str(split_name(p.path).no) for p in model.parts)
-        raise InputError(f"{repo}: {model.parts[0].path} is split in {split.count} parts but the repo has parts {have}")
+        raise InputError(f"{repo}: {model.parts[0].path} is split in {split.parts} parts but the repo has parts {have}")
     return model
 
 

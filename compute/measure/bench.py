@@ -101,7 +101,7 @@ def run_compute(opts: ComputeOptions) -> dict:
     a = weights.args
     return {
         "model": os.path.abspath(opts.model),
-        "model_size_bytes": os.path.getsize(opts.model),
+        "model_size_bytes": weights.total_bytes,
         "model_kind": f"MoE {a.n_expert} experts, top-{a.n_expert_used}" if a.is_moe else "dense",
         "hobbit_prefill_tok_s": speed["hobbit"]["prefill"],
         "llamacpp_prefill_tok_s": speed["llamacpp"]["prefill"],

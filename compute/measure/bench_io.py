@@ -47,7 +47,10 @@ def engine_pass(src, engine: IOEngine, seg: Segment) -> tuple[int, float]:
         layer, e = divmod(i, src.n_expert)
         inflight.acquire()
         base = seg.address + (i % RING) * fmt.slot_bytes
-        segs = [(src.path, off, n, base + o) for (off, n), o in zip(src.ranges(layer, e), fmt.offsets(layer))]
+        segs = [
+            (src.file_of(layer, p), off, n, base + o)
+            for p, ((off, n), o) in enumerate(zip(src.ranges(layer, e), fmt.offsets(layer)))
+        ]
         engine.submit(("bench", i), segs, DEMAND, done)
     done_all.wait()
     dt = time.perf_counter() - t0

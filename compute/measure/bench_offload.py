@@ -4,7 +4,8 @@ memory, side by side in one run.
 Each limited run starts from a dropped page cache, and its processes (llama.cpp's, or
 hobbitd and hobbit's client) run in one memory cgroup of the same limit: the budget plus
 an allowance for the processes themselves. hobbitd's cache is the budget minus the bytes
-of the non-expert weights the client maps. Runs:
+of the non-expert weights the client keeps resident (the token embedding's rows are read on
+use, as llama.cpp's mmap reads them, and not counted). Runs:
 
   1. llama.cpp (llama-cpp-python, mmap), limited;
   2. hobbit, high precision only + LRU, no prefetch, limited;
@@ -263,7 +264,7 @@ def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: i
 
 
 def run(opts: OffloadOptions, progress: bool = True) -> dict:
-    from ...loader.layout import gguf_experts
+    from ...loader.layout import client_resident_bytes, gguf_experts
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
     from ..engine.weights import open_model
 
@@ -275,7 +276,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
         raise InputError(f"{path}: not a mixture-of-experts model")
     src = gguf_experts(w)
     expert_bytes = src.total_bytes
-    other_bytes = os.path.getsize(path) - expert_bytes
+    other_bytes = client_resident_bytes(w)
     budget = budget_bytes(opts.budget, expert_bytes)
     cache = budget - other_bytes
     if cache < src.n_expert * src.format.slot_bytes:
@@ -286,7 +287,7 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     limit = budget + opts.allowance
     report = {
         "model": path,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": w.total_bytes,
         "expert_bytes": expert_bytes,
         "budget": budget,
         "allowance": opts.allowance,

@@ -15,10 +15,12 @@ KL divergence compares the model under test with a reference on the same scored
 positions: mean KL(reference || model) in nats, top-1 agreement (llama.cpp's "same top
 p"), and the perplexity of both.
 
-Both take a *scorer*: anything with forward(tokens, all_logits=True) -> (T, V) logits and
-reset() (a Model, in-process or through hobbitd; an adapter over llama.cpp), or a plain
-function tokens -> (T, V) logits. So the model under test may compute some experts in low
-precision while the reference runs everything in high precision.
+Both take a *scorer*: anything with logit_pieces(tokens, first) and reset() (a Model,
+in-process or through hobbitd), or a plain function tokens -> (T, V) logits (an adapter over
+llama.cpp, a test's oracle). So the model under test may compute some experts in low
+precision while the reference runs everything in high precision. A Model's logits are taken
+one batch at a time and scored BLOCK rows at a time: at a 262k vocabulary a chunk of 512
+positions' logits would be 512 MiB, and their float64 log-probabilities twice that.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...protocol.errors import InputError
-from ..divergence import kl_rows, log_softmax
+from ..divergence import BLOCK, kl_rows, log_softmax
 from ..progress import progress_bar
 
 if TYPE_CHECKING:  # only named: importing runs loads the engine
@@ -65,15 +67,35 @@ def model_adds_bos(tok) -> bool:
 
 
 def as_scorer(model):
-    """A function tokens -> (T, V) float32 logits, each call from an empty context."""
-    if callable(model) and not hasattr(model, "forward"):
-        return model
+    """A function (tokens, first) -> the logits of rows first..T-1 in consecutive pieces,
+    each call from an empty context."""
+    if callable(model) and not hasattr(model, "logit_pieces"):
+        return lambda tokens, first: iter([np.asarray(model(tokens))[first:]])
 
-    def score(tokens):
+    def score(tokens, first):
         model.reset()
-        return model.forward(tokens, all_logits=True)
+        return model.logit_pieces(tokens, first)
 
     return score
+
+
+def _blocks(pieces, n_rows: int):
+    """The first n_rows rows of an iterator of (rows, V) pieces, re-cut into BLOCK-row blocks."""
+    held: list[np.ndarray] = []
+    have = done = 0
+    for piece in pieces:
+        held.append(np.asarray(piece))
+        have += len(held[-1])
+        while have >= BLOCK or (have and done + have >= n_rows):
+            rows = np.concatenate(held) if len(held) > 1 else held[0]
+            take = min(BLOCK, n_rows - done)
+            yield rows[:take]
+            done += take
+            held, have = ([rows[take:]], len(rows) - take) if len(rows) > take else ([], 0)
+            if done == n_rows:
+                return
+    if done < n_rows:
+        raise ValueError(f"the scorer gave {done} rows of logits, {n_rows} were expected")
 
 
 def _chunks(tokens, ctx: int, chunks: int | None, add_bos: bool, bos: int | None):
@@ -131,12 +153,15 @@ def perplexity(
     t0 = time.perf_counter()
     with progress_bar(len(todo), "perplexity", progress, "chunk") as bar:
         for chunk in todo:
-            logits = np.asarray(score(chunk))[first : ctx - 1]  # (ctx/2-1, V)
-            target = np.asarray(chunk[first + 1 : ctx])
-            nll = -log_softmax(logits)[np.arange(target.size), target]
-            nll_sum += float(nll.sum())
-            nll2_sum += float((nll * nll).sum())
-            count += target.size
+            targets = np.asarray(chunk[first + 1 : ctx])  # row i of the logits predicts token i + 1
+            at = 0
+            for logits in _blocks(score(chunk, first), targets.size):
+                target = targets[at : at + len(logits)]
+                nll = -log_softmax(logits)[np.arange(target.size), target]
+                nll_sum += float(nll.sum())
+                nll2_sum += float((nll * nll).sum())
+                count += target.size
+                at += len(logits)
             running.append(math.exp(nll_sum / count))
             bar.set_postfix(ppl=f"{running[-1]:.4f}")
             bar.update(1)
@@ -179,23 +204,17 @@ def kld(
     t0 = time.perf_counter()
     with progress_bar(len(todo), "kl-divergence", progress, "chunk") as bar:
         for chunk in todo:
-            target = np.asarray(chunk[first + 1 : ctx])
-            rows = np.arange(target.size)
-            ref = log_softmax(np.asarray(ref_score(chunk))[first : ctx - 1])  # (n, V)
-            ours = ref if same else log_softmax(np.asarray(score(chunk))[first : ctx - 1])
-            kl = kl_rows(ref, ours)
-            nll, ref_nll = -ours[rows, target], -ref[rows, target]
-            acc["nll"] += float(nll.sum())
-            acc["nll2"] += float((nll * nll).sum())
-            acc["ref_nll"] += float(ref_nll.sum())
-            acc["ref_nll2"] += float((ref_nll * ref_nll).sum())
-            acc["kld"] += float(kl.sum())
-            acc["kld2"] += float((kl * kl).sum())
-            dp = np.exp(-nll) - np.exp(-ref_nll)
-            acc["dp2"] += float((dp * dp).sum())
-            acc["same"] += int((ours.argmax(axis=1) == ref.argmax(axis=1)).sum())
-            klds.append(kl)
-            count += target.size
+            targets = np.asarray(chunk[first + 1 : ctx])  # row i of the logits predicts token i + 1
+            ref_blocks = _blocks(ref_score(chunk, first), targets.size)
+            our_blocks = ref_blocks if same else _blocks(score(chunk, first), targets.size)
+            at = 0
+            for ref_logits in ref_blocks:
+                ref = log_softmax(ref_logits)
+                ours = ref if same else log_softmax(next(our_blocks))
+                target = targets[at : at + len(ref)]
+                at += len(ref)
+                _add_kld_block(acc, klds, ref, ours, target)
+            count += targets.size
             bar.set_postfix(kld=f"{acc['kld'] / count:.5f}", top1=f"{acc['same'] / count:.3f}")
             bar.update(1)
     klds = np.concatenate(klds)
@@ -219,6 +238,23 @@ def kld(
         "scored": count,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _add_kld_block(acc: dict, klds: list, ref: np.ndarray, ours: np.ndarray, target: np.ndarray) -> None:
+    """Add one block of rows (log-probabilities of the reference and the model) to kld()'s sums."""
+    rows = np.arange(target.size)
+    kl = kl_rows(ref, ours)
+    nll, ref_nll = -ours[rows, target], -ref[rows, target]
+    acc["nll"] += float(nll.sum())
+    acc["nll2"] += float((nll * nll).sum())
+    acc["ref_nll"] += float(ref_nll.sum())
+    acc["ref_nll2"] += float((ref_nll * ref_nll).sum())
+    acc["kld"] += float(kl.sum())
+    acc["kld2"] += float((kl * kl).sum())
+    dp = np.exp(-nll) - np.exp(-ref_nll)
+    acc["dp2"] += float((dp * dp).sum())
+    acc["same"] += int((ours.argmax(axis=1) == ref.argmax(axis=1)).sum())
+    klds.append(kl)
 
 
 # ---- a model on a text file (hobbit-cli eval) --------------------------------------------------

@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 
+from ...protocol.errors import InputError
+
 KINDS = ("rename", "in_place")
 
 
@@ -22,6 +24,8 @@ def expert_ranges(path: str) -> list[tuple[int, int, int]]:
     from ...loader.gguf_file import open_gguf
 
     f = open_gguf(path)
+    if len(f.paths) > 1:
+        raise InputError(f"{path}: a split model; bench soak replaces single-file models only")
     n_expert = int(f.require(f"{f.arch}.expert_count"))
     return [(t.offset, t.nbytes, n_expert) for name, t in f.tensors.items() if "_exps." in name]
 
