@@ -18,6 +18,7 @@ from ..loader.precision import EVERY_MISS_LOW, EXACT
 from ..protocol.errors import InputError
 
 SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
+AUTO_CACHE_SHARE = 0.5  # of the available memory, for --cache-size auto: the rest for clients and files
 
 
 @dataclass
@@ -25,7 +26,8 @@ class DaemonConfig:
     models: list[str] = field(default_factory=list)  # GGUF paths
     model_dirs: list[str] = field(default_factory=list)  # folders whose GGUFs a client may
     # ask for by path (opened then); nothing outside them
-    cache_size: int = 0  # bytes of shared memory for expert slots; 0 = 50% of available
+    cache_size: int = 0  # bytes of shared memory for expert slots; 0 ("auto") = AUTO_CACHE_SHARE of
+    # the memory available to the daemon (the machine's, or its memory cgroup's headroom)
     socket: str = ""  # "" = default_socket()
     io_threads: int = 4  # reader threads
     io_limit: int = 0  # bytes/s cap on flash reads (emulates slow flash); 0 = none
@@ -147,6 +149,8 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
             raise bad("a list of GGUF paths" if key == "models" else "a list of folders")
         return list(value)
+    if key == "cache_size" and value == "auto":
+        return 0
     if key in ("cache_size", "io_limit"):
         try:
             return parse_size(value)

@@ -26,6 +26,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _cache_size(text: str) -> int:
+    return 0 if text == "auto" else _size(text)
+
+
 def _positive(kind):
     def parse(text: str):
         v = kind(text)
@@ -65,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-size",
-        type=_size,
+        type=_cache_size,
         metavar="SIZE",
-        help="shared memory for expert slots, e.g. 2G (default: 50%% of available memory)",
+        help="shared memory for expert slots, e.g. 2G; auto (the default): half the memory "
+        "available to hobbitd, the machine's or its memory cgroup's (systemd's MemoryMax=) if smaller",
     )
     p.add_argument(
         "--socket",

@@ -31,11 +31,11 @@ import time
 from collections.abc import Coroutine
 from dataclasses import fields
 
-import psutil
 import zmq
 import zmq.asyncio
 
 from ..loader import control
+from ..loader.memory_limit import available_memory
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
@@ -44,7 +44,7 @@ from ..loader.shm import SHM_DIR, pid_alive
 from ..protocol import messages as m
 from ..protocol.errors import DaemonError, HobbitError, InputError, ProtocolError
 from .commands import Commands, Replies
-from .config import DaemonConfig, default_socket
+from .config import AUTO_CACHE_SHARE, DaemonConfig, default_socket
 from .memory import ModelMemory, make_memory, remove_stale_segments
 from .model_dirs import allowed_model, listed_models
 from .notify import sd_notify
@@ -97,7 +97,7 @@ class Daemon:
         self.opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
         # with model folders a daemon may start empty: clients ask for their models
         self.models = open_served_all(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
-        size = self.cache_size = cfg.cache_size or int(psutil.virtual_memory().available * 0.5)
+        size = self.cache_size = cfg.cache_size or int(available_memory() * AUTO_CACHE_SHARE)
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
         await self._claim_socket()
@@ -473,6 +473,7 @@ class Daemon:
         return {
             "uptime_s": round(time.monotonic() - self.started, 3),
             "clients": len(self.sessions),
+            "cache_size": self.cache_size,
             "sessions": self.sessions.stats(),
             "models": {n: mo.stats() for n, mo in self.models.items()},
             "model_dirs": self.cfg.model_dirs,

@@ -170,3 +170,42 @@ def test_no_model_and_none_built_says_how_to_build_it(tmp_path):
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "hobbit-cli prepare" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "s.sock")
+
+
+def test_cache_size_auto_takes_half_the_memory_cgroups_headroom(synth, tmp_path):
+    """Under a memory limit (systemd's MemoryMax=, a container's) `--cache-size auto` sizes
+    the cache from the cgroup's headroom, not from the machine's free memory: a daemon
+    under a 1 GiB limit on a machine with more free took half the machine's before."""
+    import psutil
+
+    from daemon_util import RunningDaemon, connect, hello, stats
+    from hobbit.compute.measure.memcgroup import CgroupUnavailable, MemoryCgroup
+
+    limit = 1 << 30
+    assert psutil.virtual_memory().available > 4 * limit, "the test needs a machine with more free memory"
+    try:
+        cg = MemoryCgroup(limit, "hobbit-test-auto")
+    except CgroupUnavailable as e:
+        pytest.skip(f"no memory cgroup to run hobbitd in: {e}")
+    model = synth(layers=2, d_model=64, d_ff=128, experts=4, top_k=2, heads=2, kv_heads=1)
+    try:
+        d = RunningDaemon(
+            [model],
+            str(tmp_path / "hobbitd.sock"),
+            log_path=str(tmp_path / "hobbitd.stderr"),
+            cache_size="auto",
+            preexec=cg.enter,
+            owner_pid=os.getpid(),
+        )
+        try:
+            d.wait_ready(60.0)
+            s = connect(d.socket)
+            hello(s)
+            size = stats(s)["cache_size"]
+            s.close(linger=0)
+        finally:
+            d.stop()
+    finally:
+        cg.close()
+    assert 0 < size <= limit // 2, size
+    assert parse_size("1G") and config_from_args(build_parser().parse_args(["--cache-size", "auto"])).cache_size == 0
