@@ -331,7 +331,7 @@ def run(
         out["errors"]
         or out["wrong"]
         or out["leftover_files"]
-        or sv.get("errors")
+        or (sv.get("errors") and files is None)  # with replacements serve fails clearly (503)
         or sv.get("answers", 0) != sv.get("correct", 0)
     ):
         out["workdir"] = work  # kept: the daemon's and the clients' logs tell why
