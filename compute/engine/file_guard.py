@@ -21,6 +21,7 @@ and a truncation during a forward may still end the process with SIGBUS (README)
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import signal
@@ -62,6 +63,11 @@ def _on_sigio(signum, frame) -> None:
                 lease.release()
 
 
+def _release_all() -> None:
+    for lease in list(_leases.values()):
+        lease.release()
+
+
 def _take_lease(path: str) -> _Lease | None:
     """This process's lease on `path`, taken if need be; None where it cannot be had."""
     global _handler_installed
@@ -72,6 +78,8 @@ def _take_lease(path: str) -> _Lease | None:
         if threading.current_thread() is not threading.main_thread():
             return None  # signal handlers are set in the main thread only
         signal.signal(signal.SIGIO, _on_sigio)  # before any lease: SIGIO's default kills
+        # and every lease given up before the interpreter's exit puts SIGIO's default back
+        atexit.register(_release_all)
         _handler_installed = True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

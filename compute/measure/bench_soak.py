@@ -246,8 +246,9 @@ def run(
             out["answers"] += 1
             out["correct" if right(stdout, since, time.monotonic()) else "wrong"] += 1
         else:
-            kind = (err[-1] if err else f"exit {proc.returncode}")[:120]
             clear = files is not None and clear_error(proc.returncode, "\n".join(err))
+            last = err[-1] if err and err[-1].startswith("hobbit-cli: error: ") else None
+            kind = (last or f"exit {proc.returncode}" + (f" after: {err[-1]}" if err else ""))[:120]
             errors = out["file_errors"] if clear else out["errors"]  # the file changed under it
             errors[kind] = errors.get(kind, 0) + 1
 
