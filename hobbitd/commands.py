@@ -22,6 +22,7 @@ from ..loader.model_cache import ModelCache
 from ..protocol import messages as m
 from ..protocol.errors import RequestError
 from .sessions import Session
+from .watch import FileWatch
 
 log = logging.getLogger("hobbitd")
 
@@ -47,13 +48,20 @@ class Replies:
 
 class Commands:
     def __init__(
-        self, cache: ExpertCache, out: Replies, pin_share: float, max_requests: int, spawn: Callable[[Coroutine], None]
+        self,
+        cache: ExpertCache,
+        out: Replies,
+        pin_share: float,
+        max_requests: int,
+        spawn: Callable[[Coroutine], None],
+        watch: FileWatch,
     ):
         """pin_share: the share of a model's slots one session may pin (pin_limit beyond);
-        max_requests: a session's requests waiting for reads at once (busy beyond);
-        spawn: run a coroutine as a task the daemon drains at shutdown."""
+        max_requests: a session's requests waiting for reads at once (busy beyond); spawn:
+        run a coroutine as a task the daemon drains at shutdown; watch: the served files'
+        (a request of a changed one waits for it to be opened again)."""
         self.cache, self.out, self.pin_share, self.spawn = cache, out, pin_share, spawn
-        self.max_requests = max_requests
+        self.max_requests, self.watch = max_requests, watch
 
     def request(self, s: Session, msg: dict) -> None:
         """Answer SLOTS at once when every expert is a hit, else from a task that waits
@@ -63,6 +71,9 @@ class Commands:
             layer, experts = msg["layer"], msg["experts"]
             mo.check(layer, experts)
             self.cache.check_pins(s.sid, mo, len(experts), self.pin_share)
+            fresh = self.watch.fresh(mo)  # a stat: never serve a changed file's cache
+            if fresh:
+                self.watch.check(mo, msg.get("epoch"))
         except RequestError as e:
             return self.out.error(s.ident, e.code, str(e), msg["id"])
         scores = msg.get("scores") or [0.0] * len(experts)  # no scores: all important
@@ -71,7 +82,7 @@ class Commands:
         if isinstance(seq, int) and isinstance(token, int):
             mo.policy.begin(s.sid, seq, token, layer)
             s.count_forward(seq, token, msg.get("tokens"))
-        slots = self.cache.try_hit(s.sid, mo, layer, experts, scores)
+        slots = self.cache.try_hit(s.sid, mo, layer, experts, scores) if fresh else None
         if slots is not None:
             return self._reply_slots(s, msg["id"], slots)
         if s.inflight >= self.max_requests:  # a client waits for each answer: this one floods
@@ -79,16 +90,18 @@ class Commands:
                 s.ident, "busy", f"{s.inflight} requests of this client are being served (max_requests)", msg["id"]
             )
         s.inflight += 1  # before the task starts: the reaper must not drop s
-        self.spawn(self._serve_request(s, mo, layer, experts, scores, msg["id"]))
+        self.spawn(self._serve_request(s, mo, layer, experts, scores, msg["id"], msg.get("epoch")))
 
     async def _serve_request(
-        self, s: Session, mo: ModelCache, layer: int, experts: list, scores: list, rid: int
+        self, s: Session, mo: ModelCache, layer: int, experts: list, scores: list, rid: int, epoch=None
     ) -> None:
         try:
             try:
+                await self.watch.settle(mo)  # its file changed: opened again first
+                self.watch.check(mo, epoch)
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
             except RequestError as e:
-                if "stale:" in str(e):
+                if e.code == "file_changed":
                     log.warning("%s", e)
                 if s.alive:
                     return self.out.error(s.ident, e.code, str(e), rid)
@@ -125,6 +138,8 @@ class Commands:
                 mo.check(layer, experts)
         except RequestError as e:
             return self.out.error(s.ident, e.code, f"HINT: {e}")
+        if not self.watch.fresh(mo) or mo.broken is not None:
+            return  # nothing worth reading ahead of a changed file
         compute_s = msg.get("compute_s")
         self.cache.hint(
             s.sid, mo, msg["layers"], msg["experts"], msg["scores"], s.gap_s if compute_s is None else float(compute_s)
@@ -169,6 +184,9 @@ class Commands:
         (ExpertCache.resident); answered at once, never waiting for reads."""
         try:
             mo = self.cache.model(msg["model"])
+            if not self.watch.fresh(mo):
+                raise RequestError("file_changed", f"{mo.path} changed while hobbitd served it; run the client again")
+            self.watch.check(mo, msg.get("epoch"))
         except RequestError as e:
             return self.out.error(s.ident, e.code, str(e), msg["id"])
         self.out.send(s.ident, m.Cmd.RESIDENT_REPLY, id=msg["id"], **self.cache.resident(s.sid, mo))

@@ -60,6 +60,7 @@ from .memory import ModelMemory, make_memory, remove_stale_segments
 from .model_dirs import allowed_model, listed_models
 from .notify import sd_notify
 from .sessions import Limits, Peer, Sessions
+from .watch import FileWatch
 
 log = logging.getLogger("hobbitd")
 
@@ -80,6 +81,7 @@ class Daemon:
     sessions: Sessions
     commands: Commands
     out: Replies
+    watch: FileWatch
 
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
@@ -136,7 +138,8 @@ class Daemon:
         self.sessions = Sessions(self.cache)
         self._bind()
         self.out = Replies(self.router, self._unread)
-        self.commands = Commands(self.cache, self.out, cfg.client_pin_share, cfg.max_requests, self.spawn)
+        self.watch = FileWatch(self.cache, self.io, self.opts, self.spawn)
+        self.commands = Commands(self.cache, self.out, cfg.client_pin_share, cfg.max_requests, self.spawn, self.watch)
         for mo in self.models.values():
             slots = ", ".join(
                 f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB" for p, r in mo.regions.items()
@@ -342,6 +345,11 @@ class Daemon:
                 ident, "bad_version", f"protocol version {msg['version']}; hobbitd speaks {m.VERSION}"
             )
         path = msg.get("model")
+        if not self.watch.all_fresh():  # a served file changed: welcome with it opened again
+            return self.spawn(self.watch.settled(self._hello_open, ident, msg, path, peer))
+        self._hello_open(ident, msg, path, peer)
+
+    def _hello_open(self, ident: bytes, msg: dict, path, peer: Peer) -> None:
         if path is not None and self.cfg.model_dirs and not self._serves(path):
             return self.spawn(self._hello_on_demand(ident, msg, path, peer))
         self._welcome(ident, msg, peer)
@@ -439,6 +447,7 @@ class Daemon:
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             self.sessions.reap(self.cfg.client_timeout)
+            self.watch.all_fresh()  # clients that pin their hits send no requests to check at
             self.cache.sweep()  # memory of slots given up to a model opened on demand
             if self.cfg.owner_pid and not pid_alive(self.cfg.owner_pid):
                 log.info("owner pid %d exited: stopping", self.cfg.owner_pid)

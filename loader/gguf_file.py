@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..protocol.errors import ModelError
 from .gguf_split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, split_name, split_path, split_prefix
+from .identity import FileIdentity
 
 WILLNEED_CHUNK = 1 << 20  # bytes per read-ahead request (GGUFFile.will_need)
 
@@ -62,13 +63,21 @@ class GGUFFile:
     table, and the shared read-only mmaps of its files (`readers[i].data`, a numpy uint8
     view of file `paths[i]`; `reader` is the first one, the metadata's)."""
 
-    def __init__(self, path: str, reader, tensors: dict[str, TensorInfo], readers: tuple = ()):
+    def __init__(self, path: str, reader, tensors: dict[str, TensorInfo], readers: tuple = (), identities: tuple = ()):
         self.path = path
         self.reader = reader
         self.tensors = tensors
         self.readers = readers or (reader,)
         self.paths = (path, *(r.path for r in self.readers[1:]))
+        # each file's stat before it was mapped (loader/identity.py): a change after it shows
+        # as another identity; () when not known
+        self.identities: tuple[FileIdentity | None, ...] = identities
         self._bases = tuple(r.data.ctypes.data for r in self.readers)
+
+    @property
+    def identity(self) -> FileIdentity | None:
+        """The (first) file's identity when it was mapped."""
+        return self.identities[0] if self.identities else None
 
     @property
     def arch(self) -> str:
@@ -160,7 +169,7 @@ def open_gguf(path: str) -> GGUFFile:
     _add_tensors(tensors, reader, 0)
     count = _split_key(reader, SPLIT_COUNT, 1)
     if count <= 1:
-        return GGUFFile(path, reader, tensors)
+        return GGUFFile(path, reader, tensors, identities=(reader.identity,))
     readers = [reader, *_other_parts(path, reader, count)]
     for i, r in enumerate(readers[1:], 1):
         _add_tensors(tensors, r, i)
@@ -169,7 +178,7 @@ def open_gguf(path: str) -> GGUFFile:
         raise ModelError(
             f"{path}: split model has {len(tensors)} tensors in its {count} parts, but {SPLIT_TENSORS} says {want}"
         )
-    return GGUFFile(path, reader, tensors, tuple(readers))
+    return GGUFFile(path, reader, tensors, tuple(readers), tuple(r.identity for r in readers))
 
 
 def _read_header(path: str, part: str = ""):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
+from .identity import identity
+
 _SCALARS = {  # value type -> (struct format, numpy dtype)
     GGUFValueType.UINT8: ("<B", np.uint8),
     GGUFValueType.INT8: ("<b", np.int8),
@@ -66,6 +68,7 @@ class Tensor:
 class GGUFHeaderReader:
     def __init__(self, path: str):
         self.path = path
+        self.identity = identity(path)  # before the mmap: a change after it shows as another
         self.data = np.memmap(path, mode="r")
         buf = self.data.data  # a memoryview of the mapping
         self._buf, self._size = buf, len(buf)

@@ -148,6 +148,15 @@ class IOEngine:
             del self._jobs[key]
             return True
 
+    def forget(self, path: str) -> None:
+        """Open `path` again at its next read (it was replaced or rewritten: the fd held may
+        name the old file). A read running on the old fd may fail or read the new file; the
+        caller drops what such reads bring (loader/reads.py's checks)."""
+        with self._fd_lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd[0])
+
     def pending(self) -> int:
         with self._cv:
             return len(self._jobs)

@@ -7,11 +7,11 @@ loader.precision's HIGH and LOW.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..protocol.errors import RequestError
 from .counts import Counts
+from .identity import WatchedFile
 from .layout import ExpertSource
 from .policy import EvictionPolicy
 from .precision import HIGH, LOW, Thresholds, decide
@@ -40,17 +40,30 @@ class ModelCache(Counts):
     bytes_read: int = 0
     read_seconds: float = 0.0  # summed submit-to-completion time of this model's reads
     demand_Bps: float | None = None  # bytes/s a request with misses was served at (EWMA)
-    opened: dict = field(default_factory=dict)  # precision -> its file's identity when opened
+    files: dict = field(default_factory=dict)  # precision -> (WatchedFile per file read, path first)
+    # A file changed under the daemon (loader/freshness.py): its cached experts are dropped and
+    # `epoch` moves on, so that nothing read before is served with what is read after; the
+    # file is opened again, or the model fails its requests with `broken` (one line).
+    epoch: int = 0
+    broken: str | None = None
+    file_changes: int = 0  # changes seen since the daemon started
 
     def __post_init__(self):
-        for prec, src in ((HIGH, self.source), (LOW, self.low)):
-            if src is not None:
-                self.opened[prec] = [_file_identity(f) for f in src.files]  # every part of a split model
+        self.watch_files()
 
-    def changed(self, precision: str) -> bool:
-        """Whether the file `precision` reads from is no longer the one opened: truncated,
-        rewritten or replaced under the daemon (what it serves is stale)."""
-        return [_file_identity(f) for f in self.source_of(precision).files] != self.opened.get(precision)
+    def watch_files(self) -> None:
+        """Take the files as they are now as the ones served."""
+        self.files = {
+            prec: tuple(WatchedFile(f) for f in src.files)
+            for prec, src in ((HIGH, self.source), (LOW, self.low))
+            if src
+        }
+
+    def changed(self, precision: str | None = None) -> bool:
+        """Whether the file `precision` reads from (None: any of them) is no longer the one
+        opened: truncated, rewritten or replaced under the daemon (what it serves is stale)."""
+        files = self.files.values() if precision is None else [self.files[precision]]
+        return any([w.changed() for ws in files for w in ws])  # each one checked
 
     def source_of(self, precision: str) -> ExpertSource:
         """The file `precision`'s experts are read from."""
@@ -88,6 +101,8 @@ class ModelCache(Counts):
             "n_layer": self.n_layer,
             "n_expert": self.n_expert,
             "holds_all": self.holds_all,
+            "file": self.files[HIGH][0].identity and self.files[HIGH][0].identity.wire(),
+            "epoch": self.epoch,
             "thresholds": {"t1": th.t1, "t2": th.t2, "dynamic": th.dynamic, "low_only": th.low_only},
             "regions": {
                 p: {
@@ -131,13 +146,6 @@ class ModelCache(Counts):
                 "low_type": self.low and type_name(self.low.format.types(0)[0]),
             },
             "holds_all": self.holds_all,
+            "file": {"epoch": self.epoch, "changes": self.file_changes, "error": self.broken},
             "regions": {p: r.counts() for p, r in self.regions.items()},
         }
-
-
-def _file_identity(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

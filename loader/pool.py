@@ -89,7 +89,8 @@ class Region:
             if slot is None:
                 return None
             assert slot.key is not None  # no slot is free, so every live one holds an expert
-            del self.by_key[slot.key]
+            if self.by_key.get(slot.key) is slot:  # not one hidden when its file changed
+                del self.by_key[slot.key]
         slot.key, slot.state, slot.uses, slot.protected = key, SlotState.LOADING, 0, False
         slot.prefetched = False
         policy.reset(slot)

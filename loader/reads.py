@@ -4,7 +4,12 @@ the prefetches a hint asks for, within what flash delivers while the client comp
 Reads is loader/cache.py's ExpertCache's read side and runs on its asyncio loop: a read's
 completion comes back from a reader thread with loop.call_soon_threadsafe, settles the
 slot (ready, or dropped on an error) and fires the cache's `freed` Signal. Failures are
-RequestError carrying a wire error code (io, checksum).
+RequestError carrying a wire error code (io, checksum, file_changed).
+
+A read is served only from the file as the model has it (loader/freshness.py): a stat
+after each read must still show the identity the file had when the read was submitted,
+and the model's epoch must not have moved meanwhile, else the slot is dropped and the
+read fails with file_changed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import time
 
 from ..protocol.errors import RequestError
+from .identity import identity
 from .io_engine import PREFETCH, IOEngine, JobState, Priority, ReadJob, ReadSegment
 from .model_cache import ModelCache
 from .pool import Slot, SlotState
@@ -42,6 +48,10 @@ class Signal:
             return False
 
 
+class FileChanged(Exception):
+    """The file changed while an expert was read from it (the bytes may be mixed)."""
+
+
 class Reads:
     def __init__(self, io: IOEngine, freed: Signal, prefetch_budget: bool = True):
         """freed: fired when a read completes or a prefetch is cancelled (a slot may be
@@ -65,16 +75,13 @@ class Reads:
         mo.loads[prec, key] = fut
         src = mo.source_of(prec)
         base = slot.region.segment.address + slot.offset
-        verify = None
+        epoch, opened = mo.epoch, {w.path: w.identity for w in mo.files[prec]}
+        crcs = None
         if prec == LOW:  # one aligned read of the whole slot image, then its crc32
             segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
             if key not in mo.verified or mo.changed(LOW):
                 crcs = mo.crcs
                 assert crcs is not None  # opened with the companion (loader/served.py)
-
-                def verify(job):  # on a reader thread; raises on a mismatch
-                    check_image(src, crcs, key[0], key[1], base)
-                    mo.verified.add(key)
         else:
             segments = [
                 ReadSegment(src.file_of(key[0], p), off, n, base + o)
@@ -82,9 +89,18 @@ class Reads:
             ]
         t0 = time.monotonic()
 
+        def verify(job):  # on a reader thread; raises on a changed file or a crc32 mismatch
+            for path in {seg.path for seg in segments}:
+                was = opened.get(path)  # after the read: a write in between moved mtime
+                if was is None or not was.same_bytes(identity(path)):
+                    raise FileChanged(f"{path} changed while hobbitd read from it")
+            if crcs is not None:
+                check_image(src, crcs, key[0], key[1], base)
+                mo.verified.add(key)
+
         def done(job, error):  # on a reader thread
             try:
-                loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error)
+                loop.call_soon_threadsafe(self._loaded, mo, slot, key, prec, fut, t0, error, epoch, job)
             except RuntimeError:
                 pass  # the loop is closed: the process is exiting
 
@@ -92,17 +108,23 @@ class Reads:
         self.jobs[jkey] = self.io.submit(jkey, segments, priority, done, verify)
         return fut
 
-    def _loaded(self, mo, slot, key, prec, fut, t0, error) -> None:
+    def _loaded(self, mo, slot, key, prec, fut, t0, error, epoch, job) -> None:
         from .companion import ChecksumError
 
-        self.jobs.pop((mo.name, prec, key), None)
+        if self.jobs.get((mo.name, prec, key)) is job:  # not a newer read of the key's
+            del self.jobs[mo.name, prec, key]
         if mo.loads.get((prec, key)) is fut:
             del mo.loads[prec, key]
+        if error is None and mo.epoch != epoch:  # the file changed while this was read
+            error = FileChanged(f"{mo.source_of(prec).path} changed while hobbitd read from it")
         if error is not None:
             mo.regions[prec].drop(slot)
             code = "checksum" if isinstance(error, ChecksumError) else "io"
-            # truncated or replaced while served: say so (what is cached may be stale too)
-            note = "; stale: the file changed after hobbitd opened it" if mo.changed(prec) else ""
+            note = ""
+            if isinstance(error, FileChanged):
+                code = "file_changed"
+            elif mo.changed(prec):  # truncated or replaced while served: say so
+                code, note = "file_changed", "; stale: the file changed after hobbitd opened it"
             fut.set_exception(
                 RequestError(code, f"reading {mo.name} layer {key[0]} expert {key[1]} ({prec}): {error}{note}")
             )

@@ -7,7 +7,7 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 |---|---|---|---|
 | HELLO | client→daemon | version, pid, name, model (opt.: the GGUF path the client runs; a daemon with model folders opens it if it is in one, else ERROR not_allowed) | WELCOME |
 | WELCOME | daemon→client | version, shm, shm_size, models {name: model info}, heartbeat_s, control (opt.: {shm, size, rows_offset, n_slots, row}: the control block and this client's pin row; absent or row None: ask for every expert) | — |
-| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts), release, hits (opt.: as RELEASE's slots and HITS's hits, applied first) | SLOTS |
+| REQUEST | client→daemon | id, model, layer, experts [int], scores [float] (opt.: unimportance, 0 = most important), seq, token (opt.: the client's sequence number and token index, for the cache policy), tokens (opt.: how many tokens this forward computes, for per-client counts), release, hits (opt.: as RELEASE's slots and HITS's hits, applied first), epoch (opt.: the model's epoch the client was welcomed with; another one is answered file_changed) | SLOTS |
 | SLOTS | daemon→client | id, slots [[precision, index] or None per expert: None = skipped by the precision rule] (pinned for the client) | — |
 | HINT | client→daemon | model, layer, layers [int], experts [[int]], scores [[float]] (per predicted layer, nearest first), compute_s (opt.: the client's seconds of compute before its next request), release, hits, seq, token, tokens (opt., as REQUEST's, applied first) | none |
 | RELEASE | client→daemon | model, slots [[precision, index]] | none |
@@ -16,12 +16,15 @@ map whose "cmd" is a Cmd. Commands are append-only: a number once given is never
 | HEARTBEAT | client→daemon | — | none (any message counts as a heartbeat) |
 | ERROR | daemon→client | code, message, id (of the request, if any) | — |
 | BYE | client→daemon | — | none: the session's pins are released |
-| RESIDENT | client→daemon | id, model | RESIDENT_REPLY |
+| RESIDENT | client→daemon | id, model, epoch (opt., as REQUEST's) | RESIDENT_REPLY |
 | RESIDENT_REPLY | daemon→client | id, slots ([[index per expert] per layer]: every expert in high precision, pinned for the session until BYE; or None), ready, total (experts loaded of all; total 0: the cache cannot hold them all, ask per layer) | — |
 | USED | client→daemon | model, uses (expert uses), seq, token, tokens, forwards (default 1): forwards computed on resident experts (for the counts); several one-token forwards may be summed in one note, tokens = forwards | none |
 | HITS | client→daemon | model, hits [[layer, experts [int], slots [[precision, index] or None], scores [float]]] (experts the client pinned itself in its row of the control block), release (opt., as RELEASE's slots), seq, token, tokens | none |
 
-model info: {path, n_layer, n_expert, holds_all, thresholds {t1, t2, dynamic, low_only},
+model info: {path, file ([dev, inode, size, mtime_ns] of the GGUF as hobbitd serves it: a
+client that mapped another file must not compute with its slots), epoch (moves on each time
+hobbitd finds the file changed and drops its cached experts), n_layer, n_expert, holds_all,
+thresholds {t1, t2, dynamic, low_only},
 regions {precision: {offset, n_slots, format, directory, first_slot}}, and for a model
 opened on demand its own segment and control block: shm, shm_size, control {shm, size,
 rows_offset, n_slots} (the pin row is the WELCOME's)}, where format is
@@ -37,8 +40,9 @@ REQUEST beyond the client's max_requests served at once), unknown_model, not_all
 HELLO's model outside the daemon's models and model folders), bad_request (also: a
 HELLO's model that is no path, e.g. with a NUL byte; scores that are NaN or infinite),
 pin_limit (a REQUEST that would pin more than the client's share of the cache), cache_full,
-io (a failed read; its message says "stale" when the file changed after the daemon opened
-it), checksum, shutting_down, internal (a daemon bug).
+io (a failed read), checksum, file_changed (the model's file changed after the daemon
+opened it: rewritten, truncated or replaced; or after the client was welcomed: another epoch;
+the message names the file), shutting_down, internal (a daemon bug).
 
 Liveness: a session ends at BYE, after client_timeout seconds of silence, or as soon as
 the daemon sees the client's process (the pid the kernel reports for the ipc connection)

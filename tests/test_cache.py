@@ -104,13 +104,17 @@ def file_bytes_of(src, layer, expert) -> bytes:
         return out
 
 
-def flip_byte(path, offset) -> None:
-    """Damage a file in place: one bit of the byte at `offset` (its mtime changes too)."""
+def flip_byte(path, offset, rot: bool = False) -> None:
+    """Damage a file in place: one bit of the byte at `offset` (its mtime changes too; rot:
+    put the mtime back, as bit rot on the medium would leave it)."""
+    st = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x01]))
+    if rot:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 async def acquire(cache, mo, layer, experts, owner=OWNER):
@@ -240,7 +244,10 @@ async def test_a_superseded_prefetch_is_cancelled_before_it_reads(model, tmp_pat
 
 
 @in_loop
-async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, tmp_path):
+async def test_a_read_from_a_truncated_file_fails_and_its_slot_is_never_served(model, tmp_path):
+    """The file cut short under the cache: the short read fails typed (file_changed: the file
+    is not the one opened), its slot is never served, and no other read of the changed file
+    is served either (loader/reads.py checks the file after every read)."""
     path = copy_model(model, tmp_path)
     with cache_of(path) as (cache, mo):
         last = max((off + n, layer, e) for layer in range(2) for e in range(4) for off, n in mo.source.ranges(layer, e))
@@ -249,7 +256,8 @@ async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, 
         os.truncate(path, cut)  # the expert stored last loses its last byte
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, layer, [e])
-        assert err.value.code == "io" and f"layer {layer} expert {e}" in str(err.value)
+        assert err.value.code == "file_changed" and f"layer {layer} expert {e}" in str(err.value)
+        assert "short read" in str(err.value) and "stale" in str(err.value)
         assert mo.regions[HIGH].lookup((layer, e)) is None
         assert all(not s.pins and s.state != "loading" for s in mo.regions[HIGH].slots)
         assert cache.try_hit(OWNER, mo, layer, [e], [0.0]) is None
@@ -259,8 +267,10 @@ async def test_a_failed_read_is_an_io_error_and_its_slot_is_never_served(model, 
         other = next(
             (lo, eo) for lo in range(2) for eo in range(4) if max(off + n for off, n in mo.source.ranges(lo, eo)) <= cut
         )
-        (slot,) = await acquire(cache, mo, other[0], [other[1]])  # the cache serves on
-        assert slot_bytes_of(cache, slot) == file_bytes_of(mo.source, *other)
+        with pytest.raises(RequestError) as err:  # whole, but from a file that changed
+            await acquire(cache, mo, other[0], [other[1]])
+        assert err.value.code == "file_changed" and "changed while hobbitd read from it" in str(err.value)
+        assert mo.regions[HIGH].lookup(other) is None
 
 
 @in_loop
@@ -272,7 +282,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
     path = copy_model(model, tmp_path)
     comp = convert(open_model(path), ggml.Q4_0, progress=False)
     with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
-        flip_byte(comp, companion.slot_image_offset(mo.low, 1, 2) + 100)
+        flip_byte(comp, companion.slot_image_offset(mo.low, 1, 2) + 100, rot=True)
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 1, [2])
         assert err.value.code == "checksum" and "layer 1 expert 2" in str(err.value)
@@ -309,7 +319,11 @@ async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, t
         flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # a new mtime
         with pytest.raises(RequestError) as err:
             await acquire(cache, mo, 0, [2])
-        assert err.value.code == "checksum" and "stale" in str(err.value), err.value
+        assert err.value.code == "file_changed" and "changed while hobbitd read" in str(err.value), err.value
+        flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # mended, still not the file opened
+        with pytest.raises(RequestError) as err:
+            await acquire(cache, mo, 0, [2])
+        assert err.value.code == "file_changed", err.value
 
 
 @in_loop

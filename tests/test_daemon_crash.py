@@ -32,6 +32,7 @@ from daemon_util import (
     request,
     run_daemon,
     send,
+    stats,
 )
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.loader.shm import SHM_DIR
@@ -235,9 +236,9 @@ def test_pin_and_session_limits(synth, tmp_path):
 
 
 def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
-    """A real fault: the served GGUF is cut short while hobbitd runs. A request that needs
-    the lost bytes is answered a typed error (io) saying the file is stale, its slot is never
-    served (asking again fails again), and hobbitd serves on (what it holds is still a hit)."""
+    """A real fault: the served GGUF is cut short while hobbitd runs. Its cached experts
+    are dropped (never served with a changed file): every request of the model is answered a
+    typed error (file_changed) naming the file, and `stats` says so."""
     path = str(tmp_path / "cut.gguf")
     shutil.copy(synth(**SYNTH), path)
     with run_daemon([path], "4M", tmp_path) as d:
@@ -246,13 +247,13 @@ def test_a_model_file_truncated_under_the_daemon(synth, tmp_path):
         held = request(sock, "cut", 0, [0])
         release(sock, "cut", held)
         os.truncate(path, expert_source(path).ranges(3, 7)[0][0])
-        for rid in (5, 6):
-            cmd, msg = call(sock, m.Cmd.REQUEST, id=rid, model="cut", layer=3, experts=[7])
-            assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "io", rid), msg
-            assert "short read" in msg["message"]
-            assert "stale: the file changed after hobbitd opened it" in msg["message"]
-        assert request(sock, "cut", 0, [0], rid=7) == held
-        assert "changed after hobbitd opened it" in d.stderr
+        for rid, layer, expert in ((5, 3, 7), (6, 0, 0)):  # a miss, and what was a hit
+            cmd, msg = call(sock, m.Cmd.REQUEST, id=rid, model="cut", layer=layer, experts=[expert])
+            assert (cmd, msg["code"], msg["id"]) == (m.Cmd.ERROR, "file_changed", rid), msg
+            assert path in msg["message"] and "truncated" in msg["message"] and "\n" not in msg["message"]
+        st = stats(sock)["models"]["cut"]["file"]
+        assert st["changes"] == 1 and "truncated" in st["error"]
+        assert "changed while served" in d.stderr
         sock.close(linger=0)
 
 

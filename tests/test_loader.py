@@ -286,3 +286,25 @@ def test_fast_header_reader_reads_what_gguf_py_reads(smollm2, synth):
                 b.n_bytes,
                 b.data_offset,
             ), a.name
+
+
+def test_a_watched_file_changes_with_its_bytes_not_with_its_metadata(tmp_path):
+    """loader/identity.py: a chmod (ctime alone) is no change; a write is one, also when its
+    mtime is put back by hand (the sampled digest then differs); a rename over the path is one."""
+    from hobbit.loader.identity import WatchedFile
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 1024)
+    w = WatchedFile(str(path))
+    os.chmod(path, 0o600)
+    assert not w.changed()
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 16)  # in the header the digest reads
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert w.changed()
+    w = WatchedFile(str(path))
+    other = tmp_path / "g.bin"
+    other.write_bytes(path.read_bytes())
+    os.replace(other, path)
+    assert w.changed()

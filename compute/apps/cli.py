@@ -186,6 +186,11 @@ def cmd_stats(args) -> int:
         )
         h = ms.get("hobbit", {})
         print(f"    {h.get('mode', '?')}, policy {h.get('policy', '?')}, low type {h.get('low_type') or '-'}")
+        f = ms.get("file") or {}
+        if f.get("error"):  # its file changed into something hobbitd cannot serve
+            print(f"    not served: {f['error']}")
+        elif f.get("changes"):
+            print(f"    its file changed {f['changes']} times while served; served from the file as it is now")
         for prec, r in ms.get("regions", {}).items():
             print(
                 f"    {prec:5s} slots {r['ready']}/{r['slots']} filled, {r['pinned']} pinned, "

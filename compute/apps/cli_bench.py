@@ -422,6 +422,13 @@ def _add_soak_parser(kinds) -> None:
         help="hobbitd's cache as a share of the expert bytes (default 0.25)",
     )
     p.add_argument("--no-serve", action="store_true", help="no `serve` client, only `generate` ones")
+    p.add_argument(
+        "--replace-every",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="replace the model file (a copy) every S seconds, by a rename and in place in turn (default: never)",
+    )
     _add_output_options(p)
     p.set_defaults(func=cmd_soak)
 
@@ -436,5 +443,6 @@ def cmd_soak(args) -> int:
         args.daemon_kills,
         args.cache,
         serve=not args.no_serve,
+        replace_every=args.replace_every,
     )
     return _report(args, r, bench_soak.print_table)

@@ -122,6 +122,11 @@ class ExpertClient:
         self.pins = LocalPins()  # where we pin hits ourselves
         self.thresholds = Thresholds()
         self.holds_all = False
+        # the file as hobbitd serves it (WELCOME's [dev, ino, size, mtime_ns]; the Model
+        # compares it with its mapping) and its epoch there, sent with every request: a
+        # file hobbitd saw change since is answered ERROR file_changed (hobbitd/watch.py)
+        self.served_file: list | None = None
+        self.epoch: int | None = None
         self._reports = _Reports()
         self._checked = False  # the daemon was found alive during this forward
         self.local_hits = 0  # layers served from the directory, no message
@@ -175,6 +180,7 @@ class ExpertClient:
         }
         self.thresholds = Thresholds(**info["thresholds"])
         self.holds_all = bool(info["holds_all"])
+        self.served_file, self.epoch = info.get("file"), info.get("epoch")
         # a model opened on demand has its own segment and control block (our row is the same)
         shm, size = info.get("shm", welcome["shm"]), info.get("shm_size", welcome["shm_size"])
         if self.shm is None or self.shm.name != shm:
@@ -193,6 +199,8 @@ class ExpertClient:
         """A request's fields after a new HELLO: our model by its name there, without what
         was batched for the old session (its slots mean nothing to the new one)."""
         fields = {k: v for k, v in fields.items() if k not in ("hits", "release")}
+        if "epoch" in fields:  # the new daemon's count (the Model compares its file with ours)
+            fields["epoch"] = self.epoch
         return {**fields, "model": self.model} if "model" in fields else fields
 
     # ---- the ExpertProvider protocol the segmented forward uses (engine/experts.py) ------
@@ -258,6 +266,8 @@ class ExpertClient:
             "tokens": int(n_tokens),
             **self._reports.take(),
         }
+        if self.epoch is not None:
+            fields["epoch"] = self.epoch
         if scores is not None:
             fields["scores"] = [float(s) for s in scores]
         reply = self.conn.call(m.Cmd.REQUEST, m.Cmd.SLOTS, **fields)
@@ -319,7 +329,8 @@ class ExpertClient:
             return self._resident[1]
         if not self.resident_possible:
             return None
-        r = self.conn.call(m.Cmd.RESIDENT, m.Cmd.RESIDENT_REPLY, id=self.conn.next_id(), model=self.model)
+        epoch = {} if self.epoch is None else {"epoch": self.epoch}
+        r = self.conn.call(m.Cmd.RESIDENT, m.Cmd.RESIDENT_REPLY, id=self.conn.next_id(), model=self.model, **epoch)
         if r["total"] == 0:
             self.resident_possible = False
         if r.get("slots") is None:

@@ -47,6 +47,7 @@ from ...protocol.errors import InputError
 from . import ggml
 from .attention import Attention, KVCache
 from .experts import ExpertProvider
+from .file_guard import FileGuard
 from .ggml import lib
 from .graph import Arena, Graph, Plans, Tensors, Timing, scaled
 from .moe import ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router, slots_of, topk_weights
@@ -124,6 +125,9 @@ class Model:
 
         self.moe_index = {il: m for m, il in enumerate(a.moe_layers)}  # block -> MoE layer
         self.experts = experts
+        # the weights are views of the mmapped file: each forward checks it is still the one
+        # mapped; through hobbitd, where the process runs for long, it also holds a lease
+        self.guard = FileGuard(weights.paths, weights.identities, lease=experts is not None and experts.remote)
         self.prefetch = PrefetchStats()
         self.pool: Pool | None = None
         self.segments: Segments | None = None
@@ -194,6 +198,7 @@ class Model:
         return self.kv.swa_cells
 
     def close(self) -> None:
+        self.guard.close()
         self.plans.clear()
         self.arena.free()
         if self.backend:
@@ -204,6 +209,19 @@ class Model:
     # ---- one chunk ------------------------------------------------------------------------
 
     def _forward_chunk(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
+        """One chunk's logits, computed only while the mmapped file is the one mapped (and
+        the one hobbitd serves): checked before and after (engine/file_guard.py)."""
+        served = getattr(self.experts, "served_file", None)  # hobbitd's identity of the file
+        self.guard.enter(served)
+        ok = False
+        try:
+            logits = self._chunk(tokens, all_logits)
+            ok = True
+        finally:
+            self.guard.exit(served, ok)  # a change during the chunk: its logits are not used
+        return logits
+
+    def _chunk(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
         T = tokens.size
         feed, N, held = self.kv.chunk(self.n_past, T)
         feed["tokens"] = tokens

@@ -125,7 +125,7 @@ class Weights(GGUFFile):
     """An open GGUF model: the file (tensor table, shared read-only mmap) and its ModelArgs."""
 
     def __init__(self, file: GGUFFile, args: ModelArgs):
-        super().__init__(file.path, file.reader, file.tensors, file.readers)
+        super().__init__(file.path, file.reader, file.tensors, file.readers, file.identities)
         self.args = args
 
     def dequantized(self, name: str):

@@ -10,6 +10,11 @@ and whether each equals the in-process answer (hobbitd serves exactly unless cal
 a restart must not change a greedy answer), errors by kind, clients killed, pins hobbitd
 still holds once every client is gone, what the daemons left in /dev/shm and the socket
 folder, and hobbitd's RSS and open files over time. No timed assertions: it reports.
+
+With replace_every, the model file (a copy in the work folder) is replaced every so many
+seconds by a second version of it, in turn by an atomic rename and by a rewrite in place
+(compute/measure/soak_files.py): every answer must then equal the in-process text of a
+version the file held while the answer ran, or be a clear one-line error (file_errors).
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class _Served:
     """`hobbit-cli serve` on a free port through the soak's hobbitd, asked for the prompt's
     greedy completion again and again from a thread until stop()."""
 
-    def __init__(self, model: str, socket: str, work: str, n_tokens: int, expected: str):
+    def __init__(self, model: str, socket: str, work: str, n_tokens: int, judge):
+        """judge(text, t0, t1): whether an answer asked at t0 and got at t1 is right."""
         self.log_path = os.path.join(work, "serve.log")
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
@@ -119,7 +125,7 @@ class _Served:
             self.proc.kill()
             raise RuntimeError(f"serve did not start: {open(self.log_path).read()[-300:]}")
         self.body = json.dumps({"prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0}).encode()
-        self.expected = expected
+        self.judge = judge
         self.answers = self.correct = 0
         self.errors: dict = {}
         self._stop = threading.Event()
@@ -130,10 +136,11 @@ class _Served:
         while not self._stop.is_set():
             req = urllib.request.Request(self.url + "/v1/completions", self.body, {"Content-Type": "application/json"})
             try:
+                t0 = time.monotonic()
                 with urllib.request.urlopen(req, timeout=120) as r:
                     text = json.loads(r.read())["choices"][0]["text"]
                 self.answers += 1
-                self.correct += text == self.expected
+                self.correct += self.judge(text, t0, time.monotonic())
             except Exception as e:  # counted by kind: the soak reports, never raises
                 kind = f"serve: {type(e).__name__}: {e}"[:120]
                 self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -161,6 +168,7 @@ def run(
     seed: int = 0,
     serve: bool = True,
     progress: bool = True,
+    replace_every: float = 0.0,
 ) -> dict:
     """The soak (see the module docstring); `cache` as a share of the expert bytes."""
     import psutil
@@ -169,6 +177,7 @@ def run(
     from ..client.daemon import DaemonProcess
     from ..engine.weights import open_model
     from .bench_offload import synthetic_model
+    from .soak_files import KINDS, Replacer, clear_error
 
     model = model or synthetic_model(quick=True, progress=progress)
     src = gguf_experts(open_model(model))
@@ -177,6 +186,11 @@ def run(
     rng = random.Random(seed)
     work = tempfile.mkdtemp(prefix="hobbit-soak-")
     sock = os.path.join(work, "hobbitd.sock")
+    files, texts = None, [reference]
+    if replace_every > 0:  # serve a copy of the model, replaced under load
+        files = Replacer(model, work)
+        model = files.path
+        texts.append(_reference(files.versions[1], n_tokens))
     d = DaemonProcess([model], sock, log_path=os.path.join(work, "hobbitd.log"), cache_size=cache_bytes)
     d.wait_ready()
     pids = {d.proc.pid}
@@ -194,19 +208,33 @@ def run(
         "private_mib": [],
         "fds": [],
     }
+    if files is not None:
+        out.update(file_errors={}, answers_by_version=[0, 0])
     t0 = time.monotonic()
     next_kill = t0 + kill_every
     next_sample = t0
+    next_replace = t0 + replace_every
+
+    def right(text: str, since: float, until: float) -> bool:
+        """text is the in-process text of the file as it was while the answer ran."""
+        held = [0] if files is None else sorted(files.held(since, until))
+        for v in held:
+            if text == texts[v]:
+                if files is not None:
+                    out["answers_by_version"][v] += 1
+                return True
+        return False
 
     def start(i):
         log = open(os.path.join(work, f"client-{i}.err"), "w+")
         slots[i] = (
             subprocess.Popen(_generate_cmd(model, sock, n_tokens, 60), stdout=subprocess.PIPE, stderr=log, text=True),
             log,
+            time.monotonic(),
         )
 
     def finish(i, killed=False):
-        proc, log = slots[i]
+        proc, log, since = slots[i]
         stdout, _ = proc.communicate()
         log.seek(0)
         err = log.read().strip().splitlines()
@@ -216,15 +244,19 @@ def run(
             out["clients_killed"] += 1
         elif proc.returncode == 0:
             out["answers"] += 1
-            out["correct" if stdout == reference else "wrong"] += 1
+            out["correct" if right(stdout, since, time.monotonic()) else "wrong"] += 1
         else:
-            kind = (err[-1] if err else f"exit {proc.returncode}")[:120]
-            out["errors"][kind] = out["errors"].get(kind, 0) + 1
+            clear = files is not None and clear_error(proc.returncode, "\n".join(err))
+            last = err[-1] if err and err[-1].startswith("hobbit-cli: error: ") else None
+            kind = (last or f"exit {proc.returncode}" + (f" after: {err[-1]}" if err else ""))[:120]
+            errors = out["file_errors"] if clear else out["errors"]  # the file changed under it
+            errors[kind] = errors.get(kind, 0) + 1
 
     served = None
     try:
         if serve:
-            served = _Served(model, sock, work, n_tokens, reference[:-1])  # generate adds a newline
+            # generate ends its text with a newline, serve does not
+            served = _Served(model, sock, work, n_tokens, lambda text, t0, t1: right(text + "\n", t0, t1))
         for i in range(clients):
             start(i)
         while time.monotonic() - t0 < duration:
@@ -237,6 +269,9 @@ def run(
                 time.sleep(1.0)  # systemd's RestartSec, shortened
                 d.restart()
                 pids.add(d.proc.pid)
+            if files is not None and now >= next_replace:
+                files.replace(KINDS[sum(files.counts.values()) % 2])
+                next_replace = time.monotonic() + replace_every
             if now >= next_kill:
                 running = [i for i, s in enumerate(slots) if s is not None and s[0].poll() is None]
                 if running:
@@ -281,7 +316,8 @@ def run(
         rc = d.stop()
     out["daemon_exit"] = rc
     out["leftover_shm"] = _ours(pids)
-    out["leftover_files"] = sorted(f for f in os.listdir(work) if not f.endswith((".log", ".err")))
+    ours = set() if files is None else {os.path.basename(files.path), "versions"}  # the model's copies
+    out["leftover_files"] = sorted(f for f in os.listdir(work) if not f.endswith((".log", ".err")) and f not in ours)
     out.update(
         model=model,
         clients=clients,
@@ -289,13 +325,14 @@ def run(
         n_tokens=n_tokens,
         kill_every_s=kill_every,
         cache_bytes=cache_bytes,
+        **({} if files is None else {"replacements": files.counts}),
     )
     sv = out.get("serve", {})
     if (
         out["errors"]
         or out["wrong"]
         or out["leftover_files"]
-        or sv.get("errors")
+        or (sv.get("errors") and files is None)  # with replacements serve fails clearly (503)
         or sv.get("answers", 0) != sv.get("correct", 0)
     ):
         out["workdir"] = work  # kept: the daemon's and the clients' logs tell why
@@ -329,6 +366,12 @@ def print_table(r: dict) -> None:
     print(f"  clients killed         {r['clients_killed']}")
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
     print(f"  errors                 {errors}")
+    if "replacements" in r:
+        rp, by = r["replacements"], r["answers_by_version"]
+        ferr = ", ".join(f"{k}: {v}" for k, v in r["file_errors"].items()) or "none"
+        print(f"  file replaced          {rp['rename']} by a rename, {rp['in_place']} in place")
+        print(f"  answers by version     {by[0]} of the first, {by[1]} of the second")
+        print(f"  clear file errors      {ferr}")
     if "serve" in r:
         sv = r["serve"]
         serrors = ", ".join(f"{k}: {v}" for k, v in sv["errors"].items()) or "none"
