@@ -5,6 +5,10 @@ None where it says nothing: a command's flags, a request's fields, or a GGUF's
 `general.sampling.*` keys (`model_sampling`). `resolve(...)` takes each field from the first
 source that sets it (flag or request > model file > built-in), giving the `SamplingOptions`
 a `Sampler` runs with.
+
+The Sampler's steps are llama.cpp's chain (top-k, top-p, min-p, then the draw), except that
+top-p has always measured the mass after temperature here (llama.cpp: before); min-p, like
+llama.cpp's, looks at the logits before temperature.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ def resolve(*sources: SamplingSettings, builtin: SamplingOptions) -> SamplingOpt
 _LABELS = {"temperature": "temp", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p"}
 
 
+def settings_text(s: SamplingSettings) -> str:
+    """'temp 0.2, top-p 0.9': the fields s sets ('' when none)."""
+    return ", ".join(f"{label} {getattr(s, name):g}" for name, label in _LABELS.items() if getattr(s, name) is not None)
+
+
 def describe(opts: SamplingOptions, flags: SamplingSettings, model: SamplingSettings) -> str:
     """'temp 0.2 (model), top-k 3 (model), top-p 0.95 (built-in), min-p 0 (flag)': what
     opts samples with and where each value came from (chat says it when it starts)."""
@@ -103,6 +112,26 @@ MODEL_KEYS = {
     "general.sampling.top_p": "top_p",
     "general.sampling.min_p": "min_p",
 }
+
+
+def parse_keys(text: str) -> SamplingSettings:
+    """'temp=0.2,top_p=0.9' (the general.sampling.* names) as settings, checked; InputError
+    naming the item otherwise (`hobbit-cli synth --sampling` writes them into a model)."""
+    got: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        name = MODEL_KEYS.get("general.sampling." + key.strip())
+        try:
+            number = (int if name == "top_k" else float)(value)
+        except ValueError:
+            number = None
+        if name is None or number is None:
+            raise InputError(f"--sampling {item!r}: want KEY=NUMBER with KEY one of temp, top_k, top_p, min_p")
+        got[name] = number
+    try:
+        return SamplingSettings(**got).check()
+    except SamplingValueError as e:
+        raise InputError(f"--sampling {e.field} {e.value}: {e.rule}") from None
 
 
 def model_sampling(gguf) -> SamplingSettings:
