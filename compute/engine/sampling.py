@@ -142,7 +142,8 @@ def model_sampling(gguf) -> SamplingSettings:
     for key, name in MODEL_KEYS.items():
         v = gguf.field(key)
         if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-            v = int(v) if name == "top_k" and float(v).is_integer() else float(v)
+            # the float32 a file holds, as its shortest decimal (0.2, not 0.20000000298...)
+            v = int(v) if name == "top_k" and float(v).is_integer() else float(str(np.float32(v)))
         if v is not None:
             got[name] = v
     try:

@@ -1,7 +1,7 @@
 """How often chat's first answer names the right thing at each sampling: the measurement
 behind the default model's recommended sampling (make/recipe.py SAMPLING, BENCHMARKS.md).
 
-    python -m hobbit.compute.measure.sweep_sampling [MODEL] [--seeds 1-10] [--threads 1]
+    python -m hobbit.compute.measure.sweep_sampling [SETTINGS...] [--model GGUF] [--seeds 1-10]
 
 For each setting (the SETTINGS table, or those given as temp=T,top_k=K,top_p=P,min_p=M) it
 starts a fresh chat per seed, asks QUESTION, caps the answer at 24 tokens and counts the
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from ..runs import open_run, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m hobbit.compute.measure.sweep_sampling")
-    p.add_argument("model", nargs="?", default=None, help="GGUF (default: the default model)")
+    p.add_argument("--model", default=None, help="GGUF (default: the default model)")
     p.add_argument("settings", nargs="*", help="temp=T,top_k=K,top_p=P,min_p=M (default: the SETTINGS table)")
     p.add_argument("--seeds", default="1-10", help="first-last seed (default 1-10)")
     p.add_argument("--threads", type=int, default=1, help="compute threads (default 1)")
