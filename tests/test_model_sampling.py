@@ -78,6 +78,8 @@ def test_bad_sampling_values_are_one_line(synth):
     _one_line_error(_generate(model, "--temperature", "nan"), "--temperature nan")
     bad = synth(**SMALL, sampling=SamplingSettings(min_p=2.0))
     _one_line_error(_generate(bad), "general.sampling.min_p = 2.0", "between 0 and 1")
+    r = subprocess.run([*CLI, "chat", bad], input="hi\n", capture_output=True, text=True, timeout=120)
+    _one_line_error(r, "general.sampling.min_p = 2.0")
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,10 @@ def cmd_generate(args) -> int:
     from ...protocol.errors import InputError
 
     flags = _sampling_flags(args)
-    prompt = []
+    prompt, sampling = [], []
 
-    def check(weights, tok):  # before hobbitd is asked: a bad prompt starts none
+    def check(weights, tok):  # before hobbitd is asked: a bad prompt (or sampling key) starts none
+        sampling.append(_sampling(flags, weights)[0])
         text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         prompt.extend(tok.encode(text, parse_special=args.chat))
         if not prompt:
@@ -56,7 +57,7 @@ def cmd_generate(args) -> int:
     run = open_run(
         args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args), check=check
     )
-    sampler = Sampler(_sampling(flags, run.weights)[0])
+    sampler = Sampler(sampling[0])
     stream = TextStream(run.tok)
     out = sys.stdout
     for token in generate_tokens(run.model, prompt, args.n_predict, sampler, stop=run.tok.is_eog):
@@ -73,9 +74,15 @@ def cmd_chat(args) -> int:
     from ..runs import ThroughDaemon, open_run
 
     flags = _sampling_flags(args)
-    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args))
+    chosen = []  # a bad general.sampling.* key is refused before hobbitd is asked
+    run = open_run(
+        args.model,
+        RunOptions(n_ctx=args.ctx, n_threads=args.threads),
+        ThroughDaemon.from_args(args),
+        check=lambda weights, tok: chosen.append(_sampling(flags, weights)),
+    )
     run.tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
-    opts, said = _sampling(flags, run.weights)
+    opts, said = chosen[0]
     where = f"through hobbitd at {run.experts.socket_path}" if run.experts else "in-process"
     print(f"hobbit chat: {run.path} ({where})", file=sys.stderr)
     print(f"hobbit chat: sampling {said}", file=sys.stderr)
