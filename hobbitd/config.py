@@ -112,7 +112,7 @@ def default_socket() -> str:
 
 # The default model's file name; compute/make/moefy.py builds it (model_name of its
 # default options, checked by tests/test_default_model.py).
-DEFAULT_MODEL = "smollm2-135m-moe-e16k12-r2.gguf"
+DEFAULT_MODEL = "smollm2-135m-moe-e16k12-r3.gguf"
 
 
 def models_dir() -> str:

@@ -47,7 +47,7 @@ def test_chat_starts_a_private_daemon_and_stops_it(default_moe, tmp_path):
 
 
 def test_chat_samples_through_hobbitd_what_it_samples_in_process(default_moe, tmp_path):
-    """The first sampled answers (the default temperature, top-k and top-p, one seed) are
+    """The first sampled answers (the model's recommended sampling, one seed) are
     the same through a private hobbitd as in-process: an uncalibrated model is served
     exactly, so nothing but the seed decides."""
     runtime = tmp_path / "run"

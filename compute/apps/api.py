@@ -13,6 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..engine.sampling import SamplingOptions, SamplingSettings, SamplingValueError
+
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 # parameters some clients send with neutral values; anything else is refused
@@ -70,9 +72,11 @@ class Job:
     prompt: str | list | None = None
     messages: list = field(default_factory=list)
     max_tokens: int | None = None  # None: until end of text or the context is full
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # an extension (llama.cpp's server has it too)
+    # sampling: None where the request does not say (the model file's, else DEFAULTS, decide)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension (llama.cpp's server has it too)
+    min_p: float | None = None  # an extension (llama.cpp's server has it too)
     seed: int | None = None
     stop: list = field(default_factory=list)
     stream: bool = False
@@ -112,6 +116,7 @@ def parse(body, chat: bool, served: str) -> Job:
         "temperature",
         "top_p",
         "top_k",
+        "min_p",
         "seed",
         "stop",
         "stream",
@@ -126,12 +131,17 @@ def parse(body, chat: bool, served: str) -> Job:
     if job.max_tokens is not None:
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         job.max_tokens = _number(body, name, int, 1, None)
-    job.temperature = _number(body, "temperature", float, 0.0, 2.0, default=1.0)
-    job.top_p = _number(body, "top_p", float, 0.0, 1.0, default=1.0)
+    job.temperature = _number(body, "temperature", float, 0.0, 2.0)
+    job.top_p = _number(body, "top_p", float, 0.0, 1.0)
     if job.top_p == 0:
         raise ApiError(400, "'top_p' must be greater than 0", "top_p", "invalid_value")
-    job.top_k = _number(body, "top_k", int, 0, None, default=0)
+    job.top_k = _number(body, "top_k", int, 0, None)
+    job.min_p = _number(body, "min_p", float, 0.0, 1.0)
     job.seed = _number(body, "seed", int, None, None, default=None)
+    try:
+        sampling(job).check()  # NaN and infinities, which the comparisons above let through
+    except SamplingValueError as e:
+        raise ApiError(400, f"'{e.field}' {e.rule}, got {e.value}", e.field, "invalid_value") from None
     job.stop = _stop(body.get("stop"))
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -142,6 +152,15 @@ def parse(body, chat: bool, served: str) -> Job:
     job.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     job.created = int(time.time())
     return job
+
+
+# OpenAI's defaults, where neither the request nor the model file says
+DEFAULTS = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0)
+
+
+def sampling(job: Job) -> SamplingSettings:
+    """The sampling the request asks for (None where it does not say)."""
+    return SamplingSettings(job.temperature, job.top_k, job.top_p, job.min_p, job.seed)
 
 
 def _number(body: dict, name: str, kind, lo, hi, default=None):

@@ -36,13 +36,15 @@ def _socket(args) -> str:
 def cmd_generate(args) -> int:
     from ..engine.generate import TextStream, generate_tokens
     from ..engine.model import RunOptions
-    from ..engine.sampling import Sampler, SamplingOptions
+    from ..engine.sampling import Sampler
     from ..runs import ThroughDaemon, open_run
     from ...protocol.errors import InputError
 
-    prompt = []
+    flags = _sampling_flags(args)
+    prompt, sampling = [], []
 
-    def check(weights, tok):  # before hobbitd is asked: a bad prompt starts none
+    def check(weights, tok):  # before hobbitd is asked: a bad prompt (or sampling key) starts none
+        sampling.append(_sampling(flags, weights)[0])
         text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         prompt.extend(tok.encode(text, parse_special=args.chat))
         if not prompt:
@@ -55,7 +57,7 @@ def cmd_generate(args) -> int:
     run = open_run(
         args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args), check=check
     )
-    sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
+    sampler = Sampler(sampling[0])
     stream = TextStream(run.tok)
     out = sys.stdout
     for token in generate_tokens(run.model, prompt, args.n_predict, sampler, stop=run.tok.is_eog):
@@ -68,15 +70,49 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import ChatSession, run_chat
     from ..engine.model import RunOptions
-    from ..engine.sampling import Sampler, SamplingOptions
+    from ..engine.sampling import Sampler
     from ..runs import ThroughDaemon, open_run
 
-    run = open_run(args.model, RunOptions(n_ctx=args.ctx, n_threads=args.threads), ThroughDaemon.from_args(args))
+    flags = _sampling_flags(args)
+    chosen = []  # a bad general.sampling.* key is refused before hobbitd is asked
+    run = open_run(
+        args.model,
+        RunOptions(n_ctx=args.ctx, n_threads=args.threads),
+        ThroughDaemon.from_args(args),
+        check=lambda weights, tok: chosen.append(_sampling(flags, weights)),
+    )
     run.tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
-    sampler = Sampler(SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed))
+    opts, said = chosen[0]
     where = f"through hobbitd at {run.experts.socket_path}" if run.experts else "in-process"
     print(f"hobbit chat: {run.path} ({where})", file=sys.stderr)
+    print(f"hobbit chat: sampling {said}", file=sys.stderr)
+    sampler = Sampler(opts)
     return run_chat(ChatSession(run.model, run.tok, sampler, args.n_predict))
+
+
+_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "seed": "--seed"}
+
+
+def _sampling_flags(args):
+    """The sampling flags given (None where not), checked before any model is opened."""
+    from ..engine.sampling import SamplingSettings, SamplingValueError
+    from ...protocol.errors import InputError
+
+    flags = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    try:
+        return flags.check()
+    except SamplingValueError as e:
+        raise InputError(f"{_FLAGS[e.field]} {e.value}: {e.rule}") from None
+
+
+def _sampling(flags, weights):
+    """(SamplingOptions, a line saying them and their sources): the flags, else the model
+    file's general.sampling.* keys, else the built-in defaults."""
+    from ..engine.sampling import SamplingOptions, describe, model_sampling, resolve
+
+    model = model_sampling(weights)
+    opts = resolve(flags, model, builtin=SamplingOptions())
+    return opts, describe(opts, flags, model)
 
 
 def cmd_serve(args) -> int:
@@ -212,11 +248,24 @@ def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument(
         "-n", "--n-predict", type=int, default=n_predict, help=f"most tokens to generate (default {n_predict})"
     )
+    # None: unset, so the model file's general.sampling.* keys decide, else the built-in value
     p.add_argument(
-        "--temperature", "--temp", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)"
+        "--temperature",
+        "--temp",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 = greedy (default: the model's, else 0.8)",
     )
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k best tokens; 0 = all (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the K best; 0 = all (default: the model's, else 40)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's, else 0.95)")
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        help="drop tokens less likely than MIN_P times the best one, 0..1 (default: the model's, else 0 = off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 

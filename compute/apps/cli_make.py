@@ -214,6 +214,7 @@ def add_calibrate_parser(sub) -> None:
 def cmd_synth(args) -> int:
     from ..make.quantize import make_quantized
     from ..make.split import parse_split_size, split_gguf
+    from ..engine.sampling import parse_keys
     from ..make.synth import count_params, make_synthetic
 
     if args.quantize and args.type:
@@ -242,6 +243,7 @@ def cmd_synth(args) -> int:
         kv_lora=args.kv_lora,
         q_lora=args.q_lora,
         yarn=args.yarn,
+        sampling=parse_keys(args.sampling) if args.sampling else None,
     )
     split = parse_split_size(args.split_max_size) if args.split_max_size else None
     prefix = args.out[: -len(".gguf")] if args.out.endswith(".gguf") else args.out
@@ -345,5 +347,12 @@ def add_synth_parser(sub) -> None:
         metavar="SIZE",
         help="write the model in parts of at most SIZE of tensors each (e.g. 500M, 2G; decimal units), "
         "as llama.cpp's gguf-split --split-max-size does: OUT without .gguf followed by -00001-of-0000N.gguf, ...",
+    )
+    p.add_argument(
+        "--sampling",
+        default=None,
+        metavar="KEY=V,...",
+        help="the model's recommended sampling, written as general.sampling.KEY (temp, top_k, top_p, min_p): "
+        "the defaults chat, generate and serve take, e.g. temp=0.2,top_p=0.9",
     )
     p.set_defaults(func=cmd_synth)

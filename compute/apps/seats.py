@@ -9,6 +9,7 @@ import time
 
 from . import api
 from .api import ApiError
+from ..engine.sampling import SamplingSettings
 
 
 class ClientGone(Exception):
@@ -18,8 +19,9 @@ class ClientGone(Exception):
 class Seat:
     """One Model and the tokens its KV cache holds. Used by one request at a time."""
 
-    def __init__(self, index: int, model, tok):
+    def __init__(self, index: int, model, tok, sampling: SamplingSettings):
         self.index, self.model, self.tok = index, model, tok
+        self.sampling = sampling  # the model file's recommendation (general.sampling.*)
         self.tokens: list[int] = []
         self.cancel = threading.Event()
 
@@ -36,7 +38,7 @@ class Seat:
         each piece of text (stop sequences already cut). Returns the finish reason and
         counts. Runs in a worker thread; self.cancel stops it at the next token."""
         from ..engine.generate import TextStream, generate_tokens
-        from ..engine.sampling import Sampler, SamplingOptions
+        from ..engine.sampling import Sampler, resolve
 
         model = self.model
         keep = self.shared_prefix(ids)
@@ -48,7 +50,7 @@ class Seat:
         self.tokens = ids[:keep]
         room = model.n_ctx - len(ids) + 1  # the last generated token needs no KV slot
         limit = min(job.max_tokens or room, room)
-        sampler = Sampler(SamplingOptions(job.temperature, job.top_k, job.top_p, job.seed))
+        sampler = Sampler(resolve(api.sampling(job), self.sampling, builtin=api.DEFAULTS))
         text, stop = TextStream(self.tok), api.StopText(job.stop)
         gen, finish = [], "length"
         t_first = None

@@ -333,18 +333,20 @@ def load(opts: ServeOptions, daemon) -> Server:
     which may start a private hobbitd; None: in-process), the others on the same weights,
     tokenizer and hobbitd."""
     from ..engine.model import RunOptions
+    from ..engine.sampling import model_sampling
     from ..runs import open_run
 
     first = open_run(opts.model, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), daemon)
     runs = [first]
     try:
+        recommended = model_sampling(first.weights)  # a bad general.sampling.* key: refused at start
         while len(runs) < opts.parallel:
             runs.append(first.another())
     except BaseException:
         for r in reversed(runs):  # the first one's client may own a private hobbitd
             r.close()
         raise
-    seats = [Seat(i, r.model, r.tok) for i, r in enumerate(runs)]
+    seats = [Seat(i, r.model, r.tok, recommended) for i, r in enumerate(runs)]
     return Server(opts, seats, first.tok, first.experts.socket_path if first.experts else None)
 
 

@@ -1,7 +1,8 @@
 """Writing a GGUF tensor by tensor (moefy's MoE, synth's random models) with gguf's
 GGUFWriter, never holding more than one piece of one tensor in memory.
 
-`copied_fields(reader, keep)` reads metadata to copy from another GGUF; `write_gguf(writer,
+`copied_fields(reader, keep)` reads metadata to copy from another GGUF; `add_sampling(writer,
+settings)` adds a model's recommended sampling (general.sampling.*); `write_gguf(writer,
 tensors, pieces, ...)` writes a writer that holds the metadata: the tensor table, then each
 tensor's bytes as `pieces(tensor)` yields them, laid out as GGUFWriter.write_tensors_to_file
 lays them (aligned start, each tensor padded to the alignment), and closes it. A tensor
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...protocol.errors import ModelError
+from ..engine.sampling import SamplingSettings
 from ..progress import progress_bar
 
 
@@ -38,6 +40,19 @@ def copied_fields(reader, keep) -> list:
             sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
             out.append((key, f.contents(), f.types[0], sub))
     return out
+
+
+def add_sampling(writer, s: SamplingSettings) -> None:
+    """The general.sampling.* keys of the fields s sets, in the types llama.cpp's converter
+    writes (gguf's add_sampling_*): the defaults chat, generate and serve (and llama.cpp) take."""
+    if s.temperature is not None:
+        writer.add_sampling_temp(s.temperature)
+    if s.top_k is not None:
+        writer.add_sampling_top_k(s.top_k)
+    if s.top_p is not None:
+        writer.add_sampling_top_p(s.top_p)
+    if s.min_p is not None:
+        writer.add_sampling_min_p(s.min_p)
 
 
 def write_gguf(writer, tensors: list, pieces, bar: str = "", progress: bool = False, what: str = "gguf") -> None:

@@ -52,7 +52,7 @@ from .recipe import MoefyOptions
 from .moefy_split import CLUSTERINGS, LayerPlan, ffn_weights, plan_layer
 from .moefy_write import write_moe
 
-RECIPE = "r2"  # bump whenever the build's output changes
+RECIPE = "r3"  # bump whenever the build's output changes
 EXPERT_TYPES = ("Q8_0", "Q4_1", "Q4_0", "Q5_0", "Q5_1", "F16")
 
 CALIB_THREADS = 2  # fixed: attention sums split across threads, so results depend on it

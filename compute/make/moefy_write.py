@@ -14,9 +14,9 @@ from gguf import GGUFValueType
 
 from ...protocol.errors import ModelError
 from ..engine import ggml
-from .gguf_writer import TensorEntry, copied_fields, write_gguf
+from .gguf_writer import TensorEntry, add_sampling, copied_fields, write_gguf
 from .moefy_split import LayerPlan
-from .recipe import MoefyOptions
+from .recipe import SAMPLING, MoefyOptions
 
 
 def _sha256(path: str) -> str:
@@ -113,7 +113,8 @@ def write_moe(
     src_name = os.path.basename(source)
     w = gguf.GGUFWriter(path, "llama")
     try:
-        copied = copied_fields(weights.reader, lambda k: not k.startswith("GGUF.") and k != "general.architecture")
+        skip = ("GGUF.", "general.architecture", "general.sampling.")  # our measured sampling replaces the source's
+        copied = copied_fields(weights.reader, lambda k: not k.startswith(skip))
         for key, value, vtype, sub in copied:
             if key == "general.name":
                 value = f"{value} MoE {E}x{Fe} top-{K} (hobbit moefy {recipe})"
@@ -122,6 +123,7 @@ def write_moe(
             w.add_key_value(key, value, vtype, sub)
         w.add_expert_count(E)
         w.add_expert_used_count(K)
+        add_sampling(w, SAMPLING)  # measured on the default model; its variants share the source's manners
         meta = {
             "recipe": recipe,
             "source": src_name,

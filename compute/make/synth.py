@@ -37,7 +37,7 @@ import numpy as np
 from ...loader.gguf_file import SUPPORTED_ARCHS, open_gguf
 from ...protocol.errors import InputError, ModelError
 from ..engine import ggml
-from .gguf_writer import TensorEntry, copied_fields, write_gguf
+from .gguf_writer import TensorEntry, add_sampling, copied_fields, write_gguf
 from .synth_archs import DENSE_FF, GATINGS, SYNTH_ARCHS, TYPES, LongRope, SynthArch, SynthOptions, Yarn
 
 # general.file_type (enum llama_ftype) for a file whose big matrices are all of one type
@@ -349,6 +349,8 @@ def _writer(path: str, opts: SynthOptions, n_vocab: int, tokenizer_kvs) -> gguf.
     w.add_name(_name(opts))
     w.add_file_type(FILE_TYPES[opts.type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if opts.sampling is not None:
+        add_sampling(w, opts.sampling)
     w.add_vocab_size(n_vocab)
     w.add_block_count(opts.layers + (1 if spec.mtp_norms else 0))
     _context(w, spec, opts)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...loader.gguf_file import SUPPORTED_ARCHS
+from ..engine.sampling import SamplingSettings
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 GATINGS = ("softmax", "sigmoid")  # opts.gating (smallthinker's expert_gating_func)
@@ -45,6 +46,7 @@ class SynthOptions:
     q_lora: int = 0  # deepseek2: the query's low rank; 0: one attn_q (V2-Lite)
     yarn: bool = False  # deepseek2: YaRN RoPE scaling as V2's
     qk_norm: bool = False  # glm4moe: per-head Q and K norms (GLM-4.5's)
+    sampling: SamplingSettings | None = None  # written as general.sampling.* (None: no keys)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""A model's recommended sampling travels with it: a GGUF's general.sampling.* keys are the
+defaults of generate, serve and chat; flags and request fields override them; bad values are
+one line. The default model carries values under which it answers a simple question."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from hobbit.compute.engine.sampling import SamplingOptions, SamplingSettings, model_sampling, resolve
+
+CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
+SMALL = dict(experts=0, layers=2, d_model=128, d_ff=256, heads=4, kv_heads=2)
+# min-p 1 keeps only the best token: greedy, whatever the temperature and the seed
+GREEDY_BY_MIN_P = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=1.0)
+
+
+def _generate(model: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, "generate", model, "-p", "Once upon a time", "-n", "12", "--ctx", "256", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_the_keys_synth_writes_are_the_keys_read(synth, tmp_path):
+    from hobbit.compute.engine.weights import open_model
+
+    out = str(tmp_path / "keys.gguf")
+    size = ["--experts", "0", "--layers", "1", "--d-model", "64", "--d-ff", "128", "--heads", "2", "--kv-heads", "1"]
+    r = subprocess.run(
+        [*CLI, "synth", out, *size, "--sampling", "temp=0.25,top_k=7,top_p=0.5,min_p=0.125"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    want = SamplingSettings(temperature=0.25, top_k=7, top_p=0.5, min_p=0.125)
+    assert model_sampling(open_model(out)) == want
+    assert model_sampling(open_model(synth(**SMALL))) == SamplingSettings()  # no keys: all unset
+    r = subprocess.run([*CLI, "synth", out, *size, "--sampling", "min_p=2"], capture_output=True, text=True)
+    _one_line_error(r, "--sampling min_p 2.0", "between 0 and 1")
+
+
+def test_generate_takes_the_models_sampling_and_flags_override_it(synth):
+    model = synth(**SMALL, sampling=GREEDY_BY_MIN_P)
+    greedy = _generate(model, "--temperature", "0")
+    assert greedy.returncode == 0, greedy.stderr
+    for seed in ("1", "2"):  # the model's min-p 1: the greedy tokens at any seed
+        r = _generate(model, "--seed", seed)
+        assert r.returncode == 0 and r.stdout == greedy.stdout, (r.stdout, greedy.stdout, r.stderr)
+    r = _generate(model, "--seed", "1", "--min-p", "0")  # the flag wins: sampled at temperature 1
+    assert r.returncode == 0 and r.stdout != greedy.stdout, r.stderr
+
+
+def test_bad_sampling_values_are_one_line(synth):
+    model = synth(**SMALL)
+    _one_line_error(_generate(model, "--min-p", "1.5"), "--min-p 1.5", "between 0 and 1")
+    _one_line_error(_generate(model, "--min-p", "nan"), "--min-p nan")
+    _one_line_error(_generate(model, "--temperature", "nan"), "--temperature nan")
+    bad = synth(**SMALL, sampling=SamplingSettings(min_p=2.0))
+    _one_line_error(_generate(bad), "general.sampling.min_p = 2.0", "between 0 and 1")
+    r = subprocess.run([*CLI, "chat", bad], input="hi\n", capture_output=True, text=True, timeout=120)
+    _one_line_error(r, "general.sampling.min_p = 2.0")
+
+
+@pytest.fixture(scope="module")
+def served(synth, tmp_path_factory):
+    """serve, in-process (a dense model), of a synthetic model whose file says min-p 1."""
+    log_path = tmp_path_factory.mktemp("serve-sampling") / "serve.log"
+    model = synth(**SMALL, sampling=GREEDY_BY_MIN_P)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*CLI, "serve", model, "--port", "0", "--ctx", "256"], stdout=log, stderr=log)
+    url = None
+    deadline = time.monotonic() + 120
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"listening on (http://[\d.]+:\d+)/v1", log_path.read_text())
+        url = found and found.group(1)
+        time.sleep(0.1)
+    try:
+        if url is None:
+            pytest.fail(f"serve did not start:\n{log_path.read_text()}")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _complete(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_serve_takes_the_models_sampling_and_request_fields_override_it(served):
+    def text(**fields) -> str:
+        status, body = _complete(
+            served, json.dumps({"prompt": "Once upon a time", "max_tokens": 12, **fields}).encode()
+        )
+        assert status == 200, body
+        return body["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    assert text(seed=1) == text(seed=2) == greedy  # the model's min-p 1, not OpenAI's defaults
+    assert text(seed=1, min_p=0) != greedy  # the request's field wins
+
+
+def test_serve_refuses_bad_sampling_values_with_400(served):
+    for body, param in (
+        (b'{"prompt": "hi", "min_p": 1.5}', "min_p"),
+        (b'{"prompt": "hi", "min_p": NaN}', "min_p"),
+        (b'{"prompt": "hi", "top_p": NaN}', "top_p"),
+    ):
+        status, answer = _complete(served, body)
+        assert status == 400 and answer["error"]["param"] == param, answer
+        assert "\n" not in answer["error"]["message"]
+
+
+# ---- the default model ------------------------------------------------------------------------
+
+QUESTION = "What is the capital of France?"
+
+
+def test_the_default_model_names_paris_at_its_recommended_sampling(default_moe):
+    """chat's first answer, at the sampling the model file recommends, names Paris for at
+    least 8 of seeds 1-10 (answers capped at 24 tokens)."""
+    from hobbit.compute.apps.chat import ChatSession
+    from hobbit.compute.engine.model import RunOptions
+    from hobbit.compute.engine.sampling import Sampler
+    from hobbit.compute.make import recipe
+    from hobbit.compute.runs import open_run
+
+    run = open_run(default_moe, RunOptions(n_ctx=512, n_threads=1), None)  # the tokens of any thread count
+    try:
+        recommended = model_sampling(run.weights)
+        assert recommended == recipe.SAMPLING  # the build wrote the recipe's measured values
+        answers = []
+        for seed in range(1, 11):
+            opts = resolve(SamplingSettings(seed=seed), recommended, builtin=SamplingOptions())
+            run.model.reset()
+            answers.append(ChatSession(run.model, run.tok, Sampler(opts), 24).answer(QUESTION, out=io.StringIO()))
+    finally:
+        run.close()
+    assert sum("Paris" in a for a in answers) >= 8, answers
+
+
+def test_chat_says_the_sampling_it_uses(default_moe):
+    r = subprocess.run(
+        [*CLI, "chat", default_moe, "--no-daemon", "--top-k", "5", "-n", "8"],
+        input="/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "sampling" in line]
+    assert len(said) == 1, r.stderr
+    assert "(model)" in said[0] and "top-k 5 (flag)" in said[0], said
