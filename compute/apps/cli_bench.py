@@ -202,7 +202,7 @@ def _add_offload_parser(kinds) -> None:
         metavar="SIZE",
         help="memory for the model's weights: a size (1G) or a share of its expert "
         "bytes (25%%); hobbitd's cache is this minus the non-expert weights "
-        "(default 25%%; --quick 150%%)",
+        "(default 25%%; --quick 125%%)",
     )
     p.add_argument(
         "--allowance",
@@ -272,7 +272,7 @@ def cmd_offload(args) -> int:
             raise ValueError
     except ValueError:
         raise InputError(f"--runs {runs!r}: expected PROMPT:DECODE pairs such as 16:32,128:128") from None
-    budget = args.budget or ("150%" if args.quick else "25%")
+    budget = args.budget or ("125%" if args.quick else "25%")  # quick: 90% of the experts cached
     budget_bytes(budget, 1)  # a malformed budget fails now, before any model is made
     clients = (
         [int(x) for x in args.clients.split(",") if x] if args.clients is not None else ([2] if args.quick else [2, 4])
