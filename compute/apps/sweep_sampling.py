@@ -1,7 +1,7 @@
 """How often chat's first answer names the right thing at each sampling: the measurement
 behind the default model's recommended sampling (make/recipe.py SAMPLING, BENCHMARKS.md).
 
-    python -m hobbit.compute.measure.sweep_sampling [SETTINGS...] [--model GGUF] [--seeds 1-10]
+    python -m hobbit.compute.apps.sweep_sampling [SETTINGS...] [--model GGUF] [--seeds 1-10]
 
 For each setting (the SETTINGS table, or those given as temp=T,top_k=K,top_p=P,min_p=M) it
 starts a fresh chat per seed, asks QUESTION, caps the answer at 24 tokens and counts the
@@ -39,7 +39,7 @@ SETTINGS = (
 
 def count(run, settings: SamplingSettings, seeds: range, n_predict: int = 24) -> list[str]:
     """The first answers of a chat per seed at settings (over the built-in defaults)."""
-    from ..apps.chat import ChatSession
+    from .chat import ChatSession
     from ..engine.sampling import Sampler
 
     answers = []
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from ..engine.model import RunOptions
     from ..runs import open_run, resolve_model
 
-    p = argparse.ArgumentParser(prog="python -m hobbit.compute.measure.sweep_sampling")
+    p = argparse.ArgumentParser(prog="python -m hobbit.compute.apps.sweep_sampling")
     p.add_argument("--model", default=None, help="GGUF (default: the default model)")
     p.add_argument("settings", nargs="*", help="temp=T,top_k=K,top_p=P,min_p=M (default: the SETTINGS table)")
     p.add_argument("--seeds", default="1-10", help="first-last seed (default 1-10)")
