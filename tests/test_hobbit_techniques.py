@@ -241,6 +241,7 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     from daemon_util import connect, hello, run_daemon, stats
 
     from hobbit.compute.make.calibrate import BLIND_FLATNESS
+    from hobbit.compute.measure.bench_ablation import BLIND_LABEL
 
     path = synth(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0")
     cli = [sys.executable, "-m", "hobbit.compute.apps.cli"]
@@ -270,6 +271,16 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
     assert st["blind"] is True, "stats carries the calibration's blindness"
+    # the ablation labels its lossy rows (b) computed with that blind calibration, not exact (a)
+    out = subprocess.run(
+        [*cli, "bench", "ablation", path, "--cache", "0.9", "--configs", "ab", "--rounds", "1"]
+        + ["--prompt-tokens", "8", "-n", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {line[:3]: line for line in out.stdout.splitlines() if line.startswith("(")}
+    assert BLIND_LABEL in rows["(b)"] and BLIND_LABEL not in rows["(a)"], out.stdout
     # the grid offers T1 below every score (every miss low, the top expert's too) and
     # measures its KLD; served with it, hobbitd gives the whole cache to low precision
     calib_file = glob.glob(path + ".*.hobbit.calib.json")[0]
