@@ -1,4 +1,4 @@
-"""KL divergence between next-token distributions, given as logits: the one definition
+"""KL divergence and entropy of next-token distributions, given as logits: the one definition
 evaluation (measure/evaluate.py), calibration and the ablation bench use.
 
 Computed in float64, as llama.cpp sums exp() in double; the model's probabilities are
@@ -27,6 +27,11 @@ def kl_rows(ref_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
     """KL(reference || model) per row, from log-probabilities (log_softmax)."""
     kl = (np.exp(ref_logp) * (ref_logp - np.maximum(logp, math.log(FLOOR)))).sum(axis=-1)
     return np.maximum(kl, 0.0)
+
+
+def entropy_rows(logp: np.ndarray) -> np.ndarray:
+    """Entropy (nats) per row, from log-probabilities (log_softmax): log V for a uniform row."""
+    return -(np.exp(logp) * logp).sum(axis=-1)
 
 
 def mean_kld(ref_logits: np.ndarray, logits: np.ndarray) -> float:

@@ -2,7 +2,10 @@
 stored beside it as `<companion>.calib.json` by `hobbit-cli calibrate` and read by hobbitd.
 
 Keys the daemon uses: t1, t2 (unimportance thresholds) and weights (w_lru, w_lfu, w_lhu,
-w_fld); the rest records how they were chosen. Written to a temp file, then renamed.
+w_fld), and blind (true: the model's predictions were near uniform on the calibration
+text, so the KLD bound could not judge the lossy mode; `stats` says so; absent in files
+written before it: false); the rest records how they were chosen. Written to a temp file,
+then renamed.
 """
 
 from __future__ import annotations

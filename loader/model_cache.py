@@ -33,6 +33,7 @@ class ModelCache(Counts):
     # matched since this daemon opened the file
     thresholds: Thresholds = field(default_factory=Thresholds)
     calibrated: bool = False
+    blind: bool = False  # calibrated on a near-uniform model: its KLD bound judged nothing
     regions: dict = field(default_factory=dict)  # precision -> Region
     loads: dict = field(default_factory=dict)  # (precision, key) -> Future of its read
     prefetched: int = 0  # prefetch reads issued
@@ -141,6 +142,7 @@ class ModelCache(Counts):
                 "exact": th.exact,
                 "mode": th.describe(self.calibrated),
                 "calibrated": self.calibrated,
+                "blind": self.blind,
                 "policy": self.policy.name,
                 "policy_weights": None if w is None else list(w.__dict__.values()),
                 "low_type": self.low and type_name(self.low.format.types(0)[0]),

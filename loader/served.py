@@ -88,6 +88,7 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
             t1, max(t1, t2), dynamic=opts.dynamic and low is not None, low_only=opts.low_only and low is not None
         ),
         calibrated=calib is not None,
+        blind=bool(calib and calib.get("blind", False)),
     )
 
 

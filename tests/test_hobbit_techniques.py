@@ -240,6 +240,9 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
 
     from daemon_util import connect, hello, run_daemon, stats
 
+    from hobbit.compute.make.calibrate import BLIND_FLATNESS
+    from hobbit.compute.measure.bench_ablation import BLIND_LABEL
+
     path = synth(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0")
     cli = [sys.executable, "-m", "hobbit.compute.apps.cli"]
     subprocess.run([*cli, "convert", path, "-q"], check=True, capture_output=True)
@@ -254,6 +257,8 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         )
         r = json.loads(out.stdout)
         assert r["kld"] <= float(bound), r
+        # random weights: next-token distributions near uniform, which no KLD bound can judge
+        assert r["blind"] and r["flatness"] >= BLIND_FLATNESS, r
         if bound == "0":  # nothing may differ from all-high: every miss in high precision
             assert r["t1"] == 1.0, r
     assert r["cost"] <= r["lru_cost"], "the chosen policy weights model no more reads than LRU"
@@ -265,6 +270,17 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         s.close(linger=0)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
+    assert st["blind"] is True, "stats carries the calibration's blindness"
+    # the ablation labels its lossy rows (b) computed with that blind calibration, not exact (a)
+    out = subprocess.run(
+        [*cli, "bench", "ablation", path, "--cache", "0.9", "--configs", "ab", "--rounds", "1"]
+        + ["--prompt-tokens", "8", "-n", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {line[:3]: line for line in out.stdout.splitlines() if line.startswith("(")}
+    assert BLIND_LABEL in rows["(b)"] and BLIND_LABEL not in rows["(a)"], out.stdout
     # the grid offers T1 below every score (every miss low, the top expert's too) and
     # measures its KLD; served with it, hobbitd gives the whole cache to low precision
     calib_file = glob.glob(path + ".*.hobbit.calib.json")[0]
@@ -289,3 +305,40 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         regions = stats(s)["models"][name]["regions"]
         s.close(linger=0)
     assert list(regions) == ["high"], regions
+
+
+def test_calibration_of_the_default_model_is_not_blind(default_moe, tmp_path):
+    """Real weights predict the next token far from uniformly: calibration says it can judge
+    them (flatness below the blind threshold, no "blind" in its line). The companion is
+    linked into tmp_path, so the calibration file lands there, not beside the session's
+    default model (which other tests expect uncalibrated)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hobbit.compute.make.calibrate import BLIND_FLATNESS
+    from hobbit.compute.make.moefy import default_companion
+
+    companion = tmp_path / os.path.basename(default_companion(default_moe))
+    companion.symlink_to(default_companion(default_moe))
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        "The train left the station a little after nine. Maria found a seat by the window and "
+        "watched the fields go by, green and yellow under a low grey sky. She had not been home "
+        "for three years, and she wondered whether her brother would be waiting on the platform, "
+        "or whether he was still angry about the letter. At noon the conductor came through the "
+        "carriage selling coffee and sandwiches, and an old man across the aisle began to talk "
+        "about the war, about the harvest, about his daughter who lived in the city."
+    )
+    cli = [sys.executable, "-m", "hobbit.compute.apps.cli"]
+    out = subprocess.run(
+        [*cli, "calibrate", default_moe, "--text", str(text), "--tokens", "128", "--companion", str(companion)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "flatness" in out.stdout and "blind" not in out.stdout, out.stdout
+    with open(str(companion) + ".calib.json") as f:
+        saved = json.load(f)
+    assert saved["blind"] is False and saved["flatness"] < BLIND_FLATNESS, saved

@@ -179,7 +179,14 @@ def cmd_calibrate(args) -> int:
         print(
             f"T1 = {t1}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
             f"lru/lfu/lhu/fld = {r['weights']}: modelled load cost {r['cost']:.0f} vs LRU {r['lru_cost']:.0f} "
-            f"expert reads over {r['tokens']} tokens; saved to {path}"
+            f"expert reads over {r['tokens']} tokens; flatness {r['flatness']:.3f}"
+            + (
+                " (blind: the model's predictions are near uniform, random weights?, so a KLD bound "
+                "cannot judge its lossy modes)"
+                if r["blind"]
+                else ""
+            )
+            + f"; saved to {path}"
         )
     return 0
 

@@ -14,14 +14,20 @@ model from calibration text, and store them next to its companion file.
    (w_lru, w_lfu, w_lhu, w_fld) on a simplex grid; keep the lowest modelled load cost.
 Modelled load cost = high-precision misses + low-precision misses x (low bytes / high bytes),
 in units of one high-precision expert read.
+4. Blindness: the mean entropy of the all-high next-token distributions over log V (the
+   flatness, 0..1). A model near uniform (random weights: ~1) cannot move far in KL
+   whatever is loaded low or skipped, so a KLD bound says nothing of its quality: such a
+   calibration is marked blind, and benches label its lossy figures.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +38,7 @@ from ...loader.policy import PolicyWeights, make_policy
 from ...loader.pool import Region
 from ...loader.precision import EVERY_MISS_LOW, HIGH, LOW, SKIP, Thresholds, decide
 from ...protocol.errors import HobbitError
-from ..divergence import BLOCK, kl_rows, log_softmax
+from ..divergence import BLOCK, entropy_rows, kl_rows, log_softmax
 from ..progress import progress_bar
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
@@ -40,6 +46,18 @@ from ..engine.moe import Routers
 
 T1_GRID = (EVERY_MISS_LOW, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)  # 1.0: every miss in high precision
 T2_GRID = (0.6, 0.75, 0.9, 1.0)  # 1.0: never skip
+# Flatness at or above which calibration is blind. Measured on DESIGN.md's first 128 tokens:
+# a random-weight synthetic model (2 layers, d 128, 8 experts, Q8_0) 0.954, the default
+# model (SmolLM2's real weights) 0.505.
+BLIND_FLATNESS = 0.9
+
+
+class GridMeasure(NamedTuple):
+    """What grid_klds measures: the mean KLD of each thresholds pair, and the flatness of the
+    reference (mean entropy of its next-token distributions / log V, 0..1)."""
+
+    klds: list[float]
+    flatness: float
 
 
 def routing_trace(weights, tokens, n_ctx=512):
@@ -118,13 +136,14 @@ def simulate(
     return counts
 
 
-def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -> list[float]:
+def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -> GridMeasure:
     """Mean KL(all high || thresholds th) over every next-token position of `tokens`, for each
     th in grid, with the model's LocalExperts (stateless: a chunk's logits under th do not
-    depend on what ran before). Chunk by chunk: one chunk's reference logits and one batch
-    of the other's are held at a time, not every position's (2,048 x 151,936 floats is
-    1.2 GB, twice, and float64 log-probabilities of them four times that)."""
-    sums, rows = [0.0] * len(grid), 0
+    depend on what ran before), and the reference's flatness over the same positions.
+    Chunk by chunk: one chunk's reference logits and one batch of the other's are held at a
+    time, not every position's (2,048 x 151,936 floats is 1.2 GB, twice, and float64
+    log-probabilities of them four times that)."""
+    sums, rows, entropy = [0.0] * len(grid), 0, 0.0
     starts = range(0, len(tokens) - 1, n_ctx)
     with progress_bar(len(starts) * len(grid), "thresholds", progress) as bar:
         for start in starts:
@@ -132,6 +151,8 @@ def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -
             model.experts.thresholds = Thresholds(dynamic=False)
             model.reset()
             ref = np.concatenate(list(model.logit_pieces(chunk, 0)))  # (n_ctx, V)
+            for b in range(0, len(ref), BLOCK):
+                entropy += float(entropy_rows(log_softmax(ref[b : b + BLOCK])).sum())
             for i, th in enumerate(grid):
                 model.experts.thresholds = th
                 model.reset()
@@ -143,7 +164,7 @@ def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -
                         at += len(ours)
                 bar.update(1)
             rows += len(chunk)
-    return [x / rows for x in sums]
+    return GridMeasure([x / rows for x in sums], entropy / rows / math.log(ref.shape[-1]))
 
 
 def calibrate(
@@ -171,7 +192,8 @@ def calibrate(
     # (1, 1) loads every expert in high precision: it is the reference itself, so that some
     # pair always meets the bound (a model too sensitive for low precision gets none)
     lossy = [th for th in grid if th.t1 < 1.0]
-    klds = dict(zip(lossy, grid_klds(model, lossy, tokens, progress=progress)))
+    measured = grid_klds(model, lossy, tokens, progress=progress)
+    klds = dict(zip(lossy, measured.klds))
     rows = []
     for th in grid:
         sim = simulate(sel, scores, a.n_expert, th, *slots(th), ratio)
@@ -202,6 +224,8 @@ def calibrate(
         "low_share": low_share,
         "low_ratio": ratio,
         "tokens": len(tokens),
+        "flatness": round(measured.flatness, 4),
+        "blind": measured.flatness >= BLIND_FLATNESS,
         "seconds": round(time.perf_counter() - t0, 1),
         "threshold_grid": rows,
         "companion": os.path.basename(companion),

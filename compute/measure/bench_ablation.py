@@ -160,15 +160,26 @@ def lossy_flags(path: str) -> list:
     hobbitd will serve (the best suitable type made) is calibrated (hobbitd uses its
     thresholds), else the paper's T1/T2 (an uncalibrated model is served exactly unless
     asked otherwise)."""
+    from ...loader.precision import PAPER_T1, PAPER_T2
+
+    if served_calibration(path):
+        return []
+    return ["--t1", f"{PAPER_T1:g}", "--t2", f"{PAPER_T2:g}"]
+
+
+def served_calibration(path: str) -> dict | None:
+    """The calibration of the companion hobbitd will serve for the GGUF at `path`, or None."""
     from ...loader.calibration import load_calibration
     from ...loader.companion import made_companion
     from ...loader.layout import gguf_experts
     from ...loader.gguf_file import open_gguf
-    from ...loader.precision import PAPER_T1, PAPER_T2
 
-    if load_calibration(made_companion(path, gguf_experts(open_gguf(path)).format)):
-        return []
-    return ["--t1", f"{PAPER_T1:g}", "--t2", f"{PAPER_T2:g}"]
+    return load_calibration(made_companion(path, gguf_experts(open_gguf(path)).format))
+
+
+# A lossy row's label when the calibration behind it was blind (compute/make/calibrate.py:
+# the model's predictions were near uniform, so its KLD bound judged nothing)
+BLIND_LABEL = "(random weights: quality unjudged)"
 
 
 def run(
@@ -219,6 +230,7 @@ def run(
         "n_decode": n_decode,
         "rounds": rounds,
         "thresholds": " ".join(lossy) or "calibrated",
+        "blind": bool((served_calibration(model_path) or {}).get("blind", False)),
         "configs": results,
         "method": (
             "each round runs every configuration in turn, each with a fresh hobbitd "
@@ -265,6 +277,11 @@ def print_table(r: dict) -> None:
         f"({r['cache_bytes'] / 2**20:.0f} MiB), prompts {r['prompt_tokens']} tokens, "
         f"{r['n_decode']} decoded, {r['rounds']} rounds; (b)-(d) thresholds {r['thresholds']}"
     )
+    if r.get("blind"):
+        print(
+            "the calibration was blind (near-uniform predictions: random weights): (a) is exact, the "
+            "lossy rows' speed is real but their quality unjudged"
+        )
     print(
         f"{'config':30s} {'dec tok/s':>9s} {'(min-max)':>11s} {'x(a)':>5s} {'prefill s':>9s} "
         f"{'hit hi':>6s} {'hit lo':>6s} {'skip':>5s} {'MB/tok':>6s} {'pf top1@1':>9s} "
@@ -283,5 +300,6 @@ def print_table(r: dict) -> None:
             f"{d.get('skipped', 0) / req:5.1%} {c['bytes_per_token'] / 1e6:6.2f} "
             f"{'' if pf is None else f'{pf:9.1%}':>9s} {sp['compute']:15.1f} "
             f"{sp['expert_wait']:5.1f} {sp['other']:5.1f} {c['kld_vs_a']:7.4f}"
+            + (f" {BLIND_LABEL}" if r.get("blind") and key != "a" else "")
         )
     print(f"method: {r['method']}")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from ...protocol.errors import InputError
+from .bench_ablation import BLIND_LABEL
 from .bench_offload import MiB
 
 
@@ -79,7 +80,8 @@ def print_table(r: dict) -> None:
     for key in ("hobbit_high_lru", "hobbit"):
         st = r["results"].get(key, {}).get("settings")
         if st:
-            print(f"{key}: policy {st['policy']}, {st['mode']}")
+            print(f"{key}: policy {st['policy']}, {st['mode']}" + (f" {BLIND_LABEL}" if _blind(st) else ""))
+    blind = _blind(r["results"].get("hobbit", {}).get("settings"))
     print(
         f"{'run':34s} {'prompt':>6s} {'out':>4s} {'prefill s':>9s} {'tok/s':>7s} {'x llama':>7s} "
         f"{'MB/tok':>7s} {'floor':>6s} {'same tok':>8s} {'ms/tok: compute':>15s} {'wait':>6s} "
@@ -109,6 +111,7 @@ def print_table(r: dict) -> None:
                 f"{run.get('tokens_equal_to_unlimited', 1.0):8.0%} "
                 f"{_f(sp and sp['compute'], '15.1f')} {_f(sp and sp['expert_wait'], '6.1f')} "
                 f"{_f(sp and sp['other'], '6.1f')} {_f(peak and peak / MiB, '8.0f')}"
+                + (f" {BLIND_LABEL}" if blind and key == "hobbit" else "")
             )
     if r["clients"]:
         print(f"{'clients':7s} {'engine':48s} {'total tok/s':>11s} {'x llama':>7s} {'hit ratio':>9s} {'peak MiB':>8s}")
@@ -127,6 +130,7 @@ def print_table(r: dict) -> None:
                 f"{n:7s} {label:48s} {_f(tot, '11.2f')} {_f(ratio, '7.2f')} "
                 f"{_f(c.get('hit_ratio'), '9.1%')} {_f(peak and peak / MiB, '8.0f')}"
                 + (f"  failed: {c['errors'][0]}" if c["errors"] else "")
+                + (f" {BLIND_LABEL}" if blind and key != "llamacpp" else "")
             )
     for pt in r.get("sweep", []):
         print(
@@ -134,6 +138,7 @@ def print_table(r: dict) -> None:
             f"bytes): llama.cpp {_f(pt.get('llamacpp_tok_s'), '.2f')} tok/s, hobbit "
             f"{_f(pt.get('hobbit_tok_s'), '.2f')} tok/s"
             + (f" ({pt['hobbit_error']})" if pt.get("hobbit_error") else "")
+            + (f" {BLIND_LABEL}" if blind else "")
         )
     for path in r.get("plots", []):
         print(f"plot: {path}")
@@ -150,6 +155,12 @@ def print_table(r: dict) -> None:
         "/proc/self/io read_bytes; hobbit: hobbitd's bytes read); same tok = greedy tokens equal "
         "to the unlimited llama.cpp run's; peak = the cgroup's peak memory, page cache included"
     )
+
+
+def _blind(settings: dict | None) -> bool:
+    """Whether hobbitd's settings (its stats' "hobbit") serve a lossy mode a blind
+    calibration chose: its quality is unjudged."""
+    return bool(settings and settings.get("blind") and not settings.get("exact"))
 
 
 def _f(x, fmt: str) -> str:
