@@ -333,7 +333,7 @@ def test_calibration_of_the_default_model_is_not_blind(default_moe, tmp_path):
     )
     cli = [sys.executable, "-m", "hobbit.compute.apps.cli"]
     out = subprocess.run(
-        [*cli, "calibrate", default_moe, "--text", str(text), "--tokens", "128", "--companion", str(companion)],
+        [*cli, "calibrate", default_moe, "--text", str(text), "--tokens", "64", "--companion", str(companion)],
         capture_output=True,
         text=True,
         check=True,
