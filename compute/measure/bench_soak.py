@@ -36,46 +36,14 @@ PROMPT = "The old lighthouse keeper climbed the stairs and"
 SHM = "/dev/shm"
 
 
-def _generate_cmd(model: str, socket: str, n: int, reconnect_s: float) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "hobbit.compute.apps.cli",
-        "generate",
-        model,
-        "-p",
-        PROMPT,
-        "-n",
-        str(n),
-        "--temperature",
-        "0",
-        "--socket",
-        socket,
-        "--reconnect-deadline",
-        str(reconnect_s),
-    ]
+def _generate_cmd(model: str, n: int, *where: str) -> list[str]:
+    """`hobbit-cli generate` of PROMPT, greedy, n tokens; where: --socket ... or --no-daemon."""
+    cli = [sys.executable, "-m", "hobbit.compute.apps.cli", "generate", model]
+    return [*cli, "-p", PROMPT, "-n", str(n), "--temperature", "0", *where]
 
 
 def _reference(model: str, n: int) -> str:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hobbit.compute.apps.cli",
-            "generate",
-            model,
-            "-p",
-            PROMPT,
-            "-n",
-            str(n),
-            "--temperature",
-            "0",
-            "--no-daemon",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = subprocess.run(_generate_cmd(model, n, "--no-daemon"), capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"the in-process reference failed: {r.stderr.strip()[-300:]}")
     return r.stdout
@@ -227,8 +195,9 @@ def run(
 
     def start(i):
         log = open(os.path.join(work, f"client-{i}.err"), "w+")
+        cmd = _generate_cmd(model, n_tokens, "--socket", sock, "--reconnect-deadline", "60")
         slots[i] = (
-            subprocess.Popen(_generate_cmd(model, sock, n_tokens, 60), stdout=subprocess.PIPE, stderr=log, text=True),
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True),
             log,
             time.monotonic(),
         )
