@@ -268,6 +268,10 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         name = os.path.basename(path)[: -len(".gguf")]
         st = stats(s)["models"][name]["hobbit"]
         s.close(linger=0)
+        top = subprocess.run(
+            [*cli, "top", "--socket", d.socket, "--count", "1"], capture_output=True, text=True, timeout=60
+        )
+    assert "calibrated blind: random weights, quality unjudged" in top.stdout, top.stdout + top.stderr
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
     assert st["blind"] is True, "stats carries the calibration's blindness"

@@ -48,8 +48,9 @@ def frame(socket: str, old: dict, new: dict, dt: float) -> str:
     for name, m1 in new.get("models", {}).items():
         m0 = old.get("models", {}).get(name, {})
         h = m1.get("hobbit", {})
+        blind = "   (calibrated blind: random weights, quality unjudged)" if h.get("blind") else ""
         lines.append(
-            f"{name}   policy {h.get('policy', '?')}   {h.get('mode', '?')}   low type {h.get('low_type') or '-'}"
+            f"{name}   policy {h.get('policy', '?')}   {h.get('mode', '?')}   low type {h.get('low_type') or '-'}{blind}"
         )
         for prec, r in m1.get("regions", {}).items():
             lines.append(
