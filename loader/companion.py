@@ -26,6 +26,7 @@ import zlib
 
 from ..protocol.errors import HobbitError, ModelError
 from . import ggml_types as gt
+from .calibration import calib_path, load_calibration
 from .layout import PARTS, ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
@@ -85,6 +86,25 @@ def low_type_choices(high: SlotFormat) -> list[int]:
     ]
 
 
+# The types calibration measures as a file's low precision (issue #34), best first: every
+# one whose blocks fit the rows and which saves at least MIN_CANDIDATE_SAVING (Q8_0 -> Q6_K
+# is 1.3x); calibration keeps the one that models the fewest bytes read within its KLD bound.
+CANDIDATE_TYPES = (gt.Q6_K, gt.Q5_K, gt.Q5_0, gt.Q4_K, gt.IQ4_NL, gt.Q4_0, gt.Q3_K, gt.Q2_K)
+MIN_CANDIDATE_SAVING = 1.25
+
+
+def low_type_candidates(high: SlotFormat) -> list[int]:
+    """CANDIDATE_TYPES that suit experts of format `high` (blocks fit every row, at least
+    MIN_CANDIDATE_SAVING times smaller than the smallest of its types), best first."""
+    bits = min(gt.bits_per_weight(t) for t in high.type_set)
+    return [
+        low
+        for low in CANDIDATE_TYPES
+        if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[: len(PARTS)])
+        and bits / gt.bits_per_weight(low) >= MIN_CANDIDATE_SAVING
+    ]
+
+
 def default_low_type(high: SlotFormat) -> int | None:
     """The companion type for experts of format `high`, or None when no type is at least
     MIN_SAVING times smaller: Q4_K (Q4_0 where rows are not 256-blocks) for 8/16/32-bit
@@ -95,13 +115,16 @@ def default_low_type(high: SlotFormat) -> int | None:
 
 
 def made_companion(gguf_path: str, high: SlotFormat) -> str | None:
-    """The companion file of the best suitable type that exists for the model (the one
-    `convert` makes by default, else one made earlier of another suitable type); None."""
-    for low in low_type_choices(high):
-        path = companion_path(gguf_path, low)
-        if os.path.exists(path):
-            return path
-    return None
+    """The companion hobbitd serves when no type is named: the one calibration chose last
+    (its calibration says "chosen"; the newest such file), else the best suitable type that
+    exists (the one `convert` makes by default, else another made earlier); None."""
+    types = dict.fromkeys([*low_type_choices(high), *low_type_candidates(high)])
+    made = [p for p in (companion_path(gguf_path, low) for low in types) if os.path.exists(p)]
+    chosen = [p for p in made if (load_calibration(p) or {}).get("chosen")]
+    if chosen:
+        return max(chosen, key=lambda p: os.stat(calib_path(p)).st_mtime_ns)
+    defaults = [p for p in (companion_path(gguf_path, low) for low in low_type_choices(high)) if p in made]
+    return defaults[0] if defaults else None
 
 
 def auto_low_type(high: SlotFormat, path: str) -> int:

@@ -262,6 +262,13 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
         if bound == "0":  # nothing may differ from all-high: every miss in high precision
             assert r["t1"] == 1.0, r
     assert r["cost"] <= r["lru_cost"], "the chosen policy weights model no more reads than LRU"
+    # the low type is chosen too: every type that fits rows of 128 and 256 and saves 1.25x
+    # on Q8_0, each measured; the one modelling the fewest reads is kept and served, the
+    # companions made only to be measured are gone (convert's Q4_0 was there before)
+    assert [c["type"] for c in r["candidates"]] == ["Q5_0", "IQ4_NL", "Q4_0"], r["candidates"]
+    assert r["cost"] == min(c["cost"] for c in r["candidates"]), r["candidates"]
+    chosen = f"{path}.{r['low_type'].lower()}.hobbit"
+    assert sorted(glob.glob(path + ".*.hobbit")) == sorted({chosen, path + ".q4_0.hobbit"})
     with run_daemon([path], "4M", tmp_path) as d:
         s = connect(d.socket)
         hello(s)
@@ -275,6 +282,7 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     assert st["calibrated"] and (st["t1"], st["t2"]) == (r["t1"], r["t2"]), st
     assert st["policy_weights"] == r["weights"], st
     assert st["blind"] is True, "stats carries the calibration's blindness"
+    assert st["low_type"] == r["low_type"], st
     # the ablation labels its lossy rows (b) computed with that blind calibration, not exact (a)
     out = subprocess.run(
         [*cli, "bench", "ablation", path, "--cache", "0.9", "--configs", "ab", "--rounds", "1"]
@@ -287,7 +295,7 @@ def test_calibration_respects_the_kld_bound_and_hobbitd_uses_it(synth, tmp_path)
     assert BLIND_LABEL in rows["(b)"] and BLIND_LABEL not in rows["(a)"], out.stdout
     # the grid offers T1 below every score (every miss low, the top expert's too) and
     # measures its KLD; served with it, hobbitd gives the whole cache to low precision
-    calib_file = glob.glob(path + ".*.hobbit.calib.json")[0]
+    calib_file = chosen + ".calib.json"
     with open(calib_file) as f:
         saved = json.load(f)
     every_low = [row for row in saved["threshold_grid"] if row["t1"] < 0]

@@ -140,7 +140,7 @@ def test_convert_and_calibrate_take_it_and_hobbitd_serves_them(synth, parts, tmp
     text = tmp_path / "calib.txt"
     text.write_text("The river flows through the valley and the old mill turns slowly. " * 20)
     r = subprocess.run(
-        [*CLI, "calibrate", mine[0], "--text", str(text), "--tokens", "64", "--kld", "1", "--json"],
+        [*CLI, "calibrate", mine[0], "--text", str(text), "--tokens", "64", "--kld", "1", "--low", "Q4_K", "--json"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -175,6 +175,14 @@ def cmd_calibrate(args) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "threshold_grid"}, indent=1))
     else:
+        if len(r.get("candidates", ())) > 1:
+            print("low type  size   KLD every miss low   T1     T2    KLD     modelled reads")
+            for c in r["candidates"]:
+                print(
+                    f"{c['type']:8s} {c['low_ratio']:5.0%}   {c['kld_every_miss_low']:18.4f}   {c['t1']:5.2f}  "
+                    f"{c['t2']:4.2f}  {c['kld']:.4f}  {c['cost']:10.0f}"
+                    + ("   <- chosen" if c["type"] == r["low_type"] else "")
+                )
         t1 = "-1 (every miss in low precision)" if r["t1"] < 0 else r["t1"]
         print(
             f"T1 = {t1}, T2 = {r['t2']} (KLD {r['kld']:.4f} <= {r['kld_bound']}); policy weights "
@@ -198,17 +206,19 @@ def add_calibrate_parser(sub) -> None:
         help="pick HOBBIT's thresholds and cache-policy weights",
         description="Profile gate scores and miss penalties on calibration text; choose "
         "T1/T2 (cheapest modelled loading with KLD vs all-high-precision "
-        "under --kld) and the four policy weights; store them next to the "
-        "companion file, where hobbitd finds them.",
+        "under --kld), the low-precision type (unless --low) and the four policy weights; "
+        "store them next to the companion file, where hobbitd finds them.",
     )
-    p.add_argument("model", metavar="MODEL", help="a MoE GGUF (convert it first)")
+    p.add_argument("model", metavar="MODEL", help="a MoE GGUF")
     p.add_argument("--text", required=True, help="calibration text (never the evaluation text)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
     p.add_argument(
         "--low",
         metavar="TYPE",
         default=None,
-        help="the companion's type (default: the one hobbitd serves: the best type made)",
+        help="the companion's type (default: every type smaller by 1.25x or more that fits the "
+        "experts' rows, each converted if missing and measured; the one that models the fewest "
+        "bytes read within --kld is kept and served)",
     )
     p.add_argument("--companion", metavar="PATH", default=None, help="the companion file (default: found)")
     p.add_argument("--cache", type=float, default=0.25, help="cache size as a fraction of expert bytes (0.25)")

@@ -22,6 +22,7 @@ in units of one high-precision expert read.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import math
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...loader.calibration import save_calibration
+from ...loader.ggml_types import type_name
 from ...loader.layout import PAGE
 from ...loader.served import cache_low_share
 from ...loader.policy import PolicyWeights, make_policy
@@ -168,8 +170,11 @@ def grid_klds(model, grid: list[Thresholds], tokens, n_ctx=512, progress=True) -
 
 
 def calibrate(
-    weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25, kld_bound=0.01, progress=True
+    weights, companion: str, tokens, cache_fraction=0.25, low_share=0.25, kld_bound=0.01, progress=True, trace=None
 ) -> dict:
+    """Thresholds and policy weights for one companion (steps 2-4 of the module's recipe).
+    trace: routing_trace(weights, tokens) if the caller has it (it does not depend on the
+    companion)."""
     from ...loader.companion import open_companion
     from ...loader.layout import gguf_experts
 
@@ -186,7 +191,7 @@ def calibrate(
         return high, max(a.n_expert, int(budget * share) // low_src.format.slot_bytes)
 
     t0 = time.perf_counter()
-    sel, scores = routing_trace(weights, tokens)
+    sel, scores = trace if trace is not None else routing_trace(weights, tokens)
     model = Model(weights, RunOptions(n_ctx=512, lookahead=0), experts=LocalExperts(weights, companion))
     grid = [Thresholds(t1, t2) for t1 in T1_GRID for t2 in T2_GRID if t2 >= t1]
     # (1, 1) loads every expert in high precision: it is the reference itself, so that some
@@ -229,15 +234,16 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 1),
         "threshold_grid": rows,
         "companion": os.path.basename(companion),
+        "low_type": type_name(low_src.format.types(0)[0]),
     }
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
-    model: str  # a MoE GGUF, converted
+    model: str  # a MoE GGUF
     text: str  # calibration text (never the evaluation text)
     tokens: int = 2048  # tokens of the text to use
-    low: str | None = None  # the companion's type; None: the one hobbitd serves
+    low: str | None = None  # the companion's type; None: every candidate type, the best kept
     companion: str | None = None  # the companion file; None: found from low
     cache: float = 0.25  # cache size as a fraction of expert bytes
     low_share: float = 0.25  # share of the cache for low precision
@@ -248,12 +254,20 @@ class CalibrateOptions:
 def calibrate_model(opts: CalibrateOptions) -> tuple[dict, str]:
     """Calibrate opts.model on opts.text and save the result next to its companion file:
     (the result, the path it was saved to). HobbitError for a dense model, evaluation text,
-    a missing companion or too little text."""
+    a missing companion or too little text.
+
+    Without --low or --companion every candidate type (loader.companion.low_type_candidates)
+    is measured, its companion made first if missing: the chosen one is the candidate whose
+    thresholds model the fewest bytes read within the bound (on a tie, e.g. when none
+    allows any low precision, one that existed before, else the first). Each candidate's calibration is saved beside its
+    companion, the chosen one marked "chosen" (what hobbitd's low type "auto" serves); the
+    companions calibration made for the others are removed. The result lists the candidates."""
     from ..engine import ggml
-    from ...loader.companion import auto_low_type, companion_path, made_companion
+    from ...loader.companion import companion_path, low_type_candidates
     from ...loader.layout import gguf_experts
     from ..engine.tokenizer import Tokenizer
     from ..engine.weights import open_model
+    from .convert import convert
 
     weights = open_model(opts.model)
     if not weights.args.is_moe:
@@ -263,15 +277,57 @@ def calibrate_model(opts: CalibrateOptions) -> tuple[dict, str]:
     high = gguf_experts(weights)
     if opts.companion or opts.low:
         companion = opts.companion or companion_path(weights.path, ggml.TYPES_BY_NAME[opts.low.upper()])
-    else:  # the one hobbitd would serve (low_type "auto")
-        companion = made_companion(weights.path, high.format) or companion_path(
-            weights.path, auto_low_type(high.format, opts.model)
-        )
-    if not os.path.exists(companion):
-        raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {opts.model} first")
+        if not os.path.exists(companion):
+            raise HobbitError(f"{companion}: no companion file; run hobbit-cli convert {opts.model} first")
+        candidates = {companion: None}
+    else:
+        types = low_type_candidates(high.format)
+        if not types:
+            names = "/".join(ggml.type_name(t) for t in high.format.type_set)
+            raise HobbitError(f"{opts.model}: its {names} experts have no smaller type to calibrate")
+        candidates = {companion_path(weights.path, t): t for t in types}
     with open(opts.text, encoding="utf-8", errors="replace") as f:
         tokens = Tokenizer(opts.model).encode(f.read())[: opts.tokens]
     if len(tokens) < 64:
         raise HobbitError(f"{opts.text}: only {len(tokens)} tokens; calibration needs at least 64")
-    r = calibrate(weights, companion, tokens, opts.cache, opts.low_share, opts.kld, progress=opts.progress)
-    return r, save_calibration(r, companion)
+    made = [p for p, t in candidates.items() if t is not None and not os.path.exists(p)]
+    trace = routing_trace(weights, tokens)
+    results = {}
+    try:
+        for path, t in candidates.items():
+            if path in made:
+                convert(weights, t, out=path, progress=opts.progress)
+            results[path] = calibrate(
+                weights, path, tokens, opts.cache, opts.low_share, opts.kld, progress=opts.progress, trace=trace
+            )
+    except BaseException:
+        for path in made:  # a half-finished choice leaves no new file behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    # the fewest modelled reads; among equals one that was there before (no new file),
+    # then the first (min keeps it): e.g. when no candidate allows any low precision
+    best = min(results, key=lambda p: (results[p]["cost"], p in made))
+    table = [_candidate_row(p, r) for p, r in results.items()]
+    for path, r in results.items():
+        r["chosen"] = path == best
+        r["candidates"] = table
+        if path != best and path in made:
+            os.unlink(path)  # a companion nobody will serve
+        else:
+            saved = save_calibration(r, path)
+            if path == best:
+                out = saved
+    return results[best], out
+
+
+def _candidate_row(path: str, r: dict) -> dict:
+    """One candidate's line in the result: its type, size against high precision, the KLD
+    of every miss loaded in it, and what calibration chose for it."""
+    every_low = next(row["kld"] for row in r["threshold_grid"] if row["t1"] < 0 and row["t2"] >= 1.0)
+    return {
+        "type": r["low_type"],
+        "low_ratio": r["low_ratio"],
+        "kld_every_miss_low": every_low,
+        **{k: r[k] for k in ("t1", "t2", "kld", "cost")},
+    }
