@@ -49,9 +49,8 @@ def frame(socket: str, old: dict, new: dict, dt: float) -> str:
         m0 = old.get("models", {}).get(name, {})
         h = m1.get("hobbit", {})
         blind = "   (calibrated blind: random weights, quality unjudged)" if h.get("blind") else ""
-        lines.append(
-            f"{name}   policy {h.get('policy', '?')}   {h.get('mode', '?')}   low type {h.get('low_type') or '-'}{blind}"
-        )
+        low = h.get("low_type") or "-"
+        lines.append(f"{name}   policy {h.get('policy', '?')}   {h.get('mode', '?')}   low type {low}{blind}")
         for prec, r in m1.get("regions", {}).items():
             lines.append(
                 f"  {prec:4s} [{_bar(r['ready'], r['slots'])}] {r['ready']:5d}/{r['slots']:<5d} slots "
