@@ -15,6 +15,8 @@ from hobbit.compute.engine import ggml
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 MODEL = dict(layers=8, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
+# the shape test_hobbit_techniques builds too (the session's synth fixture makes it once)
+SMALL = dict(layers=2, d_model=128, d_ff=256, experts=8, top_k=2, heads=4, kv_heads=2, type="Q8_0")
 
 
 def cli_json(*args, timeout=600):
@@ -237,3 +239,21 @@ def test_bench_soak_with_the_model_file_replaced_serves_nothing_wrong(synth):
     assert sv["correct"] == sv["answers"], sv
     assert r["pins_after"] == 0 and r["leftover_shm"] == [] and r["leftover_files"] == [], r
     assert r["daemon_exit"] == 0
+
+
+def test_bench_ablation_scores_perplexity_through_each_configuration(synth, tmp_path):
+    """--ppl-text scores the text through each configuration's own hobbitd, one token per
+    forward as decoding runs: (a) is the exact reference, (b) with the paper's thresholds
+    at a quarter cache loads some experts low or skips them, so its perplexity moves."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The {w} river flows past the mill number {i}." for i, w in enumerate(["old"] * 150)))
+    model = str(tmp_path / "m.gguf")  # its companion is made beside it, not beside the shared file
+    shutil.copy(synth(**SMALL), model)
+    r = cli_json(
+        "bench", "ablation", model, "--cache", "0.5", "--configs", "ab", "--rounds", "1",
+        "--prompt-tokens", "8", "-n", "2", "--ppl-text", str(text), "--ppl-chunks", "1",
+    )  # fmt: skip
+    p = r["perplexity"]
+    assert set(p) == {"a", "b"} and p["a"]["chunks"] == p["b"]["chunks"] == 1, p
+    assert p["a"]["vs_a"] == 0.0 and 1 < p["a"]["ppl"] < float("inf"), p
+    assert p["b"]["ppl"] != p["a"]["ppl"], p

@@ -153,6 +153,16 @@ def _add_ablation_parser(kinds) -> None:
         metavar="N",
         help="rounds, each running every configuration in turn; medians are reported (default 3)",
     )
+    p.add_argument(
+        "--ppl-text",
+        metavar="FILE",
+        default=None,
+        help="also score each configuration's perplexity on FILE through its hobbitd (e.g. "
+        "WikiText-2's wiki.test.raw), beside (a)'s: the quality check users know",
+    )
+    p.add_argument(
+        "--ppl-chunks", type=int, default=40, metavar="N", help="512-token chunks of --ppl-text scored (default 40)"
+    )
     _add_output_options(p)
     p.set_defaults(func=cmd_ablation)
 
@@ -162,9 +172,15 @@ def cmd_ablation(args) -> int:
 
     if args.rounds < 1:
         raise InputError(f"--rounds {args.rounds}: must be at least 1")
+    if args.ppl_text is not None and not os.path.isfile(args.ppl_text):
+        raise InputError(f"--ppl-text {args.ppl_text}: no such file")
+    if args.ppl_chunks < 1:
+        raise InputError(f"--ppl-chunks {args.ppl_chunks}: must be at least 1")
     r = bench_ablation.run(
         args.model, args.cache, tuple(args.prompt_tokens), args.n_decode, set(args.configs), args.rounds
     )
+    if args.ppl_text is not None:
+        r["perplexity"] = bench_ablation.perplexities(r, args.ppl_text, args.ppl_chunks)
     return _report(args, r, bench_ablation.print_table)
 
 

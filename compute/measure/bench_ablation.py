@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -219,7 +220,8 @@ def run(
                 r["kld_vs_a"] = float(np.mean([mean_kld(a, b) for a, b in zip(ref_logits, logits)]))
                 per_round[key].append(r)
     results = {
-        key: _summarise(rs, per_round.get("a"), label) for (key, label, *_), rs in zip(chosen, per_round.values())
+        key: {**_summarise(rs, per_round.get("a"), label), "flags": flags}
+        for (key, label, flags, _), rs in zip(chosen, per_round.values())
     }
     return {
         "model": model_path,
@@ -245,6 +247,31 @@ def run(
             "after each run, summed over rounds"
         ),
     }
+
+
+def perplexities(r: dict, text: str, chunks: int, progress=True) -> dict:
+    """Perplexity of `text` (its first `chunks` chunks of 512 tokens, llama-perplexity's
+    method) for each configuration of the ablation result `r`, through a fresh hobbitd with
+    that configuration's flags and r's cache: {key: {ppl, ppl_stderr, chunks, vs_a}}; vs_a is the
+    relative change against (a)'s (exact) perplexity, when (a) ran. Scored one token per
+    forward, as decoding meets the experts: in a batch an expert is loaded for its most
+    important token, so a batched score would hide what low precision and skips do."""
+    from ..runs import ThroughDaemon
+    from .evaluate import EvalOptions, eval_ppl
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, c in r["configs"].items():
+            if progress:
+                print(f"[ablation] perplexity ({key}) {c['label']} ...", file=sys.stderr, flush=True)
+            with daemon(r["model"], r["cache_bytes"], c["flags"], tmp) as sock:
+                opts = EvalOptions(r["model"], text, chunks=chunks, batch=1, progress=progress)
+                p = eval_ppl(replace(opts, daemon=ThroughDaemon(socket=sock, autostart=False, quiet=True)))
+            out[key] = {"ppl": p["ppl"], "ppl_stderr": p["ppl_stderr"], "chunks": p["chunks"]}
+    if "a" in out:
+        for v in out.values():
+            v["vs_a"] = v["ppl"] / out["a"]["ppl"] - 1
+    return out
 
 
 def _summarise(rs: list, base: list | None, label: str) -> dict:
@@ -302,4 +329,11 @@ def print_table(r: dict) -> None:
             f"{sp['expert_wait']:5.1f} {sp['other']:5.1f} {c['kld_vs_a']:7.4f}"
             + (f" {BLIND_LABEL}" if r.get("blind") and key != "a" else "")
         )
+    if r.get("perplexity"):
+        p = r["perplexity"]
+        some = next(iter(p.values()))
+        print(f"perplexity through each configuration's hobbitd, {some['chunks']} chunks of 512 tokens:")
+        for key, v in p.items():
+            vs = f"   {v['vs_a']:+.2%} vs (a)" if "vs_a" in v else ""
+            print(f"({key}) {r['configs'][key]['label']:26s} {v['ppl']:9.4f} +/- {v['ppl_stderr']:.4f}{vs}")
     print(f"method: {r['method']}")

@@ -267,6 +267,7 @@ class EvalOptions:
     ctx: int = 512  # tokens per chunk; the second half of each is scored
     chunks: int | None = None  # score only the first N chunks; None: all
     threads: int = 0  # 0: physical cores (one fewer through hobbitd)
+    batch: int | None = None  # tokens per forward; None: min(ctx, 512). 1 scores as decoding runs
     daemon: ThroughDaemon | None = None  # experts through hobbitd (MoE only); None: in-process
     progress: bool = True
     verbose: bool = False  # say how long tokenizing took
@@ -277,7 +278,7 @@ def _open(path: str, opts: EvalOptions, daemon: bool):
     from ..engine.model import RunOptions
     from ..runs import open_run
 
-    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=min(opts.ctx, 512), n_threads=opts.threads)
+    run_opts = RunOptions(n_ctx=opts.ctx, n_batch=opts.batch or min(opts.ctx, 512), n_threads=opts.threads)
     return open_run(path, run_opts, opts.daemon if daemon else None)
 
 
