@@ -129,15 +129,40 @@ def test_serve_takes_the_models_sampling_and_request_fields_override_it(served):
     assert text(seed=1, min_p=0) != greedy  # the request's field wins
 
 
+def test_serve_takes_the_penalties_from_the_request(served):
+    """repeat_penalty / repeat_last_n (llama.cpp's server's names) and OpenAI's
+    frequency_penalty / presence_penalty: a random model seldom repeats a token, so penalties
+    that reward repeats (below 1, negative) are the ones that show."""
+
+    def text(**fields) -> str:
+        body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, **fields}
+        status, answer = _complete(served, json.dumps(body).encode())
+        assert status == 200, answer
+        return answer["choices"][0]["text"]
+
+    greedy = text()
+    assert text(repeat_penalty=1.0, frequency_penalty=0, presence_penalty=0) == greedy  # neutral values
+    assert text(repeat_penalty=0.5) != greedy
+    assert text(presence_penalty=-2) != greedy
+    assert text(frequency_penalty=-2) != greedy
+    assert text(repeat_penalty=0.5, repeat_last_n=0) == greedy  # a window of 0: off
+
+
 def test_serve_refuses_bad_sampling_values_with_400(served):
     for body, param in (
         (b'{"prompt": "hi", "min_p": 1.5}', "min_p"),
         (b'{"prompt": "hi", "min_p": NaN}', "min_p"),
         (b'{"prompt": "hi", "top_p": NaN}', "top_p"),
+        (b'{"prompt": "hi", "repeat_penalty": 0}', "repeat_penalty"),
+        (b'{"prompt": "hi", "repeat_penalty": -1}', "repeat_penalty"),
+        (b'{"prompt": "hi", "repeat_penalty": NaN}', "repeat_penalty"),
+        (b'{"prompt": "hi", "repeat_last_n": -2}', "repeat_last_n"),
+        (b'{"prompt": "hi", "frequency_penalty": 2.5}', "frequency_penalty"),
+        (b'{"prompt": "hi", "presence_penalty": Infinity}', "presence_penalty"),
     ):
         status, answer = _complete(served, body)
         assert status == 400 and answer["error"]["param"] == param, answer
-        assert "\n" not in answer["error"]["message"]
+        assert answer["error"]["code"] == "invalid_value" and "\n" not in answer["error"]["message"], answer
 
 
 # ---- the default model ------------------------------------------------------------------------
