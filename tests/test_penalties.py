@@ -1,15 +1,11 @@
 """The repetition penalties are llama.cpp's: the same penalised logits as its own penalties
 sampler over the same history, first in the chain; generation passes the history (prompt,
-cached tokens and generated ones); a model file's penalty_repeat / penalty_last_n are the
-defaults of generate, flags override them; bad values are one line; keys naming samplers
-hobbit does not have are said, once."""
+cached tokens and generated ones). The file keys, flags and request fields:
+tests/test_model_sampling.py."""
 
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -18,11 +14,9 @@ from hobbit.compute.engine.sampling import (
     SamplingOptions,
     SamplingSettings,
     SamplingValueError,
-    model_sampling,
     penalise,
 )
 
-CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 SMALL = dict(experts=0, layers=2, d_model=128, d_ff=256, heads=4, kv_heads=2)
 
 
@@ -36,16 +30,23 @@ def _llama_penalised(logits, history, last_n, repeat, freq, present) -> np.ndarr
     accepted `history`, as its common sampler accepts the prompt and each generated token."""
     import llama_cpp as L
 
-    data, cur = _token_array(L, logits)
     smpl = L.llama_sampler_init_penalties(len(logits), last_n, repeat, freq, present)
+    data, size = _llama_apply(L, smpl, logits, history)
+    assert size == len(logits)  # penalties keep every token, in place
+    return np.array([data[i].logit for i in range(len(logits))], np.float32)
+
+
+def _llama_apply(L, smpl, logits, history):
+    """(the token data, how many are kept) after llama.cpp's sampler smpl (freed here) has
+    accepted each token of history and been applied to logits."""
+    data, cur = _token_array(L, logits)
     try:
         for t in history:
             L.llama_sampler_accept(smpl, int(t))
         L.llama_sampler_apply(smpl, ctypes.byref(cur))
     finally:
         L.llama_sampler_free(smpl)
-    assert cur.size == len(logits)  # penalties keep every token, in place
-    return np.array([data[i].logit for i in range(len(logits))], np.float32)
+    return data, cur.size
 
 
 def _case(V=64, n=100, seed=0):
@@ -126,14 +127,8 @@ def test_the_sampler_penalises_first_as_llama_cpps_chain():
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(len(logits), 16, 1.5, 0.1, 0.2))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k if top_k else len(logits)))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(min_p, 1))
-        data, cur = _token_array(L, logits)
-        try:
-            for t in history:
-                L.llama_sampler_accept(chain, int(t))
-            L.llama_sampler_apply(chain, ctypes.byref(cur))
-        finally:
-            L.llama_sampler_free(chain)
-        kept = sorted(data[i].id for i in range(cur.size))
+        data, size = _llama_apply(L, chain, logits, history)
+        kept = sorted(data[i].id for i in range(size))
         # at temperature 100 the kept tokens are near-uniform: 300 seeds draw each of them
         hot = dict(temperature=100.0, top_k=top_k, top_p=1.0, min_p=min_p, **pen)
         drawn = {Sampler(SamplingOptions(**hot, seed=s))(logits, list(history)) for s in range(300)}
@@ -215,117 +210,3 @@ def _greedy(model, prompt, n):
 
     model.reset()
     return list(generate_tokens(model, prompt, n, Sampler(SamplingOptions(temperature=0.0))))
-
-
-# ---- the command line ---------------------------------------------------------------------------
-
-
-def _generate(model: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, "generate", model, "-p", "Once upon a time", "-n", "16", "--ctx", "256", *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-SIZE = ["--experts", "0", "--layers", "2", "--d-model", "128", "--d-ff", "256", "--heads", "4", "--kv-heads", "2"]
-
-
-def test_synth_writes_the_penalty_keys(tmp_path):
-    from hobbit.compute.engine.weights import open_model
-
-    out = str(tmp_path / "penalised.gguf")
-    keys = "penalty_repeat=1.1,penalty_last_n=32"
-    r = subprocess.run([*CLI, "synth", out, *SIZE, "--sampling", keys], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert model_sampling(open_model(out)) == SamplingSettings(penalty_repeat=1.1, penalty_last_n=32)
-
-
-def test_generate_takes_the_models_penalties_and_flags_override_them(smollm2, tmp_path):
-    """A file's penalty_repeat / penalty_last_n (on SmolLM2: a random model seldom repeats a
-    token, so a penalty above 1 shows only on a real one) sample as the same values given as
-    flags; --repeat-penalty 1 turns the file's off."""
-    keyed = _with_keys(smollm2, str(tmp_path / "keyed.gguf"), temp=0.0, penalty_repeat=1.1, penalty_last_n=32)
-    by_file = _generate(keyed)
-    by_flags = _generate(smollm2, "--temperature", "0", "--repeat-penalty", "1.1", "--repeat-last-n", "32")
-    off = _generate(keyed, "--repeat-penalty", "1")
-    greedy = _generate(smollm2, "--temperature", "0")
-    for r in (by_file, by_flags, off, greedy):
-        assert r.returncode == 0, r.stderr
-    assert by_file.stdout == by_flags.stdout
-    assert off.stdout == greedy.stdout != by_file.stdout
-
-
-def test_bad_penalties_are_one_line(synth, tmp_path):
-    model = synth(**SMALL)
-    _one_line_error(_generate(model, "--repeat-penalty", "0"), "--repeat-penalty 0.0", "greater than 0")
-    _one_line_error(_generate(model, "--repeat-penalty", "nan"), "--repeat-penalty nan")
-    _one_line_error(_generate(model, "--repeat-last-n", "-2"), "--repeat-last-n -2", "from -1")
-    _one_line_error(_generate(model, "--frequency-penalty", "inf"), "--frequency-penalty inf", "finite")
-    bad = synth(**SMALL, sampling=SamplingSettings(penalty_last_n=-5))
-    _one_line_error(_generate(bad), "general.sampling.penalty_last_n = -5")
-    r = subprocess.run(
-        [*CLI, "synth", str(tmp_path / "x.gguf"), *SIZE, "--sampling", "penalty_repeat=0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    _one_line_error(r, "--sampling penalty_repeat 0.0", "greater than 0")
-
-
-def _with_keys(src: str, dst: str, **keys) -> str:
-    """A copy of the GGUF src with more general.sampling.* keys (gguf's add_sampling_KEY)."""
-    import gguf
-
-    from hobbit.compute.make.gguf_writer import TensorEntry, copied_fields, write_gguf
-
-    reader = gguf.GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(dst, arch)
-    for key, value, vtype, sub in copied_fields(reader, lambda k: not k.startswith(("GGUF.", "general.architecture"))):
-        w.add_key_value(key, value, vtype, sub)
-    for key, value in keys.items():
-        getattr(w, f"add_sampling_{key}")(value)
-    tensors = {t.name: t for t in reader.tensors}
-    entries = [
-        TensorEntry(t.name, int(t.tensor_type), tuple(int(n) for n in t.shape), int(t.n_bytes))
-        for t in tensors.values()
-    ]
-    write_gguf(w, entries, lambda e: [tensors[e.name].data.view(np.uint8).reshape(-1)])
-    return dst
-
-
-def test_samplers_hobbit_does_not_have_are_said_once(synth, tmp_path):
-    from hobbit.compute.engine.sampling import ignored_keys
-    from hobbit.compute.engine.weights import open_model
-
-    plain = synth(**SMALL)
-    odd = _with_keys(plain, str(tmp_path / "odd.gguf"), mirostat=2, xtc_probability=0.5, sequence="top_k;temperature")
-    lines = ignored_keys(open_model(odd))
-    assert [line.split()[2] for line in lines] == ["mirostat", "xtc", "the"], lines
-    assert all(line.startswith("model recommends ") and line.endswith(": ignored") for line in lines)
-
-    r = _generate(odd, "--temperature", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == _generate(plain, "--temperature", "0").stdout  # sampled as without them
-    said = [line for line in r.stderr.splitlines() if "recommends" in line]
-    assert said == [f"hobbit-cli: {line}" for line in lines], r.stderr
-
-    # keys that leave those samplers off, and hobbit's own order: nothing to say
-    quiet = _with_keys(
-        plain,
-        str(tmp_path / "quiet.gguf"),
-        mirostat=0,
-        xtc_probability=0.0,
-        sequence="penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature",
-    )
-    assert ignored_keys(open_model(quiet)) == []

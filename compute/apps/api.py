@@ -177,17 +177,8 @@ _PENALTIES = {
 
 def sampling(job: Job) -> SamplingSettings:
     """The sampling the request asks for (None where it does not say)."""
-    return SamplingSettings(
-        job.temperature,
-        job.top_k,
-        job.top_p,
-        job.min_p,
-        job.seed,
-        penalty_repeat=job.repeat_penalty,
-        penalty_last_n=job.repeat_last_n,
-        penalty_freq=job.frequency_penalty,
-        penalty_present=job.presence_penalty,
-    )
+    penalties = {field: getattr(job, name) for field, name in _PENALTIES.items()}
+    return SamplingSettings(job.temperature, job.top_k, job.top_p, job.min_p, job.seed, **penalties)
 
 
 def _number(body: dict, name: str, kind, lo, hi, default=None):
