@@ -143,10 +143,10 @@ def parse(body, chat: bool, served: str) -> Job:
     job.seed = _number(body, "seed", int, None, None, default=None)
     job.frequency_penalty = _number(body, "frequency_penalty", float, -2.0, 2.0)  # OpenAI's range
     job.presence_penalty = _number(body, "presence_penalty", float, -2.0, 2.0)
-    job.repeat_penalty = _number(body, "repeat_penalty", float, 0.0, None)
+    job.repeat_penalty = _number(body, "repeat_penalty", float, None, None)  # > 0: checked below
     job.repeat_last_n = _number(body, "repeat_last_n", int, -1, None)
     try:
-        sampling(job).check()  # what the comparisons above let through (a repeat_penalty of 0)
+        sampling(job).check()  # what the comparisons above let through (a repeat_penalty <= 0)
     except SamplingValueError as e:
         name = _PENALTIES.get(e.field, e.field)
         raise ApiError(400, f"'{name}' {e.rule}, got {e.value}", name, "invalid_value") from None

@@ -244,7 +244,7 @@ def penalises(o: SamplingOptions) -> bool:
 def penalise(logits: np.ndarray, history: Sequence[int], o: SamplingOptions) -> np.ndarray:
     """A float32 copy of logits with llama.cpp's penalties (llama_sampler_penalties_apply) on
     the tokens among the last o.penalty_last_n of history (-1: all of it), in float32 as it
-    computes them. Only those distinct tokens change: the cost is the copy and O(last_n)."""
+    computes them. Only those distinct tokens change: the cost is the copy and a sort of last_n."""
     recent = history[-o.penalty_last_n :] if o.penalty_last_n > 0 else history
     out = np.array(logits, np.float32)  # (V,)
     if len(recent) == 0 or not penalises(o):
