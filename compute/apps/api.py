@@ -2,7 +2,7 @@
 (or ApiError); a finished or partial generation in, the response JSON out.
 
 Only what hobbit can honour is accepted: one choice (n = 1), text content, no logprobs, no
-tools, no penalties. Anything else is refused with the parameter's name rather than
+tools. Anything else is refused with the parameter's name rather than
 silently ignored, so a client never gets an answer to a question it did not ask.
 """
 
@@ -25,8 +25,6 @@ _NEUTRAL = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -78,6 +76,10 @@ class Job:
     top_k: int | None = None  # an extension (llama.cpp's server has it too)
     min_p: float | None = None  # an extension (llama.cpp's server has it too)
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None  # an extension (llama.cpp's server has it too)
+    repeat_last_n: int | None = None  # an extension (llama.cpp's server has it too)
     stop: list = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
@@ -118,6 +120,7 @@ def parse(body, chat: bool, served: str) -> Job:
         "top_k",
         "min_p",
         "seed",
+        *_PENALTIES.values(),
         "stop",
         "stream",
         *_NEUTRAL,
@@ -138,10 +141,15 @@ def parse(body, chat: bool, served: str) -> Job:
     job.top_k = _number(body, "top_k", int, 0, None)
     job.min_p = _number(body, "min_p", float, 0.0, 1.0)
     job.seed = _number(body, "seed", int, None, None, default=None)
+    job.frequency_penalty = _number(body, "frequency_penalty", float, -2.0, 2.0)  # OpenAI's range
+    job.presence_penalty = _number(body, "presence_penalty", float, -2.0, 2.0)
+    job.repeat_penalty = _number(body, "repeat_penalty", float, None, None)  # > 0: checked below
+    job.repeat_last_n = _number(body, "repeat_last_n", int, -1, None)
     try:
-        sampling(job).check()  # NaN and infinities, which the comparisons above let through
+        sampling(job).check()  # what the comparisons above let through (a repeat_penalty <= 0)
     except SamplingValueError as e:
-        raise ApiError(400, f"'{e.field}' {e.rule}, got {e.value}", e.field, "invalid_value") from None
+        name = _PENALTIES.get(e.field, e.field)
+        raise ApiError(400, f"'{name}' {e.rule}, got {e.value}", name, "invalid_value") from None
     job.stop = _stop(body.get("stop"))
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -158,9 +166,19 @@ def parse(body, chat: bool, served: str) -> Job:
 DEFAULTS = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0)
 
 
+# the request's names of the penalties (OpenAI's, and llama.cpp's server's)
+_PENALTIES = {
+    "penalty_freq": "frequency_penalty",
+    "penalty_present": "presence_penalty",
+    "penalty_repeat": "repeat_penalty",
+    "penalty_last_n": "repeat_last_n",
+}
+
+
 def sampling(job: Job) -> SamplingSettings:
     """The sampling the request asks for (None where it does not say)."""
-    return SamplingSettings(job.temperature, job.top_k, job.top_p, job.min_p, job.seed)
+    penalties = {field: getattr(job, name) for field, name in _PENALTIES.items()}
+    return SamplingSettings(job.temperature, job.top_k, job.top_p, job.min_p, job.seed, **penalties)
 
 
 def _number(body: dict, name: str, kind, lo, hi, default=None):

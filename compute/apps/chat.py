@@ -49,7 +49,9 @@ class ChatSession:
         t0 = time.perf_counter()
         t_first = None
         try:
-            for token in generate_tokens(self.model, ids[keep:], self.n_predict, self.sampler, stop=self.tok.is_eog):
+            for token in generate_tokens(
+                self.model, ids[keep:], self.n_predict, self.sampler, stop=self.tok.is_eog, cached=ids[:keep]
+            ):
                 t_first = t_first or time.perf_counter()
                 gen.append(token)
                 piece = stream.push(token)

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ...protocol.errors import HobbitError
+from .cli_sampling import add_sampling_options, choose_sampling, sampling_flags
 
 USAGE = """hobbit-cli COMMAND [options]   (hobbit-cli COMMAND --help for details)
 
@@ -40,11 +41,11 @@ def cmd_generate(args) -> int:
     from ..runs import ThroughDaemon, open_run
     from ...protocol.errors import InputError
 
-    flags = _sampling_flags(args)
+    flags = sampling_flags(args)
     prompt, sampling = [], []
 
     def check(weights, tok):  # before hobbitd is asked: a bad prompt (or sampling key) starts none
-        sampling.append(_sampling(flags, weights)[0])
+        sampling.append(choose_sampling(flags, weights)[0])
         text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         prompt.extend(tok.encode(text, parse_special=args.chat))
         if not prompt:
@@ -73,13 +74,13 @@ def cmd_chat(args) -> int:
     from ..engine.sampling import Sampler
     from ..runs import ThroughDaemon, open_run
 
-    flags = _sampling_flags(args)
+    flags = sampling_flags(args)
     chosen = []  # a bad general.sampling.* key is refused before hobbitd is asked
     run = open_run(
         args.model,
         RunOptions(n_ctx=args.ctx, n_threads=args.threads),
         ThroughDaemon.from_args(args),
-        check=lambda weights, tok: chosen.append(_sampling(flags, weights)),
+        check=lambda weights, tok: chosen.append(choose_sampling(flags, weights)),
     )
     run.tok.chat_prompt([{"role": "user", "content": "x"}])  # fail early without a template
     opts, said = chosen[0]
@@ -88,31 +89,6 @@ def cmd_chat(args) -> int:
     print(f"hobbit chat: sampling {said}", file=sys.stderr)
     sampler = Sampler(opts)
     return run_chat(ChatSession(run.model, run.tok, sampler, args.n_predict))
-
-
-_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "seed": "--seed"}
-
-
-def _sampling_flags(args):
-    """The sampling flags given (None where not), checked before any model is opened."""
-    from ..engine.sampling import SamplingSettings, SamplingValueError
-    from ...protocol.errors import InputError
-
-    flags = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-    try:
-        return flags.check()
-    except SamplingValueError as e:
-        raise InputError(f"{_FLAGS[e.field]} {e.value}: {e.rule}") from None
-
-
-def _sampling(flags, weights):
-    """(SamplingOptions, a line saying them and their sources): the flags, else the model
-    file's general.sampling.* keys, else the built-in defaults."""
-    from ..engine.sampling import SamplingOptions, describe, model_sampling, resolve
-
-    model = model_sampling(weights)
-    opts = resolve(flags, model, builtin=SamplingOptions())
-    return opts, describe(opts, flags, model)
 
 
 def cmd_serve(args) -> int:
@@ -244,31 +220,6 @@ def cmd_top(args) -> int:
     return run_top(_socket(args), args.interval, args.count)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, n_predict: int) -> None:
-    p.add_argument(
-        "-n", "--n-predict", type=int, default=n_predict, help=f"most tokens to generate (default {n_predict})"
-    )
-    # None: unset, so the model file's general.sampling.* keys decide, else the built-in value
-    p.add_argument(
-        "--temperature",
-        "--temp",
-        type=float,
-        default=None,
-        help="sampling temperature; 0 = greedy (default: the model's, else 0.8)",
-    )
-    p.add_argument(
-        "--top-k", type=int, default=None, help="sample among the K best; 0 = all (default: the model's, else 40)"
-    )
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's, else 0.95)")
-    p.add_argument(
-        "--min-p",
-        type=float,
-        default=None,
-        help="drop tokens less likely than MIN_P times the best one, 0..1 (default: the model's, else 0 = off)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_bench, cli_make, cli_measure, pull_cli
 
@@ -283,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="path to a GGUF model")
     p.add_argument("--prompt", "-p", required=True, help="the prompt text")
-    _add_sampling_options(p, 128)
+    add_sampling_options(p, 128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_daemon_options(p)
     _add_run_options(p)
@@ -299,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "built on first use. Type /reset, /stats or /quit.",
     )
     p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF model, or 'default' (the default)")
-    _add_sampling_options(p, 512)
+    add_sampling_options(p, 512)
     _add_daemon_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_chat)

@@ -369,7 +369,7 @@ def add_synth_parser(sub) -> None:
         "--sampling",
         default=None,
         metavar="KEY=V,...",
-        help="the model's recommended sampling, written as general.sampling.KEY (temp, top_k, top_p, min_p): "
-        "the defaults chat, generate and serve take, e.g. temp=0.2,top_p=0.9",
+        help="the model's recommended sampling, written as general.sampling.KEY (temp, top_k, top_p, min_p, "
+        "penalty_repeat, penalty_last_n): the defaults chat, generate and serve take, e.g. temp=0.2,top_p=0.9",
     )
     p.set_defaults(func=cmd_synth)

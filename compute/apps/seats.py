@@ -55,7 +55,7 @@ class Seat:
         gen, finish = [], "length"
         t_first = None
         try:
-            for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog):
+            for token in generate_tokens(model, ids[keep:], limit, sampler, stop=self._eog, cached=ids[:keep]):
                 t_first = t_first or time.perf_counter()
                 gen.append(token)
                 piece = stop.push(text.push(token))

@@ -333,13 +333,15 @@ def load(opts: ServeOptions, daemon) -> Server:
     which may start a private hobbitd; None: in-process), the others on the same weights,
     tokenizer and hobbitd."""
     from ..engine.model import RunOptions
-    from ..engine.sampling import model_sampling
+    from ..engine.sampling import ignored_keys, model_sampling
     from ..runs import open_run
 
     first = open_run(opts.model, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), daemon)
     runs = [first]
     try:
         recommended = model_sampling(first.weights)  # a bad general.sampling.* key: refused at start
+        for line in ignored_keys(first.weights):
+            log.warning("%s", line)
         while len(runs) < opts.parallel:
             runs.append(first.another())
     except BaseException:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from .model import Model
 from .sampling import Sampler
@@ -10,16 +10,25 @@ from .tokenizer import Tokenizer
 
 
 def generate_tokens(
-    model: Model, prompt: list[int], n_predict: int, sampler: Sampler, stop=lambda token: False
+    model: Model,
+    prompt: list[int],
+    n_predict: int,
+    sampler: Sampler,
+    stop=lambda token: False,
+    cached: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield up to n_predict new token ids after `prompt`; the KV cache continues from
-    model.n_past, so a chat can feed only the new turn. Stops after a `stop` token
-    (which is not yielded) or when the context is full."""
+    model.n_past, so a chat can feed only the new turn, `cached` being the tokens the cache
+    holds before it. Stops after a `stop` token (which is not yielded) or when the context
+    is full. The sampler sees the history: cached, prompt and the tokens generated so far,
+    as llama.cpp's sampler accepts the prompt and each new token."""
+    history = [*cached, *prompt]
     logits = model.forward(prompt)
     for _ in range(n_predict):
-        token = sampler(logits)
+        token = sampler(logits, history)
         if stop(token):
             return
+        history.append(token)
         yield token
         if model.n_past >= model.n_ctx:
             return

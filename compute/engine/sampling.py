@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or temperature with top-k / top-p / min-p.
+"""Choosing the next token from logits: greedy, or temperature with top-k / top-p / min-p,
+after llama.cpp's repetition penalties over the recent tokens.
 
 Three layers of settings meet here. `SamplingSettings` is what one source says, each field
 None where it says nothing: a command's flags, a request's fields, or a GGUF's
@@ -6,14 +7,17 @@ None where it says nothing: a command's flags, a request's fields, or a GGUF's
 source that sets it (flag or request > model file > built-in), giving the `SamplingOptions`
 a `Sampler` runs with.
 
-The Sampler's steps are llama.cpp's chain (top-k, top-p, min-p, then the draw), except that
-top-p has always measured the mass after temperature here (llama.cpp: before); min-p, like
-llama.cpp's, looks at the logits before temperature.
+The Sampler's steps are llama.cpp's chain (penalties, top-k, top-p, min-p, then the draw),
+except that top-p has always measured the mass after temperature here (llama.cpp: before);
+min-p, like llama.cpp's, looks at the logits before temperature. The penalties look at the
+token history (prompt and generated tokens, as llama.cpp's samplers accept them), which the
+caller passes with the logits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -30,6 +34,13 @@ class SamplingOptions:
     top_p: float = 0.95  # 1.0: off
     seed: int | None = None
     min_p: float = 0.0  # 0: off; keeps tokens with p >= min_p * p(best token), as llama.cpp
+    # llama.cpp's penalties (llama_sampler_init_penalties) on the tokens among the last
+    # penalty_last_n of the history: a logit > 0 divided by penalty_repeat, one <= 0
+    # multiplied by it; then count * penalty_freq + penalty_present subtracted
+    penalty_repeat: float = 1.0  # 1: off
+    penalty_last_n: int = 64  # 0: off; -1: the whole history (the context)
+    penalty_freq: float = 0.0  # OpenAI's frequency_penalty; 0: off
+    penalty_present: float = 0.0  # OpenAI's presence_penalty; 0: off
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,10 @@ class SamplingSettings:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
+    penalty_repeat: float | None = None
+    penalty_last_n: int | None = None
+    penalty_freq: float | None = None
+    penalty_present: float | None = None
 
     def check(self) -> SamplingSettings:
         """self, or SamplingValueError naming the first field out of its range (NaN, inf and
@@ -62,6 +77,11 @@ _LIMITS = {
     "top_p": (False, 0.0, 1.0, "must be a number between 0 and 1"),
     "min_p": (False, 0.0, 1.0, "must be a number between 0 and 1"),
     "seed": (True, -math.inf, math.inf, "must be a whole number"),
+    # llama.cpp refuses a penalty whose float32 inverse is not finite: the smallest normal float32
+    "penalty_repeat": (False, float(np.finfo(np.float32).tiny), math.inf, "must be a number greater than 0"),
+    "penalty_last_n": (True, -1, 2**31 - 1, "must be a whole number from -1 (the whole context) to 2147483647"),
+    "penalty_freq": (False, -math.inf, math.inf, "must be a finite number"),
+    "penalty_present": (False, -math.inf, math.inf, "must be a finite number"),
 }
 
 
@@ -84,7 +104,17 @@ def resolve(*sources: SamplingSettings, builtin: SamplingOptions) -> SamplingOpt
     return replace(builtin, **got)
 
 
-_LABELS = {"temperature": "temp", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p"}
+_LABELS = {
+    "temperature": "temp",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "penalty_repeat": "repeat-penalty",
+    "penalty_last_n": "repeat-last-n",
+    "penalty_freq": "frequency-penalty",
+    "penalty_present": "presence-penalty",
+}
+_PENALTIES = ("penalty_repeat", "penalty_last_n", "penalty_freq", "penalty_present")
 
 
 def settings_text(s: SamplingSettings) -> str:
@@ -94,24 +124,32 @@ def settings_text(s: SamplingSettings) -> str:
 
 def describe(opts: SamplingOptions, flags: SamplingSettings, model: SamplingSettings) -> str:
     """'temp 0.2 (model), top-k 3 (model), top-p 0.95 (built-in), min-p 0 (flag)': what
-    opts samples with and where each value came from (chat says it when it starts)."""
+    opts samples with and where each value came from (chat says it when it starts); the
+    penalties only when they are on."""
 
     def source(name: str) -> str:
         if getattr(flags, name) is not None:
             return "flag"
         return "model" if getattr(model, name) is not None else "built-in"
 
-    return ", ".join(f"{label} {getattr(opts, name):g} ({source(name)})" for name, label in _LABELS.items())
+    shown = [n for n in _LABELS if n not in _PENALTIES or penalises(opts)]
+    return ", ".join(f"{_LABELS[name]} {getattr(opts, name):g} ({source(name)})" for name in shown)
 
 
 # The GGUF keys llama.cpp reads (common_init_sampler_from_model; gguf.Keys.General.SAMPLING_*)
-# and the fields they set. The others (xtc, mirostat, penalties, sequence) are not implemented.
+# and the fields they set. The others name samplers hobbit does not have (ignored_keys).
 MODEL_KEYS = {
     "general.sampling.temp": "temperature",
     "general.sampling.top_k": "top_k",
     "general.sampling.top_p": "top_p",
     "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "penalty_repeat",
+    "general.sampling.penalty_last_n": "penalty_last_n",
 }
+
+
+def _whole(name: str) -> bool:
+    return _LIMITS[name][0]
 
 
 def parse_keys(text: str) -> SamplingSettings:
@@ -122,11 +160,12 @@ def parse_keys(text: str) -> SamplingSettings:
         key, _, value = item.partition("=")
         name = MODEL_KEYS.get("general.sampling." + key.strip())
         try:
-            number = (int if name == "top_k" else float)(value)
+            number = (int if name and _whole(name) else float)(value)
         except ValueError:
             number = None
         if name is None or number is None:
-            raise InputError(f"--sampling {item!r}: want KEY=NUMBER with KEY one of temp, top_k, top_p, min_p")
+            keys = ", ".join(k.removeprefix("general.sampling.") for k in MODEL_KEYS)
+            raise InputError(f"--sampling {item!r}: want KEY=NUMBER with KEY one of {keys}")
         got[name] = number
     try:
         return SamplingSettings(**got).check()
@@ -143,7 +182,7 @@ def model_sampling(gguf) -> SamplingSettings:
         v = gguf.field(key)
         if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
             # the float32 a file holds, as its shortest decimal (0.2, not 0.20000000298...)
-            v = int(v) if name == "top_k" and float(v).is_integer() else float(str(np.float32(v)))
+            v = int(v) if _whole(name) and float(v).is_integer() else float(str(np.float32(v)))
         if v is not None:
             got[name] = v
     try:
@@ -153,23 +192,96 @@ def model_sampling(gguf) -> SamplingSettings:
         raise ModelError(f"{gguf.path}: {key} = {e.value}: {e.rule}") from None
 
 
+# The sequence's names of the samplers hobbit has (llama.cpp's names and aliases,
+# common_sampler_types_from_names), and hobbit's order of them. Its other samplers (dry,
+# typ_p, top_n_sigma, xtc) stay off in llama.cpp unless settings no GGUF key holds turn
+# them on; adaptive_p replaces the draw.
+_SEQUENCE_NAMES = {
+    **dict.fromkeys(("penalties",), "penalties"),
+    **dict.fromkeys(("top_k", "top-k", "topk"), "top_k"),
+    **dict.fromkeys(("top_p", "top-p", "topp", "nucleus"), "top_p"),
+    **dict.fromkeys(("min_p", "min-p", "minp"), "min_p"),
+    **dict.fromkeys(("temperature", "temp"), "temperature"),
+}
+_ORDER = ["penalties", "top_k", "top_p", "min_p", "temperature"]
+
+
+def ignored_keys(gguf) -> list[str]:
+    """One line per sampler the GGUF recommends that hobbit does not implement, e.g. 'model
+    recommends mirostat sampling (general.sampling.mirostat = 2); hobbit does not implement
+    it: ignored'; [] when none. Keys that leave a sampler off (mirostat 0, xtc_probability 0)
+    and a sequence that is hobbit's order say nothing: the file is then sampled as llama.cpp
+    would sample it."""
+
+    def number(key: str, default: float) -> float:
+        v = gguf.field(key)
+        return float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else default
+
+    out = []
+    mirostat = number("general.sampling.mirostat", 0)
+    if mirostat != 0:
+        out.append(f"mirostat sampling (general.sampling.mirostat = {mirostat:g}); hobbit does not implement it")
+    xtc = number("general.sampling.xtc_probability", 0)
+    if xtc > 0 and number("general.sampling.xtc_threshold", 0.1) <= 0.5:  # llama.cpp: > 0.5 is off
+        out.append(f"xtc sampling (general.sampling.xtc_probability = {xtc:g}); hobbit does not implement it")
+    seq = gguf.field("general.sampling.sequence")
+    if isinstance(seq, str):
+        names = [n.strip().lower() for n in seq.split(";") if n.strip()]
+        ours = [_SEQUENCE_NAMES[n] for n in names if n in _SEQUENCE_NAMES]
+        if ours != _ORDER or any(n.replace("-", "_") in ("adaptive_p", "adaptivep") for n in names):
+            out.append(
+                f"the sampler sequence '{seq}' (general.sampling.sequence); hobbit samples in its own "
+                f"order ({';'.join(_ORDER)})"
+            )
+    return [f"model recommends {line}: ignored" for line in out]
+
+
+def penalises(o: SamplingOptions) -> bool:
+    """Whether o's penalties change anything (llama.cpp's is_disabled, negated)."""
+    return o.penalty_last_n != 0 and (o.penalty_repeat != 1 or o.penalty_freq != 0 or o.penalty_present != 0)
+
+
+def penalise(logits: np.ndarray, history: Sequence[int], o: SamplingOptions) -> np.ndarray:
+    """A float32 copy of logits with llama.cpp's penalties (llama_sampler_penalties_apply) on
+    the tokens among the last o.penalty_last_n of history (-1: all of it), in float32 as it
+    computes them. Only those distinct tokens change: the cost is the copy and a sort of last_n."""
+    recent = history[-o.penalty_last_n :] if o.penalty_last_n > 0 else history
+    out = np.array(logits, np.float32)  # (V,)
+    if len(recent) == 0 or not penalises(o):
+        return out
+    ids, counts = np.unique(np.asarray(recent, np.int64), return_counts=True)  # (R,) distinct tokens, R <= N
+    inside = (ids >= 0) & (ids < out.size)  # llama.cpp: a token the logits do not hold changes nothing
+    ids, counts = ids[inside], counts[inside]
+    z = out[ids]  # (R,)
+    repeat = np.float32(o.penalty_repeat)
+    # a negative logit divided would become more likely: multiplied instead, as llama.cpp
+    z = np.where(z <= 0, z * repeat, z / repeat)
+    z -= counts.astype(np.float32) * np.float32(o.penalty_freq) + np.float32(o.penalty_present)
+    out[ids] = z
+    return out
+
+
 class Sampler:
     def __init__(self, opts: SamplingOptions):
         self.opts = opts
         self.rng = np.random.default_rng(opts.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """The next token; ModelError if a logit is NaN or +inf (no token can be chosen:
-        the model's weights or activations are not finite). -inf is a masked token."""
+        the model's weights or activations are not finite). -inf is a masked token.
+        history: the tokens so far, the prompt's and the generated ones, oldest first (the
+        penalties look at its last penalty_last_n)."""
         o = self.opts
         if not (logits < np.inf).all():  # one pass; NaN compares False
             raise ModelError("the model's logits are NaN or infinite (its weights or activations are not finite)")
+        if penalises(o) and len(history):
+            logits = penalise(logits, history, o)
         if o.temperature <= 0:
             return int(np.argmax(logits))
         k = o.top_k
         if o.min_p > 0:
             # llama.cpp's min-p: keep logits >= max + log(min_p) (p_i >= min_p * p_max), on the
-            # logits before temperature (its chain: top-k, top-p, min-p, then temperature)
+            # logits before temperature (its chain: penalties, top-k, top-p, min-p, then temperature)
             floor = np.float32(np.max(logits)) + np.log(np.float32(o.min_p))
             if o.top_p >= 1.0:  # then nothing but top-k needs the others: sort only the survivors
                 k = min(k if k > 0 else logits.size, int(np.count_nonzero(logits >= floor)))

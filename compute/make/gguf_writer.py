@@ -53,6 +53,11 @@ def add_sampling(writer, s: SamplingSettings) -> None:
         writer.add_sampling_top_p(s.top_p)
     if s.min_p is not None:
         writer.add_sampling_min_p(s.min_p)
+    if s.penalty_repeat is not None:
+        writer.add_sampling_penalty_repeat(s.penalty_repeat)
+    if s.penalty_last_n is not None:
+        writer.add_sampling_penalty_last_n(s.penalty_last_n)
+    # penalty_freq and penalty_present: no general.sampling key holds them (llama.cpp has none)
 
 
 def write_gguf(writer, tensors: list, pieces, bar: str = "", progress: bool = False, what: str = "gguf") -> None:
