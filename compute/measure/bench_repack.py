@@ -8,7 +8,8 @@ is the kernels only. "file" is the layer's own types; another type is the layer'
 `--distinct` experts dequantised, quantised to it and repeated to the layer's count (the
 bytes read per token are the same as with distinct experts). Each sample computes
 `--iters` graphs, each on a new random top-K per token; samples of the two layouts
-alternate, and the ratio is the median of the paired samples' ratios.
+alternate, and the ratio is the median of the paired samples' ratios. The whole model,
+with llama.cpp beside: bench_repack_model.
 """
 
 from __future__ import annotations
@@ -186,60 +187,6 @@ def bench_type(backend, rp: Repacker, parts: list[Part], args, label: str) -> li
     return rows
 
 
-def decode(path: str, threads: int, prompt_tokens: int, n_decode: int, repeat: int) -> dict:
-    """Whole-model decode, rounds interleaved: llama.cpp with and without its repacking,
-    hobbit in-process as it is and with every matmul weight ggml repacks repacked
-    (attention and experts; not the embedding, which get_rows reads). Tokens per second
-    (median), and each engine's first logits against its counterpart's."""
-    from ...loader.layout import routed_expert_tensors, rows_on_use
-    from ..engine.model import Model, RunOptions
-    from ..engine.weights import open_model
-    from ..runs import Run
-    from .engines import HobbitEngine, LlamaCppEngine, bench_prompt, run_once
-
-    weights = open_model(path)
-    prompt = bench_prompt(path, prompt_tokens)
-    experts = routed_expert_tensors(weights)
-    which = {  # what each hobbit engine repacks, by tensor name
-        "hobbit": lambda n: False,
-        "hobbit_repacked": lambda n: True,
-        "hobbit_dense_repacked": lambda n: n not in experts,
-        "hobbit_experts_repacked": lambda n: n in experts,
-    }
-    hobbit = {k: Model(weights, RunOptions(512, 512, threads)) for k in which}
-    rp, keep, skip = Repacker(), [], rows_on_use(weights) | {"token_embd.weight"}
-    for k, m in hobbit.items():
-        for name, t in m.t.items():
-            if name not in skip and t is not m.t.get("token_embd.weight") and which[k](name):
-                copy = rp.copy(t)
-                if copy is not None:
-                    keep.append(copy)
-        print(f"{k}: {len(keep)} tensors repacked so far, {sum(c.size for c in keep) / 2**20:.0f} MiB", flush=True)
-    engines = {
-        "llamacpp_repack": LlamaCppEngine(path, 512, threads),
-        "llamacpp": LlamaCppEngine(path, 512, threads, repack=False),
-        **{k: HobbitEngine(Run(path, weights, None, mdl)) for k, mdl in hobbit.items()},
-    }
-    first = {k: np.array(e.prefill(prompt), copy=True) for k, e in engines.items()}  # also the warm-up
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    tokens = {}
-    for _ in range(repeat):
-        for k, e in engines.items():
-            _, decode_s, toks = run_once(e, prompt, n_decode)
-            times[k].append(decode_s)
-            tokens[k] = toks
-    for e in engines.values():
-        e.close()
-    rp.free()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = {k: {"decode_tok_s": n_decode / med[k], "vs_llamacpp_repack": med["llamacpp_repack"] / med[k]} for k in med}
-    pairs = (("llamacpp_repack", "llamacpp"), ("hobbit_repacked", "hobbit"), ("hobbit", "llamacpp"))
-    for a, b in (*pairs, ("hobbit_repacked", "llamacpp_repack")):
-        d = np.abs(first[a] - first[b])
-        out[a].setdefault("logits", {})[b] = {"max_abs": float(d.max()), "tokens_match": tokens[a] == tokens[b]}
-    return out
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -252,18 +199,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=7)
     ap.add_argument("--iters", type=int, default=64, help="graphs per sample at 1 token (divided by T)")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--decode", action="store_true", help="whole-model decode instead (with llama.cpp)")
-    ap.add_argument("--n-decode", type=int, default=32)
     args = ap.parse_args(argv)
-    if args.decode:
-        print(f"loadavg {os.getloadavg()[0]:.2f}", flush=True)
-        out = decode(args.model, int(args.threads.split(",")[-1]), 8, args.n_decode, args.samples)
-        out["loadavg_end"] = os.getloadavg()[0]
-        print(json.dumps(out, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return
     args.tokens = [int(x) for x in args.tokens.split(",")]
     args.threads = [int(x) for x in args.threads.split(",")]
     print(f"loadavg {os.getloadavg()[0]:.2f}", flush=True)
