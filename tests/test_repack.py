@@ -10,7 +10,12 @@ import pytest
 from hobbit.compute.engine import ggml
 from hobbit.compute.engine.ggml import lib
 from hobbit.compute.engine.graph import Arena, Graph, Timing
+from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.engine.repack import Repacker
+from hobbit.compute.engine.tokenizer import Tokenizer
+from hobbit.compute.engine.weights import open_model
+
+from conftest import llama_oracle, rel_l2
 
 D, F, E, K = 512, 64, 6, 2
 AVX2 = "avx2" in open("/proc/cpuinfo").read()
@@ -95,3 +100,30 @@ def test_mul_mat_id_on_repacked_slots_agrees(rp, name, T):
     ref = _mul_mat_id(rp, t, raw, 2, 3, False, h, ids)
     got = _mul_mat_id(rp, t, packed, 2, 3, True, h, ids)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_model_with_repack_computes_as_llama_cpp_with_repacking(synth):
+    """RunOptions.repack: every repackable weight (attention and the experts) on ggml's
+    repacked layout, so the logits are llama.cpp's with its repacking — the same kernels on
+    the same bytes — not those of the file's layout (llama.cpp --no-repack, our default)."""
+    path = synth(experts=8, top_k=2, heads=8, kv_heads=4, type="Q4_K", d_model=256)
+    prompt = Tokenizer(path).encode("The old lighthouse keeper climbed the spiral stairs every evening.")
+    weights = open_model(path)
+    ours = Model(weights, RunOptions(n_ctx=256, repack=True))
+    plain = Model(weights, RunOptions(n_ctx=256))
+    assert ours.repacked and not plain.repacked
+    ref = llama_oracle(path, n_ctx=256, repack=True)
+    a, b = ours.forward(prompt), plain.forward(prompt)
+    ref.eval(prompt)
+    worst, apart = 0.0, 0.0
+    for _ in range(8):
+        r = np.array(ref.scores[ref.n_tokens - 1])
+        worst, apart = max(worst, rel_l2(a, r)), max(apart, rel_l2(b, r))
+        t = int(np.argmax(r))
+        assert int(np.argmax(a)) == t
+        a, b = ours.forward([t]), plain.forward([t])
+        ref.eval([t])
+    ours.close()
+    plain.close()
+    print(f"relative L2 to llama.cpp with repacking: repacked {worst:.2e}, file layout {apart:.2e}")
+    assert worst < 1e-6 < apart

@@ -102,7 +102,37 @@ class Repacker:
         return dst
 
     def free(self) -> None:
+        """Only once nothing marked by this Repacker is computed on any more: a marked
+        tensor's buffer is read at every compute."""
         if self.buffer:
             lib.ggml_backend_buffer_free(self.buffer)
             self.buffer = None
         self._ctx.free()
+
+
+_shared: Repacker | None = None
+
+
+def shared() -> Repacker:
+    """The process's Repacker for weights that live as long as it does (never freed)."""
+    global _shared
+    if _shared is None:
+        _shared = Repacker()
+    return _shared
+
+
+def repack_weights(tensors: dict, stacked: set) -> list:
+    """Point the matmul weights among tensors (name -> tensor) at repacked copies where
+    ggml repacks them: the 2-D ones (mul_mat) and those named in `stacked` (the routed
+    experts, 3-D, mul_mat_id). Not a 3-D weight mul_mat reads (ggml's repacked mul_mat
+    takes 2-D only) nor one get_rows reads: the caller leaves the embedding out. Returns
+    the copies, which the tensors view: keep them while the tensors are computed on."""
+    rp, copies = shared(), []
+    for name, t in tensors.items():
+        x = t.contents
+        two_d = all(x.ne[d] == 1 for d in range(2, ggml.MAX_DIMS))
+        if two_d or name in stacked:
+            copy = rp.copy(t)
+            if copy is not None:
+                copies.append(copy)
+    return copies

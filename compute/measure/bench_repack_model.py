@@ -23,11 +23,11 @@ import statistics
 
 import numpy as np
 
-from ...loader.layout import routed_expert_tensors, rows_on_use
+from ...loader.layout import routed_expert_tensors
 from ...loader.precision import HIGH
 from ..engine.experts import LocalExperts
 from ..engine.model import Model, RunOptions
-from ..engine.repack import Repacker
+from ..engine.repack import Repacker, repack_weights
 from ..engine.weights import Weights, open_model
 from ..runs import Run
 from .engines import HobbitEngine, LlamaCppEngine, bench_prompt, run_once
@@ -35,19 +35,12 @@ from .engines import HobbitEngine, LlamaCppEngine, bench_prompt, run_once
 CTX = 512
 
 
-def repack_weights(rp: Repacker, model: Model, weights: Weights, wanted) -> list[np.ndarray]:
-    """Point model's weight tensors named `wanted(name)` at repacked copies where ggml
-    repacks them; the copies (keep them while the model computes). Never the embedding:
-    get_rows reads it (nor the output matrix where it is the embedding, tied)."""
-    skip = rows_on_use(weights) | {"token_embd.weight"}
-    embd = model.t.get("token_embd.weight")
-    copies = []
-    for name, t in model.t.items():
-        if name not in skip and t is not embd and wanted(name):
-            copy = rp.copy(t)
-            if copy is not None:
-                copies.append(copy)
-    return copies
+def repacked_subset(model: Model, weights: Weights, wanted) -> list[np.ndarray]:
+    """What RunOptions.repack does, for the weights named `wanted(name)` only (a model
+    made without it): their copies (keep them while the model computes)."""
+    skip = {"token_embd.weight"} | ({"output.weight"} if "output.weight" not in weights.tensors else set())
+    chosen = {n: t for n, t in model.t.items() if n not in skip and wanted(n)}
+    return repack_weights(chosen, routed_expert_tensors(weights))
 
 
 def decode(path: str, threads: int, prompt_tokens: int, n_decode: int, repeat: int) -> dict:
@@ -55,16 +48,14 @@ def decode(path: str, threads: int, prompt_tokens: int, n_decode: int, repeat: i
     weights = open_model(path)
     prompt = bench_prompt(path, prompt_tokens)
     experts = routed_expert_tensors(weights)
-    which = {  # what each hobbit engine repacks, by tensor name
+    which = {  # what each hobbit engine repacks, by tensor name (hobbit_repacked: all)
         "hobbit": lambda n: False,
-        "hobbit_repacked": lambda n: True,
         "hobbit_dense_repacked": lambda n: n not in experts,
         "hobbit_experts_repacked": lambda n: n in experts,
     }
-    rp, keep = Repacker(), []
     hobbit = {k: Model(weights, RunOptions(CTX, 512, threads)) for k in which}
-    for k, m in hobbit.items():
-        keep += repack_weights(rp, m, weights, which[k])
+    keep = [repacked_subset(m, weights, which[k]) for k, m in hobbit.items()]
+    hobbit["hobbit_repacked"] = Model(weights, RunOptions(CTX, 512, threads, repack=True))
     engines = {
         "llamacpp_repack": LlamaCppEngine(path, CTX, threads),
         "llamacpp": LlamaCppEngine(path, CTX, threads, repack=False),
@@ -80,7 +71,7 @@ def decode(path: str, threads: int, prompt_tokens: int, n_decode: int, repeat: i
             tokens[k] = toks
     for e in engines.values():
         e.close()
-    rp.free()
+    del keep
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {k: {"decode_tok_s": n_decode / med[k], "vs_llamacpp_repack": med["llamacpp_repack"] / med[k]} for k in med}
     pairs = (("llamacpp_repack", "llamacpp"), ("hobbit_repacked", "hobbit"), ("hobbit", "llamacpp"))
@@ -112,12 +103,9 @@ def parity(path: str, prompt_tokens: int, n_steps: int) -> dict:
     image = repacked_image(rp, weights)
     local = LocalExperts(weights)
     local.bases[HIGH] = {weights.path: image.ctypes.data}
-    segmented = Model(weights, RunOptions(CTX, 512, 1), experts=local)
+    segmented = Model(weights, RunOptions(CTX, 512, 1, repack=True), experts=local)  # dense repacked
     marked = sum(rp.mark(t) for views in segmented.pool.views[HIGH] for t in views)
-    one_graph = Model(weights, RunOptions(CTX, 512, 1))
-    keep = repack_weights(rp, one_graph, weights, lambda n: True)
-    experts = routed_expert_tensors(weights)
-    keep += repack_weights(rp, segmented, weights, lambda n: n not in experts)  # its dense weights
+    one_graph = Model(weights, RunOptions(CTX, 512, 1, repack=True))
     engines = {
         "segmented_repacked_slots": HobbitEngine(Run(path, weights, None, segmented)),
         "one_graph_repacked": HobbitEngine(Run(path, weights, None, one_graph)),
@@ -131,7 +119,7 @@ def parity(path: str, prompt_tokens: int, n_steps: int) -> dict:
         logits[k] = np.stack(rows)
         # (Run.close would close the provider too: a LocalExperts has nothing to close)
         e.model.close() if isinstance(e, HobbitEngine) else e.close()
-    del keep, image
+    del image
     rp.free()
     pairs = (("segmented_repacked_slots", "one_graph_repacked"), ("one_graph_repacked", "llamacpp_repack"))
     return {
