@@ -17,6 +17,7 @@ one-graph forward with every weight repacked, and llama.cpp with repacking.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -128,10 +129,86 @@ def parity(path: str, prompt_tokens: int, n_steps: int) -> dict:
     }
 
 
+def repack_slots_in_place(client, rp: Repacker, table: np.ndarray, pool) -> int:
+    """MEASUREMENT ONLY: rewrite the resident experts' slots of a hobbitd (every expert
+    pinned, table (M, E) their slots) into the repacked layout through a writable mapping of
+    its shared memory, and mark the pool's views; the daemon does not know (no other client
+    may use it, nothing may be re-read). What slots kept in the repacked layout (design B/C
+    in the notes) would give. Returns the views marked."""
+    from ...loader.shm import Segment
+
+    fmt = client.regions[HIGH].format
+    shm = Segment(client.shm.name, client.shm.size, writable=True)
+    shift = shm.address - client.shm.address
+    marked = 0
+    for m in range(table.shape[0]):
+        bases, strides = client.part_bases(HIGH, m), client.part_strides(HIGH, m)
+        for p, (t, shape, n) in enumerate(zip(fmt.types(m), fmt.shapes, fmt.part_nbytes(m))):
+            if not rp.mark(pool.views[HIGH][m][p]):
+                continue
+            marked += 1
+            bounce = np.empty(n, np.uint8)
+            for slot in table[m]:
+                dst = bases[p] + int(slot) * strides[p] + shift
+                bounce[:] = np.frombuffer((ctypes.c_char * n).from_address(dst), np.uint8)
+                assert rp.repack(t, shape, bounce.ctypes.data, dst)
+    shm.close()
+    return marked
+
+
+def resident(path: str, threads: int, prompt_tokens: int, n_decode: int, repeat: int) -> dict:
+    """Through hobbitd, every expert resident (one graph on its slots, bench fit's
+    "resident"), the client's own weights repacked: decode with the slots in the file's
+    layout, then repacked in place (repack_slots_in_place), each phase interleaved with
+    llama.cpp with repacking; and the last phase's logits against llama.cpp's."""
+    import tempfile
+
+    from ...loader.layout import gguf_experts
+    from ..client.expert_client import ExpertClient
+    from .bench_ablation import daemon
+
+    weights = open_model(path)
+    prompt = bench_prompt(path, prompt_tokens)
+    src = gguf_experts(weights)
+    cache = src.n_layer * src.n_expert * src.format.slot_bytes
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hobbit-repack-") as tmp, daemon(path, cache, [], tmp) as sock:
+        client = ExpertClient(sock, path)
+        model = Model(weights, RunOptions(CTX, 512, threads, repack=True), experts=client)
+        engines = {
+            "llamacpp_repack": LlamaCppEngine(path, CTX, threads),
+            "hobbitd": HobbitEngine(Run(path, weights, None, model)),
+        }
+        for _ in range(100):  # until hobbitd has read every expert
+            run_once(engines["hobbitd"], prompt, 2)
+            if client.resident() is not None:
+                break
+        rp = Repacker()
+        for phase in ("file_layout_slots", "repacked_slots"):
+            if phase == "repacked_slots":
+                out["views_marked"] = repack_slots_in_place(client, rp, client.resident(), model.pool)
+            times: dict[str, list[float]] = {k: [] for k in engines}
+            for _ in range(repeat):
+                for k, e in engines.items():
+                    times[k].append(run_once(e, prompt, n_decode)[1])
+            ratio = statistics.median(times["llamacpp_repack"]) / statistics.median(times["hobbitd"])
+            out[phase] = {
+                "hobbitd_vs_llamacpp_repack": ratio,
+                "llamacpp_tok_s": n_decode / statistics.median(times["llamacpp_repack"]),
+            }
+        first = {k: np.array(e.prefill(prompt), copy=True) for k, e in engines.items()}
+        out["repacked_slots"]["logits_max_abs_vs_llamacpp_repack"] = float(
+            np.abs(first["hobbitd"] - first["llamacpp_repack"]).max()
+        )
+        for e in engines.values():
+            e.close()
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("what", choices=("decode", "parity"))
+    ap.add_argument("what", choices=("decode", "parity", "resident"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--n-decode", type=int, default=32)
@@ -141,6 +218,8 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0]
     if args.what == "decode":
         out = decode(args.model, args.threads, args.prompt_tokens, args.n_decode, args.repeat)
+    elif args.what == "resident":
+        out = resident(args.model, args.threads, args.prompt_tokens, args.n_decode, args.repeat)
     else:
         out = parity(args.model, args.prompt_tokens, 8)
     out = {"loadavg": [load, os.getloadavg()[0]], **out}
