@@ -96,14 +96,15 @@ def gpt_oss(synth, quantized):
     return lambda source: synth(**GPT_OSS, type="F16") if source == "F16" else quantized(source, **GPT_OSS)
 
 
-def llama_oracle(path: str, n_ctx: int = 1024, **kw):
+def llama_oracle(path: str, n_ctx: int = 1024, repack: bool = False, **kw):
     """llama.cpp through llama-cpp-python, configured as our engine runs: flash attention
     (llama.cpp's own default, 'auto', picks it on CPU), F16 KV cache, batches of 512,
     decoding with one thread (ggml splits a lone query's attention sums over 512+ KV cells
     by thread; our engine computes them whole whatever its threads, as one thread does;
     attention.flash_attention) and prompts with every core, and no weight repacking
     (llama.cpp's --no-repack: repacked Q4_0/Q4_K/Q2_K use other kernels whose rounding
-    differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout)."""
+    differs by ~1e-2; we compute with ggml's standard kernels on the file's own layout);
+    repack: with llama.cpp's repacking, the oracle of RunOptions.repack."""
     import llama_cpp
     import llama_cpp.llama_cpp as low
     from hobbit.compute.engine.ggml import physical_cores
@@ -113,12 +114,12 @@ def llama_oracle(path: str, n_ctx: int = 1024, **kw):
     kw = {"n_threads": 1, "n_threads_batch": n, **kw}
     default_params = low.llama_model_default_params
 
-    def no_repack():
+    def model_params():
         params = default_params()
-        params.use_extra_bufts = False
+        params.use_extra_bufts = repack
         return params
 
-    low.llama_model_default_params = no_repack  # Llama() has no keyword for it
+    low.llama_model_default_params = model_params  # Llama() has no keyword for it
     try:
         with quiet_stderr():
             return llama_cpp.Llama(

@@ -185,6 +185,15 @@ _SIGNATURES = {
     "ggml_backend_graph_compute": (c_int, [c_void_p, GRAPH]),
     "ggml_backend_free": (None, [c_void_p]),
     "ggml_log_set": (None, [c_void_p, c_void_p]),
+    # the CPU backend's extra buffer types (its weight repacking; engine/repack.py)
+    "ggml_backend_cpu_reg": (c_void_p, []),
+    "ggml_backend_reg_dev_get": (c_void_p, [c_void_p, c_size_t]),
+    "ggml_backend_reg_get_proc_address": (c_void_p, [c_void_p, c_char_p]),
+    "ggml_backend_buft_name": (c_char_p, [c_void_p]),
+    "ggml_backend_buft_alloc_buffer": (c_void_p, [c_void_p, c_size_t]),
+    "ggml_backend_buffer_free": (None, [c_void_p]),
+    "ggml_backend_buffer_init_tensor": (c_int, [c_void_p, T]),
+    "ggml_backend_tensor_set": (None, [T, c_void_p, c_size_t, c_size_t]),
 }
 
 # ggml_prec_set_acc is newer than some releases; keep the set of optional names explicit.
