@@ -3,7 +3,7 @@
 TOML keys are the field names (models, model_dirs, cache_size, socket, io_threads, io_limit,
 direct_io, client_timeout, slot_wait, max_sessions, max_sessions_per_process,
 max_sessions_per_user, max_requests, client_pin_share, owner_pid, low_type,
-low_share, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
+low_share, repack, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
 integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
 are relative to the config file's folder.
 """
@@ -19,6 +19,7 @@ from ..loader.precision import EVERY_MISS_LOW, EXACT
 from ..protocol.errors import InputError
 
 SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
+REPACK_CHOICES = ("auto", "off")
 AUTO_CACHE_SHARE = 0.5  # of the available memory, for --cache-size auto: the rest for clients and files
 
 
@@ -49,6 +50,8 @@ class DaemonConfig:
     low_type: str = "auto"  # companion type: "auto" (the best suitable type whose file
     # is made), "none", or e.g. "Q4_0"
     low_share: float = 0.25  # share of each model's cache for low-precision slots
+    repack: str = "auto"  # high precision from the repacked image (`hobbit-cli convert
+    # --repack`, ggml's CPU layout) when a valid one is next to the model; "off": the GGUF
     policy: str = "hobbit"  # eviction: "hobbit" (multidimensional) or "lru"
     dynamic: bool = True  # token-level dynamic loading (low precision / skip on misses)
     low_only: bool = False  # every expert in low precision (a baseline)
@@ -179,11 +182,13 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if key in ("low_type", "policy"):
+    if key in ("low_type", "policy", "repack"):
         if not isinstance(value, str):
             raise bad("a string")
         if key == "policy" and value not in ("hobbit", "lru"):
             raise bad('"hobbit" or "lru"')
+        if key == "repack" and value not in REPACK_CHOICES:
+            raise bad('"auto" or "off"')
         return value
     if key in THRESHOLDS:
         try:

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ..protocol.errors import HobbitError, InputError
-from .config import THRESHOLDS, DaemonConfig, check_threshold, default_model_file, load_config, parse_size
+from .config import REPACK_CHOICES, THRESHOLDS, DaemonConfig, check_threshold, default_model_file, load_config, parse_size
 
 log = logging.getLogger("hobbitd")
 
@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--low-share", type=float, metavar="F", help="share of the cache for low precision (0.25)")
     h.add_argument("--policy", choices=("hobbit", "lru"), help="cache eviction policy (hobbit)")
     h.add_argument(
+        "--repack",
+        choices=REPACK_CHOICES,
+        help="auto (default): serve high precision from the repacked image `hobbit-cli convert "
+        "--repack` made next to the model, if valid; off: from the GGUF",
+    )
+    h.add_argument(
         "--no-dynamic",
         dest="dynamic",
         action="store_false",
@@ -207,6 +213,7 @@ def config_from_args(args) -> DaemonConfig:
         "owner_pid",
         "low_type",
         "low_share",
+        "repack",
         "policy",
         "dynamic",
         "low_only",

@@ -14,6 +14,12 @@ File layout (little-endian):
 The header ties the file to its source GGUF (size, mtime, SHA-256 of the GGUF's metadata);
 a changed GGUF makes the companion stale and it is refused. Every expert has a crc32 that
 the reader checks before a slot is handed out. Written to a temp file, then renamed.
+
+The repacked image (`hobbit-cli convert --repack`, issue #30) is the same format with
+"kind": "repacked" in its header: the GGUF's own experts, each part ggml repacks on the
+CPU that made it in ggml's repacked layout (its SlotFormat's layer_repacked), the others
+as they are, laid out exactly as a high-precision slot (layer_shifts included). hobbitd
+serves high precision from it; the format code here is the one for both.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import struct
 import zlib
+from dataclasses import replace
 
 from ..protocol.errors import HobbitError, ModelError
 from . import ggml_types as gt
@@ -30,6 +37,7 @@ from .calibration import calib_path, load_calibration
 from .layout import PARTS, ExpertSource, SlotFormat, align
 
 MAGIC = b"HOBBITLP"
+LOW_KIND, REPACKED_KIND = "low", "repacked"  # the header's "kind" (absent: low)
 VERSION = 3  # 2: per-layer expert types in the slot format; 3: its parts (biases)
 _HEAD = struct.Struct("<8sIII")
 
@@ -141,7 +149,16 @@ def auto_low_type(high: SlotFormat, path: str) -> int:
 
 def companion_path(gguf_path: str, low_type: int) -> str:
     """Next to the model if that folder is writable, else under the user's cache folder."""
-    name = f"{os.path.basename(gguf_path)}.{gt.type_name(low_type).lower()}.hobbit"
+    return _image_path(gguf_path, gt.type_name(low_type).lower())
+
+
+def repacked_path(gguf_path: str) -> str:
+    """Where the repacked image of a model's experts is (made), as companion_path."""
+    return _image_path(gguf_path, REPACKED_KIND)
+
+
+def _image_path(gguf_path: str, tag: str) -> str:
+    name = f"{os.path.basename(gguf_path)}.{tag}.hobbit"
     here = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), name)
     if os.path.exists(here) or os.access(os.path.dirname(here), os.W_OK):
         return here
@@ -187,26 +204,47 @@ def data_offset_for(header: dict) -> int:
 def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
     """Validate a companion file against its GGUF; return (source, crc32 table).
     Raises CompanionError (foreign, truncated, corrupt header) or StaleCompanionError."""
+    return _open_slot_file(weights, path, LOW_KIND, "low")
+
+
+def open_repacked(weights, path: str, high: ExpertSource) -> tuple[ExpertSource, list]:
+    """Validate a repacked image (the GGUF's experts in ggml's repacked layout, made by
+    `hobbit-cli convert --repack`) against its GGUF, whose experts are `high`; return (source,
+    crc32 table), its format high's with layer_repacked set. Raises CompanionError or
+    StaleCompanionError, as open_companion."""
+    src, crcs = _open_slot_file(weights, path, REPACKED_KIND, "high")
+    if replace(src.format, layer_repacked=()) != high.format:
+        raise StaleCompanionError(f"{path}: stale: its experts' layout is not {weights.path}'s (run hobbit-cli convert --repack again)")
+    return src, crcs
+
+
+def _open_slot_file(weights, path: str, kind: str, precision: str) -> tuple[ExpertSource, list]:
+    """A slot-image file of `kind` (its header's "kind", absent in companions) validated
+    against its GGUF: its ExpertSource in `precision` and its crc32 table."""
+    what = "repacked image" if kind == REPACKED_KIND else "companion file"
+    again = "hobbit-cli convert" + (" --repack" if kind == REPACKED_KIND else "")
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD.size)
             if len(head) < _HEAD.size or head[:8] != MAGIC:
-                raise CompanionError(f"{path}: not a hobbit companion file")
+                raise CompanionError(f"{path}: not a hobbit {what}")
             _, version, n, crc = _HEAD.unpack(head)
             if version != VERSION:
                 raise CompanionError(
-                    f"{path}: companion format version {version}, this hobbit "
-                    f"reads version {VERSION}; run hobbit-cli convert again"
+                    f"{path}: {what} format version {version}, this hobbit "
+                    f"reads version {VERSION}; run {again} again"
                 )
             body = f.read(n)
     except FileNotFoundError:
-        raise CompanionError(f"{path}: no such companion file (run hobbit-cli convert)") from None
+        raise CompanionError(f"{path}: no such {what} (run {again})") from None
     if len(body) != n or zlib.crc32(body) != crc:
-        raise CompanionError(f"{path}: companion header is truncated or corrupt")
+        raise CompanionError(f"{path}: {what} header is truncated or corrupt")
     h = json.loads(body)
+    if h.get("kind", LOW_KIND) != kind:
+        raise CompanionError(f"{path}: not a {what}")
     if h["source"] != source_identity(weights):
         raise StaleCompanionError(
-            f"{path}: stale: {weights.path} changed after it was converted (run hobbit-cli convert again)"
+            f"{path}: stale: {weights.path} changed after it was converted (run {again} again)"
         )
     fmt = SlotFormat.from_wire(h["format"])
     n_layer, n_exp = h["n_layer"], h["n_expert"]
@@ -214,15 +252,15 @@ def open_companion(weights, path: str) -> tuple[ExpertSource, list]:
     if os.path.getsize(path) < need:
         raise CompanionError(f"{path}: truncated: {os.path.getsize(path)} bytes, expected {need}")
     stride = n_exp * fmt.slot_bytes
-    base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.part_offsets) for il in range(n_layer))
+    base = tuple(tuple(h["data_offset"] + il * stride + o for o in fmt.offsets(il)) for il in range(n_layer))
     # parts of one expert are one contiguous slot image: expert e is e*slot_bytes further on
-    src = ExpertSource(path, "low", n_layer, n_exp, fmt, base, ((fmt.slot_bytes,) * len(fmt.parts),) * n_layer)
+    src = ExpertSource(path, precision, n_layer, n_exp, fmt, base, ((fmt.slot_bytes,) * len(fmt.parts),) * n_layer)
     return src, h["crc32"]
 
 
 def slot_image_offset(src: ExpertSource, layer: int, expert: int) -> int:
-    """File offset of one expert's whole slot image in a companion file."""
-    return src.part_base[layer][0] + expert * src.format.slot_bytes
+    """File offset of one expert's whole slot image in a companion file or repacked image."""
+    return src.part_base[layer][0] - src.format.offsets(layer)[0] + expert * src.format.slot_bytes
 
 
 def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address: int) -> None:
@@ -233,5 +271,6 @@ def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address:
     if got != crcs[layer][expert]:
         raise ChecksumError(
             f"{src.path}: checksum mismatch for layer {layer} expert {expert}: "
-            "the companion file is corrupt (run hobbit-cli convert again)"
+            + ("the repacked image is corrupt (run hobbit-cli convert --repack again)"
+               if src.precision == "high" else "the companion file is corrupt (run hobbit-cli convert again)")
         )

@@ -46,6 +46,7 @@ def adopt(mo: ModelCache, new: ModelCache) -> str | None:
     """Serve `new` (mo's files opened again, loader/served.py's open_served) as mo: None when
     done, else why it cannot be (one line): its experts must fit mo's slots as they are."""
     if (new.n_layer, new.n_expert, new.source.format) != (mo.n_layer, mo.n_expert, mo.source.format):
+        # (a repacked image gone stale changes the format too: its slots are in another layout)
         return (
             f"{mo.path} changed to a model of another layout ({new.n_layer} layers x {new.n_expert} experts "
             f"of other types or sizes); restart hobbitd to serve it"
@@ -55,5 +56,6 @@ def adopt(mo: ModelCache, new: ModelCache) -> str | None:
     if new.thresholds != mo.thresholds:
         return f"{mo.path} changed and its calibration with it; restart hobbitd to serve it"
     mo.source, mo.low, mo.crcs, mo.files = new.source, new.low, new.crcs, new.files
+    mo.image, mo.image_crcs = new.image, new.image_crcs
     mo.verified = set()
     return None

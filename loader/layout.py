@@ -66,7 +66,10 @@ class SlotFormat:
     boundary then puts it in place, where otherwise it would be moved after the read.
     offsets(layer) gives where a layer's parts start.
     parts names the parts in slot order: PARTS, then BIAS_PARTS where the model has expert
-    biases; every per-part tuple below follows that order."""
+    biases; every per-part tuple below follows that order.
+    layer_repacked[l][p] says that layer l's part p lies in ggml's CPU repacked layout (a
+    slot filled from a repacked image, compute/make/repack_image.py): the compute side marks
+    its view so that ggml reads it with the repacked kernels; () = none is."""
 
     shapes: tuple  # ggml ne per part, every layer: ((D, F), (D, F), (F, D)[, (F,), (F,), (D,)])
     layer_types: tuple  # [n_layer][parts] ggml type
@@ -75,6 +78,7 @@ class SlotFormat:
     slot_bytes: int  # multiple of PAGE
     parts: tuple = PARTS
     layer_shifts: tuple = ()  # [n_layer][parts] bytes (< PAGE) a part starts past its room; () = 0
+    layer_repacked: tuple = ()  # [n_layer][parts] bool: in ggml's repacked layout; () = none
 
     @classmethod
     def build(cls, shapes, layer_types, layer_nbytes, parts=PARTS, layer_shifts=()) -> SlotFormat:
@@ -99,6 +103,14 @@ class SlotFormat:
         if not self.layer_shifts:
             return self.part_offsets
         return tuple(o + x for o, x in zip(self.part_offsets, self.layer_shifts[layer]))
+
+    def repacked(self, layer: int, part: int) -> bool:
+        """Whether layer's part lies in ggml's repacked layout (layer_repacked)."""
+        return bool(self.layer_repacked) and self.layer_repacked[layer][part]
+
+    @property
+    def any_repacked(self) -> bool:
+        return any(any(r) for r in self.layer_repacked)
 
     @property
     def has_biases(self) -> bool:
@@ -132,6 +144,7 @@ class SlotFormat:
             "slot_bytes": self.slot_bytes,
             "parts": list(self.parts),
             "layer_shifts": [list(x) for x in self.layer_shifts],
+            **({"layer_repacked": [list(r) for r in self.layer_repacked]} if self.layer_repacked else {}),
         }
 
     @classmethod
@@ -143,8 +156,9 @@ class SlotFormat:
             tuple(d["part_offsets"]),
             int(d["slot_bytes"]),
             tuple(d["parts"]),
-            tuple(tuple(x) for x in d.get("layer_shifts", ())),
-        )  # () in companions
+            tuple(tuple(x) for x in d.get("layer_shifts", ())),  # () in companions
+            tuple(tuple(bool(b) for b in r) for r in d.get("layer_repacked", ())),
+        )
 
 
 @dataclass(frozen=True)

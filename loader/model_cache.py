@@ -29,8 +29,11 @@ class ModelCache(Counts):
     policy: EvictionPolicy
     low: ExpertSource | None = None  # the companion file, if served
     crcs: list | None = None  # the companion's per-expert crc32
-    verified: set = field(default_factory=set)  # (layer, expert): low images whose crc32
-    # matched since this daemon opened the file
+    image: ExpertSource | None = None  # the repacked image high precision is read from, if
+    # served (its format is source's, layer_repacked set: what the high region announces)
+    image_crcs: list | None = None  # its per-expert crc32
+    verified: set = field(default_factory=set)  # (precision, (layer, expert)): slot images
+    # whose crc32 matched since this daemon opened the file
     thresholds: Thresholds = field(default_factory=Thresholds)
     calibrated: bool = False
     blind: bool = False  # calibrated on a near-uniform model: its KLD bound judged nothing
@@ -54,10 +57,11 @@ class ModelCache(Counts):
 
     def watch_files(self) -> None:
         """Take the files as they are now as the ones served."""
+        image = self.image.files if self.image else ()  # its GGUF first: WELCOME's "file"
         self.files = {
-            prec: tuple(WatchedFile(f) for f in src.files)
-            for prec, src in ((HIGH, self.source), (LOW, self.low))
-            if src
+            prec: tuple(WatchedFile(f) for f in files)
+            for prec, files in ((HIGH, (*self.source.files, *image)), (LOW, self.low and self.low.files))
+            if files
         }
 
     def changed(self, precision: str | None = None) -> bool:
@@ -69,9 +73,14 @@ class ModelCache(Counts):
     def source_of(self, precision: str) -> ExpertSource:
         """The file `precision`'s experts are read from."""
         if precision != LOW:
-            return self.source
+            return self.image or self.source
         assert self.low is not None, f"{self.name}: low slots exist only with a companion"
         return self.low
+
+    def crcs_of(self, precision: str) -> list | None:
+        """The per-expert crc32 of the slot-image file `precision` is read from (the
+        companion, the repacked image), or None where it is read from the GGUF."""
+        return self.crcs if precision == LOW else self.image_crcs
 
     @property
     def holds_all(self) -> bool:

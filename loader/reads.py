@@ -22,7 +22,6 @@ from .identity import identity
 from .io_engine import PREFETCH, IOEngine, JobState, Priority, ReadJob, ReadSegment
 from .model_cache import ModelCache
 from .pool import Slot, SlotState
-from .precision import LOW
 
 
 class Signal:
@@ -63,8 +62,8 @@ class Reads:
     def load(self, mo: ModelCache, slot: Slot, key: tuple, prec: str, priority: Priority) -> asyncio.Future:
         """Read expert `key` in precision `prec` into `slot` (state loading) on the I/O
         threads. The future resolves when the slot is ready; the slot's state is settled
-        by _loaded, whoever is (still) waiting. A low-precision image is checksummed the
-        first time this daemon reads it, and on every read once the file is not the one
+        by _loaded, whoever is (still) waiting. A slot image (companion, repacked image) is
+        checksummed the first time this daemon reads it, and on every read once the file is not the one
         opened (`ModelCache.changed`, a stat): a crc32 of every read cost a third of decode
         speed at a 25 % cache (BENCHMARKS.md)."""
         from .companion import check_image, slot_image_offset
@@ -77,11 +76,10 @@ class Reads:
         base = slot.region.segment.address + slot.offset
         epoch, opened = mo.epoch, {w.path: w.identity for w in mo.files[prec]}
         crcs = None
-        if prec == LOW:  # one aligned read of the whole slot image, then its crc32
+        if mo.crcs_of(prec) is not None:  # a slot-image file: one aligned read, then its crc32
             segments = [ReadSegment(src.path, slot_image_offset(src, *key), src.format.slot_bytes, base)]
-            if key not in mo.verified or mo.changed(LOW):
-                crcs = mo.crcs
-                assert crcs is not None  # opened with the companion (loader/served.py)
+            if (prec, key) not in mo.verified or mo.changed(prec):
+                crcs = mo.crcs_of(prec)
         else:
             segments = [
                 ReadSegment(src.file_of(key[0], p), off, n, base + o)
@@ -96,7 +94,7 @@ class Reads:
                     raise FileChanged(f"{path} changed while hobbitd read from it")
             if crcs is not None:
                 check_image(src, crcs, key[0], key[1], base)
-                mo.verified.add(key)
+                mo.verified.add((prec, key))
 
         def done(job, error):  # on a reader thread
             try:

@@ -1,8 +1,9 @@
 """Opening the models a cache serves, and cutting the cache into their regions.
 
 open_served_all() opens each GGUF (loader.gguf_file, loader.layout), its low-precision
-companion (loader.companion, validated: foreign, truncated or stale files are refused) and
-its calibration (loader.calibration), and returns one empty ModelCache per model.
+companion and its repacked image (loader.companion, validated: foreign, truncated or stale
+files are refused) and its calibration (loader.calibration), and returns one empty
+ModelCache per model.
 plan_cache() then says where each model's regions go in the shared memory.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..protocol.errors import InputError, ModelError
 from .layout import PAGE
@@ -34,6 +35,7 @@ class ModelOptions:
     t1: float | None = None  # thresholds; None: the calibrated values, else 1 (exact: no low, no skip)
     t2: float | None = None
     policy: str = "hobbit"  # eviction: "hobbit" or "lru"
+    repack: str = "auto"  # "auto": high precision from a valid repacked image, if made; "off"
 
 
 def model_name(path: str) -> str:
@@ -71,6 +73,9 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
     src = gguf_experts(f)
     companion = _companion_file(f.path, src.format, opts)
     low, crcs = open_companion(f, companion) if companion else (None, None)
+    image, image_crcs = _repacked_image(f, src, opts)
+    if image is not None:  # the high region announces the image's layout (repacked parts)
+        src = replace(src, format=image.format)
     calib = load_calibration(companion)
     t1 = opts.t1 if opts.t1 is not None else (calib or {}).get("t1", EXACT)
     t2 = opts.t2 if opts.t2 is not None else (calib or {}).get("t2", EXACT)
@@ -84,12 +89,30 @@ def open_served(path: str, name: str, opts: ModelOptions) -> ModelCache:
         make_policy(opts.policy, src.n_layer, weights),
         low=low,
         crcs=crcs,
+        image=image,
+        image_crcs=image_crcs,
         thresholds=Thresholds(
             t1, max(t1, t2), dynamic=opts.dynamic and low is not None, low_only=opts.low_only and low is not None
         ),
         calibrated=calib is not None,
         blind=bool(calib and calib.get("blind", False)),
     )
+
+
+def _repacked_image(f, high, opts: ModelOptions) -> tuple:
+    """(source, crc32 table) of the repacked image next to the model when opts.repack is
+    "auto" and a valid one is there, else (None, None): a stale, foreign or corrupt image
+    is one log line, and the GGUF is served."""
+    from .companion import CompanionError, open_repacked, repacked_path
+
+    path = repacked_path(f.path)
+    if opts.repack == "off" or not os.path.exists(path):
+        return None, None
+    try:
+        return open_repacked(f, path, high)
+    except CompanionError as e:
+        log.warning("%s; serving the GGUF's experts", e)
+        return None, None
 
 
 def _companion_file(gguf_path: str, high_format, opts: ModelOptions) -> str | None:

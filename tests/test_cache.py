@@ -291,7 +291,7 @@ async def test_a_corrupt_companion_expert_fails_its_checksum(model, tmp_path):
 
         (slot,) = await acquire(cache, mo, 1, [3])  # a sound expert is served
         assert slot.region.precision == LOW
-        assert (1, 3) in mo.verified and (1, 2) not in mo.verified  # checked once, when read
+        assert ("low", (1, 3)) in mo.verified and ("low", (1, 2)) not in mo.verified  # checked once, when read
         with open(comp, "rb") as f:
             f.seek(companion.slot_image_offset(mo.low, 1, 3))
             want = f.read(mo.low.format.slot_bytes)
@@ -313,7 +313,7 @@ async def test_a_verified_expert_is_checked_again_once_its_file_changed(model, t
     comp = convert(open_model(path), ggml.Q4_0, progress=False)
     with cache_of(path, low_type="Q4_0", low_only=True) as (cache, mo):
         release(cache, mo, await acquire(cache, mo, 0, [0, 1, 2, 3]))  # read and verified
-        assert {(0, e) for e in range(4)} <= mo.verified
+        assert {("low", (0, e)) for e in range(4)} <= mo.verified
         release(cache, mo, await acquire(cache, mo, 1, [0, 1, 2, 3]))  # evicts layer 0
         assert mo.regions[LOW].lookup((0, 2)) is None
         flip_byte(comp, companion.slot_image_offset(mo.low, 0, 2) + 100)  # a new mtime

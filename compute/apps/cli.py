@@ -150,7 +150,7 @@ def cmd_convert(args) -> int:
     from ..engine import ggml
     from ..engine.weights import open_model
     from ...loader.companion import auto_low_type
-    from ..make.convert import convert
+    from ..make.convert import convert, convert_repacked
     from ...loader.layout import gguf_experts
     from ...protocol.errors import InputError, ModelError
 
@@ -158,6 +158,13 @@ def cmd_convert(args) -> int:
     if not weights.args.is_moe:
         raise ModelError(f"{args.model}: a dense model has no experts to convert")
     high = gguf_experts(weights)
+    if args.repack:
+        if args.low:
+            raise InputError("--repack writes the high-precision experts: give it without --low")
+        t0 = time.perf_counter()
+        path = convert_repacked(weights, out=args.out, progress=not args.quiet)
+        print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+        return 0
     if args.low:
         low = ggml.TYPES_BY_NAME.get(args.low.upper())
         if low is None:
@@ -305,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ggml type of the low-precision experts (default: Q4_K for 8/16-bit "
         "experts, Q4_0 where rows are not 256-blocks; Q3_K for 5/6-bit ones, "
         "Q2_K for 4-bit ones)",
+    )
+    p.add_argument(
+        "--repack",
+        action="store_true",
+        help="write the repacked image instead: the experts in ggml's CPU repacked layout, "
+        "which hobbitd serves in high precision when it is next to the model (as llama.cpp "
+        "repacks at load: faster decode, logits equal to llama.cpp's with its repacking)",
     )
     p.add_argument("--out", metavar="PATH", default=None, help="where to write it")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

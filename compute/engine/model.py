@@ -51,7 +51,7 @@ from .file_guard import FileGuard
 from .ggml import lib
 from .graph import Arena, Graph, Plans, Tensors, Timing, scaled
 from .moe import ExpertTensors, RouterTensors, dense_ffn, moe_ffn, route_in_graph, router, slots_of, topk_weights
-from .pool import Pool
+from .pool import Pool, check_repacked
 from .repack import repack_weights
 from .segments import PrefetchStats, Segments, Variant, Variants
 from .weights import ModelArgs, Weights
@@ -126,7 +126,11 @@ class Model:
         if "output.weight" not in self.t:  # tied embeddings
             self.t["output.weight"] = self.t["token_embd.weight"]
         self.repacked: list = []  # the copies repacked weights view (RunOptions.repack)
-        if self.opts.repack:
+        # slots served repacked (hobbitd's repacked image): the dense weights too, so that the
+        # logits are llama.cpp's with its repacking (its attention is repacked as well)
+        high = experts.regions.get(HIGH) if experts is not None else None
+        served_repacked = high is not None and high.format.any_repacked
+        if self.opts.repack or served_repacked:
             routed = routed_expert_tensors(weights)
             skip = {"token_embd.weight"}  # get_rows reads it (and the output, where tied)
             if "output.weight" not in weights.tensors:
@@ -152,6 +156,8 @@ class Model:
             # the routed experts come from hobbitd's slots, embedding rows as they are used
             weights.will_need(routed_expert_tensors(weights) | rows_on_use(weights))
         if experts is not None:
+            if served_repacked:
+                check_repacked(experts, weights, a.moe_layers)
             self.pool = Pool(self.wctx, a, experts)
             self.segments = Segments(
                 experts, self.pool, a.n_expert, self._run, self.timing, self.opts.lookahead, self.prefetch

@@ -4,20 +4,66 @@ Per precision, MoE layer and part (gate, up, down, then the expert biases where 
 has them): every slot of that precision as one stacked tensor [.., .., S] (a bias: [.., S])
 of that layer's type (quantizer mixes differ by layer) whose stride is the provider's.
 The tensors are views: they own no memory and are re-pointed at the provider's memory
-before a layer runs (point), at the few slots a layer's experts sit in.
+before a layer runs (point), at the few slots a layer's experts sit in. A part the
+provider's format says is repacked (SlotFormat.layer_repacked: hobbitd serves a repacked
+image) has its views marked (engine/repack.py), so that ggml computes them with its repacked
+kernels; check_repacked() first makes sure this process's ggml lays them out the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import numpy as np
 
+from ...loader.layout import PARTS
 from ...loader.precision import HIGH
-from . import ggml
+from ...protocol.errors import ModelError
+from . import ggml, repack
 from .experts import ExpertProvider
 from .moe import ExpertTensors
 from .weights import ModelArgs
+
+
+_NOT_HERE = (
+    "hobbitd serves {what} in a repacked layout this process's ggml does not compute with "
+    "(another CPU or ggml made the image): serve without it (hobbitd --repack off) or run "
+    "hobbit-cli convert --repack here again"
+)
+
+
+def check_repacked(provider: ExpertProvider, weights, moe_layers) -> None:
+    """ModelError (one line) unless the provider's repacked high-precision slots hold what
+    this process's ggml makes of the file's experts: per distinct (type, shape) repacked,
+    expert 0 of the first such layer is repacked here and compared with its slot. A
+    mismatch (another CPU or ggml made the image) would compute wrong, so nothing is."""
+    region = provider.regions.get(HIGH)
+    if region is None or not region.format.any_repacked:
+        return
+    f, todo = region.format, {}  # (type, shape) -> (layer, part), first use
+    for m in range(f.n_layer):
+        for p in range(len(PARTS)):
+            if f.repacked(m, p):
+                todo.setdefault((f.types(m)[p], f.shapes[p]), (m, p))
+    rp = repack.shared()
+    for m in sorted({m for m, _ in todo.values()}):
+        handles = provider.fetch(m, [0], [0.0])  # the most important: high precision
+        try:
+            h = handles[0]
+            if h is None or h.precision != HIGH:
+                raise ModelError(f"hobbitd served no high-precision slot to check its repacked layer {moe_layers[m]} with")
+            for (t, shape), (_, p) in ((k, v) for k, v in todo.items() if v[0] == m):
+                n = f.part_nbytes(m)[p]
+                mine = np.empty(n, np.uint8)  # [n] bytes: expert 0 of the file, repacked here
+                src = weights.address(f"blk.{moe_layers[m]}.ffn_{PARTS[p]}_exps.weight")
+                ok = rp.repack(t, shape, src, mine.ctypes.data)
+                at = provider.part_bases(HIGH, m)[p] + h.slot * provider.part_strides(HIGH, m)[p]
+                if not ok or ctypes.string_at(at, n) != mine.tobytes():
+                    raise ModelError(_NOT_HERE.format(what=f"layer {moe_layers[m]}'s {PARTS[p]} experts"))
+        finally:
+            provider.release(handles)
+            provider.flush()
 
 
 class Span(NamedTuple):
@@ -45,6 +91,8 @@ class Pool:
                     t.contents.nb[len(shape)] = strides[p]
                     for d in range(len(shape) + 1, ggml.MAX_DIMS):
                         t.contents.nb[d] = strides[p] * r.n_slots
+                    if f.repacked(m, p) and not repack.shared().mark(t):
+                        raise ModelError(_NOT_HERE.format(what=f"layer {il}'s {name} experts"))
                     views.append(t)
                 self.views[prec].append(views)
         self._pointed: dict = {}  # (precision, layer) -> (bases, strides, first, count) viewed now

@@ -68,17 +68,22 @@ class Repacker:
             return False
         return True
 
-    def repack(self, t: int, shape, src: int, dst: int) -> bool:
-        """Write the repacked layout of the tensor of ggml type t and shape (ggml order)
-        whose file bytes are at address src to address dst (nbytes, the same size; src and
-        dst must not overlap). False (nothing written) where ggml repacks no such tensor."""
+    def repacks(self, t: int, shape) -> bool:
+        """Whether ggml repacks a tensor of ggml type t and shape (ggml order) on this CPU."""
         key = (t, tuple(shape))
         if key not in self._scratch:
             x = self._ctx.tensor(t, shape)
             self._scratch[key] = x if self.mark(x) else None
-        x = self._scratch[key]
-        if x is None:
+        return self._scratch[key] is not None
+
+    def repack(self, t: int, shape, src: int, dst: int) -> bool:
+        """Write the repacked layout of the tensor of ggml type t and shape (ggml order)
+        whose file bytes are at address src to address dst (nbytes, the same size; src and
+        dst must not overlap). False (nothing written) where ggml repacks no such tensor.
+        One Repacker per thread: its scratch tensors are re-pointed at each call."""
+        if not self.repacks(t, shape):
             return False
+        x = self._scratch[(t, tuple(shape))]
         x.contents.data = dst
         lib.ggml_backend_tensor_set(x, src, 0, lib.ggml_nbytes(x))
         return True
