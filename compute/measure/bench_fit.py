@@ -1,9 +1,12 @@
 """`hobbit-cli bench fit MODEL`: decode and prefill speed when every expert fits in the cache
 (a laptop's case), side by side in one run: llama.cpp, hobbit in-process, hobbit through
 hobbitd computing each forward in one graph on the resident experts, and through hobbitd
-asking for each layer's experts (the path a smaller cache takes).
+asking for each layer's experts (the path a smaller cache takes); and, where `hobbit-cli
+convert --repack` made the model's repacked image, through a second hobbitd serving it
+(one graph on slots in ggml's repacked layout, as llama.cpp computes by default).
 
-One hobbitd is started with a cache that holds every expert and is warmed first. Rounds
+llama.cpp runs with its CPU repacking (its default). One hobbitd (--repack off: the GGUF's
+layout) is started with a cache that holds every expert and is warmed first. Rounds
 interleave the engines; medians are reported, with each hobbit engine's time per decoded
 token split into compute, waiting for hobbitd, the rest of the client, and hobbitd's own
 CPU. Greedy tokens are compared across engines.
@@ -11,6 +14,7 @@ CPU. Greedy tokens are compared across engines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -21,11 +25,13 @@ import psutil
 from ...protocol.errors import InputError
 
 ENGINES = ("llamacpp", "in_process", "resident", "per_layer")
+REPACKED = "repacked"  # the engine through hobbitd serving the repacked image, where made
 LABELS = {
     "llamacpp": "llama.cpp",
     "in_process": "hobbit in-process",
     "resident": "hobbitd, one graph",
     "per_layer": "hobbitd, per layer",
+    REPACKED: "hobbitd, repacked",
 }
 
 
@@ -39,6 +45,7 @@ def _daemon_pid(sock: str) -> int | None:
 def run(
     model: str, prompt_tokens: int = 8, n_decode: int = 64, repeat: int = 3, threads: int = 0, ctx: int = 512
 ) -> dict:
+    from ...loader.companion import repacked_path
     from ...loader.layout import gguf_experts
     from ..client.expert_client import ExpertClient
     from ..engine import ggml
@@ -59,36 +66,46 @@ def run(
     cache = src.n_layer * src.n_expert * src.format.slot_bytes
     n = threads or ggml.physical_cores()
     prompt = bench_prompt(model, prompt_tokens)
-    rounds = {e: {"prefill_s": [], "decode_s": [], "compute_s": [], "wait_s": [], "daemon_cpu_s": []} for e in ENGINES}
-    tokens = {e: [] for e in ENGINES}
-    with tempfile.TemporaryDirectory(prefix="hobbit-bench-fit-") as tmp, daemon(model, cache, [], tmp) as sock:
-        pid = _daemon_pid(sock)
-        proc = psutil.Process(pid) if pid else None
+    names = ENGINES + ((REPACKED,) if os.path.exists(repacked_path(model)) else ())
+    rounds = {e: {"prefill_s": [], "decode_s": [], "compute_s": [], "wait_s": [], "daemon_cpu_s": []} for e in names}
+    tokens = {e: [] for e in names}
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hobbit-bench-fit-"))
+        socks = {"resident": stack.enter_context(daemon(model, cache, ["--repack", "off"], tmp))}
+        socks["per_layer"] = socks["resident"]
+        if REPACKED in names:
+            socks[REPACKED] = stack.enter_context(daemon(model, cache, [], tmp))
+        procs = {e: psutil.Process(pid) for e, sock in socks.items() if (pid := _daemon_pid(sock))}
 
-        def through(resident: bool):
-            opts = RunOptions(ctx, 512, threads, resident=resident)
-            return Run(model, weights, None, Model(weights, opts, experts=ExpertClient(sock, model)))
+        def through(name: str):
+            opts = RunOptions(ctx, 512, threads, resident=name != "per_layer")
+            client = ExpertClient(socks[name], model)
+            run = Run(model, weights, None, Model(weights, opts, experts=client))
+            if name == REPACKED and not client.regions["high"].format.any_repacked:
+                raise InputError(f"{repacked_path(model)}: hobbitd did not serve it (stale? see {tmp}/hobbitd.log)")
+            return run
 
         engines = {
             "llamacpp": LlamaCppEngine(model, ctx, n),
             "in_process": Run(model, weights, None, Model(weights, RunOptions(ctx, 512, n))),
-            "resident": through(True),
-            "per_layer": through(False),
+            **{name: through(name) for name in names[2:]},
         }
         try:
             for name, e in engines.items():  # warm-up: graphs, the cache (all read)
-                for _ in range(50 if name == "resident" else 1):
+                one_graph = name in ("resident", REPACKED)
+                for _ in range(50 if one_graph else 1):
                     run_once(_engine(e), prompt, 4)
-                    if name != "resident" or e.model.experts.resident() is not None:
+                    if not one_graph or e.model.experts.resident() is not None:
                         break
                     time.sleep(0.1)
-            if engines["resident"].model.experts.resident() is None:
-                raise InputError(f"{model}: hobbitd did not make every expert resident")
+                if one_graph and e.model.experts.resident() is None:
+                    raise InputError(f"{model}: hobbitd did not make every expert resident")
             for _ in range(repeat):
-                for name in ENGINES:
+                for name in names:
                     e = engines[name]
                     m = getattr(e, "model", None)
                     t0 = (m.timing.compute_s, m.timing.expert_wait_s) if m else (0, 0)
+                    proc = procs.get(name)
                     cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
                     prefill_s, decode_s, toks = run_once(_engine(e), prompt, n_decode)
                     r = rounds[name]
@@ -97,7 +114,7 @@ def run(
                     if m:
                         r["compute_s"].append(m.timing.compute_s - t0[0])
                         r["wait_s"].append(m.timing.expert_wait_s - t0[1])
-                    if proc and name in ("resident", "per_layer"):
+                    if proc:
                         r["daemon_cpu_s"].append(sum(proc.cpu_times()[:2]) - cpu0)
                     tokens[name].append(toks)
         finally:
@@ -107,7 +124,7 @@ def run(
     base = med["llamacpp"]
     out = {}
     steps = n_decode + 1  # run_once: the prefill's token, then n_decode steps
-    for e in ENGINES:
+    for e in names:
         m = med[e]
         row = {
             "decode_tok_s": n_decode / m["decode_s"],
