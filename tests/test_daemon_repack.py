@@ -188,3 +188,38 @@ def test_an_image_this_ggml_would_lay_out_otherwise_is_refused_by_the_client(mad
                 Model(open_model(path), RunOptions(n_ctx=256), experts=client)
         finally:
             client.close()
+
+
+def test_local_experts_over_the_mmapped_image_compute_as_llama_cpp_with_repacking(made):
+    """Without hobbitd: LocalExperts maps the image (no copy), the segmented forward marks
+    its views and repacks the dense weights: llama.cpp-with-repack's logits to the bit."""
+    from hobbit.compute.engine.experts import LocalExperts
+
+    path, image = made
+    w = open_model(path)
+    model = Model(w, RunOptions(n_ctx=256), experts=LocalExperts(w, repacked=image))
+    try:
+        assert model.repacked
+        worst = _greedy(model, llama_oracle(path, n_ctx=256, repack=True), Tokenizer(path).encode(PROMPT))
+    finally:
+        model.close()
+    assert worst == 0.0
+
+
+def test_bench_fit_has_a_row_through_hobbitd_serving_the_image(made):
+    """bench fit with the image made: a fifth engine, hobbitd serving it in one graph, whose
+    greedy tokens are llama.cpp's (with its repacking, the bench's llama.cpp)."""
+    import json
+
+    path, _ = made
+    r = subprocess.run(
+        [*CLI, "bench", "fit", path, "-n", "4", "--repeat", "1", "--prompt-tokens", "8", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    engines = json.loads(r.stdout)["engines"]
+    assert list(engines) == ["llamacpp", "in_process", "resident", "per_layer", "repacked"]
+    assert engines["repacked"]["tokens_match"] is True
+    assert engines["repacked"]["ms_per_token"]["wait"] == 0

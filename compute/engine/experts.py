@@ -5,7 +5,7 @@ ExpertClient (client/expert_client.py) is the other provider: it implements the 
 structurally, without importing the engine.
 
 LocalExperts is the in-process counterpart of ExpertClient: high precision
-from the mmapped GGUF, low precision from the mmapped companion file, chosen per expert
+from the mmapped GGUF (or its repacked image), low precision from the mmapped companion file, chosen per expert
 with the same rule the daemon applies on a miss (loader/precision.py). There is no cache,
 so every expert is a "miss": this is the accuracy the precision rule costs at worst, and
 what evaluation and calibration measure without a daemon.
@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ...loader.companion import open_companion
+from ...loader.companion import open_companion, open_repacked
 from ...loader.layout import Handle, SlotRegion, gguf_experts
 from ...loader.precision import HIGH, LOW, Thresholds
 
@@ -80,13 +80,21 @@ class LocalExperts:
 
     remote = False
 
-    def __init__(self, weights, companion: str | None = None, thresholds: Thresholds | None = None):
+    def __init__(
+        self, weights, companion: str | None = None, thresholds: Thresholds | None = None, repacked: str | None = None
+    ):
+        """repacked: the model's repacked image (`hobbit-cli convert --repack`), mmapped for
+        high precision instead of the GGUF (validated as hobbitd does: CompanionError)."""
         self.thresholds = thresholds or Thresholds()
         self.weights = weights  # kept: bases point into its mmap
         self.sources = {HIGH: gguf_experts(weights)}
         # where each file starts in this process, by path (a split model's experts may be
         # in several of its parts)
         self.bases = {HIGH: {p: weights.base(i) for i, p in enumerate(weights.paths)}}
+        if repacked:
+            self.sources[HIGH], _ = open_repacked(weights, repacked, self.sources[HIGH])
+            self._image_map = np.memmap(repacked, dtype=np.uint8, mode="r")
+            self.bases[HIGH] = {repacked: self._image_map.ctypes.data}
         if companion:
             src, _ = open_companion(weights, companion)
             self._low_map = np.memmap(companion, dtype=np.uint8, mode="r")
