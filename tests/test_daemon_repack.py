@@ -131,11 +131,7 @@ def test_a_stale_image_is_not_served(made, tmp_path):
 
 
 def test_a_corrupt_expert_in_the_image_is_refused_by_its_checksum(made, tmp_path):
-    src, image = made
-    path = str(tmp_path / "m.gguf")
-    shutil.copy2(src, path)  # the same mtime: the image is not stale
-    mine = companion.repacked_path(path)
-    shutil.copy(image, mine)
+    path, mine = _served_copy(made, tmp_path)
     img, _ = companion.open_repacked(open_model(path), mine, gguf_experts(open_model(path)))
     flip_byte(mine, companion.slot_image_offset(img, 1, 2) + 1000)
     with run_daemon([path], cache_bytes(path, 0.5), tmp_path) as d:
@@ -223,3 +219,35 @@ def test_bench_fit_has_a_row_through_hobbitd_serving_the_image(made):
     assert list(engines) == ["llamacpp", "in_process", "resident", "per_layer", "repacked"]
     assert engines["repacked"]["tokens_match"] is True
     assert engines["repacked"]["ms_per_token"]["wait"] == 0
+
+
+def _served_copy(made, tmp_path) -> tuple[str, str]:
+    """The model and its image copied (mtimes kept: the image stays valid) to tmp_path."""
+    src, image = made
+    path = str(tmp_path / "m.gguf")
+    shutil.copy2(src, path)
+    shutil.copy2(image, companion.repacked_path(path))
+    return path, companion.repacked_path(path)
+
+
+def test_files_changed_under_hobbitd_never_serve_wrong_bytes(made, tmp_path):
+    """The image damaged while served: its experts are dropped and checked again, the
+    damaged one refused by its crc32; then the model rewritten (its image now stale, the
+    slots' layout another): the model fails with one line rather than serve either."""
+    path, mine = _served_copy(made, tmp_path)
+    img, _ = companion.open_repacked(open_model(path), mine, gguf_experts(open_model(path)))
+    with run_daemon([path], cache_bytes(path, 0.5), tmp_path) as d:
+        s = connect(d.socket)
+        hello(s)
+        release(s, "m", request(s, "m", 1, [2, 3], rid=1))
+        flip_byte(mine, companion.slot_image_offset(img, 1, 2) + 1000)
+        send(s, m.Cmd.REQUEST, id=2, model="m", layer=1, experts=[2])
+        cmd, msg = recv(s, 10)
+        assert cmd == m.Cmd.ERROR and msg["code"] == "checksum", msg
+        release(s, "m", request(s, "m", 1, [3], rid=3))
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        send(s, m.Cmd.REQUEST, id=4, model="m", layer=1, experts=[3])
+        cmd, msg = recv(s, 10)
+        assert cmd == m.Cmd.ERROR and "restart hobbitd" in msg["message"], msg
+        s.close(linger=0)
