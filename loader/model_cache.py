@@ -155,6 +155,7 @@ class ModelCache(Counts):
                 "policy": self.policy.name,
                 "policy_weights": None if w is None else list(w.__dict__.values()),
                 "low_type": self.low and type_name(self.low.format.types(0)[0]),
+                "repacked_image": self.image and self.image.path,  # high precision read from it
             },
             "holds_all": self.holds_all,
             "file": {"epoch": self.epoch, "changes": self.file_changes, "error": self.broken},

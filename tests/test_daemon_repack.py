@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from daemon_util import connect, hello, recv, release, request, run_daemon, send
+from daemon_util import connect, hello, recv, release, request, run_daemon, send, stats
 from hobbit.compute.client.expert_client import ExpertClient
 from hobbit.compute.engine.model import Model, RunOptions
 from hobbit.compute.engine.repack import Repacker
@@ -137,6 +137,7 @@ def test_a_corrupt_expert_in_the_image_is_refused_by_its_checksum(made, tmp_path
     with run_daemon([path], cache_bytes(path, 0.5), tmp_path) as d:
         s = connect(d.socket)
         assert "layer_repacked" in hello(s)["models"]["m"]["regions"]["high"]["format"]
+        assert stats(s)["models"]["m"]["hobbit"]["repacked_image"] == mine
         send(s, m.Cmd.REQUEST, id=7, model="m", layer=1, experts=[2])
         cmd, msg = recv(s, 10)
         assert cmd == m.Cmd.ERROR and msg["code"] == "checksum" and "repacked image" in msg["message"], msg
