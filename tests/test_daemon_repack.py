@@ -252,3 +252,25 @@ def test_files_changed_under_hobbitd_never_serve_wrong_bytes(made, tmp_path):
         cmd, msg = recv(s, 10)
         assert cmd == m.Cmd.ERROR and "restart hobbitd" in msg["message"], msg
         s.close(linger=0)
+
+
+def test_gpt_oss_mxfp4_experts_with_biases_through_hobbitd(gpt_oss, tmp_path):
+    """MXFP4 experts repacked, their F32 biases copied as they are: through hobbitd's image,
+    per layer, the logits are llama.cpp's with its repacking to the bit."""
+    from hobbit.compute.make.convert import convert_repacked
+
+    path = str(tmp_path / "g.gguf")
+    shutil.copy(gpt_oss("MXFP4_MOE"), path)
+    image = convert_repacked(open_model(path), progress=False)
+    fmt = companion.open_repacked(open_model(path), image, gguf_experts(open_model(path)))[0].format
+    assert fmt.layer_repacked == ((True,) * 3 + (False,) * 3,) * fmt.n_layer
+    ref = llama_oracle(path, n_ctx=256, repack=True)
+    with run_daemon([path], cache_bytes(path, 0.5), tmp_path) as d:
+        client = ExpertClient(d.socket, path)
+        model = Model(open_model(path), RunOptions(n_ctx=256), experts=client)
+        try:
+            worst = _greedy(model, ref, Tokenizer(path).encode(PROMPT))
+        finally:
+            model.close()
+            client.close()
+    assert worst == 0.0
