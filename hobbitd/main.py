@@ -14,7 +14,15 @@ import signal
 import sys
 
 from ..protocol.errors import HobbitError, InputError
-from .config import REPACK_CHOICES, THRESHOLDS, DaemonConfig, check_threshold, default_model_file, load_config, parse_size
+from .config import (
+    REPACK_CHOICES,
+    THRESHOLDS,
+    DaemonConfig,
+    check_threshold,
+    default_model_file,
+    load_config,
+    parse_size,
+)
 
 log = logging.getLogger("hobbitd")
 

@@ -214,7 +214,9 @@ def open_repacked(weights, path: str, high: ExpertSource) -> tuple[ExpertSource,
     StaleCompanionError, as open_companion."""
     src, crcs = _open_slot_file(weights, path, REPACKED_KIND, "high")
     if replace(src.format, layer_repacked=()) != high.format:
-        raise StaleCompanionError(f"{path}: stale: its experts' layout is not {weights.path}'s (run hobbit-cli convert --repack again)")
+        raise StaleCompanionError(
+            f"{path}: stale: its experts' layout is not {weights.path}'s (run hobbit-cli convert --repack again)"
+        )
     return src, crcs
 
 
@@ -231,8 +233,7 @@ def _open_slot_file(weights, path: str, kind: str, precision: str) -> tuple[Expe
             _, version, n, crc = _HEAD.unpack(head)
             if version != VERSION:
                 raise CompanionError(
-                    f"{path}: {what} format version {version}, this hobbit "
-                    f"reads version {VERSION}; run {again} again"
+                    f"{path}: {what} format version {version}, this hobbit reads version {VERSION}; run {again} again"
                 )
             body = f.read(n)
     except FileNotFoundError:
@@ -243,9 +244,7 @@ def _open_slot_file(weights, path: str, kind: str, precision: str) -> tuple[Expe
     if h.get("kind", LOW_KIND) != kind:
         raise CompanionError(f"{path}: not a {what}")
     if h["source"] != source_identity(weights):
-        raise StaleCompanionError(
-            f"{path}: stale: {weights.path} changed after it was converted (run {again} again)"
-        )
+        raise StaleCompanionError(f"{path}: stale: {weights.path} changed after it was converted (run {again} again)")
     fmt = SlotFormat.from_wire(h["format"])
     n_layer, n_exp = h["n_layer"], h["n_expert"]
     need = h["data_offset"] + n_layer * n_exp * fmt.slot_bytes
@@ -271,6 +270,9 @@ def check_image(src: ExpertSource, crcs: list, layer: int, expert: int, address:
     if got != crcs[layer][expert]:
         raise ChecksumError(
             f"{src.path}: checksum mismatch for layer {layer} expert {expert}: "
-            + ("the repacked image is corrupt (run hobbit-cli convert --repack again)"
-               if src.precision == "high" else "the companion file is corrupt (run hobbit-cli convert again)")
+            + (
+                "the repacked image is corrupt (run hobbit-cli convert --repack again)"
+                if src.precision == "high"
+                else "the companion file is corrupt (run hobbit-cli convert again)"
+            )
         )

@@ -52,7 +52,9 @@ def check_repacked(provider: ExpertProvider, weights, moe_layers) -> None:
         try:
             h = handles[0]
             if h is None or h.precision != HIGH:
-                raise ModelError(f"hobbitd served no high-precision slot to check its repacked layer {moe_layers[m]} with")
+                raise ModelError(
+                    f"hobbitd served no high-precision slot to check its repacked layer {moe_layers[m]} with"
+                )
             for (t, shape), (_, p) in ((k, v) for k, v in todo.items() if v[0] == m):
                 n = f.part_nbytes(m)[p]
                 mine = np.empty(n, np.uint8)  # [n] bytes: expert 0 of the file, repacked here

@@ -1,6 +1,7 @@
 """`hobbit-cli convert`: write a model's low-precision companion file (loader/companion.py
-defines the format and reads it), or with --repack its repacked image (the same format). Each expert is dequantised and re-quantised through
-libggml, laid out as in a cache slot, and checksummed; the file is written to a temp name,
+defines the format and reads it), or with --repack its repacked image (the same format).
+Each expert is dequantised and re-quantised (or repacked) through libggml, laid out as in a
+cache slot, and checksummed; the file is written to a temp name,
 synced, then renamed, so a crash leaves no half-written companion."""
 
 from __future__ import annotations
