@@ -265,6 +265,7 @@ def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: i
 
 def run(opts: OffloadOptions, progress: bool = True) -> dict:
     from ...loader.layout import client_resident_bytes, gguf_experts
+    from ...loader.sizing import size_memory
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
     from ..engine.weights import open_model
 
@@ -278,13 +279,13 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     expert_bytes = src.total_bytes
     other_bytes = client_resident_bytes(w)
     budget = budget_bytes(opts.budget, expert_bytes)
-    cache = budget - other_bytes
+    limit = budget + opts.allowance
+    cache = size_memory(limit, other_bytes, allowance=opts.allowance).cache  # budget - other_bytes
     if cache < src.n_expert * src.format.slot_bytes:
         raise InputError(
             f"--budget {opts.budget} ({budget / MiB:.0f} MiB) leaves hobbitd no room for "
             f"one layer's experts after the {other_bytes / MiB:.0f} MiB of other weights"
         )
-    limit = budget + opts.allowance
     report = {
         "model": path,
         "file_bytes": w.total_bytes,
