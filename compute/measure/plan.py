@@ -15,7 +15,9 @@ Probes:
     of its layer (same shapes and types, so the same work): the file's pages read are
     S experts a layer, not the model. Decode steps with the client's threads through
     hobbitd (one core fewer), again with every core (llama.cpp's), and a prompt of
-    enough tokens that each expert gets as many rows as in a 512-token batch.
+    enough tokens that each expert gets as many rows as in a 512-token batch; each twice,
+    the second a prompt's length further on: the difference is the cost of context
+    (attention), which the forecast adds for positions beyond the probe's.
 
 Forecast (routing assumed uniform: the hit rate is the share of a layer's experts the
 cache holds; the models measured in BENCHMARKS.md route near uniformly):
@@ -24,9 +26,12 @@ cache holds; the models measured in BENCHMARKS.md route near uniformly):
   distinct expert it uses that the cache does not hold (LRU over a sweep of every layer
   keeps none, unless the cache holds them all: then each is read once), plus the compute.
   Lossy: the calibration's simulated read cost against exact, applied to the reads.
-  llama.cpp (mmap, the page cache in the same memory): the file fits: the all-core
-  compute; else an upper bound: a token's touched bytes outside the page cache's share
-  at the direct read rate (it measured several times slower: readahead and eviction).
+  llama.cpp (mmap; the page cache gets the memory less its process, LLAMA_OWN, and its
+  KV cache): the file fits: the all-core compute; else the page cache holds a uniform
+  share of the file, and a token reads the rest of what it touches (the non-expert
+  weights, its experts' parts), a missed part at least the disk's readahead, which the
+  kernel reads around an mmap page fault (read_ahead_kb: 128 KiB by default, 8 MiB on
+  the disk BENCHMARKS.md measured on).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ PROBE_READ_BYTES = 384 * MiB  # read per batch size probed (at most PROBE_EXPERT
 PROBE_EXPERTS = 48
 PROBE_TOUCH_BYTES = 1 << 30  # expert bytes the compute probe may page in, at most
 DECODE_STEPS = 6  # timed decode steps per thread count
+# llama.cpp's process besides the file's pages and its KV cache (measured: 80-85 MB RssAnon
+# of llama-cpp-python decoding the two files of BENCHMARKS.md's plan table)
+LLAMA_OWN = 128 * MiB
 
 
 @dataclass(frozen=True)
@@ -222,20 +230,22 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
     prompt_reads = prompt_uses * sum(layer_bytes)
     prompt_read_s = prompt_reads / p.prompt_read_Bps
     prompt_compute_s = p.client.prompt(n_prompt)
-    # llama.cpp: the file in the page cache of what the memory leaves its process
-    room = sizing.memory - sizing.allowance
+    # llama.cpp: the file in the page cache of what the memory leaves its one process
+    room = sizing.memory - LLAMA_OWN - kv_cache_bytes(a, n_prompt + 1, n_batch)
     fits = room >= w.total_bytes
     if fits:
         llama = 1 / p.all_cores.step(n_prompt)
         note = "the file fits the page cache: compute only, every core (probed)"
-    else:
-        touched = client_resident_bytes(w) + K * sum(layer_bytes)
-        missing = touched * (1 - max(0, room) / w.total_bytes)
+    else:  # a page fault reads the device's readahead around it: a missed part costs that much at least
+        share = max(0, room) / w.total_bytes  # of the file in the page cache, uniformly
+        ra = readahead_bytes(w.path)
+        parts = sum(max(n, ra) for il in range(src.n_layer) for n in src.format.part_nbytes(il))
+        missing = (1 - share) * (K * parts + client_resident_bytes(w))
         llama = 1 / (p.all_cores.step(n_prompt) + missing / p.decode_read_Bps)
         note = (
-            f"at most: mmap, a token touches {touched / 1e6:.0f} MB of the file, the page cache holds "
-            f"{max(0, room) / w.total_bytes:.0%} of it; measured llama.cpp reads several times more "
-            "(readahead, pages evicted before their use)"
+            f"mmap; the page cache holds {share:.0%} of the file; a token reads {missing / 1e6:.0f} MB: the missed "
+            f"share of the other weights and of its experts' parts, each at least the {ra >> 10} KiB the kernel "
+            "reads around a page fault (the disk's readahead)"
         )
     return Forecast(
         slots,
@@ -279,6 +289,20 @@ def _lossy_ratio(path: str) -> tuple[float | None, str]:
     )
 
 
+def readahead_bytes(path: str) -> int:
+    """The readahead of the block device holding `path` (the window the kernel reads
+    around an mmap page fault); 128 KiB, the kernel's default, where it cannot be read."""
+    st = os.stat(path)
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for q in (f"{dev}/queue/read_ahead_kb", f"{dev}/../queue/read_ahead_kb"):  # a disk, a partition
+        try:
+            with open(q) as f:
+                return int(f.read()) << 10
+        except (OSError, ValueError):
+            continue
+    return 128 << 10
+
+
 def kv_cache_bytes(a: ModelArgs, n_ctx: int, n_batch: int) -> int:
     """The engine's KV cache (engine/attention.KVCache): per layer n_ctx F16 slots of K and
     V (MLA: one latent), sliding-window layers a ring of the window plus a batch."""
@@ -301,7 +325,8 @@ def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -
     fmt = src.format
     mean = src.total_bytes / (src.n_layer * src.n_expert)
     batch = min(batch, src.n_expert)
-    n = max(2, min(PROBE_EXPERTS, int(PROBE_READ_BYTES // mean)) // batch)  # batches
+    # batches, the first untimed: the daemon's reader threads have their merge buffers
+    n = 1 + max(2, min(PROBE_EXPERTS, int(PROBE_READ_BYTES // mean)) // batch)
     rng = random.Random(os.getpid() ^ time.time_ns())  # a fresh sample: no cache below us helps
     if adjacent:
         groups = []
@@ -316,8 +341,9 @@ def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -
     io = IOEngine(threads, direct=True)
     nbytes, errors = 0, []
     try:
-        t0 = time.perf_counter()
-        for group in groups:
+        for g, group in enumerate(groups):
+            if g == 1:
+                t0, nbytes = time.perf_counter(), 0
             left, done_all, lock = [len(group)], threading.Event(), threading.Lock()
 
             def done(job, err, left=left, done_all=done_all, lock=lock):
@@ -343,7 +369,7 @@ def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -
         seg.close()
     if errors:
         raise HobbitError(f"{src.path}: reading experts failed: {errors[0]}")
-    return nbytes / seconds, sum(len(g) for g in groups)
+    return nbytes / seconds, sum(len(g) for g in groups[1:])
 
 
 class ProbeExperts(LocalExperts):
