@@ -49,7 +49,8 @@ def print_plan(plan) -> None:
     c, a = p.client, p.all_cores
     print(
         f"probes ({p.seconds:.1f} s): direct reads {p.decode_read_Bps / 1e9:.2f} GB/s ({p.decode_batch} random "
-        f"experts at once), {p.prompt_read_Bps / 1e9:.2f} GB/s ({p.prompt_batch} neighbours at once); compute "
+        f"expert{'s' * (p.decode_batch > 1)} at once), {p.prompt_read_Bps / 1e9:.2f} GB/s ({p.prompt_batch} "
+        "neighbours at once); compute "
         f"{1e3 * c.step_s:.1f} ms a decode step on {c.threads} thread{'s' * (c.threads > 1)} "
         f"({1e3 * a.step_s:.1f} ms on {a.threads}), {1e3 * c.prompt_token_s:.2f} ms a prompt token"
     )
@@ -81,28 +82,28 @@ MEMORY_HELP = (
     "`bench offload`'s cgroup limit: its --budget plus 512 MiB); default: what is available now, the "
     "machine's or its memory cgroup's if smaller"
 )
-OPTIONS = {  # flag: add_argument's keywords
-    "--memory": dict(metavar="SIZE", help=MEMORY_HELP),
-    "--prompt": dict(
+OPTIONS = {  # flags: add_argument's keywords
+    ("--memory",): dict(metavar="SIZE", help=MEMORY_HELP),
+    ("--prompt",): dict(
         type=int,
         default=512,
         metavar="N",
         help="prompt tokens: the time to the first token is for N, decode speed after them (default 512)",
     ),
-    "--ctx": dict(
+    ("--ctx",): dict(
         type=int,
         default=2048,
         metavar="N",
         help="context in tokens the KV cache is sized for (default 2048, as chat's)",
     ),
-    "--json": dict(action="store_true", help="print the plan as JSON (every figure, in bytes and seconds)"),
-    "--quiet": dict(action="store_true", help="no progress lines on stderr"),
+    ("--json",): dict(action="store_true", help="print the plan as JSON (every figure, in bytes and seconds)"),
+    ("--quiet", "-q"): dict(action="store_true", help="no progress lines on stderr"),
 }
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", prog="hobbit-cli plan", description=DESCRIPTION, help="forecast a model's speed here")
     p.add_argument("model", metavar="MODEL", help="a MoE GGUF (a split model: its first part)")
-    for flag, kw in OPTIONS.items():
-        p.add_argument(flag, **kw)
+    for flags, kw in OPTIONS.items():
+        p.add_argument(*flags, **kw)
     p.set_defaults(func=cmd_plan)

@@ -25,7 +25,8 @@ cache holds; the models measured in BENCHMARKS.md route near uniformly):
   little overlap in exact mode); a prompt: each batch of n_batch tokens reads every
   distinct expert it uses that the cache does not hold (LRU over a sweep of every layer
   keeps none, unless the cache holds them all: then each is read once), plus the compute.
-  Lossy: the calibration's simulated read cost against exact, applied to the reads.
+  Lossy (a calibrated model): the misses of hobbitd's high and low slots, loaded high,
+  low or skipped in the shares calibration's replay found at its thresholds.
   llama.cpp (mmap; the page cache gets the memory less its process, LLAMA_OWN, and its
   KV cache): the file fits: the all-core compute; else the page cache holds a uniform
   share of the file, and a token reads the rest of what it touches (the non-expert
@@ -220,8 +221,8 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
     read_s = per_token / p.decode_read_Bps
     step_s = p.client.step(n_prompt)  # decoding after the prompt
     decode_tok_s = 1 / (step_s + read_s)
-    lossy_ratio, lossy_note = _lossy_ratio(w.path)
-    lossy = None if lossy_ratio is None else 1 / (step_s + read_s * lossy_ratio)
+    lossy_bytes, lossy_note = _lossy_reads(w.path, sizing.cache, src, K)
+    lossy = None if lossy_bytes is None else 1 / (step_s + lossy_bytes / p.decode_read_Bps)
     n_batch = RunOptions().n_batch
     if hit >= 1:  # each expert read once, at its first use
         prompt_uses = used_experts(K, E, n_prompt)
@@ -266,26 +267,37 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
     )
 
 
-def _lossy_ratio(path: str) -> tuple[float | None, str]:
-    """(the lossy mode's reads / exact's, as calibration simulated them; how); None where
-    hobbitd runs exact (no companion, or not calibrated)."""
+def _lossy_reads(path: str, cache: int, src: ExpertSource, K: int) -> tuple[float | None, str]:
+    """(bytes a decode step reads in the calibrated lossy mode, how), or (None, why not)
+    where hobbitd runs exact. hobbitd's planner gives the cache's high and low slots; a
+    miss loads high, low or nothing in the shares the calibration's replay of its text
+    found at the chosen thresholds (its threshold_grid row); hits as the slots' share of
+    the experts, routing uniform."""
+    from ...hobbitd.config import DaemonConfig
     from ...loader.calibration import load_calibration
-    from ...loader.served import ModelOptions, model_name, open_served
+    from ...loader.served import ModelOptions, model_name, open_served, plan_cache
 
-    mo = open_served(path, model_name(path), ModelOptions())
+    name = model_name(path)
+    mo = open_served(path, name, ModelOptions())
     if mo.low is None:
         return None, "no low-precision companion (hobbit-cli convert MODEL): hobbitd runs exact"
     calib = load_calibration(mo.low.path) if mo.calibrated else None
-    if calib is None or mo.thresholds.exact:
-        return None, "not calibrated as lossy (hobbit-cli calibrate MODEL): hobbitd runs exact"
-    rows = calib.get("threshold_grid", [])
-    exact = [r for r in rows if r["t1"] >= 1 and r["t2"] >= 1]
-    if not exact or not exact[0]["cost"]:
-        return None, "the calibration file has no exact row to compare with"
-    ratio = calib["cost"] / exact[0]["cost"]
-    return ratio, (
-        f"T1 {calib['t1']:.2f} T2 {calib['t2']:.2f}: reads x{ratio:.2f} of exact, as calibration "
-        f"simulated them at a cache of {calib['cache_fraction']:.0%} of the experts"
+    if calib is None:
+        return None, "not calibrated (hobbit-cli calibrate MODEL): hobbitd runs exact"
+    if mo.thresholds.exact:
+        return None, "calibrated: no lossy mode kept within the accuracy bound, hobbitd runs exact"
+    row = [r for r in calib.get("threshold_grid", []) if (r["t1"], r["t2"]) == (calib["t1"], calib["t2"])]
+    misses = row and row[0]["high_miss"] + row[0]["low_miss"] + row[0]["skipped"]
+    if not misses:
+        return None, "the calibration recorded no misses at its thresholds: no split to forecast with"
+    plan, _ = plan_cache({name: mo}, cache, DaemonConfig().low_share)
+    held = sum(r.n_slots for r in plan)
+    miss = K * (1 - min(1.0, held / (src.n_layer * src.n_expert)))  # a layer's misses a step
+    high, low = row[0]["high_miss"] / misses, row[0]["low_miss"] / misses
+    per_token = miss * sum(high * src.expert_bytes(il) + low * mo.low.expert_bytes(il) for il in range(src.n_layer))
+    return per_token, (
+        f"T1 {calib['t1']:.2f} T2 {calib['t2']:.2f}: {per_token / 1e6:.0f} MB read a token; misses "
+        f"{high:.0%} high, {low:.0%} low, {row[0]['skipped'] / misses:.0%} skipped, as calibration replayed them"
     )
 
 
