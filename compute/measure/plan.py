@@ -203,11 +203,12 @@ def used_experts(K: int, E: int, T: int) -> float:
 def _exact_slots(path: str, cache: int) -> int:
     """High-precision slots hobbitd's planner gives the model in exact mode (`--policy lru
     --no-dynamic`: no low-precision region), capped at the model's experts."""
+    from ...hobbitd.config import DaemonConfig
     from ...loader.served import ModelOptions, model_name, open_served, plan_cache
 
     name = model_name(path)
     mo = open_served(path, name, ModelOptions(dynamic=False, policy="lru"))
-    plan, _ = plan_cache({name: mo}, cache, 0.25)
+    plan, _ = plan_cache({name: mo}, cache, DaemonConfig().low_share)
     return sum(r.n_slots for r in plan if r.precision == HIGH)
 
 
