@@ -46,13 +46,12 @@ def print_plan(plan) -> None:
     held = f"{f.cache_slots} slots, {f.hit_share:.0%} of the experts"
     bound = "; bounded by the free shared memory" if s.shm_bound else ""
     print(f"  hobbitd's cache           {mib(s.cache)}  {held}{bound} (what hobbitd --cache-size auto takes)")
-    c, a = p.client, p.all_cores
     print(
         f"probes ({p.seconds:.1f} s): direct reads {p.decode_read_Bps / 1e9:.2f} GB/s ({p.decode_batch} random "
         f"expert{'s' * (p.decode_batch > 1)} at once), {p.prompt_read_Bps / 1e9:.2f} GB/s ({p.prompt_batch} "
-        "neighbours at once); compute "
-        f"{1e3 * c.step_s:.1f} ms a decode step on {c.threads} thread{'s' * (c.threads > 1)} "
-        f"({1e3 * a.step_s:.1f} ms on {a.threads}), {1e3 * c.prompt_token_s:.2f} ms a prompt token"
+        f"neighbours at once); compute {1e3 * p.decode_s:.1f} ms a decode step on {p.client_threads} "
+        f"thread{'s' * (p.client_threads > 1)} ({1e3 * p.decode_all_s:.1f} ms on {p.all_threads}), "
+        f"{p.prompt_s:.2f} s the prompt"
     )
     print(f"forecast (routing {plan.routing}):")
     print(

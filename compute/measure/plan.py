@@ -13,11 +13,10 @@ Probes:
   - compute: the engine in this process on the model's own weights (engine/model.Model)
     with ProbeExperts, which computes each routed expert with one of the first S experts
     of its layer (same shapes and types, so the same work): the file's pages read are
-    S experts a layer, not the model. Decode steps with the client's threads through
-    hobbitd (one core fewer), again with every core (llama.cpp's), and a prompt of
-    enough tokens that each expert gets as many rows as in a 512-token batch; each twice,
-    the second a prompt's length further on: the difference is the cost of context
-    (attention), which the forecast adds for positions beyond the probe's.
+    S experts a layer, not the model. Decode steps at the prompt's end with the client's
+    threads through hobbitd (one core fewer) and with every core (llama.cpp's); prompt
+    chunks of enough tokens that each expert gets as many rows as in a 512-token batch,
+    at the prompt's start and at its end (compute_probe).
 
 Forecast (routing assumed uniform: the hit rate is the share of a layer's experts the
 cache holds; the models measured in BENCHMARKS.md route near uniformly):
@@ -72,30 +71,6 @@ class PlanOptions:
 
 
 @dataclass(frozen=True)
-class Timed:
-    """One thread count's compute: seconds per decode step at position `at` and the slope
-    per position; seconds per prompt token at mean position `at_prompt`, and its slope."""
-
-    threads: int
-    step_s: float
-    at: int
-    step_slope: float
-    prompt_token_s: float
-    at_prompt: float
-    prompt_slope: float
-
-    # Below the probed positions the measured time stands: extrapolated down, the slope's
-    # noise (a few ms between two points) would weigh more than attention's cost there.
-    def step(self, position: int) -> float:
-        """Seconds of a decode step at `position`."""
-        return self.step_s + self.step_slope * max(0, position - self.at)
-
-    def prompt(self, n: int) -> float:
-        """Seconds of compute for a prompt of n tokens from position 0."""
-        return n * self.prompt_token_s + self.prompt_slope * max(0.0, n * (n - 1) / 2 - n * self.at_prompt)
-
-
-@dataclass(frozen=True)
 class Probes:
     """What this machine measured (seconds, bytes per second)."""
 
@@ -105,9 +80,12 @@ class Probes:
     prompt_read_Bps: float
     experts_read: int
     probe_slots: int  # S: experts a layer the compute probe computes with
-    prompt_tokens: int  # T: the compute probe's prompt length
-    client: Timed  # the client's threads through hobbitd
-    all_cores: Timed  # every core (llama.cpp's threads)
+    prompt_tokens: int  # T: the compute probe's prompt chunk
+    client_threads: int  # a client's threads through hobbitd for a decode step
+    decode_s: float  # a decode step's compute at the prompt's end, with them
+    all_threads: int  # every core (llama.cpp's threads)
+    decode_all_s: float  # the same step with every core
+    prompt_s: float  # compute of the whole prompt
     seconds: float  # the probes' wall time
 
 
@@ -174,10 +152,8 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
     decode_bps, n1 = read_rate(src, decode_batch, adjacent=False)
     prompt_bps, n2 = read_rate(src, prompt_batch, adjacent=True)
     say("probing compute ...")
-    S, T, client, all_cores = compute_probe(w, src)
-    probes = Probes(
-        decode_batch, decode_bps, prompt_batch, prompt_bps, n1 + n2, S, T, client, all_cores, time.perf_counter() - t0
-    )
+    comp = compute_probe(w, src, opts.prompt)
+    probes = Probes(decode_batch, decode_bps, prompt_batch, prompt_bps, n1 + n2, *comp, time.perf_counter() - t0)
     return Plan(
         opts.model,
         w.total_bytes,
@@ -220,7 +196,7 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
     layer_bytes = [src.expert_bytes(il) for il in range(src.n_layer)]
     per_token = K * (1 - hit) * sum(layer_bytes)
     read_s = per_token / p.decode_read_Bps
-    step_s = p.client.step(n_prompt)  # decoding after the prompt
+    step_s = p.decode_s  # decoding after the prompt
     decode_tok_s = 1 / (step_s + read_s)
     lossy_bytes, lossy_note = _lossy_reads(w.path, sizing.cache, src, K)
     lossy = None if lossy_bytes is None else 1 / (step_s + lossy_bytes / p.decode_read_Bps)
@@ -231,19 +207,19 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
         prompt_uses = sum(used_experts(K, E, min(n_batch, n_prompt - s)) for s in range(0, n_prompt, n_batch))
     prompt_reads = prompt_uses * sum(layer_bytes)
     prompt_read_s = prompt_reads / p.prompt_read_Bps
-    prompt_compute_s = p.client.prompt(n_prompt)
+    prompt_compute_s = p.prompt_s
     # llama.cpp: the file in the page cache of what the memory leaves its one process
     room = sizing.memory - LLAMA_OWN - kv_cache_bytes(a, n_prompt + 1, n_batch)
     fits = room >= w.total_bytes
     if fits:
-        llama = 1 / p.all_cores.step(n_prompt)
+        llama = 1 / p.decode_all_s
         note = "the file fits the page cache: compute only, every core (probed)"
     else:  # a page fault reads the device's readahead around it: a missed part costs that much at least
         share = max(0, room) / w.total_bytes  # of the file in the page cache, uniformly
         ra = readahead_bytes(w.path)
         parts = sum(max(n, ra) for il in range(src.n_layer) for n in src.format.part_nbytes(il))
         missing = (1 - share) * (K * parts + client_resident_bytes(w))
-        llama = 1 / (p.all_cores.step(n_prompt) + missing / p.decode_read_Bps)
+        llama = 1 / (p.decode_all_s + missing / p.decode_read_Bps)
         note = (
             f"mmap; the page cache holds {share:.0%} of the file; a token reads {missing / 1e6:.0f} MB: the missed "
             f"share of the other weights and of its experts' parts, each at least the {ra >> 10} KiB the kernel "
@@ -416,45 +392,59 @@ class ProbeExperts(LocalExperts):
                     os.close(fd)
 
 
-def compute_probe(w: Weights, src: ExpertSource) -> tuple[int, int, Timed, Timed]:
-    """(S, T, the client's compute through hobbitd, with every core), timed on the engine
-    with ProbeExperts: per thread count a prompt of T tokens, decode steps, T tokens more,
-    decode steps again; the two points give the cost per token of context (attention)."""
+def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
+    """(S, T, client threads, decode step s, all threads, decode step s with them, prompt
+    s), timed on the engine with ProbeExperts. The prompt: a chunk of T tokens at position
+    0 and one ending at n_prompt, their cost per token taken as linear in between (the
+    attention's share grows with the position). Decode: the median of DECODE_STEPS steps
+    at position n_prompt. The probe moves its sequence there by setting Model.n_past, as a
+    chat reusing a prefix sets it back: the KV slots in between hold zeros, which cost the
+    attention the same work as a prompt's keys would."""
     from ..engine.ggml import physical_cores
 
     a = w.args
     K, E = a.n_expert_used, src.n_expert
     n_batch = RunOptions().n_batch
     mean = src.total_bytes / (src.n_layer * E)
-    # S slots a layer; the prompt gives each as many rows as a full batch gives an expert
+    # S slots a layer; a chunk gives each as many rows as a full batch gives an expert
     S = max(K, min(E, int(PROBE_TOUCH_BYTES // (mean * src.n_layer))))
     T = max(WIDE, min(n_batch, -(-n_batch * S // E)))
     D = DECODE_STEPS
-    tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(2 * T + 2 * D)]
+    tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(T + D + 2)]
     probe = ProbeExperts(w, S)
     probe.touch()
-    out = []
-    for threads in (0, physical_cores()):  # 0: the engine's choice through hobbitd
-        model = Model(w, RunOptions(n_ctx=len(tokens) + 8, n_threads=threads, lookahead=0), experts=probe)
-        try:
-            model.forward(tokens[:T])  # warm: graphs built, pages in
-            model.forward(tokens[T : T + 2])  # a decode graph and a 2-token one built
-            model.forward([tokens[T + 2]])
-            model.reset()
-            times = []
-            for first in (0, T + D):
-                t0 = time.perf_counter()
-                model.forward(tokens[first : first + T])
-                t1 = time.perf_counter()
-                for t in tokens[first + T : first + T + D]:
-                    model.forward([t])
-                times.append(((t1 - t0) / T, (time.perf_counter() - t1) / D))
-            (p0, s0), (p1, s1) = times
-            span = T + D  # positions between the two points
-            out.append(Timed(model.n_threads, s0, T, max(0.0, (s1 - s0) / span), p0, T / 2, max(0.0, (p1 - p0) / span)))
-        finally:
-            model.close()
-    return S, T, out[0], out[1]
+    opts = RunOptions(n_ctx=max(n_prompt, T) + D + 8, lookahead=0)  # threads: the engine's through hobbitd
+    model = Model(w, opts, experts=probe)
+
+    def chunk_s(at: int) -> float:  # seconds per token of a T-token chunk at position `at`
+        model.n_past = at
+        t0 = time.perf_counter()
+        model.forward(tokens[:T])
+        return (time.perf_counter() - t0) / T
+
+    def step_s() -> tuple[int, float]:  # (threads, median seconds of a decode step at n_prompt)
+        model.n_past = n_prompt
+        times = []
+        for t in tokens[T : T + D]:
+            t0 = time.perf_counter()
+            model.forward([t])
+            times.append(time.perf_counter() - t0)
+        return model.n_threads, sorted(times)[D // 2]
+
+    try:
+        model.forward(tokens[:T])  # warm: graphs built, pages in
+        for t in tokens[T : T + 2]:
+            model.forward([t])
+        first = chunk_s(0)
+        last = chunk_s(max(0, n_prompt - T)) if n_prompt > T else first
+        prompt = n_prompt * (first + last) / 2
+        client = step_s()
+        opts.n_threads = physical_cores()  # llama.cpp's: every core (the model reads opts per forward)
+        model.forward([tokens[T]])  # its decode graph warm
+        every = step_s()
+    finally:
+        model.close()
+    return S, T, *client, *every, prompt
 
 
 def plan_json(plan: Plan) -> dict:
