@@ -55,6 +55,17 @@ def test_plan_json_and_hobbitd_auto_take_the_same_cache(model, tmp_path):
         sock.close(linger=0)
 
 
+def test_plan_of_a_model_with_sliding_window_layers(synth):
+    """gpt-oss's sliding-window layers: the compute probe computes the prompt to its end
+    (their ring cannot jump ahead) and forecasts decoding after it."""
+    from conftest import GPT_OSS
+
+    r = plan(synth(**GPT_OSS, type="F16"), "--memory", "1G", "--prompt", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["probes"]["prompt_s"] > 0 and p["forecast"]["decode_tok_s"] > 0
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

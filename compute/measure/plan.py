@@ -399,7 +399,9 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
     attention's share grows with the position). Decode: the median of DECODE_STEPS steps
     at position n_prompt. The probe moves its sequence there by setting Model.n_past, as a
     chat reusing a prefix sets it back: the KV slots in between hold zeros, which cost the
-    attention the same work as a prompt's keys would."""
+    attention the same work as a prompt's keys would. A model with sliding-window layers
+    cannot jump (their ring must hold the window before the position): it computes the
+    whole prompt in chunks of T, timed as the prompt's compute."""
     from ..engine.ggml import physical_cores
 
     a = w.args
@@ -410,7 +412,7 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
     S = max(K, min(E, int(PROBE_TOUCH_BYTES // (mean * src.n_layer))))
     T = max(WIDE, min(n_batch, -(-n_batch * S // E)))
     D = DECODE_STEPS
-    tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(T + D + 2)]
+    tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(max(n_prompt, T) + D + 2)]
     probe = ProbeExperts(w, S)
     probe.touch()
     opts = RunOptions(n_ctx=max(n_prompt, T) + D + 8, lookahead=0)  # threads: the engine's through hobbitd
@@ -435,9 +437,16 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
         model.forward(tokens[:T])  # warm: graphs built, pages in
         for t in tokens[T : T + 2]:
             model.forward([t])
-        first = chunk_s(0)
-        last = chunk_s(max(0, n_prompt - T)) if n_prompt > T else first
-        prompt = n_prompt * (first + last) / 2
+        if model.resumable(max(0, n_prompt - T)):
+            first = chunk_s(0)
+            last = chunk_s(max(0, n_prompt - T)) if n_prompt > T else first
+            prompt = n_prompt * (first + last) / 2
+        else:  # a sliding window's ring holds only what was computed: the whole prompt, then
+            model.reset()
+            t0 = time.perf_counter()
+            for at in range(0, n_prompt, T):
+                model.forward(tokens[at : min(at + T, n_prompt)])
+            prompt = time.perf_counter() - t0
         client = step_s()
         opts.n_threads = physical_cores()  # llama.cpp's: every core (the model reads opts per forward)
         model.forward([tokens[T]])  # its decode graph warm
