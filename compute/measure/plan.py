@@ -53,8 +53,8 @@ from ..engine.model import WIDE, Model, RunOptions
 from ..engine.weights import ModelArgs, Weights, open_model
 
 MiB = 1 << 20
-PROBE_READ_BYTES = 384 * MiB  # read per batch size probed (at most PROBE_EXPERTS experts)
-PROBE_EXPERTS = 48
+PROBE_READ_BYTES = 512 * MiB  # read per batch size probed (at most PROBE_EXPERTS experts)
+PROBE_EXPERTS = 96
 PROBE_TOUCH_BYTES = 1 << 30  # expert bytes the compute probe may page in, at most
 DECODE_STEPS = 6  # timed decode steps per thread count
 # llama.cpp's process besides the file's pages and its KV cache (measured: 80-85 MB RssAnon
