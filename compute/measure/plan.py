@@ -42,6 +42,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...loader.io_engine import DEMAND, IOEngine
 from ...loader.layout import ExpertSource, Handle, client_resident_bytes, gguf_experts
 from ...loader.precision import HIGH, Thresholds
@@ -152,7 +154,7 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
     decode_bps, n1 = read_rate(src, decode_batch, adjacent=False)
     prompt_bps, n2 = read_rate(src, prompt_batch, adjacent=True)
     say("probing compute ...")
-    comp = compute_probe(w, src, opts.prompt)
+    comp = compute_probe(w, src, opts.prompt, hit >= 1)
     probes = Probes(decode_batch, decode_bps, prompt_batch, prompt_bps, n1 + n2, *comp, time.perf_counter() - t0)
     return Plan(
         opts.model,
@@ -368,9 +370,17 @@ class ProbeExperts(LocalExperts):
 
     remote = True
 
-    def __init__(self, weights, n_slots: int):
+    def __init__(self, weights, n_slots: int, every_expert: bool):
+        """every_expert: hobbitd's cache holds every expert, so the client computes each
+        forward in one graph on them (ExpertProvider.resident), as it will then."""
         super().__init__(weights, None, Thresholds(dynamic=False))
         self.n_slots = n_slots
+        src = self.sources[HIGH]
+        self.table = np.arange(src.n_expert, dtype=np.int32)[None, :].repeat(src.n_layer, 0) % n_slots
+        self.every_expert = every_expert
+
+    def resident(self):
+        return self.table if self.every_expert else None
 
     def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
         return [Handle(HIGH, int(e) % self.n_slots) for e in experts]
@@ -392,7 +402,7 @@ class ProbeExperts(LocalExperts):
                     os.close(fd)
 
 
-def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
+def compute_probe(w: Weights, src: ExpertSource, n_prompt: int, every_expert: bool) -> tuple:
     """(S, T, client threads, decode step s, all threads, decode step s with them, prompt
     s), timed on the engine with ProbeExperts. The prompt: a chunk of T tokens at position
     0 and one ending at n_prompt, their cost per token taken as linear in between (the
@@ -413,7 +423,7 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int) -> tuple:
     T = max(WIDE, min(n_batch, -(-n_batch * S // E)))
     D = DECODE_STEPS
     tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(max(n_prompt, T) + D + 2)]
-    probe = ProbeExperts(w, S)
+    probe = ProbeExperts(w, S, every_expert)
     probe.touch()
     opts = RunOptions(n_ctx=max(n_prompt, T) + D + 8, lookahead=0)  # threads: the engine's through hobbitd
     model = Model(w, opts, experts=probe)
