@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 
+from ...loader.sizing import PROCESS_ALLOWANCE
 from ...protocol.errors import HobbitError, InputError
 from .bench_ablation import lossy_flags
 
@@ -46,7 +47,7 @@ class OffloadOptions:
     model: str | None = None  # None: the synthetic Mixtral-layout model, made once
     budget: str = "25%"  # memory for model weights (llama.cpp's page cache; hobbit's
     # cache + the other weights): bytes, "1G", or "25%" of the expert bytes
-    allowance: int = 512 * MiB  # on top, for the processes themselves (same for both)
+    allowance: int = PROCESS_ALLOWANCE  # on top, for the processes themselves (same for both)
     runs: list = field(default_factory=lambda: [[16, 32], [128, 128]])  # [prompt, decode] tokens
     clients: list = field(default_factory=lambda: [2, 4])  # concurrent clients (the first run each)
     threads: int = 0  # 0: each engine's default
