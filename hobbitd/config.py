@@ -1,7 +1,7 @@
 """The daemon's configuration: one dataclass, loaded from one TOML file, flags on top.
 
-TOML keys are the field names (models, model_dirs, cache_size, socket, io_threads, io_limit,
-direct_io, client_timeout, slot_wait, max_sessions, max_sessions_per_process,
+TOML keys are the field names (models, model_dirs, cache_size, memory, socket, io_threads,
+io_limit, direct_io, client_timeout, slot_wait, max_sessions, max_sessions_per_process,
 max_sessions_per_user, max_requests, client_pin_share, owner_pid, low_type,
 low_share, repack, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
 integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
@@ -20,7 +20,6 @@ from ..protocol.errors import InputError
 
 SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
 REPACK_CHOICES = ("auto", "off")
-AUTO_CACHE_SHARE = 0.5  # of the available memory, for --cache-size auto: the rest for clients and files
 
 
 @dataclass
@@ -28,8 +27,10 @@ class DaemonConfig:
     models: list[str] = field(default_factory=list)  # GGUF paths
     model_dirs: list[str] = field(default_factory=list)  # folders whose GGUFs a client may
     # ask for by path (opened then); nothing outside them
-    cache_size: int = 0  # bytes of shared memory for expert slots; 0 ("auto") = AUTO_CACHE_SHARE of
-    # the memory available to the daemon (the machine's, or its memory cgroup's headroom)
+    cache_size: int = 0  # bytes of shared memory for expert slots; 0 ("auto"): what `memory` leaves
+    # after the processes' allowance and a client's non-expert weights (loader/sizing.py)
+    memory: int | None = None  # bytes hobbitd and its clients may use, for cache_size auto; None:
+    # what is available to the daemon (the machine's, or its memory cgroup's headroom)
     socket: str = ""  # "" = default_socket()
     io_threads: int = 4  # reader threads
     io_limit: int = 0  # bytes/s cap on flash reads (emulates slow flash); 0 = none
@@ -93,6 +94,16 @@ def parse_size(text) -> int:
         )
     scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * scale)
+
+
+def cache_sizing(memory: int | None, models: list[str]):
+    """How `--cache-size auto` shares `memory` bytes (None: what is available now) with a
+    client of each of `models` (GGUF paths): loader/sizing.py's rule, the cache bounded by
+    the shared-memory folder's free bytes. `hobbit-cli plan` prints the same Sizing."""
+    from ..loader.sizing import client_weights, size_memory
+    from .memory import shm_free
+
+    return size_memory(memory, client_weights(models), shm_free())
 
 
 def default_socket() -> str:
@@ -161,7 +172,7 @@ def _coerce(path: str, key: str, value):
         return list(value)
     if key == "cache_size" and value == "auto":
         return 0
-    if key in ("cache_size", "io_limit"):
+    if key in ("cache_size", "io_limit", "memory"):
         try:
             return parse_size(value)
         except InputError as e:

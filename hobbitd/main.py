@@ -79,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size",
         type=_cache_size,
         metavar="SIZE",
-        help="shared memory for expert slots, e.g. 2G; auto (the default): half the memory "
-        "available to hobbitd, the machine's or its memory cgroup's (systemd's MemoryMax=) if smaller",
+        help="shared memory for expert slots, e.g. 2G; auto (the default): what --memory leaves after "
+        "a 512 MiB allowance for the processes and a client's non-expert weights (`hobbit-cli plan` shows it)",
+    )
+    p.add_argument(
+        "--memory",
+        type=_size,
+        metavar="SIZE",
+        help="memory hobbitd and its clients may use, which --cache-size auto sizes the cache from "
+        "(default: what is available, the machine's or its memory cgroup's (systemd's MemoryMax=) if smaller)",
     )
     p.add_argument(
         "--socket",
@@ -208,6 +215,7 @@ def config_from_args(args) -> DaemonConfig:
         cfg.model_dirs = [os.path.abspath(d) for d in args.model_dirs]
     for key in (
         "cache_size",
+        "memory",
         "socket",
         "io_threads",
         "io_limit",

@@ -44,7 +44,6 @@ import zmq
 import zmq.asyncio
 
 from ..loader import control
-from ..loader.memory_limit import available_memory
 from ..loader.cache import ExpertCache
 from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
@@ -53,7 +52,7 @@ from ..loader.shm import SHM_DIR, pid_alive
 from ..protocol import messages as m
 from ..protocol.errors import TOO_MANY_SESSIONS, HobbitError, InputError, ProtocolError
 from .commands import Commands, Replies
-from .config import AUTO_CACHE_SHARE, DaemonConfig, default_socket
+from .config import DaemonConfig, cache_sizing, default_socket
 from .inbox import Inbox, Message, disconnect
 from .listen import bind_router, claim_socket
 from .memory import ModelMemory, make_memory, remove_stale_segments
@@ -73,6 +72,16 @@ INBOX_MAX = 64  # messages of one client waiting to be served; a client waits fo
 # answer, so it has a few (a request, a hint, a heartbeat); more: it floods (dropped)
 ROUTER_HWM = 256  # answers queued for one client that does not read them; more: dropped
 RECEIVE_MAX = 256  # messages taken in before a round of service (one of each client)
+
+
+def auto_cache_size(memory: int | None, paths: list[str]) -> int:
+    """--cache-size auto: the cache `memory` (None: what is available) leaves a client of
+    each model at `paths` (loader/sizing.py; `hobbit-cli plan` prints the same figure).
+    InputError when nothing is left."""
+    sizing = cache_sizing(memory, paths)
+    sizing.check("the memory given (--memory)" if memory is not None else "the memory available")
+    log.info("cache size auto: %.0f MiB of %.0f MiB %s", sizing.cache / MiB, sizing.memory / MiB, sizing.memory_source)
+    return sizing.cache
 
 
 class Daemon:
@@ -110,7 +119,7 @@ class Daemon:
         self.opts = ModelOptions(**{f.name: getattr(cfg, f.name) for f in fields(ModelOptions)})
         # with model folders a daemon may start empty: clients ask for their models
         self.models = open_served_all(cfg.models, self.opts) if cfg.models or not cfg.model_dirs else {}
-        size = self.cache_size = cfg.cache_size or int(available_memory() * AUTO_CACHE_SHARE)
+        size = self.cache_size = cfg.cache_size or auto_cache_size(cfg.memory, [mo.path for mo in self.models.values()])
         plan, total = plan_cache(self.models, size, cfg.low_share)
         self.ctx = zmq.asyncio.Context()
         await self._claim_socket()

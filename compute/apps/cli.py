@@ -228,7 +228,7 @@ def cmd_top(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_bench, cli_make, cli_measure, pull_cli
+    from . import cli_bench, cli_make, cli_measure, plan_cli, pull_cli
 
     parser = argparse.ArgumentParser(prog="hobbit-cli", usage=USAGE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -353,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_make.add_models_parsers(sub)
     pull_cli.add_parser(sub)
+    plan_cli.add_parser(sub)
     cli_measure.add_eval_parser(sub)
     cli_measure.add_routing_parser(sub)
     cli_make.add_calibrate_parser(sub)

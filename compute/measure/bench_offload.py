@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 
+from ...loader.sizing import PROCESS_ALLOWANCE
 from ...protocol.errors import HobbitError, InputError
 from .bench_ablation import lossy_flags
 
@@ -46,7 +47,7 @@ class OffloadOptions:
     model: str | None = None  # None: the synthetic Mixtral-layout model, made once
     budget: str = "25%"  # memory for model weights (llama.cpp's page cache; hobbit's
     # cache + the other weights): bytes, "1G", or "25%" of the expert bytes
-    allowance: int = 512 * MiB  # on top, for the processes themselves (same for both)
+    allowance: int = PROCESS_ALLOWANCE  # on top, for the processes themselves (same for both)
     runs: list = field(default_factory=lambda: [[16, 32], [128, 128]])  # [prompt, decode] tokens
     clients: list = field(default_factory=lambda: [2, 4])  # concurrent clients (the first run each)
     threads: int = 0  # 0: each engine's default
@@ -265,6 +266,7 @@ def _sweep_point(opts, path: str, budget: str, expert_bytes: int, other_bytes: i
 
 def run(opts: OffloadOptions, progress: bool = True) -> dict:
     from ...loader.layout import client_resident_bytes, gguf_experts
+    from ...loader.sizing import size_memory
     from .memcgroup import CgroupUnavailable, MemoryCgroup, drop_page_cache
     from ..engine.weights import open_model
 
@@ -278,13 +280,13 @@ def run(opts: OffloadOptions, progress: bool = True) -> dict:
     expert_bytes = src.total_bytes
     other_bytes = client_resident_bytes(w)
     budget = budget_bytes(opts.budget, expert_bytes)
-    cache = budget - other_bytes
+    limit = budget + opts.allowance
+    cache = size_memory(limit, other_bytes, allowance=opts.allowance).cache  # budget - other_bytes
     if cache < src.n_expert * src.format.slot_bytes:
         raise InputError(
             f"--budget {opts.budget} ({budget / MiB:.0f} MiB) leaves hobbitd no room for "
             f"one layer's experts after the {other_bytes / MiB:.0f} MiB of other weights"
         )
-    limit = budget + opts.allowance
     report = {
         "model": path,
         "file_bytes": w.total_bytes,
