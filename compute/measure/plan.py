@@ -9,7 +9,8 @@ Probes:
   - reads: a few dozen random experts of the model through hobbitd's I/O engine (direct
     I/O, its reader threads), in batches of as many as a decode step misses per layer (the
     daemon reads one layer's misses at once, then the client computes), and in larger
-    batches as a prompt's layers ask; bytes over seconds, per batch size;
+    batches as a prompt's layers ask; bytes over the median batch's seconds (a few batches
+    slowed by a busy neighbour do not set the rate), per batch size;
   - compute: the engine in this process on the model's own weights (engine/model.Model)
     with ProbeExperts, which computes each routed expert with one of the first S experts
     of its layer (same shapes and types, so the same work): the file's pages read are
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -330,11 +332,10 @@ def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -
         groups = [picks[i : i + batch] for i in range(0, len(picks), batch)]
     seg = Segment(new_name("hobbit-plan"), batch * fmt.slot_bytes, create=True)
     io = IOEngine(threads, direct=True)
-    nbytes, errors = 0, []
+    timed, errors = [], []  # (bytes, seconds) of every batch after the first
     try:
         for g, group in enumerate(groups):
-            if g == 1:
-                t0, nbytes = time.perf_counter(), 0
+            t0, nbytes = time.perf_counter(), 0
             left, done_all, lock = [len(group)], threading.Event(), threading.Lock()
 
             def done(job, err, left=left, done_all=done_all, lock=lock):
@@ -354,13 +355,17 @@ def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -
                 io.submit(("plan", layer, e), segs, DEMAND, done)
                 nbytes += src.expert_bytes(layer)
             done_all.wait()
-        seconds = time.perf_counter() - t0
+            if g:
+                timed.append((nbytes, time.perf_counter() - t0))
     finally:
         io.close()
         seg.close()
     if errors:
         raise HobbitError(f"{src.path}: reading experts failed: {errors[0]}")
-    return nbytes / seconds, sum(len(g) for g in groups[1:])
+    # the median batch's time: a few batches slowed by another process's I/O or CPU (a
+    # shared machine) do not set the forecast, which is for the machine as it runs alone
+    seconds = statistics.median(t for _, t in timed) * len(timed)
+    return sum(b for b, _ in timed) / seconds, sum(len(g) for g in groups[1:])
 
 
 class ProbeExperts(LocalExperts):
