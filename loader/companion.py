@@ -85,13 +85,7 @@ def low_type_choices(high: SlotFormat) -> list[int]:
     """LOW_TYPES that suit experts of format `high`, best first: whose blocks fit the rows
     and which are at least MIN_SAVING times smaller than every layer's experts (a mix is
     judged by its smallest type, so every layer shrinks)."""
-    bits = min(gt.bits_per_weight(t) for t in high.type_set)
-    return [
-        low
-        for low in LOW_TYPES
-        if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[: len(PARTS)])
-        and bits / gt.bits_per_weight(low) >= MIN_SAVING
-    ]
+    return _suitable(high, LOW_TYPES, MIN_SAVING)
 
 
 # The types calibration measures as a file's low precision (issue #34), best first: every
@@ -104,12 +98,18 @@ MIN_CANDIDATE_SAVING = 1.25
 def low_type_candidates(high: SlotFormat) -> list[int]:
     """CANDIDATE_TYPES that suit experts of format `high` (blocks fit every row, at least
     MIN_CANDIDATE_SAVING times smaller than the smallest of its types), best first."""
+    return _suitable(high, CANDIDATE_TYPES, MIN_CANDIDATE_SAVING)
+
+
+def _suitable(high: SlotFormat, types: tuple, saving: float) -> list[int]:
+    """The types of `types` (in order) whose blocks fit every row of `high`'s weight parts
+    and which are at least `saving` times smaller than the smallest of its types."""
     bits = min(gt.bits_per_weight(t) for t in high.type_set)
     return [
         low
-        for low in CANDIDATE_TYPES
+        for low in types
         if all(shape[0] % gt.block_size(low) == 0 for shape in high.shapes[: len(PARTS)])
-        and bits / gt.bits_per_weight(low) >= MIN_CANDIDATE_SAVING
+        and bits / gt.bits_per_weight(low) >= saving
     ]
 
 
