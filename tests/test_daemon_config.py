@@ -178,10 +178,11 @@ def test_no_model_and_none_built_says_how_to_build_it(tmp_path):
     assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "s.sock")
 
 
-def test_cache_size_auto_takes_half_the_memory_cgroups_headroom(synth, tmp_path):
+def test_cache_size_auto_sizes_from_the_memory_cgroups_headroom(synth, tmp_path):
     """Under a memory limit (systemd's MemoryMax=, a container's) `--cache-size auto` sizes
-    the cache from the cgroup's headroom, not from the machine's free memory: a daemon
-    under a 1 GiB limit on a machine with more free took half the machine's before."""
+    the cache from the cgroup's headroom (less the processes' allowance and a client's
+    weights: loader/sizing.py), not from the machine's free memory: a daemon under a 1 GiB
+    limit on a machine with more free once took half the machine's."""
     import psutil
 
     from daemon_util import RunningDaemon, connect, hello, stats
@@ -213,5 +214,7 @@ def test_cache_size_auto_takes_half_the_memory_cgroups_headroom(synth, tmp_path)
             d.stop()
     finally:
         cg.close()
-    assert 0 < size <= limit // 2, size
+    from hobbit.loader.sizing import PROCESS_ALLOWANCE
+
+    assert 0 < size <= limit - PROCESS_ALLOWANCE, size
     assert parse_size("1G") and config_from_args(build_parser().parse_args(["--cache-size", "auto"])).cache_size == 0
