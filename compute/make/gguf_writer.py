@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...protocol.errors import ModelError
-from ..engine.sampling import SamplingSettings
+from ..engine.sampling import MODEL_KEYS, SamplingSettings
 from ..progress import progress_bar
 
 
@@ -45,18 +45,10 @@ def copied_fields(reader, keep) -> list:
 def add_sampling(writer, s: SamplingSettings) -> None:
     """The general.sampling.* keys of the fields s sets, in the types llama.cpp's converter
     writes (gguf's add_sampling_*): the defaults chat, generate and serve (and llama.cpp) take."""
-    if s.temperature is not None:
-        writer.add_sampling_temp(s.temperature)
-    if s.top_k is not None:
-        writer.add_sampling_top_k(s.top_k)
-    if s.top_p is not None:
-        writer.add_sampling_top_p(s.top_p)
-    if s.min_p is not None:
-        writer.add_sampling_min_p(s.min_p)
-    if s.penalty_repeat is not None:
-        writer.add_sampling_penalty_repeat(s.penalty_repeat)
-    if s.penalty_last_n is not None:
-        writer.add_sampling_penalty_last_n(s.penalty_last_n)
+    for key, name in MODEL_KEYS.items():  # gguf's writer has add_sampling_<key> for each
+        value = getattr(s, name)
+        if value is not None:
+            getattr(writer, "add_sampling_" + key.rsplit(".", 1)[1])(value)
     # penalty_freq and penalty_present: no general.sampling key holds them (llama.cpp has none)
 
 
