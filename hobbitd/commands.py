@@ -20,7 +20,7 @@ import zmq
 from ..loader.cache import ExpertCache
 from ..loader.model_cache import ModelCache
 from ..protocol import messages as m
-from ..protocol.errors import RequestError
+from ..protocol.errors import FILE_CHANGED, RequestError
 from .sessions import Session
 from .watch import FileWatch
 
@@ -101,7 +101,7 @@ class Commands:
                 self.watch.check(mo, epoch)
                 slots = await self.cache.acquire(s.sid, mo, layer, experts, scores)
             except RequestError as e:
-                if e.code == "file_changed":
+                if e.code == FILE_CHANGED:
                     log.warning("%s", e)
                 if s.alive:
                     return self.out.error(s.ident, e.code, str(e), rid)
@@ -185,7 +185,7 @@ class Commands:
         try:
             mo = self.cache.model(msg["model"])
             if not self.watch.fresh(mo):
-                raise RequestError("file_changed", f"{mo.path} changed while hobbitd served it; run the client again")
+                raise RequestError(FILE_CHANGED, f"{mo.path} changed while hobbitd served it; run the client again")
             self.watch.check(mo, msg.get("epoch"))
         except RequestError as e:
             return self.out.error(s.ident, e.code, str(e), msg["id"])

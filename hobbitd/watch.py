@@ -25,7 +25,7 @@ from ..loader.io_engine import IOEngine
 from ..loader.model_cache import ModelCache
 from ..loader.precision import HIGH
 from ..loader.served import ModelOptions, open_served
-from ..protocol.errors import HobbitError, RequestError
+from ..protocol.errors import FILE_CHANGED, HobbitError, RequestError
 
 log = logging.getLogger("hobbitd")
 
@@ -77,9 +77,9 @@ class FileWatch:
         something hobbitd cannot serve), or when the client asking knew it at another epoch
         (it computes on its own mmap of the file as it was then)."""
         if mo.broken is not None:
-            raise RequestError("file_changed", mo.broken)
+            raise RequestError(FILE_CHANGED, mo.broken)
         if isinstance(epoch, int) and epoch != mo.epoch:
-            raise RequestError("file_changed", f"{mo.path} changed after this client opened it; run the client again")
+            raise RequestError(FILE_CHANGED, f"{mo.path} changed after this client opened it; run the client again")
 
     async def _reopen(self, mo: ModelCache) -> None:
         fut = self._opening[mo.name]

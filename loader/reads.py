@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..protocol.errors import RequestError
+from ..protocol.errors import FILE_CHANGED, FileChanged, RequestError
 from .identity import identity
 from .io_engine import PREFETCH, IOEngine, JobState, Priority, ReadJob, ReadSegment
 from .model_cache import ModelCache
@@ -45,10 +45,6 @@ class Signal:
             return True
         except TimeoutError:
             return False
-
-
-class FileChanged(Exception):
-    """The file changed while an expert was read from it (the bytes may be mixed)."""
 
 
 class Reads:
@@ -120,9 +116,9 @@ class Reads:
             code = "checksum" if isinstance(error, ChecksumError) else "io"
             note = ""
             if isinstance(error, FileChanged):
-                code = "file_changed"
+                code = FILE_CHANGED
             elif mo.changed(prec):  # truncated or replaced while served: say so
-                code, note = "file_changed", "; stale: the file changed after hobbitd opened it"
+                code, note = FILE_CHANGED, "; stale: the file changed after hobbitd opened it"
             fut.set_exception(
                 RequestError(code, f"reading {mo.name} layer {key[0]} expert {key[1]} ({prec}): {error}{note}")
             )

@@ -5,6 +5,7 @@ Each error's str() is one line that names the thing and the reason, fit to print
 """
 
 TOO_MANY_SESSIONS = "too_many_sessions"  # the wire code of a HELLO refused a session
+FILE_CHANGED = "file_changed"  # the wire code of a request for a file changed since its HELLO
 
 
 class HobbitError(Exception):
@@ -15,6 +16,13 @@ class ModelError(HobbitError):
     """A model file is missing, not a GGUF, truncated, or of an unsupported kind."""
 
     code = "bad_model"
+
+
+class FileChanged(ModelError):
+    """A model file changed (rewritten, truncated or replaced) after this process mapped it:
+    what was computed on it is not used; opening the file again may succeed."""
+
+    code = FILE_CHANGED
 
 
 class InputError(HobbitError):

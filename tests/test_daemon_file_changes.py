@@ -14,6 +14,7 @@ import time
 import pytest
 
 from daemon_util import SlotView, call, connect, hello, release, request, run_daemon, stats
+from serve_util import run_serve
 from hobbit.compute.engine.weights import open_model
 from hobbit.loader.gguf_file import open_gguf
 from hobbit.loader.layout import gguf_experts
@@ -199,3 +200,34 @@ def test_a_rewritten_file_is_served_from_its_new_bytes_at_a_new_epoch(models, tm
 def _stat(path: str) -> tuple:
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def test_serve_answers_from_the_file_as_it_is_now(models, texts, tmp_path):
+    """serve through hobbitd while its model file is replaced, truncated and restored: each
+    answer is the in-process text of the file as it is (serve opens it again, no restart),
+    a file that is no longer a model gets 503 with one line naming it, never a traceback."""
+    a, b = models
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(a, path)
+
+    def replace(src: str) -> None:
+        shutil.copy(src, path + ".new")
+        os.replace(path + ".new", path)
+
+    with run_daemon([path], cache_bytes(path, 0.5), tmp_path) as d:
+        with run_serve(path, "--ctx", "256", log_path=tmp_path / "serve.log", socket=d.socket) as s:
+
+            def answer() -> tuple[int, dict]:
+                return s.complete(prompt=PROMPT, max_tokens=16, temperature=0)
+
+            for src, text in ((a, texts[0]), (b, texts[1]), (a, texts[0])):
+                replace(src)
+                status, body = answer()
+                assert status == 200 and body["choices"][0]["text"] == text[:-1], (body, s.log)
+            os.truncate(path, os.path.getsize(path) // 2)
+            status, body = answer()
+            assert status == 503 and body["error"]["code"] == "model_changed", body
+            assert path in body["error"]["message"] and "\n" not in body["error"]["message"], body
+            replace(b)
+            status, body = answer()
+            assert status == 200 and body["choices"][0]["text"] == texts[1][:-1], (body, s.log)

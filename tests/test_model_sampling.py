@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from serve_util import run_serve
 from hobbit.compute.engine.sampling import SamplingOptions, SamplingSettings, model_sampling, resolve
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
@@ -166,33 +162,13 @@ def served(synth, tmp_path_factory):
     """serve, in-process (a dense model), of a synthetic model whose file says min-p 1."""
     log_path = tmp_path_factory.mktemp("serve-sampling") / "serve.log"
     model = synth(**SMALL, sampling=GREEDY_BY_MIN_P)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*CLI, "serve", model, "--port", "0", "--ctx", "256"], stdout=log, stderr=log)
-    url = None
-    deadline = time.monotonic() + 120
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        found = re.search(r"listening on (http://[\d.]+:\d+)/v1", log_path.read_text())
-        url = found and found.group(1)
-        time.sleep(0.1)
-    try:
-        if url is None:
-            pytest.fail(f"serve did not start:\n{log_path.read_text()}")
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with run_serve(model, "--ctx", "256", log_path=log_path) as s:
+        yield s
 
 
-def _complete(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+def _complete(served, body: bytes) -> tuple[int, dict]:
+    status, text = served.post("/v1/completions", body)
+    return status, json.loads(text)
 
 
 def test_serve_takes_the_models_sampling_and_request_fields_override_it(served):

@@ -6,49 +6,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 
 from daemon_util import run_daemon
+from serve_util import run_serve
 from hobbit.compute.apps.api import StopText
 
 CLI = [sys.executable, "-m", "hobbit.compute.apps.cli"]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Served:
-    def __init__(self, proc, url, socket, log_path):
-        self.proc, self.url, self.socket, self.log_path = proc, url, socket, log_path
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def get(self, path: str):
-        """(status, decoded body) of a GET."""
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def post(self, path: str, data: bytes):
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    @property
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
 
 
 @pytest.fixture(scope="module")
@@ -64,48 +35,9 @@ def served(default_moe, tmp_path_factory):
     ex = gguf_experts(open_model(default_moe))
     cache = ex.total_bytes // 4
     with run_daemon([default_moe], cache, tmp, no_dynamic=True) as daemon:
-        log_path = tmp / "serve.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [
-                    *CLI,
-                    "serve",
-                    default_moe,
-                    "--port",
-                    "0",
-                    "--parallel",
-                    "2",
-                    "--max-queue",
-                    "1",
-                    "--socket",
-                    daemon.socket,
-                    "--ctx",
-                    "512",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = re.search(r"listening on (http://[\d.]+:\d+)/v1", open(log_path).read())
-            url = found and found.group(1)
-            time.sleep(0.1)
-        if url is None:
-            proc.kill()
-            pytest.fail(f"serve did not start:\n{open(log_path).read()}")
-        s = Served(proc, url, daemon.socket, log_path)
-        try:
+        flags = ["--parallel", "2", "--max-queue", "1", "--ctx", "512"]
+        with run_serve(default_moe, *flags, log_path=tmp / "serve.log", socket=daemon.socket) as s:
             yield s
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                pytest.fail(f"serve did not stop on SIGTERM:\n{s.log}")
-            assert rc == 0, s.log
-            assert "Traceback" not in s.log, s.log
 
 
 def _generate(model: str, socket: str, prompt: str, n: int, chat: bool = False) -> str:

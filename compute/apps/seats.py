@@ -1,5 +1,12 @@
 """hobbit-cli serve's seats: a seat is one Model with its own KV cache and hobbitd
-connection, used by one request at a time; Seats hands them out (compute/apps/serve.py)."""
+connection, used by one request at a time; Seats hands them out (compute/apps/serve.py).
+
+The seats share the model's weights and tokenizer (ModelFiles). When the model file changes
+under the server (rewritten, replaced, truncated: engine/file_guard.py or hobbitd say
+FILE_CHANGED), the server opens it again (ModelFiles.reopen) and each seat follows before
+its next generation (Seat.follow: a new Model and hobbitd session on the new version), so a
+long-running server serves the file as it is now instead of failing until restarted.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +16,85 @@ import time
 
 from . import api
 from .api import ApiError
-from ..engine.sampling import SamplingSettings
+from ..engine.model import Model
+from ..engine.sampling import SamplingSettings, model_sampling
+from ..engine.tokenizer import Tokenizer
+from ..engine.weights import Weights, open_model
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
 
 
+class ModelFiles:
+    """The model's weights, tokenizer and recommended sampling as of the file's latest
+    opening (`version` counts them), shared by the seats; reopen() is thread-safe."""
+
+    def __init__(self, path: str, weights: Weights, tok: Tokenizer):
+        self.path = path
+        self.weights, self.tok = weights, tok
+        self.sampling: SamplingSettings = model_sampling(weights)  # a bad general.sampling.* key: refused
+        self.version = 0
+        self._lock = threading.Lock()
+
+    def reopen(self, seen: int) -> None:
+        """Open the file again after it changed, unless it was since version `seen`.
+        ModelError when it is no longer a model hobbit runs (the old version stays, and so
+        does the error until the file is fixed). The old weights stay mapped for the seats
+        still on them (garbage once the last one follows)."""
+        with self._lock:
+            if self.version != seen:
+                return
+            weights = open_model(self.path)
+            tok = Tokenizer(self.path)
+            self.weights, self.tok, self.sampling = weights, tok, model_sampling(weights)
+            self.version += 1
+
+    def current(self) -> tuple[int, Weights]:
+        """(version, weights) of the latest opening, read together."""
+        with self._lock:
+            return self.version, self.weights
+
+
 class Seat:
     """One Model and the tokens its KV cache holds. Used by one request at a time."""
 
-    def __init__(self, index: int, model, tok, sampling: SamplingSettings):
-        self.index, self.model, self.tok = index, model, tok
-        self.sampling = sampling  # the model file's recommendation (general.sampling.*)
+    def __init__(self, index: int, model: Model, files: ModelFiles):
+        self.index, self.model, self.files = index, model, files
+        self.version = files.version  # the opening of the file self.model computes on
         self.tokens: list[int] = []
         self.cancel = threading.Event()
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self.files.tok
+
+    def follow(self) -> None:
+        """Move to the file's latest opening, if this seat is not on it: a new Model (and,
+        through hobbitd, a new session, which gets the daemon's new epoch of the file; a
+        private daemon passes to it). HobbitError when hobbitd cannot serve the new file."""
+        version, weights = self.files.current()
+        if self.version == version:
+            return
+        from ..client.expert_client import ExpertClient
+
+        old = self.model
+        experts = None
+        if old.experts is not None:
+            experts = ExpertClient(old.experts.socket_path, self.files.path, reconnect_s=old.experts.reconnect_s)
+            experts.announce = old.experts.announce
+        try:
+            self.model = Model(weights, old.opts, experts=experts)
+        except BaseException:
+            if experts is not None:
+                experts.close()
+            raise
+        if experts is not None:
+            experts.private, old.experts.private = old.experts.private, None
+        self.version, self.tokens = version, []
+        old.close()
+        if old.experts is not None:
+            old.experts.close()
 
     def shared_prefix(self, ids: list) -> int:
         n = 0
@@ -40,6 +111,7 @@ class Seat:
         from ..engine.generate import TextStream, generate_tokens
         from ..engine.sampling import Sampler, resolve
 
+        self.follow()
         model = self.model
         keep = self.shared_prefix(ids)
         if not model.resumable(keep):  # a sliding window already moved past it
@@ -50,7 +122,7 @@ class Seat:
         self.tokens = ids[:keep]
         room = model.n_ctx - len(ids) + 1  # the last generated token needs no KV slot
         limit = min(job.max_tokens or room, room)
-        sampler = Sampler(resolve(api.sampling(job), self.sampling, builtin=api.DEFAULTS))
+        sampler = Sampler(resolve(api.sampling(job), self.files.sampling, builtin=api.DEFAULTS))
         text, stop = TextStream(self.tok), api.StopText(job.stop)
         gen, finish = [], "length"
         t_first = None

@@ -14,6 +14,10 @@ beyond which they get 503. A client that disconnects stops its generation at the
 Request → seat → tokens: handle_completion() parses (api.parse), waits for a seat
 (Seats.take), runs Seat.generate in a thread, which pushes text pieces to an asyncio queue
 that the handler streams or collects.
+
+A model file changed under the server (seats.py) is opened again: a request that found the
+change before its first piece of text is answered from the new file; one cut by it
+mid-answer gets 503 model_changed, and the next request the new file.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from dataclasses import dataclass
 
 from . import api
 from .api import ApiError
-from .seats import ClientGone, Seat, Seats
-from ...protocol.errors import HobbitError, InputError
+from .seats import ClientGone, ModelFiles, Seat, Seats
+from ...protocol.errors import FILE_CHANGED, HobbitError, InputError
 
 log = logging.getLogger("hobbit.serve")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -53,8 +57,8 @@ class ServeOptions:
 class Server:
     """The seats, the tokenizer, the counters; the aiohttp handlers are its methods."""
 
-    def __init__(self, opts: ServeOptions, seats: list[Seat], tok, daemon_socket: str | None):
-        self.opts, self.tok = opts, tok
+    def __init__(self, opts: ServeOptions, seats: list[Seat], files: ModelFiles, daemon_socket: str | None):
+        self.opts, self.files = opts, files
         self.name = os.path.basename(opts.model).removesuffix(".gguf")
         self.seats = Seats(seats, opts.max_queue)
         self.pool = ThreadPoolExecutor(max_workers=len(seats) + 1, thread_name_prefix="hobbit-gen")
@@ -110,18 +114,18 @@ class Server:
         n_ctx = self.opts.n_ctx
         if job.chat:
             try:
-                text = self.tok.chat_prompt(job.messages)
+                text = self.files.tok.chat_prompt(job.messages)
             except HobbitError as e:
                 raise ApiError(400, str(e), "messages") from None
-            ids = self.tok.encode(text, parse_special=True)
+            ids = self.files.tok.encode(text, parse_special=True)
         elif isinstance(job.prompt, list):
             ids = list(job.prompt)
-            n_vocab = self.seats.all[0].model.args.n_vocab
+            n_vocab = self.files.weights.args.n_vocab
             bad = [t for t in ids if not 0 <= t < n_vocab]
             if bad:
                 raise ApiError(400, f"token id {bad[0]} is out of range 0..{n_vocab - 1}", "prompt")
         else:
-            ids = self.tok.encode(job.prompt)
+            ids = self.files.tok.encode(job.prompt)
         if len(ids) >= n_ctx:
             raise ApiError(
                 400,
@@ -134,7 +138,40 @@ class Server:
 
     async def _run(self, request, seat: Seat, ids: list, job: api.Job, on_piece) -> dict:
         """Generate in a worker thread; each piece reaches on_piece (an async-side callable
-        or coroutine function) in order. A disconnected client cancels the seat's generation."""
+        or coroutine function) in order. A disconnected client cancels the seat's generation.
+        The model file found changed before the first piece: opened again, and the answer
+        generated on the new file (once)."""
+        loop = asyncio.get_running_loop()
+        sent: list = []
+
+        def counted(piece):
+            sent.append(piece)
+            return on_piece(piece)
+
+        for attempt in range(2):
+            try:
+                return await self._generate(request, seat, ids, job, counted)
+            except HobbitError as e:
+                if e.code != FILE_CHANGED:
+                    log.error("generation failed: %s", e)
+                    raise ApiError(503, f"generation failed: {e}", code="daemon_error") from None
+                log.warning("%s: opening it again", e)
+                try:
+                    await loop.run_in_executor(self.pool, self.files.reopen, seat.version)
+                except HobbitError as again:
+                    log.error("%s", again)
+                    raise ApiError(
+                        503, f"the model file changed and cannot be opened again: {again}", code="model_changed"
+                    ) from None
+                if sent or attempt:
+                    raise ApiError(
+                        503, "the model file changed during this answer; ask again", code="model_changed"
+                    ) from None
+                ids = self._tokens(job)  # with the file's tokenizer as it is now
+        raise AssertionError("unreachable")
+
+    async def _generate(self, request, seat: Seat, ids: list, job: api.Job, on_piece) -> dict:
+        """One generation of _run; HobbitError as the seat raised it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
@@ -162,9 +199,6 @@ class Server:
             result = work.result()
         except InputError as e:
             raise ApiError(400, str(e)) from None
-        except HobbitError as e:
-            log.error("generation failed: %s", e)
-            raise ApiError(503, f"generation failed: {e}", code="daemon_error") from None
         self.metrics.generated(result)
         if result["finish"] == "cancelled":  # not by this client: the server is stopping
             raise ApiError(503, "the server is shutting down; the answer was cut short", code="shutting_down")
@@ -333,13 +367,13 @@ def load(opts: ServeOptions, daemon) -> Server:
     which may start a private hobbitd; None: in-process), the others on the same weights,
     tokenizer and hobbitd."""
     from ..engine.model import RunOptions
-    from ..engine.sampling import ignored_keys, model_sampling
+    from ..engine.sampling import ignored_keys
     from ..runs import open_run
 
     first = open_run(opts.model, RunOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads), daemon)
     runs = [first]
     try:
-        recommended = model_sampling(first.weights)  # a bad general.sampling.* key: refused at start
+        files = ModelFiles(first.path, first.weights, first.tok)  # a bad general.sampling.* key: refused at start
         for line in ignored_keys(first.weights):
             log.warning("%s", line)
         while len(runs) < opts.parallel:
@@ -348,8 +382,8 @@ def load(opts: ServeOptions, daemon) -> Server:
         for r in reversed(runs):  # the first one's client may own a private hobbitd
             r.close()
         raise
-    seats = [Seat(i, r.model, r.tok, recommended) for i, r in enumerate(runs)]
-    return Server(opts, seats, first.tok, first.experts.socket_path if first.experts else None)
+    seats = [Seat(i, r.model, files) for i, r in enumerate(runs)]
+    return Server(opts, seats, files, first.experts.socket_path if first.experts else None)
 
 
 def bind(host: str, port: int):

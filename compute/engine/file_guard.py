@@ -7,7 +7,7 @@ shows the new bytes mixed with what was computed from the old; replaced by a ren
 mapping keeps the old file while hobbitd serves the new one. So each forward is checked
 before and after (`enter`, `exit`): a stat must show the identity the file had when it was
 mapped (loader/identity.py; dev, inode, size, mtime), and when hobbitd serves the experts,
-its file must be that one too (WELCOME's "file"). A change is a ModelError naming the file.
+its file must be that one too (WELCOME's "file"). A change is a FileChanged naming the file.
 
 Against the race of a change during a forward the process holds a read lease on the file
 (fcntl F_SETLEASE, where the kernel grants it: the file's owner, a local filesystem, nobody
@@ -28,7 +28,7 @@ import signal
 import threading
 
 from ...loader.identity import FileIdentity, identity
-from ...protocol.errors import ModelError
+from ...protocol.errors import FileChanged
 
 _leases: dict[str, _Lease] = {}  # realpath -> the lease this process holds on it
 _handler_installed = False
@@ -111,19 +111,19 @@ class FileGuard:
                 self.leases.append(held)
 
     def check(self, served: list | None = None) -> None:
-        """ModelError unless the files are still the ones mapped (and, `served` given:
+        """FileChanged unless the files are still the ones mapped (and, `served` given:
         WELCOME's "file" of hobbitd, the first one is the one hobbitd serves)."""
         for held in self.leases:
             if held.broken:
-                raise ModelError(
+                raise FileChanged(
                     f"{held.path}: another process is writing or truncating the model file; run again after"
                 )
         for path, was in zip(self.paths, self.mapped):
             if was is None or not was.same_bytes(identity(path)):
-                raise ModelError(f"{path}: the model file changed while in use (rewritten, truncated or replaced)")
+                raise FileChanged(f"{path}: the model file changed while in use (rewritten, truncated or replaced)")
         first = self.mapped[0]
         if served is not None and first is not None and served != first.wire():
-            raise ModelError(
+            raise FileChanged(
                 f"{self.paths[0]}: hobbitd serves another version of the model file than this process mapped"
             )
 
