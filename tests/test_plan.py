@@ -55,6 +55,26 @@ def test_plan_json_and_hobbitd_auto_take_the_same_cache(model, tmp_path):
         sock.close(linger=0)
 
 
+def test_plan_counts_the_reads_the_prefetch_hides(synth):
+    """With half the experts cached the forecast reads each decode step's misses, and the
+    lookahead, measured on the probe's decode steps, hides at most its predicted share of
+    the reads behind at most the compute of the segments after the first."""
+    model = synth(**{**MODEL, "layers": 4})
+    r = plan(model, "--memory", "1G", "--prompt", "16", "--json")
+    s = json.loads(r.stdout)["sizing"]
+    half = s["allowance"] + s["client_weights"] + json.loads(r.stdout)["expert_bytes"] // 2
+    r = plan(model, "--memory", str(half), "--prompt", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    f, recall, L = p["forecast"], p["probes"]["prefetch_recall"], p["n_layer"]
+    assert 0 < f["hit_share"] < 1 and f["bytes_per_token"] > 0
+    assert 0 < recall <= 1  # a router a layer ahead predicts some of a random model's experts
+    hidden = (L - 1) * min(recall * f["decode_read_s"] / L, f["decode_compute_s"] / (L + 1))
+    assert f["decode_hidden_s"] == pytest.approx(hidden) and f["decode_hidden_s"] > 0
+    step = f["decode_compute_s"] + f["decode_read_s"] - f["decode_hidden_s"]
+    assert f["decode_tok_s"] == pytest.approx(1 / step)
+
+
 def test_plan_of_a_model_with_sliding_window_layers(synth):
     """gpt-oss's sliding-window layers: the compute probe computes the prompt to its end
     (their ring cannot jump ahead) and forecasts decoding after it."""

@@ -51,13 +51,13 @@ def print_plan(plan) -> None:
         f"expert{'s' * (p.decode_batch > 1)} at once), {p.prompt_read_Bps / 1e9:.2f} GB/s ({p.prompt_batch} "
         f"neighbours at once); compute {1e3 * p.decode_s:.1f} ms a decode step on {p.client_threads} "
         f"thread{'s' * (p.client_threads > 1)} ({1e3 * p.decode_all_s:.1f} ms on {p.all_threads}), "
-        f"{p.prompt_s:.2f} s the prompt"
+        f"{p.prompt_s:.2f} s the prompt; the lookahead predicts {p.prefetch_recall:.0%} of a layer's experts"
     )
     print(f"forecast (routing {plan.routing}):")
     print(
         f"  hobbit exact    {f.decode_tok_s:6.2f} tok/s decoding after {plan.prompt} prompt tokens: "
         f"{1e3 * f.decode_compute_s:.0f} ms compute + {f.bytes_per_token / 1e6:.0f} MB read in "
-        f"{1e3 * f.decode_read_s:.0f} ms a token"
+        f"{1e3 * f.decode_read_s:.0f} ms a token, {1e3 * f.decode_hidden_s:.0f} ms of it behind the compute (prefetch)"
     )
     lossy = "     -" if f.lossy_tok_s is None else f"{f.lossy_tok_s:6.2f} tok/s"
     print(f"  hobbit lossy    {lossy}  {f.lossy_note}")

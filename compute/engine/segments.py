@@ -217,6 +217,10 @@ class PrefetchStats:
     predictions made count: none is made while the coming layers are all cached."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget what was counted (and the predictions waiting for their layer)."""
         self.pending: dict = {}  # target layer -> [(distance, predicted set, predicted top1)]
         self.top1: dict = {}  # distance -> [hits, total]
         self.recall: dict = {}  # distance -> [experts predicted and used, experts used]

@@ -19,10 +19,17 @@ Probes:
     chunks of enough tokens that each expert gets as many rows as in a 512-token batch,
     at the prompt's start and at its end (compute_probe).
 
+    The decode steps run with the lookahead on (hobbitd's exact mode prefetches too): how
+    many of a layer's experts the lookahead predicted one layer ahead (its recall) is
+    measured there, on the probe's own routing.
+
 Forecast (routing assumed uniform: the hit rate is the share of a layer's experts the
 cache holds; the models measured in BENCHMARKS.md route near uniformly):
-  decode step = compute + the misses' bytes / the read rate at that batch (measured:
-  little overlap in exact mode); a prompt: each batch of n_batch tokens reads every
+  decode step = compute + the misses' bytes / the read rate at that batch, less what the
+  prefetch hides: while segment m+1 computes (a step's compute over its L+1 segments),
+  hobbitd reads layer m+1's predicted misses, up to what flash delivers in that time; so
+  each of the L-1 layers after the first hides min(recall x its reads, a segment's
+  compute). A prompt: each batch of n_batch tokens reads every
   distinct expert it uses that the cache does not hold (LRU over a sweep of every layer
   keeps none, unless the cache holds them all: then each is read once), plus the compute.
   Lossy (a calibrated model): the misses of hobbitd's high and low slots, loaded high,
@@ -38,29 +45,19 @@ cache holds; the models measured in BENCHMARKS.md route near uniformly):
 from __future__ import annotations
 
 import os
-import random
-import statistics
-import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from ...loader.io_engine import DEMAND, IOEngine
-from ...loader.layout import ExpertSource, Handle, client_resident_bytes, gguf_experts
-from ...loader.precision import HIGH, Thresholds
+from ...loader.layout import ExpertSource, client_resident_bytes, gguf_experts
+from ...loader.precision import HIGH
 from ...loader.sizing import Sizing
-from ...protocol.errors import HobbitError, InputError
+from ...protocol.errors import InputError
 from ..engine.attention import KV_PAD
-from ..engine.experts import LocalExperts
-from ..engine.model import WIDE, Model, RunOptions
+from ..engine.model import RunOptions
 from ..engine.weights import ModelArgs, Weights, open_model
+from .plan_probes import PROBE_EXPERTS, compute_probe, read_rate
 
 MiB = 1 << 20
-PROBE_READ_BYTES = 512 * MiB  # read per batch size probed (at most PROBE_EXPERTS experts)
-PROBE_EXPERTS = 96
-PROBE_TOUCH_BYTES = 1 << 30  # expert bytes the compute probe may page in, at most
-DECODE_STEPS = 6  # timed decode steps per thread count
 # llama.cpp's process besides the file's pages and its KV cache (measured: 80-85 MB RssAnon
 # of llama-cpp-python decoding the two files of BENCHMARKS.md's plan table)
 LLAMA_OWN = 128 * MiB
@@ -87,6 +84,7 @@ class Probes:
     prompt_tokens: int  # T: the compute probe's prompt chunk
     client_threads: int  # a client's threads through hobbitd for a decode step
     decode_s: float  # a decode step's compute at the prompt's end, with them
+    prefetch_recall: float  # of a layer's experts the lookahead predicted a layer ahead (decode)
     all_threads: int  # every core (llama.cpp's threads)
     decode_all_s: float  # the same step with every core
     prompt_s: float  # compute of the whole prompt
@@ -98,7 +96,8 @@ class Forecast:
     cache_slots: int  # high-precision slots (exact mode)
     hit_share: float  # of a layer's experts the cache holds
     bytes_per_token: float  # read in a decode step
-    decode_read_s: float  # a decode step's wait for its reads
+    decode_read_s: float  # a decode step's reads, at the probed rate
+    decode_hidden_s: float  # of them, read by the prefetch while the client computes
     decode_compute_s: float  # a decode step's compute, at the prompt's length
     decode_tok_s: float
     lossy_tok_s: float | None  # None: not calibrated (hobbitd runs exact)
@@ -201,9 +200,13 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
     per_token = K * (1 - hit) * sum(layer_bytes)
     read_s = per_token / p.decode_read_Bps
     step_s = p.decode_s  # decoding after the prompt
-    decode_tok_s = 1 / (step_s + read_s)
+    hidden_s = prefetched_s(read_s, step_s, src.n_layer, p.prefetch_recall)
+    decode_tok_s = 1 / (step_s + read_s - hidden_s)
     lossy_bytes, lossy_note = _lossy_reads(w.path, sizing.cache, src, K)
-    lossy = None if lossy_bytes is None else 1 / (step_s + lossy_bytes / p.decode_read_Bps)
+    lossy = None
+    if lossy_bytes is not None:
+        lossy_read_s = lossy_bytes / p.decode_read_Bps
+        lossy = 1 / (step_s + lossy_read_s - prefetched_s(lossy_read_s, step_s, src.n_layer, p.prefetch_recall))
     n_batch = RunOptions().n_batch
     if hit >= 1:  # each expert read once, at its first use
         prompt_uses = used_experts(K, E, n_prompt)
@@ -234,6 +237,7 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
         hit,
         per_token,
         read_s,
+        hidden_s,
         step_s,
         decode_tok_s,
         lossy,
@@ -246,6 +250,15 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
         llama,
         note,
     )
+
+
+def prefetched_s(read_s: float, compute_s: float, n_layer: int, recall: float) -> float:
+    """Of a decode step's read_s, the seconds the prefetch hides behind its compute_s (the
+    module docstring): the L-1 layers after the first each hide their predicted share of
+    their reads, at most one segment's compute."""
+    if n_layer < 2:
+        return 0.0
+    return (n_layer - 1) * min(recall * read_s / n_layer, compute_s / (n_layer + 1))
 
 
 def _lossy_reads(path: str, cache: int, src: ExpertSource, K: int) -> tuple[float | None, str]:
@@ -302,173 +315,6 @@ def kv_cache_bytes(a: ModelArgs, n_ctx: int, n_batch: int) -> int:
     ring = min(n_ctx, -(-(a.n_swa + n_batch) // KV_PAD) * KV_PAD) if a.n_swa else 0
     per_cell = a.n_embd_kv * 2 * (1 if a.kv_lora_rank else 2)
     return sum((ring if a.is_swa(il) else n_ctx) * per_cell for il in range(a.n_layer))
-
-
-# ---- probes --------------------------------------------------------------------------------
-
-
-def read_rate(src: ExpertSource, batch: int, adjacent: bool, threads: int = 4) -> tuple[float, int]:
-    """(bytes/s, experts read): experts read through hobbitd's I/O engine (direct I/O,
-    `threads` readers as hobbitd's default), `batch` at a time, each batch waited for
-    before the next, as the daemon serves one layer's misses. adjacent: a batch is
-    neighbouring experts of one layer (a prompt's layer uses nearly all of them, and the
-    engine merges neighbours' reads), else random experts of the model (a decode step's)."""
-    from ...loader.shm import Segment, new_name
-
-    fmt = src.format
-    mean = src.total_bytes / (src.n_layer * src.n_expert)
-    batch = min(batch, src.n_expert)
-    # batches, the first untimed: the daemon's reader threads have their merge buffers
-    n = 1 + max(2, min(PROBE_EXPERTS, int(PROBE_READ_BYTES // mean)) // batch)
-    rng = random.Random(os.getpid() ^ time.time_ns())  # a fresh sample: no cache below us helps
-    if adjacent:
-        groups = []
-        for _ in range(n):
-            layer, first = rng.randrange(src.n_layer), rng.randrange(src.n_expert - batch + 1)
-            groups.append([(layer, e) for e in range(first, first + batch)])
-    else:
-        picks = rng.sample(range(src.n_layer * src.n_expert), min(n * batch, src.n_layer * src.n_expert))
-        picks = [divmod(i, src.n_expert) for i in picks]
-        groups = [picks[i : i + batch] for i in range(0, len(picks), batch)]
-    seg = Segment(new_name("hobbit-plan"), batch * fmt.slot_bytes, create=True)
-    io = IOEngine(threads, direct=True)
-    timed, errors = [], []  # (bytes, seconds) of every batch after the first
-    try:
-        for g, group in enumerate(groups):
-            t0, nbytes = time.perf_counter(), 0
-            left, done_all, lock = [len(group)], threading.Event(), threading.Lock()
-
-            def done(job, err, left=left, done_all=done_all, lock=lock):
-                if err:
-                    errors.append(err)
-                with lock:
-                    left[0] -= 1
-                    if not left[0]:
-                        done_all.set()
-
-            for i, (layer, e) in enumerate(group):
-                base = seg.address + i * fmt.slot_bytes
-                segs = [
-                    (src.file_of(layer, p), off, nb, base + o)
-                    for p, ((off, nb), o) in enumerate(zip(src.ranges(layer, e), fmt.offsets(layer)))
-                ]
-                io.submit(("plan", layer, e), segs, DEMAND, done)
-                nbytes += src.expert_bytes(layer)
-            done_all.wait()
-            if g:
-                timed.append((nbytes, time.perf_counter() - t0))
-    finally:
-        io.close()
-        seg.close()
-    if errors:
-        raise HobbitError(f"{src.path}: reading experts failed: {errors[0]}")
-    # the median batch's time: a few batches slowed by another process's I/O or CPU (a
-    # shared machine) do not set the forecast, which is for the machine as it runs alone
-    seconds = statistics.median(t for _, t in timed) * len(timed)
-    return sum(b for b, _ in timed) / seconds, sum(len(g) for g in groups[1:])
-
-
-class ProbeExperts(LocalExperts):
-    """LocalExperts whose layer computes each routed expert e with expert e mod S of that
-    layer: the work of the real expert (same shapes, same types) on S experts' pages. It
-    stands in for hobbitd (remote), so the model takes a client's thread count."""
-
-    remote = True
-
-    def __init__(self, weights, n_slots: int, every_expert: bool):
-        """every_expert: hobbitd's cache holds every expert, so the client computes each
-        forward in one graph on them (ExpertProvider.resident), as it will then."""
-        super().__init__(weights, None, Thresholds(dynamic=False))
-        self.n_slots = n_slots
-        src = self.sources[HIGH]
-        self.table = np.arange(src.n_expert, dtype=np.int32)[None, :].repeat(src.n_layer, 0) % n_slots
-        self.every_expert = every_expert
-
-    def resident(self):
-        return self.table if self.every_expert else None
-
-    def fetch(self, layer: int, experts, scores, seq: int = 0, token: int = 0, n_tokens: int = 1) -> list:
-        return [Handle(HIGH, int(e) % self.n_slots) for e in experts]
-
-    def fetch_pairs(self, layer: int, sel, scores, fetched: dict) -> list:
-        return [[Handle(HIGH, int(e) % self.n_slots) for e in row] for row in sel]
-
-    def touch(self) -> None:
-        """Read the S experts' pages of every layer into the page cache (untimed)."""
-        src = self.sources[HIGH]
-        for il in range(src.n_layer):
-            for p in range(len(src.format.parts)):
-                start, end = src.part_base[il][p], src.part_base[il][p] + self.n_slots * src.part_stride[il][p]
-                fd = os.open(src.file_of(il, p), os.O_RDONLY)
-                try:
-                    for at in range(start, end, 1 << 24):
-                        os.pread(fd, min(1 << 24, end - at), at)
-                finally:
-                    os.close(fd)
-
-
-def compute_probe(w: Weights, src: ExpertSource, n_prompt: int, every_expert: bool) -> tuple:
-    """(S, T, client threads, decode step s, all threads, decode step s with them, prompt
-    s), timed on the engine with ProbeExperts. The prompt: a chunk of T tokens at position
-    0 and one ending at n_prompt, their cost per token taken as linear in between (the
-    attention's share grows with the position). Decode: the median of DECODE_STEPS steps
-    at position n_prompt. The probe moves its sequence there by setting Model.n_past, as a
-    chat reusing a prefix sets it back: the KV slots in between hold zeros, which cost the
-    attention the same work as a prompt's keys would. A model with sliding-window layers
-    cannot jump (their ring must hold the window before the position): it computes the
-    whole prompt in chunks of T, timed as the prompt's compute."""
-    from ..engine.ggml import physical_cores
-
-    a = w.args
-    K, E = a.n_expert_used, src.n_expert
-    n_batch = RunOptions().n_batch
-    mean = src.total_bytes / (src.n_layer * E)
-    # S slots a layer; a chunk gives each as many rows as a full batch gives an expert
-    S = max(K, min(E, int(PROBE_TOUCH_BYTES // (mean * src.n_layer))))
-    T = max(WIDE, min(n_batch, -(-n_batch * S // E)))
-    D = DECODE_STEPS
-    tokens = [1 + (i * 7919) % (a.n_vocab - 1) for i in range(max(n_prompt, T) + D + 2)]
-    probe = ProbeExperts(w, S, every_expert)
-    probe.touch()
-    opts = RunOptions(n_ctx=max(n_prompt, T) + D + 8, lookahead=0)  # threads: the engine's through hobbitd
-    model = Model(w, opts, experts=probe)
-
-    def chunk_s(at: int) -> float:  # seconds per token of a T-token chunk at position `at`
-        model.n_past = at
-        t0 = time.perf_counter()
-        model.forward(tokens[:T])
-        return (time.perf_counter() - t0) / T
-
-    def step_s() -> tuple[int, float]:  # (threads, median seconds of a decode step at n_prompt)
-        model.n_past = n_prompt
-        times = []
-        for t in tokens[T : T + D]:
-            t0 = time.perf_counter()
-            model.forward([t])
-            times.append(time.perf_counter() - t0)
-        return model.n_threads, sorted(times)[D // 2]
-
-    try:
-        model.forward(tokens[:T])  # warm: graphs built, pages in
-        for t in tokens[T : T + 2]:
-            model.forward([t])
-        if model.resumable(max(0, n_prompt - T)):
-            first = chunk_s(0)
-            last = chunk_s(max(0, n_prompt - T)) if n_prompt > T else first
-            prompt = n_prompt * (first + last) / 2
-        else:  # a sliding window's ring holds only what was computed: the whole prompt, then
-            model.reset()
-            t0 = time.perf_counter()
-            for at in range(0, n_prompt, T):
-                model.forward(tokens[at : min(at + T, n_prompt)])
-            prompt = time.perf_counter() - t0
-        client = step_s()
-        opts.n_threads = physical_cores()  # llama.cpp's: every core (the model reads opts per forward)
-        model.forward([tokens[T]])  # its decode graph warm
-        every = step_s()
-    finally:
-        model.close()
-    return S, T, *client, *every, prompt
 
 
 def plan_json(plan: Plan) -> dict:
