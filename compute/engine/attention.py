@@ -54,6 +54,13 @@ class KVCache:
     def reset(self) -> None:
         self.swa_pos[:] = -1
 
+    def assume(self, n_past: int) -> None:
+        """Take the ring's slots as holding the positions before n_past, whatever they
+        hold (Model.skip_to)."""
+        if self.swa_cells:
+            before = np.arange(max(0, n_past - self.swa_cells), n_past)
+            self.swa_pos[before % self.swa_cells] = before
+
     def resumable(self, n_past: int) -> bool:
         """Whether a chunk can start at position n_past (<= the current one): always,
         except when a sliding-window layer's ring no longer holds the window before it."""

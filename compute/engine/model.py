@@ -213,6 +213,13 @@ class Model:
         sliding-window layer's ring no longer holds the window before n_past."""
         return self.kv.resumable(n_past)
 
+    def skip_to(self, n_past: int) -> None:
+        """Continue at position n_past as if every position before it were computed: their
+        KV cells keep whatever they hold. The work of a chunk there is a real one's, its
+        values are not (plan's compute probe times a prompt's last chunk so)."""
+        self.kv.assume(n_past)
+        self.n_past = n_past
+
     @property
     def swa_cells(self) -> int:
         """The KV slots of the sliding-window layers' ring (0: the model has none)."""

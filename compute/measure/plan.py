@@ -23,13 +23,15 @@ Probes:
     many of a layer's experts the lookahead predicted one layer ahead (its recall) is
     measured there, on the probe's own routing.
 
-Forecast (routing assumed uniform: the hit rate is the share of a layer's experts the
-cache holds; the models measured in BENCHMARKS.md route near uniformly):
+Forecast, of hobbitd as it runs by default (prefetch on; exact until calibrated), routing
+assumed uniform (the hit rate is the share of a layer's experts the cache holds; the models
+measured in BENCHMARKS.md route near uniformly):
   decode step = compute + the misses' bytes / the read rate at that batch, less what the
   prefetch hides: while segment m+1 computes (a step's compute over its L+1 segments),
-  hobbitd reads layer m+1's predicted misses, up to what flash delivers in that time; so
-  each of the L-1 layers after the first hides min(recall x its reads, a segment's
-  compute). A prompt: each batch of n_batch tokens reads every
+  hobbitd reads layer m+1's predicted experts, up to what flash delivers in that time; so
+  each of the L-1 layers after the first hides recall x min(its reads, a segment's
+  compute). A cache that holds every expert reads, while decoding, those the prompt did
+  not use, once each: spread over the --decode tokens. A prompt: each batch of n_batch tokens reads every
   distinct expert it uses that the cache does not hold (LRU over a sweep of every layer
   keeps none, unless the cache holds them all: then each is read once), plus the compute.
   Lossy (a calibrated model): the misses of hobbitd's high and low slots, loaded high,
@@ -68,6 +70,7 @@ class PlanOptions:
     model: str
     memory: int | None = None  # bytes; None: what is available now
     prompt: int = 512  # prompt tokens for the time to first token
+    decode: int = 128  # tokens decoded after it: the decode rate is theirs
     ctx: int = 2048  # context (KV cache) in tokens
 
 
@@ -123,6 +126,7 @@ class Plan:
     kv_bytes: int  # the client's KV cache at ctx tokens
     ctx: int
     prompt: int
+    decode: int
     routing: str
     probes: Probes
     forecast: Forecast
@@ -133,8 +137,8 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
     that leaves hobbitd no cache, or a cache too small for one layer's experts."""
     from ...hobbitd.config import cache_sizing
 
-    if opts.prompt < 1 or opts.ctx < 1:
-        raise InputError("--prompt and --ctx must be positive")
+    if opts.prompt < 1 or opts.ctx < 1 or opts.decode < 1:
+        raise InputError("--prompt, --decode and --ctx must be positive")
     if opts.prompt >= opts.ctx:
         raise InputError(f"a prompt of {opts.prompt} tokens leaves no room in a context of {opts.ctx} (raise --ctx)")
     w = open_model(opts.model)
@@ -168,9 +172,10 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
         kv_cache_bytes(a, opts.ctx, RunOptions().n_batch),
         opts.ctx,
         opts.prompt,
+        opts.decode,
         "uniform (assumed): the hit rate is the share of each layer's experts the cache holds",
         probes,
-        forecast(w, src, sizing, slots, probes, opts.prompt),
+        forecast(w, src, sizing, slots, probes, opts.prompt, opts.decode),
     )
 
 
@@ -191,13 +196,19 @@ def _exact_slots(path: str, cache: int) -> int:
     return sum(r.n_slots for r in plan if r.precision == HIGH)
 
 
-def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probes, n_prompt: int) -> Forecast:
+def forecast(
+    w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probes, n_prompt: int, n_decode: int
+) -> Forecast:
     """The figures the module docstring derives from the probes."""
     a = w.args
     K, E = a.n_expert_used, src.n_expert
     hit = min(1.0, slots / (src.n_layer * E))
     layer_bytes = [src.expert_bytes(il) for il in range(src.n_layer)]
-    per_token = K * (1 - hit) * sum(layer_bytes)
+    if hit >= 1:  # what the prompt did not use is read once, at its first use while decoding
+        first_uses = used_experts(K, E, n_prompt + n_decode) - used_experts(K, E, n_prompt)
+        per_token = first_uses * sum(layer_bytes) / n_decode
+    else:
+        per_token = K * (1 - hit) * sum(layer_bytes)
     read_s = per_token / p.decode_read_Bps
     step_s = p.decode_s  # decoding after the prompt
     hidden_s = prefetched_s(read_s, step_s, src.n_layer, p.prefetch_recall)
@@ -254,11 +265,12 @@ def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probe
 
 def prefetched_s(read_s: float, compute_s: float, n_layer: int, recall: float) -> float:
     """Of a decode step's read_s, the seconds the prefetch hides behind its compute_s (the
-    module docstring): the L-1 layers after the first each hide their predicted share of
-    their reads, at most one segment's compute."""
+    module docstring): each of the L-1 layers after the first hides the predicted share of
+    its reads, or of what flash reads in one segment's compute (hobbitd's prefetch budget,
+    which the wrong predictions spend too), whichever is less."""
     if n_layer < 2:
         return 0.0
-    return (n_layer - 1) * min(recall * read_s / n_layer, compute_s / (n_layer + 1))
+    return (n_layer - 1) * recall * min(read_s / n_layer, compute_s / (n_layer + 1))
 
 
 def _lossy_reads(path: str, cache: int, src: ExpertSource, K: int) -> tuple[float | None, str]:

@@ -132,14 +132,12 @@ class ProbeExperts(LocalExperts):
 
 def compute_probe(w: Weights, src: ExpertSource, n_prompt: int, every_expert: bool) -> tuple:
     """(S, T, client threads, decode step s, prefetch recall, all threads, decode step s
-    with them, prompt s), timed on the engine with ProbeExperts. The prompt: a chunk of T tokens at position
-    0 and one ending at n_prompt, their cost per token taken as linear in between (the
-    attention's share grows with the position). Decode: the median of DECODE_STEPS steps
-    at position n_prompt. The probe moves its sequence there by setting Model.n_past, as a
-    chat reusing a prefix sets it back: the KV slots in between hold zeros, which cost the
-    attention the same work as a prompt's keys would. A model with sliding-window layers
-    cannot jump (their ring must hold the window before the position): it computes the
-    whole prompt in chunks of T, timed as the prompt's compute."""
+    with them, prompt s), timed on the engine with ProbeExperts. The prompt: a chunk of T
+    tokens at position 0 and one ending at n_prompt, their cost per token taken as linear
+    in between (the attention's share grows with the position). Decode: the median of
+    DECODE_STEPS steps at position n_prompt. The probe moves its sequence there
+    (Model.skip_to): the KV slots in between hold zeros, which cost the attention the same
+    work as a prompt's keys would."""
     from ..engine.ggml import physical_cores
 
     a = w.args
@@ -157,13 +155,13 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int, every_expert: bo
     model = Model(w, opts, experts=probe)
 
     def chunk_s(at: int) -> float:  # seconds per token of a T-token chunk at position `at`
-        model.n_past = at
+        model.skip_to(at)
         t0 = time.perf_counter()
         model.forward(tokens[:T])
         return (time.perf_counter() - t0) / T
 
     def step_s() -> tuple[int, float]:  # (threads, median seconds of a decode step at n_prompt)
-        model.n_past = n_prompt
+        model.skip_to(n_prompt)
         model.prefetch.clear()  # the lookahead's recall over these steps alone
         times = []
         for t in tokens[T : T + D]:
@@ -176,16 +174,9 @@ def compute_probe(w: Weights, src: ExpertSource, n_prompt: int, every_expert: bo
         model.forward(tokens[:T])  # warm: graphs built, pages in
         for t in tokens[T : T + 2]:
             model.forward([t])
-        if model.resumable(max(0, n_prompt - T)):
-            first = chunk_s(0)
-            last = chunk_s(max(0, n_prompt - T)) if n_prompt > T else first
-            prompt = n_prompt * (first + last) / 2
-        else:  # a sliding window's ring holds only what was computed: the whole prompt, then
-            model.reset()
-            t0 = time.perf_counter()
-            for at in range(0, n_prompt, T):
-                model.forward(tokens[at : min(at + T, n_prompt)])
-            prompt = time.perf_counter() - t0
+        first = chunk_s(0)
+        last = chunk_s(n_prompt - T) if n_prompt > T else first
+        prompt = n_prompt * (first + last) / 2
         client = step_s()
         ahead = model.prefetch.summary().get(1)
         recall = ahead["recall"] if ahead else 0.0
