@@ -3,13 +3,14 @@
 TOML keys are the field names (models, model_dirs, cache_size, memory, socket, io_threads,
 io_limit, direct_io, client_timeout, slot_wait, max_sessions, max_sessions_per_process,
 max_sessions_per_user, max_requests, client_pin_share, owner_pid, low_type,
-low_share, repack, policy, dynamic, low_only, prefetch, prefetch_budget, t1, t2); sizes may be
+low_share, repack, policy, dynamic, low_only, prefetch, prefetch_budget, preload, t1, t2); sizes may be
 integers (bytes) or strings such as "400M", "2G", "1.5GiB". Relative model paths and folders
 are relative to the config file's folder.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field, fields
 
 from ..loader.precision import EVERY_MISS_LOW, EXACT
 from ..protocol.errors import InputError
+
+log = logging.getLogger("hobbitd")
 
 SYSTEM_SOCKET = "/run/hobbitd/hobbitd.sock"
 REPACK_CHOICES = ("auto", "off")
@@ -58,6 +61,7 @@ class DaemonConfig:
     low_only: bool = False  # every expert in low precision (a baseline)
     prefetch: bool = True  # act on clients' lookahead hints
     prefetch_budget: bool = True  # prefetch only what can be read while the client computes
+    preload: bool = True  # a model whose experts all fit the cache: read them all at once
     t1: float | None = None  # thresholds (THRESHOLDS); None: the calibrated values, else 1 (exact)
     t2: float | None = None
 
@@ -104,6 +108,21 @@ def cache_sizing(memory: int | None, models: list[str]):
     from .memory import shm_free
 
     return size_memory(memory, client_weights(models), shm_free())
+
+
+def auto_cache_size(memory: int | None, paths: list[str]) -> int:
+    """--cache-size auto: the cache `memory` (None: what is available) leaves a client of
+    each model at `paths` (loader/sizing.py; `hobbit-cli plan` prints the same figure).
+    InputError when nothing is left."""
+    sizing = cache_sizing(memory, paths)
+    sizing.check("the memory given (--memory)" if memory is not None else "the memory available")
+    log.info(
+        "cache size auto: %.0f MiB of %.0f MiB %s",
+        sizing.cache / (1 << 20),
+        sizing.memory / (1 << 20),
+        sizing.memory_source,
+    )
+    return sizing.cache
 
 
 def default_socket() -> str:
@@ -189,7 +208,7 @@ def _coerce(path: str, key: str, value):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad("a process id (0: none)")
         return value
-    if key in ("direct_io", "dynamic", "low_only", "prefetch", "prefetch_budget"):
+    if key in ("direct_io", "dynamic", "low_only", "prefetch", "prefetch_budget", "preload"):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value

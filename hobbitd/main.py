@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bytes as can be read while the client computes a layer",
     )
     h.add_argument(
+        "--no-preload",
+        dest="preload",
+        action="store_false",
+        default=None,
+        help="read a model's experts only as clients ask for them, also when the cache holds "
+        "them all (default: such a model is read whole when opened, behind the clients' reads)",
+    )
+    h.add_argument(
         "--t1",
         type=float,
         metavar="S",
@@ -235,6 +243,7 @@ def config_from_args(args) -> DaemonConfig:
         "low_only",
         "prefetch",
         "prefetch_budget",
+        "preload",
         "t1",
         "t2",
     ):  # each flag's dest is its config key

@@ -5,10 +5,10 @@ the shared memory hobbitd/memory.py's; this module opens the models, says HELLO 
 and hands a session's other commands to hobbitd/commands.py.
 
 Lifecycle: startup() (open models, plan the cache, claim the socket, remove the shared
-memory dead hobbitd processes left, create ours and the I/O engine) → serve() until stop()
-→ shutdown() (answer or drain what is in flight, close, unlink the shared memory, remove
-the socket). Everything runs on one asyncio
-loop; disk reads happen on the IOEngine's threads, so the loop never blocks on flash.
+memory dead hobbitd processes left, create ours and the I/O engine, start reading each model
+that fits the cache whole) → serve() until stop() → shutdown() (answer or drain what is in
+flight, close, unlink the shared memory, remove the socket). One asyncio loop runs it all;
+disk reads happen on the IOEngine's threads, so the loop never blocks on flash.
 
 Pins. A slot named in a SLOTS reply is pinned once for the requesting session: it is never
 evicted or overwritten until that session RELEASEs it, says BYE, its process exits (the
@@ -52,7 +52,7 @@ from ..loader.shm import SHM_DIR, pid_alive
 from ..protocol import messages as m
 from ..protocol.errors import TOO_MANY_SESSIONS, HobbitError, InputError, ProtocolError
 from .commands import Commands, Replies
-from .config import DaemonConfig, cache_sizing, default_socket
+from .config import DaemonConfig, auto_cache_size, default_socket
 from .inbox import Inbox, Message, disconnect
 from .listen import bind_router, claim_socket
 from .memory import ModelMemory, make_memory, remove_stale_segments
@@ -74,14 +74,8 @@ ROUTER_HWM = 256  # answers queued for one client that does not read them; more:
 RECEIVE_MAX = 256  # messages taken in before a round of service (one of each client)
 
 
-def auto_cache_size(memory: int | None, paths: list[str]) -> int:
-    """--cache-size auto: the cache `memory` (None: what is available) leaves a client of
-    each model at `paths` (loader/sizing.py; `hobbit-cli plan` prints the same figure).
-    InputError when nothing is left."""
-    sizing = cache_sizing(memory, paths)
-    sizing.check("the memory given (--memory)" if memory is not None else "the memory available")
-    log.info("cache size auto: %.0f MiB of %.0f MiB %s", sizing.cache / MiB, sizing.memory / MiB, sizing.memory_source)
-    return sizing.cache
+def _preloading(n: int) -> str:  # a log line's end
+    return f"; reading its {n} experts, which fit the cache (behind the clients' reads)" if n else ""
 
 
 class Daemon:
@@ -143,6 +137,7 @@ class Daemon:
             slot_wait=cfg.slot_wait,
             prefetch=cfg.prefetch,
             prefetch_budget=cfg.prefetch_budget,
+            preload=cfg.preload,
         )
         self.sessions = Sessions(self.cache)
         self._bind()
@@ -154,7 +149,7 @@ class Daemon:
                 f"{r.n_slots} {p} slots of {r.format.slot_bytes / MiB:.2f} MiB" for p, r in mo.regions.items()
             )
             log.info(
-                "model %s: %d layers x %d experts, %s (%s); policy %s, %s",
+                "model %s: %d layers x %d experts, %s (%s); policy %s, %s%s",
                 mo.name,
                 mo.n_layer,
                 mo.n_expert,
@@ -162,6 +157,7 @@ class Daemon:
                 mo.path,
                 mo.policy.name,
                 mo.thresholds.describe(mo.calibrated),
+                _preloading(self.cache.preload(mo)),
             )
         log.info(
             "listening on %s, shared memory %s (%.0f MiB), %d I/O threads%s",
@@ -412,11 +408,12 @@ class Daemon:
             self.cache.add_model(mo, plan, mem.shm, mem.control)
             self.opened[name] = mem
             log.info(
-                "opened %s on demand as %s: %s; %s",
+                "opened %s on demand as %s: %s; %s%s",
                 real,
                 name,
                 ", ".join(f"{r.n_slots} {p} slots" for p, r in mo.regions.items()),
                 ", ".join(f"{m_} {p} down to {k}" for (m_, p), k in shrink.items()) or "nothing taken from the others",
+                _preloading(self.cache.preload(mo)),
             )
 
     def _model_info(self, name: str) -> dict:

@@ -89,6 +89,7 @@ class FileWatch:
             mo.broken = await self._open_again(mo)
             if mo.broken is None:
                 log.info("%s opened again: served from its new bytes", mo.path)
+                self.cache.preload(mo)
             else:
                 mo.watch_files()  # as it is now: a further change tries again
                 log.warning("%s", mo.broken)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ..protocol.errors import RequestError
 from .control import ControlBlock, SharedSlots
 from .counts import Counts, Outcome
-from .io_engine import DEMAND, PREFETCH, IOEngine
+from .io_engine import DEMAND, IOEngine
 from .model_cache import ModelCache
 from .pool import Region, RegionPlan, Slot, SlotState
 from .precision import HIGH, SKIP
@@ -73,14 +73,16 @@ class ExpertCache:
         slot_wait: float = 30.0,
         prefetch: bool = True,
         prefetch_budget: bool = True,
+        preload: bool = True,
     ):
         """`plan`: loader.served.plan_cache's regions, placed in `shm`; control: the
         control block laid out for them (control.layout), or None: every hit is asked for.
         slot_wait: seconds a miss waits for an unpinned slot before cache_full; prefetch:
         act on hints at all; prefetch_budget: only as many bytes as flash reads while the
-        client computes."""
+        client computes; preload: read a model whose experts all fit whole when it is opened
+        (preload())."""
         self.models, self.io, self.control = models, io, control
-        self.slot_wait, self.prefetch = slot_wait, prefetch
+        self.slot_wait, self.prefetch, self.preloads = slot_wait, prefetch, preload
         self._place(plan, shm, control)
         self.extra_controls: list[ControlBlock] = []  # those of models opened on demand
         self.owners: dict[int, Owner] = {}
@@ -307,15 +309,15 @@ class ExpertCache:
                 "total": total,
             }
         if not self.stopping:
-            self.io.plug()
-            try:
-                for key, slot in zip(keys, slots):
-                    if slot is None and (taken := region.take(key, mo.policy, demand=False)) is not None:
-                        mo.count(Outcome.MISS, HIGH)  # read: a miss nobody waits on yet
-                        self.reads.load(mo, taken, key, HIGH, PREFETCH)
-            finally:
-                self.io.unplug()
+            self.reads.load_all(mo, counted=True)  # misses nobody waits on yet
         return {"slots": None, "ready": ready, "total": total}
+
+    def preload(self, mo: ModelCache) -> int:
+        """When mo's high region holds all its experts and preloading is on: read each one
+        not there yet (load_all), so a model that fits the cache is whole before a client
+        needs it (hobbitd at start, when a model is opened on demand or its file changed).
+        The number of reads started."""
+        return self.reads.load_all(mo) if self.preloads and not self.stopping else 0
 
     def count_used(self, owner: int, mo: ModelCache, uses: int) -> None:
         """A forward on resident experts used `uses` of them: hits in high precision."""

@@ -21,7 +21,9 @@ from ..protocol.errors import FILE_CHANGED, FileChanged, RequestError
 from .identity import identity
 from .io_engine import PREFETCH, IOEngine, JobState, Priority, ReadJob, ReadSegment
 from .model_cache import ModelCache
+from .counts import Outcome
 from .pool import Slot, SlotState
+from .precision import HIGH
 
 
 class Signal:
@@ -140,6 +142,25 @@ class Reads:
     def running(self) -> bool:
         """A reader thread is writing into the shared memory right now."""
         return any(j.state == JobState.RUNNING for j in self.jobs.values())
+
+    def load_all(self, mo: ModelCache, counted: bool = False) -> int:
+        """Read every expert of mo missing from its high region, at prefetch priority
+        (behind every demand read), when the region holds them all (mo.holds_all); the
+        number of reads started. counted: count each as a miss (a client asked for all)."""
+        if not mo.holds_all:
+            return 0
+        region, started = mo.regions[HIGH], 0
+        self.io.plug()
+        try:
+            for key in ((il, e) for il in range(mo.n_layer) for e in range(mo.n_expert)):
+                if region.lookup(key) is None and (slot := region.take(key, mo.policy, demand=False)) is not None:
+                    if counted:
+                        mo.count(Outcome.MISS, HIGH)
+                    self.load(mo, slot, key, HIGH, PREFETCH)
+                    started += 1
+        finally:
+            self.io.unplug()
+        return started
 
     # ---- prefetch ------------------------------------------------------------------------
 

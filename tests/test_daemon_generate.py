@@ -93,17 +93,43 @@ def test_four_clients_at_once_all_correct(model, reference, tmp_path):
         assert out == reference
 
 
+def test_a_model_that_fits_the_cache_is_read_whole_at_start(model, tmp_path):
+    """hobbitd reads every expert of a model its cache holds whole as it starts (behind
+    any client's reads, uncounted), so a client's first requests hit; --no-preload reads
+    only what is asked for."""
+    src = gguf_experts(open_model(model))
+    total = src.n_layer * src.n_expert
+    for sub in ("preload", "on-request"):
+        (tmp_path / sub).mkdir()
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path / "preload") as d:
+        deadline = time.monotonic() + 30
+        while (m := model_stats(d.socket))["regions"]["high"]["ready"] < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert m["holds_all"] and m["regions"]["high"]["ready"] == total, m
+        assert m["bytes_read"] >= src.total_bytes, m
+        assert (m["requested"], m["misses"]) == (0, 0), m
+        assert f"reading its {total} experts, which fit the cache" in d.stderr
+        generate(model, "--socket", d.socket, n=4)
+        m = model_stats(d.socket)
+        assert m["misses"] == 0 and m["hits"] > 0, m
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path / "on-request", no_preload=True) as d:
+        time.sleep(0.5)
+        m = model_stats(d.socket)
+        assert m["regions"]["high"]["ready"] == 0 and m["bytes_read"] == 0, m
+
+
 def test_every_expert_cached_runs_one_graph_per_forward(model, tmp_path):
-    """A cache that holds every expert: hobbitd reads them all at the first ask and pins
-    them for the client, which then computes each forward in one graph with no request:
-    the in-process logits to the bit, USED notes for the counts (one-token forwards summed)."""
+    """A cache that holds every expert (not read ahead: --no-preload): hobbitd reads them
+    all at the first ask and pins them for the client, which then computes each forward in
+    one graph with no request: the in-process logits to the bit, USED notes for the counts
+    (one-token forwards summed)."""
     import numpy as np
 
     from hobbit.compute.engine.model import Model, RunOptions
 
     w = open_model(model)
     a = w.args
-    with run_daemon([model], cache_bytes(model, 1.0), tmp_path) as d:
+    with run_daemon([model], cache_bytes(model, 1.0), tmp_path, no_preload=True) as d:
         client = ExpertClient(d.socket, model)
         ours = Model(w, RunOptions(n_ctx=128), experts=client)
         ref = Model(open_model(model), RunOptions(n_ctx=128))

@@ -22,7 +22,7 @@ def cmd_plan(args) -> int:
         except InputError as e:
             raise InputError(f"--memory: {e}") from None
     say = None if args.json or args.quiet else (lambda text: print(f"[plan] {text}", file=sys.stderr, flush=True))
-    plan = make_plan(PlanOptions(args.model, memory, args.prompt, args.decode, args.ctx), say)
+    plan = make_plan(PlanOptions(args.model, memory, args.prompt, args.ctx), say)
     if args.json:
         print(json.dumps(plan_json(plan), indent=1))
     else:
@@ -54,10 +54,12 @@ def print_plan(plan) -> None:
         f"{p.prompt_s:.2f} s the prompt; the lookahead predicts {p.prefetch_recall:.0%} of a layer's experts"
     )
     print(f"forecast (routing {plan.routing}; hobbitd as it runs by default: prefetch on):")
+    low, high = f.decode_tok_s_range
     print(
-        f"  hobbit exact    {f.decode_tok_s:6.2f} tok/s decoding {plan.decode} tokens after {plan.prompt} of prompt: "
+        f"  hobbit exact    {f.decode_tok_s:6.2f} tok/s decoding after {plan.prompt} prompt tokens: "
         f"{1e3 * f.decode_compute_s:.0f} ms compute + {f.bytes_per_token / 1e6:.0f} MB read in "
-        f"{1e3 * f.decode_read_s:.0f} ms a token, {1e3 * f.decode_hidden_s:.0f} ms of it behind the compute (prefetch)"
+        f"{1e3 * f.decode_read_s:.0f} ms a token, up to {1e3 * f.decode_hidden_s:.0f} ms of it behind the compute "
+        f"(prefetch: {low:.2f}-{high:.2f} tok/s from hiding none to all)"
     )
     lossy = "     -" if f.lossy_tok_s is None else f"{f.lossy_tok_s:6.2f} tok/s"
     print(f"  hobbit lossy    {lossy}  {f.lossy_note}")
@@ -88,12 +90,6 @@ OPTIONS = {  # flags: add_argument's keywords
         default=512,
         metavar="N",
         help="prompt tokens: the time to the first token is for N, decode speed after them (default 512)",
-    ),
-    ("--decode",): dict(
-        type=int,
-        default=128,
-        metavar="N",
-        help="tokens decoded after the prompt: the decode speed is over N (default 128)",
     ),
     ("--ctx",): dict(
         type=int,

@@ -27,11 +27,13 @@ Forecast, of hobbitd as it runs by default (prefetch on; exact until calibrated)
 assumed uniform (the hit rate is the share of a layer's experts the cache holds; the models
 measured in BENCHMARKS.md route near uniformly):
   decode step = compute + the misses' bytes / the read rate at that batch, less what the
-  prefetch hides: while segment m+1 computes (a step's compute over its L+1 segments),
-  hobbitd reads layer m+1's predicted experts, up to what flash delivers in that time; so
-  each of the L-1 layers after the first hides recall x min(its reads, a segment's
-  compute). A cache that holds every expert reads, while decoding, those the prompt did
-  not use, once each: spread over the --decode tokens. A prompt: each batch of n_batch tokens reads every
+  prefetch hides. At best: while segment m+1 computes (a step's compute over its L+1
+  segments), hobbitd reads layer m+1's predicted experts, up to what flash delivers in that
+  time; so each of the L-1 layers after the first hides recall x min(its reads, a
+  segment's compute). Measured, hobbitd hides 0.3 to 0.9 of that, about half (BENCHMARKS.md),
+  so the forecast is the middle of the range from hiding none to hiding all, and says the
+  range. A cache that holds every expert reads none while
+  decoding (hobbitd preloads such a model). A prompt: each batch of n_batch tokens reads every
   distinct expert it uses that the cache does not hold (LRU over a sweep of every layer
   keeps none, unless the cache holds them all: then each is read once), plus the compute.
   Lossy (a calibrated model): the misses of hobbitd's high and low slots, loaded high,
@@ -70,7 +72,6 @@ class PlanOptions:
     model: str
     memory: int | None = None  # bytes; None: what is available now
     prompt: int = 512  # prompt tokens for the time to first token
-    decode: int = 128  # tokens decoded after it: the decode rate is theirs
     ctx: int = 2048  # context (KV cache) in tokens
 
 
@@ -100,9 +101,10 @@ class Forecast:
     hit_share: float  # of a layer's experts the cache holds
     bytes_per_token: float  # read in a decode step
     decode_read_s: float  # a decode step's reads, at the probed rate
-    decode_hidden_s: float  # of them, read by the prefetch while the client computes
+    decode_hidden_s: float  # of them, the most the prefetch can read while the client computes
     decode_compute_s: float  # a decode step's compute, at the prompt's length
-    decode_tok_s: float
+    decode_tok_s: float  # the prefetch hiding half of decode_hidden_s
+    decode_tok_s_range: tuple[float, float]  # hiding none of it, all of it
     lossy_tok_s: float | None  # None: not calibrated (hobbitd runs exact)
     lossy_note: str
     prompt_read_bytes: float
@@ -126,7 +128,6 @@ class Plan:
     kv_bytes: int  # the client's KV cache at ctx tokens
     ctx: int
     prompt: int
-    decode: int
     routing: str
     probes: Probes
     forecast: Forecast
@@ -137,8 +138,8 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
     that leaves hobbitd no cache, or a cache too small for one layer's experts."""
     from ...hobbitd.config import cache_sizing
 
-    if opts.prompt < 1 or opts.ctx < 1 or opts.decode < 1:
-        raise InputError("--prompt, --decode and --ctx must be positive")
+    if opts.prompt < 1 or opts.ctx < 1:
+        raise InputError("--prompt and --ctx must be positive")
     if opts.prompt >= opts.ctx:
         raise InputError(f"a prompt of {opts.prompt} tokens leaves no room in a context of {opts.ctx} (raise --ctx)")
     w = open_model(opts.model)
@@ -172,10 +173,9 @@ def make_plan(opts: PlanOptions, progress=None) -> Plan:
         kv_cache_bytes(a, opts.ctx, RunOptions().n_batch),
         opts.ctx,
         opts.prompt,
-        opts.decode,
         "uniform (assumed): the hit rate is the share of each layer's experts the cache holds",
         probes,
-        forecast(w, src, sizing, slots, probes, opts.prompt, opts.decode),
+        forecast(w, src, sizing, slots, probes, opts.prompt),
     )
 
 
@@ -196,28 +196,23 @@ def _exact_slots(path: str, cache: int) -> int:
     return sum(r.n_slots for r in plan if r.precision == HIGH)
 
 
-def forecast(
-    w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probes, n_prompt: int, n_decode: int
-) -> Forecast:
+def forecast(w: Weights, src: ExpertSource, sizing: Sizing, slots: int, p: Probes, n_prompt: int) -> Forecast:
     """The figures the module docstring derives from the probes."""
     a = w.args
     K, E = a.n_expert_used, src.n_expert
     hit = min(1.0, slots / (src.n_layer * E))
     layer_bytes = [src.expert_bytes(il) for il in range(src.n_layer)]
-    if hit >= 1:  # what the prompt did not use is read once, at its first use while decoding
-        first_uses = used_experts(K, E, n_prompt + n_decode) - used_experts(K, E, n_prompt)
-        per_token = first_uses * sum(layer_bytes) / n_decode
-    else:
-        per_token = K * (1 - hit) * sum(layer_bytes)
+    per_token = K * (1 - hit) * sum(layer_bytes)  # a cache holding them all was read at start
     read_s = per_token / p.decode_read_Bps
     step_s = p.decode_s  # decoding after the prompt
-    hidden_s = prefetched_s(read_s, step_s, src.n_layer, p.prefetch_recall)
-    decode_tok_s = 1 / (step_s + read_s - hidden_s)
+    best_s = prefetched_s(read_s, step_s, src.n_layer, p.prefetch_recall)
+    decode_tok_s = 1 / (step_s + read_s - best_s / 2)
+    decode_range = (1 / (step_s + read_s), 1 / (step_s + read_s - best_s))
     lossy_bytes, lossy_note = _lossy_reads(w.path, sizing.cache, src, K)
     lossy = None
     if lossy_bytes is not None:
         lossy_read_s = lossy_bytes / p.decode_read_Bps
-        lossy = 1 / (step_s + lossy_read_s - prefetched_s(lossy_read_s, step_s, src.n_layer, p.prefetch_recall))
+        lossy = 1 / (step_s + lossy_read_s - prefetched_s(lossy_read_s, step_s, src.n_layer, p.prefetch_recall) / 2)
     n_batch = RunOptions().n_batch
     if hit >= 1:  # each expert read once, at its first use
         prompt_uses = used_experts(K, E, n_prompt)
@@ -248,9 +243,10 @@ def forecast(
         hit,
         per_token,
         read_s,
-        hidden_s,
+        best_s,
         step_s,
         decode_tok_s,
+        decode_range,
         lossy,
         lossy_note,
         prompt_reads,
