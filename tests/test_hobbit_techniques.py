@@ -162,7 +162,7 @@ def test_prefetch_walks_to_the_first_predicted_miss(synth, tmp_path):
     from hobbit.protocol import messages as m
 
     path = synth(layers=4, d_model=256, d_ff=512, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
-    with run_daemon([path], "16M", tmp_path) as d:
+    with run_daemon([path], "16M", tmp_path, no_preload=True) as d:  # only what is asked is read
         s = connect(d.socket)
         hello(s)
         name = os.path.basename(path)[: -len(".gguf")]
@@ -206,7 +206,7 @@ def test_prefetch_reads_only_what_flash_delivers_while_the_client_computes(synth
 
     path = synth(layers=4, d_model=512, d_ff=1024, experts=8, top_k=2, heads=8, kv_heads=4, type="Q8_0")
     flags = {} if budget else {"no_prefetch_budget": True}
-    with run_daemon([path], "60M", tmp_path, **flags) as d:
+    with run_daemon([path], "60M", tmp_path, no_preload=True, **flags) as d:
         s = connect(d.socket)
         hello(s)
         name = os.path.basename(path)[: -len(".gguf")]
