@@ -88,7 +88,12 @@ class Run:
         )
         if experts:
             experts.announce = self.experts.announce
-        return Run(self.path, self.weights, self.tok, Model(self.weights, opts or self.model.opts, experts=experts))
+        try:
+            return Run(self.path, self.weights, self.tok, Model(self.weights, opts or self.model.opts, experts=experts))
+        except BaseException:
+            if experts:
+                experts.close()
+            raise
 
     def close(self) -> None:
         experts = self.model.experts

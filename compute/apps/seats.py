@@ -76,21 +76,12 @@ class Seat:
         version, weights = self.files.current()
         if self.version == version:
             return
-        from ..client.expert_client import ExpertClient
+        from ..runs import Run
 
         old = self.model
-        experts = None
+        self.model = Run(self.files.path, weights, self.files.tok, old).another().model
         if old.experts is not None:
-            experts = ExpertClient(old.experts.socket_path, self.files.path, reconnect_s=old.experts.reconnect_s)
-            experts.announce = old.experts.announce
-        try:
-            self.model = Model(weights, old.opts, experts=experts)
-        except BaseException:
-            if experts is not None:
-                experts.close()
-            raise
-        if experts is not None:
-            experts.private, old.experts.private = old.experts.private, None
+            self.model.experts.private, old.experts.private = old.experts.private, None
         self.version, self.tokens = version, []
         old.close()
         if old.experts is not None:

@@ -148,7 +148,8 @@ class Server:
             sent.append(piece)
             return on_piece(piece)
 
-        for attempt in range(2):
+        retried = False
+        while True:
             try:
                 return await self._generate(request, seat, ids, job, counted)
             except HobbitError as e:
@@ -163,12 +164,12 @@ class Server:
                     raise ApiError(
                         503, f"the model file changed and cannot be opened again: {again}", code="model_changed"
                     ) from None
-                if sent or attempt:
+                if sent or retried:
                     raise ApiError(
                         503, "the model file changed during this answer; ask again", code="model_changed"
                     ) from None
-                ids = self._tokens(job)  # with the file's tokenizer as it is now
-        raise AssertionError("unreachable")
+            retried = True
+            ids = self._tokens(job)  # with the file's tokenizer as it is now
 
     async def _generate(self, request, seat: Seat, ids: list, job: api.Job, on_piece) -> dict:
         """One generation of _run; HobbitError as the seat raised it."""
